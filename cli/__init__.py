@@ -1,0 +1,1 @@
+"""The ``peftexport`` command line: each command parses, calls one library function, prints."""

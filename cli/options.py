@@ -1,0 +1,48 @@
+"""Options shared by several commands (model source, PEFT settings for micro-sam import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+AdapterOpt = typer.Option(None, "--adapter", help="Adapter run directory or adapter.safetensors.")
+MicroSamOpt = typer.Option(None, "--micro-sam", help="micro-sam training checkpoint (needs --peft and its options).")
+MergedOpt = typer.Option(None, "--merged", help="A merged or plain SAM checkpoint.")
+CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Base SAM checkpoint the adapter was trained on.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Model type: vit_b, vit_l, vit_h or tiny (inferred from checkpoints).")
+ForceOpt = typer.Option(False, "--force", help="Accept a base checkpoint whose sha256 differs from the adapter's.")
+PeftOpt = typer.Option(None, "--peft", help="PEFT method of a --micro-sam checkpoint (lora, fact, ssf, adaptformer, ...).")
+RankOpt = typer.Option(None, "--rank", help="LoRA/FacT rank (LoRA 32, FacT 16).")
+BlocksOpt = typer.Option("all", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5.")
+TargetsOpt = typer.Option("q,v", "--targets", help="LoRA targets, any of q,k,v,mlp.")
+AdaptformerLegacyOpt = typer.Option(
+    False, "--adaptformer-residual", help="micro-sam <= 1.8 AdaptFormer (adds the input again: mlp(x) + x + branch)."
+)
+
+
+def micro_sam_config(
+    micro_sam: Optional[Path],
+    peft: Optional[str],
+    rank: Optional[int],
+    blocks: str,
+    targets: str,
+    adaptformer_residual: bool,
+):
+    """The PEFT config a micro-sam checkpoint was trained with (their files do not record it)."""
+    if micro_sam is None:
+        return None
+    from peft_export.errors import PeftExportError
+    from peft_export.peft import PeftConfig, parse_targets
+
+    if peft is None:
+        raise PeftExportError(f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft")
+    return PeftConfig(
+        method=peft,
+        blocks=blocks,
+        rank=rank,
+        targets=parse_targets(targets) if peft in ("lora", "qlora") else ("q", "v"),
+        ssf_patch_embed=False,  # micro-sam's patch-embedding SSF branch never fires
+        adaptformer_residual=adaptformer_residual,
+    )

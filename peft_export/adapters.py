@@ -1,0 +1,269 @@
+"""Adapter files: ``adapter.safetensors`` (only what training changed) + ``adapter.json``.
+
+Also the one entry point every command uses to get "the adapted model" from what the
+user has: an adapter run, a micro-sam training checkpoint, or a plain/merged checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from segment_anything.modeling import Sam
+
+from . import __version__
+from .errors import PeftExportError
+from .fsutil import atomic_file, sha256_file
+from .models import (
+    RANDOM_INIT,
+    BaseModelInfo,
+    build_sam_architecture,
+    check_model_type,
+    infer_model_type,
+    load_sam,
+    load_state_strict,
+    read_checkpoint,
+    sam_state_from_checkpoint,
+    checkpoint_image_size,
+)
+from .peft import PeftConfig, apply_peft
+from .peft import trainable_state
+from .runtime.intensity import DEFAULT_INTENSITY_RULE
+
+ADAPTER_FORMAT = "peftexport-adapter"
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+
+
+@dataclass
+class AdaptedModel:
+    """A model with its PEFT layers installed, and where it came from."""
+
+    model: Sam
+    config: PeftConfig | None  # None: a plain (already merged or base) model
+    base: BaseModelInfo
+    intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY_RULE))
+    source: str = ""  # what the user passed, for reports
+    meta: dict = field(default_factory=dict)
+
+
+def build_adapted_model(
+    config: PeftConfig,
+    model_type: str | None,
+    checkpoint: str | Path | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> AdaptedModel:
+    """Base SAM (checkpoint or seeded random init) with the PEFT method installed."""
+    sam, base = load_sam(model_type, checkpoint, image_size, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)  # adapter init is reproducible too
+        apply_peft(sam, config)
+    return AdaptedModel(sam, config, base)
+
+
+def save_adapter(
+    adapted: AdaptedModel,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter.json`` into ``out_dir`` (each atomically)."""
+    if adapted.config is None:
+        raise PeftExportError("save_adapter: the model has no PEFT config")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = trainable_state(adapted.model)
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise PeftExportError(f"{out_dir}: refusing to save an adapter with NaN/Inf in {bad[0]}")
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "peftexport_version": __version__,
+        "peft": adapted.config.to_dict(),
+        "base": adapted.base.to_dict(),
+        "intensity": adapted.intensity,
+        "num_tensors": len(tensors),
+        "num_parameters": int(sum(v.numel() for v in tensors.values())),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(extra or {})
+    with atomic_file(out_dir / ADAPTER_WEIGHTS, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
+    with atomic_file(out_dir / ADAPTER_META, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def _adapter_paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        return path / ADAPTER_WEIGHTS, path / ADAPTER_META
+    if path.suffix == ".json":
+        return path.with_name(ADAPTER_WEIGHTS) if path.name == ADAPTER_META else path.with_suffix(".safetensors"), path
+    return path, path.with_suffix(".json") if path.name != ADAPTER_WEIGHTS else path.with_name(ADAPTER_META)
+
+
+def read_adapter_meta(path: str | Path) -> dict:
+    weights, meta_path = _adapter_paths(path)
+    if not meta_path.is_file():
+        raise PeftExportError(f"{meta_path}: adapter.json not found (is {path} an adapter or run directory?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeftExportError(f"{meta_path}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise PeftExportError(f"{meta_path}: not a peftexport adapter (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise PeftExportError(
+            f"{meta_path}: adapter format {meta['format_version']} is newer than this peftexport "
+            f"({__version__}, format {ADAPTER_FORMAT_VERSION}); upgrade peftexport"
+        )
+    return meta
+
+
+def load_adapter(
+    path: str | Path,
+    checkpoint: str | Path | None = None,
+    force: bool = False,
+    image_size: int | None = None,
+) -> AdaptedModel:
+    """Rebuild the adapted model of an adapter file / run directory on its base.
+
+    The base is ``checkpoint`` if given, else the path recorded at training, else the
+    seeded random init recorded there. A base of another type or image size is refused;
+    another sha256 is refused unless ``force`` (then a warning).
+    """
+    weights, meta_path = _adapter_paths(path)
+    meta = read_adapter_meta(path)
+    config = PeftConfig.from_dict(meta["peft"])
+    base = meta["base"]
+    if image_size is not None and image_size != base["image_size"]:
+        raise PeftExportError(
+            f"{meta_path}: adapter was trained at image size {base['image_size']}, --image-size {image_size} was asked"
+        )
+    if checkpoint is None and base["sha256"] != RANDOM_INIT:
+        recorded = base.get("checkpoint")
+        if recorded and Path(recorded).is_file():
+            checkpoint = recorded
+        else:
+            raise PeftExportError(
+                f"{meta_path}: adapter was trained on {recorded or 'a checkpoint'} (sha256 {base['sha256'][:12]}...); "
+                "pass it with --checkpoint"
+            )
+    if checkpoint is not None:
+        state = sam_state_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
+        found = infer_model_type(state, checkpoint)
+        if found != base["model_type"]:
+            raise PeftExportError(
+                f"{checkpoint}: base checkpoint is {found}, but the adapter {path} was trained on {base['model_type']}"
+            )
+        digest = sha256_file(checkpoint)
+        if digest != base["sha256"]:
+            msg = (
+                f"{checkpoint}: sha256 {digest[:12]}... differs from the adapter's base "
+                f"{base['sha256'][:12]}... ({base.get('checkpoint')})"
+            )
+            if not force:
+                raise PeftExportError(msg + "; pass --force to use it anyway")
+            warnings.warn(msg + "; continuing because of --force", stacklevel=2)
+        del state
+    adapted = build_adapted_model(config, base["model_type"], checkpoint, base["image_size"], seed=base.get("seed", 0))
+    tensors = read_adapter_tensors(weights)
+    own = dict(adapted.model.named_parameters())
+    trainable = {n for n, p in own.items() if p.requires_grad}
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise PeftExportError(f"{weights}: tensor {unknown[0]} does not exist in a {config.method} model of this base")
+    missing = sorted(trainable - set(tensors))
+    if missing:
+        raise PeftExportError(f"{weights}: adapter lacks {len(missing)} trained tensor(s), e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise PeftExportError(
+                    f"{weights}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
+                )
+            own[name].copy_(value)
+    adapted.intensity = meta.get("intensity", dict(DEFAULT_INTENSITY_RULE))
+    adapted.source = str(path)
+    adapted.meta = meta
+    return adapted
+
+
+def read_adapter_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    if not weights.is_file():
+        raise PeftExportError(f"{weights}: adapter weights not found")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PeftExportError(f"{weights}: not a readable safetensors file ({exc})") from None
+
+
+def import_micro_sam(
+    checkpoint: str | Path,
+    config: PeftConfig,
+    model_type: str | None = None,
+    image_size: int | None = None,
+) -> AdaptedModel:
+    """A micro-sam training checkpoint as an adapted model.
+
+    micro-sam does not record which PEFT method made a checkpoint, so ``config`` says
+    it. Its parameter names are ours, so the whole state loads strictly into a model
+    with the same method installed; any mismatch means the method/options are wrong.
+    """
+    obj = read_checkpoint(checkpoint)
+    state = sam_state_from_checkpoint(obj, checkpoint)
+    found = infer_model_type(state, checkpoint)
+    if model_type is not None and found != model_type:
+        check_model_type(model_type)
+        raise PeftExportError(f"{checkpoint}: checkpoint is {found}, --model {model_type} was asked")
+    own_size = checkpoint_image_size(state)
+    if image_size is not None and image_size != own_size:
+        raise PeftExportError(
+            f"{checkpoint}: micro-sam checkpoint is for image size {own_size}; resize after merging instead"
+        )
+    sam = build_sam_architecture(found, own_size)
+    apply_peft(sam, config)
+    try:
+        load_state_strict(sam, state, checkpoint)
+    except PeftExportError as exc:
+        raise PeftExportError(
+            f"{exc} -- check --peft {config.method} and its options (--rank, --blocks, --targets) match the training"
+        ) from None
+    base = BaseModelInfo(found, own_size, str(checkpoint), sha256_file(checkpoint))
+    return AdaptedModel(sam.eval(), config, base, source=str(checkpoint))
+
+
+def load_model_source(
+    adapter: str | Path | None = None,
+    micro_sam: str | Path | None = None,
+    merged: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    micro_sam_config: PeftConfig | None = None,
+    model_type: str | None = None,
+    image_size: int | None = None,
+    force: bool = False,
+) -> AdaptedModel:
+    """The one way commands get a model: exactly one of adapter / micro_sam / merged."""
+    given = [x for x in (adapter, micro_sam, merged) if x is not None]
+    if len(given) != 1:
+        raise PeftExportError("give exactly one of --adapter, --micro-sam, --merged")
+    if adapter is not None:
+        return load_adapter(adapter, checkpoint, force=force, image_size=image_size)
+    if micro_sam is not None:
+        if micro_sam_config is None:
+            raise PeftExportError(
+                f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft (and --rank, --blocks, ...)"
+            )
+        return import_micro_sam(micro_sam, micro_sam_config, model_type, image_size)
+    sam, base = load_sam(model_type, merged, image_size)
+    return AdaptedModel(sam, None, base, source=str(merged))

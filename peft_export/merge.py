@@ -1,0 +1,190 @@
+"""``peftexport merge``: fold an adapter into a plain SAM checkpoint, verified.
+
+The merged file is a plain state dict, so ``segment_anything.sam_model_registry[t](checkpoint=...)``
+loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``).
+Every merge compares the merged model with the adapter model on a probe input and
+writes nothing when they differ by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import Sam
+
+from . import __version__
+from .adapters import AdaptedModel
+from .errors import PeftExportError
+from .fsutil import atomic_file, check_can_write
+from .peft import merge_peft
+
+MERGE_RTOL = 1e-4  # relative to the largest magnitude of the reference output, fp32
+
+
+@dataclass
+class ProbeOutputs:
+    embeddings: torch.Tensor
+    mask_logits: torch.Tensor
+    iou: torch.Tensor
+
+
+def probe_inputs(image_size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """A reproducible normalised probe image and a fixed set of point/box prompts (1024-frame scaled)."""
+    g = torch.Generator().manual_seed(seed)
+    # Smooth blobs plus noise: closer to real image statistics than white noise.
+    low = torch.rand(1, 3, max(image_size // 32, 2), max(image_size // 32, 2), generator=g)
+    image = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    image = (image * 255.0 + 20.0 * torch.randn(1, 3, image_size, image_size, generator=g)).clamp(0, 255)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    image = (image - mean) / std
+    s = image_size
+    prompts = [
+        {"points": torch.tensor([[[0.5 * s, 0.5 * s]]]), "labels": torch.tensor([[1]]), "box": None},
+        {"points": torch.tensor([[[0.3 * s, 0.6 * s], [0.7 * s, 0.2 * s]]]), "labels": torch.tensor([[1, 0]]), "box": None},
+        {"points": None, "labels": None, "box": torch.tensor([[0.2 * s, 0.25 * s, 0.6 * s, 0.7 * s]])},
+        {"points": torch.tensor([[[0.4 * s, 0.45 * s]]]), "labels": torch.tensor([[1]]), "box": torch.tensor([[0.1 * s, 0.1 * s, 0.8 * s, 0.9 * s]])},
+    ]
+    return image, prompts
+
+
+@torch.no_grad()
+def run_probe(sam: Sam, image: torch.Tensor, prompts: list[dict]) -> ProbeOutputs:
+    sam.eval()
+    emb = sam.image_encoder(image)
+    masks, ious = [], []
+    for p in prompts:
+        points = (p["points"].float(), p["labels"]) if p["points"] is not None else None
+        box = p["box"].float() if p["box"] is not None else None
+        sparse, dense = sam.prompt_encoder(points=points, boxes=box, masks=None)
+        low, iou = sam.mask_decoder(
+            image_embeddings=emb,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+        masks.append(low)
+        ious.append(iou)
+    return ProbeOutputs(emb, torch.cat(masks), torch.cat(ious))
+
+
+def error_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    ref = reference.double()
+    diff = (ref - candidate.double()).abs()
+    scale = ref.abs().max().clamp_min(1e-12)
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "mean_abs": float(diff.mean())}
+
+
+def compare_models(reference: Sam, candidate: Sam, image_size: int, seed: int = 0) -> dict:
+    """Max abs/rel error of image embeddings and mask logits, and mask agreement, on the probe."""
+    image, prompts = probe_inputs(image_size, seed)
+    a = run_probe(reference, image, prompts)
+    b = run_probe(candidate, image, prompts)
+    ma, mb = a.mask_logits > 0, b.mask_logits > 0
+    union = (ma | mb).sum().item()
+    return {
+        "embeddings": error_stats(a.embeddings, b.embeddings),
+        "mask_logits": error_stats(a.mask_logits, b.mask_logits),
+        "iou_predictions_max_abs": float((a.iou - b.iou).abs().max()),
+        "mask_iou": 1.0 if union == 0 else float((ma & mb).sum().item() / union),
+    }
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise PeftExportError(f"{where}: merged weight {k} contains NaN/Inf; nothing written")
+
+
+def merge_report_path(out: Path) -> Path:
+    return out.with_name("merge_report.json")
+
+
+def _is_qlora(adapted: AdaptedModel) -> bool:
+    return adapted.config is not None and adapted.config.method == "qlora"
+
+
+def qlora_quantisation_error(adapted: AdaptedModel, merged: Sam) -> dict:
+    """How far a QLoRA merge (dequantised 4-bit base) lands from the same LoRA on the fp32 base."""
+    from dataclasses import replace
+
+    from .models import load_sam
+    from .peft import apply_peft
+
+    fp32, _ = load_sam(adapted.base.model_type, adapted.base.checkpoint, adapted.base.image_size, seed=adapted.base.seed)
+    apply_peft(fp32, replace(adapted.config, method="lora"))
+    lora_state = {n: p for n, p in adapted.model.named_parameters() if "w_a_linear" in n or "w_b_linear" in n}
+    with torch.no_grad():
+        for n, p in fp32.named_parameters():
+            if n in lora_state:
+                p.copy_(lora_state[n].detach().cpu())
+    return compare_models(merge_peft(fp32), merged.cpu(), adapted.base.image_size)
+
+
+def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[Sam, dict]:
+    """Merge and compare with the unmerged model; raises when outside ``rtol``."""
+    model = adapted.model.eval()
+    t0 = time.perf_counter()
+    merged = merge_peft(model)
+    merge_s = time.perf_counter() - t0
+    image_size = model.image_encoder.img_size
+    errors = compare_models(model, merged, image_size)
+    ok = errors["embeddings"]["max_rel"] <= rtol and errors["mask_logits"]["max_rel"] <= rtol
+    report = {
+        "peftexport_version": __version__,
+        "qlora_vs_fp32_base": qlora_quantisation_error(adapted, merged) if _is_qlora(adapted) else None,
+        "source": adapted.source,
+        "peft": adapted.config.to_dict() if adapted.config else None,
+        "base": adapted.base.to_dict(),
+        "tolerance_rel": rtol,
+        "errors": errors,
+        "passed": ok,
+        "merge_seconds": round(merge_s, 3),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not ok:
+        raise PeftExportError(
+            "merge verification failed: merged model differs from the adapter model "
+            f"(embeddings rel {errors['embeddings']['max_rel']:.2e}, mask logits rel "
+            f"{errors['mask_logits']['max_rel']:.2e} > {rtol:.0e}); nothing written"
+        )
+    return merged, report
+
+
+def merge_to_checkpoint(
+    adapted: AdaptedModel, out: str | Path, overwrite: bool = False, rtol: float = MERGE_RTOL
+) -> dict:
+    """Merge, verify, then write ``out`` (plain SAM state dict) and ``merge_report.json`` beside it."""
+    out = Path(out)
+    check_can_write(out, overwrite)
+    report_path = merge_report_path(out)
+    check_can_write(report_path, overwrite)
+    merged, report = merge_and_verify(adapted, rtol)
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    check_finite(state, str(out))
+    report["output"] = str(out)
+    report["num_tensors"] = len(state)
+    with atomic_file(out, overwrite=overwrite) as tmp:
+        torch.save(state, tmp)
+    with atomic_file(report_path, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    report["report_path"] = str(report_path)
+    return report
+
+
+def format_merge_report(report: dict) -> str:
+    e = report["errors"]
+    lines = [
+        f"merged {report['source']} ({report['peft']['method'] if report['peft'] else 'plain'}) -> {report.get('output', '')}",
+        f"  image embeddings: max abs {e['embeddings']['max_abs']:.3e}, max rel {e['embeddings']['max_rel']:.3e}",
+        f"  mask logits:      max abs {e['mask_logits']['max_abs']:.3e}, max rel {e['mask_logits']['max_rel']:.3e}",
+        f"  IoU predictions:  max abs {e['iou_predictions_max_abs']:.3e};  mask IoU {e['mask_iou']:.6f}",
+        f"  verification: {'passed' if report['passed'] else 'FAILED'} (tolerance rel {report['tolerance_rel']:.0e})",
+    ]
+    return "\n".join(lines)

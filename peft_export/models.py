@@ -1,0 +1,296 @@
+"""Building SAM models and loading checkpoints of every supported format.
+
+The architectures are segment_anything's own modules (``segment_anything.modeling``),
+built the way ``build_sam.py`` builds them, plus:
+
+* ``tiny``: the same structure (windowed + global blocks, neck, prompt encoder,
+  mask decoder) at a small width, for fast tests and demos;
+* any image size that is a multiple of 16: ``pos_embed`` and the global blocks'
+  ``rel_pos_h/w`` are interpolated from the checkpoint's grid to the new grid.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from .errors import PeftExportError
+from .fsutil import sha256_file
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+PATCH_SIZE = 16
+PROMPT_EMBED_DIM = 256
+RANDOM_INIT = "random-init"
+
+
+@dataclass(frozen=True)
+class SamArch:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    default_image_size: int = 1024
+
+
+ARCHITECTURES: dict[str, SamArch] = {
+    "vit_b": SamArch(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamArch(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamArch(1280, 32, 16, (7, 15, 23, 31)),
+    # Same structure as SAM (windowed and global attention, neck, full prompt
+    # encoder and mask decoder), small enough for a CPU test in milliseconds.
+    "tiny": SamArch(64, 4, 4, (1, 3), window_size=7, default_image_size=256),
+}
+MODEL_TYPES = tuple(ARCHITECTURES)
+
+
+def check_model_type(model_type: str) -> SamArch:
+    if model_type not in ARCHITECTURES:
+        raise PeftExportError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    return ARCHITECTURES[model_type]
+
+
+def check_image_size(image_size: int) -> int:
+    if image_size <= 0 or image_size % PATCH_SIZE:
+        raise PeftExportError(f"image size {image_size} must be a positive multiple of {PATCH_SIZE}")
+    return image_size
+
+
+def build_sam_architecture(model_type: str, image_size: int | None = None) -> Sam:
+    """An uninitialised-from-checkpoint SAM of the given type and image size (PyTorch default init)."""
+    arch = check_model_type(model_type)
+    image_size = check_image_size(image_size or arch.default_image_size)
+    grid = image_size // PATCH_SIZE
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.depth,
+            embed_dim=arch.embed_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.num_heads,
+            patch_size=PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=arch.global_attn_indexes,
+            window_size=arch.window_size,
+            out_chans=PROMPT_EMBED_DIM,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    return sam.eval()
+
+
+def randomize_positional_embeddings(sam: Sam, generator: torch.Generator) -> None:
+    """SAM creates ``pos_embed`` and ``rel_pos`` as zeros; a random model with zeros there
+    would hide every bug in their handling, so give them ViT-like small random values."""
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if name == "pos_embed" or name.endswith(("rel_pos_h", "rel_pos_w")):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def random_sam(model_type: str, image_size: int | None = None, seed: int = 0) -> Sam:
+    """A reproducible randomly initialised SAM: the same seed gives bit-identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_sam_architecture(model_type, image_size)
+        randomize_positional_embeddings(sam, torch.Generator().manual_seed(seed + 1))
+    return sam
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftExportError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise PeftExportError(
+                f"{path}: refused to load: the file contains pickled Python objects, not only weights "
+                "(loading it could run arbitrary code)"
+            ) from None
+        raise PeftExportError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    if not isinstance(obj, dict):
+        raise PeftExportError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def is_micro_sam_checkpoint(obj: Mapping) -> bool:
+    return "model_state" in obj and isinstance(obj["model_state"], Mapping)
+
+
+def sam_state_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The SAM state dict inside an official, merged or micro-sam checkpoint.
+
+    micro-sam stores ``{"model_state": {"sam." + key: tensor}, ...}``; its PEFT keys
+    (``attn.qkv.qkv_proj.*`` etc.) are returned as they are, for ``peft.micro_sam`` to map.
+    """
+    if is_micro_sam_checkpoint(obj):
+        state = {k[len("sam.") :]: v for k, v in obj["model_state"].items() if k.startswith("sam.")}
+        if not state:
+            raise PeftExportError(f"{path}: micro-sam checkpoint has no 'sam.*' keys in model_state")
+    else:
+        state = dict(obj)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PeftExportError(f"{path}: entry {bad[0]!r} is not a tensor; not a SAM state dict")
+    if not any(k.startswith("image_encoder.") for k in state):
+        raise PeftExportError(f"{path}: no 'image_encoder.*' weights; not a SAM checkpoint")
+    return state
+
+
+def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
+    """Model type from the encoder width and depth of a state dict."""
+    key = "image_encoder.patch_embed.proj.weight"
+    if key not in state:
+        key = "image_encoder.patch_embed.proj.layer.weight"  # SSF-wrapped (micro-sam layout)
+    if key not in state:
+        raise PeftExportError(f"{path}: missing image_encoder.patch_embed.proj.weight; not a SAM checkpoint")
+    dim = state[key].shape[0]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+    for name, arch in ARCHITECTURES.items():
+        if arch.embed_dim == dim and arch.depth == depth:
+            return name
+    raise PeftExportError(f"{path}: unknown SAM encoder ({dim}-dim, {depth} blocks)")
+
+
+def checkpoint_image_size(state: Mapping[str, torch.Tensor]) -> int:
+    return state["image_encoder.pos_embed"].shape[1] * PATCH_SIZE
+
+
+def resize_positional_state(
+    state: Mapping[str, torch.Tensor], model_type: str, image_size: int
+) -> dict[str, torch.Tensor]:
+    """Interpolate ``pos_embed`` (bicubic) and the global blocks' ``rel_pos`` (linear, as
+    segment_anything's ``get_rel_pos`` does) to the grid of ``image_size``."""
+    arch = ARCHITECTURES[model_type]
+    grid = image_size // PATCH_SIZE
+    state = dict(state)
+    pos = state["image_encoder.pos_embed"]
+    if pos.shape[1] == grid:
+        return state
+    pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    state["image_encoder.pos_embed"] = pos.permute(0, 2, 3, 1).contiguous()
+    for i in arch.global_attn_indexes:
+        for axis in ("h", "w"):
+            for key in (f"image_encoder.blocks.{i}.attn.rel_pos_{axis}",):
+                rel = state[key].float()
+                rel = F.interpolate(rel.t()[None], size=2 * grid - 1, mode="linear", align_corners=False)
+                state[key] = rel[0].t().contiguous()
+    return state
+
+
+@dataclass
+class BaseModelInfo:
+    """Where a model's base weights came from: recorded in adapters and manifests."""
+
+    model_type: str
+    image_size: int
+    checkpoint: str | None  # path as given, or None for random init
+    sha256: str  # of the checkpoint file, or "random-init"
+    seed: int = 0  # random-init seed (only meaningful without checkpoint)
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "image_size": self.image_size,
+            "checkpoint": self.checkpoint,
+            "sha256": self.sha256,
+            "seed": self.seed,
+        }
+
+
+def load_sam(
+    model_type: str | None,
+    checkpoint: str | Path | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    warn_random: bool = True,
+) -> tuple[Sam, BaseModelInfo]:
+    """Build a plain SAM from an official / merged / plain micro-sam checkpoint, or at random.
+
+    ``model_type=None`` infers the type from the checkpoint. A checkpoint of another
+    type than the one asked for is refused by name. ``image_size`` other than the
+    checkpoint's interpolates the positional embeddings.
+    """
+    if checkpoint is None:
+        if model_type is None:
+            raise PeftExportError("--model is required when no checkpoint is given")
+        arch = check_model_type(model_type)
+        if warn_random:
+            warnings.warn(
+                f"no checkpoint given: {model_type} is randomly initialised (seed {seed}); "
+                "results are only good for testing the pipeline",
+                stacklevel=2,
+            )
+        image_size = image_size or arch.default_image_size
+        return random_sam(model_type, image_size, seed), BaseModelInfo(model_type, image_size, None, RANDOM_INIT, seed)
+
+    state = sam_state_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
+    found = infer_model_type(state, checkpoint)
+    if model_type is not None and found != model_type:
+        dim = ARCHITECTURES[found].embed_dim
+        raise PeftExportError(f"{checkpoint}: checkpoint is {found} ({dim}-dim), --model {model_type} was asked")
+    peft_keys = [k for k in state if ".qkv_proj." in k or ".mlp_layer." in k or ".layer." in k or ".mlp_proj." in k]
+    if peft_keys:
+        raise PeftExportError(
+            f"{checkpoint}: contains PEFT layers ({peft_keys[0]}); import it with --micro-sam and --peft METHOD"
+        )
+    image_size = check_image_size(image_size or checkpoint_image_size(state))
+    sam = build_sam_architecture(found, image_size)
+    state = resize_positional_state(state, found, image_size)
+    load_state_strict(sam, state, checkpoint)
+    return sam, BaseModelInfo(found, image_size, str(checkpoint), sha256_file(checkpoint))
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``load_state_dict(strict=True)`` with one readable line instead of a wall of keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise PeftExportError(f"{path}: weights do not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def describe_model(sam: Sam) -> str:
+    enc = sam.image_encoder
+    return f"{len(enc.blocks)} blocks, {enc.patch_embed.proj.out_channels}-dim, image size {enc.img_size}"

@@ -1,0 +1,41 @@
+"""AdaptFormer: a parallel bottleneck branch beside the MLP. Not mergeable.
+
+``mlp(x) + alpha · up(ReLU(down(x)))`` (micro-sam after 1.8), or with the input added
+again, ``mlp(x) + x + alpha · up(...)`` (micro-sam up to 1.8: ``residual=True``).
+The ReLU makes the branch non-linear in x, so no weight of the base can absorb it:
+exports keep it inside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class AdaptFormerMLP(nn.Module):
+    def __init__(self, mlp: nn.Module, bottleneck: int = 64, scale: str | float = "learnable", residual: bool = False):
+        super().__init__()
+        self.mlp_proj = mlp
+        dim = mlp.lin1.in_features
+        self.down_proj = nn.Linear(dim, bottleneck)
+        self.non_linear_func = nn.ReLU()
+        self.up_proj = nn.Linear(bottleneck, dim)
+        self.residual = residual
+        if scale == "learnable":
+            self.alpha = nn.Parameter(torch.ones(1))
+        else:
+            self.register_buffer("alpha", torch.tensor([float(scale)]), persistent=False)
+        nn.init.kaiming_uniform_(self.down_proj.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up_proj.weight)
+        nn.init.zeros_(self.down_proj.bias)
+        nn.init.zeros_(self.up_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp_proj(x) + self.up_proj(self.non_linear_func(self.down_proj(x))) * self.alpha
+        return out + x if self.residual else out
+
+
+def apply_adaptformer(block: nn.Module, bottleneck: int, scale: str | float, residual: bool) -> None:
+    block.mlp = AdaptFormerMLP(block.mlp, bottleneck, scale, residual)

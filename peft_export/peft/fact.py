@@ -1,0 +1,49 @@
+"""FacT (factor-tuning) on SAM's qkv, as micro-sam's ``FacTSurgery``, with exact merge.
+
+q += V · drop(S_q · U · x), v += V · drop(S_v · U · x), one U, V, S_q, S_v per block,
+scale 1. Dropout is identity in eval mode, so the merged weight is
+``W_q + V S_q U`` (and the same for v).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import MergeableLayer, linear_weight_fp64, plain_linear
+
+
+class FacTQKV(MergeableLayer):
+    def __init__(self, qkv: nn.Module, rank: int, dropout: float | None = 0.1):
+        super().__init__()
+        self.qkv_proj = qkv
+        self.in_dim = qkv.in_features
+        self.out_dim = qkv.out_features // 3
+        self.q_FacTs = nn.Linear(rank, rank, bias=False)
+        self.v_FacTs = nn.Linear(rank, rank, bias=False)
+        self.FacTu = nn.Linear(self.in_dim, rank, bias=False)
+        self.FacTv = nn.Linear(rank, self.out_dim, bias=False)
+        nn.init.zeros_(self.FacTv.weight)  # start equal to the base model
+        self.dp_q = nn.Dropout(dropout or 0.0)
+        self.dp_v = nn.Dropout(dropout or 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        u = self.FacTu(x)
+        new_q = self.FacTv(self.dp_q(self.q_FacTs(u)))
+        new_v = self.FacTv(self.dp_v(self.v_FacTs(u)))
+        d = self.out_dim
+        return torch.cat([qkv[..., :d] + new_q, qkv[..., d : 2 * d], qkv[..., 2 * d :] + new_v], dim=-1)
+
+    def merged(self) -> nn.Linear:
+        weight, bias = linear_weight_fp64(self.qkv_proj)
+        u = self.FacTu.weight.detach().double().cpu()
+        v = self.FacTv.weight.detach().double().cpu()
+        d = self.out_dim
+        weight[:d] += v @ self.q_FacTs.weight.detach().double().cpu() @ u
+        weight[2 * d :] += v @ self.v_FacTs.weight.detach().double().cpu() @ u
+        return plain_linear(weight.float(), None if bias is None else bias.float())
+
+
+def apply_fact(block: nn.Module, rank: int, dropout: float) -> None:
+    block.attn.qkv = FacTQKV(block.attn.qkv, rank, dropout)

@@ -1,0 +1,89 @@
+"""One registry of every PEFT method of the paper: how to apply it and whether it merges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from segment_anything.modeling import Sam
+
+from ..errors import PeftExportError
+from .adaptformer import apply_adaptformer
+from .config import PeftConfig
+from .fact import apply_fact
+from .lora import apply_lora
+from .qlora import quantize_encoder_linears
+from .selective import unfreeze_block
+from .ssf import apply_ssf, apply_ssf_patch_embed
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    name: str
+    description: str
+    mergeable: bool
+    # Installs the method on the chosen encoder blocks; parameters it creates or
+    # unfreezes end up with requires_grad=True, everything else in the encoder frozen.
+    apply: Callable[[Sam, PeftConfig, list[int]], None]
+
+
+def _lora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    for i in blocks:
+        apply_lora(sam.image_encoder.blocks[i], cfg.rank, cfg.targets, cfg.alpha)
+
+
+def _qlora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    quantize_encoder_linears(sam.image_encoder)
+    _lora(sam, cfg, blocks)
+
+
+def _fact(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    for i in blocks:
+        apply_fact(sam.image_encoder.blocks[i], cfg.rank, cfg.dropout)
+
+
+def _ssf(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    if cfg.ssf_patch_embed:
+        apply_ssf_patch_embed(sam.image_encoder.patch_embed)
+    for i in blocks:
+        apply_ssf(sam.image_encoder.blocks[i])
+
+
+def _adaptformer(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    for i in blocks:
+        apply_adaptformer(sam.image_encoder.blocks[i], cfg.bottleneck, cfg.adaptformer_scale, cfg.adaptformer_residual)
+
+
+def _selective(method: str) -> Callable[[Sam, PeftConfig, list[int]], None]:
+    def apply(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+        for i in blocks:
+            unfreeze_block(sam.image_encoder.blocks[i], method)
+
+    return apply
+
+
+def _nothing(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    return None
+
+
+PEFT_METHODS: dict[str, PeftMethod] = {
+    m.name: m
+    for m in (
+        PeftMethod("lora", "low-rank update of q/k/v (and MLP) weights", True, _lora),
+        PeftMethod("qlora", "LoRA on a 4-bit NF4 encoder (bitsandbytes, CUDA)", True, _qlora),
+        PeftMethod("fact", "factor-tuning: shared U, V and per-projection S on q and v", True, _fact),
+        PeftMethod("ssf", "per-channel scale and shift after qkv, proj, MLP, norms, patch embedding", True, _ssf),
+        PeftMethod("adaptformer", "parallel bottleneck MLP branch (ReLU): kept in the graph, not merged", False, _adaptformer),
+        PeftMethod("attention", "attention tuning: unfreeze attn.* of the chosen blocks", True, _selective("attention")),
+        PeftMethod("bias", "bias tuning: unfreeze every bias of the chosen blocks", True, _selective("bias")),
+        PeftMethod("layernorm", "LayerNorm tuning: unfreeze norm1/norm2 of the chosen blocks", True, _selective("layernorm")),
+        PeftMethod("full", "full finetuning of the chosen blocks ('late ft' with --blocks late)", True, _selective("full")),
+        PeftMethod("freeze-encoder", "encoder frozen; only prompt encoder and mask decoder train", True, _nothing),
+    )
+}
+
+
+def get_method(name: str) -> PeftMethod:
+    if name not in PEFT_METHODS:
+        raise PeftExportError(f"unknown PEFT method {name!r}; choose one of {', '.join(PEFT_METHODS)}")
+    return PEFT_METHODS[name]

@@ -1,0 +1,63 @@
+"""SSF (scale and shift features): y = layer(x) · s + t, folded exactly into the layer.
+
+Wraps qkv, proj, lin1, lin2, norm1, norm2 of the chosen blocks and the patch
+embedding conv, with micro-sam's key layout (``*.layer.*``, ``*.scale``, ``*.shift``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import MergeableLayer, plain_linear
+
+
+class ScaleShift(MergeableLayer):
+    """Per-channel scale and shift of a Linear / LayerNorm output (last dim) or a Conv2d output (dim 1)."""
+
+    def __init__(self, layer: nn.Module, dim: int):
+        super().__init__()
+        self.layer = layer
+        # SSF paper init: close to identity, so the adapted model starts near the base.
+        self.scale = nn.Parameter(1.0 + 0.02 * torch.randn(dim))
+        self.shift = nn.Parameter(0.02 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if isinstance(self.layer, nn.Conv2d):
+            return y * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        return y * self.scale + self.shift
+
+    def merged(self) -> nn.Module:
+        s = self.scale.detach().double().cpu()
+        t = self.shift.detach().double().cpu()
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            w = layer.weight.detach().double().cpu() * s[:, None]
+            b = (layer.bias.detach().double().cpu() * s if layer.bias is not None else 0.0) + t
+            return plain_linear(w.float(), b.float())
+        with torch.no_grad():
+            if isinstance(layer, nn.LayerNorm):
+                layer.weight.copy_((layer.weight.double().cpu() * s).float())
+                layer.bias.copy_((layer.bias.double().cpu() * s + t).float())
+            elif isinstance(layer, nn.Conv2d):
+                layer.weight.copy_((layer.weight.double().cpu() * s.view(-1, 1, 1, 1)).float())
+                if layer.bias is None:
+                    raise ValueError("SSF on a Conv2d without bias cannot be folded")
+                layer.bias.copy_((layer.bias.double().cpu() * s + t).float())
+            else:  # pragma: no cover - apply_ssf only wraps the three kinds above
+                raise TypeError(f"cannot fold SSF into {type(layer).__name__}")
+        return layer
+
+
+def apply_ssf(block: nn.Module) -> None:
+    block.attn.qkv = ScaleShift(block.attn.qkv, block.attn.qkv.out_features)
+    block.attn.proj = ScaleShift(block.attn.proj, block.attn.proj.out_features)
+    block.mlp.lin1 = ScaleShift(block.mlp.lin1, block.mlp.lin1.out_features)
+    block.mlp.lin2 = ScaleShift(block.mlp.lin2, block.mlp.lin2.out_features)
+    block.norm1 = ScaleShift(block.norm1, block.norm1.normalized_shape[0])
+    block.norm2 = ScaleShift(block.norm2, block.norm2.normalized_shape[0])
+
+
+def apply_ssf_patch_embed(patch_embed: nn.Module) -> None:
+    patch_embed.proj = ScaleShift(patch_embed.proj, patch_embed.proj.out_channels)
