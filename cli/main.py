@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import cmd_merge  # noqa: F401  (registers commands)
 from .app import app
+
+# Every cli/cmd_*.py registers its commands on import; their heavy imports stay
+# inside the command functions so `peftexport --help` is quick.
+for _mod in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("cmd_")):
+    importlib.import_module(f"{__package__}.{_mod}")
 
 
 def _version(value: bool) -> None:
