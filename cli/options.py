@@ -34,10 +34,11 @@ def micro_sam_config(
     if micro_sam is None:
         return None
     from peft_export.errors import PeftExportError
-    from peft_export.peft import PeftConfig, parse_targets
+    from peft_export.peft import PeftConfig, get_method, parse_targets
 
     if peft is None:
         raise PeftExportError(f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft")
+    get_method(peft)  # an unknown method is reported before any file is read
     return PeftConfig(
         method=peft,
         blocks=blocks,

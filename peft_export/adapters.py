@@ -176,8 +176,8 @@ def load_adapter(
                 raise PeftExportError(msg + "; pass --force to use it anyway")
             warnings.warn(msg + "; continuing because of --force", stacklevel=2)
         del state
+    tensors = read_adapter_tensors(weights)  # before the (slow) base build: fail fast
     adapted = build_adapted_model(config, base["model_type"], checkpoint, base["image_size"], seed=base.get("seed", 0))
-    tensors = read_adapter_tensors(weights)
     own = dict(adapted.model.named_parameters())
     trainable = {n for n, p in own.items() if p.requires_grad}
     unknown = [k for k in tensors if k not in own]

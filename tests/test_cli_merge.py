@@ -1,0 +1,111 @@
+"""`peftexport merge` end to end: real files, real segment_anything loading, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import MERGEABLE_CONFIGS, make_adapted
+from peft_export.adapters import save_adapter
+from peft_export.merge import compare_models
+from peft_export.models import build_sam_architecture, random_sam
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands_and_version():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for cmd in ("merge", "params"):
+        assert cmd in out.stdout
+    assert run_cli("--version").stdout.startswith("peftexport ")
+
+
+def test_merge_cli_writes_plain_checkpoint_and_report(tmp_path):
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"])
+    save_adapter(adapted, tmp_path / "run")
+    out = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
+    assert out.returncode == 0, out.stderr
+    assert "verification: passed" in out.stdout
+    report = json.loads((tmp_path / "merge_report.json").read_text())
+    assert report["passed"] and report["errors"]["embeddings"]["max_rel"] <= 1e-4
+    state = torch.load(tmp_path / "merged.pth", weights_only=True)
+    sam = build_sam_architecture("tiny")
+    sam.load_state_dict(state, strict=True)
+    assert compare_models(adapted.model, sam, 256)["mask_logits"]["max_rel"] <= 1e-4
+    # Output exists: refused, file untouched.
+    before = (tmp_path / "merged.pth").stat().st_mtime_ns
+    again = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (tmp_path / "merged.pth").stat().st_mtime_ns == before
+
+
+def test_merge_cli_micro_sam(tmp_path):
+    sam = random_sam("tiny", seed=4)
+    torch.save({"model_state": {"sam." + k: v for k, v in sam.state_dict().items()}}, tmp_path / "ms.pt")
+    out = run_cli("merge", "--micro-sam", tmp_path / "ms.pt", "--peft", "bias", "--out", tmp_path / "m.pth")
+    assert out.returncode == 0, out.stderr
+    no_method = run_cli("merge", "--micro-sam", tmp_path / "ms.pt", "--out", tmp_path / "m2.pth")
+    assert no_method.returncode == 2 and "--peft" in no_method.stderr
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        ("corrupt", ["--adapter", "{d}/run"], "not a readable safetensors"),
+        ("none", ["--adapter", "{d}/nothing"], "adapter.json not found"),
+        ("ok", ["--adapter", "{d}/run", "--checkpoint", "{d}/missing.pth"], "checkpoint file not found"),
+        ("none", ["--micro-sam", "{d}/x.pt", "--peft", "nosuch"], "unknown PEFT method"),
+        ("microsam", ["--micro-sam", "{d}/ms.pt", "--peft", "lora", "--blocks", "0-9"], "out of range"),
+        ("microsam", ["--micro-sam", "{d}/ms.pt", "--peft", "bias", "--model", "vit_b"], "checkpoint is tiny"),
+        ("pickle", ["--micro-sam", "{d}/evil.pt", "--peft", "bias"], "pickled Python objects"),
+        ("adaptformer", ["--adapter", "{d}/run"], "adaptformer cannot be merged"),
+    ],
+)
+def test_merge_cli_bad_input(tmp_path, setup, args, message):
+    if setup in ("corrupt", "ok"):
+        save_adapter(make_adapted(dict(method="lora", rank=2)), tmp_path / "run")
+        if setup == "corrupt":
+            (tmp_path / "run" / "adapter.safetensors").write_bytes(b"broken")
+    if setup == "adaptformer":
+        save_adapter(make_adapted(dict(method="adaptformer", bottleneck=4)), tmp_path / "run")
+    if setup == "microsam":
+        torch.save({"model_state": {"sam." + k: v for k, v in random_sam("tiny").state_dict().items()}}, tmp_path / "ms.pt")
+    if setup == "pickle":
+        import collections
+
+        torch.save({"model_state": collections.OrderedDict(), "obj": object}, tmp_path / "evil.pt")
+    out = run_cli("merge", *[a.format(d=tmp_path) for a in args], "--out", tmp_path / "merged.pth")
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "merged.pth").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+@pytest.mark.slow
+def test_vit_b_merge_loads_with_segment_anything_registry(tmp_path):
+    """Real vit_b size: the merged file loads with plain sam_model_registry and matches."""
+    from segment_anything import sam_model_registry
+
+    from peft_export.adapters import build_adapted_model
+    from peft_export.peft import PeftConfig
+    from helpers import randomize_trainables
+
+    torch.save(random_sam("vit_b", seed=0).state_dict(), tmp_path / "base.pth")
+    adapted = build_adapted_model(PeftConfig("lora", rank=8, blocks="late", targets=("q", "k", "v", "mlp")),
+                                  "vit_b", tmp_path / "base.pth")
+    randomize_trainables(adapted.model, seed=1, scale=0.02)
+    save_adapter(adapted, tmp_path / "run")
+    out = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
+    assert out.returncode == 0, out.stderr
+    sam = sam_model_registry["vit_b"](checkpoint=str(tmp_path / "merged.pth"))
+    errors = compare_models(adapted.model, sam, 1024)
+    assert errors["embeddings"]["max_rel"] <= 1e-4 and errors["mask_iou"] >= 0.999
