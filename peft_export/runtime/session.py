@@ -1,0 +1,478 @@
+"""SamSession: torch-free SAM inference on an export dir (manifest.json + ONNX graphs).
+
+Thread-safety: ``set_image`` holds a lock and then swaps in one immutable
+``ImageEmbedding``; ``predict`` reads that snapshot once, so a concurrent
+``set_image`` never mixes two images in one prediction. Threads that serve different
+images at the same time call ``encode(image)`` and pass ``embedding=`` to
+``predict``/``predict_batch``/``segment_everything``. ONNX Runtime's ``run`` is
+thread-safe, so one session can be shared.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import PeftExportError
+from ..fsutil import sha256_file
+from .everything import segment_everything as _segment_everything
+from .postprocess import postprocess_masks
+from .preprocess import prepare_image
+from .prompts import check_boxes, check_points, encode_prompts
+
+FORMAT = "peftexport-export"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One encoded image: embedding (1,256,g,g) float32 and the sizes its prompts need."""
+
+    embedding: np.ndarray
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+
+
+def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
+    """Load and check manifest.json of an export dir."""
+    path = Path(export_dir) / "manifest.json"
+    if not Path(export_dir).is_dir():
+        raise PeftExportError(f"{export_dir}: export directory does not exist")
+    if not path.is_file():
+        raise PeftExportError(f"{export_dir}: not an export directory (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PeftExportError(f"{path}: cannot read manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PeftExportError(f"{path}: not a peftexport manifest (format is not '{FORMAT}')")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise PeftExportError(f"{path}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        made_by = manifest.get("peftexport_version", "?")
+        raise PeftExportError(
+            f"{path}: export made by peftexport {made_by}, format {version}; "
+            f"this runtime reads format {FORMAT_VERSION} (upgrade peftexport)"
+        )
+    for key in ("image_size", "graphs", "preprocessing"):
+        if key not in manifest:
+            raise PeftExportError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+class _OrtBackend:
+    """ONNX Runtime sessions for the encoder and decoder graphs."""
+
+    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int]) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PeftExportError(
+                "backend onnxruntime: the onnxruntime package is not installed "
+                "(pip install 'peftexport[cpu]' or 'peftexport[gpu]')"
+            ) from None
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise PeftExportError(
+                    "device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                    "(and uninstall onnxruntime, they share one module), or use device='cpu'"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if device == "cpu":
+            # The arena and memory patterns roughly double peak RSS of the encoder on CPU.
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        self.sessions = {}
+        for name, path in paths.items():
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # ORT raises its own exception types
+                raise PeftExportError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+            if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+                raise PeftExportError(
+                    f"{path}: onnxruntime could not start the CUDA provider (check CUDA/cuDNN libraries)"
+                )
+            self.sessions[name] = sess
+        self.providers = list(next(iter(self.sessions.values())).get_providers())
+
+    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        sess = self.sessions[name]
+        cast = {}
+        for inp in sess.get_inputs():
+            if inp.name not in feeds:
+                raise PeftExportError(f"{name}: graph input '{inp.name}' not provided")
+            cast[inp.name] = np.ascontiguousarray(feeds[inp.name], dtype=_ORT_DTYPES.get(inp.type, np.float32))
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, cast)))
+
+
+class _TensorRTBackend:
+    """TensorRT engines (written against the TensorRT 10 Python API; not run on this project's machines)."""
+
+    def __init__(self, paths: Dict[str, Path], device: str) -> None:
+        if device != "cuda":
+            raise PeftExportError("backend tensorrt: needs device='cuda'")
+        try:
+            import tensorrt as trt  # type: ignore
+        except ImportError:
+            raise PeftExportError("backend tensorrt: the tensorrt package is not installed (pip install 'peftexport[tensorrt]')") from None
+        try:
+            import cupy as cp  # type: ignore
+        except ImportError:
+            raise PeftExportError("backend tensorrt: needs cupy for GPU buffers (pip install cupy-cuda12x)") from None
+        self._trt, self._cp = trt, cp
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self._engines, self._contexts = {}, {}
+        for name, path in paths.items():
+            engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if engine is None:
+                raise PeftExportError(f"{path}: TensorRT cannot load this engine (built for another GPU/TensorRT?)")
+            self._engines[name] = engine
+            self._contexts[name] = engine.create_execution_context()
+        self._lock = threading.Lock()  # one execution context per engine: serialise calls
+        self.providers = ["TensorrtEngine"]
+
+    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        trt, cp = self._trt, self._cp
+        engine, ctx = self._engines[name], self._contexts[name]
+        with self._lock:
+            buffers, outputs = {}, {}
+            for i in range(engine.num_io_tensors):
+                tname = engine.get_tensor_name(i)
+                dtype = trt.nptype(engine.get_tensor_dtype(tname))
+                if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
+                    arr = cp.asarray(np.ascontiguousarray(feeds[tname], dtype=dtype))
+                    ctx.set_input_shape(tname, arr.shape)
+                    buffers[tname] = arr
+            for i in range(engine.num_io_tensors):
+                tname = engine.get_tensor_name(i)
+                if engine.get_tensor_mode(tname) == trt.TensorIOMode.OUTPUT:
+                    dtype = trt.nptype(engine.get_tensor_dtype(tname))
+                    buffers[tname] = outputs[tname] = cp.empty(tuple(ctx.get_tensor_shape(tname)), dtype=dtype)
+            for tname, arr in buffers.items():
+                ctx.set_tensor_address(tname, arr.data.ptr)
+            stream = cp.cuda.Stream(non_blocking=True)
+            if not ctx.execute_async_v3(stream.ptr):
+                raise PeftExportError(f"{name}: TensorRT execution failed")
+            stream.synchronize()
+            return {k: cp.asnumpy(v) for k, v in outputs.items()}
+
+
+class SamSession:
+    """Prompted and automatic SAM segmentation from an export dir, without torch."""
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        precision: str = "fp32",
+        intra_op_threads: Optional[int] = None,
+        verify_checksums: bool = False,
+    ) -> None:
+        if backend not in ("onnxruntime", "tensorrt"):
+            raise PeftExportError(f"backend: unknown '{backend}' (use onnxruntime or tensorrt)")
+        if device not in ("cpu", "cuda"):
+            raise PeftExportError(f"device: unknown '{device}' (use cpu or cuda)")
+        if precision not in PRECISIONS:
+            raise PeftExportError(f"precision: unknown '{precision}' (use {', '.join(PRECISIONS)})")
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        self.backend_name, self.device, self.precision = backend, device, precision
+        self.image_size = int(self.manifest["image_size"])
+        self.low_res_size = int(self.manifest.get("low_res_size", 4 * (self.image_size // 16)))
+        pre = self.manifest["preprocessing"]
+        self._intensity_rule = pre.get("intensity")
+        self._pixel_mean = pre.get("pixel_mean", [123.675, 116.28, 103.53])
+        self._pixel_std = pre.get("pixel_std", [58.395, 57.12, 57.375])
+        self._interpolation = pre.get("interpolation", "bilinear")
+
+        self._chosen: Dict[str, Tuple[str, Path]] = {}
+        if backend == "onnxruntime":
+            self._choose_onnx(verify_checksums)
+            paths = {k: p for k, (_, p) in self._chosen.items()}
+            self._backend: Any = _OrtBackend(paths, device, intra_op_threads)
+        else:
+            paths = self._choose_engines()
+            self._backend = _TensorRTBackend(paths, device)
+        self.providers: List[str] = list(self._backend.providers)
+        self._lock = threading.Lock()
+        self._embedding: Optional[ImageEmbedding] = None
+
+    # ---- graph selection -------------------------------------------------------------
+
+    def _graph_file(self, entry: Dict[str, Any], what: str, verify: bool) -> Path:
+        path = self.export_dir / entry["path"]
+        if not path.is_file():
+            raise PeftExportError(f"{path}: {what} graph listed in manifest.json is missing")
+        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
+        return path
+
+    def _choose_onnx(self, verify: bool) -> None:
+        graphs = self.manifest["graphs"]
+        enc = graphs.get("encoder", {})
+        if self.precision not in enc:
+            raise PeftExportError(
+                f"precision: this export has no {self.precision} encoder (has: {', '.join(sorted(enc)) or 'none'})"
+            )
+        self._chosen["encoder"] = (self.precision, self._graph_file(enc[self.precision], "encoder", verify))
+        for name in ("decoder_lowres", "decoder"):
+            variants = graphs.get(name) or {}
+            prec = self.precision if self.precision in variants else "fp32"
+            if prec in variants:
+                self._chosen[name] = (prec, self._graph_file(variants[prec], name, verify))
+        if "decoder_lowres" not in self._chosen and "decoder" not in self._chosen:
+            raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
+
+    def _choose_engines(self) -> Dict[str, Path]:
+        engines = (self.manifest.get("tensorrt") or {}).get("engines") or {}
+        if not engines:
+            raise PeftExportError(f"{self.export_dir}: this export has no TensorRT engines (export with --tensorrt)")
+        paths = {}
+        for name in ("encoder", "decoder_lowres", "decoder"):
+            entry = engines.get(name)
+            if entry is None:
+                continue
+            if isinstance(entry, dict) and "path" not in entry:  # per precision
+                prec = self.precision if self.precision in entry else "fp32"
+                if name == "encoder" and self.precision not in entry:
+                    raise PeftExportError(f"precision: no {self.precision} TensorRT encoder engine in this export")
+                if prec not in entry:
+                    continue
+                entry = entry[prec]
+            else:
+                prec = self.precision
+            rel = entry["path"] if isinstance(entry, dict) else entry
+            path = self.export_dir / rel
+            if not path.is_file():
+                raise PeftExportError(f"{path}: TensorRT engine listed in manifest.json is missing")
+            self._chosen[name] = (prec, path)
+            paths[name] = path
+        if "encoder" not in paths or not ({"decoder_lowres", "decoder"} & set(paths)):
+            raise PeftExportError(f"{self.export_dir}: TensorRT engines need an encoder and a decoder")
+        return paths
+
+    def describe(self) -> Dict[str, Any]:
+        """What runs: backend, device, providers, and the graph file and precision of each part."""
+        return {
+            "export_dir": str(self.export_dir),
+            "model_type": self.manifest.get("model_type"),
+            "image_size": self.image_size,
+            "backend": self.backend_name,
+            "device": self.device,
+            "providers": self.providers,
+            "precision_asked": self.precision,
+            "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
+            "decoder_used": "decoder_lowres" if "decoder_lowres" in self._chosen else "decoder",
+            "intensity": self._intensity_rule,
+            "interpolation": self._interpolation,
+        }
+
+    # ---- image ---------------------------------------------------------------------------
+
+    def encode(self, image: np.ndarray) -> ImageEmbedding:
+        """Normalise, resize and encode one image (2D gray or HxWx3/4, any dtype); no session state."""
+        x, original_size, input_size = prepare_image(
+            image, self._intensity_rule, self.image_size, self._pixel_mean, self._pixel_std, self._interpolation
+        )
+        out = self._backend.run("encoder", {"image": x})
+        emb = np.asarray(out.get("image_embeddings", next(iter(out.values()))), dtype=np.float32)
+        g = self.image_size // 16
+        if emb.shape[0] != 1 or emb.shape[-2:] != (g, g):
+            raise PeftExportError(f"encoder: output shape {emb.shape} does not match image size {self.image_size}")
+        emb.setflags(write=False)
+        return ImageEmbedding(emb, original_size, input_size)
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode ``image`` once; later ``predict`` calls use it."""
+        with self._lock:
+            self._embedding = self.encode(image)
+
+    def reset_image(self) -> None:
+        with self._lock:
+            self._embedding = None
+
+    def get_image_embedding(self) -> np.ndarray:
+        """The (1,256,g,g) embedding of the image given to ``set_image``."""
+        return self._snapshot(None).embedding
+
+    def _snapshot(self, embedding: Optional[ImageEmbedding]) -> ImageEmbedding:
+        emb = embedding if embedding is not None else self._embedding
+        if emb is None:
+            raise PeftExportError("predict: no image set; call set_image(image) first or pass embedding=")
+        return emb
+
+    # ---- decoding --------------------------------------------------------------------------
+
+    def _check_mask_input(self, mask_input: Optional[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
+        s = self.low_res_size
+        if mask_input is None:
+            return np.zeros((k, 1, s, s), np.float32), np.zeros((k,), np.float32)
+        m = np.asarray(mask_input, dtype=np.float32)
+        if m.shape in ((s, s), (1, s, s), (1, 1, s, s)) and k == 1:
+            return m.reshape(1, 1, s, s), np.ones((1,), np.float32)
+        raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
+
+    def _decode_lowres(
+        self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray, has_mask: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """(K,M,2),(K,M) decoder prompts -> low-res logits (K,4,4g,4g), iou (K,4)."""
+        if "decoder_lowres" in self._chosen:
+            out = self._backend.run(
+                "decoder_lowres",
+                {
+                    "image_embeddings": emb.embedding,
+                    "point_coords": coords,
+                    "point_labels": labels,
+                    "mask_input": mask,
+                    "has_mask_input": has_mask,
+                },
+            )
+            return (np.asarray(out["low_res_masks"], np.float32), np.asarray(out["iou_predictions"], np.float32))
+        lows, ious = [], []
+        for i in range(len(coords)):  # the Meta graph takes one prompt set per call
+            out = self._run_meta(emb, coords[i : i + 1], labels[i : i + 1], mask[i : i + 1], has_mask[i : i + 1])
+            lows.append(out["low_res_masks"])
+            ious.append(out["iou_predictions"])
+        return np.concatenate(lows).astype(np.float32), np.concatenate(ious).astype(np.float32)
+
+    def _run_meta(self, emb, coords, labels, mask, has_mask) -> Dict[str, np.ndarray]:
+        return self._backend.run(
+            "decoder",
+            {
+                "image_embeddings": emb.embedding,
+                "point_coords": coords,
+                "point_labels": labels,
+                "mask_input": mask,
+                "has_mask_input": has_mask,
+                "orig_im_size": np.asarray(emb.original_size, np.float32),
+            },
+        )
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        embedding: Optional[ImageEmbedding] = None,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SamPredictor.predict: (masks (C,H,W) bool or logits, iou (C,), low-res logits (C,4g,4g)).
+
+        Coordinates are x,y pixels of the original image; box is XYXY; mask_input is the
+        (1,4g,4g) low-res logits of an earlier call. C = 3 with multimask_output else 1.
+        """
+        emb = self._snapshot(embedding)
+        pts = lbl = boxes = None
+        if point_coords is not None or point_labels is not None:
+            pts, lbl = check_points(point_coords, point_labels, emb.original_size)
+            pts, lbl = pts[None], lbl[None]
+        if box is not None:
+            boxes = check_boxes(box, emb.original_size)
+        coords, labels = encode_prompts(pts, lbl, boxes, emb.original_size, self.image_size)
+        mask, has_mask = self._check_mask_input(mask_input, 1)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        # Both graphs give low-res logits; the upsampling is always done here. The Meta
+        # graph's own "masks" output is not used: traced with torch.onnx's legacy exporter,
+        # its crop (int(prepadded_size)) is frozen to the dummy orig_im_size of the export.
+        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
+        low, iou = low[0, sel], iou[0, sel]
+        masks = postprocess_masks(low, emb.input_size, emb.original_size, self.image_size)
+        if not return_logits:
+            masks = masks > 0.0
+        return masks, iou, low
+
+    def predict_batch(
+        self,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+        embedding: Optional[ImageEmbedding] = None,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """K objects in one decoder call: boxes (K,4) and/or points (K,N,2) + labels (K,N).
+
+        Returns masks (K,C,H,W), iou (K,C), low-res logits (K,C,4g,4g).
+        """
+        emb = self._snapshot(embedding)
+        pts = lbl = bxs = None
+        if points is not None or point_labels is not None:
+            pts, lbl = check_points(points, point_labels, emb.original_size, batched=True)
+        if boxes is not None:
+            bxs = check_boxes(boxes, emb.original_size, batched=True)
+        coords, labels = encode_prompts(pts, lbl, bxs, emb.original_size, self.image_size)
+        k = len(coords)
+        mask, has_mask = np.zeros((k, 1, self.low_res_size, self.low_res_size), np.float32), np.zeros((k,), np.float32)
+        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        low, iou = low[:, sel], iou[:, sel]
+        h, w = emb.original_size
+        masks = np.empty((k, low.shape[1], h, w), dtype=np.float32 if return_logits else bool)
+        for i in range(k):  # one object at a time keeps the float peak at one object's size
+            m = postprocess_masks(low[i], emb.input_size, emb.original_size, self.image_size)
+            masks[i] = m if return_logits else m > 0.0
+        return masks, iou, low
+
+    def segment_everything(
+        self,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        box_nms_thresh: float = 0.7,
+        min_mask_region_area: int = 0,
+        embedding: Optional[ImageEmbedding] = None,
+    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records)."""
+        emb = self._snapshot(embedding)
+        s = self.low_res_size
+
+        def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+            b = len(points_xy)
+            coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
+            lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
+            return self._decode_lowres(
+                emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32)
+            )
+
+        return _segment_everything(
+            decode,
+            emb.original_size,
+            emb.input_size,
+            self.image_size,
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            min_mask_region_area=min_mask_region_area,
+        )
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        return f"SamSession({d['export_dir']!r}, {d['backend']}, {d['device']}, graphs={d['graphs']})"
