@@ -98,8 +98,10 @@ def test_paper_parameter_counts():
     assert counts["mask_decoder"] > 0 and counts["prompt_encoder"] > 0  # they train by default
     frozen = count_for_config("vit_b", PeftConfig("lora", rank=32, train_mask_decoder=False, train_prompt_encoder=False))
     assert frozen["total"] == 1_179_648
-    full = count_for_config("vit_b", PeftConfig("full", blocks="all"))
-    assert abs(full["image_encoder"] - 85.7e6) < 1e6  # blocks only; + patch embed & neck = 89.67M
+    assert count_for_config("vit_b", PeftConfig("full", blocks="all"))["image_encoder"] == 89_670_912  # 89.67M
+    assert count_for_config("vit_b", PeftConfig("fact", rank=16))["image_encoder"] == 301_056  # ~0.30M
+    assert count_for_config("vit_b", PeftConfig("ssf"))["image_encoder"] == 204_288  # ~0.20M
+    assert count_for_config("vit_b", PeftConfig("adaptformer"))["image_encoder"] == 1_189_644  # ~1.19M
     assert count_for_config("vit_b", PeftConfig("freeze-encoder"))["image_encoder"] == 0
     lora_all = count_for_config("vit_b", PeftConfig("lora", rank=32, targets=("q", "k", "v", "mlp")))["image_encoder"]
     assert lora_all == 12 * (3 * 2 * 768 * 32 + 32 * (768 + 3072) * 2)  # = 4.72M as reported

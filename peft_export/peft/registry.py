@@ -62,6 +62,16 @@ def _selective(method: str) -> Callable[[Sam, PeftConfig, list[int]], None]:
     return apply
 
 
+def _full(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
+    # Full finetuning of every block means the whole encoder, as in the paper (89.67M for
+    # vit_b): patch embedding, pos_embed and neck too. "Late ft" unfreezes only its blocks.
+    if len(blocks) == len(sam.image_encoder.blocks):
+        for p in sam.image_encoder.parameters():
+            p.requires_grad_(True)
+    else:
+        _selective("full")(sam, cfg, blocks)
+
+
 def _nothing(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     return None
 
@@ -77,7 +87,7 @@ PEFT_METHODS: dict[str, PeftMethod] = {
         PeftMethod("attention", "attention tuning: unfreeze attn.* of the chosen blocks", True, _selective("attention")),
         PeftMethod("bias", "bias tuning: unfreeze every bias of the chosen blocks", True, _selective("bias")),
         PeftMethod("layernorm", "LayerNorm tuning: unfreeze norm1/norm2 of the chosen blocks", True, _selective("layernorm")),
-        PeftMethod("full", "full finetuning of the chosen blocks ('late ft' with --blocks late)", True, _selective("full")),
+        PeftMethod("full", "full finetuning: whole encoder, or only the chosen blocks ('late ft')", True, _full),
         PeftMethod("freeze-encoder", "encoder frozen; only prompt encoder and mask decoder train", True, _nothing),
     )
 }
