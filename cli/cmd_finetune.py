@@ -1,0 +1,114 @@
+"""``peftexport finetune`` and ``peftexport make-demo-data``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import command, echo
+from .options import CheckpointOpt, RankOpt
+
+
+@command("finetune", help="Train a PEFT adapter on images + instance labels (micro-sam's recipe); torchrun for DDP.")
+def finetune(
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: best adapter, last/ checkpoint, logs, plot."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Directory with images/ and labels/ (paired by name)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Glob of image files (with --labels)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Glob of label files (with --images)."),
+    labels_are: str = typer.Option("instance", "--labels-are", help="instance, or semantic (connected components)."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation directory with images/ and labels/."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Files held out for validation (seeded)."),
+    patch_size: int = typer.Option(512, "--patch-size", help="Training patch size in pixels."),
+    min_object_size: int = typer.Option(25, "--min-object-size", help="Objects with fewer pixels are ignored."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90-degree rotations."),
+    intensity_low: float = typer.Option(1.0, "--intensity-low", help="Percentile mapped to 0."),
+    intensity_high: float = typer.Option(99.8, "--intensity-high", help="Percentile mapped to 255."),
+    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h or tiny."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input size (default: the model's)."),
+    peft: str = typer.Option("lora", "--peft", help="PEFT method (see `peftexport params`)."),
+    blocks: str = typer.Option("late", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5."),
+    rank: Optional[int] = RankOpt,
+    alpha: float = typer.Option(1.0, "--alpha", help="LoRA scale."),
+    targets: str = typer.Option("q,k,v,mlp", "--targets", help="LoRA targets, any of q,k,v,mlp."),
+    dropout: float = typer.Option(0.1, "--dropout", help="FacT dropout."),
+    bottleneck: int = typer.Option(64, "--bottleneck", help="AdaptFormer bottleneck."),
+    freeze_decoder: bool = typer.Option(False, "--freeze-decoder", help="Keep the mask decoder frozen."),
+    freeze_prompt_encoder: bool = typer.Option(False, "--freeze-prompt-encoder", help="Keep the prompt encoder frozen."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training steps (or --epochs)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (one patch per training image; default 20)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per step and process."),
+    lr: float = typer.Option(1e-5, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip (0: off)."),
+    objects_per_image: int = typer.Option(25, "--objects-per-image", help="Objects prompted per image and step."),
+    sub_iterations: int = typer.Option(8, "--sub-iterations", help="Corrective prompting iterations per step."),
+    patience: int = typer.Option(10, "--patience", help="Early stop after this many validations without gain."),
+    lr_patience: int = typer.Option(3, "--lr-patience", help="ReduceLROnPlateau patience (validations)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N steps (default: every epoch)."),
+    val_objects: int = typer.Option(25, "--val-objects", help="Objects per validation image (seeded choice)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (fp16: CUDA, with GradScaler)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute adapted blocks in backward."),
+    cache_frozen_trunk: bool = typer.Option(False, "--cache-frozen-trunk",
+                                            help="Cache the frozen blocks' output per image (needs fixed patches)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write last/ every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Writes OUT/adapter.safetensors + adapter.json (best validation Dice), OUT/last/checkpoint.pt,
+    train_log.jsonl and training.png. Data problems are reported all at once before training."""
+    from peft_export.runtime.intensity import DEFAULT_INTENSITY_RULE
+    from peft_export.training import TrainConfig
+    from peft_export.training import finetune as run_finetune
+
+    intensity = {**DEFAULT_INTENSITY_RULE, "low": intensity_low, "high": intensity_high}
+    cfg = TrainConfig(
+        out=str(out), data=str(data) if data else None, images=images, labels=labels, labels_are=labels_are,
+        val_data=str(val_data) if val_data else None, val_fraction=val_fraction, patch_size=patch_size,
+        min_object_size=min_object_size, augment=augment, intensity=intensity, model_type=model,
+        checkpoint=str(checkpoint) if checkpoint else None, image_size=image_size, peft=peft, blocks=blocks,
+        rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t), dropout=dropout,
+        bottleneck=bottleneck, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
+        iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations, patience=patience,
+        lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
+        seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
+        save_every=save_every, resume=resume, overwrite=overwrite, progress=not no_progress,
+    )
+    summary = run_finetune(cfg)
+    if summary["world_size"] > 1 and summary.get("rank", 0) != 0:
+        return
+    best = summary["best_validation"] or {}
+    echo(f"status: {summary['status']} after {summary['steps']}/{summary['total_steps']} steps "
+         f"({summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MB)")
+    if best:
+        echo(f"best validation (step {summary['best_step']}): point Dice {best['point_dice']:.4f}, "
+             f"box Dice {best['box_dice']:.4f}")
+    echo(f"adapter: {Path(summary['out']) / 'adapter.safetensors'}")
+    if summary["status"] == "interrupted":
+        echo(f"resume with: peftexport finetune --out {summary['out']} --resume")
+        raise typer.Exit(130)
+
+
+@command("make-demo-data", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")
+def make_demo_data(
+    out: Path = typer.Argument(..., help="Output directory (gets images/ and labels/)."),
+    n_images: int = typer.Option(8, "--n-images", help="Number of images."),
+    size: int = typer.Option(256, "--size", help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written pairs as JSON."),
+) -> None:
+    from peft_export.data import make_demo_data as make
+
+    pairs = make(out, n_images=n_images, size=size, seed=seed, overwrite=overwrite)
+    if as_json:
+        echo(json.dumps([{"name": p.name, "image": str(p.image), "label": str(p.label)} for p in pairs], indent=2))
+        return
+    echo(f"wrote {len(pairs)} image/label pairs ({size}x{size}) to {out}/images and {out}/labels")

@@ -1,0 +1,802 @@
+"""The finetuning loop: micro-sam's prompts and loss on PEFT-adapted SAM, resumable, DDP-ready.
+
+    summary = finetune(TrainConfig(out="run", data="demo", model_type="tiny", peft="lora"))
+
+One step: ``batch_size`` patches per rank (patch ``(step * world + rank) * batch + b`` of
+the seeded PatchSampler, so every rank sees other patches and a resumed run the same
+ones); the image encoder runs once per step; then per image up to ``objects_per_image``
+objects are prompted with a point (even steps, multimask) or a box (odd steps), followed
+by ``sub_iterations`` corrective rounds that add one positive and one negative point from
+the error region and feed the previous logits back as mask input with probability
+``mask_input_prob``. The decoder iterations backpropagate into a detached copy of the
+image embedding, so their graphs are freed one by one and the encoder backward runs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from ..adapters import AdaptedModel, build_adapted_model, save_adapter
+from ..data import PatchSampler, Sample, find_pairs, find_pairs_glob, load_samples, sample_patch, split_by_file
+from ..data.labels import remove_small_objects
+from ..errors import PeftExportError
+from ..fsutil import atomic_file
+from ..peft import PeftConfig, count_trainable_parameters, parse_targets
+from ..runtime.intensity import DEFAULT_INTENSITY_RULE
+from . import losses
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    average_gradients,
+    broadcast_object,
+    gather_object,
+    init_distributed,
+    shutdown,
+)
+from .plots import plot_training
+from .prompting import corrective_points, initial_prompts
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "training.png"
+DEFAULT_EPOCHS = 20
+# Fields a resumed run may change; everything else comes from the run's own config.
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``peftexport finetune``; defaults follow micro-sam where it has one."""
+
+    out: str
+    # data
+    data: str | None = None
+    images: str | None = None
+    labels: str | None = None
+    labels_are: str = "instance"
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    patch_size: int = 512
+    min_object_size: int = 25
+    augment: bool = True
+    intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY_RULE))
+    # model and PEFT
+    model_type: str = "vit_b"
+    checkpoint: str | None = None
+    image_size: int | None = None
+    peft: str = "lora"
+    blocks: str = "late"
+    rank: int | None = None
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ("q", "k", "v", "mlp")
+    dropout: float = 0.1
+    bottleneck: int = 64
+    freeze_decoder: bool = False
+    freeze_prompt_encoder: bool = False
+    # optimisation
+    iterations: int | None = None
+    epochs: int | None = None
+    batch_size: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    objects_per_image: int = 25
+    sub_iterations: int = 8
+    mask_input_prob: float = 0.5
+    lr_patience: int = 3
+    lr_factor: float = 0.9
+    patience: int = 10
+    # validation
+    val_every: int | None = None
+    val_objects: int | None = 25
+    validate_at_start: bool = True
+    # execution
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    grad_checkpointing: bool = False
+    cache_frozen_trunk: bool = False
+    save_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def peft_config(self) -> PeftConfig:
+        targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
+        return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
+                          dropout=self.dropout, bottleneck=self.bottleneck,
+                          train_prompt_encoder=not self.freeze_prompt_encoder,
+                          train_mask_decoder=not self.freeze_decoder)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- data
+
+def _load_split(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """Training and validation samples; every data problem of both sets in one report."""
+    if config.data and (config.images or config.labels):
+        raise PeftExportError("--data: give either --data DIR or --images/--labels, not both")
+    if not config.data and not (config.images and config.labels):
+        raise PeftExportError("--data: give --data DIR (with images/ and labels/) or both --images and --labels")
+    pairs = find_pairs(config.data) if config.data else find_pairs_glob(config.images, config.labels)
+    if config.val_data:
+        train_pairs, val_pairs = pairs, find_pairs(config.val_data)
+    else:
+        train_pairs, val_pairs = split_by_file(pairs, config.val_fraction, config.seed)
+    problems, train, val = [], [], []
+    try:
+        train = load_samples(train_pairs, config.labels_are, config.intensity, what="training data")
+    except PeftExportError as exc:
+        problems.append(str(exc))
+    if val_pairs:
+        try:
+            val = load_samples(val_pairs, config.labels_are, config.intensity, what="validation data")
+        except PeftExportError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PeftExportError("\n".join(problems))
+    return train, val
+
+
+def validation_set(samples: Sequence[Sample], patch_size: int, min_object_size: int, seed: int
+                   ) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """Fixed validation images: the whole plane when it fits a patch, else one seeded crop.
+
+    Objects under ``min_object_size`` pixels are dropped, as in training. Planes without
+    an eligible object are left out.
+    """
+    out = []
+    for i, s in enumerate(samples):
+        h, w = s.label.shape
+        if h <= patch_size and w <= patch_size:
+            label = remove_small_objects(s.label, min_object_size)
+            image = s.image
+        else:
+            try:
+                image, label = sample_patch(s.image, s.label, np.random.default_rng([seed, i, 7]), patch_size,
+                                            min_object_size, augment=False)
+            except PeftExportError:
+                continue
+        if label.any():
+            out.append((image, label, s.name))
+    return out
+
+
+def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], seed: int = 0,
+             max_objects: int | None = 25) -> dict:
+    """Point and box Dice of any SAM (adapted, merged, plain) on a validation set.
+
+    Uses the evaluation protocol of ``peft_export.evaluate`` through SamPredictor, i.e. the
+    same preprocessing as inference; ``mean_dice`` (the mean of point and box Dice) ranks
+    adapters.
+    """
+    from ..evaluate import evaluate_interactive
+
+    was_training = model.training
+    model.eval()
+    try:
+        res = evaluate_interactive(SamPredictor(model), val_set, prompts=("point", "box"), iterations=0,
+                                   seed=seed, max_objects_per_image=max_objects, progress=False)
+    finally:
+        model.train(was_training)
+    m = res["metrics"]
+    out = {"point_dice": m["point"]["dice"], "box_dice": m["box"]["dice"],
+           "point_iou": m["point"]["iou"], "box_iou": m["box"]["iou"],
+           "n_images": res["n_images"], "n_objects": res["n_objects"]}
+    out["mean_dice"] = None if out["point_dice"] is None else 0.5 * (out["point_dice"] + out["box_dice"])
+    return out
+
+
+# ----------------------------------------------------------------------------- model input
+
+def to_uint8(patch: np.ndarray) -> np.ndarray:
+    """0..255 floats to uint8 exactly as evaluation and inference do before resizing."""
+    return np.clip(np.rint(patch.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
+def preprocess_patches(sam: Sam, patches: Sequence[np.ndarray], device: torch.device
+                       ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 HxWx3 patches (same size) to the encoder input, exactly as SamPredictor.set_image.
+
+    ResizeLongestSide.apply_image (PIL on uint8, what inference uses), then sam.preprocess
+    (normalise, pad). Returns (B x 3 x S x S, resized (h, w)). ``apply_image_torch`` is not
+    used: it differs from apply_image and reads the size from the batch/channel axes.
+    """
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    h, w = patches[0].shape[:2]
+    size = transform.get_preprocess_shape(h, w, transform.target_length)
+    arrs = [p if (h, w) == size else transform.apply_image(p) for p in patches]
+    x = torch.from_numpy(np.stack(arrs)).to(device).permute(0, 3, 1, 2).contiguous().float()
+    return sam.preprocess(x), size
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def first_trainable_block(sam: Sam) -> int | None:
+    """Index of the first encoder block with a trainable tensor (depth if none).
+
+    None when the stem (patch embedding or positional embedding) trains: then nothing of
+    the encoder can run without autograd.
+    """
+    enc = sam.image_encoder
+    stem = list(enc.patch_embed.parameters()) + ([enc.pos_embed] if enc.pos_embed is not None else [])
+    if any(p.requires_grad for p in stem):
+        return None
+    for i, blk in enumerate(enc.blocks):
+        if any(p.requires_grad for p in blk.parameters()):
+            return i
+    return len(enc.blocks)
+
+
+def frozen_trunk(sam: Sam, x: torch.Tensor, first_trainable: int) -> torch.Tensor:
+    """patch_embed + pos_embed + blocks[:first_trainable] without autograd (B x g x g x C)."""
+    enc = sam.image_encoder
+    with torch.no_grad():
+        h = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            h = h + enc.pos_embed
+        for blk in enc.blocks[:first_trainable]:
+            h = blk(h)
+    return h
+
+
+def trainable_tail(sam: Sam, h: torch.Tensor, first_trainable: int, grad_checkpointing: bool = False) -> torch.Tensor:
+    """blocks[first_trainable:] and the neck, with autograd (checkpointed per block if asked)."""
+    enc = sam.image_encoder
+    for blk in enc.blocks[first_trainable:]:
+        if grad_checkpointing and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+        else:
+            h = blk(h)
+    neck_trains = any(p.requires_grad for p in enc.neck.parameters())
+    if first_trainable >= len(enc.blocks) and not neck_trains:
+        with torch.no_grad():
+            return enc.neck(h.permute(0, 3, 1, 2))
+    return enc.neck(h.permute(0, 3, 1, 2))
+
+
+def encode_with_frozen_prefix(sam: Sam, x: torch.Tensor, first_trainable: int | None,
+                              grad_checkpointing: bool = False) -> torch.Tensor:
+    """Same output as ``sam.image_encoder(x)``, but the frozen prefix builds no autograd graph."""
+    if first_trainable is None:
+        enc = sam.image_encoder
+        h = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            h = h + enc.pos_embed
+        return trainable_tail(sam, h, 0, grad_checkpointing)
+    return trainable_tail(sam, frozen_trunk(sam, x, first_trainable), first_trainable, grad_checkpointing)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PeftExportError(f"--device {name}: CUDA is not available")
+        if dist_info is not None and dist_info.enabled:
+            device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def _check_config(c: TrainConfig) -> None:
+    checks = [
+        (c.precision in PRECISIONS, f"--precision: choose one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
+        (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
+        (c.batch_size >= 1, f"--batch-size: must be >= 1, got {c.batch_size}"),
+        (c.objects_per_image >= 1, f"--objects-per-image: must be >= 1, got {c.objects_per_image}"),
+        (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
+        (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
+        (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),
+        (c.epochs is None or c.epochs >= 1, f"--epochs: must be >= 1, got {c.epochs}"),
+        (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),
+        (0.0 <= c.mask_input_prob <= 1.0, f"mask_input_prob: must be in [0, 1], got {c.mask_input_prob}"),
+        (not (c.iterations and c.epochs), "--iterations and --epochs: give one of them"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise PeftExportError(msg)
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a resumable checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Holds the state of one run; ``run()`` trains and returns the summary."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.dist = DistInfo()
+        self.adapted: AdaptedModel | None = None
+
+    # -- setup ------------------------------------------------------------------
+
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+    def _resolve_config(self) -> TrainConfig:
+        c = self.config
+        out = Path(c.out)
+        if c.resume:
+            saved = out / CONFIG_FILE
+            if not saved.is_file():
+                raise PeftExportError(f"{out}: nothing to resume ({CONFIG_FILE} not found)")
+            stored = TrainConfig.from_dict(json.loads(saved.read_text()))
+            for name in RESUME_OVERRIDES:
+                value = getattr(c, name)
+                if name in ("iterations", "epochs"):
+                    if c.iterations is None and c.epochs is None:
+                        continue  # keep the stored length
+                setattr(stored, name, value)
+            stored.resume, stored.out = True, str(out)
+            c = stored
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not c.overwrite:
+            raise PeftExportError(f"{out}: run directory exists and is not empty (pass --resume to continue "
+                                  "it or --overwrite to replace it)")
+        _check_config(c)
+        return c
+
+    def _prepare_out_dir(self, c: TrainConfig) -> None:
+        out = Path(c.out)
+        if self.dist.is_main and not c.resume:
+            if out.exists() and c.overwrite:
+                if out.is_dir():
+                    shutil.rmtree(out)
+                else:
+                    out.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_file(out / CONFIG_FILE, overwrite=True) as tmp:
+                tmp.write_text(json.dumps(c.to_dict(), indent=2))
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    def _build_model(self, c: TrainConfig) -> None:
+        peft_cfg = c.peft_config()
+        with warnings.catch_warnings():
+            if not self.dist.is_main:
+                warnings.simplefilter("ignore")
+            self.adapted = build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size, seed=c.seed)
+        self.adapted.intensity = dict(c.intensity)
+        self.sam = self.adapted.model.to(self.device).train()
+        self.params = [p for p in self.sam.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.sam.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise PeftExportError(f"--peft {c.peft}: nothing to train (encoder, prompt encoder and decoder frozen)")
+        self.first_trainable = first_trainable_block(self.sam)
+        self.trainable_counts = count_trainable_parameters(self.sam)
+
+    def _setup_cache(self, c: TrainConfig, train: Sequence[Sample]) -> None:
+        self.cache: dict[int, torch.Tensor] | None = None
+        if not c.cache_frozen_trunk:
+            self.cache_note = "off"
+            return
+        why = None
+        if c.augment:
+            why = "random flips/rotations change every patch (use --no-augment)"
+        elif any(max(s.label.shape) > c.patch_size for s in train):
+            why = "images larger than the patch are cropped at random positions"
+        elif self.first_trainable is None or self.first_trainable == 0:
+            why = "no encoder block before the first adapted one is frozen"
+        if why:
+            self.cache_note = f"not used: {why}"
+        else:
+            self.cache = {}
+            self.cache_note = f"used: output of the {self.first_trainable} frozen block(s) cached per image"
+        self._log(f"cache of the frozen trunk {self.cache_note}")
+
+    # -- one step ---------------------------------------------------------------
+
+    def _autocast(self):
+        c = self.config
+        if c.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if c.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _encode(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        c = self.config
+        if self.cache is None:
+            return encode_with_frozen_prefix(self.sam, x, self.first_trainable, c.grad_checkpointing)
+        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        if missing:
+            h = frozen_trunk(self.sam, x[missing], self.first_trainable)
+            for i, hi in zip(missing, h):
+                self.cache[keys[i]] = hi
+        h = torch.stack([self.cache[k] for k in keys])
+        return trainable_tail(self.sam, h, self.first_trainable, c.grad_checkpointing)
+
+    def _decode(self, emb: torch.Tensor, coords, labels, boxes, mask_input, multimask: bool):
+        sam = self.sam
+        points = (coords, labels) if coords is not None else None
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=multimask)
+
+    def _image_loss(self, emb: torch.Tensor, label: np.ndarray, input_size: tuple[int, int], use_box: bool,
+                    rng: np.random.Generator, scale: float) -> tuple[float, float, float]:
+        """All prompting iterations for one image; backpropagates each iteration at once."""
+        c, sam, dev = self.config, self.sam, self.device
+        H, W = label.shape
+        transform = ResizeLongestSide(sam.image_encoder.img_size)
+        objs = initial_prompts(label, c.objects_per_image, rng)
+        gt_np = objs.masks
+        gt = torch.from_numpy(gt_np).to(dev).float().unsqueeze(1)
+        n_iter = 1 + c.sub_iterations
+        pts = np.zeros((len(gt_np), 0, 2), np.float32) if use_box else objs.points
+        lbl = np.zeros((len(gt_np), 0), np.int64) if use_box else np.ones((len(gt_np), 1), np.int64)
+        boxes = transform.apply_boxes_torch(torch.from_numpy(objs.boxes).to(dev), (H, W)) if use_box else None
+        mask_input = None
+        totals = np.zeros(3)
+        for it in range(n_iter):
+            multimask = it == 0 and not use_box
+            coords = None
+            if pts.shape[1]:
+                coords = (transform.apply_coords_torch(torch.from_numpy(pts).to(dev), (H, W)),
+                          torch.from_numpy(lbl).to(dev))
+            with self._autocast():
+                low, iou_pred = self._decode(emb, *(coords or (None, None)), boxes, mask_input, multimask)
+            masks = sam.postprocess_masks(low.float(), input_size, (H, W))
+            loss, dice_l, iou_l, best = losses.sam_loss(masks, iou_pred, gt)
+            loss_scaled = loss * (scale / n_iter)
+            if loss_scaled.requires_grad:
+                self._backward(loss_scaled)
+            totals += [float(loss.detach()), float(dice_l.detach()), float(iou_l.detach())]
+            if it + 1 < n_iter:
+                with torch.no_grad():
+                    idx = torch.arange(len(best), device=dev)
+                    pred = (masks[idx, best] > 0).cpu().numpy()
+                    prev = low[idx, best].detach().float().unsqueeze(1)
+                new_pts, new_lbl = corrective_points(pred, gt_np, rng)
+                pts = np.concatenate([pts, new_pts], axis=1)
+                lbl = np.concatenate([lbl, new_lbl], axis=1)
+                mask_input = prev if rng.random() < c.mask_input_prob else None
+        return tuple(totals / n_iter)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _batch(self, step: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        c, W, r = self.config, self.dist.world_size, self.dist.rank
+        patches, labels, keys = [], [], []
+        for b in range(c.batch_size):
+            index = (step * W + r) * c.batch_size + b
+            image, label = self.sampler.sample(index)
+            patches.append(to_uint8(image))
+            labels.append(label)
+            keys.append(self.sampler.image_index(index))
+        return patches, labels, keys
+
+    def _train_step(self, step: int) -> dict:
+        c = self.config
+        patches, labels, keys = self._batch(step)
+        rng = np.random.default_rng([c.seed, step, self.dist.rank, 11])
+        use_box = step % 2 == 1
+        x, input_size = preprocess_patches(self.sam, patches, self.device)
+        with self._autocast():
+            emb = self._encode(x, keys)
+        # The decoder iterations backpropagate into this leaf; the encoder backward runs once.
+        emb_leaf = emb.detach().requires_grad_(emb.requires_grad)
+        totals = np.zeros(3)
+        for i, label in enumerate(labels):
+            totals += self._image_loss(emb_leaf[i:i + 1], label, input_size, use_box, rng, 1.0 / len(labels))
+        if emb.requires_grad and emb_leaf.grad is not None:
+            emb.backward(emb_leaf.grad)
+        totals /= len(labels)
+        stats = all_reduce_mean(torch.tensor(totals, dtype=torch.float64), self.dist)
+        loss, dice_l, iou_l = (float(v) for v in stats)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss, "finite": False}
+        average_gradients(self.params, self.dist)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if c.grad_clip and c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "dice_loss": dice_l, "iou_loss": iou_l, "prompt": "box" if use_box else "point",
+                "finite": True}
+
+    # -- bookkeeping --------------------------------------------------------------
+
+    def _write_log(self, entry: dict) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """A resumed run drops log lines written after its checkpoint."""
+        if not self.dist.is_main or not self.log_path.is_file():
+            return
+        keep = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.log_path.write_text("".join(line + "\n" for line in keep))
+
+    def _state(self) -> dict:
+        return {"best_metric": self.best_metric, "best_step": self.best_step, "best_val": self.best_val,
+                "es_best": self.es_best, "bad_count": self.bad_count}
+
+    def _save_last(self, step: int) -> None:
+        rngs = gather_object(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return
+        trainables = {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
+        if not all(torch.isfinite(t).all() for t in trainables.values()):
+            self._log("warning: trainable tensors are not finite; the last checkpoint is not updated")
+            return
+        save_checkpoint(self.config.out, {
+            "step": step, "trainables": trainables, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs, "state": self._state(),
+            "sampler": {"seed": self.sampler.seed, "samples_per_epoch": len(self.sampler),
+                        "next_index": (step * self.dist.world_size) * self.config.batch_size},
+            "config": self.config.to_dict(),
+        })
+
+    def _restore(self, payload: dict) -> int:
+        own = dict(self.sam.named_parameters())
+        missing = [n for n in self.param_names if n not in payload["trainables"]]
+        if missing:
+            raise PeftExportError(f"{self.config.out}: checkpoint lacks trainable tensor {missing[0]}")
+        with torch.no_grad():
+            for n in self.param_names:
+                own[n].copy_(payload["trainables"][n])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        rngs = payload["rng"]
+        if len(rngs) != self.dist.world_size:
+            self._log(f"warning: checkpoint from {len(rngs)} process(es), resuming with {self.dist.world_size}: "
+                      "the result will differ from an uninterrupted run")
+        set_rng_state(rngs[min(self.dist.rank, len(rngs) - 1)])
+        for k, v in payload["state"].items():
+            setattr(self, k, v)
+        return int(payload["step"])
+
+    def _validate(self, step: int, scheduled: bool) -> dict | None:
+        c = self.config
+        metrics = None
+        if self.dist.is_main and self.val_set:
+            t0 = time.perf_counter()
+            metrics = validate(self.sam, self.val_set, c.seed, c.val_objects)
+            metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        metrics = broadcast_object(metrics, self.dist)
+        improved = False
+        value = metrics["mean_dice"] if metrics else None
+        if value is not None and (self.best_metric is None or value > self.best_metric):
+            self.best_metric, self.best_step, self.best_val = value, step, metrics
+            improved = True
+        if value is not None and scheduled:
+            # Only scheduled validations steer the lr and early stopping, so a run cut
+            # into pieces (each ending with a validation) takes the same path.
+            self.scheduler.step(value)
+            if self.es_best is None or value > self.es_best:
+                self.es_best, self.bad_count = value, 0
+            else:
+                self.bad_count += 1
+        if self.dist.is_main:
+            if improved or (not self.val_set):
+                self._save_best(step)
+            self._write_log({"type": "val", "step": step, "epoch": step / self.steps_per_epoch, "metrics": metrics,
+                             "best": improved, "scheduled": scheduled,
+                             "lr": self.optimizer.param_groups[0]["lr"]})
+        return metrics
+
+    def _save_best(self, step: int) -> None:
+        c = self.config
+        training = {**c.to_dict(), "best_step": self.best_step if self.val_set else step,
+                    "best_metric": self.best_metric, "metric": "mean of point and box Dice on validation",
+                    "world_size": self.dist.world_size, "effective_batch_size": c.batch_size * self.dist.world_size,
+                    "trainable_parameters": self.trainable_counts, "step": step}
+        validation = {"metrics": self.best_val, "files": [name for _, _, name in self.val_set],
+                      "protocol": {"prompts": ["point", "box"], "seed": c.seed, "max_objects_per_image": c.val_objects,
+                                   "patch_size": c.patch_size, "min_object_size": c.min_object_size,
+                                   "point_multimask": True}}
+        save_adapter(self.adapted, c.out, extra={"training": training, "validation": validation}, overwrite=True)
+
+    # -- run ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self._resolve_config()
+        self.config = c
+        train, val = _load_split(c)  # all data problems before anything is written
+        if c.peft == "qlora":
+            from ..peft.qlora import require_bitsandbytes_cuda
+
+            require_bitsandbytes_cuda()
+        use_cuda = _resolve_device(c.device).type == "cuda"
+        self.dist = init_distributed(use_cuda)
+        try:
+            return self._run(c, train, val)
+        finally:
+            shutdown(self.dist)
+
+    def _run(self, c: TrainConfig, train: list[Sample], val: list[Sample]) -> dict:
+        t_start = time.perf_counter()
+        self.device = _resolve_device(c.device, self.dist)
+        if c.precision == "fp16" and self.device.type != "cuda":
+            raise PeftExportError("--precision fp16: needs CUDA (use fp32 or bf16 on the CPU)")
+        self._prepare_out_dir(c)
+        out = Path(c.out)
+        self.log_path = out / LOG_FILE
+        torch.manual_seed(c.seed + self.dist.rank)
+        self.sampler = PatchSampler.from_samples(train, patch_size=c.patch_size, min_object_size=c.min_object_size,
+                                                 augment=c.augment, seed=c.seed)
+        self.val_set = validation_set(val, c.patch_size, c.min_object_size, c.seed)
+        if not self.val_set:
+            self._log("warning: no validation set (add --val-data or --val-fraction with several files): "
+                      "the adapter of the last step is kept")
+        self._build_model(c)
+        self._setup_cache(c, train)
+        per_step = c.batch_size * self.dist.world_size
+        self.steps_per_epoch = max(1, math.ceil(len(self.sampler) / per_step))
+        total = c.iterations or (c.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch
+        val_every = c.val_every or self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=c.lr_factor,
+                                                                    patience=c.lr_patience)
+        self.scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
+        self.best_metric = self.best_step = self.best_val = self.es_best = None
+        self.bad_count = 0
+        step = 0
+        if c.resume:
+            step = self._restore(load_checkpoint(out))
+            self._truncate_log(step)
+            self._log(f"resuming {out} at step {step}")
+        elif self.dist.is_main and self.log_path.exists():
+            self.log_path.unlink()
+        if self.dist.is_main:
+            counts = self.trainable_counts
+            self._log(f"training {c.model_type} ({self.sam.image_encoder.img_size}px) with {c.peft}: "
+                      f"{counts['total']:,} trainable parameters (encoder {counts['image_encoder']:,}); "
+                      f"{len(train)} training / {len(self.val_set)} validation images; {total} steps; "
+                      f"effective batch size {per_step} ({c.batch_size} x {self.dist.world_size} process(es)); "
+                      f"device {self.device}, {c.precision}")
+        if step == 0 and c.validate_at_start:
+            self._validate(0, scheduled=False)
+        bar = None
+        if c.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+        status, message = "completed", ""
+        last_val_step = step
+        try:
+            with _StopFlag() as stop:
+                while step < total:
+                    t0 = time.perf_counter()
+                    res = self._train_step(step)
+                    if not res["finite"]:
+                        status = "nan"
+                        message = (f"loss is {res['loss']} at step {step + 1}: training stopped; the best adapter "
+                                   f"(step {self.best_step}) in {out} is kept. Try a lower --lr or --precision fp32.")
+                        break
+                    step += 1
+                    entry = {"type": "step", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                             "loss": res["loss"], "dice_loss": res["dice_loss"], "iou_loss": res["iou_loss"],
+                             "prompt": res["prompt"], "lr": self.optimizer.param_groups[0]["lr"],
+                             "seconds": round(time.perf_counter() - t0, 4),
+                             "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
+                    self._write_log(entry)
+                    if step % val_every == 0 or step == total:
+                        self._validate(step, scheduled=step % val_every == 0)
+                        last_val_step = step
+                        self._save_last(step)
+                        if self.dist.is_main:
+                            plot_training(self.log_path, out / PLOT_FILE)
+                    elif c.save_every and step % c.save_every == 0:
+                        self._save_last(step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{res['loss']:.4f}", val=(f"{self.best_metric:.4f}"
+                                        if self.best_metric is not None else "-"))
+                    if self.val_set and self.bad_count >= c.patience:
+                        status = "early_stopped"
+                        self._log(f"\nearly stopping at step {step}: no better validation Dice in {c.patience} "
+                                  "validations")
+                        if last_val_step != step:
+                            self._save_last(step)
+                        break
+                    flag = torch.tensor([float(stop.requested)])
+                    if self.dist.enabled:
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    if flag.item() > 0:
+                        status = "interrupted"
+                        if last_val_step != step:
+                            self._save_last(step)
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.dist.is_main and status in ("completed", "early_stopped", "interrupted", "nan"):
+            if self.log_path.exists():
+                plot_training(self.log_path, out / PLOT_FILE)
+        summary = {
+            "out": str(out), "status": status, "steps": step, "total_steps": total,
+            "best_step": self.best_step, "best_metric": self.best_metric, "best_validation": self.best_val,
+            "effective_batch_size": per_step, "world_size": self.dist.world_size, "rank": self.dist.rank,
+            "trainable_parameters": self.trainable_counts, "cache_frozen_trunk": self.cache_note,
+            "seconds": round(time.perf_counter() - t_start, 2), "device": str(self.device),
+            "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+        }
+        if status == "nan":
+            raise PeftExportError(message)
+        return summary
+
+
+def finetune(config: TrainConfig) -> dict:
+    """Train a PEFT adapter as ``peftexport finetune`` does; returns the run summary.
+
+    Writes into ``config.out``: adapter.safetensors + adapter.json (best validation Dice),
+    last/checkpoint.pt (resumable), train_config.json, train_log.jsonl, training.png.
+    """
+    return Trainer(config).run()
