@@ -1,0 +1,74 @@
+"""``peftexport evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import command, echo
+from .options import CheckpointOpt, ForceOpt
+
+
+@command("evaluate", help="Dice/IoU for point, box and iterative prompts (and mSA) of several models, one table.")
+def evaluate(
+    models: List[str] = typer.Argument(
+        ...,
+        metavar="MODEL...",
+        help="[NAME=]SOURCE[@PRECISION]; SOURCE: checkpoint .pth, random:vit_b|tiny, adapter run dir, "
+        "or export dir (PRECISION fp32|fp16|int8, default fp32).",
+    ),
+    data: Path = typer.Option(..., "--data", "-d", help="Data directory with images/ and labels/ (instance labels)."),
+    prompts: str = typer.Option("point,box,iterative", "--prompts", help="Any of point,box,iterative."),
+    iterations: int = typer.Option(8, "--iterations", help="Corrective points added in iterative prompting."),
+    start: str = typer.Option("both", "--start", help="Iterative prompting starts from point, box or both."),
+    everything: bool = typer.Option(False, "--everything", help="Also automatic segmentation, scored with mSA."),
+    points_per_side: int = typer.Option(32, "--points-per-side", help="Point grid of --everything."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write Dice per iteration as PNG."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Image size of checkpoints / random models (default: the model's own)."
+    ),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime of export dirs: onnxruntime or tensorrt."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts (and of random models)."),
+    max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Evaluate at most N objects per image."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N image files."),
+    force: bool = ForceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Every model gets the same raw images and the same seeded prompts; each applies its
+    own intensity rule. One row per model."""
+    from peft_export.evaluation import evaluate_models
+
+    report = evaluate_models(
+        models,
+        data,
+        prompts=prompts.split(","),
+        iterations=iterations,
+        start=start,
+        everything=everything,
+        checkpoint=checkpoint,
+        image_size=image_size,
+        backend=backend,
+        device=device,
+        seed=seed,
+        max_objects_per_image=max_objects,
+        max_images=max_images,
+        everything_options={"points_per_side": points_per_side},
+        force=force,
+        json_out=json_out,
+        markdown_out=markdown_out,
+        plot_out=plot_out,
+        overwrite=overwrite,
+        progress=not quiet,
+        log=(lambda msg: None) if quiet else None,
+    )
+    echo(report["table"])
+    for what, path in (("json", json_out), ("markdown", markdown_out), ("plot", plot_out)):
+        if path is not None:
+            echo(f"{what}: {path}")
