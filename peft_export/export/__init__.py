@@ -1,0 +1,26 @@
+"""Verified ONNX (and TensorRT) export of SAM with its adapter: ``merge_and_export``."""
+
+from .manifest import MANIFEST, graph_io, read_manifest
+from .onnx_graphs import DECODER_FLAVOURS, export_decoder_onnx, export_encoder_onnx, export_preprocess_encoder_onnx
+from .pipeline import FORMATS, merge_and_export
+from .quantize import PRECISIONS, quantize_int8
+from .verify import THRESHOLDS, build_reference, format_parity_table, ort_session, verify_export
+
+__all__ = [
+    "DECODER_FLAVOURS",
+    "FORMATS",
+    "MANIFEST",
+    "PRECISIONS",
+    "THRESHOLDS",
+    "build_reference",
+    "export_decoder_onnx",
+    "export_encoder_onnx",
+    "export_preprocess_encoder_onnx",
+    "format_parity_table",
+    "graph_io",
+    "merge_and_export",
+    "ort_session",
+    "quantize_int8",
+    "read_manifest",
+    "verify_export",
+]

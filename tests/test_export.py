@@ -1,0 +1,281 @@
+"""merge-and-export: every graph/precision exports and passes parity; the manifest contract;
+Meta's decoder against SamPredictor; batched low-res decoder; failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+from typer.testing import CliRunner
+
+from helpers import MERGEABLE_CONFIGS, make_adapted
+from peft_export.adapters import save_adapter
+from peft_export.errors import PeftExportError
+from peft_export.export import (
+    export_decoder_onnx,
+    merge_and_export,
+    ort_session,
+    read_manifest,
+)
+from peft_export.export import pipeline, verify
+from peft_export.fsutil import sha256_file
+from peft_export.peft import merge_peft
+
+CONTRACT_IO = {
+    "encoder": (["image"], ["image_embeddings"]),
+    "decoder": (
+        ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"],
+        ["masks", "iou_predictions", "low_res_masks"],
+    ),
+    "decoder_lowres": (
+        ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"],
+        ["low_res_masks", "iou_predictions"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, dict]:
+    """One export shared by the module: all precisions and the preprocess-in-graph encoder."""
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"])
+    out = tmp_path_factory.mktemp("export") / "sam_onnx"
+    manifest = merge_and_export(adapted, out, precisions=("fp32", "fp16", "int8"), preprocess_in_graph=True,
+                                progress=False)
+    return out, manifest
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_manifest_follows_the_contract(exported):
+    out, manifest = exported
+    assert manifest == read_manifest(out)
+    assert manifest["format"] == "peftexport-export" and manifest["format_version"] == 1
+    assert manifest["model_type"] == "tiny" and manifest["image_size"] == 256
+    assert manifest["embedding_shape"] == [256, 16, 16] and manifest["low_res_size"] == 64
+    assert manifest["merged"] is True and manifest["in_graph_adapters"] == []
+    assert manifest["peft"]["method"] == "lora"
+    pre = manifest["preprocessing"]
+    assert pre["resize"] == "longest_side" and len(pre["pixel_mean"]) == 3 and pre["intensity"]["name"] == "percentile"
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
+    assert manifest["versions"]["tensorrt"] is None and "tensorrt" not in manifest
+    assert set(manifest["graphs"]["encoder"]) == {"fp32", "fp16", "int8"}
+    assert set(manifest["graphs"]) == {"encoder", "encoder_preprocess", "decoder", "decoder_lowres"}
+    files_on_disk = {p.name for p in out.iterdir()}
+    listed = {"manifest.json"}
+    for graph, by_precision in manifest["graphs"].items():
+        for precision, entry in by_precision.items():
+            assert entry["parity"]["passed"], (graph, precision, entry["parity"])
+            assert entry["sha256"] == sha256_file(out / entry["path"])
+            for f in entry["files"]:
+                assert f["sha256"] == sha256_file(out / f["path"])
+                listed.add(f["path"])
+            if graph in CONTRACT_IO:
+                assert [t["name"] for t in entry["inputs"]] == CONTRACT_IO[graph][0]
+                assert [t["name"] for t in entry["outputs"]] == CONTRACT_IO[graph][1]
+            # what the runtime reads must be what the graph has
+            sess = ort_session(out / entry["path"])
+            assert [i.name for i in sess.get_inputs()] == [t["name"] for t in entry["inputs"]]
+            assert {o.name for o in sess.get_outputs()} == {t["name"] for t in entry["outputs"]}
+            for spec, real in zip(entry["inputs"], sess.get_inputs()):
+                assert real.type == "tensor(float)" and spec["dtype"] == "float32"
+                for a, b in zip(spec["shape"], real.shape):
+                    assert a == b or isinstance(a, str)
+    assert files_on_disk == listed, "every file is listed in the manifest, nothing else is there"
+    # encoders keep weights in one external data file, listed with its own sha256
+    assert manifest["graphs"]["encoder"]["fp32"]["external_data"] == "encoder.onnx.data"
+    assert not leftovers(out.parent)
+
+
+def test_precisions_meet_their_floors(exported):
+    _, manifest = exported
+    enc = manifest["graphs"]["encoder"]
+    assert enc["fp32"]["parity"]["embeddings"]["max_rel"] <= 1e-4 and enc["fp32"]["parity"]["mask_iou"] >= 0.999
+    for precision in ("fp16", "int8"):
+        p = enc[precision]["parity"]
+        assert p["finite"] and p["embeddings_cosine"] >= 0.99 and p["mask_iou"] >= 0.95
+    assert enc["fp16"]["bytes"] < 0.6 * enc["fp32"]["bytes"]
+    assert enc["int8"]["bytes"] < 0.45 * enc["fp32"]["bytes"]
+    for flavour in ("decoder", "decoder_lowres"):
+        p = manifest["graphs"][flavour]["fp32"]["parity"]
+        assert p["mask_logits"]["max_rel"] <= 1e-4 and p["mask_iou"] >= 0.999
+
+
+def test_decoder_lowres_batch_equals_single_calls(exported):
+    out, manifest = exported
+    sess = ort_session(out / manifest["graphs"]["decoder_lowres"]["fp32"]["path"])
+    rng = np.random.default_rng(0)
+    b, n = 4, 3
+    feeds = {
+        "image_embeddings": rng.standard_normal((1, 256, 16, 16)).astype(np.float32),
+        "point_coords": (rng.random((b, n, 2)) * 256).astype(np.float32),
+        "point_labels": np.array([[1, 0, -1], [1, 1, -1], [2, 3, 1], [0, 1, -1]], np.float32),
+        "mask_input": rng.standard_normal((b, 1, 64, 64)).astype(np.float32),
+        "has_mask_input": np.array([0, 1, 0, 1], np.float32),
+    }
+    low, iou = sess.run(["low_res_masks", "iou_predictions"], feeds)
+    assert low.shape == (b, 4, 64, 64) and iou.shape == (b, 4)
+    for i in range(b):
+        one = {k: (v if k == "image_embeddings" else v[i : i + 1]) for k, v in feeds.items()}
+        low_i, iou_i = sess.run(["low_res_masks", "iou_predictions"], one)
+        np.testing.assert_allclose(low[i : i + 1], low_i, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(iou[i : i + 1], iou_i, rtol=1e-4, atol=1e-5)
+
+
+def test_preprocess_in_graph_matches_numpy_preprocessing(exported):
+    from peft_export.runtime.preprocess import prepare_image, resize_longest_side, to_uint8
+    from peft_export.runtime.intensity import normalize_intensity
+
+    out, manifest = exported
+    rng = np.random.default_rng(1)
+    image = (rng.random((150, 200, 3)) * 255).astype(np.uint8)
+    rule = manifest["preprocessing"]["intensity"]
+    x, _, input_size = prepare_image(image, rule, 256, interpolation=manifest["preprocessing"]["interpolation"])
+    resized = resize_longest_side(to_uint8(normalize_intensity(image, rule)), 256,
+                                  manifest["preprocessing"]["interpolation"])
+    assert resized.shape[:2] == input_size
+    enc = ort_session(out / "encoder.onnx").run(None, {"image": x})[0]
+    pre = ort_session(out / manifest["graphs"]["encoder_preprocess"]["fp32"]["path"]).run(
+        None, {"image": resized.astype(np.float32)})[0]
+    np.testing.assert_allclose(pre, enc, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("image_size", [128])
+def test_meta_decoder_matches_sam_predictor(tmp_path, image_size):
+    sam = merge_peft(make_adapted(MERGEABLE_CONFIGS["lora-qv-alpha"], image_size=image_size, seed=3).model)
+    path = tmp_path / "decoder.onnx"
+    export_decoder_onnx(sam, path, "decoder")
+    sess = ort_session(path)
+    predictor = SamPredictor(sam)
+    rng = np.random.default_rng(2)
+    image = (rng.random((90, 140, 3)) * 255).astype(np.uint8)
+    predictor.set_image(image)
+    g = image_size // 16
+    cases = [
+        (np.array([[70.0, 40.0]]), np.array([1]), None),
+        (np.array([[30.0, 20.0], [100.0, 60.0]]), np.array([1, 0]), None),
+        (None, None, np.array([20.0, 10.0, 110.0, 80.0])),
+        (np.array([[60.0, 45.0]]), np.array([1]), np.array([10.0, 5.0, 120.0, 85.0])),
+    ]
+    for coords, labels, box in cases:
+        masks_ref, iou_ref, _ = predictor.predict(coords, labels, box, multimask_output=True)
+        pts, labs = [], []
+        if coords is not None:
+            pts.append(predictor.transform.apply_coords(coords, image.shape[:2]))
+            labs.append(labels)
+        if box is not None:
+            pts.append(predictor.transform.apply_boxes(box[None], image.shape[:2]).reshape(2, 2))
+            labs.append(np.array([2, 3]))
+        else:
+            pts.append(np.zeros((1, 2)))
+            labs.append(np.array([-1]))
+        masks, iou, low = sess.run(None, {
+            "image_embeddings": predictor.features.numpy(),
+            "point_coords": np.concatenate(pts)[None].astype(np.float32),
+            "point_labels": np.concatenate(labs)[None].astype(np.float32),
+            "mask_input": np.zeros((1, 1, 4 * g, 4 * g), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array(image.shape[:2], np.float32),
+        })
+        assert masks.shape == (1, 4, 90, 140) and low.shape == (1, 4, 4 * g, 4 * g)
+        ours = masks[0, 1:] > 0
+        inter, union = (ours & masks_ref).sum(), (ours | masks_ref).sum()
+        assert union > 0 and inter / union >= 0.99
+        np.testing.assert_allclose(iou[0, 1:], iou_ref, atol=1e-4)
+
+
+def test_adaptformer_in_graph_through_the_cli(tmp_path):
+    from cli.main import app
+
+    adapted = make_adapted(dict(method="adaptformer", blocks="all", bottleneck=16), image_size=192, seed=1)
+    save_adapter(adapted, tmp_path / "run")
+    out = tmp_path / "exp"
+    result = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "decoder_lowres" in result.output and "ok" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["merged"] is False and manifest["in_graph_adapters"] == ["adaptformer"]
+    assert manifest["image_size"] == 192 and manifest["embedding_shape"] == [256, 12, 12]
+    # the adapter branch is really in the graph: parity against the unmerged model passed
+    assert manifest["graphs"]["encoder"]["fp32"]["parity"]["embeddings"]["max_rel"] <= 1e-4
+    # an existing export is refused without --overwrite, kept as it was
+    before = sorted(p.name for p in out.iterdir())
+    again = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_bad_inputs_fail_before_writing(tmp_path):
+    from cli.main import app
+
+    adapted = make_adapted(MERGEABLE_CONFIGS["ssf"], image_size=128)
+    with pytest.raises(PeftExportError, match="precision"):
+        merge_and_export(adapted, tmp_path / "a", precisions=("int4",), progress=False)
+    with pytest.raises(PeftExportError, match="format"):
+        merge_and_export(adapted, tmp_path / "a", formats=("tflite",), progress=False)
+    with pytest.raises(PeftExportError, match="opset"):
+        merge_and_export(adapted, tmp_path / "a", opset=16, progress=False)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(PeftExportError, match="not a directory"):
+        merge_and_export(adapted, a_file / "export", progress=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(PeftExportError, match="not empty"):
+        merge_and_export(adapted, full, progress=False)
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    result = CliRunner().invoke(app, ["merge-and-export", "--merged", str(tmp_path / "missing.pth"),
+                                      "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "missing.pth" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "full"]
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    adapted = make_adapted(MERGEABLE_CONFIGS["ssf"], image_size=128)
+    monkeypatch.setitem(verify.THRESHOLDS["fp32"], "embeddings_max_rel", 1e-12)
+    with pytest.raises(PeftExportError, match="encoder fp32 failed verification"):
+        merge_and_export(adapted, tmp_path / "exp", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    adapted = make_adapted(MERGEABLE_CONFIGS["ssf"], image_size=128)
+    real = pipeline.og.export_encoder_onnx
+
+    def export_then_interrupt(model, path, *args, **kwargs):
+        real(model, path, *args, **kwargs)  # a real, complete file in the temp dir
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.og, "export_encoder_onnx", export_then_interrupt)
+    old = tmp_path / "exp"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        merge_and_export(adapted, old, overwrite=True, progress=False)
+    # the old export is untouched and no temporary directory is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    assert [p.name for p in old.iterdir()] == ["manifest.json"]
+
+
+@pytest.mark.slow
+def test_vit_b_encoder_export_parity(tmp_path):
+    from peft_export.export import export_encoder_onnx
+    from peft_export.merge import error_stats, probe_inputs
+    from peft_export.models import load_sam
+
+    sam, _ = load_sam("vit_b", None, None, seed=0, warn_random=False)
+    path = tmp_path / "encoder.onnx"
+    export_encoder_onnx(sam, path, 17)
+    assert (tmp_path / "encoder.onnx.data").stat().st_size > 300e6
+    image, _ = probe_inputs(1024, 0)
+    with torch.no_grad():
+        ref = sam.image_encoder(image)
+    emb = ort_session(path).run(None, {"image": image.numpy()})[0]
+    stats = error_stats(ref, torch.from_numpy(emb))
+    assert stats["max_rel"] <= 1e-4, stats
