@@ -1,0 +1,92 @@
+"""``peftexport bench`` and ``peftexport bench-compare``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import command, echo
+from .options import AdapterOpt, CheckpointOpt, ForceOpt, MergedOpt
+
+
+@command("bench", help="Time encoder, decoder and end to end for base / unmerged / merged / exported cases.")
+def bench(
+    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (manifest.json + ONNX graphs)."),
+    adapter: Optional[Path] = AdapterOpt,
+    merged: Optional[Path] = MergedOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    force: bool = ForceOpt,
+    export_dir_opt: Optional[Path] = typer.Option(
+        None, "--export-dir", help="With --adapter: the export to time in ONNX Runtime (else a temporary one is made)."),
+    backend: str = typer.Option("torch,torch-compile,onnxruntime,tensorrt", "--backend",
+                                help="Comma list of torch, torch-compile, onnxruntime, tensorrt."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="Comma list of fp32, bf16, fp16, int8 (default: torch fp32 (+bf16 on CUDA), every exported precision)."),
+    batch_size: str = typer.Option("16", "--batch-size", help="Boxes per decoder call for the batch case; a comma list times several."),
+    components: str = typer.Option("encoder,decoder_point,decoder_box,decoder_boxes,end_to_end", "--components",
+                                   help="What to time (comma list)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed calls per case and component."),
+    iterations: int = typer.Option(10, "--iterations", help="Timed calls per case and component."),
+    no_base: bool = typer.Option(False, "--no-base", help="Do not time the adapter's base SAM."),
+    interleave: bool = typer.Option(False, "--interleave", help="Load every case, then time them in turn (A B A B); less drift, more memory."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of median latency per case."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+) -> None:
+    """Missing backends are listed as skipped with the reason; a case that fails while running
+    is listed as failed and the command exits 1 after writing its outputs."""
+    from peft_export.bench import BACKENDS, format_table, parse_list, run_and_write
+    from peft_export.errors import PeftExportError
+
+    if export_dir is not None and export_dir_opt is not None:
+        raise PeftExportError("give the export either as EXPORT_DIR or as --export-dir, not both")
+    export = export_dir if export_dir is not None else export_dir_opt
+    if export is None and adapter is None and merged is None:
+        raise PeftExportError("give an EXPORT_DIR or --adapter RUN (or --merged CKPT)")
+    try:
+        batch_sizes = [int(b) for b in parse_list(batch_size, None, "--batch-size")]
+    except ValueError:
+        raise PeftExportError(f"--batch-size: not a list of integers: {batch_size}") from None
+    adapted = None
+    if adapter is not None or merged is not None:
+        from peft_export.adapters import load_model_source
+
+        adapted = load_model_source(adapter=adapter, merged=merged, checkpoint=checkpoint, force=force)
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_and_write(
+        json_out=json_out, markdown_out=markdown_out, plot_out=plot_out, overwrite=overwrite,
+        export_dir=export, adapted=adapted, backends=parse_list(backend, BACKENDS, "--backend"), device=device,
+        precisions=parse_list(precision, None, "--precision"), batch_sizes=batch_sizes, warmup=warmup,
+        iterations=iterations, components=parse_list(components, None, "--components"), include_base=not no_base,
+        interleave=interleave, intra_op_threads=threads, log=log,
+    )
+    echo(format_table(result))
+    for path in (json_out, markdown_out, plot_out):
+        if path is not None and Path(path).exists():
+            echo(f"wrote {path}")
+    if any(c["status"] == "failed" for c in result["cases"]):
+        raise typer.Exit(1)
+
+
+@command("bench-compare", help="One table across several bench JSON files (runs, machines).")
+def bench_compare(
+    files: list[Path] = typer.Argument(..., help="bench JSON files written by peftexport bench --json."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing markdown file."),
+) -> None:
+    from peft_export.bench import compare_results, write_text
+    from peft_export.fsutil import check_can_write
+
+    if markdown_out is not None:
+        check_can_write(markdown_out, overwrite)
+    echo(compare_results(files))
+    if markdown_out is not None:
+        write_text(markdown_out, compare_results(files, markdown=True), overwrite)
+        echo(f"wrote {markdown_out}")

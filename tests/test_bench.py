@@ -1,0 +1,303 @@
+"""peftexport bench: case planning, ratios, tables, the command on the tiny model, bench-compare."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from helpers import MERGEABLE_CONFIGS, make_adapted
+from peft_export.adapters import save_adapter
+from peft_export.bench import (
+    Availability,
+    BenchInputs,
+    CaseSpec,
+    add_ratios,
+    compare_results,
+    expand_components,
+    format_rows,
+    pick_reference,
+    plan_cases,
+    ratio,
+    run_bench,
+    table_rows,
+)
+from peft_export.errors import PeftExportError
+
+runner = CliRunner()
+
+CPU_ONLY = Availability(cuda=False, onnxruntime=True, ort_providers=("CPUExecutionProvider",), tensorrt=False)
+CUDA_NO_ORT_GPU = Availability(cuda=True, onnxruntime=True, ort_providers=("CPUExecutionProvider",), tensorrt=False)
+
+
+def _names(specs):
+    return [s.name for s in specs]
+
+
+def _reasons(skipped):
+    return {s["case"]: s["reason"] for s in skipped}
+
+
+# ---- planning and skip records ------------------------------------------------------------
+
+
+def test_plan_cpu_all_backends():
+    run, skipped = plan_cases(["torch", "torch-compile", "onnxruntime", "tensorrt"], "cpu", None, CPU_ONLY,
+                              ["base", "unmerged", "merged"], export_precisions=["fp32", "int8"])
+    assert _names(run) == ["base torch fp32", "unmerged torch fp32", "merged torch fp32",
+                           "export onnxruntime-cpu fp32", "export onnxruntime-cpu int8"]
+    reasons = _reasons(skipped)
+    assert set(reasons) == {"merged torch-compile fp32", "export tensorrt fp16"}
+    assert "only on CUDA" in reasons["merged torch-compile fp32"]
+    assert "--device cuda" in reasons["export tensorrt fp16"]
+    assert all(s["status"] == "skipped" and s["components"] == {} for s in skipped)
+
+
+def test_plan_cuda_without_gpu_providers_skips_with_reasons():
+    run, skipped = plan_cases(["torch", "torch-compile", "onnxruntime", "tensorrt"], "cuda", ["fp32", "bf16", "int8"],
+                              CUDA_NO_ORT_GPU, ["unmerged", "merged"], export_precisions=["fp32", "int8"],
+                              engine_precisions=[])
+    assert _names(run) == ["unmerged torch fp32", "unmerged torch bf16", "merged torch fp32", "merged torch bf16",
+                           "merged torch-compile fp32", "merged torch-compile bf16"]
+    reasons = _reasons(skipped)
+    for prec in ("fp32", "int8"):
+        assert "CUDAExecutionProvider is not available" in reasons[f"export onnxruntime-cuda {prec}"]
+        assert "onnxruntime-gpu" in reasons[f"export onnxruntime-cuda {prec}"]
+        assert "TensorrtExecutionProvider" in reasons[f"export onnxruntime-tensorrt {prec}"]
+    assert "tensorrt package is not installed" in reasons["export tensorrt fp32"]
+
+
+def test_plan_unmergeable_and_missing_precision_and_no_model():
+    run, skipped = plan_cases(["torch", "onnxruntime"], "cpu", ["fp32", "fp16"], CPU_ONLY,
+                              ["base", "unmerged", "merged"], unmergeable_reason="adaptformer cannot be merged",
+                              export_precisions=["fp32", "int8"])
+    assert _names(run) == ["base torch fp32", "unmerged torch fp32", "export onnxruntime-cpu fp32"]
+    reasons = _reasons(skipped)
+    assert reasons["merged torch fp32"] == "adaptformer cannot be merged"
+    assert reasons["export onnxruntime-cpu fp16"] == "the export has no fp16 encoder graph"
+
+    run, skipped = plan_cases(["torch"], "cpu", None, CPU_ONLY, [])
+    assert run == [] and "--adapter" in skipped[0]["reason"]
+    with pytest.raises(PeftExportError, match="no CUDA device"):
+        plan_cases(["torch"], "cuda", None, CPU_ONLY, ["merged"])
+
+
+def test_plan_without_onnxruntime():
+    av = Availability(cuda=False, onnxruntime=False)
+    run, skipped = plan_cases(["onnxruntime"], "cpu", None, av, [], export_precisions=["fp32"])
+    assert run == [] and "onnxruntime is not installed" in skipped[0]["reason"]
+
+
+def test_components_and_inputs():
+    assert expand_components(["encoder", "decoder_boxes"], [4, 32]) == ["encoder", "decoder_boxes_b4", "decoder_boxes_b32"]
+    with pytest.raises(PeftExportError, match="unknown 'decoder'"):
+        expand_components(["decoder"], [4])
+    inp = BenchInputs(64, (3,), seed=1)
+    assert inp.image.shape == (48, 64, 3) and inp.image.dtype.name == "uint8" and inp.image.std() > 10
+    assert inp.encoder_input.shape == (1, 3, 64, 64)
+    coords, labels = inp.decoder_prompts("decoder_boxes_b3")
+    assert coords.shape == (3, 2, 2) and (labels == [[2, 3]] * 3).all()
+    assert (coords[:, 1] > coords[:, 0]).all() and coords.max() <= 64
+    coords, labels = inp.decoder_prompts("decoder_point")
+    assert labels.tolist() == [[1, -1]]
+
+
+# ---- aggregation on known inputs -----------------------------------------------------------
+
+
+def _case(name, model, backend, precision, comps, status="ok"):
+    return {"case": name, "model": model, "backend": backend, "precision": precision, "status": status,
+            "reason": None if status == "ok" else "why",
+            "components": {c: {"median_ms": m, "p90_ms": m * 1.1, "p99_ms": m * 1.2, "throughput_per_s": 1000 / m,
+                               "throughput_unit": "images/s", "peak_mb": 10.0} for c, m in comps.items()}}
+
+
+def test_reference_and_ratios_known_values():
+    cases = [
+        _case("export onnxruntime-cpu fp32", "export", "onnxruntime", "fp32", {"encoder": 40.0, "end_to_end": 50.0}),
+        _case("base torch fp32", "base", "torch", "fp32", {"encoder": 100.0, "end_to_end": 200.0}),
+        _case("merged torch fp32", "merged", "torch", "fp32", {"encoder": 101.0}),
+        _case("unmerged torch fp32", "unmerged", "torch", "fp32", {"encoder": 125.0, "decoder_box": 3.0}),
+        _case("export tensorrt fp16", "export", "tensorrt", "fp16", {}, status="skipped"),
+    ]
+    ref = pick_reference(cases)
+    assert ref == "base torch fp32"  # base torch fp32 wins although listed second
+    add_ratios(cases, ref)
+    c = {x["case"]: x["components"] for x in cases}
+    assert c["export onnxruntime-cpu fp32"]["encoder"]["ratio_vs_reference"] == 0.4
+    assert c["export onnxruntime-cpu fp32"]["end_to_end"]["ratio_vs_reference"] == 0.25
+    assert c["merged torch fp32"]["encoder"]["ratio_vs_reference"] == 1.01
+    assert c["unmerged torch fp32"]["encoder"]["ratio_vs_reference"] == 1.25
+    assert c["unmerged torch fp32"]["decoder_box"]["ratio_vs_reference"] is None  # base did not time it
+    assert ratio(cases, "base torch fp32", "export onnxruntime-cpu fp32") == 2.5
+    assert ratio(cases, "merged torch fp32", "base torch fp32", "end_to_end") is None
+    # Without a base case the first case that ran is the reference; skipped ones never are.
+    assert pick_reference(cases[4:] + cases[2:4]) == "merged torch fp32"
+    assert pick_reference(cases[4:]) is None
+
+    rows = table_rows({"cases": cases})
+    assert [r["status"] for r in rows].count("skipped") == 1 and len(rows) == 8
+    text = format_rows(rows)
+    assert "skipped: export tensorrt fp16 -- why" in text
+    md = format_rows(rows, markdown=True).splitlines()
+    assert md[0].startswith("| case | component | median ms") and len(md) == 2 + len(rows)
+    assert "| merged torch fp32 | encoder | 101.00 | 111.10 | 121.20 |" in "\n".join(md)
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """An adapter run of the tiny model and (when the export module is there) its export."""
+    root = tmp_path_factory.mktemp("bench")
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)  # small: the export dominates the time
+    save_adapter(adapted, root / "run")
+    export = None
+    try:
+        from peft_export.export import merge_and_export
+    except ImportError:
+        merge_and_export = None
+    if merge_and_export is not None:
+        export = root / "export"
+        merge_and_export(adapted, export, precisions=["fp32", "int8"], progress=False)
+    return root, export
+
+
+@pytest.fixture
+def one_thread():
+    # The tiny model is too small for two threads; on a busy machine they only contend.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_command_every_available_backend(tiny_run, one_thread):
+    root, export = tiny_run
+    out = root / "out"
+    out.mkdir()
+    args = ["bench", "--adapter", str(root / "run"), "--iterations", "2", "--warmup", "1", "--batch-size", "3",
+            "--threads", "1",
+            "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "-q"]
+    if export is not None:
+        args += ["--export-dir", str(export)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "b.json").read_text())
+    assert data["format"] == "peftexport-bench" and data["reference"] == "base torch fp32"
+    assert data["settings"]["image_size"] == 128 and data["settings"]["model_type"] == "tiny"
+    assert data["machine"]["cpu_count"] >= 1 and data["versions"]["torch"]
+    cases = {c["case"]: c for c in data["cases"]}
+    expected = ["base torch fp32", "unmerged torch fp32", "merged torch fp32"]
+    if export is not None:
+        expected += ["export onnxruntime-cpu fp32", "export onnxruntime-cpu int8"]
+    comps = {"encoder", "decoder_point", "decoder_box", "decoder_boxes_b3", "end_to_end"}
+    for name in expected:
+        c = cases[name]
+        assert c["status"] == "ok", c
+        assert set(c["components"]) == comps
+        for comp, s in c["components"].items():
+            assert s["n"] == 2 and len(s["times_ms"]) == 2 and s["median_ms"] > 0
+            assert s["p90_ms"] >= s["median_ms"] - 1e-9 and s["ratio_vs_reference"] > 0
+            assert s["peak_mb"] is not None and s["peak_mb"] >= 0
+        boxes = c["components"]["decoder_boxes_b3"]
+        assert boxes["throughput_unit"] == "prompts/s"
+        assert boxes["throughput_per_s"] == pytest.approx(3000.0 / boxes["median_ms"])
+    assert cases["base torch fp32"]["components"]["encoder"]["ratio_vs_reference"] == 1.0
+    skipped = {n: c["reason"] for n, c in cases.items() if c["status"] == "skipped"}
+    assert "only on CUDA" in skipped["merged torch-compile fp32"]
+    assert "--device cuda" in skipped["export tensorrt fp16"]
+    assert not any(c["status"] == "failed" for c in data["cases"])
+    md = (out / "b.md").read_text()
+    assert "| base torch fp32 | encoder |" in md and "skipped" in md
+    w, h = _png_size(out / "b.png")
+    assert w > 300 and h > 300
+    assert "median ms" in res.output and "skipped:" in res.output
+
+    # Outputs are not overwritten without --overwrite, and that is checked before timing.
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output.lower()
+
+
+def test_bench_export_dir_only(tiny_run):
+    root, export = tiny_run
+    if export is None:
+        pytest.skip("the export module is not available")
+    result = run_bench(export_dir=export, backends=["onnxruntime", "torch"], precisions=["int8"],
+                       components=["encoder", "decoder_box"], iterations=1, warmup=0)
+    ran = [c["case"] for c in result["cases"] if c["status"] == "ok"]
+    assert "export onnxruntime-cpu int8" in ran
+    assert result["reference"] in ran
+
+
+def test_bench_user_errors(tiny_run):
+    root, _ = tiny_run
+    res = runner.invoke(app, ["bench", "--adapter", str(root / "run"), "--backend", "torch,jax"])
+    assert res.exit_code == 2 and "--backend: unknown 'jax'" in res.output
+    res = runner.invoke(app, ["bench"])
+    assert res.exit_code == 2 and "EXPORT_DIR" in res.output
+    res = runner.invoke(app, ["bench", str(root / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_bench_compare_merges_runs(tmp_path):
+    def result(cpu, median, device="cpu"):
+        cases = [_case("base torch fp32", "base", "torch", "fp32", {"encoder": median}),
+                 _case("merged torch fp32", "merged", "torch", "fp32", {"encoder": median * 1.01}),
+                 _case("export tensorrt fp16", "export", "tensorrt", "fp16", {}, status="skipped")]
+        add_ratios(cases, "base torch fp32")
+        return {"format": "peftexport-bench", "format_version": 1, "date": "2025-01-01T00:00:00+00:00",
+                "machine": {"cpu": cpu, "cpu_count_usable": 2, "gpu": None}, "versions": {"torch": "2.x"},
+                "settings": {"device": device, "model_type": "vit_b", "image_size": 1024},
+                "reference": "base torch fp32", "cases": cases}
+
+    a, b = tmp_path / "laptop.json", tmp_path / "server.json"
+    a.write_text(json.dumps(result("Intel Laptop", 9000.0)))
+    b.write_text(json.dumps(result("AMD Server", 3000.0)))
+    text = compare_results([a, b])
+    assert "laptop (Intel Laptop x2)" in text and "server (AMD Server x2)" in text
+    assert "9000.00" in text and "3000.00" in text and "9090.00" in text
+
+    res = runner.invoke(app, ["bench-compare", str(a), str(b), "--markdown", str(tmp_path / "c.md")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "c.md").read_text()
+    assert md.count("| laptop (Intel Laptop x2) | ") == 3 and md.count("| server (AMD Server x2) | ") == 3
+    assert "| run | case | component |" in md
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    res = runner.invoke(app, ["bench-compare", str(bad)])
+    assert res.exit_code == 2 and "not a peftexport bench result" in res.output
+
+
+@pytest.mark.gpu
+def test_bench_cuda_event_timings_positive():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"])
+    result = run_bench(adapted=adapted, backends=["torch"], device="cuda", precisions=["fp32", "bf16"],
+                       components=["encoder", "decoder_boxes", "end_to_end"], batch_sizes=(4,), iterations=3)
+    ok = [c for c in result["cases"] if c["status"] == "ok"]
+    assert {c["case"] for c in ok} >= {"base torch fp32", "unmerged torch bf16", "merged torch fp32"}
+    for c in ok:
+        assert c["memory_kind"] == "cuda_allocated"
+        for s in c["components"].values():
+            assert s["median_ms"] > 0 and all(t > 0 for t in s["times_ms"])
+            assert s["peak_mb"] is not None and s["peak_mb"] > 0
+    assert result["machine"]["gpu"]["name"]
+    assert next(iter(ok))["components"]["encoder"]["ratio_vs_reference"] is not None
+    # The adapter model was lent to the benchmark and is back on the CPU.
+    assert next(adapted.model.parameters()).device.type == "cpu"
