@@ -1,0 +1,48 @@
+"""``peftexport predict``: segment image files with an export dir (torch-free runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import command, echo
+
+
+@command("predict", help="Segment images with an export: point/box prompts or segment-everything.")
+def predict(
+    export_dir: Path = typer.Argument(..., help="Export directory (manifest.json + ONNX graphs)."),
+    images: List[Path] = typer.Argument(..., help="Image files: TIFF, PNG, JPEG or NPY (2D gray or RGB)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing)."),
+    points: Optional[str] = typer.Option(None, "--points", help="'x,y[,label];...' pixels; label 1 positive (default), 0 negative."),
+    box: Optional[str] = typer.Option(None, "--box", help="'x0,y0,x1,y1' pixels."),
+    everything: bool = typer.Option(False, "--everything", help="Segment every object (instance labels)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 encoder."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    multimask: bool = typer.Option(True, "--multimask/--single-mask", help="3 candidate masks (keep the best) or 1."),
+    all_masks: bool = typer.Option(False, "--all-masks", help="Write every candidate mask (CxHxW), not only the best."),
+    points_per_side: int = typer.Option(32, "--points-per-side", help="--everything: grid size."),
+    pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh", help="--everything: predicted IoU filter."),
+    stability_thresh: float = typer.Option(0.95, "--stability-thresh", help="--everything: stability score filter."),
+    min_area: int = typer.Option(0, "--min-area", help="--everything: remove holes/islands smaller than this."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything) and <stem>_scores.json per image."""
+    from peft_export.predict import predict_images
+
+    opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_thresh, min_mask_region_area=min_area)
+    records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
+                             overlay=overlay, precision=precision, device=device, multimask=multimask,
+                             all_masks=all_masks, overwrite=overwrite, everything_options=opts,
+                             progress=not quiet)
+    for r in records:
+        if r["mode"] == "everything":
+            echo(f"{r['image']}: {r['n_objects']} objects -> {r['outputs']['labels']}")
+        else:
+            echo(f"{r['image']}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
+                 f"{r['mask_area']} px) -> {r['outputs']['mask']}")
+    echo(f"wrote {len(records)} result(s) to {out}")

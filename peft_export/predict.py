@@ -1,0 +1,278 @@
+"""Segment image files with an export dir: prompts (points / box) or segment-everything.
+
+Every input is checked (export dir, prompt strings, images readable, prompts inside
+each image, outputs free) before the model runs, so a bad 50th file does not leave
+a half-written result set. Each output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import PeftExportError
+from .fsutil import atomic_file
+
+EVERYTHING_DEFAULTS = {
+    "points_per_side": 32,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "box_nms_thresh": 0.7,
+    "min_mask_region_area": 0,
+}
+
+_POINTS_HELP = "expected 'x,y[,label];x,y[,label];...' with label 1 (positive) or 0 (negative)"
+
+
+def _number(text: str, what: str, whole: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise PeftExportError(f"{what}: cannot parse {text.strip()!r} in {whole!r} as a number") from None
+    if not np.isfinite(v):
+        raise PeftExportError(f"{what}: {text.strip()!r} in {whole!r} is not a finite number")
+    return v
+
+
+def parse_points(text: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``"x,y[,label];..."`` -> (coords (N,2) float64, labels (N,) int64); label defaults to 1."""
+    items = [p.strip() for p in str(text).split(";") if p.strip()]
+    if not items:
+        raise PeftExportError(f"--points: no points in {text!r} ({_POINTS_HELP})")
+    coords, labels = [], []
+    for item in items:
+        parts = [p.strip() for p in item.split(",")]
+        if len(parts) not in (2, 3):
+            raise PeftExportError(f"--points: {item!r} is not a point ({_POINTS_HELP})")
+        coords.append([_number(p, "--points", text) for p in parts[:2]])
+        label = parts[2] if len(parts) == 3 else "1"
+        if label not in ("0", "1"):
+            raise PeftExportError(f"--points: label {label!r} in {item!r} must be 1 (positive) or 0 (negative)")
+        labels.append(int(label))
+    return np.asarray(coords, np.float64), np.asarray(labels, np.int64)
+
+
+def parse_box(text: str) -> np.ndarray:
+    """``"x0,y0,x1,y1"`` -> (4,) float64 with x0 <= x1 and y0 <= y1."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4 or not all(parts):
+        raise PeftExportError(f"--box: expected 'x0,y0,x1,y1' (4 numbers), got {text!r}")
+    box = np.asarray([_number(p, "--box", text) for p in parts], np.float64)
+    if box[2] < box[0] or box[3] < box[1]:
+        raise PeftExportError(f"--box: {text!r} needs x0 <= x1 and y0 <= y1")
+    return box
+
+
+def _as_points(points) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    if points is None:
+        return None, None
+    if isinstance(points, str):
+        return parse_points(points)
+    if isinstance(points, tuple) and len(points) == 2 and np.ndim(points[0]) == 2:
+        coords, labels = np.asarray(points[0], np.float64), np.asarray(points[1])
+    else:  # sequence of (x, y) or (x, y, label)
+        arr = np.asarray(points, np.float64)
+        if arr.ndim != 2 or arr.shape[1] not in (2, 3) or len(arr) == 0:
+            raise PeftExportError(f"points: expected (N, 2) or (N, 3) x,y[,label], got shape {arr.shape}")
+        coords = arr[:, :2]
+        labels = arr[:, 2] if arr.shape[1] == 3 else np.ones(len(arr))
+    if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (len(coords),):
+        raise PeftExportError(f"points: coords {coords.shape} and labels {labels.shape} do not match")
+    if not np.isin(labels, (0, 1)).all():
+        raise PeftExportError("points: labels must be 1 (positive) or 0 (negative)")
+    return coords, labels.astype(np.int64)
+
+
+def _as_box(box) -> Optional[np.ndarray]:
+    if box is None:
+        return None
+    if isinstance(box, str):
+        return parse_box(box)
+    arr = np.asarray(box, np.float64).reshape(-1)
+    if arr.shape != (4,) or not np.isfinite(arr).all():
+        raise PeftExportError(f"box: expected 4 numbers x0,y0,x1,y1, got {np.asarray(box).tolist()}")
+    if arr[2] < arr[0] or arr[3] < arr[1]:
+        raise PeftExportError(f"box: {arr.tolist()} needs x0 <= x1 and y0 <= y1")
+    return arr
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def check_prompts_inside(where: str, shape_hw: Tuple[int, int], coords, box) -> None:
+    """Raise naming the image and the coordinate when a prompt lies outside the image."""
+    h, w = shape_hw
+    if coords is not None:
+        for x, y in coords:
+            if not (0 <= x <= w and 0 <= y <= h):
+                raise PeftExportError(
+                    f"{where}: point {_fmt(x)},{_fmt(y)} is outside the image (width {w}, height {h})")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 <= w and 0 <= x1 <= w and 0 <= y0 <= h and 0 <= y1 <= h):
+            raise PeftExportError(f"{where}: box {','.join(_fmt(v) for v in box)} is outside the image "
+                                  f"(width {w}, height {h})")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One 2D image (HxW or HxWxC) from TIFF/PNG/JPEG/NPY; stacks are refused."""
+    from .data.io import read_image_planes
+
+    planes = read_image_planes(path)
+    if len(planes) != 1:
+        raise PeftExportError(f"{path}: holds {len(planes)} planes (a stack); predict takes 2D images, "
+                              "save each plane as its own file")
+    return planes[0]
+
+
+def output_paths(out_dir: Path, stem: str, everything: bool, overlay: bool) -> Dict[str, Path]:
+    paths = {"labels" if everything else "mask": out_dir / f"{stem}_{'labels' if everything else 'mask'}.tif",
+             "json": out_dir / f"{stem}_scores.json"}
+    if overlay:
+        paths["overlay"] = out_dir / f"{stem}_overlay.png"
+    return paths
+
+
+def _write_tiff(array: np.ndarray, path: Path, overwrite: bool) -> None:
+    import tifffile
+
+    with atomic_file(path, overwrite) as tmp:
+        tifffile.imwrite(tmp, array, compression="zlib")
+
+
+def _write_json(record: dict, path: Path, overwrite: bool) -> None:
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _write_png(rgb: np.ndarray, path: Path, overwrite: bool) -> None:
+    from .overlay import save_png
+
+    with atomic_file(path, overwrite) as tmp:
+        save_png(rgb, tmp)
+
+
+def predict_images(
+    export_dir: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    points=None,
+    box=None,
+    everything: bool = False,
+    overlay: bool = False,
+    precision: str = "fp32",
+    device: str = "cpu",
+    multimask: bool = True,
+    all_masks: bool = False,
+    overwrite: bool = False,
+    everything_options: Optional[Dict[str, Any]] = None,
+    progress: bool = False,
+    intra_op_threads: Optional[int] = None,
+) -> List[Dict[str, Any]]:
+    """Segment each image file and write results into ``out_dir``; return one record per image.
+
+    Prompts (``points``: "x,y[,label];..." or (N,2|3) array, or a (coords, labels) pair;
+    ``box``: "x0,y0,x1,y1" or 4 numbers, in pixels of each image) give ``<stem>_mask.tif``,
+    uint8 0/1: the mask with the highest predicted IoU, or with ``all_masks`` every mask
+    (C,H,W). ``everything`` gives ``<stem>_labels.tif`` (uint16 instance labels, int32
+    above 65535 objects). Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``.
+    The record is the JSON content.
+    """
+    from .runtime.session import SamSession, read_manifest
+
+    coords, labels = _as_points(points)
+    bx = _as_box(box)
+    if everything and (coords is not None or bx is not None):
+        raise PeftExportError("--everything: cannot be combined with --points/--box")
+    if not everything and coords is None and bx is None:
+        raise PeftExportError("prompts: give --points and/or --box, or --everything")
+    options = dict(EVERYTHING_DEFAULTS)
+    for k, v in (everything_options or {}).items():
+        if k not in options:
+            raise PeftExportError(f"everything_options: unknown option {k!r} (known: {', '.join(options)})")
+        if v is not None:
+            options[k] = v
+    if not images:
+        raise PeftExportError("images: give at least one image file")
+    manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version
+    rule = manifest["preprocessing"].get("intensity")
+
+    from .data.io import file_stem
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PeftExportError(f"{out_dir}: exists and is not a directory")
+    images = [Path(p) for p in images]
+    plans, seen = [], {}
+    for path in images:
+        stem = file_stem(path)
+        if stem in seen:
+            raise PeftExportError(f"{path}: has the same name as {seen[stem]}; their outputs would collide")
+        seen[stem] = path
+        shape = read_image(path).shape[:2]
+        check_prompts_inside(str(path), shape, coords, bx)
+        outs = output_paths(out_dir, stem, everything, overlay)
+        for p in outs.values():
+            if p.exists() and not overwrite:
+                raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
+        plans.append((path, outs))
+
+    session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    records = []
+    for path, outs in tqdm(plans, desc="predict", unit="image", disable=not progress):
+        image = read_image(path)
+        emb = session.encode(image)
+        record: Dict[str, Any] = {
+            "image": str(path),
+            "shape": [int(image.shape[0]), int(image.shape[1])],
+            "export_dir": str(export_dir),
+            "precision": precision,
+            "device": device,
+            "mode": "everything" if everything else "prompt",
+        }
+        picture = None
+        if everything:
+            lab, recs = session.segment_everything(embedding=emb, **options)
+            n = int(lab.max()) if lab.size else 0
+            out = lab.astype(np.uint16) if n <= np.iinfo(np.uint16).max else lab.astype(np.int32)
+            record.update(options=options, n_objects=len(recs), objects=recs)
+            _write_tiff(out, outs["labels"], overwrite)
+            if overlay:
+                from .overlay import render_overlay
+
+                picture = render_overlay(image, labels=lab, rule=rule)
+        else:
+            masks, iou, _ = session.predict(point_coords=coords, point_labels=labels, box=bx,
+                                            multimask_output=multimask, embedding=emb)
+            best = int(np.argmax(iou))
+            record.update(
+                points=None if coords is None else [[float(x), float(y), int(lb)] for (x, y), lb in zip(coords, labels)],
+                box=None if bx is None else [float(v) for v in bx],
+                multimask=multimask,
+                scores=[float(v) for v in iou],
+                best=best,
+                mask_area=int(masks[best].sum()),
+                all_masks=all_masks,
+            )
+            out = masks.astype(np.uint8) if all_masks else masks[best].astype(np.uint8)
+            _write_tiff(out, outs["mask"], overwrite)
+            if overlay:
+                from .overlay import render_overlay
+
+                picture = render_overlay(image, masks=masks[best][None], points=coords, point_labels=labels,
+                                         box=bx, rule=rule)
+        if picture is not None:
+            _write_png(picture, outs["overlay"], overwrite)
+        record["outputs"] = {k: str(v) for k, v in outs.items()}
+        _write_json(record, outs["json"], overwrite)
+        records.append(record)
+    return records
