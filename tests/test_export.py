@@ -106,6 +106,31 @@ def test_precisions_meet_their_floors(exported):
         assert p["mask_logits"]["max_rel"] <= 1e-4 and p["mask_iou"] >= 0.999
 
 
+def test_fp16_encoder_graph_keeps_layernorm_in_fp32(exported):
+    import onnx
+    from onnx import TensorProto
+
+    out, manifest = exported
+    entry = manifest["graphs"]["encoder"]["fp16"]
+    assert entry["exporter"] == "dynamo" and entry["opset"] == 18  # traced without real fp16 compute
+    model = onnx.load(str(out / entry["path"]), load_external_data=False)
+    assert {o.version for o in model.opset_import if o.domain == ""} == {18}
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    dtype.update({t.name: t.data_type for t in g.initializer})
+    assert [dtype[v.name] for v in [*g.input, *g.output]] == [TensorProto.FLOAT] * 2
+    ops: dict[str, set] = {}
+    for node in g.node:
+        ops.setdefault(node.op_type, set()).update(dtype.get(x) for x in [*node.input, *node.output] if x)
+    # LayerNorm (one node) and the neck's LayerNorm2d (ReduceMean/Pow/Sqrt) in fp32 only
+    for op in ("LayerNormalization", "ReduceMean", "Pow", "Sqrt"):
+        assert ops[op] <= {TensorProto.FLOAT, TensorProto.INT64}, op
+    assert ops["MatMul"] == {TensorProto.FLOAT16} and ops["Conv"] == {TensorProto.FLOAT16}
+    big = [t for t in g.initializer if np.prod(t.dims) >= 4096]
+    assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+
+
 def test_decoder_lowres_batch_equals_single_calls(exported):
     out, manifest = exported
     sess = ort_session(out / manifest["graphs"]["decoder_lowres"]["fp32"]["path"])

@@ -10,6 +10,11 @@ vs 25 s), same outputs, but it only emits opset >= 18 (asking 17 makes it try a
 down-conversion that fails on Pad). Encoders always use external data, one file, so every
 encoder is ``encoder.onnx`` + ``encoder.onnx.data`` whatever its size or exporter
 (vit_h fp32 is over protobuf's 2 GB).
+
+The fp16 encoder is always traced by the dynamo exporter, at opset >= 18
+(``FP16_OPSET``): it traces with fake tensors, while the TorchScript exporter runs the
+model in real fp16, and CPU fp16 kernels are so slow that vit_b at 1024 did not finish in
+12 minutes (dynamo: seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..models import PIXEL_MEAN, PIXEL_STD
 
 DECODER_FLAVOURS = ("decoder", "decoder_lowres")
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17
+FP16_OPSET = 18  # the fp16 encoder is exported by dynamo, which emits opset >= 18
 
 
 class EncoderGraph(nn.Module):
@@ -197,6 +203,10 @@ def _export(
                     module, args, None, input_names=input_names, output_names=output_names,
                     opset_version=opset, dynamo=True, verbose=False,
                 )
+                # The tracer's per-node metadata (stack traces with this machine's paths) is
+                # most of a small graph's file and nothing the runtime reads.
+                for node in program.model.graph.all_nodes():
+                    node.metadata_props.clear()
                 program.save(str(path), external_data=True)
                 return "dynamo"
             except Exception as exc:  # noqa: BLE001 - fall back to the exporter below
@@ -240,12 +250,18 @@ def check_exporter(exporter: str, opset: int) -> None:
         raise PeftExportError(f"--opset: the dynamo exporter emits opset >= 18, not {opset}")
 
 
+def encoder_opset(precision: str, opset: int) -> int:
+    """The opset an encoder of ``precision`` is written with when ``opset`` is asked for."""
+    return max(opset, FP16_OPSET) if precision == "fp16" else opset
+
+
 def export_encoder_onnx(
     model: Sam, path: str | os.PathLike, opset: int = 17, precision: str = "fp32", exporter: str = "torchscript"
 ) -> str:
     """Export the image encoder: ``image`` (1,3,S,S) -> ``image_embeddings`` (1,256,g,g).
 
-    ``precision`` "fp32" or "fp16" (fp16 weights and compute, fp32 LayerNorms and I/O).
+    ``precision`` "fp32" or "fp16" (fp16 weights and compute, fp32 LayerNorms and I/O;
+    always the dynamo exporter at ``encoder_opset("fp16", opset)``, see the module doc).
     Writes ``path`` and ``path.data`` (external data). Returns the exporter used.
     """
     _check_opset(opset)
@@ -254,6 +270,7 @@ def export_encoder_onnx(
         graph = EncoderGraph(model)
     elif precision == "fp16":
         graph = Fp16EncoderGraph(model)
+        exporter, opset = "dynamo", encoder_opset(precision, opset)
     else:
         raise PeftExportError(f"--precision: {precision} is not exported by torch (int8 is quantised from fp32)")
     return _export(graph, (encoder_example(model),), Path(path), opset, ["image"], ["image_embeddings"], None, exporter, True)

@@ -141,7 +141,8 @@ def merge_and_export(
             t = time.perf_counter()
             how = og.export_encoder_onnx(model, tmp / encoder_filename("fp16"), opset, "fp16", exporter)
             check("encoder", "fp16", encoder_filename("fp16"), tmp, time.perf_counter() - t,
-                  {"exporter": how, "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
+                  {"exporter": how, "opset": og.encoder_opset("fp16", opset),
+                   "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
         if "int8" in precisions:
             t = time.perf_counter()
             quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"))
