@@ -26,8 +26,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr)
 
 
-def command(name: str, help: str) -> Callable[[F], F]:
-    """Register a command whose user errors end as one line on stderr and exit code 2."""
+def command(name: str, help: str, short: str | None = None) -> Callable[[F], F]:
+    """Register a command whose user errors end as one line on stderr and exit code 2.
+
+    ``short`` is the one line `peftexport --help` shows (kept under 56 characters).
+    """
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
@@ -44,7 +47,7 @@ def command(name: str, help: str) -> Callable[[F], F]:
                 print("interrupted", file=sys.stderr)
                 raise typer.Exit(130) from None
 
-        app.command(name=name, help=help)(run)
+        app.command(name=name, help=help, short_help=short or help)(run)
         return fn
 
     return wrap

@@ -12,7 +12,7 @@ from .app import command, echo
 from .options import AdapterOpt, CheckpointOpt, ForceOpt, MergedOpt
 
 
-@command("bench", help="Time encoder, decoder and end to end for base / unmerged / merged / exported cases.")
+@command("bench", short="Latency of base, unmerged, merged and exported models.", help="Time encoder, decoder and end to end for base / unmerged / merged / exported cases.")
 def bench(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (manifest.json + ONNX graphs)."),
     adapter: Optional[Path] = AdapterOpt,
@@ -75,7 +75,7 @@ def bench(
         raise typer.Exit(1)
 
 
-@command("bench-compare", help="One table across several bench JSON files (runs, machines).")
+@command("bench-compare", short="One table from several bench JSON files.", help="One table across several bench JSON files (runs, machines).")
 def bench_compare(
     files: list[Path] = typer.Argument(..., help="bench JSON files written by peftexport bench --json."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown."),

@@ -10,7 +10,7 @@ import typer
 from .app import command, echo
 
 
-@command("demo", help="Run the whole pipeline on built-in synthetic microscopy data.")
+@command("demo", short="The whole pipeline on built-in synthetic data.", help="Run the whole pipeline on built-in synthetic microscopy data.")
 def demo(
     out: Path = typer.Option(Path("peftexport_demo"), "--out", "-o", help="Directory for everything the demo makes."),
     model: str = typer.Option("tiny", "--model", "-m", help="tiny (a few minutes on a laptop CPU) or vit_b (slow on CPU)."),

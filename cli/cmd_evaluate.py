@@ -11,7 +11,7 @@ from .app import command, echo
 from .options import CheckpointOpt, ForceOpt
 
 
-@command("evaluate", help="Dice/IoU for point, box and iterative prompts (and mSA) of several models, one table.")
+@command("evaluate", short="Dice/IoU/mSA of several models on labelled data.", help="Dice/IoU for point, box and iterative prompts (and mSA) of several models, one table.")
 def evaluate(
     models: List[str] = typer.Argument(
         ...,

@@ -24,7 +24,7 @@ from .options import (
 )
 
 
-@command("merge-and-export", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.")
+@command("merge-and-export", short="Merge exactly, export verified ONNX / TensorRT.", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.")
 def merge_and_export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to create (manifest.json + graphs)."),
     adapter: Optional[Path] = AdapterOpt,

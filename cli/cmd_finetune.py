@@ -12,7 +12,7 @@ from .app import command, echo
 from .options import CheckpointOpt, RankOpt
 
 
-@command("finetune", help="Train a PEFT adapter on images + instance labels (micro-sam's recipe); torchrun for DDP.")
+@command("finetune", short="Train a PEFT adapter on images + instance labels.", help="Train a PEFT adapter on images + instance labels (micro-sam's recipe); torchrun for DDP.")
 def finetune(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: best adapter, last/ checkpoint, logs, plot."),
     data: Optional[Path] = typer.Option(None, "--data", help="Directory with images/ and labels/ (paired by name)."),
@@ -96,7 +96,7 @@ def finetune(
         raise typer.Exit(130)
 
 
-@command("make-demo-data", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")
+@command("make-demo-data", short="Write synthetic nuclei images + instance labels.", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")
 def make_demo_data(
     out: Path = typer.Argument(..., help="Output directory (gets images/ and labels/)."),
     n_images: int = typer.Option(8, "--n-images", help="Number of images."),

@@ -24,7 +24,7 @@ from .options import (
 )
 
 
-@command("merge", help="Fold an adapter (or a micro-sam checkpoint) into a plain SAM checkpoint, verified.")
+@command("merge", short="Fold an adapter into a plain SAM checkpoint, verified.", help="Fold an adapter (or a micro-sam checkpoint) into a plain SAM checkpoint, verified.")
 def merge(
     out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint to write (a plain SAM state dict)."),
     adapter: Optional[Path] = AdapterOpt,
@@ -57,7 +57,7 @@ def merge(
     echo(f"report: {report['report_path']}")
 
 
-@command("params", help="Count the trainable parameters of a model + PEFT method (encoder / decoder).")
+@command("params", short="Trainable parameters of a model + PEFT method.", help="Count the trainable parameters of a model + PEFT method (encoder / decoder).")
 def params(
     model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h or tiny."),
     peft: str = typer.Option("lora", "--peft", help="PEFT method."),

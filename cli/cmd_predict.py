@@ -10,7 +10,7 @@ import typer
 from .app import command, echo
 
 
-@command("predict", help="Segment images with an export: point/box prompts or segment-everything.")
+@command("predict", short="Segment images with an export (prompts or everything).", help="Segment images with an export: point/box prompts or segment-everything.")
 def predict(
     export_dir: Path = typer.Argument(..., help="Export directory (manifest.json + ONNX graphs)."),
     images: List[Path] = typer.Argument(..., help="Image files: TIFF, PNG, JPEG or NPY (2D gray or RGB)."),
