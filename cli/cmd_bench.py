@@ -9,7 +9,19 @@ from typing import Optional
 import typer
 
 from .app import command, echo
-from .options import AdapterOpt, CheckpointOpt, ForceOpt, MergedOpt
+from .options import (
+    AdapterOpt,
+    AdaptformerLegacyOpt,
+    BlocksOpt,
+    CheckpointOpt,
+    ForceOpt,
+    MergedOpt,
+    MicroSamOpt,
+    PeftOpt,
+    RankOpt,
+    TargetsOpt,
+    micro_sam_config,
+)
 
 
 @command("bench", short="Latency of base, unmerged, merged and exported models.", help="Time encoder, decoder and end to end for base / unmerged / merged / exported cases.")
@@ -17,6 +29,12 @@ def bench(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (manifest.json + ONNX graphs)."),
     adapter: Optional[Path] = AdapterOpt,
     merged: Optional[Path] = MergedOpt,
+    micro_sam: Optional[Path] = MicroSamOpt,
+    peft: Optional[str] = PeftOpt,
+    rank: Optional[int] = RankOpt,
+    blocks: str = BlocksOpt,
+    targets: str = TargetsOpt,
+    adaptformer_residual: bool = AdaptformerLegacyOpt,
     checkpoint: Optional[Path] = CheckpointOpt,
     force: bool = ForceOpt,
     export_dir_opt: Optional[Path] = typer.Option(
@@ -48,17 +66,19 @@ def bench(
     if export_dir is not None and export_dir_opt is not None:
         raise PeftExportError("give the export either as EXPORT_DIR or as --export-dir, not both")
     export = export_dir if export_dir is not None else export_dir_opt
-    if export is None and adapter is None and merged is None:
-        raise PeftExportError("give an EXPORT_DIR or --adapter RUN (or --merged CKPT)")
+    if export is None and adapter is None and merged is None and micro_sam is None:
+        raise PeftExportError("give an EXPORT_DIR or --adapter RUN (or --merged CKPT, --micro-sam CKPT)")
     try:
         batch_sizes = [int(b) for b in parse_list(batch_size, None, "--batch-size")]
     except ValueError:
         raise PeftExportError(f"--batch-size: not a list of integers: {batch_size}") from None
     adapted = None
-    if adapter is not None or merged is not None:
+    if adapter is not None or merged is not None or micro_sam is not None:
         from peft_export.adapters import load_model_source
 
-        adapted = load_model_source(adapter=adapter, merged=merged, checkpoint=checkpoint, force=force)
+        cfg = micro_sam_config(micro_sam, peft, rank, blocks, targets, adaptformer_residual)
+        adapted = load_model_source(adapter=adapter, merged=merged, micro_sam=micro_sam, micro_sam_config=cfg,
+                                    checkpoint=checkpoint, force=force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_and_write(
         json_out=json_out, markdown_out=markdown_out, plot_out=plot_out, overwrite=overwrite,

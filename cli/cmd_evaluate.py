@@ -8,7 +8,16 @@ from typing import List, Optional
 import typer
 
 from .app import command, echo
-from .options import CheckpointOpt, ForceOpt
+from .options import (
+    AdaptformerLegacyOpt,
+    BlocksOpt,
+    CheckpointOpt,
+    ForceOpt,
+    PeftOpt,
+    RankOpt,
+    TargetsOpt,
+    micro_sam_config,
+)
 
 
 @command("evaluate", short="Dice/IoU/mSA of several models on labelled data.", help="Dice/IoU for point, box and iterative prompts (and mSA) of several models, one table.")
@@ -17,7 +26,7 @@ def evaluate(
         ...,
         metavar="MODEL...",
         help="[NAME=]SOURCE[@PRECISION]; SOURCE: checkpoint .pth, random:vit_b|tiny, adapter run dir, "
-        "or export dir (PRECISION fp32|fp16|int8, default fp32).",
+        "micro-sam:CKPT (with --peft ...), or export dir (PRECISION fp32|fp16|int8, default fp32).",
     ),
     data: Path = typer.Option(..., "--data", "-d", help="Data directory with images/ and labels/ (instance labels)."),
     prompts: str = typer.Option("point,box,iterative", "--prompts", help="Any of point,box,iterative."),
@@ -38,6 +47,11 @@ def evaluate(
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Evaluate at most N objects per image."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N image files."),
     force: bool = ForceOpt,
+    peft: Optional[str] = PeftOpt,
+    rank: Optional[int] = RankOpt,
+    blocks: str = BlocksOpt,
+    targets: str = TargetsOpt,
+    adaptformer_residual: bool = AdaptformerLegacyOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -45,9 +59,13 @@ def evaluate(
     own intensity rule. One row per model."""
     from peft_export.evaluation import evaluate_models
 
+    micro = next((m.split("=", 1)[-1] for m in models if "micro-sam:" in m), None)
+    cfg = micro_sam_config(Path(micro.split("micro-sam:", 1)[1]) if micro else None, peft, rank, blocks, targets,
+                           adaptformer_residual)
     report = evaluate_models(
         models,
         data,
+        micro_sam_config=cfg,
         prompts=prompts.split(","),
         iterations=iterations,
         start=start,

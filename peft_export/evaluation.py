@@ -141,6 +141,7 @@ def evaluate_models(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    micro_sam_config: Any = None,
 ) -> dict:
     """Evaluate every model of ``model_specs`` on ``data_dir`` with the same prompts.
 
@@ -178,6 +179,7 @@ def evaluate_models(
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
         loaded = load_predictor(spec, checkpoint=checkpoint, image_size=image_size, backend=backend,
+                                micro_sam_config=micro_sam_config,
                                 device=device, seed=seed, force=force)
         _accept_normalized_input(loaded)
         info = loaded.info

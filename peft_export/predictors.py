@@ -30,6 +30,7 @@ from .runtime.preprocess import to_uint8
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RANDOM_PREFIX = "random:"
+MICRO_SAM_PREFIX = "micro-sam:"  # a micro-sam training checkpoint; its PEFT method comes from --peft
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
@@ -74,6 +75,10 @@ def _kind_of(spec_text: str, source: str) -> str:
                 f"{spec_text}: unknown model type {model_type!r} (random:{'|'.join(MODEL_TYPES)})"
             )
         return "random"
+    if source.startswith(MICRO_SAM_PREFIX):
+        if not Path(source[len(MICRO_SAM_PREFIX):]).is_file():
+            raise PeftExportError(f"{spec_text}: micro-sam checkpoint not found")
+        return "micro-sam"
     path = Path(source)
     if not path.exists():
         raise PeftExportError(
@@ -236,6 +241,7 @@ def load_predictor(
     device: str = "cpu",
     seed: int = 0,
     force: bool = False,
+    micro_sam_config: Any = None,
 ) -> LoadedModel:
     """Build the predictor of one spec.
 
@@ -261,8 +267,13 @@ def load_predictor(
     from .adapters import load_adapter
     from .models import load_sam
 
-    if spec.kind == "adapter":
-        adapted = load_adapter(spec.source, checkpoint, force=force)
+    if spec.kind in ("adapter", "micro-sam"):
+        if spec.kind == "adapter":
+            adapted = load_adapter(spec.source, checkpoint, force=force)
+        else:
+            from .adapters import load_model_source
+
+            adapted = load_model_source(micro_sam=spec.source[len(MICRO_SAM_PREFIX):], micro_sam_config=micro_sam_config)
         sam, rule = adapted.model, adapted.intensity
         base = adapted.base.to_dict()
         peft = adapted.config.to_dict() if adapted.config is not None else None

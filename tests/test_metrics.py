@@ -146,10 +146,16 @@ def test_summarize_timings_known_values():
 
 
 def test_rss_sampler_sees_allocation():
+    import mmap
+
+    size = 200 * 1024 * 1024
     with RssSampler() as s:
-        a = np.ones(200 * 1024 * 1024 // 8)  # 200 MiB, pages touched by the fill
+        # A fresh anonymous mapping: new pages for sure (numpy/malloc may reuse memory
+        # freed by earlier tests, which raises no RSS), touched page by page.
+        block = mmap.mmap(-1, size)
+        block.write(b"\x01" * size)
         time.sleep(0.05)
-        del a
+        block.close()
     assert s.delta_mb > 150
     assert s.peak_mb >= s.baseline_mb + s.delta_mb - 1e-6
     assert peak_rss_mb() >= s.peak_mb - 1  # lifetime peak can only be higher
