@@ -418,16 +418,10 @@ def _ort_dtype(type_name: str):
 
 
 def ort_session_options(device: str, intra_op_threads: int | None = None):
-    """The options the runtime uses (CPU: arena and memory patterns off, they double peak RSS)."""
-    import onnxruntime as ort
+    """The options the runtime uses, so the bench times what users run."""
+    from .runtime.session import session_options
 
-    opts = ort.SessionOptions()
-    if device == "cpu":
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
-    if intra_op_threads:
-        opts.intra_op_num_threads = int(intra_op_threads)
-    return opts
+    return session_options(device, intra_op_threads)
 
 
 def choose_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, str]]:

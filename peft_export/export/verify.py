@@ -29,12 +29,12 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 
 
 def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
-    """A CPU session with the memory arena and memory patterns off (vit_b: 7 GB -> 3.8 GB peak)."""
+    """A CPU session with the runtime's options (arena and memory patterns off)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
+    from ..runtime.session import session_options
+
+    opts = session_options("cpu")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 

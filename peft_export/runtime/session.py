@@ -47,6 +47,23 @@ class ImageEmbedding:
     input_size: Tuple[int, int]
 
 
+def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None):
+    """ONNX Runtime options used everywhere (runtime, export checks, bench).
+
+    On CPU the memory arena and memory patterns are off: they roughly double the
+    encoder's peak RSS (vit_b: 7 GB -> 3.8 GB) for no speed gain.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if device == "cpu":
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+    if intra_op_threads:
+        opts.intra_op_num_threads = int(intra_op_threads)
+    return opts
+
+
 def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
     """Load and check manifest.json of an export dir."""
     path = Path(export_dir) / "manifest.json"
@@ -95,13 +112,7 @@ class _OrtBackend:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        if device == "cpu":
-            # The arena and memory patterns roughly double peak RSS of the encoder on CPU.
-            opts.enable_cpu_mem_arena = False
-            opts.enable_mem_pattern = False
-        if intra_op_threads:
-            opts.intra_op_num_threads = int(intra_op_threads)
+        opts = session_options(device, intra_op_threads)
         self.sessions = {}
         for name, path in paths.items():
             try:
