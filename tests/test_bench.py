@@ -301,3 +301,17 @@ def test_bench_cuda_event_timings_positive():
     assert next(iter(ok))["components"]["encoder"]["ratio_vs_reference"] is not None
     # The adapter model was lent to the benchmark and is back on the CPU.
     assert next(adapted.model.parameters()).device.type == "cpu"
+
+
+def test_bench_export_dir_times_the_recorded_adapter_too(tiny_run, tmp_path):
+    """An export made from an adapter run records it, so `bench EXPORT_DIR` has torch cases as well."""
+    from peft_export.adapters import load_adapter
+    from peft_export.export import merge_and_export
+
+    root, _ = tiny_run
+    manifest = merge_and_export(load_adapter(root / "run"), tmp_path / "export", progress=False)
+    assert manifest["source"] == {"kind": "adapter", "adapter": str((root / "run").resolve())}
+    result = run_bench(export_dir=tmp_path / "export", backends=["torch"], components=["encoder"],
+                       iterations=1, warmup=0)
+    ok = {c["case"] for c in result["cases"] if c["status"] == "ok"}
+    assert {"unmerged torch fp32", "merged torch fp32"} <= ok

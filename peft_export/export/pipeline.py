@@ -59,6 +59,18 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise PeftExportError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
 
 
+def export_source(adapted: AdaptedModel) -> dict:
+    """Where the exported weights came from, so `bench EXPORT_DIR` can also time the torch model."""
+    if not adapted.source:
+        return {}
+    path = str(Path(adapted.source).resolve())
+    if adapted.meta.get("format"):  # an adapter file / run directory
+        return {"kind": "adapter", "adapter": path}
+    if adapted.config is None:
+        return {"kind": "merged", "path": path}
+    return {"kind": "micro-sam", "micro_sam": path}  # needs its --peft options to load
+
+
 def merge_and_export(
     adapted: AdaptedModel,
     out_dir: str | os.PathLike,
@@ -166,6 +178,7 @@ def merge_and_export(
             model_type, size, dict(adapted.intensity), adapted.config.to_dict() if adapted.config else None,
             merged, in_graph, graphs, opset, used_exporter, adapted.base.to_dict(), merge_report,
         )
+        manifest["source"] = export_source(adapted)
         if target is not None:
             manifest["tensorrt"] = _tensorrt(target, tmp, graphs, precisions, size, reference, log)
             manifest["versions"]["tensorrt"] = target.version
