@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PeftExportError
 from ..fsutil import atomic_file
+from ..models import read_checkpoint
 
 CHECKPOINT_FORMAT = "peftexport-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -64,11 +65,8 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     path = checkpoint_path(run_dir)
     if not path.is_file():
         raise PeftExportError(f"{path}: no checkpoint to resume from (was {run_dir} written by finetune?)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign files raise many kinds of errors
-        raise PeftExportError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    payload = read_checkpoint(path)  # weights_only, one-line errors for truncated / pickled files
+    if payload.get("format") != CHECKPOINT_FORMAT:
         raise PeftExportError(f"{path}: not a peftexport training checkpoint")
     if payload.get("format_version", 0) > CHECKPOINT_VERSION:
         raise PeftExportError(f"{path}: checkpoint format {payload['format_version']} is newer than this peftexport")
