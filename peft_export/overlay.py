@@ -1,7 +1,7 @@
 """Coloured masks and prompts drawn onto an image, in numpy (no torch).
 
-Drawing is plain numpy; only writing the PNG needs a library: Pillow, or
-matplotlib when Pillow is missing.
+Drawing is plain numpy; writing the PNG uses Pillow when it is installed and a
+small zlib PNG writer otherwise (the torch-free runtime environment).
 """
 
 from __future__ import annotations
@@ -126,24 +126,17 @@ def render_overlay(
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
-    """Write uint8 HxWx3 as PNG to ``path`` whatever its suffix (Pillow, else matplotlib)."""
+    """Write uint8 HxWx3 as PNG to ``path`` whatever its suffix (Pillow, else a small zlib writer).
+
+    No matplotlib fallback: matplotlib needs Pillow itself, and its imsave adds an alpha channel.
+    """
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     try:
         from PIL import Image
     except ImportError:
-        Image = None
-    if Image is not None:
-        Image.fromarray(rgb).save(Path(path), format="PNG")
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.image as mpimg
-    except ImportError:  # matplotlib itself needs Pillow: last resort, the PNG format by hand
         _write_png_zlib(rgb, Path(path))
         return
-    mpimg.imsave(str(path), rgb, format="png")
+    Image.fromarray(rgb).save(Path(path), format="PNG")
 
 
 def _write_png_zlib(rgb: np.ndarray, path: Path) -> None:
