@@ -155,7 +155,10 @@ def sam_state_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> 
     (``attn.qkv.qkv_proj.*`` etc.) are returned as they are, for ``peft.micro_sam`` to map.
     """
     if is_micro_sam_checkpoint(obj):
-        state = {k[len("sam.") :]: v for k, v in obj["model_state"].items() if k.startswith("sam.")}
+        model_state = obj["model_state"]
+        state = {k[len("sam.") :]: v for k, v in model_state.items() if k.startswith("sam.")}
+        if not state and any(k.startswith("image_encoder.") for k in model_state):
+            state = dict(model_state)  # exported micro-sam models keep SAM's keys without the prefix
         if not state:
             raise PeftExportError(f"{path}: micro-sam checkpoint has no 'sam.*' keys in model_state")
     else:

@@ -26,7 +26,8 @@ def test_official_layout_and_micro_sam_layout_load(tmp_path):
     torch.save(sam.state_dict(), tmp_path / "official.pth")
     torch.save({"model_state": {"sam." + k: v for k, v in sam.state_dict().items()}, "decoder_state": {}},
                tmp_path / "micro.pt")
-    for name in ("official.pth", "micro.pt"):
+    torch.save({"model_state": sam.state_dict(), "decoder_state": {}}, tmp_path / "micro_export.pt")
+    for name in ("official.pth", "micro.pt", "micro_export.pt"):
         loaded, info = load_sam(None, tmp_path / name)
         assert info.model_type == "tiny" and info.image_size == 256 and len(info.sha256) == 64
         assert all(torch.equal(x, y) for x, y in zip(sam.state_dict().values(), loaded.state_dict().values()))
