@@ -4,8 +4,8 @@
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Needs only this repository and a CUDA machine whose Python has torch. It installs
-# nothing (such machines may have no internet): the repo runs from source through
-# PYTHONPATH. Missing packages are reported; without torch+CUDA or segment_anything it
+# nothing from the network (such machines may have no internet; GPU_CHECK_WHEELS=DIR
+# installs carried wheels): the repo runs from source through PYTHONPATH. Missing packages are reported; without torch+CUDA or segment_anything it
 # stops at once with a non-zero code. Writes into OUTDIR: env.txt, pytest_gpu.txt,
 # gpu_bench.{txt,json,md,png}, gpu_check.log. Exit code: 0 all passed, 3 no CUDA,
 # 4 a required package missing, otherwise the first failing step's code (124 = timeout).
@@ -57,6 +57,14 @@ cat "$OUT/env.txt"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     log "FAIL: torch with a CUDA device is not available here"
     exit 3
+fi
+# A machine without internet can still get the pure-Python packages: on a machine with the
+# registry, `pip download -d wheels segment-anything safetensors typer onnx onnxscript tifffile`
+# and carry wheels/ along; GPU_CHECK_WHEELS=wheels installs from it (never from the network).
+if [ -n "${GPU_CHECK_WHEELS:-}" ] && [ -d "$GPU_CHECK_WHEELS" ]; then
+    log "installing from $GPU_CHECK_WHEELS (no index)"
+    "$PY" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" "$GPU_CHECK_WHEELS"/*.whl \
+        >> "$OUT/gpu_check.log" 2>&1 || log "note: offline install from $GPU_CHECK_WHEELS failed (see gpu_check.log)"
 fi
 missing=""
 for mod in segment_anything numpy safetensors; do
