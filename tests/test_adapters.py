@@ -193,3 +193,18 @@ def test_micro_sam_with_wrong_method_says_so(tmp_path):
     _micro_sam_file(tmp_path / "plain.pt", random_sam("tiny").state_dict())
     with pytest.raises(PeftExportError, match="check --peft lora"):
         import_micro_sam(tmp_path / "plain.pt", PeftConfig("lora", rank=4))
+
+
+@pytest.mark.slow
+def test_vit_b_lora_adapter_is_a_few_mb(tmp_path):
+    """vit_b LoRA r32 on q,v: 1,179,648 parameters = 4.7 MB in fp32, not the 375 MB model."""
+    from peft_export.adapters import build_adapted_model
+
+    cfg = PeftConfig("lora", rank=32, targets=("q", "v"), train_mask_decoder=False, train_prompt_encoder=False)
+    adapted = build_adapted_model(cfg, "vit_b")
+    save_adapter(adapted, tmp_path)
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert 4.7e6 <= size < 4.8e6
+    with_decoder = build_adapted_model(PeftConfig("lora", rank=32), "vit_b")
+    save_adapter(with_decoder, tmp_path / "dec")
+    assert (tmp_path / "dec" / "adapter.safetensors").stat().st_size < 25e6  # + the 4.06M-parameter decoder
