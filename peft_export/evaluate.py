@@ -48,6 +48,7 @@ import numpy as np
 from .data.prompts import box_from_mask, corrective_point, sample_positive_point
 from .errors import PeftExportError
 from .metrics import DEFAULT_THRESHOLDS, dice, iou, mean_segmentation_accuracy
+from .runtime.preprocess import to_uint8
 
 PROMPT_TYPES = ("point", "box", "iterative")
 START_TYPES = ("point", "box")
@@ -106,7 +107,7 @@ def _as_predictor_image(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype != np.uint8:
         # SAM's preprocessing resizes a uint8 image (ResizeLongestSide), and SamPredictor
         # misreads floats as 0..1; so 0..255 floats are rounded to uint8 here, once, for every model.
-        image = np.clip(np.rint(image.astype(np.float32)), 0, 255).astype(np.uint8)
+        image = to_uint8(image)
     return image
 
 

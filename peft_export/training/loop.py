@@ -40,6 +40,7 @@ from ..errors import PeftExportError
 from ..fsutil import atomic_file
 from ..peft import PeftConfig, count_trainable_parameters, parse_targets
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE
+from ..runtime.preprocess import to_uint8  # rounding shared with evaluation and inference
 from . import losses
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import (
@@ -216,11 +217,6 @@ def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], 
 
 
 # ----------------------------------------------------------------------------- model input
-
-def to_uint8(patch: np.ndarray) -> np.ndarray:
-    """0..255 floats to uint8 exactly as evaluation and inference do before resizing."""
-    return np.clip(np.rint(patch.astype(np.float32)), 0, 255).astype(np.uint8)
-
 
 def preprocess_patches(sam: Sam, patches: Sequence[np.ndarray], device: torch.device
                        ) -> tuple[torch.Tensor, tuple[int, int]]:
