@@ -1,6 +1,7 @@
 """Verified ONNX (and TensorRT) export of SAM with its adapter: ``merge_and_export``."""
 
-from .manifest import MANIFEST, graph_io, read_manifest
+from ..runtime.session import read_manifest  # the checked reader the runtime uses
+from .manifest import MANIFEST, graph_io
 from .onnx_graphs import DECODER_FLAVOURS, export_decoder_onnx, export_encoder_onnx, export_preprocess_encoder_onnx
 from .pipeline import FORMATS, merge_and_export
 from .quantize import PRECISIONS, quantize_int8

@@ -131,7 +131,3 @@ def write_manifest(export_dir: Path, manifest: dict) -> Path:
     path = Path(export_dir) / MANIFEST
     path.write_text(json.dumps(manifest, indent=2))
     return path
-
-
-def read_manifest(export_dir: str | Path) -> dict:
-    return json.loads((Path(export_dir) / MANIFEST).read_text())
