@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from peft_export import bench  # noqa: E402
-from peft_export.adapters import AdaptedModel, build_adapted_model  # noqa: E402
+from peft_export.peft.adapters import AdaptedModel, build_adapted_model  # noqa: E402
 from peft_export.models import load_sam  # noqa: E402
 from peft_export.peft import PeftConfig, merge_peft  # noqa: E402
-from peft_export.stats import device_info, library_versions  # noqa: E402
+from peft_export.bench.stats import device_info, library_versions  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 

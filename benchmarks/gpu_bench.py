@@ -44,7 +44,7 @@ def main() -> int:
         print("gpu_bench: torch sees no CUDA device", file=sys.stderr)
         return 3
     from peft_export import bench
-    from peft_export.adapters import build_adapted_model
+    from peft_export.peft.adapters import build_adapted_model
     from peft_export.peft import PeftConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; bf16 is its own case

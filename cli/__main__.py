@@ -1,5 +1,5 @@
-"""``python -m cli ...`` (also what ``torchrun -m cli finetune ...`` runs)."""
+"""``python -m peft_export.cli ...`` (also what ``torchrun -m peft_export.cli finetune ...`` runs)."""
 
-from cli.main import main
+from peft_export.cli.main import main
 
 main()

@@ -74,7 +74,7 @@ def bench(
         raise PeftExportError(f"--batch-size: not a list of integers: {batch_size}") from None
     adapted = None
     if adapter is not None or merged is not None or micro_sam is not None:
-        from peft_export.adapters import load_model_source
+        from peft_export.peft.adapters import load_model_source
 
         cfg = micro_sam_config(micro_sam, peft, rank, blocks, targets, adaptformer_residual)
         adapted = load_model_source(adapter=adapter, merged=merged, micro_sam=micro_sam, micro_sam_config=cfg,

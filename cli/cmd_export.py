@@ -50,7 +50,7 @@ def merge_and_export_cmd(
 ) -> None:
     """Every graph is compared with the unmerged adapter model in ONNX Runtime; any failed
     check exits non-zero and leaves nothing in OUT."""
-    from peft_export.adapters import load_model_source
+    from peft_export.peft.adapters import load_model_source
     from peft_export.export import merge_and_export
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731

@@ -41,7 +41,7 @@ def merge(
 ) -> None:
     """Writes OUT and merge_report.json beside it; fails and writes nothing if the merged
     model differs from the adapter model by more than 1e-4 (relative) on a probe input."""
-    from peft_export.adapters import load_model_source
+    from peft_export.peft.adapters import load_model_source
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import check_can_write
     from peft_export.merge import format_merge_report, merge_to_checkpoint
@@ -70,7 +70,7 @@ def params(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     from peft_export.peft import PeftConfig, parse_targets
-    from peft_export.training_params import count_for_config
+    from peft_export.peft.params import count_for_config
 
     cfg = PeftConfig(peft, blocks=blocks, rank=rank, targets=parse_targets(targets), bottleneck=bottleneck,
                      train_mask_decoder=train_decoder, train_prompt_encoder=train_prompt_encoder)

@@ -4,6 +4,8 @@ make data -> finetune late LoRA -> merge (exactness report) -> export ONNX fp32 
 (parity) -> bench (torch vs ONNX Runtime, merged vs unmerged) -> evaluate (base vs
 finetuned vs exported) -> predict one image with an overlay. Every step calls the
 same library function as its own command, so the demo is also a smoke test of them.
+
+May import: every stage (it runs them all).
 """
 
 from __future__ import annotations
@@ -76,13 +78,13 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run every step into ``out_dir`` and return what was made and the key numbers."""
-    from .adapters import load_adapter
-    from .bench import run_and_write
+    from .peft.adapters import load_adapter
+    from .bench.run import run_and_write
     from .data import make_demo_data
-    from .evaluation import evaluate_models
+    from .evaluation.report import evaluate_models
     from .export.pipeline import merge_and_export
     from .merge import merge_to_checkpoint
-    from .predict import predict_images
+    from .predict.images import predict_images
     from .training import TrainConfig, finetune
 
     if model_type not in PRESETS:

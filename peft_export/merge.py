@@ -4,6 +4,8 @@ The merged file is a plain state dict, so ``segment_anything.sam_model_registry[
 loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``).
 Every merge compares the merged model with the adapter model on a probe input and
 writes nothing when they differ by more than the tolerance.
+
+Stage 5. May import: models, peft, errors, fsutil (and torch).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from . import __version__
-from .adapters import AdaptedModel
+from .peft.adapters import AdaptedModel
 from .errors import PeftExportError
 from .fsutil import atomic_file, check_can_write
 from .peft import merge_peft

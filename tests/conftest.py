@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import AdaptedModel
+from peft_export.peft.adapters import AdaptedModel
 
 
 @pytest.fixture

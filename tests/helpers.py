@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from peft_export.adapters import AdaptedModel, build_adapted_model
+from peft_export.peft.adapters import AdaptedModel, build_adapted_model
 from peft_export.peft import PeftConfig
 
 warnings.filterwarnings("ignore", message="no checkpoint given")

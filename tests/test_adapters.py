@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import import_micro_sam, load_adapter, save_adapter
+from peft_export.peft.adapters import import_micro_sam, load_adapter, save_adapter
 from peft_export.errors import PeftExportError
 from peft_export.merge import compare_models
 from peft_export.models import build_sam_architecture, random_sam
@@ -42,7 +42,7 @@ def test_adapter_on_other_base_is_refused_then_forced(tmp_path):
     base_b = tmp_path / "b.pth"
     torch.save(random_sam("tiny", seed=1).state_dict(), base_a)
     torch.save(random_sam("tiny", seed=2).state_dict(), base_b)
-    from peft_export.adapters import build_adapted_model
+    from peft_export.peft.adapters import build_adapted_model
 
     adapted = build_adapted_model(PeftConfig("lora", rank=2), "tiny", base_a)
     save_adapter(adapted, tmp_path / "run")
@@ -198,7 +198,7 @@ def test_micro_sam_with_wrong_method_says_so(tmp_path):
 @pytest.mark.slow
 def test_vit_b_lora_adapter_is_a_few_mb(tmp_path):
     """vit_b LoRA r32 on q,v: 1,179,648 parameters = 4.7 MB in fp32, not the 375 MB model."""
-    from peft_export.adapters import build_adapted_model
+    from peft_export.peft.adapters import build_adapted_model
 
     cfg = PeftConfig("lora", rank=32, targets=("q", "v"), train_mask_decoder=False, train_prompt_encoder=False)
     adapted = build_adapted_model(cfg, "vit_b")

@@ -8,9 +8,9 @@ import struct
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from peft_export.cli.main import app
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import save_adapter
+from peft_export.peft.adapters import save_adapter
 from peft_export.bench import (
     Availability,
     BenchInputs,
@@ -305,7 +305,7 @@ def test_bench_cuda_event_timings_positive():
 
 def test_bench_export_dir_times_the_recorded_adapter_too(tiny_run, tmp_path):
     """An export made from an adapter run records it, so `bench EXPORT_DIR` has torch cases as well."""
-    from peft_export.adapters import load_adapter
+    from peft_export.peft.adapters import load_adapter
     from peft_export.export import merge_and_export
 
     root, _ = tiny_run

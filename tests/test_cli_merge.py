@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import save_adapter
+from peft_export.peft.adapters import save_adapter
 from peft_export.merge import compare_models
 from peft_export.models import build_sam_architecture, random_sam
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "peft_export.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_commands_and_version():
@@ -95,7 +95,7 @@ def test_vit_b_merge_loads_with_segment_anything_registry(tmp_path):
     """Real vit_b size: the merged file loads with plain sam_model_registry and matches."""
     from segment_anything import sam_model_registry
 
-    from peft_export.adapters import build_adapted_model
+    from peft_export.peft.adapters import build_adapted_model
     from peft_export.peft import PeftConfig
     from helpers import randomize_trainables
 

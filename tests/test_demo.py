@@ -19,7 +19,7 @@ from peft_export.models import build_sam_architecture
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "-q"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -67,6 +67,6 @@ def test_demo_outputs_are_valid(demo_run):
 
 def test_demo_refuses_non_empty_out(demo_run):
     out, _ = demo_run
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "-q"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "summary.json").exists()

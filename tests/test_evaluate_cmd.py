@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import save_adapter
+from peft_export.peft.adapters import save_adapter
 from peft_export.data import make_demo_data, synthetic_sample
 from peft_export.errors import PeftExportError
 from peft_export.evaluation import evaluate_models, load_raw_samples
-from peft_export.predictors import TorchPredictor, parse_model_spec, parse_model_specs
+from peft_export.evaluation.specs import TorchPredictor, parse_model_spec, parse_model_specs
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "peft_export.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def quiet(msg: str) -> None:
@@ -139,10 +139,10 @@ def test_finetuned_beats_base_on_held_out_boxes(finetuned):
 def test_torch_and_onnx_fp32_export_agree(tmp_path, demo_dir, finetuned):
     """Unmerged adapter, merged checkpoint (torch) and its ONNX fp32 export score the same."""
     pytest.importorskip("onnxruntime")
-    from peft_export.adapters import load_adapter
+    from peft_export.peft.adapters import load_adapter
     from peft_export.export import merge_and_export
     from peft_export.merge import merge_to_checkpoint
-    from peft_export.predictors import load_predictor
+    from peft_export.evaluation.specs import load_predictor
 
     if finetuned is not None:
         adapted, run, data = load_adapter(finetuned["run"]), finetuned["run"], finetuned["test"]
@@ -193,7 +193,7 @@ def test_torch_and_onnx_fp32_export_agree(tmp_path, demo_dir, finetuned):
 def test_cli_writes_json_markdown_plot(tmp_path, demo_dir, lora_run):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from peft_export.cli.main import app
 
     # In-process (a subprocess is tested below): the same Typer app the console script runs.
     args = ["evaluate", "random:tiny", lora_run, "--data", demo_dir, "--iterations", "2", "--max-objects", "2",

@@ -7,15 +7,8 @@ from scipy import ndimage
 
 from peft_export.data.prompts import box_from_mask
 from peft_export.errors import PeftExportError
-from peft_export.evaluate import (
-    PromptPlan,
-    evaluate_automatic,
-    evaluate_interactive,
-    format_table,
-    plot_curves,
-    summary_rows,
-    to_markdown,
-)
+from peft_export.evaluation.protocol import PromptPlan, evaluate_automatic, evaluate_interactive
+from peft_export.evaluation.tables import format_table, plot_curves, summary_rows, to_markdown
 
 
 def blob_sample(seed, shape=(64, 72), name=None):

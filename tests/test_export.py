@@ -13,7 +13,7 @@ from segment_anything import SamPredictor
 from typer.testing import CliRunner
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
-from peft_export.adapters import save_adapter
+from peft_export.peft.adapters import save_adapter
 from peft_export.errors import PeftExportError
 from peft_export.export import (
     export_decoder_onnx,
@@ -215,7 +215,7 @@ def test_meta_decoder_matches_sam_predictor(tmp_path, image_size):
 
 
 def test_adaptformer_in_graph_through_the_cli(tmp_path):
-    from cli.main import app
+    from peft_export.cli.main import app
 
     adapted = make_adapted(dict(method="adaptformer", blocks="all", bottleneck=16), image_size=192, seed=1)
     save_adapter(adapted, tmp_path / "run")
@@ -236,7 +236,7 @@ def test_adaptformer_in_graph_through_the_cli(tmp_path):
 
 
 def test_bad_inputs_fail_before_writing(tmp_path):
-    from cli.main import app
+    from peft_export.cli.main import app
 
     adapted = make_adapted(MERGEABLE_CONFIGS["ssf"], image_size=128)
     with pytest.raises(PeftExportError, match="precision"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from peft_export.errors import PeftExportError
-from peft_export.metrics import (
+from peft_export.evaluation.metrics import (
     _count_tp,
     dice,
     iou,
@@ -13,7 +13,7 @@ from peft_export.metrics import (
     mean_segmentation_accuracy,
     segmentation_accuracy,
 )
-from peft_export.stats import RssSampler, device_info, library_versions, peak_rss_mb, summarize_timings
+from peft_export.bench.stats import RssSampler, device_info, library_versions, peak_rss_mb, summarize_timings
 
 THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 

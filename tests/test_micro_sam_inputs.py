@@ -23,7 +23,7 @@ def _micro_sam_lora(path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "peft_export.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def test_evaluate_bench_and_export_take_micro_sam(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from peft_export.errors import PeftExportError
 from peft_export.models import ARCHITECTURES, build_sam_architecture, load_sam, random_sam
 from peft_export.peft import PeftConfig, resolve_blocks
-from peft_export.training_params import count_for_config
+from peft_export.peft.params import count_for_config
 
 
 def test_random_init_is_reproducible_and_warns():

@@ -16,10 +16,10 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from peft_export.cli.main import app
 from helpers import MERGEABLE_CONFIGS, make_adapted
 from peft_export.errors import PeftExportError
-from peft_export.overlay import BOX, NEGATIVE, POSITIVE, label_colors, render_overlay, save_png
+from peft_export.predict.overlay import BOX, NEGATIVE, POSITIVE, label_colors, render_overlay, save_png
 from peft_export.predict import parse_box, parse_points, predict_images
 from peft_export.runtime import SamSession
 from peft_export.runtime.intensity import normalize_intensity

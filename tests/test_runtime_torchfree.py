@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from peft_export.runtime import SamSession
-from peft_export.stats import current_rss_mb
+from peft_export.bench.stats import current_rss_mb
 from test_predict import real_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ if "--block" in sys.argv:
 
 import numpy as np
 from peft_export.runtime import SamSession
-from peft_export.overlay import render_overlay, save_png
+from peft_export.predict.overlay import render_overlay, save_png
 
 export_dir, out = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)

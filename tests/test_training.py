@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from peft_export.adapters import build_adapted_model, load_adapter
+from peft_export.peft.adapters import build_adapted_model, load_adapter
 from peft_export.data import find_pairs, load_samples, make_demo_data, split_by_file
 from peft_export.errors import PeftExportError
 from peft_export.models import random_sam
@@ -21,7 +21,7 @@ from peft_export.peft import PEFT_METHODS, PeftConfig, apply_peft, merge_peft
 from peft_export.training import TrainConfig, encode_with_frozen_prefix, finetune, first_trainable_block
 from peft_export.training import losses
 from peft_export.training.checkpoint import load_checkpoint
-from peft_export.training.loop import validate, validation_set
+from peft_export.training import validate, validation_set
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
@@ -196,7 +196,7 @@ def test_existing_run_dir_refused_and_options_checked(demo, tmp_path):
 
 
 def test_bad_data_report_through_cli(tmp_path):
-    from cli.main import app
+    from peft_export.cli.main import app
 
     data = tmp_path / "bad"
     make_demo_data(data, n_images=3, size=64, seed=0)
@@ -216,7 +216,7 @@ def test_bad_data_report_through_cli(tmp_path):
 
 
 def test_cli_make_demo_data_and_short_run(tmp_path):
-    from cli.main import app
+    from peft_export.cli.main import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["make-demo-data", str(tmp_path / "d"), "--n-images", "3", "--size", "96"])

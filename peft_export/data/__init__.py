@@ -1,6 +1,6 @@
-"""Reading images and labels, validation, patches, prompt sampling and synthetic data.
+"""Stage 3, data: reading images and labels, validation, patches, prompt sampling, synthetic nuclei.
 
-Everything here is numpy/scipy; nothing imports torch.
+May import: runtime.intensity, errors, fsutil (numpy, scipy, tifffile, Pillow; never torch).
 """
 
 from .dataset import Pair, Sample, find_pairs, find_pairs_glob, load_samples, split_by_file, validate_pairs

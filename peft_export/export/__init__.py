@@ -1,6 +1,9 @@
-"""Verified ONNX (and TensorRT) export of SAM with its adapter: ``merge_and_export``."""
+"""Stage 6, export: verified ONNX (and TensorRT) graphs of SAM with its adapter merged, and the manifest.
 
-from ..runtime.session import read_manifest  # the checked reader the runtime uses
+May import: merge, peft, models, runtime, errors, fsutil (and torch, onnx, onnxruntime; tensorrt lazily).
+"""
+
+from ..runtime.manifest import read_manifest  # the checked reader the runtime uses
 from .manifest import MANIFEST, graph_io
 from .onnx_graphs import DECODER_FLAVOURS, export_decoder_onnx, export_encoder_onnx, export_preprocess_encoder_onnx
 from .pipeline import FORMATS, merge_and_export

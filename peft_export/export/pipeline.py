@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..adapters import AdaptedModel
+from ..peft.adapters import AdaptedModel
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
 from ..merge import merge_and_verify

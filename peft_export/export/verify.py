@@ -32,7 +32,7 @@ def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
     """A CPU session with the runtime's options (arena and memory patterns off)."""
     import onnxruntime as ort
 
-    from ..runtime.session import session_options
+    from ..runtime.backends.ort import session_options
 
     opts = session_options("cpu")
     opts.log_severity_level = 3

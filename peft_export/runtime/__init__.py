@@ -1,4 +1,7 @@
-"""Torch-free inference: numpy + onnxruntime only (TensorRT optional, imported lazily)."""
+"""Stage 7, runtime: torch-free inference on an export dir (SamSession, pre/post-processing, segment-everything).
+
+May import: errors, fsutil (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
+"""
 
 from .everything import build_point_grid, label_components, remove_small_regions, segment_everything
 from .intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
@@ -11,7 +14,9 @@ from .preprocess import (
     transform_boxes,
     transform_coords,
 )
-from .session import ImageEmbedding, SamSession, read_manifest
+from .manifest import read_manifest
+from .session import ImageEmbedding, SamSession
+from .backends.ort import session_options
 
 __all__ = [
     "DEFAULT_INTENSITY_RULE",
@@ -29,6 +34,7 @@ __all__ = [
     "resize_longest_side",
     "resize_pil",
     "segment_everything",
+    "session_options",
     "transform_boxes",
     "transform_coords",
 ]

@@ -10,32 +10,21 @@ thread-safe, so one session can be shared.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
+from .backends import check_backend, graph_kind, open_backend
 from .everything import segment_everything as _segment_everything
+from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
-
-FORMAT = "peftexport-export"
-FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
-
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
 
 
 @dataclass(frozen=True)
@@ -45,149 +34,6 @@ class ImageEmbedding:
     embedding: np.ndarray
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
-
-
-def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None):
-    """ONNX Runtime options used everywhere (runtime, export checks, bench).
-
-    On CPU the memory arena and memory patterns are off: they roughly double the
-    encoder's peak RSS (vit_b: 7 GB -> 3.8 GB) for no speed gain.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if device == "cpu":
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
-    if intra_op_threads:
-        opts.intra_op_num_threads = int(intra_op_threads)
-    return opts
-
-
-def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
-    """Load and check manifest.json of an export dir."""
-    path = Path(export_dir) / "manifest.json"
-    if not Path(export_dir).is_dir():
-        raise PeftExportError(f"{export_dir}: export directory does not exist")
-    if not path.is_file():
-        raise PeftExportError(f"{export_dir}: not an export directory (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PeftExportError(f"{path}: cannot read manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PeftExportError(f"{path}: not a peftexport manifest (format is not '{FORMAT}')")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise PeftExportError(f"{path}: bad format_version {version!r}")
-    if version > FORMAT_VERSION:
-        made_by = manifest.get("peftexport_version", "?")
-        raise PeftExportError(
-            f"{path}: export made by peftexport {made_by}, format {version}; "
-            f"this runtime reads format {FORMAT_VERSION} (upgrade peftexport)"
-        )
-    for key in ("image_size", "graphs", "preprocessing"):
-        if key not in manifest:
-            raise PeftExportError(f"{path}: manifest has no '{key}'")
-    return manifest
-
-
-class _OrtBackend:
-    """ONNX Runtime sessions for the encoder and decoder graphs."""
-
-    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int]) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise PeftExportError(
-                "backend onnxruntime: the onnxruntime package is not installed "
-                "(pip install 'peftexport[cpu]' or 'peftexport[gpu]')"
-            ) from None
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise PeftExportError(
-                    "device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
-                    "(and uninstall onnxruntime, they share one module), or use device='cpu'"
-                )
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        opts = session_options(device, intra_op_threads)
-        self.sessions = {}
-        for name, path in paths.items():
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-            except Exception as e:  # ORT raises its own exception types
-                raise PeftExportError(f"{path}: onnxruntime cannot load this graph ({e})") from None
-            if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
-                raise PeftExportError(
-                    f"{path}: onnxruntime could not start the CUDA provider (check CUDA/cuDNN libraries)"
-                )
-            self.sessions[name] = sess
-        self.providers = list(next(iter(self.sessions.values())).get_providers())
-
-    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        sess = self.sessions[name]
-        cast = {}
-        for inp in sess.get_inputs():
-            if inp.name not in feeds:
-                raise PeftExportError(f"{name}: graph input '{inp.name}' not provided")
-            cast[inp.name] = np.ascontiguousarray(feeds[inp.name], dtype=_ORT_DTYPES.get(inp.type, np.float32))
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, cast)))
-
-
-class _TensorRTBackend:
-    """TensorRT engines (written against the TensorRT 10 Python API; not run on this project's machines)."""
-
-    def __init__(self, paths: Dict[str, Path], device: str) -> None:
-        if device != "cuda":
-            raise PeftExportError("backend tensorrt: needs device='cuda'")
-        try:
-            import tensorrt as trt  # type: ignore
-        except ImportError:
-            raise PeftExportError("backend tensorrt: the tensorrt package is not installed (pip install 'peftexport[tensorrt]')") from None
-        try:
-            import cupy as cp  # type: ignore
-        except ImportError:
-            raise PeftExportError("backend tensorrt: needs cupy for GPU buffers (pip install cupy-cuda12x)") from None
-        self._trt, self._cp = trt, cp
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        self._engines, self._contexts = {}, {}
-        for name, path in paths.items():
-            engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-            if engine is None:
-                raise PeftExportError(f"{path}: TensorRT cannot load this engine (built for another GPU/TensorRT?)")
-            self._engines[name] = engine
-            self._contexts[name] = engine.create_execution_context()
-        self._lock = threading.Lock()  # one execution context per engine: serialise calls
-        self.providers = ["TensorrtEngine"]
-
-    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        trt, cp = self._trt, self._cp
-        engine, ctx = self._engines[name], self._contexts[name]
-        with self._lock:
-            buffers, outputs = {}, {}
-            for i in range(engine.num_io_tensors):
-                tname = engine.get_tensor_name(i)
-                dtype = trt.nptype(engine.get_tensor_dtype(tname))
-                if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
-                    arr = cp.asarray(np.ascontiguousarray(feeds[tname], dtype=dtype))
-                    ctx.set_input_shape(tname, arr.shape)
-                    buffers[tname] = arr
-            for i in range(engine.num_io_tensors):
-                tname = engine.get_tensor_name(i)
-                if engine.get_tensor_mode(tname) == trt.TensorIOMode.OUTPUT:
-                    dtype = trt.nptype(engine.get_tensor_dtype(tname))
-                    buffers[tname] = outputs[tname] = cp.empty(tuple(ctx.get_tensor_shape(tname)), dtype=dtype)
-            for tname, arr in buffers.items():
-                ctx.set_tensor_address(tname, arr.data.ptr)
-            stream = cp.cuda.Stream(non_blocking=True)
-            if not ctx.execute_async_v3(stream.ptr):
-                raise PeftExportError(f"{name}: TensorRT execution failed")
-            stream.synchronize()
-            return {k: cp.asnumpy(v) for k, v in outputs.items()}
 
 
 class SamSession:
@@ -202,8 +48,7 @@ class SamSession:
         intra_op_threads: Optional[int] = None,
         verify_checksums: bool = False,
     ) -> None:
-        if backend not in ("onnxruntime", "tensorrt"):
-            raise PeftExportError(f"backend: unknown '{backend}' (use onnxruntime or tensorrt)")
+        check_backend(backend)
         if device not in ("cpu", "cuda"):
             raise PeftExportError(f"device: unknown '{device}' (use cpu or cuda)")
         if precision not in PRECISIONS:
@@ -220,13 +65,12 @@ class SamSession:
         self._interpolation = pre.get("interpolation", "bilinear")
 
         self._chosen: Dict[str, Tuple[str, Path]] = {}
-        if backend == "onnxruntime":
+        if graph_kind(backend) == "onnx":
             self._choose_onnx(verify_checksums)
             paths = {k: p for k, (_, p) in self._chosen.items()}
-            self._backend: Any = _OrtBackend(paths, device, intra_op_threads)
         else:
             paths = self._choose_engines()
-            self._backend = _TensorRTBackend(paths, device)
+        self._backend: Any = open_backend(backend, paths, device, intra_op_threads)
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[ImageEmbedding] = None

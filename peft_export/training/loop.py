@@ -10,11 +10,14 @@ by ``sub_iterations`` corrective rounds that add one positive and one negative p
 the error region and feed the previous logits back as mask input with probability
 ``mask_input_prob``. The decoder iterations backpropagate into a detached copy of the
 image embedding, so their graphs are freed one by one and the encoder backward runs once.
+
+Longer than 400 lines because it is one class: the step, checkpoint/resume and validation
+methods share one run's state (model, optimizer, scheduler, sampler, best metric), which
+split modules would have to pass around by hand.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -23,26 +26,22 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from ..adapters import AdaptedModel, build_adapted_model, save_adapter
-from ..data import PatchSampler, Sample, find_pairs, find_pairs_glob, load_samples, sample_patch, split_by_file
-from ..data.labels import remove_small_objects
+from ..data import PatchSampler, Sample
 from ..errors import PeftExportError
 from ..fsutil import atomic_file
-from ..peft import PeftConfig, count_trainable_parameters, parse_targets
-from ..runtime.intensity import DEFAULT_INTENSITY_RULE
+from ..peft import count_trainable_parameters
+from ..peft.adapters import AdaptedModel, build_adapted_model, save_adapter
 from ..runtime.preprocess import to_uint8  # rounding shared with evaluation and inference
 from . import losses
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import CONFIG_FILE, DEFAULT_EPOCHS, LOG_FILE, PLOT_FILE, RESUME_OVERRIDES, TrainConfig, check_config
 from .distributed import (
     DistInfo,
     all_reduce_mean,
@@ -52,243 +51,10 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-CONFIG_FILE = "train_config.json"
-LOG_FILE = "train_log.jsonl"
-PLOT_FILE = "training.png"
-DEFAULT_EPOCHS = 20
-# Fields a resumed run may change; everything else comes from the run's own config.
-RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every")
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``peftexport finetune``; defaults follow micro-sam where it has one."""
-
-    out: str
-    # data
-    data: str | None = None
-    images: str | None = None
-    labels: str | None = None
-    labels_are: str = "instance"
-    val_data: str | None = None
-    val_fraction: float = 0.1
-    patch_size: int = 512
-    min_object_size: int = 25
-    augment: bool = True
-    intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY_RULE))
-    # model and PEFT
-    model_type: str = "vit_b"
-    checkpoint: str | None = None
-    image_size: int | None = None
-    peft: str = "lora"
-    blocks: str = "late"
-    rank: int | None = None
-    alpha: float = 1.0
-    targets: tuple[str, ...] = ("q", "k", "v", "mlp")
-    dropout: float = 0.1
-    bottleneck: int = 64
-    freeze_decoder: bool = False
-    freeze_prompt_encoder: bool = False
-    # optimisation
-    iterations: int | None = None
-    epochs: int | None = None
-    batch_size: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    objects_per_image: int = 25
-    sub_iterations: int = 8
-    mask_input_prob: float = 0.5
-    lr_patience: int = 3
-    lr_factor: float = 0.9
-    patience: int = 10
-    # validation
-    val_every: int | None = None
-    val_objects: int | None = 25
-    validate_at_start: bool = True
-    # execution
-    precision: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    grad_checkpointing: bool = False
-    cache_frozen_trunk: bool = False
-    save_every: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def peft_config(self) -> PeftConfig:
-        targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
-        return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
-                          dropout=self.dropout, bottleneck=self.bottleneck,
-                          train_prompt_encoder=not self.freeze_prompt_encoder,
-                          train_mask_decoder=not self.freeze_decoder)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in d.items() if k in known})
-
-
-# ----------------------------------------------------------------------------- data
-
-def _load_split(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """Training and validation samples; every data problem of both sets in one report."""
-    if config.data and (config.images or config.labels):
-        raise PeftExportError("--data: give either --data DIR or --images/--labels, not both")
-    if not config.data and not (config.images and config.labels):
-        raise PeftExportError("--data: give --data DIR (with images/ and labels/) or both --images and --labels")
-    pairs = find_pairs(config.data) if config.data else find_pairs_glob(config.images, config.labels)
-    if config.val_data:
-        train_pairs, val_pairs = pairs, find_pairs(config.val_data)
-    else:
-        train_pairs, val_pairs = split_by_file(pairs, config.val_fraction, config.seed)
-    problems, train, val = [], [], []
-    try:
-        train = load_samples(train_pairs, config.labels_are, config.intensity, what="training data")
-    except PeftExportError as exc:
-        problems.append(str(exc))
-    if val_pairs:
-        try:
-            val = load_samples(val_pairs, config.labels_are, config.intensity, what="validation data")
-        except PeftExportError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise PeftExportError("\n".join(problems))
-    return train, val
-
-
-def validation_set(samples: Sequence[Sample], patch_size: int, min_object_size: int, seed: int
-                   ) -> list[tuple[np.ndarray, np.ndarray, str]]:
-    """Fixed validation images: the whole plane when it fits a patch, else one seeded crop.
-
-    Objects under ``min_object_size`` pixels are dropped, as in training. Planes without
-    an eligible object are left out.
-    """
-    out = []
-    for i, s in enumerate(samples):
-        h, w = s.label.shape
-        if h <= patch_size and w <= patch_size:
-            label = remove_small_objects(s.label, min_object_size)
-            image = s.image
-        else:
-            try:
-                image, label = sample_patch(s.image, s.label, np.random.default_rng([seed, i, 7]), patch_size,
-                                            min_object_size, augment=False)
-            except PeftExportError:
-                continue
-        if label.any():
-            out.append((image, label, s.name))
-    return out
-
-
-def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], seed: int = 0,
-             max_objects: int | None = 25) -> dict:
-    """Point and box Dice of any SAM (adapted, merged, plain) on a validation set.
-
-    Uses the evaluation protocol of ``peft_export.evaluate`` through SamPredictor, i.e. the
-    same preprocessing as inference; ``mean_dice`` (the mean of point and box Dice) ranks
-    adapters.
-    """
-    from ..evaluate import evaluate_interactive
-
-    was_training = model.training
-    model.eval()
-    try:
-        res = evaluate_interactive(SamPredictor(model), val_set, prompts=("point", "box"), iterations=0,
-                                   seed=seed, max_objects_per_image=max_objects, progress=False)
-    finally:
-        model.train(was_training)
-    m = res["metrics"]
-    out = {"point_dice": m["point"]["dice"], "box_dice": m["box"]["dice"],
-           "point_iou": m["point"]["iou"], "box_iou": m["box"]["iou"],
-           "n_images": res["n_images"], "n_objects": res["n_objects"]}
-    out["mean_dice"] = None if out["point_dice"] is None else 0.5 * (out["point_dice"] + out["box_dice"])
-    return out
-
-
-# ----------------------------------------------------------------------------- model input
-
-def preprocess_patches(sam: Sam, patches: Sequence[np.ndarray], device: torch.device
-                       ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """uint8 HxWx3 patches (same size) to the encoder input, exactly as SamPredictor.set_image.
-
-    ResizeLongestSide.apply_image (PIL on uint8, what inference uses), then sam.preprocess
-    (normalise, pad). Returns (B x 3 x S x S, resized (h, w)). ``apply_image_torch`` is not
-    used: it differs from apply_image and reads the size from the batch/channel axes.
-    """
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    h, w = patches[0].shape[:2]
-    size = transform.get_preprocess_shape(h, w, transform.target_length)
-    arrs = [p if (h, w) == size else transform.apply_image(p) for p in patches]
-    x = torch.from_numpy(np.stack(arrs)).to(device).permute(0, 3, 1, 2).contiguous().float()
-    return sam.preprocess(x), size
-
-
-# ----------------------------------------------------------------------------- encoder
-
-def first_trainable_block(sam: Sam) -> int | None:
-    """Index of the first encoder block with a trainable tensor (depth if none).
-
-    None when the stem (patch embedding or positional embedding) trains: then nothing of
-    the encoder can run without autograd.
-    """
-    enc = sam.image_encoder
-    stem = list(enc.patch_embed.parameters()) + ([enc.pos_embed] if enc.pos_embed is not None else [])
-    if any(p.requires_grad for p in stem):
-        return None
-    for i, blk in enumerate(enc.blocks):
-        if any(p.requires_grad for p in blk.parameters()):
-            return i
-    return len(enc.blocks)
-
-
-def frozen_trunk(sam: Sam, x: torch.Tensor, first_trainable: int) -> torch.Tensor:
-    """patch_embed + pos_embed + blocks[:first_trainable] without autograd (B x g x g x C)."""
-    enc = sam.image_encoder
-    with torch.no_grad():
-        h = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            h = h + enc.pos_embed
-        for blk in enc.blocks[:first_trainable]:
-            h = blk(h)
-    return h
-
-
-def trainable_tail(sam: Sam, h: torch.Tensor, first_trainable: int, grad_checkpointing: bool = False) -> torch.Tensor:
-    """blocks[first_trainable:] and the neck, with autograd (checkpointed per block if asked)."""
-    enc = sam.image_encoder
-    for blk in enc.blocks[first_trainable:]:
-        if grad_checkpointing and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
-        else:
-            h = blk(h)
-    neck_trains = any(p.requires_grad for p in enc.neck.parameters())
-    if first_trainable >= len(enc.blocks) and not neck_trains:
-        with torch.no_grad():
-            return enc.neck(h.permute(0, 3, 1, 2))
-    return enc.neck(h.permute(0, 3, 1, 2))
-
-
-def encode_with_frozen_prefix(sam: Sam, x: torch.Tensor, first_trainable: int | None,
-                              grad_checkpointing: bool = False) -> torch.Tensor:
-    """Same output as ``sam.image_encoder(x)``, but the frozen prefix builds no autograd graph."""
-    if first_trainable is None:
-        enc = sam.image_encoder
-        h = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            h = h + enc.pos_embed
-        return trainable_tail(sam, h, 0, grad_checkpointing)
-    return trainable_tail(sam, frozen_trunk(sam, x, first_trainable), first_trainable, grad_checkpointing)
+from .validation import load_split, validate, validation_set
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -310,24 +76,6 @@ def _resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.devic
             device = torch.device("cuda", dist_info.local_rank)
     return device
 
-
-def _check_config(c: TrainConfig) -> None:
-    checks = [
-        (c.precision in PRECISIONS, f"--precision: choose one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
-        (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
-        (c.batch_size >= 1, f"--batch-size: must be >= 1, got {c.batch_size}"),
-        (c.objects_per_image >= 1, f"--objects-per-image: must be >= 1, got {c.objects_per_image}"),
-        (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
-        (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
-        (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),
-        (c.epochs is None or c.epochs >= 1, f"--epochs: must be >= 1, got {c.epochs}"),
-        (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),
-        (0.0 <= c.mask_input_prob <= 1.0, f"mask_input_prob: must be in [0, 1], got {c.mask_input_prob}"),
-        (not (c.iterations and c.epochs), "--iterations and --epochs: give one of them"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise PeftExportError(msg)
 
 
 class _StopFlag:
@@ -388,7 +136,7 @@ class Trainer:
         elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not c.overwrite:
             raise PeftExportError(f"{out}: run directory exists and is not empty (pass --resume to continue "
                                   "it or --overwrite to replace it)")
-        _check_config(c)
+        check_config(c)
         return c
 
     def _prepare_out_dir(self, c: TrainConfig) -> None:
@@ -664,7 +412,7 @@ class Trainer:
     def run(self) -> dict:
         c = self._resolve_config()
         self.config = c
-        train, val = _load_split(c)  # all data problems before anything is written
+        train, val = load_split(c)  # all data problems before anything is written
         if c.peft == "qlora":
             from ..peft.qlora import require_bitsandbytes_cuda
 

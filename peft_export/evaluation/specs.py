@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PeftExportError
-from .runtime.intensity import DEFAULT_INTENSITY_RULE, check_intensity_rule, normalize_intensity
-from .runtime.preprocess import to_uint8
+from ..errors import PeftExportError
+from ..runtime.intensity import DEFAULT_INTENSITY_RULE, check_intensity_rule, normalize_intensity
+from ..runtime.preprocess import to_uint8
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RANDOM_PREFIX = "random:"
@@ -67,7 +67,7 @@ def _split_precision(text: str) -> tuple[str, str | None]:
 
 def _kind_of(spec_text: str, source: str) -> str:
     if source.startswith(RANDOM_PREFIX):
-        from .models import MODEL_TYPES
+        from ..models import MODEL_TYPES
 
         model_type = source[len(RANDOM_PREFIX):]
         if model_type not in MODEL_TYPES:
@@ -249,7 +249,7 @@ def load_predictor(
     checkpoints (positional embeddings are interpolated); ``backend`` to export dirs.
     """
     if spec.kind == "export":
-        from .runtime.session import SamSession
+        from ..runtime import SamSession
 
         session = SamSession(spec.source, backend=backend, device=device, precision=spec.precision or "fp32")
         if image_size is not None and image_size != session.image_size:
@@ -264,14 +264,14 @@ def load_predictor(
                 "peft": session.manifest.get("peft")}
         return LoadedModel(spec, session, backend, check_intensity_rule(rule), info)
 
-    from .adapters import load_adapter
-    from .models import load_sam
+    from ..peft.adapters import load_adapter
+    from ..models import load_sam
 
     if spec.kind in ("adapter", "micro-sam"):
         if spec.kind == "adapter":
             adapted = load_adapter(spec.source, checkpoint, force=force)
         else:
-            from .adapters import load_model_source
+            from ..peft.adapters import load_model_source
 
             adapted = load_model_source(micro_sam=spec.source[len(MICRO_SAM_PREFIX):], micro_sam_config=micro_sam_config)
         sam, rule = adapted.model, adapted.intensity

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import PeftExportError
-from .runtime.intensity import normalize_intensity
+from ..errors import PeftExportError
+from ..runtime.intensity import normalize_intensity
 
 POSITIVE = (0, 220, 0)
 NEGATIVE = (230, 0, 0)

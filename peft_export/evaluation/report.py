@@ -1,7 +1,7 @@
 """The ``evaluate`` command: several models, one dataset, one table.
 
 Every model sees the same raw images and the same ground-truth prompts (seeded per
-image and object by ``evaluate.PromptPlan``); each applies its own intensity rule.
+image and object by ``protocol.PromptPlan``); each applies its own intensity rule.
 """
 
 from __future__ import annotations
@@ -16,21 +16,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import PeftExportError
-from .evaluate import (
-    PROMPT_TYPES,
-    evaluate_automatic,
-    evaluate_interactive,
-    format_table,
-    plot_curves,
-    summary_rows,
-    to_markdown,
-)
-from .fsutil import atomic_file, check_can_write
-from .predictors import LoadedModel, load_predictor, parse_model_specs
-from .runtime.intensity import normalize_intensity
-from .runtime.preprocess import to_uint8
+from .. import __version__
+from ..errors import PeftExportError
+from ..fsutil import atomic_file, check_can_write
+from ..runtime.intensity import normalize_intensity
+from ..runtime.preprocess import to_uint8
+from .protocol import PROMPT_TYPES, evaluate_automatic, evaluate_interactive
+from .specs import LoadedModel, load_predictor, parse_model_specs
+from .tables import format_table, plot_curves, summary_rows, to_markdown
 
 EVERYTHING_DEFAULTS = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
                        "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
@@ -52,7 +45,7 @@ def load_raw_samples(data_dir: str | Path, labels_are: str = "instance",
     ``data.load_samples`` normalises intensities with one rule; evaluation needs the raw
     arrays because every model applies its own rule.
     """
-    from .data import find_pairs, plane_names, read_image_planes, read_label_planes, validate_pairs
+    from ..data import find_pairs, plane_names, read_image_planes, read_label_planes, validate_pairs
 
     pairs = find_pairs(data_dir)
     validate_pairs(pairs, labels_are, what=str(data_dir))

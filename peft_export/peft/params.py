@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .models import build_sam_architecture
-from .peft import PeftConfig, apply_peft, count_trainable_parameters
+from ..models import build_sam_architecture
+from .apply import apply_peft, count_trainable_parameters
+from .config import PeftConfig
 
 
 def count_for_config(model_type: str, config: PeftConfig, image_size: int | None = None) -> dict[str, int]:

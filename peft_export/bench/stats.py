@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import PeftExportError
+from ..errors import PeftExportError
 
 
 def summarize_timings(seconds: Sequence[float], batch_size: int = 1) -> dict:

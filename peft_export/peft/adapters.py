@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from . import __version__
-from .errors import PeftExportError
-from .fsutil import atomic_file, sha256_file
-from .models import (
+from .. import __version__
+from ..errors import PeftExportError
+from ..fsutil import atomic_file, sha256_file
+from ..models import (
     RANDOM_INIT,
     BaseModelInfo,
     build_sam_architecture,
@@ -32,9 +32,9 @@ from .models import (
     sam_state_from_checkpoint,
     checkpoint_image_size,
 )
-from .peft import PeftConfig, apply_peft
-from .peft import trainable_state
-from .runtime.intensity import DEFAULT_INTENSITY_RULE
+from ..runtime.intensity import DEFAULT_INTENSITY_RULE
+from .apply import apply_peft, trainable_state
+from .config import PeftConfig
 
 ADAPTER_FORMAT = "peftexport-adapter"
 ADAPTER_FORMAT_VERSION = 1

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import PeftExportError
-from .fsutil import atomic_file
+from ..errors import PeftExportError
+from ..fsutil import atomic_file
 
 EVERYTHING_DEFAULTS = {
     "points_per_side": 32,
@@ -122,7 +122,7 @@ def check_prompts_inside(where: str, shape_hw: Tuple[int, int], coords, box) -> 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One 2D image (HxW or HxWxC) from TIFF/PNG/JPEG/NPY; stacks are refused."""
-    from .data.io import read_image_planes
+    from ..data.io import read_image_planes
 
     planes = read_image_planes(path)
     if len(planes) != 1:
@@ -184,7 +184,7 @@ def predict_images(
     above 65535 objects). Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``.
     The record is the JSON content.
     """
-    from .runtime.session import SamSession, read_manifest
+    from ..runtime import SamSession, read_manifest
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
@@ -203,7 +203,7 @@ def predict_images(
     manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version
     rule = manifest["preprocessing"].get("intensity")
 
-    from .data.io import file_stem
+    from ..data.io import file_stem
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,0 +1,49 @@
+"""Module paths of peftexport 0.1 that moved in 0.2 keep working, with a DeprecationWarning, until 0.3.
+
+A meta-path finder maps the old name to the module's new home (CHANGELOG.md lists each move),
+so ``import peft_export.adapters`` and ``from peft_export.metrics import dice`` still work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+MOVED_MODULES = {
+    "peft_export.adapters": "peft_export.peft.adapters",
+    "peft_export.evaluate": "peft_export.evaluation.protocol",
+    "peft_export.metrics": "peft_export.evaluation.metrics",
+    "peft_export.predictors": "peft_export.evaluation.specs",
+    "peft_export.stats": "peft_export.bench.stats",
+    "peft_export.overlay": "peft_export.predict.overlay",
+    "peft_export.training_params": "peft_export.peft.params",
+}
+
+
+class _MovedModuleLoader(importlib.abc.Loader):
+    def __init__(self, new_name: str) -> None:
+        self.new_name = new_name
+
+    def create_module(self, spec):
+        warnings.warn(f"{spec.name} moved to {self.new_name} in peftexport 0.2; the old path goes in 0.3",
+                      DeprecationWarning, stacklevel=6)
+        return importlib.import_module(self.new_name)
+
+    def exec_module(self, module) -> None:  # the new module is already executed
+        pass
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        new_name = MOVED_MODULES.get(fullname)
+        if new_name is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(new_name))
+
+
+def install() -> None:
+    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.append(_MovedModuleFinder())

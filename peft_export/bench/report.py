@@ -1,0 +1,224 @@
+"""Bench results as people read them: ratios against the reference case, tables, markdown, plots, and
+one table across several runs (bench-compare)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import PeftExportError
+from ..fsutil import atomic_file
+from .cases import BENCH_FORMAT, BENCH_FORMAT_VERSION
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+
+
+def pick_reference(cases: Sequence[dict]) -> str | None:
+    """The case every ratio is against: base torch fp32, else the first case that ran."""
+    ok = [c for c in cases if c.get("status") == "ok" and c.get("components")]
+    for c in ok:
+        if c["model"] == "base" and c["backend"] == "torch" and c["precision"] == "fp32":
+            return c["case"]
+    return ok[0]["case"] if ok else None
+
+
+def add_ratios(cases: list[dict], reference: str | None) -> list[dict]:
+    """Set ``ratio_vs_reference`` (median / reference median, same component) on every timed component."""
+    ref = next((c for c in cases if c["case"] == reference), None)
+    for c in cases:
+        for comp, stats in c.get("components", {}).items():
+            base = (ref or {}).get("components", {}).get(comp)
+            if base and base.get("median_ms"):
+                stats["ratio_vs_reference"] = round(stats["median_ms"] / base["median_ms"], 4)
+            else:
+                stats["ratio_vs_reference"] = None
+    return cases
+
+
+def ratio(cases: Sequence[dict], numerator: str, denominator: str, component: str = "encoder") -> float | None:
+    """median(numerator) / median(denominator) for one component; None if either is missing."""
+    by = {c["case"]: c for c in cases}
+    try:
+        a = by[numerator]["components"][component]["median_ms"]
+        b = by[denominator]["components"][component]["median_ms"]
+    except KeyError:
+        return None
+    return a / b if b else None
+
+
+def table_rows(result: dict, run_label: str | None = None) -> list[dict]:
+    """One row per (case, component) that ran; skipped/failed cases one row each with the reason."""
+    rows = []
+    for c in result.get("cases", []):
+        if c["status"] != "ok":
+            rows.append({"run": run_label, "case": c["case"], "component": "-", "status": c["status"],
+                         "reason": c.get("reason")})
+            continue
+        for comp, s in c["components"].items():
+            rows.append({"run": run_label, "case": c["case"], "component": comp, "status": "ok",
+                         "median_ms": s["median_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
+                         "throughput": s["throughput_per_s"], "unit": s.get("throughput_unit", "images/s"),
+                         "peak_mb": s.get("peak_mb"), "ratio": s.get("ratio_vs_reference")})
+    return rows
+
+
+def _fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "inf"
+        return f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
+    return str(x)
+
+
+_COLUMNS = ("case", "component", "median ms", "p90 ms", "p99 ms", "throughput /s", "peak MB", "ratio")
+
+
+def _cells(row: dict, with_run: bool) -> list[str]:
+    if row["status"] != "ok":
+        cells = [row["case"], "-", f"{row['status']}: {row.get('reason') or ''}", "", "", "", "", ""]
+    else:
+        cells = [row["case"], row["component"], _fmt(row["median_ms"]), _fmt(row["p90_ms"]), _fmt(row["p99_ms"]),
+                 f"{_fmt(row['throughput'])} {'prompts' if row['unit'] == 'prompts/s' else 'img'}",
+                 _fmt(row["peak_mb"], 0), _fmt(row["ratio"], 3)]
+    return ([row.get("run") or ""] if with_run else []) + cells
+
+
+def format_rows(rows: Sequence[dict], markdown: bool = False, with_run: bool = False) -> str:
+    header = (["run"] if with_run else []) + list(_COLUMNS)
+    body = [_cells(r, with_run) for r in rows]
+    if markdown:
+        esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in body]
+        return "\n".join(lines)
+    ok_body = [c for c, r in zip(body, rows) if r["status"] == "ok"]
+    widths = [max([len(h)] + [len(c[i]) for c in ok_body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    for cells, r in zip(body, rows):
+        if r["status"] == "ok":
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    for r in rows:
+        if r["status"] != "ok":
+            prefix = f"[{r['run']}] " if with_run and r.get("run") else ""
+            lines.append(f"{r['status']}: {prefix}{r['case']} -- {r.get('reason')}")
+    return "\n".join(lines)
+
+
+def describe_machine(result: dict) -> str:
+    dev = result.get("machine", {})
+    gpu = dev.get("gpu")
+    cpu = f"{dev.get('cpu')} ({dev.get('cpu_count_usable')} cores usable, {dev.get('ram_gb')} GB RAM)"
+    if gpu and result.get("settings", {}).get("device") == "cuda":
+        return (f"{gpu.get('name')} (driver {gpu.get('driver_version')}, CUDA {gpu.get('cuda_version')}); host {cpu}")
+    return cpu
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    """The printed / markdown table of one bench result, with a header naming machine and settings."""
+    st = result.get("settings", {})
+    ver = result.get("versions", {})
+    head = (f"peftexport bench {result.get('date', '')} -- {describe_machine(result)}\n"
+            f"model {st.get('model_type')} at {st.get('image_size')}px, device {st.get('device')}, "
+            f"warm-up {st.get('warmup')}, iterations {st.get('iterations')}"
+            f"{', interleaved' if st.get('interleave') else ''}; ratio = median / median of "
+            f"'{result.get('reference')}'; "
+            + ", ".join(f"{k} {v}" for k, v in ver.items() if v))
+    table = format_rows(table_rows(result), markdown=markdown)
+    if markdown:
+        return f"{head}\n\n{table}\n"
+    return f"{head}\n{table}"
+
+
+def _run_label(result: dict, path: str | Path) -> str:
+    dev = result.get("machine", {})
+    gpu = dev.get("gpu") if result.get("settings", {}).get("device") == "cuda" else None
+    where = gpu.get("name") if gpu else f"{dev.get('cpu', '?')} x{dev.get('cpu_count_usable', '?')}"
+    return f"{Path(path).stem} ({where})"
+
+
+def read_result(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PeftExportError(f"{path}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise PeftExportError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
+        raise PeftExportError(f"{path}: not a peftexport bench result (format is not '{BENCH_FORMAT}')")
+    if data.get("format_version", 0) > BENCH_FORMAT_VERSION:
+        raise PeftExportError(f"{path}: bench format {data['format_version']} is newer than this peftexport; upgrade")
+    return data
+
+
+def compare_results(paths: Sequence[str | Path], markdown: bool = False) -> str:
+    """One table across several bench JSON files (runs / machines); each row names its run."""
+    if not paths:
+        raise PeftExportError("bench-compare: give at least one bench JSON file")
+    rows, notes = [], []
+    for p in paths:
+        res = read_result(p)
+        label = _run_label(res, p)
+        st = res.get("settings", {})
+        notes.append(f"{label}: {res.get('date', '?')}, {describe_machine(res)}, {st.get('model_type')} at "
+                     f"{st.get('image_size')}px, device {st.get('device')}, ratio vs '{res.get('reference')}'")
+        rows.extend(table_rows(res, run_label=label))
+    head = "\n".join(("- " if markdown else "") + n for n in notes)
+    return f"{head}\n\n{format_rows(rows, markdown=markdown, with_run=True)}\n"
+
+
+def write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, result: dict, overwrite: bool = True) -> Path:
+    return write_text(path, json.dumps(result, indent=2, default=str) + "\n", overwrite)
+
+
+def write_plot(path: str | Path, result: dict, overwrite: bool = True) -> Path:
+    """Horizontal bars of median latency per case, one panel per component (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in result.get("cases", []) if c["status"] == "ok" and c["components"]]
+    comps: list[str] = []
+    for c in ok:
+        comps += [k for k in c["components"] if k not in comps]
+    if not comps:
+        raise PeftExportError(f"{path}: nothing was timed, no plot to draw")
+    n_cases = max(len(ok), 1)
+    fig, axes = plt.subplots(len(comps), 1, figsize=(9, 1.0 + len(comps) * (0.9 + 0.32 * n_cases)), squeeze=False)
+    for ax, comp in zip(axes[:, 0], comps):
+        names = [c["case"] for c in ok if comp in c["components"]]
+        med = [c["components"][comp]["median_ms"] for c in ok if comp in c["components"]]
+        p90 = [c["components"][comp]["p90_ms"] for c in ok if comp in c["components"]]
+        y = np.arange(len(names))
+        colors = ["tab:gray" if n == result.get("reference") else "tab:blue" for n in names]
+        ax.barh(y, med, color=colors, xerr=[np.zeros(len(med)), np.maximum(np.subtract(p90, med), 0)], capsize=2)
+        ax.set_yticks(y)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(comp, fontsize=9, loc="left")
+        ax.set_xlabel("median latency, ms (error bar to p90)", fontsize=8)
+        for yi, m in zip(y, med):
+            ax.text(m, yi, f" {m:.1f}", va="center", fontsize=7)
+    st = result.get("settings", {})
+    fig.suptitle(f"{st.get('model_type')} {st.get('image_size')}px on {describe_machine(result)}", fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        fig.savefig(str(tmp), dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+

@@ -1,0 +1,42 @@
+"""Stage 1, models: build SAM (vit_b / vit_l / vit_h / tiny, any image size), load checkpoints, and an
+exact rel-pos-folded attention for export and fused kernels.
+
+May import: errors, fsutil (and torch, segment_anything).
+"""
+
+from .checkpoints import (
+    BaseModelInfo,
+    checkpoint_image_size,
+    describe_model,
+    infer_model_type,
+    is_micro_sam_checkpoint,
+    load_sam,
+    load_state_strict,
+    read_checkpoint,
+    resize_positional_state,
+    sam_state_from_checkpoint,
+)
+from .folded_attention import FoldedAttention, folded_attention, folded_rel_pos_attention
+from .sam import (
+    ARCHITECTURES,
+    MODEL_TYPES,
+    PATCH_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_EMBED_DIM,
+    RANDOM_INIT,
+    SamArch,
+    build_sam_architecture,
+    check_image_size,
+    check_model_type,
+    random_sam,
+    randomize_positional_embeddings,
+)
+
+__all__ = [
+    "ARCHITECTURES", "BaseModelInfo", "FoldedAttention", "folded_attention", "folded_rel_pos_attention", "MODEL_TYPES", "PATCH_SIZE", "PIXEL_MEAN", "PIXEL_STD", "PROMPT_EMBED_DIM",
+    "RANDOM_INIT", "SamArch", "build_sam_architecture", "check_image_size", "check_model_type",
+    "checkpoint_image_size", "describe_model", "infer_model_type", "is_micro_sam_checkpoint", "load_sam",
+    "load_state_strict", "random_sam", "randomize_positional_embeddings", "read_checkpoint",
+    "resize_positional_state", "sam_state_from_checkpoint",
+]

@@ -1,0 +1,108 @@
+"""Installing a PEFT method into SAM, folding it back out, and counting what trains.
+
+    model = apply_peft(sam, PeftConfig("lora", blocks="late", rank=32, targets=("q", "k", "v", "mlp")))
+    ... train ...
+    plain = merge_peft(model)   # a plain segment_anything Sam with the adapters folded in
+
+Each layer folds itself (``MergeableLayer.merged``); this module only walks the model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from segment_anything.modeling import Sam
+
+from ..errors import PeftExportError
+from .adaptformer import AdaptFormerMLP
+from .base import MergeableLayer, replace_module
+from .config import PeftConfig, parse_targets, resolve_blocks
+from .registry import get_method
+
+
+def check_config(config: PeftConfig, depth: int) -> list[int]:
+    """Validate a config against an encoder depth; returns the resolved blocks."""
+    method = get_method(config.method)
+    if method.name in ("lora", "qlora", "fact") and (config.rank is None or config.rank <= 0):
+        raise PeftExportError(f"--rank must be a positive integer for {method.name}, got {config.rank}")
+    if method.name in ("lora", "qlora"):
+        config.targets = parse_targets(config.targets)
+    if method.name == "adaptformer" and config.bottleneck <= 0:
+        raise PeftExportError(f"--bottleneck must be positive, got {config.bottleneck}")
+    if config.adaptformer_scale != "learnable":
+        try:
+            float(config.adaptformer_scale)
+        except (TypeError, ValueError):
+            raise PeftExportError(
+                f"AdaptFormer scale must be 'learnable' or a number, got {config.adaptformer_scale!r}"
+            ) from None
+    if not 0.0 <= config.dropout < 1.0:
+        raise PeftExportError(f"--dropout must be in [0, 1), got {config.dropout}")
+    return resolve_blocks(config.blocks, depth)
+
+
+def apply_peft(sam: Sam, config: PeftConfig) -> Sam:
+    """Install the PEFT method in place and set which tensors train; returns ``sam``."""
+    blocks = check_config(config, len(sam.image_encoder.blocks))
+    method = get_method(config.method)
+    for p in sam.image_encoder.parameters():
+        p.requires_grad_(False)
+    method.apply(sam, config, blocks)
+    # New adapter layers are created trainable; base tensors inside them stay frozen.
+    for module in sam.image_encoder.modules():
+        if isinstance(module, (MergeableLayer, AdaptFormerMLP)):
+            for name, p in module.named_parameters(recurse=False):
+                p.requires_grad_(True)
+            for child_name, child in module.named_children():
+                if child_name not in ("qkv_proj", "mlp_layer", "layer", "mlp_proj"):
+                    for p in child.parameters():
+                        p.requires_grad_(True)
+    for p in sam.prompt_encoder.parameters():
+        p.requires_grad_(config.train_prompt_encoder)
+    for p in sam.mask_decoder.parameters():
+        p.requires_grad_(config.train_mask_decoder)
+    sam.peft_config = config  # type: ignore[attr-defined]
+    return sam
+
+
+def has_unmergeable_layers(sam: Sam) -> bool:
+    return any(isinstance(m, AdaptFormerMLP) for m in sam.modules())
+
+
+def merge_peft(sam: Sam) -> Sam:
+    """A copy of ``sam`` with every PEFT layer folded into plain SAM modules.
+
+    The result has exactly segment_anything's module structure and state-dict keys.
+    Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight.
+    """
+    if has_unmergeable_layers(sam):
+        raise PeftExportError(
+            "adaptformer cannot be merged: its branch up(ReLU(down(x))) is non-linear in x, so no base "
+            "weight can absorb it; use merge-and-export, which keeps the branch inside the graph"
+        )
+    merged = copy.deepcopy(sam).eval()
+    # Deepest first, so a wrapper's children are plain before the wrapper folds.
+    names = [n for n, m in merged.named_modules() if isinstance(m, MergeableLayer)]
+    for name in sorted(names, key=lambda n: n.count("."), reverse=True):
+        layer = merged.get_submodule(name)
+        replace_module(merged, name, layer.merged())
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    if hasattr(merged, "peft_config"):
+        del merged.peft_config
+    return merged
+
+
+def count_trainable_parameters(sam: Sam) -> dict[str, int]:
+    """Trainable parameters split by image encoder / prompt encoder / mask decoder."""
+    counts = {}
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        counts[part] = sum(p.numel() for p in getattr(sam, part).parameters() if p.requires_grad)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def trainable_state(sam: Sam) -> dict[str, torch.Tensor]:
+    """The tensors that training changes: what an adapter file stores."""
+    return {n: p.detach().cpu().contiguous() for n, p in sam.named_parameters() if p.requires_grad}

@@ -1,0 +1,80 @@
+"""ONNX Runtime backend: one InferenceSession per graph, CPU or CUDA provider, never a silent fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from ...errors import PeftExportError
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None):
+    """ONNX Runtime options used everywhere (runtime, export checks, bench).
+
+    On CPU the memory arena and memory patterns are off: they roughly double the
+    encoder's peak RSS (vit_b: 7 GB -> 3.8 GB) for no speed gain.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if device == "cpu":
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+    if intra_op_threads:
+        opts.intra_op_num_threads = int(intra_op_threads)
+    return opts
+
+
+class OrtBackend:
+    """ONNX Runtime sessions for the encoder and decoder graphs."""
+
+    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int]) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PeftExportError(
+                "backend onnxruntime: the onnxruntime package is not installed "
+                "(pip install 'peftexport[cpu]' or 'peftexport[gpu]')"
+            ) from None
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise PeftExportError(
+                    "device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                    "(and uninstall onnxruntime, they share one module), or use device='cpu'"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = session_options(device, intra_op_threads)
+        self.sessions = {}
+        for name, path in paths.items():
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # ORT raises its own exception types
+                raise PeftExportError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+            if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+                raise PeftExportError(
+                    f"{path}: onnxruntime could not start the CUDA provider (check CUDA/cuDNN libraries)"
+                )
+            self.sessions[name] = sess
+        self.providers = list(next(iter(self.sessions.values())).get_providers())
+
+    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        sess = self.sessions[name]
+        cast = {}
+        for inp in sess.get_inputs():
+            if inp.name not in feeds:
+                raise PeftExportError(f"{name}: graph input '{inp.name}' not provided")
+            cast[inp.name] = np.ascontiguousarray(feeds[inp.name], dtype=ORT_DTYPES.get(inp.type, np.float32))
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, cast)))

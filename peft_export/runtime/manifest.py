@@ -1,0 +1,41 @@
+"""manifest.json of an export dir: the only file the runtime reads to know what an export holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from ..errors import PeftExportError
+
+FORMAT = "peftexport-export"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
+    """Load and check manifest.json of an export dir."""
+    path = Path(export_dir) / "manifest.json"
+    if not Path(export_dir).is_dir():
+        raise PeftExportError(f"{export_dir}: export directory does not exist")
+    if not path.is_file():
+        raise PeftExportError(f"{export_dir}: not an export directory (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PeftExportError(f"{path}: cannot read manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PeftExportError(f"{path}: not a peftexport manifest (format is not '{FORMAT}')")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise PeftExportError(f"{path}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        made_by = manifest.get("peftexport_version", "?")
+        raise PeftExportError(
+            f"{path}: export made by peftexport {made_by}, format {version}; "
+            f"this runtime reads format {FORMAT_VERSION} (upgrade peftexport)"
+        )
+    for key in ("image_size", "graphs", "preprocessing"):
+        if key not in manifest:
+            raise PeftExportError(f"{path}: manifest has no '{key}'")
+    return manifest

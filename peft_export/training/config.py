@@ -1,0 +1,112 @@
+"""``TrainConfig``: every option of ``peftexport finetune``, and the checks that run before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import PeftExportError
+from ..peft import PeftConfig, parse_targets
+from ..runtime.intensity import DEFAULT_INTENSITY_RULE
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "training.png"
+DEFAULT_EPOCHS = 20
+# Fields a resumed run may change; everything else comes from the run's own config.
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``peftexport finetune``; defaults follow micro-sam where it has one."""
+
+    out: str
+    # data
+    data: str | None = None
+    images: str | None = None
+    labels: str | None = None
+    labels_are: str = "instance"
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    patch_size: int = 512
+    min_object_size: int = 25
+    augment: bool = True
+    intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY_RULE))
+    # model and PEFT
+    model_type: str = "vit_b"
+    checkpoint: str | None = None
+    image_size: int | None = None
+    peft: str = "lora"
+    blocks: str = "late"
+    rank: int | None = None
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ("q", "k", "v", "mlp")
+    dropout: float = 0.1
+    bottleneck: int = 64
+    freeze_decoder: bool = False
+    freeze_prompt_encoder: bool = False
+    # optimisation
+    iterations: int | None = None
+    epochs: int | None = None
+    batch_size: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    objects_per_image: int = 25
+    sub_iterations: int = 8
+    mask_input_prob: float = 0.5
+    lr_patience: int = 3
+    lr_factor: float = 0.9
+    patience: int = 10
+    # validation
+    val_every: int | None = None
+    val_objects: int | None = 25
+    validate_at_start: bool = True
+    # execution
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    grad_checkpointing: bool = False
+    cache_frozen_trunk: bool = False
+    save_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def peft_config(self) -> PeftConfig:
+        targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
+        return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
+                          dropout=self.dropout, bottleneck=self.bottleneck,
+                          train_prompt_encoder=not self.freeze_prompt_encoder,
+                          train_mask_decoder=not self.freeze_decoder)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in d.items() if k in known})
+
+
+def check_config(c: TrainConfig) -> None:
+    checks = [
+        (c.precision in PRECISIONS, f"--precision: choose one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
+        (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
+        (c.batch_size >= 1, f"--batch-size: must be >= 1, got {c.batch_size}"),
+        (c.objects_per_image >= 1, f"--objects-per-image: must be >= 1, got {c.objects_per_image}"),
+        (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
+        (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
+        (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),
+        (c.epochs is None or c.epochs >= 1, f"--epochs: must be >= 1, got {c.epochs}"),
+        (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),
+        (0.0 <= c.mask_input_prob <= 1.0, f"mask_input_prob: must be in [0, 1], got {c.mask_input_prob}"),
+        (not (c.iterations and c.epochs), "--iterations and --epochs: give one of them"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise PeftExportError(msg)
