@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,17 @@ def images(tmp_path_factory) -> list[Path]:
     return [d / "nuclei.tif", d / "cells.png"]
 
 
+def _needs_ort_web() -> None:
+    """Sites need onnxruntime-web's files (npm); without them skip, naming the package."""
+    try:
+        ortweb.find_ort_files()
+    except PeftExportError as exc:
+        pytest.skip(f"onnxruntime-web (npm) is not installed: {exc}")
+
+
 @pytest.fixture(scope="module")
 def site(export, images, tmp_path_factory) -> Path:
+    _needs_ort_web()
     out = tmp_path_factory.mktemp("web") / "site"
     build_site(export, images, out, progress=False)
     return out
@@ -100,6 +111,7 @@ def test_site_names_are_unique_and_url_safe(tmp_path):
 
 
 def test_bad_inputs_fail_with_one_line_and_write_nothing(export, images, tmp_path):
+    _needs_ort_web()
     out = tmp_path / "site"
     with pytest.raises(PeftExportError, match="no_such.tif: no such image file"):
         build_site(export, [images[0], tmp_path / "no_such.tif"], out, progress=False)
@@ -139,12 +151,14 @@ def test_package_json_pins_the_version_the_package_expects():
 
 def test_int8_decoder_is_refused_when_its_masks_differ(export, images, tmp_path):
     # The tiny random decoder does not survive dynamic int8 (mean IoU ~0.93 to fp32): refused, nothing written.
+    _needs_ort_web()
     with pytest.raises(PeftExportError, match=r"--precision int8: .* mean IoU 0\.\d+ \(< 0\.99\)"):
         build_site(export, images, tmp_path / "site8", precision="int8", progress=False)
     assert not (tmp_path / "site8").exists()
 
 
 def test_cli_web_prints_sizes_and_how_to_serve(export, images, tmp_path):
+    _needs_ort_web()
     out = tmp_path / "site"
     result = CliRunner().invoke(app, ["web", str(export), str(images[0]), "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
@@ -152,6 +166,46 @@ def test_cli_web_prints_sizes_and_how_to_serve(export, images, tmp_path):
     assert f"python -m http.server -d {out}" in result.output
     again = CliRunner().invoke(app, ["web", str(export), str(images[0]), "--out", str(out), "-q"])
     assert again.exit_code == 2 and "error:" in again.output and "--overwrite" in again.output
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_page_and_onnxruntime_web(tmp_path):
+    # The packaging step as documented: npm ci, copy onnxruntime-web into the package, build the wheel.
+    src = ROOT / "node_modules" / "onnxruntime-web" / "dist"
+    if not src.is_dir():
+        pytest.skip("onnxruntime-web (npm) is not installed: run `npm ci` in the repository")
+    try:
+        from setuptools.command.bdist_wheel import bdist_wheel  # noqa: F401 - setuptools >= 70.1
+    except ImportError:
+        pytest.importorskip("wheel", reason="building a wheel needs setuptools >= 70.1 or the wheel package")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    tree = tmp_path / "tree"
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, tree / rel)
+    ortweb.vendor_into_package(src, tree / "peft_export" / "web" / "ort")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path / "dist"), str(tree)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("peftexport-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in site_module.ASSET_FILES:
+        assert f"peft_export/web/assets/{name}" in names
+    for name in ORT_FILES + ("NOTICE.txt",):
+        assert f"peft_export/web/ort/{name}" in names
+    assert wheel.stat().st_size < 12e6, f"wheel {wheel.stat().st_size / 1e6:.1f} MB"
+    # Installed from the wheel (no node_modules anywhere), the package finds its own copy.
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    env = {k: v for k, v in os.environ.items() if k != ortweb.ENV_VAR}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from peft_export.web import ortweb; "
+            "folder, how = ortweb.find_ort_files(); print(folder, how)")
+    proc = subprocess.run([sys.executable, "-c", code, str(unpacked)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(unpacked / "peft_export" / "web" / "ort"), "package", "data"]
 
 
 # ---- the page in headless Chromium ---------------------------------------------------------
@@ -268,6 +322,7 @@ def test_int8_site_runs_in_the_browser_like_onnxruntime(export, images, tmp_path
     # The gate is tested above; here the int8 graph (MatMulInteger, ConvInteger, DynamicQuantizeLinear)
     # must run in onnxruntime-web as it runs in ONNX Runtime, so the gate is lowered for this site.
     chromium = _browser_tools()
+    _needs_ort_web()
     monkeypatch.setattr(site_module, "INT8_MIN_IOU", 0.0)
     out = tmp_path / "site8"
     summary = build_site(export, images[:1], out, precision="int8", progress=False)

@@ -101,23 +101,24 @@ def copy_ort_files(dst: Path) -> Path:
     return dst
 
 
-def vendor_into_package(src: Optional[Path] = None) -> Path:
-    """The packaging step: fill ``peft_export/web/ort/`` from ``src`` (default: node_modules)."""
+def vendor_into_package(src: Optional[Path] = None, dst: Path = PACKAGE_DIR) -> Path:
+    """The packaging step: fill ``dst`` (``peft_export/web/ort/``) from ``src`` (default: node_modules)."""
     src = Path(src) if src is not None else SOURCE_TREE_DIST
+    dst = Path(dst)
     if not _complete(src):
         raise PeftExportError(f"{src}: no onnxruntime-web files ({FETCH_HINT})")
     version = _npm_version(src)
     if version is not None and version != ORT_WEB_VERSION:
         raise PeftExportError(f"{src}: onnxruntime-web {version}, but package.json pins {ORT_WEB_VERSION} (run `npm ci`)")
-    tmp = PACKAGE_DIR.with_name(".ort.tmp")
+    tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in ORT_FILES:
         shutil.copyfile(src / name, tmp / name)
     (tmp / NOTICE).write_text(notice_text(version or ORT_WEB_VERSION))
-    shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
-    os.replace(tmp, PACKAGE_DIR)
-    return PACKAGE_DIR
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
 
 
 def main(argv: Optional[list[str]] = None) -> int:
