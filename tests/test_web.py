@@ -208,6 +208,67 @@ def test_wheel_ships_the_page_and_onnxruntime_web(tmp_path):
     assert proc.stdout.split() == [str(unpacked / "peft_export" / "web" / "ort"), "package", "data"]
 
 
+# ---- sam.js in node: the page's arithmetic against the runtime's, bit for bit ---------------------
+
+SAM_JS_CHECK = """
+import { readFileSync, writeFileSync } from 'node:fs';
+const sam = await import(process.argv[1]);
+const cases = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const out = [];
+for (const c of cases) {
+  const low = new Float32Array(readFileSync(c.low).buffer.slice(0));
+  writeFileSync(c.logits, sam.logitsFromLowRes(low, c.s, c.imageSize, c.image));
+  const p = sam.encodePrompt(c.points, c.box, c.image);
+  out.push({ coords: Array.from(p.coords), labels: Array.from(p.labels), index: sam.shownMaskIndex(c.iou, p.n) });
+}
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.parametrize("image_size,hw", [(256, (150, 211)), (256, (190, 133)), (256, (37, 500)),
+                                           (256, (100, 80)), (1024, (700, 1024)), (1024, (512, 512))])
+def test_sam_js_maps_coordinates_and_masks_exactly_as_the_runtime(image_size, hw, tmp_path):
+    if not shutil.which("node"):
+        pytest.skip("node is not installed (apt-get install nodejs)")
+    from peft_export.runtime import postprocess_masks, preprocess_shape
+    from peft_export.runtime.prompts import encode_prompts
+    from peft_export.web import shown_mask_index
+
+    h, w = hw
+    s = 4 * (image_size // 16)
+    rng = np.random.default_rng(h * w)
+    image = {"width": w, "height": h, "input_size": list(preprocess_shape(h, w, image_size))}
+    low = (rng.standard_normal((s, s)) * 3).astype(np.float32)
+    (tmp_path / "low.f32").write_bytes(low.tobytes())
+    points = [{"x": int(rng.integers(0, w)), "y": int(rng.integers(0, h)), "label": 1},
+              {"x": w - 1, "y": h - 1, "label": 0}]
+    cases = [{"low": str(tmp_path / "low.f32"), "logits": str(tmp_path / f"logits{i}.f32"), "s": s,
+              "imageSize": image_size, "image": image, "points": pts, "box": box, "iou": [0.1, 0.5, 0.9, 0.3]}
+             for i, (pts, box) in enumerate([(points[:1], None), (points, {"x0": 0, "y0": 3, "x1": w, "y1": h - 2}),
+                                             ([], {"x0": 5, "y0": 0, "x1": w - 5, "y1": h})])]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    shutil.copyfile(ROOT / "peft_export" / "web" / "assets" / "sam.js", tmp_path / "sam.mjs")
+    proc = subprocess.run(["node", "--input-type=module", "-e", SAM_JS_CHECK, "--", (tmp_path / "sam.mjs").as_uri(),
+                           str(tmp_path / "cases.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    want_logits = postprocess_masks(low, tuple(image["input_size"]), (h, w), image_size)
+    for i, (case, got) in enumerate(zip(cases, results)):
+        logits = np.frombuffer((tmp_path / f"logits{i}.f32").read_bytes(), np.float32).reshape(h, w)
+        np.testing.assert_array_equal(logits, want_logits)
+        pts = lbl = box = None
+        if case["points"]:
+            pts = np.asarray([[[p["x"], p["y"]] for p in case["points"]]], np.float64)
+            lbl = np.asarray([[p["label"] for p in case["points"]]], np.float32)
+        if case["box"]:
+            b = case["box"]
+            box = np.asarray([[b["x0"], b["y0"], b["x1"], b["y1"]]], np.float64)
+        coords, labels = encode_prompts(pts, lbl, box, (h, w), image_size)
+        np.testing.assert_array_equal(np.asarray(got["coords"], np.float32), coords.reshape(-1))
+        np.testing.assert_array_equal(np.asarray(got["labels"], np.float32), labels.reshape(-1))
+        assert got["index"] == shown_mask_index(np.asarray(case["iou"]), coords.shape[1])
+
+
 # ---- the page in headless Chromium ---------------------------------------------------------
 
 

@@ -6,7 +6,7 @@
 //
 // PLAN: {url, chromium, userDataDir, screenshot?, downloads?, timeoutMs?, steps: [...]}; steps use
 // image pixel coordinates: {select: i} | {click: [x, y], button?: "left"|"right"} |
-// {drag: [x0, y0, x1, y1]} | {export: true}. Real (not virtual) time throughout: headless
+// {drag: [x0, y0, x1, y1]} | {clear: true} | {export: true}. Real (not virtual) time throughout: headless
 // Chromium's --virtual-time-budget would freeze performance.now() and with it the timings.
 import { mkdirSync, readFileSync, readdirSync } from 'node:fs';
 import puppeteer from 'puppeteer-core';
@@ -60,6 +60,8 @@ try {
     const before = (await snapshot()).version;
     if (step.select !== undefined) {
       await page.select('#image', String(step.select));
+    } else if (step.clear) {
+      await page.click('#clear');
     } else if (step.click) {
       const [x, y] = await screen(...step.click);
       await page.mouse.click(x, y, { button: step.button || 'left' });

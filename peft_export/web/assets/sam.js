@@ -4,7 +4,7 @@
 // peft_export.runtime exactly, so the page shows what SamSession.predict returns:
 //   encodePrompt     = runtime.prompts.encode_prompts + preprocess.transform_coords
 //   shownMaskIndex   = web.decoder_check.shown_mask_index (Meta's ONNX select_masks rule)
-//   maskFromLowRes   = runtime.postprocess.postprocess_masks, then logits > 0
+//   logitsFromLowRes = runtime.postprocess.postprocess_masks (maskFromLowRes: then logits > 0)
 
 const f32 = Math.fround;
 
@@ -84,11 +84,16 @@ export function resizeBilinear(x, inH, inW, outH, outW, keepH = outH, keepW = ou
   return out;
 }
 
-/** Low-res logits (s x s) -> binary mask (height x width, 1 inside) as Sam.postprocess_masks. */
-export function maskFromLowRes(lowRes, s, imageSize, image) {
+/** Low-res logits (s x s) -> logits at the image's size (height x width), as Sam.postprocess_masks. */
+export function logitsFromLowRes(lowRes, s, imageSize, image) {
   const [inH, inW] = image.input_size;
   const cropped = resizeBilinear(lowRes, s, s, imageSize, imageSize, inH, inW);
-  const logits = resizeBilinear(cropped, inH, inW, image.height, image.width);
+  return resizeBilinear(cropped, inH, inW, image.height, image.width);
+}
+
+/** Low-res logits -> binary mask (height x width, 1 inside): the logits above 0. */
+export function maskFromLowRes(lowRes, s, imageSize, image) {
+  const logits = logitsFromLowRes(lowRes, s, imageSize, image);
   const mask = new Uint8Array(logits.length);
   for (let i = 0; i < logits.length; i++) mask[i] = logits[i] > 0 ? 1 : 0;
   return mask;
