@@ -285,18 +285,30 @@ def _browser_tools() -> str:
 
 
 class _Server:
+    """``python -m http.server -d SITE`` (the documented command: no COOP/COEP), or with ``isolate``
+    ``peft_export.web.serve`` (COOP/COEP), on 127.0.0.1 and a free port."""
+
     def __init__(self, folder: Path, isolate: bool) -> None:
-        self.httpd = make_server(folder, port=0, isolate=isolate, quiet=True)
-        self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.folder, self.isolate = folder, isolate
 
     def __enter__(self) -> str:
-        self.thread.start()
-        return self.url
+        if self.isolate:
+            self.httpd = make_server(self.folder, port=0, isolate=True, quiet=True)
+            threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+            return "http://127.0.0.1:%d/" % self.httpd.server_address[1]
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d",
+                                      str(self.folder)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+        port = int(line.split(" port ")[1].split()[0])
+        return f"http://127.0.0.1:{port}/"
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.isolate:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        else:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
 
 
 def _drive(url: str, steps: list, tmp_path: Path, tag: str, chromium: str) -> dict:
