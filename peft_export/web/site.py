@@ -30,7 +30,7 @@ from ..errors import PeftExportError
 from ..fsutil import atomic_dir
 from ..predict import read_image
 from ..predict.overlay import display_image, save_png
-from ..runtime import SamSession
+from ..runtime import SamSession, read_manifest
 from .decoder_check import INT8_MIN_IOU, compare_decoders
 from .ortweb import ORT_FILES, copy_ort_files, find_ort_files
 
@@ -73,15 +73,14 @@ def _check_assets() -> None:
 
 
 def _open_session(export_dir: Path, encoder_precision: str, adapter: Optional[str]) -> SamSession:
-    if adapter is None:
-        return SamSession(export_dir, precision=encoder_precision)
-    manifest = json.loads((export_dir / "manifest.json").read_text()) if (export_dir / "manifest.json").is_file() else {}
-    if not manifest.get("adapters"):
-        raise PeftExportError(
-            f"--adapter: {export_dir} holds one model (manifest.json lists no adapters); "
-            "--adapter picks one adapter of a shared-trunk export, leave it out here"
-        )
-    raise PeftExportError("--adapter: shared-trunk exports are not supported by this version of `peftexport web`")
+    if adapter is not None:
+        if not read_manifest(export_dir).get("adapters"):
+            raise PeftExportError(
+                f"--adapter: {export_dir} holds one model (manifest.json lists no adapters); "
+                "--adapter picks one adapter of a shared-trunk export, leave it out here"
+            )
+        raise PeftExportError("--adapter: shared-trunk exports are not supported by this version of `peftexport web`")
+    return SamSession(export_dir, precision=encoder_precision)
 
 
 def _folder_bytes(folder: Path) -> int:
