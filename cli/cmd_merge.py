@@ -42,8 +42,9 @@ def merge(
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Writes OUT and merge_report.json beside it; fails and writes nothing if the merged
-    model differs from the adapter model by more than 1e-4 (relative) on a probe input."""
+    """Writes OUT and its report beside it (merged.pth -> merged.report.json); fails and writes
+    nothing if the merged model differs from the adapter model by more than 1e-4 (relative) on a
+    probe input."""
     from peft_export.peft.adapters import load_model_source
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import check_can_write
