@@ -198,10 +198,12 @@ def main() -> int:
     (args.out / "bench_web.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['date']}  {report['cpu']} ({report['cores']} cores)  {version}  load {report['load_before']}"
           f" -> {report['load_after']}")
-    print(f"{'decoder':<8} {'server':<9} {'threads':>7} {'median ms':>10} {'p90 ms':>8} {'n':>4}  load")
+    print("| decoder | server | wasm threads | median ms per click | p90 ms | decodes | load average |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for r in report["runs"]:
-        print(f"{r['precision']:<8} {r['server']:<9} {r['threads']:>7} {r['median_ms']:>10.1f} {r['p90_ms']:>8.1f} "
-              f"{r['n']:>4}  {r['load']}")
+        server = "python -m http.server" if r["server"] == "plain" else "peft_export.web.serve (COOP/COEP)"
+        print(f"| {r['precision']} | {server} | {r['threads']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['n']} "
+              f"| {r['load']} |")
     for p, s in report["sites"].items():
         native = ", ".join(f"{n['threads']} thread(s) {n['median_ms']:.1f} ms" for n in s["native"])
         gate = "" if s["int8_check"] is None else (f"; vs fp32 mean IoU {s['int8_check']['mean_iou']:.4f} "
