@@ -6,6 +6,7 @@ official checkpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_qlora_adapter_merges_to_a_checkpoint_that_loads_strictly(tmp_path):
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
     assert {v.device.type for v in state.values()} == {"cpu"}
     build_sam_architecture("tiny", SIZE).load_state_dict(state, strict=True)
-    written = json.loads((tmp_path / "merge_report.json").read_text())
+    written = json.loads(Path(report["report_path"]).read_text())
     assert written["qlora_vs_fp32_base"]["embeddings"]["max_rel"] > 1e-4
     assert report["passed"]
 
