@@ -1,0 +1,219 @@
+"""Browser benchmark: decoder latency per click of a `peftexport web` site in headless Chromium.
+
+    flock /work/bench.lock python benchmarks/bench_web.py --out /tmp/bench_web      # vit_b at 1024
+
+Builds (or reuses, ``--export``) a vit_b export with random weights, makes one synthetic
+1024x1024 nuclei image, builds the site with the fp32 decoder and with the int8 decoder
+(latency measured even where the int8 gate refuses it; the gate's IoU is reported), then drives
+each site in Debian's chromium (puppeteer-core, tests/web/drive_page.mjs) over a plain server
+(one wasm thread: no COOP/COEP) and over ``peft_export.web.serve`` (cross-origin isolated:
+threads). Per object: clear, a positive click, a second click, a box drag (3 decodes, the
+previous low-res mask fed back). The first object is warm-up. For context the same decoder
+graph is timed in ONNX Runtime (Python, 1 thread and default threads) in the same run.
+
+Writes OUT/bench_web.json and prints a table. Needs: chromium, node, `npm ci` (puppeteer-core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from peft_export.web import build_site, site as site_module  # noqa: E402
+from peft_export.web.serve import make_server  # noqa: E402
+
+warnings.filterwarnings("ignore", message="no checkpoint given")
+DRIVER = ROOT / "tests" / "web" / "drive_page.mjs"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_export(out: Path, model_type: str, size: int) -> Path:
+    export = out / f"export_{model_type}_{size}"
+    if (export / "manifest.json").is_file():
+        return export
+    from peft_export.export import merge_and_export
+    from peft_export.peft import PeftConfig
+    from peft_export.peft.adapters import build_adapted_model
+
+    log(f"exporting a random {model_type} at {size} (freeze-encoder: no adapter to merge) ...")
+    adapted = build_adapted_model(PeftConfig(method="freeze-encoder"), model_type, None, size, seed=0)
+    merge_and_export(adapted, export, precisions=("fp32",), progress=False)
+    return export
+
+
+def make_image(out: Path, size: int) -> Path:
+    from peft_export.data import make_demo_data
+
+    pairs = make_demo_data(out / "data", n_images=1, size=size, seed=3, overwrite=True)
+    return Path(pairs[0].image)
+
+
+def object_steps(width: int, height: int, n_objects: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(n_objects):
+        x, y = int(rng.integers(width // 8, width * 7 // 8)), int(rng.integers(height // 8, height * 7 // 8))
+        r = max(width // 20, 4)
+        steps += [{"clear": True}, {"click": [x, y]}, {"click": [min(x + r // 2, width - 1), y]},
+                  {"drag": [max(x - r, 0), max(y - r, 0), min(x + r, width - 1), min(y + r, height - 1)]}]
+    return steps
+
+
+def drive(site: Path, isolate: bool, steps: list, work: Path, tag: str, chromium: str) -> dict:
+    httpd = make_server(site, port=0, isolate=isolate, quiet=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        plan = {"url": f"http://127.0.0.1:{httpd.server_address[1]}/index.html", "chromium": chromium,
+                "userDataDir": str(work / f"profile-{tag}"), "screenshot": str(work / f"{tag}.png"),
+                "steps": steps, "timeoutMs": 300_000}
+        (work / f"{tag}.plan.json").write_text(json.dumps(plan))
+        t = time.perf_counter()
+        proc = subprocess.run(["node", str(DRIVER), str(work / f"{tag}.plan.json")], capture_output=True,
+                              text=True, cwd=ROOT, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tag}: driver failed: {proc.stderr[-2000:]}")
+        result = json.loads(proc.stdout)
+        result["wall_s"] = round(time.perf_counter() - t, 1)
+        return result
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def summarize(timings: list[dict], skip: int) -> dict:
+    ms = np.asarray([t["decoderMs"] for t in timings[skip:]], np.float64)
+    post = np.asarray([t["postMs"] for t in timings[skip:]], np.float64)
+    return {"n": int(ms.size), "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+            "min_ms": float(ms.min()), "postprocess_median_ms": float(np.median(post))}
+
+
+def native_decoder_ms(decoder: Path, site: Path, threads: int | None, n: int = 20) -> dict:
+    """The same decoder graph in ONNX Runtime (Python): one click on the site's first embedding."""
+    import onnxruntime as ort
+
+    from peft_export.runtime import session_options
+
+    meta = json.loads((site / "site.json").read_text())
+    rec = meta["images"][0]
+    emb = np.fromfile(site / rec["embedding"], "<f4").reshape(meta["embedding_shape"])
+    s = meta["low_res_size"]
+    sess = ort.InferenceSession(str(decoder), session_options("cpu", threads), providers=["CPUExecutionProvider"])
+    feeds = {"image_embeddings": emb, "point_coords": np.array([[[500, 400], [0, 0]]], np.float32),
+             "point_labels": np.array([[1, -1]], np.float32), "mask_input": np.zeros((1, 1, s, s), np.float32),
+             "has_mask_input": np.zeros(1, np.float32)}
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
+    times = []
+    for _ in range(n + 3):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"threads": threads or "default", "median_ms": float(np.median(times[3:]))}
+
+
+def folder_mb(folder: Path, exclude: str | None = None) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (exclude is None or exclude not in
+                                                                                   p.relative_to(folder).parts)) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_web"))
+    parser.add_argument("--export", type=Path, default=None, help="existing export dir (default: a random vit_b)")
+    parser.add_argument("--model", default="vit_b")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--objects", type=int, default=8, help="objects per run (3 decodes each; first is warm-up)")
+    parser.add_argument("--precision", default="fp32,int8")
+    parser.add_argument("--servers", default="plain,isolated")
+    args = parser.parse_args()
+    chromium = os.environ.get("PEFTEXPORT_CHROMIUM") or shutil.which("chromium")
+    if not chromium or not shutil.which("node") or not (ROOT / "node_modules" / "puppeteer-core").is_dir():
+        print("error: needs chromium (apt-get install chromium), node and `npm ci`", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    export = args.export or make_export(args.out, args.model, args.image_size)
+    image = make_image(args.out, args.image_size)
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout.strip()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "cores": os.cpu_count(),
+              "chromium": version, "export": str(export), "image": str(image), "load_before": load_average(),
+              "sites": {}, "runs": []}
+    for precision in args.precision.split(","):
+        site = args.out / f"site_{precision}"
+        gate = site_module.INT8_MIN_IOU
+        site_module.INT8_MIN_IOU = 0.0  # time int8 even where the gate would refuse it; the IoU is reported
+        try:
+            summary = build_site(export, [image], site, precision=precision, overwrite=True, progress=False)
+        finally:
+            site_module.INT8_MIN_IOU = gate
+        check = summary["decoder"].get("check")
+        report["sites"][precision] = {
+            "decoder_mb": summary["bytes_decoder"] / 1e6, "site_without_ort_mb": summary["bytes_site_without_ort"] / 1e6,
+            "onnxruntime_web_mb": summary["bytes_onnxruntime_web"] / 1e6, "embeddings_mb": summary["bytes_embeddings"] / 1e6,
+            "images_mb": summary["bytes_images"] / 1e6, "int8_check": check,
+            "int8_accepted": None if check is None else check["mean_iou"] >= gate,
+            "native": [native_decoder_ms(site / summary["decoder"]["path"], site, t) for t in (1, None)],
+        }
+        meta = json.loads((site / "site.json").read_text())["images"][0]
+        steps = object_steps(meta["width"], meta["height"], args.objects)
+        for server in args.servers.split(","):
+            log(f"{precision} decoder, {server} server: {len(steps)} steps (load {load_average()})")
+            result = drive(site, server == "isolated", steps, args.out, f"{precision}-{server}", chromium)
+            state = result["steps"][-1]["state"]
+            run = {"precision": precision, "server": server, "threads": state["threads"],
+                   "load": load_average(), "wall_s": result["wall_s"], **summarize(result["timings"], skip=3)}
+            report["runs"].append(run)
+            log(f"  decoder median {run['median_ms']:.1f} ms, p90 {run['p90_ms']:.1f} ms ({run['threads']} thread(s))")
+    report["load_after"] = load_average()
+    (args.out / "bench_web.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{report['date']}  {report['cpu']} ({report['cores']} cores)  {version}  load {report['load_before']}"
+          f" -> {report['load_after']}")
+    print("| decoder | server | wasm threads | median ms per click | p90 ms | decodes | load average |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in report["runs"]:
+        server = "python -m http.server" if r["server"] == "plain" else "peft_export.web.serve (COOP/COEP)"
+        print(f"| {r['precision']} | {server} | {r['threads']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['n']} "
+              f"| {r['load']} |")
+    for p, s in report["sites"].items():
+        native = ", ".join(f"{n['threads']} thread(s) {n['median_ms']:.1f} ms" for n in s["native"])
+        gate = "" if s["int8_check"] is None else (f"; vs fp32 mean IoU {s['int8_check']['mean_iou']:.4f} "
+                                                   f"(min {s['int8_check']['min_iou']:.4f}) -> "
+                                                   f"{'accepted' if s['int8_accepted'] else 'refused'}")
+        print(f"site {p}: decoder {s['decoder_mb']:.1f} MB, site {s['site_without_ort_mb']:.1f} MB + onnxruntime-web "
+              f"{s['onnxruntime_web_mb']:.1f} MB; ONNX Runtime (Python) {native}{gate}")
+    print(f"wrote {args.out / 'bench_web.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``build_site``: a static click-to-segment site for an export and some images.
+
+The site (every path relative, so any static server or folder works)::
+
+    index.html  app.js  sam.js  style.css     the page (assets/ of this package, unchanged)
+    site.json                                 model, decoder and images (read by app.js)
+    decoder.onnx | decoder.int8.onnx          the export's decoder graph (int8: quantised here, checked)
+    images/<name>.png                         each image as the model sees it (intensity rule applied)
+    embeddings/<name>.f32                     its image embedding, float32 little-endian, 1x256xgxg
+    ort/                                      onnxruntime-web's wasm files + NOTICE.txt (see ortweb.py)
+
+Embeddings are computed here with the runtime (``SamSession.encode``), so the page only
+decodes: per click it runs the decoder on wasm and upsamples the chosen low-res mask
+exactly as ``runtime.postprocess.postprocess_masks`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..errors import PeftExportError
+from ..fsutil import atomic_dir
+from ..predict import read_image
+from ..predict.overlay import display_image, save_png
+from ..runtime import SamSession, read_manifest
+from .decoder_check import INT8_MIN_IOU, compare_decoders
+from .ortweb import ORT_FILES, copy_ort_files, find_ort_files
+
+SITE_FORMAT = "peftexport-web-site"
+SITE_FORMAT_VERSION = 1
+ASSETS = Path(__file__).resolve().parent / "assets"
+ASSET_FILES = ("index.html", "app.js", "sam.js", "style.css")
+DECODER_PRECISIONS = ("fp32", "int8")
+DECODER_FLAVOURS = ("decoder_lowres", "decoder")  # what SamSession prefers, in order
+
+
+def decoder_source(export_dir: Path, manifest: Dict[str, Any]) -> tuple[str, Path]:
+    """(flavour, path) of the export's fp32 decoder the site uses: the runtime's choice."""
+    for flavour in DECODER_FLAVOURS:
+        entry = (manifest["graphs"].get(flavour) or {}).get("fp32")
+        if entry:
+            path = export_dir / entry["path"]
+            if not path.is_file():
+                raise PeftExportError(f"{path}: {flavour} graph listed in manifest.json is missing")
+            return flavour, path
+    raise PeftExportError(f"{export_dir}: manifest.json lists no fp32 decoder graph")
+
+
+def _site_names(images: Sequence[Path]) -> List[str]:
+    """A unique, URL-safe name per image (its stem; -2, -3 ... on repeats)."""
+    names: List[str] = []
+    for path in images:
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem) or "image"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _check_assets() -> None:
+    missing = [n for n in ASSET_FILES if not (ASSETS / n).is_file()]
+    if missing:
+        raise PeftExportError(f"{ASSETS}: page files missing from the installed package: {', '.join(missing)}")
+
+
+def _open_session(export_dir: Path, encoder_precision: str, adapter: Optional[str]) -> SamSession:
+    if adapter is not None:
+        if not read_manifest(export_dir).get("adapters"):
+            raise PeftExportError(
+                f"--adapter: {export_dir} holds one model (manifest.json lists no adapters); "
+                "--adapter picks one adapter of a shared-trunk export, leave it out here"
+            )
+        raise PeftExportError("--adapter: shared-trunk exports are not supported by this version of `peftexport web`")
+    return SamSession(export_dir, precision=encoder_precision)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def build_site(
+    export_dir: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    precision: str = "fp32",
+    encoder_precision: str = "fp32",
+    adapter: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Write the site into ``out`` (atomically) and return a summary (paths, sizes, checks).
+
+    ``precision`` is the decoder's in the site (int8: dynamic quantisation of the fp32 decoder,
+    refused unless its masks agree with fp32 at mean IoU >= 0.99 on these images);
+    ``encoder_precision`` picks the export's encoder that computes the embeddings.
+    """
+    if precision not in DECODER_PRECISIONS:
+        raise PeftExportError(f"--precision: the site's decoder is fp32 or int8, not {precision!r}")
+    if not images:
+        raise PeftExportError("IMAGES: give at least one image file")
+    export_dir, out = Path(export_dir), Path(out)
+    _check_assets()
+    find_ort_files()  # before any slow work: no npm files -> one line naming the fix
+    session = _open_session(export_dir, encoder_precision, adapter)
+    manifest = session.manifest
+    flavour, decoder_path = decoder_source(export_dir, manifest)
+    paths = [Path(p) for p in images]
+    arrays = []
+    for path in paths:  # every image readable before anything is computed
+        if not path.is_file():
+            raise PeftExportError(f"{path}: no such image file")
+        arrays.append(read_image(path))
+    names = _site_names(paths)
+    rule = manifest["preprocessing"].get("intensity")
+
+    from tqdm import tqdm
+
+    embeddings, records = [], []
+    for name, path, image in tqdm(list(zip(names, paths, arrays)), desc="embeddings", unit="image",
+                                  disable=not progress):
+        emb = session.encode(image)
+        embeddings.append(emb)
+        h, w = emb.original_size
+        records.append({
+            "name": name, "source": path.name, "width": w, "height": h,
+            "input_size": list(emb.input_size),
+            "image": f"images/{name}.png", "embedding": f"embeddings/{name}.f32",
+        })
+
+    g = session.image_size // 16
+    base = manifest.get("base") or {}
+    site: Dict[str, Any] = {
+        "format": SITE_FORMAT,
+        "format_version": SITE_FORMAT_VERSION,
+        "peftexport_version": __version__,
+        "model_type": manifest.get("model_type"),
+        "random_weights": base.get("sha256") == "random-init",
+        "peft": (manifest.get("peft") or {}).get("method"),
+        "adapter": adapter,
+        "image_size": session.image_size,
+        "low_res_size": session.low_res_size,
+        "embedding_shape": [1, 256, g, g],
+        "encoder_precision": encoder_precision,
+        "images": records,
+    }
+    summary: Dict[str, Any] = {"out": str(out), "images": records}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a site is meant to be served
+        for name in ASSET_FILES:
+            shutil.copyfile(ASSETS / name, tmp / name)
+        decoder_file = "decoder.onnx" if precision == "fp32" else "decoder.int8.onnx"
+        if precision == "fp32":
+            shutil.copyfile(decoder_path, tmp / decoder_file)
+        else:
+            from ..export.quantize import quantize_int8
+
+            quantize_int8(decoder_path, tmp / decoder_file)
+            check = compare_decoders(decoder_path, tmp / decoder_file, flavour, embeddings, session.image_size)
+            summary["int8_check"] = check
+            if check["mean_iou"] < INT8_MIN_IOU:
+                raise PeftExportError(
+                    f"--precision int8: the int8 decoder's masks agree with fp32 at mean IoU {check['mean_iou']:.4f} "
+                    f"(< {INT8_MIN_IOU}) on these images; use --precision fp32 (nothing written)"
+                )
+        site["decoder"] = {"path": decoder_file, "graph": flavour, "precision": precision,
+                           "check": summary.get("int8_check")}
+        (tmp / "images").mkdir()
+        (tmp / "embeddings").mkdir()
+        for rec, image, emb in zip(records, arrays, embeddings):
+            save_png(display_image(image, rule), tmp / rec["image"])
+            (tmp / rec["embedding"]).write_bytes(np.ascontiguousarray(emb.embedding, dtype="<f4").tobytes())
+        copy_ort_files(tmp / "ort")
+        (tmp / "site.json").write_text(json.dumps(site, indent=2))
+        ort_bytes = sum((tmp / "ort" / n).stat().st_size for n in ORT_FILES)
+        summary.update(
+            decoder=site["decoder"],
+            bytes_total=_folder_bytes(tmp),
+            bytes_onnxruntime_web=ort_bytes,
+            bytes_decoder=(tmp / decoder_file).stat().st_size,
+            bytes_embeddings=_folder_bytes(tmp / "embeddings"),
+            bytes_images=_folder_bytes(tmp / "images"),
+        )
+        summary["bytes_site_without_ort"] = summary["bytes_total"] - ort_bytes
+    return summary
