@@ -87,7 +87,9 @@ def test_merge_cli_micro_sam(tmp_path):
     "setup,args,message",
     [
         ("corrupt", ["--adapter", "{d}/run"], "not a readable safetensors"),
-        ("none", ["--adapter", "{d}/nothing"], "adapter.json not found"),
+        ("none", ["--adapter", "{d}/nothing"], "/nothing: not found (expected a finetune run directory"),
+        ("emptydir", ["--adapter", "{d}/empty"], "/empty: no adapter.json in this directory"),
+        ("afile", ["--adapter", "{d}/weights.bin"], "/weights.bin: not an adapter (weights.json not found"),
         ("ok", ["--adapter", "{d}/run", "--checkpoint", "{d}/missing.pth"], "checkpoint file not found"),
         ("none", ["--micro-sam", "{d}/x.pt", "--peft", "nosuch"], "unknown PEFT method"),
         ("microsam", ["--micro-sam", "{d}/ms.pt", "--peft", "lora", "--blocks", "0-9"], "out of range"),
@@ -101,6 +103,10 @@ def test_merge_cli_bad_input(tmp_path, setup, args, message):
         save_adapter(make_adapted(dict(method="lora", rank=2)), tmp_path / "run")
         if setup == "corrupt":
             (tmp_path / "run" / "adapter.safetensors").write_bytes(b"broken")
+    if setup == "emptydir":
+        (tmp_path / "empty").mkdir()
+    if setup == "afile":
+        (tmp_path / "weights.bin").write_bytes(b"x")
     if setup == "adaptformer":
         save_adapter(make_adapted(dict(method="adaptformer", bottleneck=4)), tmp_path / "run")
     if setup == "microsam":
