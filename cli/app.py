@@ -75,7 +75,7 @@ class PipelineGroup(TyperGroup):
         except click.exceptions.ClickException as exc:
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)

@@ -14,6 +14,7 @@ from .options import CheckpointOpt, OverwriteOpt, QuietOpt, RankOpt, SeedOpt
 
 @command("finetune", short="Train a PEFT adapter on images + instance labels.", help="Train a PEFT adapter on images + instance labels (micro-sam's recipe); torchrun for DDP.")
 def finetune(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: best adapter, last/ checkpoint, logs, plot."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Directory with images/ and labels/ (paired by name)."),
     images: Optional[str] = typer.Option(None, "--images", help="Glob of image files (with --labels)."),
@@ -83,6 +84,7 @@ def finetune(
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
         seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
         save_every=save_every, resume=resume, overwrite=overwrite, progress=not (quiet or no_progress),
+        explicit=_given_fields(ctx),
     )
     summary = run_finetune(cfg)
     if summary["world_size"] > 1 and summary.get("rank", 0) != 0:
@@ -97,6 +99,18 @@ def finetune(
     if summary["status"] == "interrupted":
         echo(f"resume with: peftexport finetune --out {summary['out']} --resume")
         raise typer.Exit(130)
+
+
+# CLI parameters whose TrainConfig field has another name.
+_FIELD_OF = {"model": "model_type", "intensity_low": "intensity", "intensity_high": "intensity", "quiet": "progress",
+             "no_progress": "progress"}
+
+
+def _given_fields(ctx: typer.Context) -> tuple[str, ...]:
+    """The TrainConfig fields the user typed (so --resume can refuse options that differ from the run)."""
+    given = [p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) is not None and ctx.get_parameter_source(p.name).name != "DEFAULT"]
+    return tuple(sorted({_FIELD_OF.get(n, n) for n in given}))
 
 
 @command("make-demo-data", short="Write synthetic nuclei images + instance labels.", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")

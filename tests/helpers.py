@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -48,3 +49,53 @@ def make_adapted(config: dict, image_size: int | None = None, seed: int = 0) -> 
     return adapted
 
 
+def hand_merge(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The merged state dict in float64, from the adapted model's raw tensors by the methods' formulas.
+
+    Works on state-dict keys only (micro-sam's layout), never on our PEFT modules, so it is an
+    independent reference for every merge test: LoRA W + alpha B A on the q/k/v slices and
+    lin1/lin2; FacT W_q + V S_q U, W_v + V S_v U; SSF W * s (per output channel), b * s + t;
+    plain tensors (selective methods, decoder, untouched blocks) as they are.
+    """
+    s = {k: v.double() for k, v in state.items()}
+    alpha = float(config.get("alpha", 1.0))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in s.items():
+        if re.search(r"\.(w_[ab]_linear_\w+|FacT[uv]|[qv]_FacTs)\.weight$|\.(scale|shift)$", key):
+            continue  # adapter tensors: folded into the base keys below
+        m = re.match(r"(.*)\.attn\.qkv\.qkv_proj\.(weight|bias)$", key)
+        if m:
+            prefix, kind = m.groups()
+            w = value.clone()
+            d = w.shape[0] // 3
+            if kind == "weight":
+                for i, t in enumerate("qkv"):
+                    a = s.get(f"{prefix}.attn.qkv.w_a_linear_{t}.weight")
+                    if a is not None:
+                        w[i * d:(i + 1) * d] += alpha * (s[f"{prefix}.attn.qkv.w_b_linear_{t}.weight"] @ a)
+                u = s.get(f"{prefix}.attn.qkv.FacTu.weight")
+                if u is not None:
+                    v = s[f"{prefix}.attn.qkv.FacTv.weight"]
+                    w[:d] += v @ s[f"{prefix}.attn.qkv.q_FacTs.weight"] @ u
+                    w[2 * d:] += v @ s[f"{prefix}.attn.qkv.v_FacTs.weight"] @ u
+            out[f"{prefix}.attn.qkv.{kind}"] = w
+            continue
+        m = re.match(r"(.*)\.mlp\.mlp_layer\.lin([12])\.(weight|bias)$", key)
+        if m:
+            prefix, n, kind = m.groups()
+            w = value.clone()
+            if kind == "weight":
+                w += alpha * (s[f"{prefix}.mlp.w_b_linear_{n}.weight"] @ s[f"{prefix}.mlp.w_a_linear_{n}.weight"])
+            out[f"{prefix}.mlp.lin{n}.{kind}"] = w
+            continue
+        m = re.match(r"(.*)\.layer\.(weight|bias)$", key)
+        if m and f"{m.group(1)}.scale" in s:
+            prefix, kind = m.groups()
+            scale, shift = s[f"{prefix}.scale"], s[f"{prefix}.shift"]
+            if kind == "weight":
+                out[f"{prefix}.weight"] = value * scale.view(-1, *([1] * (value.dim() - 1)))
+            else:
+                out[f"{prefix}.bias"] = value * scale + shift
+            continue
+        out[key] = value
+    return out

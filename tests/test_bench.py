@@ -177,18 +177,14 @@ def _png_size(path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """An adapter run of the tiny model and (when the export module is there) its export."""
+    """An adapter run of the tiny model and its export."""
     root = tmp_path_factory.mktemp("bench")
     adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)  # small: the export dominates the time
     save_adapter(adapted, root / "run")
-    export = None
-    try:
-        from peft_export.export import merge_and_export
-    except ImportError:
-        merge_and_export = None
-    if merge_and_export is not None:
-        export = root / "export"
-        merge_and_export(adapted, export, precisions=["fp32", "int8"], progress=False)
+    from peft_export.export import merge_and_export  # our own code: an ImportError fails the tests
+
+    export = root / "export"
+    merge_and_export(adapted, export, precisions=["fp32", "int8"], progress=False)
     return root, export
 
 
@@ -208,8 +204,7 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
     out = root / "out"  # -o makes it
     args = ["bench", "--adapter", str(root / "run"), "--iterations", "2", "--warmup", "1", "--batch-size", "3",
             "--threads", "1", "-o", str(out), "-q"]
-    if export is not None:
-        args += ["--export-dir", str(export)]
+    args += ["--export-dir", str(export)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     data = json.loads((out / "bench.json").read_text())
@@ -217,9 +212,8 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
     assert data["settings"]["image_size"] == 128 and data["settings"]["model_type"] == "tiny"
     assert data["machine"]["cpu_count"] >= 1 and data["versions"]["torch"]
     cases = {c["case"]: c for c in data["cases"]}
-    expected = ["base torch fp32", "unmerged torch fp32", "merged torch fp32"]
-    if export is not None:
-        expected += ["export onnxruntime-cpu fp32", "export onnxruntime-cpu int8"]
+    expected = ["base torch fp32", "unmerged torch fp32", "merged torch fp32", "export onnxruntime-cpu fp32",
+                "export onnxruntime-cpu int8"]
     comps = {"encoder", "decoder_point", "decoder_box", "decoder_boxes_b3", "end_to_end"}
     for name in expected:
         c = cases[name]
@@ -250,8 +244,6 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
 
 def test_bench_export_dir_only(tiny_run):
     root, export = tiny_run
-    if export is None:
-        pytest.skip("the export module is not available")
     result = run_bench(export_dir=export, backends=["onnxruntime", "torch"], precisions=["int8"],
                        components=["encoder", "decoder_box"], iterations=1, warmup=0)
     ran = [c["case"] for c in result["cases"] if c["status"] == "ok"]

@@ -39,9 +39,14 @@ CONTRACT_IO = {
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, dict]:
+def adapted_lora():
+    return make_adapted(MERGEABLE_CONFIGS["lora"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, adapted_lora) -> tuple[Path, dict]:
     """One export shared by the module: all precisions and the preprocess-in-graph encoder."""
-    adapted = make_adapted(MERGEABLE_CONFIGS["lora"])
+    adapted = adapted_lora
     out = tmp_path_factory.mktemp("export") / "sam_onnx"
     manifest = merge_and_export(adapted, out, precisions=("fp32", "fp16", "int8"), preprocess_in_graph=True,
                                 progress=False)
@@ -70,7 +75,6 @@ def test_manifest_follows_the_contract(exported):
     listed = {"manifest.json"}
     for graph, by_precision in manifest["graphs"].items():
         for precision, entry in by_precision.items():
-            assert entry["parity"]["passed"], (graph, precision, entry["parity"])
             assert entry["sha256"] == sha256_file(out / entry["path"])
             for f in entry["files"]:
                 assert f["sha256"] == sha256_file(out / f["path"])
@@ -92,18 +96,30 @@ def test_manifest_follows_the_contract(exported):
     assert not leftovers(out.parent)
 
 
-def test_precisions_meet_their_floors(exported):
-    _, manifest = exported
+def _encoder_errors(onnx_path: Path, model: torch.nn.Module, size: int, seed: int = 5) -> tuple[float, float]:
+    """(max relative error, cosine) of an ONNX encoder against the torch encoder, on our own input."""
+    x = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.image_encoder(torch.from_numpy(x)).numpy().astype(np.float64)
+    got = ort_session(onnx_path).run(None, {"image": x})[0].astype(np.float64)
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
+    return rel, cos
+
+
+def test_precisions_meet_their_floors(exported, adapted_lora):
+    """Each exported encoder against the UNMERGED adapter model, on an input the export never saw."""
+    out, manifest = exported
     enc = manifest["graphs"]["encoder"]
-    assert enc["fp32"]["parity"]["embeddings"]["max_rel"] <= 1e-4 and enc["fp32"]["parity"]["mask_iou"] >= 0.999
-    for precision in ("fp16", "int8"):
-        p = enc[precision]["parity"]
-        assert p["finite"] and p["embeddings_cosine"] >= 0.99 and p["mask_iou"] >= 0.95
+    for precision, entry in enc.items():
+        rel, cos = _encoder_errors(out / entry["path"], adapted_lora.model, 256)
+        if precision == "fp32":
+            assert rel <= 1e-4, rel
+        else:
+            assert 0.99 <= cos and rel < 0.2, (precision, rel, cos)
+            assert rel > 1e-6  # really another precision, not the fp32 graph under another name
     assert enc["fp16"]["bytes"] < 0.6 * enc["fp32"]["bytes"]
     assert enc["int8"]["bytes"] < 0.45 * enc["fp32"]["bytes"]
-    for flavour in ("decoder", "decoder_lowres"):
-        p = manifest["graphs"][flavour]["fp32"]["parity"]
-        assert p["mask_logits"]["max_rel"] <= 1e-4 and p["mask_iou"] >= 0.999
 
 
 def test_fp16_encoder_graph_keeps_layernorm_in_fp32(exported):
@@ -226,8 +242,13 @@ def test_adaptformer_in_graph_through_the_cli(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["merged"] is False and manifest["in_graph_adapters"] == ["adaptformer"]
     assert manifest["image_size"] == 192 and manifest["embedding_shape"] == [256, 12, 12]
-    # the adapter branch is really in the graph: parity against the unmerged model passed
-    assert manifest["graphs"]["encoder"]["fp32"]["parity"]["embeddings"]["max_rel"] <= 1e-4
+    # the adapter branch is really in the graph: the export computes what the unmerged model does
+    rel, _ = _encoder_errors(out / "encoder.onnx", adapted.model, 192)
+    assert rel <= 1e-4
+    from peft_export.models import load_sam
+
+    base, _ = load_sam("tiny", None, 192, seed=1, warn_random=False)  # the adapter's base (same seed)
+    assert _encoder_errors(out / "encoder.onnx", base, 192)[0] > 1e-3  # ...and not what the base does
     # an existing export is refused without --overwrite, kept as it was
     before = sorted(p.name for p in out.iterdir())
     again = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out)])

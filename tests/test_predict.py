@@ -19,7 +19,17 @@ from typer.testing import CliRunner
 from peft_export.cli.main import app
 from helpers import MERGEABLE_CONFIGS, make_adapted
 from peft_export.errors import PeftExportError
-from peft_export.predict.overlay import BOX, NEGATIVE, POSITIVE, label_colors, render_overlay, save_png
+from peft_export.predict.overlay import (
+    BOX,
+    MASK,
+    MIN_CANVAS_WIDTH,
+    NEGATIVE,
+    POSITIVE,
+    annotate,
+    label_colors,
+    render_overlay,
+    save_png,
+)
 from peft_export.predict import parse_box, parse_points, predict_images
 from peft_export.runtime import SamSession
 from peft_export.runtime.intensity import normalize_intensity
@@ -208,6 +218,7 @@ def test_render_overlay_draws_masks_prompts_and_labels(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.tmp")), pic)
     monkeypatch.setitem(sys.modules, "PIL", None)  # no Pillow (hence no matplotlib): the zlib writer
     save_png(pic, tmp_path / "b.png")
+    assert annotate(pic, "no text without Pillow") is pic
     monkeypatch.undo()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), pic)
 
@@ -251,8 +262,14 @@ def test_cli_prompts_write_masks_scores_overlays(export, session, inputs, tmp_pa
         np.testing.assert_array_equal(mask, masks[rec["best"]])
         assert rec["points"] == [[100.0, 60.0, 1], [20.0, 15.0, 0]] and rec["box"] == [40.0, 20.0, 150.0, 110.0]
         assert rec["shape"] == list(image.shape[:2]) and rec["mask_area"] == int(mask.sum())
-        pic = np.asarray(Image.open(out / f"{stem}_overlay.png"))
-        assert pic.shape == image.shape[:2] + (3,)
+        full = np.asarray(Image.open(out / f"{stem}_overlay.png"))
+        h, w = image.shape[:2]
+        # a header with title and legend above the picture; the picture itself bottom-left
+        assert full.shape[0] > h + 20 and full.shape[1] >= max(w, MIN_CANVAS_WIDTH)
+        header = full[: full.shape[0] - h]
+        for color in (MASK, BOX, POSITIVE, NEGATIVE):  # the legend's swatches
+            assert (header == color).all(axis=-1).sum() >= 25, color
+        pic = full[-h:, :w]
         assert tuple(pic[60, 100]) == POSITIVE and tuple(pic[15, 20]) == NEGATIVE and tuple(pic[20, 90]) == BOX
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 

@@ -60,26 +60,59 @@ def test_preprocess_shape_matches_segment_anything():
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_resize_is_bit_exact_with_pillow(interpolation):
+def test_numpy_resize_is_bit_exact_with_pillow(interpolation):
+    """The fallback for installs without Pillow: Pillow's arithmetic, pixel for pixel."""
     rng = np.random.default_rng(0)
     pil = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
     sizes = [((300, 417), (184, 256)), ((50, 40), (256, 205)), ((700, 1000), (717, 1024)), ((7, 3), (256, 110)),
-             ((2000, 100), (1024, 51)), ((100, 2000), (51, 1024)), ((150, 100), (100, 200)), ((64, 64), (65, 129))]
+             ((2000, 100), (1024, 51)), ((100, 2000), (51, 1024)), ((150, 100), (100, 200)), ((64, 64), (65, 129)),
+             ((600, 300), (256, 128))]  # > 256 lines: several chunks of the other axis
     sizes += [(tuple(rng.integers(1, 120, 2)), tuple(rng.integers(1, 120, 2))) for _ in range(40)]
     for (h, w), (oh, ow) in sizes:
         im = _rand_image(rng, int(h), int(w))
         ref = np.array(Image.fromarray(im).resize((int(ow), int(oh)), pil))
-        np.testing.assert_array_equal(resize_pil(im, (oh, ow), interpolation), ref)
+        np.testing.assert_array_equal(resize_pil(im, (oh, ow), interpolation, backend="numpy"), ref)
+        np.testing.assert_array_equal(resize_pil(im, (oh, ow), interpolation, backend="pillow"), ref)
     gray = rng.integers(0, 256, (33, 71), dtype=np.uint8)
     ref = np.array(Image.fromarray(gray).resize((40, 20), pil))
-    np.testing.assert_array_equal(resize_pil(gray, (20, 40), interpolation), ref)
+    for backend in ("numpy", "pillow"):
+        np.testing.assert_array_equal(resize_pil(gray, (20, 40), interpolation, backend=backend), ref)
 
 
-def test_resize_longest_side_matches_apply_image():
+@pytest.mark.parametrize("backend", ["pillow", "numpy"])
+def test_resize_longest_side_matches_apply_image(backend):
+    """Both backends against segment_anything's ResizeLongestSide: sizes, aspect ratios, gray and RGB."""
     rng = np.random.default_rng(1)
-    for h, w in [(300, 417), (97, 61), (256, 256), (600, 129), (20, 30)]:
-        im = _rand_image(rng, h, w)
-        np.testing.assert_array_equal(resize_longest_side(im, S), ResizeLongestSide(S).apply_image(im))
+    shapes = [(300, 417), (97, 61), (256, 256), (600, 129), (20, 30), (1, 5), (900, 1300), (255, 257)]
+    for h, w in shapes:
+        for im in (_rand_image(rng, h, w), _rand_image(rng, h, w)[..., 0]):  # RGB, gray
+            for size in (S, 1024):
+                want = ResizeLongestSide(size).apply_image(im)
+                got = resize_longest_side(im, size, backend=backend)
+                assert got.dtype == np.uint8 and got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+
+
+def test_resize_other_channel_counts_agree_between_backends():
+    rng = np.random.default_rng(5)
+    for c in (1, 2, 4):
+        im = rng.integers(0, 256, (61, 97, c), dtype=np.uint8)
+        a = resize_pil(im, (40, 64), backend="pillow")
+        np.testing.assert_array_equal(a, resize_pil(im, (40, 64), backend="numpy"))
+        assert a.shape == (40, 64, c)
+    with pytest.raises(PeftExportError, match="resize backend"):
+        resize_pil(im, (4, 4), backend="cv2")
+
+
+def test_auto_uses_pillow_when_importable(monkeypatch):
+    import peft_export.runtime.preprocess as pre
+
+    calls = []
+    monkeypatch.setattr(pre, "_resize_with_pillow", lambda *a: calls.append(a) or np.zeros((2, 2), np.uint8))
+    pre.resize_pil(np.zeros((4, 4), np.uint8), (2, 2))
+    assert len(calls) == 1  # Pillow is installed here (the bare-venv test covers its absence)
+    monkeypatch.setattr(pre, "pillow_available", lambda: False)
+    assert pre.resize_pil(np.zeros((4, 4), np.uint8), (2, 2)).shape == (2, 2) and len(calls) == 1
 
 
 def test_prepare_image_matches_torch_path(tiny_sam):

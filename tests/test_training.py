@@ -196,6 +196,60 @@ def test_existing_run_dir_refused_and_options_checked(demo, tmp_path):
         finetune(cfg(tmp_path / "p16", demo, precision="fp16", device="cpu"))
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"rank": 0}, "--rank must be a positive integer"),
+    ({"blocks": "20-30"}, "block 20 is out of range"),
+    ({"checkpoint": "missing.pth"}, "missing.pth"),
+])
+def test_refused_options_leave_nothing_behind(demo, tmp_path, option, message):
+    """Every option is checked before the run directory (or its train_config.json) is made."""
+    out = tmp_path / "run"
+    with pytest.raises(PeftExportError, match=message):
+        finetune(cfg(out, demo, **option))
+    assert not out.exists()
+    # the rerun with a fixed option is a new run, not a half-made one that asks for --resume
+    finetune(cfg(out, demo, iterations=1, val_every=1, validate_at_start=False))
+    assert (out / "adapter.safetensors").is_file()
+
+
+def test_resume_refuses_options_that_differ_from_the_run(demo, tmp_path):
+    from peft_export.cli.main import app
+
+    out = tmp_path / "run"
+    finetune(cfg(out, demo, peft="lora", rank=4, iterations=2, val_every=2, validate_at_start=False))
+    before = (out / "train_config.json").read_text()
+    # library: a field that differs from both the default and the run is refused
+    with pytest.raises(PeftExportError, match=r"--rank 8 \(the run has 4\)"):
+        finetune(TrainConfig(out=str(out), resume=True, rank=8, iterations=3, progress=False))
+    # CLI: what was typed counts, even when it equals a default (--lr 1e-5 is finetune's default)
+    res = CliRunner().invoke(app, ["finetune", "-o", str(out), "--resume", "--rank", "8", "--lr", "1e-5", "-q"])
+    assert res.exit_code == 2
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")][0]
+    assert "--rank 8 (the run has 4)" in line and "--lr 1e-05 (the run has 0.001)" in line
+    assert (out / "train_config.json").read_text() == before and load_checkpoint(out)["step"] == 2
+    # the run's own values, and options a resume may change, are accepted
+    res = CliRunner().invoke(app, ["finetune", "-o", str(out), "--resume", "--rank", "4", "-m", "tiny",
+                                   "--iterations", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out)["step"] == 3
+
+
+def test_patch_larger_than_every_image_is_clamped_with_a_note(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune(cfg(out, demo, patch_size=1000, iterations=1, val_every=1, validate_at_start=False))
+    assert "patch size 1000 (--patch-size) is larger than every training image (the largest side is 128 px)" \
+        in capsys.readouterr().out
+    assert json.loads((out / "train_config.json").read_text())["patch_size"] == 128
+
+
+def test_missing_data_directory_is_named(tmp_path):
+    with pytest.raises(PeftExportError, match="^nodata: directory not found$"):
+        find_pairs("nodata")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(PeftExportError, match="not a directory"):
+        find_pairs(tmp_path / "f")
+
+
 def test_bad_data_report_through_cli(tmp_path):
     from peft_export.cli.main import app
 

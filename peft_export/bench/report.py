@@ -211,10 +211,15 @@ def write_plot(path: str | Path, result: dict, overwrite: bool = True) -> Path:
         ax.invert_yaxis()
         ax.set_title(comp, fontsize=9, loc="left")
         ax.set_xlabel("median latency, ms (error bar to p90)", fontsize=8)
-        for yi, m in zip(y, med):
-            ax.text(m, yi, f" {m:.1f}", va="center", fontsize=7)
+        # Labels start right of the error bar's end (p90), never on the bar or its whisker.
+        ends = np.maximum(p90, med)
+        pad = 0.01 * float(max(ends))
+        for yi, m, end in zip(y, med, ends):
+            ax.text(end + pad, yi, f"{m:.4g} ms", va="center", ha="left", fontsize=7)
+        ax.set_xlim(0, float(max(ends)) * 1.22)
     st = result.get("settings", {})
-    fig.suptitle(f"{st.get('model_type')} {st.get('image_size')}px on {describe_machine(result)}", fontsize=9)
+    fig.suptitle(f"{st.get('model_type')} {st.get('image_size')}px on {describe_machine(result)}; "
+                 f"grey: the reference ({result.get('reference')})", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, overwrite=overwrite) as tmp:
         fig.savefig(str(tmp), dpi=110, format="png")

@@ -69,6 +69,10 @@ def find_pairs(data_dir: str | os.PathLike) -> list[Pair]:
     validate_pairs reports them together with every other problem.
     """
     data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise PeftExportError(f"{data_dir}: directory not found")
+    if not data_dir.is_dir():
+        raise PeftExportError(f"{data_dir}: not a directory (expected one with images/ and labels/)")
     missing = [d for d in ("images", "labels") if not (data_dir / d).is_dir()]
     if missing:
         raise PeftExportError(f"{data_dir}: expected sub-directories 'images' and 'labels' "

@@ -226,7 +226,12 @@ def write_outputs(report: dict, json_out: str | Path | None = None, markdown_out
             Path(tmp).write_text(markdown_report(report))
     if plot_out is not None:
         curves = {name: m["interactive"] for name, m in report["models"].items()}
-        plot_curves(curves, str(plot_out), overwrite=overwrite)
+        data = report.get("data", {})
+        n_obj = max((m.get("n_objects", 0) for m in curves.values()), default=0)
+        n_img = data.get("n_images", 0)
+        plot_curves(curves, str(plot_out), overwrite=overwrite,
+                    title=f"Iterative prompting on {Path(data.get('dir', '.')).name}: {n_img} image"
+                          f"{'s' if n_img != 1 else ''}, {n_obj} objects")
 
 
 def markdown_report(report: dict) -> str:

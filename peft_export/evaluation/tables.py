@@ -31,11 +31,11 @@ def summary_rows(results_by_model: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, float_format: str = ".4f") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.4f}"
+        return "nan" if v != v else f"{v:{float_format}}"
     return str(v)
 
 
@@ -46,12 +46,13 @@ def _columns(rows: Sequence[dict]) -> list[str]:
     return cols
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    """Rows of dicts as an aligned plain-text table (floats with 4 decimals; missing -> '-')."""
+def format_table(rows: Sequence[dict], float_format: str = ".4f") -> str:
+    """Rows of dicts as an aligned plain-text table (floats with 4 decimals, or ``float_format``,
+    e.g. ``.4g`` for 4 significant digits; missing -> '-')."""
     if not rows:
         return ""
     cols = _columns(rows)
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(r.get(c), float_format) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
 
     def line(values: Sequence[str]) -> str:
@@ -83,35 +84,50 @@ def to_markdown(rows: Sequence[dict]) -> str:
 
 
 def plot_curves(results_by_model: dict[str, dict], out_png: str, overwrite: bool = False,
-                metric: str = "dice") -> None:
-    """Plot Dice (or IoU) against iteration: one line per model and start prompt, saved as PNG."""
+                metric: str = "dice", title: str | None = None) -> None:
+    """Dice (or IoU) against corrective iteration: one line per model and start prompt, saved as PNG.
+
+    Each model has its own colour and marker, the start prompt its line style (point solid, box
+    dashed), and each model's points sit slightly apart on the x axis, so models with identical
+    curves (a merged model and its fp32 export) stay visible instead of hiding each other.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"point": "-o", "box": "--s"}
-    n_lines = 0
+    curves = []
     for model, res in results_by_model.items():
         inter = res.get("interactive", res)
         for key, m in inter.get("metrics", {}).items():
-            if not key.startswith("iterative_"):
-                continue
-            curve = m.get(f"{metric}_curve")
-            if not curve:
-                continue
-            start = key.split("_", 1)[1]
-            ax.plot(range(len(curve)), curve, styles.get(start, "-"), label=f"{model} ({start})", markersize=4)
-            n_lines += 1
-    if n_lines == 0:
-        plt.close(fig)
+            curve = m.get(f"{metric}_curve") if key.startswith("iterative_") else None
+            if curve:
+                curves.append((model, key.split("_", 1)[1], curve))
+    if not curves:
         raise PeftExportError(f"{out_png}: no iterative prompting results to plot")
-    ax.set_xlabel("iteration (0 = initial prompt)")
-    ax.set_ylabel(metric.capitalize() if metric != "iou" else "IoU")
+    models = list(dict.fromkeys(model for model, _, _ in curves))
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
+    spread = 0.25  # total x offset across models, in iterations
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, start, curve in curves:
+        i = models.index(model)
+        shift = (i - (len(models) - 1) / 2) * (spread / max(len(models) - 1, 1))
+        ax.plot(np.arange(len(curve)) + shift, curve, linestyle="-" if start == "point" else "--",
+                marker=markers[i % len(markers)], color=colors[i % len(colors)], markersize=5, linewidth=1.5,
+                alpha=0.9, label=f"{model}, from a {start}")
+    n_iter = max(len(c) for _, _, c in curves)
+    ax.set_xticks(range(n_iter))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-0.5, n_iter - 0.5)
+    ax.set_xlabel("corrective iteration (0 = the first point or box; each adds one point)")
+    name = metric.capitalize() if metric != "iou" else "IoU"
+    ax.set_ylabel(f"mean {name} per object")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(title or f"Iterative prompting: {name} per corrective iteration", fontsize=10)
+    ax.legend(fontsize=8, loc="best", ncol=2 if len(curves) > 6 else 1)
     fig.tight_layout()
     with atomic_file(out_png, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

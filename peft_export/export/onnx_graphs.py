@@ -38,6 +38,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from ..errors import PeftExportError
+from ..fsutil import current_umask
 from ..models import PIXEL_MEAN, PIXEL_STD
 
 DECODER_FLAVOURS = ("decoder", "decoder_lowres")
@@ -233,7 +234,7 @@ def _export(
                 model = onnx.load(str(scratch / path.name))
                 onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=path.name + ".data", size_threshold=0)
-                os.chmod(str(path) + ".data", 0o644)  # onnx creates it 0600
+                os.chmod(str(path) + ".data", 0o666 & ~current_umask())  # onnx creates it 0600
             else:
                 os.replace(scratch / path.name, path)
         finally:

@@ -143,10 +143,7 @@ def merge_and_export(
         graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, parity, extra)
 
     log(f"exporting {model_type} (image size {size}) to {out_dir}: {', '.join(formats)}; {', '.join(precisions)}")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is meant to be shared
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # modes follow the umask, as for any new folder
         # fp32 encoder first: int8 is quantised from it (and removed if fp32 was not asked for).
         t = time.perf_counter()
         used_exporter = og.export_encoder_onnx(model, tmp / "encoder.onnx", opset, "fp32", exporter)

@@ -114,8 +114,15 @@ def _adapter_paths(path: str | Path) -> tuple[Path, Path]:
 
 def read_adapter_meta(path: str | Path) -> dict:
     weights, meta_path = _adapter_paths(path)
+    given = Path(path)
+    if not given.exists():
+        raise PeftExportError(f"{path}: not found (expected a finetune run directory or its adapter.safetensors)")
+    if given.is_dir() and not meta_path.is_file():
+        raise PeftExportError(f"{path}: no {ADAPTER_META} in this directory (is it a finetune run directory? "
+                              "a run interrupted before its first validation has none yet)")
     if not meta_path.is_file():
-        raise PeftExportError(f"{meta_path}: adapter.json not found (is {path} an adapter or run directory?)")
+        raise PeftExportError(f"{path}: not an adapter ({meta_path.name} not found beside it; expected a finetune "
+                              "run directory or its adapter.safetensors)")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -247,9 +247,12 @@ def predict_images(
             record.update(options=options, n_objects=len(recs), objects=recs)
             _write_tiff(out, outs["labels"], overwrite)
             if overlay:
-                from .overlay import render_overlay
+                from .overlay import annotate, overlay_legend, render_overlay
 
                 picture = render_overlay(image, labels=lab, rule=rule)
+                picture = annotate(picture, f"{path.name}: {len(recs)} objects (segment-everything, "
+                                            f"{options['points_per_side']}x{options['points_per_side']} point grid)",
+                                   [((200, 200, 200), "one colour per object")] if recs else [])
         else:
             masks, iou, _ = session.predict(point_coords=coords, point_labels=labels, box=bx,
                                             multimask_output=multimask, embedding=emb)
@@ -266,10 +269,12 @@ def predict_images(
             out = masks.astype(np.uint8) if all_masks else masks[best].astype(np.uint8)
             _write_tiff(out, outs["mask"], overwrite)
             if overlay:
-                from .overlay import render_overlay
+                from .overlay import annotate, overlay_legend, render_overlay
 
                 picture = render_overlay(image, masks=masks[best][None], points=coords, point_labels=labels,
                                          box=bx, rule=rule)
+                picture = annotate(picture, f"{path.name}: mask {best} of {len(iou)}, predicted IoU {iou[best]:.3f}, "
+                                            f"{int(masks[best].sum())} px", overlay_legend(coords, labels, bx))
         if picture is not None:
             _write_png(picture, outs["overlay"], overwrite)
         record["outputs"] = {k: str(v) for k, v in outs.items()}

@@ -125,6 +125,85 @@ def render_overlay(
     return out
 
 
+def overlay_legend(points=None, point_labels=None, box=None) -> list[tuple[tuple[int, int, int], str]]:
+    """Legend entries for what ``render_overlay`` drew from a prompt."""
+    legend = [(MASK, "mask")]
+    if box is not None:
+        legend.append((BOX, "box prompt"))
+    if points is not None:
+        lbl = np.ones(len(points)) if point_labels is None else np.asarray(point_labels).reshape(-1)
+        if (lbl > 0).any():
+            legend.append((POSITIVE, "positive point"))
+        if (lbl <= 0).any():
+            legend.append((NEGATIVE, "negative point"))
+    return legend
+
+
+HEADER_BG = (32, 32, 32)
+HEADER_FG = (235, 235, 235)
+MIN_CANVAS_WIDTH = 420  # room for a title line and the legend beside small images
+
+
+def annotate(picture: np.ndarray, title: str, legend: Sequence[tuple[Sequence[int], str]] = ()) -> np.ndarray:
+    """The picture under a header with ``title`` (wrapped) and a colour ``legend`` [(rgb, label)].
+
+    The picture keeps its pixels and sits bottom-left: ``result[-h:, :w]`` is ``picture``. The
+    canvas is at least ``MIN_CANVAS_WIDTH`` wide so the text stays readable beside small images.
+    Text needs Pillow; without it (a bare runtime install) the picture is returned unchanged.
+    """
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        return picture
+    h, w = picture.shape[:2]
+    width = max(w, MIN_CANVAS_WIDTH)
+    try:
+        font = ImageFont.load_default(size=13)  # scalable with FreeType (Pillow >= 10.1)
+    except TypeError:
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 4
+    pad = 6
+
+    def wrap(text: str) -> list[str]:
+        lines, line = [], ""
+        for word in text.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and probe.textlength(trial, font=font) > width - 2 * pad:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        return lines + [line]
+
+    lines = wrap(title)
+    # legend entries flow left to right, wrapping like words
+    rows: list[list[tuple[Sequence[int], str, int]]] = [[]]
+    x = pad
+    for color, label in legend:
+        item_w = line_h + int(probe.textlength(label, font=font)) + 14
+        if rows[-1] and x + item_w > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((color, label, x))
+        x += item_w
+    band = pad + line_h * (len(lines) + (len(rows) if legend else 0)) + pad
+    canvas = Image.new("RGB", (width, band + h), HEADER_BG)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(picture, np.uint8)), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for text in lines:
+        draw.text((pad, y), text, fill=HEADER_FG, font=font)
+        y += line_h
+    for row in rows if legend else []:
+        for color, label, x in row:
+            box = line_h - 6
+            draw.rectangle([x, y + 2, x + box, y + 2 + box], fill=tuple(int(c) for c in color), outline=HEADER_FG)
+            draw.text((x + box + 5, y), label, fill=HEADER_FG, font=font)
+        y += line_h
+    return np.asarray(canvas)
+
+
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
     """Write uint8 HxWx3 as PNG to ``path`` whatever its suffix (Pillow, else a small zlib writer).
 

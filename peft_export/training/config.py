@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import PeftExportError
 from ..peft import PeftConfig, parse_targets
@@ -16,6 +17,11 @@ PLOT_FILE = "training.png"
 DEFAULT_EPOCHS = 20
 # Fields a resumed run may change; everything else comes from the run's own config.
 RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every")
+# Where the run lives and how it was started, not what it trains.
+_RUN_FIELDS = ("out", "resume", "overwrite", "explicit")
+_PATH_FIELDS = ("data", "val_data", "checkpoint")
+# Options whose command-line spelling is not the field name.
+_OPTION_NAMES = {"model_type": "--model", "intensity": "--intensity-low/--intensity-high", "progress": "-q/--quiet"}
 
 
 @dataclass
@@ -74,6 +80,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # The fields the user set (the CLI knows); None: any field that differs from its default.
+    # Only used to check a --resume against the stored run; never stored.
+    explicit: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def peft_config(self) -> PeftConfig:
         targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
@@ -85,6 +94,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets)
+        d.pop("explicit")
         return d
 
     @classmethod
@@ -110,3 +120,41 @@ def check_config(c: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise PeftExportError(msg)
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a TrainConfig field (``rank`` -> ``--rank``)."""
+    return _OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _same(name: str, a, b) -> bool:
+    if name in _PATH_FIELDS and a is not None and b is not None:
+        return str(a) == str(b) or Path(a).resolve() == Path(b).resolve()
+    if name == "targets":
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def resume_differences(stored: TrainConfig, requested: TrainConfig) -> list[str]:
+    """What ``requested`` asks that the stored run does not do, as ``--option VALUE (the run has X)``.
+
+    A resumed run continues with its stored settings; only ``RESUME_OVERRIDES`` may change.
+    Without ``requested.explicit`` a field counts as asked for when it differs from its default.
+    """
+    defaults = TrainConfig(out="")
+    diffs = []
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name in RESUME_OVERRIDES or name in _RUN_FIELDS:
+            continue
+        want = getattr(requested, name)
+        if requested.explicit is not None:
+            if name not in requested.explicit:
+                continue
+        elif _same(name, want, getattr(defaults, name)):
+            continue
+        have = getattr(stored, name)
+        if not _same(name, want, have):
+            show = (lambda v: ",".join(v)) if name == "targets" else (lambda v: v)
+            diffs.append(f"{option_name(name)} {show(want)} (the run has {show(have)})")
+    return diffs

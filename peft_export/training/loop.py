@@ -41,7 +41,17 @@ from ..peft.adapters import AdaptedModel, build_adapted_model, save_adapter
 from ..runtime.preprocess import to_uint8  # rounding shared with evaluation and inference
 from . import losses
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import CONFIG_FILE, DEFAULT_EPOCHS, LOG_FILE, PLOT_FILE, RESUME_OVERRIDES, TrainConfig, check_config
+from .config import (
+    CONFIG_FILE,
+    DEFAULT_EPOCHS,
+    LOG_FILE,
+    PLOT_FILE,
+    RESUME_OVERRIDES,
+    TrainConfig,
+    check_config,
+    option_name,
+    resume_differences,
+)
 from .distributed import (
     DistInfo,
     all_reduce_mean,
@@ -56,7 +66,7 @@ from .distributed import (
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
-from .validation import load_split, validate, validation_set
+from .validation import fit_patch_size, load_split, validate, validation_set
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,10 +133,18 @@ class Trainer:
         c = self.config
         out = Path(c.out)
         if c.resume:
+            if c.overwrite:
+                raise PeftExportError("--resume and --overwrite: give one (continue the run, or replace it)")
             saved = out / CONFIG_FILE
             if not saved.is_file():
                 raise PeftExportError(f"{out}: nothing to resume ({CONFIG_FILE} not found)")
             stored = TrainConfig.from_dict(json.loads(saved.read_text()))
+            diffs = resume_differences(stored, c)
+            if diffs:
+                raise PeftExportError(
+                    f"{out}: --resume continues the stored run with its own settings, but you asked for "
+                    f"{'; '.join(diffs)}. Drop these options, or start a new run with another --out "
+                    f"(only {', '.join(option_name(n) for n in RESUME_OVERRIDES)} may change on --resume)")
             for name in RESUME_OVERRIDES:
                 value = getattr(c, name)
                 if name in ("iterations", "epochs"):
@@ -414,6 +432,7 @@ class Trainer:
         c = self._resolve_config()
         self.config = c
         train, val = load_split(c)  # all data problems before anything is written
+        c = self.config = fit_patch_size(c, train, self._log)
         device = _resolve_device(c.device)
         if c.peft == "qlora":
             from ..peft.qlora import require_qlora_device
@@ -431,17 +450,17 @@ class Trainer:
         self.device = _resolve_device(c.device, self.dist)
         if c.precision == "fp16" and self.device.type != "cuda":
             raise PeftExportError("--precision fp16: needs CUDA (use fp32 or bf16 on the CPU)")
-        self._prepare_out_dir(c)
-        out = Path(c.out)
-        self.log_path = out / LOG_FILE
         torch.manual_seed(c.seed + self.dist.rank)
         self.sampler = PatchSampler.from_samples(train, patch_size=c.patch_size, min_object_size=c.min_object_size,
                                                  augment=c.augment, seed=c.seed)
         self.val_set = validation_set(val, c.patch_size, c.min_object_size, c.seed)
+        self._build_model(c)  # bad --rank / --blocks / checkpoint: refused before anything is written
+        self._prepare_out_dir(c)
+        out = Path(c.out)
+        self.log_path = out / LOG_FILE
         if not self.val_set:
             self._log("warning: no validation set (add --val-data or --val-fraction with several files): "
                       "the adapter of the last step is kept")
-        self._build_model(c)
         self._setup_cache(c, train)
         per_step = c.batch_size * self.dist.world_size
         self.steps_per_epoch = max(1, math.ceil(len(self.sampler) / per_step))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import numpy as np
 from segment_anything import SamPredictor
@@ -38,6 +39,17 @@ def load_split(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     if problems:
         raise PeftExportError("\n".join(problems))
     return train, val
+
+
+def fit_patch_size(c: TrainConfig, train: Sequence[Sample], log: Callable[[str], None]) -> TrainConfig:
+    """A patch larger than every training image would only add zero padding (and shrink the
+    objects when the patch is resized to the model's input): use the largest image side instead."""
+    largest = max(max(s.label.shape) for s in train)
+    if c.patch_size <= largest:
+        return c
+    log(f"note: the patch size {c.patch_size} (--patch-size) is larger than every training image (the largest side is "
+        f"{largest} px): training on {largest}x{largest} patches instead")
+    return dataclasses.replace(c, patch_size=largest)
 
 
 def validation_set(samples: Sequence[Sample], patch_size: int, min_object_size: int, seed: int
