@@ -10,8 +10,8 @@ Rules (checked before any slow work):
   input for all of them;
 * the split block is the first encoder block any sharing adapter trains in
   (``models.encoder_split.first_trainable_block``); an adapter that trains the patch or
-  positional embedding leaves nothing to share: refused with ``shared_trunk=True``, given its
-  own whole encoder otherwise.
+  positional embedding (or block 0) leaves nothing worth sharing: refused with
+  ``shared_trunk=True``, given its own whole encoder otherwise.
 
 The proof: the merged weights of the patch embedding, positional embedding and blocks before
 the split are compared bit for bit (raw bytes, dtype and shape) with the base's and with every
@@ -109,26 +109,34 @@ def _what_trains(adapted: AdaptedModel) -> str:
     return adapted.config.method if adapted.config is not None else "its weights"
 
 
+def _why_not_shareable(adapted: AdaptedModel, first: int | None) -> str | None:
+    if first is None:
+        return (f"it ({_what_trains(adapted)}) changes the patch or positional embedding, so none of its encoder "
+                "is the base's: nothing to share")
+    if first == 0:
+        return (f"it ({_what_trains(adapted)}) changes block 0, so only the patch embedding would be shared "
+                "(no time saved)")
+    return None
+
+
 def plan_sharing(adapters: Mapping[str, AdaptedModel], shared_trunk: bool | None = None) -> SharingPlan:
     """The split block and the sharing adapters.
 
-    ``shared_trunk``: True requires every adapter on one trunk (refused with the reason when
-    one trains the patch or positional embedding); None shares among the adapters that can
-    (at least two); False gives every adapter its own whole encoder.
+    An adapter that trains the patch or positional embedding, or block 0, leaves nothing worth
+    sharing. ``shared_trunk``: True requires every adapter on one trunk (refused, with the
+    reason, for such an adapter); None (default) shares among the adapters that can, when there
+    are at least two; False gives every adapter its own whole encoder.
     """
     first = {n: first_trainable_block(a.model) for n, a in adapters.items()}
     if shared_trunk is False:
         return SharingPlan(None, [], {n: "sharing was switched off (--no-shared-trunk)" for n in adapters}, first)
-    stem = [n for n, f in first.items() if f is None]
-    if stem and shared_trunk:
-        n = stem[0]
+    separate = {n: why for n in adapters if (why := _why_not_shareable(adapters[n], first[n])) is not None}
+    if separate and shared_trunk:
+        n, why = next(iter(separate.items()))
         raise PeftExportError(
-            f"--shared-trunk: adapter {n} ({_what_trains(adapters[n])}) changes the patch or positional embedding, "
-            "so none of its encoder is the base's and there is nothing to share; export without --shared-trunk "
-            "(each such adapter gets its own encoder) or leave it out"
+            f"--shared-trunk: adapter {n} cannot share a trunk: {why}; export without --shared-trunk "
+            "(it gets its own encoder) or leave it out"
         )
-    why_stem = "it changes the patch or positional embedding: nothing of its encoder is the base's"
-    separate = {n: why_stem for n in stem}
     shared = [n for n in adapters if n not in separate]
     if len(shared) < 2 and not shared_trunk:
         for n in shared:
