@@ -143,6 +143,7 @@ def merge_and_export_adapters(
     progress: bool = True,
     exporter: str = "torchscript",
     shared_trunk: bool | None = None,
+    preprocess_in_graph: bool = False,
 ) -> dict:
     """Export several adapters ({name: AdaptedModel}) of one base into one directory; returns the manifest.
 
@@ -154,6 +155,8 @@ def merge_and_export_adapters(
     _check_options(formats, precisions, opset, exporter)
     if "tensorrt" in formats:
         raise PeftExportError("--format tensorrt: not available for several adapters yet; export each adapter alone")
+    if preprocess_in_graph:
+        raise PeftExportError("--preprocess-in-graph: not available for several adapters yet; export each adapter alone")
     for name in adapters:
         check_adapter_name(name)
     check_same_base(adapters)

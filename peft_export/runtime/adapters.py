@@ -40,6 +40,19 @@ def adapter_routes(manifest: Dict[str, Any]) -> Dict[str, AdapterRoute]:
     return routes
 
 
+def select_routes(routes: Dict[str, AdapterRoute], names: Optional[Sequence[str]]) -> Dict[str, AdapterRoute]:
+    """The routes of ``names`` (all when None), in the export's order; unknown names refused."""
+    if names is None:
+        return routes
+    if isinstance(names, str):
+        names = [names]
+    for n in names:
+        pick_adapter(n, tuple(routes))
+    if not names:
+        raise PeftExportError("adapters: give at least one adapter name (or None for all)")
+    return {n: r for n, r in routes.items() if n in names}
+
+
 def choose_adapter_graphs(
     manifest: Dict[str, Any], routes: Dict[str, AdapterRoute], precision: str,
     graph_file: Callable[[Dict[str, Any], str], Path],
@@ -109,7 +122,7 @@ class EncodedImage:
         input_size: Tuple[int, int],
         routes: Dict[str, AdapterRoute],
         run: Callable[[str, np.ndarray], np.ndarray],
-        make_embedding: Callable[[np.ndarray, "EncodedImage", str], Any],
+        make_embedding: Callable[[np.ndarray, Tuple[int, int], Tuple[int, int], str], Any],
     ) -> None:
         self.original_size, self.input_size = original_size, input_size
         self.adapters = tuple(routes)
@@ -151,7 +164,8 @@ class EncodedImage:
             route = self._routes.get(adapter)
             if route is None:
                 raise PeftExportError(f"adapter: unknown {adapter!r} (this export holds {', '.join(self.adapters)})")
-            emb = self._embeddings.setdefault(adapter, self._make(self._output(route.encoder), self, adapter))
+            out = self._output(route.encoder)
+            emb = self._embeddings.setdefault(adapter, self._make(out, self.original_size, self.input_size, adapter))
         return emb
 
     def computed(self) -> Tuple[str, ...]:

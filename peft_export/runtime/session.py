@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_adapter, resolve_embedding
+from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .everything import segment_everything as _segment_everything
 from .manifest import PRECISIONS, read_manifest
@@ -53,7 +54,10 @@ class SamSession:
         precision: str = "fp32",
         intra_op_threads: Optional[int] = None,
         verify_checksums: bool = False,
+        adapters: Optional[Sequence[str]] = None,
     ) -> None:
+        """``adapters``: with an export of several, load only these (default: all); a session of
+        one adapter needs no ``adapter=`` in its calls."""
         check_backend(backend)
         if device not in ("cpu", "cuda"):
             raise PeftExportError(f"device: unknown '{device}' (use cpu or cuda)")
@@ -71,7 +75,7 @@ class SamSession:
         self._interpolation = pre.get("interpolation", "bilinear")
 
         self._chosen: Dict[str, Tuple[str, Path]] = {}
-        self._routes = adapter_routes(self.manifest)
+        self._routes = select_routes(adapter_routes(self.manifest), adapters)
         if self._routes:
             if graph_kind(backend) != "onnx":
                 raise PeftExportError(f"backend {backend}: exports of several adapters run ONNX graphs only")
@@ -177,7 +181,7 @@ class SamSession:
             image, self._intensity_rule, self.image_size, self._pixel_mean, self._pixel_std, self._interpolation
         )
         if self._routes:
-            encoded = EncodedImage(x, original_size, input_size, self._routes, self._run_graph, self._adapter_embedding)
+            encoded = EncodedImage(x, original_size, input_size, self._routes, self._run_graph, self._checked_embedding)
             encoded.run_trunk()
             encoded.prefetch(pick_adapter(a, self.adapters) for a in (adapters or ()))
             return encoded
@@ -193,10 +197,6 @@ class SamSession:
             raise PeftExportError(f"encoder: output shape {emb.shape} does not match image size {self.image_size}")
         emb.setflags(write=False)
         return ImageEmbedding(emb, original_size, input_size, adapter)
-
-    def _adapter_embedding(self, emb: np.ndarray, encoded: EncodedImage, adapter: str) -> ImageEmbedding:
-        return self._checked_embedding(np.array(emb, dtype=np.float32), encoded.original_size, encoded.input_size,
-                                       adapter)
 
     def _run_graph(self, key: str, x: np.ndarray) -> np.ndarray:
         """One graph of an adapter's encoder chain: its only input in, its only output out."""
