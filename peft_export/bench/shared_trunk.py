@@ -141,9 +141,33 @@ def mask_agreement(shared_export: str | Path, separate: Mapping[str, str | Path]
     return out
 
 
+def holds_several_adapters(export: str | Path | None) -> bool:
+    """Whether ``export`` is an export of several adapters (the cases of this module apply)."""
+    from ..runtime import read_manifest
+
+    return export is not None and bool(read_manifest(export).get("adapters"))
+
+
+def run_and_write_shared(json_out: str | Path | None = None, markdown_out: str | Path | None = None,
+                         overwrite: bool = False, **kwargs) -> dict:
+    """``bench_shared_trunk`` then the JSON and markdown files asked for (paths checked first)."""
+    from ..fsutil import check_can_write
+    from .report import write_json, write_text
+
+    for p in (json_out, markdown_out):
+        if p is not None:
+            check_can_write(p, overwrite)
+    result = bench_shared_trunk(**kwargs)
+    if json_out is not None:
+        write_json(json_out, result, overwrite)
+    if markdown_out is not None:
+        write_text(markdown_out, format_shared_table(result, markdown=True), overwrite)
+    return result
+
+
 def bench_shared_trunk(
-    shared_export: str | Path,
-    separate: Mapping[str, str | Path] | None = None,
+    shared_export: str | Path | None,
+    separate: Mapping[str, str | Path] | Sequence[str] | None = None,
     precision: str = "fp32",
     warmup: int = 1,
     iterations: int = 3,
@@ -154,10 +178,14 @@ def bench_shared_trunk(
     """Time the shared export (and N separate exports, if given) in fresh processes; returns the result."""
     from ..runtime import read_manifest
 
+    if shared_export is None:
+        raise PeftExportError("--separate: give the export of several adapters as EXPORT_DIR")
     manifest = read_manifest(shared_export)
     names = list(manifest.get("adapters") or {})
     if not names:
         raise PeftExportError(f"{shared_export}: not an export of several adapters (no 'adapters' in manifest.json)")
+    if separate is not None and not isinstance(separate, Mapping):
+        separate = parse_separate(separate)
     separate = {n: str(d) for n, d in (separate or {}).items()}
     missing = sorted(set(separate) - set(names))
     if missing:
