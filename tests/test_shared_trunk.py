@@ -459,3 +459,23 @@ def test_example_serves_several_adapters(multi, image, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_trunk_and_head_graphs_compose_to_the_encoder(runs, tmp_path, precision):
+    from peft_export.export.trunk_graphs import export_head_onnx, export_trunk_onnx
+    from peft_export.export.verify import ort_session
+
+    model = merge_peft(load_adapter(runs["late"]).model).eval()
+    for split in (1, 2, 4):  # 4 = every block in the trunk: the head is the neck alone
+        export_trunk_onnx(model, tmp_path / f"t{split}.onnx", split, precision=precision)
+        export_head_onnx(model, tmp_path / f"h{split}.onnx", split, precision=precision)
+        x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(split))
+        feats = ort_session(tmp_path / f"t{split}.onnx").run(None, {"image": x.numpy()})[0]
+        assert feats.shape == (1, 16, 16, 64) and feats.dtype == np.float32
+        emb = ort_session(tmp_path / f"h{split}.onnx").run(None, {"trunk_features": feats})[0]
+        with torch.no_grad():
+            want = model.image_encoder(x).numpy()
+        rel = np.abs(emb - want).max() / np.abs(want).max()
+        assert rel < (1e-4 if precision == "fp32" else 5e-3), (split, rel)
