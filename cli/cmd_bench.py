@@ -62,6 +62,8 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", hidden=True, help="Deprecated: use -o DIR."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
+    separate: list[str] = typer.Option(
+        [], "--separate", help="Export of several adapters: NAME=EXPORT, each adapter's own export, timed against it."),
 ) -> None:
     """Missing backends are listed as skipped with the reason; a case that fails while running
     is listed as failed and the command exits 1 after writing its outputs. Without -o only the
@@ -75,6 +77,17 @@ def bench(
     if export_dir is not None and export_dir_opt is not None:
         raise PeftExportError("give the export either as EXPORT_DIR or as --export-dir, not both")
     export = export_dir if export_dir is not None else export_dir_opt
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    from peft_export.bench.shared_trunk import format_shared_table, holds_several_adapters, run_and_write_shared
+
+    if separate or holds_several_adapters(export):  # trunk + heads against N separate exports
+        with output_dir(out):
+            shared = run_and_write_shared(
+                files["json"], files["markdown"], overwrite, shared_export=export, separate=separate,
+                precision=(precision or "fp32").split(",")[0], warmup=warmup, iterations=iterations,
+                threads=threads, log=log)
+        echo(format_shared_table(shared))
+        return
     if export is None and adapter is None and merged is None and micro_sam is None:
         raise PeftExportError("give an EXPORT_DIR or --adapter RUN (or --merged CKPT, --micro-sam CKPT)")
     try:
@@ -88,7 +101,6 @@ def bench(
         cfg = micro_sam_config(micro_sam, peft, rank, blocks, targets, adaptformer_residual)
         adapted = load_model_source(adapter=adapter, merged=merged, micro_sam=micro_sam, micro_sam_config=cfg,
                                     checkpoint=checkpoint, force=force)
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     with output_dir(out):
         result = run_and_write(
             json_out=files["json"], markdown_out=files["markdown"], plot_out=files["plot"], overwrite=overwrite,

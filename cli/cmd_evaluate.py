@@ -28,8 +28,9 @@ def evaluate(
     models: List[str] = typer.Argument(
         ...,
         metavar="MODEL...",
-        help="[NAME=]SOURCE[@PRECISION]; SOURCE: checkpoint .pth, random:vit_b|tiny, adapter run dir, "
-        "micro-sam:CKPT (with --peft ...), or export dir (PRECISION fp32|fp16|int8, default fp32).",
+        help="[NAME=]SOURCE[@PRECISION][#ADAPTER]; SOURCE: checkpoint .pth, random:vit_b|tiny, adapter run dir, "
+        "micro-sam:CKPT (with --peft ...), or export dir (PRECISION fp32|fp16|int8, default fp32; ADAPTER: one "
+        "adapter of an export of several).",
     ),
     data: Path = typer.Option(..., "--data", "-d", help="Data directory with images/ and labels/ (instance labels)."),
     prompts: str = typer.Option("point,box,iterative", "--prompts", help="Any of point,box,iterative."),

@@ -3,34 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from .app import command, echo
 from .options import (
-    AdapterOpt,
     AdaptformerLegacyOpt,
     BlocksOpt,
     CheckpointOpt,
     ForceOpt,
     MergedOpt,
-    MicroSamOpt,
     ModelOpt,
     OverwriteOpt,
     PeftOpt,
     QuietOpt,
     RankOpt,
     TargetsOpt,
-    micro_sam_config,
 )
 
 
 @command("merge-and-export", short="Merge exactly, export verified ONNX / TensorRT.", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.")
 def merge_and_export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to create (manifest.json + graphs)."),
-    adapter: Optional[Path] = AdapterOpt,
-    micro_sam: Optional[Path] = MicroSamOpt,
+    adapter: List[str] = typer.Option(
+        [], "--adapter", help="Adapter run directory; repeat as NAME=RUN for one export of several adapters."),
+    micro_sam: List[str] = typer.Option(
+        [], "--micro-sam", help="micro-sam checkpoint (needs --peft ...); repeat as 'NAME=CKPT[;peft=..;rank=..;blocks=..;targets=..]'."),
     merged: Optional[Path] = MergedOpt,
     checkpoint: Optional[Path] = CheckpointOpt,
     model: Optional[str] = ModelOpt,
@@ -48,18 +47,39 @@ def merge_and_export_cmd(
         False, "--preprocess-in-graph", help="Also export encoder_preprocess: resized HWC image in, normalise+pad in graph."
     ),
     exporter: str = typer.Option("torchscript", "--exporter", help="Encoder exporter: torchscript or dynamo."),
+    shared_trunk: Optional[bool] = typer.Option(
+        None, "--shared-trunk/--no-shared-trunk",
+        help="Several adapters: require one shared trunk (refused if an adapter changes the patch embedding), or "
+             "give each its own encoder (default: share among those that can)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Every graph is compared with the unmerged adapter model in ONNX Runtime; any failed
-    check exits non-zero and leaves nothing in OUT."""
+    check exits non-zero and leaves nothing in OUT. Several --adapter / --micro-sam entries make
+    one export whose adapters share the frozen early encoder blocks (trunk.onnx + head per adapter)."""
+    from peft_export.errors import PeftExportError
+    from peft_export.export import merge_and_export, merge_and_export_adapters
+    from peft_export.export.sources import load_named_sources
     from peft_export.peft.adapters import load_model_source
-    from peft_export.export import merge_and_export
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
-    cfg = micro_sam_config(micro_sam, peft, rank, blocks, targets, adaptformer_residual)
-    adapted = load_model_source(adapter=adapter, micro_sam=micro_sam, merged=merged, checkpoint=checkpoint,
-                                micro_sam_config=cfg, model_type=model, image_size=image_size, force=force)
+    if merged is not None or not (adapter or micro_sam):
+        if adapter or micro_sam:
+            raise PeftExportError("--merged: give a merged checkpoint alone (it records no changed blocks to share)")
+        adapted = load_model_source(merged=merged, model_type=model, image_size=image_size)
+    else:
+        options = dict(peft=peft, rank=rank, blocks=blocks, targets=targets)
+        options["adaptformer-residual"] = adaptformer_residual
+        adapters = load_named_sources(adapter, micro_sam, checkpoint, options, model_type=model,
+                                      image_size=image_size, force=force)
+        if len(adapters) > 1 or shared_trunk is not None:
+            manifest = merge_and_export_adapters(adapters, out, formats=split(formats), precisions=split(precisions),
+                                                 opset=opset, overwrite=overwrite, progress=True, exporter=exporter,
+                                                 shared_trunk=shared_trunk, preprocess_in_graph=preprocess_in_graph)
+            echo(f"manifest: {out / 'manifest.json'} ({len(manifest['adapters'])} adapters, "
+                 f"{len(manifest['graphs'])} graphs)")
+            return
+        adapted = next(iter(adapters.values()))  # one adapter keeps the one-model layout
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
                                 exporter=exporter)

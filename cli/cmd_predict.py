@@ -28,6 +28,8 @@ def predict(
     pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh", help="--everything: predicted IoU filter."),
     stability_thresh: float = typer.Option(0.95, "--stability-thresh", help="--everything: stability score filter."),
     min_area: int = typer.Option(0, "--min-area", help="--everything: remove holes/islands smaller than this."),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="Export of several adapters: which one, or 'all' (results in OUT/<adapter>/)."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -39,11 +41,12 @@ def predict(
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
-                             progress=not quiet)
+                             progress=not quiet, adapter=adapter)
     for r in records:
+        who = f" [{r['adapter']}]" if "adapter" in r else ""
         if r["mode"] == "everything":
-            echo(f"{r['image']}: {r['n_objects']} objects -> {r['outputs']['labels']}")
+            echo(f"{r['image']}{who}: {r['n_objects']} objects -> {r['outputs']['labels']}")
         else:
-            echo(f"{r['image']}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
+            echo(f"{r['image']}{who}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
                  f"{r['mask_area']} px) -> {r['outputs']['mask']}")
     echo(f"wrote {len(records)} result(s) to {out}")

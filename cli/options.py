@@ -37,20 +37,9 @@ def micro_sam_config(
     """The PEFT config a micro-sam checkpoint was trained with (their files do not record it)."""
     if micro_sam is None:
         return None
-    from peft_export.errors import PeftExportError
-    from peft_export.peft import PeftConfig, get_method, parse_targets
+    from peft_export.peft.adapters import micro_sam_peft_config
 
-    if peft is None:
-        raise PeftExportError(f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft")
-    get_method(peft)  # an unknown method is reported before any file is read
-    return PeftConfig(
-        method=peft,
-        blocks=blocks,
-        rank=rank,
-        targets=parse_targets(targets) if peft in ("lora", "qlora") else ("q", "v"),
-        ssf_patch_embed=False,  # micro-sam's patch-embedding SSF branch never fires
-        adaptformer_residual=adaptformer_residual,
-    )
+    return micro_sam_peft_config(micro_sam, peft, rank, blocks, targets, adaptformer_residual)
 
 
 def output_files(out: Optional[Path], names: dict[str, str], old: dict[str, Optional[Path]]) -> dict[str, Optional[Path]]:

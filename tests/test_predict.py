@@ -303,7 +303,7 @@ def test_cli_bad_input_is_one_line_exit_2(export, inputs, tmp_path):
     newer = tmp_path / "newer"
     newer.mkdir()
     manifest = json.loads((export / "manifest.json").read_text())
-    manifest["format_version"], manifest["peftexport_version"] = 2, "9.0.0"
+    manifest["format_version"], manifest["peftexport_version"] = 3, "9.0.0"
     (newer / "manifest.json").write_text(json.dumps(manifest))
     cells, nuclei = d / "cells.png", d / "nuclei.tif"
     cases = [
@@ -312,7 +312,7 @@ def test_cli_bad_input_is_one_line_exit_2(export, inputs, tmp_path):
         ((export, nuclei, cells, "--points", "205,20"), "cells.png: point 205,20 is outside the image (width 200"),
         ((export, cells, "--box", "10,10,50,140"), "cells.png: box 10,10,50,140 is outside the image"),
         ((tmp_path, cells, "--points", "5,5"), "no manifest.json"),
-        ((newer, cells, "--points", "5,5"), "made by peftexport 9.0.0, format 2; this runtime reads format 1"),
+        ((newer, cells, "--points", "5,5"), "made by peftexport 9.0.0, format 3; this runtime reads formats up to 2"),
         ((export, cells, "--points", "5;6"), "--points: '5' is not a point"),
         ((export, cells, "--points", "5,x"), "--points: cannot parse 'x'"),
         ((export, cells, "--box", "1,2,3"), "--box: expected 'x0,y0,x1,y1'"),

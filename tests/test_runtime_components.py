@@ -624,9 +624,9 @@ def test_session_describe_and_errors(tiny_export, tmp_path, sessions):
     newer = tmp_path / "newer"
     newer.mkdir()
     m = json.loads((full / "manifest.json").read_text())
-    m["format_version"], m["peftexport_version"] = 2, "9.0.0"
+    m["format_version"], m["peftexport_version"] = 3, "9.0.0"
     (newer / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PeftExportError, match="peftexport 9.0.0, format 2; this runtime reads format 1"):
+    with pytest.raises(PeftExportError, match="peftexport 9.0.0, format 3; this runtime reads formats up to 2"):
         SamSession(newer)
     with pytest.raises(PeftExportError, match="tensorrt"):
         SamSession(full, backend="tensorrt", device="cuda")

@@ -2,12 +2,14 @@
 
 A spec names one model to evaluate::
 
-    [NAME=]SOURCE[@PRECISION]
+    [NAME=]SOURCE[@PRECISION][#ADAPTER]
 
 SOURCE is ``random:TYPE`` (a seeded random init, for testing the pipeline), a SAM
 checkpoint (``.pth``: official, merged or plain micro-sam), an adapter run directory
 (or its adapter.json / adapter.safetensors), or an export directory (manifest.json).
 PRECISION (fp32, fp16, int8) picks the graphs of an export dir; torch models run in fp32.
+ADAPTER picks one adapter of an export of several (``export@int8#nuclei``; also
+``export#nuclei@int8``); it may be left out when the export has one.
 
 Torch models run through ``segment_anything.SamPredictor``; export dirs through the
 runtime's ``SamSession``. Both take raw images and apply the model's own intensity
@@ -44,6 +46,7 @@ class ModelSpec:
     source: str
     kind: str
     precision: str | None = None  # None: not given (fp32)
+    adapter: str | None = None  # one adapter of an export of several
 
 
 def _split_name(text: str) -> tuple[str | None, str]:
@@ -63,6 +66,17 @@ def _split_precision(text: str) -> tuple[str, str | None]:
     if Path(text).exists() and not Path(source).exists():
         return text, None  # an '@' inside a real file name
     return source, prec
+
+
+def _split_adapter(text: str) -> tuple[str, str | None]:
+    """``SOURCE[@PRECISION]#ADAPTER`` or ``SOURCE#ADAPTER@PRECISION`` -> (``SOURCE[@PRECISION]``, ADAPTER)."""
+    if "#" not in text or Path(text).exists():
+        return text, None
+    source, adapter = text.rsplit("#", 1)
+    if "@" in adapter:
+        adapter, precision = adapter.split("@", 1)
+        source = f"{source}@{precision}"
+    return source, adapter
 
 
 def _kind_of(spec_text: str, source: str) -> str:
@@ -106,6 +120,9 @@ def parse_model_spec(text: str) -> ModelSpec:
     if not text:
         raise PeftExportError("MODEL: empty model spec")
     name, rest = _split_name(text)
+    rest, adapter = _split_adapter(rest)
+    if adapter is not None and not adapter:
+        raise PeftExportError(f"{text}: no adapter name after '#'")
     source, precision = _split_precision(rest)
     if precision is not None and precision not in PRECISIONS:
         raise PeftExportError(f"{text}: unknown precision {precision!r} (use @{', @'.join(PRECISIONS)})")
@@ -116,6 +133,8 @@ def parse_model_spec(text: str) -> ModelSpec:
         source = str(Path(source).parent)
     if kind != "export" and precision not in (None, "fp32"):
         raise PeftExportError(f"{text}: @{precision} needs an export dir (torch models run in fp32)")
+    if kind != "export" and adapter is not None:
+        raise PeftExportError(f"{text}: #{adapter} picks an adapter of an export dir, not of a {kind}")
     if name is None:
         if kind == "random":
             name = source
@@ -123,9 +142,11 @@ def parse_model_spec(text: str) -> ModelSpec:
             p = Path(source)
             name = p.parent.name if p.name in ADAPTER_FILES else (p.name if p.is_dir() else p.stem)
             name = name or source
+        if adapter is not None:
+            name = f"{name}#{adapter}"
         if precision is not None:
             name = f"{name}@{precision}"
-    return ModelSpec(text, name, source, kind, precision)
+    return ModelSpec(text, name, source, kind, precision, adapter)
 
 
 def parse_model_specs(texts: list[str] | tuple[str, ...]) -> list[ModelSpec]:
@@ -249,9 +270,17 @@ def load_predictor(
     checkpoints (positional embeddings are interpolated); ``backend`` to export dirs.
     """
     if spec.kind == "export":
-        from ..runtime import SamSession
+        from ..runtime import SamSession, read_manifest
 
-        session = SamSession(spec.source, backend=backend, device=device, precision=spec.precision or "fp32")
+        names = list(read_manifest(spec.source).get("adapters") or {})
+        if names and spec.adapter is None and len(names) > 1:
+            raise PeftExportError(f"{spec.text}: export holds adapters {', '.join(names)}; pick one with "
+                                  f"{spec.source}#NAME")
+        if spec.adapter is not None and spec.adapter not in names:
+            held = f"holds adapters {', '.join(names)}" if names else "holds one model, not named adapters"
+            raise PeftExportError(f"{spec.text}: unknown adapter {spec.adapter!r} (the export {held})")
+        session = SamSession(spec.source, backend=backend, device=device, precision=spec.precision or "fp32",
+                             adapters=[spec.adapter] if spec.adapter else None)
         if image_size is not None and image_size != session.image_size:
             raise PeftExportError(
                 f"{spec.text}: export is for image size {session.image_size}, --image-size {image_size} was asked"
@@ -262,6 +291,9 @@ def load_predictor(
                 "image_size": session.image_size, "precision": spec.precision or "fp32",
                 "backend": backend, "device": device, "graphs": desc.get("graphs"),
                 "peft": session.manifest.get("peft")}
+        if session.adapters:
+            info["adapter"] = session.adapters[0]
+            info["peft"] = session.manifest["adapters"][session.adapters[0]].get("peft")
         return LoadedModel(spec, session, backend, check_intensity_rule(rule), info)
 
     from ..peft.adapters import load_adapter

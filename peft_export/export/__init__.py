@@ -8,6 +8,8 @@ from .manifest import MANIFEST, graph_io
 from .onnx_graphs import DECODER_FLAVOURS, export_decoder_onnx, export_encoder_onnx, export_preprocess_encoder_onnx
 from .pipeline import FORMATS, merge_and_export
 from .quantize import PRECISIONS, quantize_int8
+from .shared_export import merge_and_export_adapters
+from .sources import load_named_sources
 from .verify import THRESHOLDS, build_reference, format_parity_table, ort_session, verify_export
 
 __all__ = [
@@ -22,7 +24,9 @@ __all__ = [
     "export_preprocess_encoder_onnx",
     "format_parity_table",
     "graph_io",
+    "load_named_sources",
     "merge_and_export",
+    "merge_and_export_adapters",
     "ort_session",
     "quantize_int8",
     "read_manifest",

@@ -52,12 +52,13 @@ def file_entry(export_dir: Path, name: str) -> dict:
     return {"path": name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def graph_entry(export_dir: Path, graph: str, filename: str, image_size: int, parity: dict, extra: dict | None = None) -> dict:
-    """One graph at one precision: its file (+ external data), I/O and parity."""
+def graph_entry(export_dir: Path, graph: str, filename: str, image_size: int, parity: dict, extra: dict | None = None,
+                io: tuple[list[dict], list[dict]] | None = None) -> dict:
+    """One graph at one precision: its file (+ external data), I/O (``graph_io``'s unless ``io``) and parity."""
     files = [file_entry(export_dir, filename)]
     if (export_dir / (filename + ".data")).exists():
         files.append(file_entry(export_dir, filename + ".data"))
-    inputs, outputs = graph_io(graph, image_size)
+    inputs, outputs = io or graph_io(graph, image_size)
     entry = {
         "path": filename,
         "sha256": files[0]["sha256"],

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from segment_anything.modeling import Sam
+
 from ..peft.adapters import AdaptedModel
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
@@ -26,8 +28,9 @@ FORMATS = ("onnx", "tensorrt")
 MAX_OPSET = 20  # the TorchScript exporter's newest
 
 
-def encoder_filename(precision: str) -> str:
-    return "encoder.onnx" if precision == "fp32" else f"encoder.{precision}.onnx"
+def encoder_filename(precision: str, stem: str = "encoder") -> str:
+    """``encoder.onnx`` for fp32, ``encoder.int8.onnx`` etc. (``stem`` names other encoder graphs)."""
+    return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
 
 
 def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str) -> None:
@@ -71,6 +74,26 @@ def export_source(adapted: AdaptedModel) -> dict:
     return {"kind": "micro-sam", "micro_sam": path}  # needs its --peft options to load
 
 
+def merge_for_export(adapted: AdaptedModel, log: Callable[[str], None]) -> tuple[Sam, bool, list[str], dict | None]:
+    """The model to export: (model, merged, adapters left in the graph, merge report).
+
+    Mergeable methods are folded and verified (``merge_and_verify``); AdaptFormer keeps its
+    branch in the graph; a plain model (no config) is exported as it is.
+    """
+    reference_model = adapted.model.eval()
+    if adapted.config is None:
+        return reference_model, True, [], None
+    if has_unmergeable_layers(reference_model):
+        log(f"{adapted.config.method} cannot be folded: exporting it with its branch inside the graph")
+        return reference_model, False, [adapted.config.method], None
+    t0 = time.perf_counter()
+    model, report = merge_and_verify(adapted)
+    log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "
+        f"(embeddings max rel {report['errors']['embeddings']['max_rel']:.1e})")
+    # A QLoRA model lives on its GPU; the merged copy is exported and checked on the CPU.
+    return model.eval().cpu(), True, [], {"errors": report["errors"], "tolerance_rel": report["tolerance_rel"]}
+
+
 def merge_and_export(
     adapted: AdaptedModel,
     out_dir: str | os.PathLike,
@@ -104,23 +127,11 @@ def merge_and_export(
     size = reference_model.image_encoder.img_size
     model_type = adapted.base.model_type
     t0 = time.perf_counter()
-    merge_report = None
-    if adapted.config is None:
-        model, merged, in_graph = reference_model, True, []
-    elif has_unmergeable_layers(reference_model):
-        model, merged, in_graph = reference_model, False, [adapted.config.method]
-        log(f"{adapted.config.method} cannot be folded: exporting it with its branch inside the graph")
-    else:
-        model, report = merge_and_verify(adapted)
-        merged, in_graph = True, []
-        merge_report = {"errors": report["errors"], "tolerance_rel": report["tolerance_rel"]}
-        log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "
-            f"(embeddings max rel {report['errors']['embeddings']['max_rel']:.1e})")
-    model = model.eval()
-    if merged and next(model.parameters()).device.type != "cpu":
+    model, merged, in_graph, merge_report = merge_for_export(adapted, log)
+    if merged and next(reference_model.parameters()).device.type != "cpu":
         # A QLoRA model lives on the GPU its 4-bit layers run on; exports and their checks run on the
-        # CPU, against the merged copy (verified against the 4-bit model just above).
-        model = reference_model = model.cpu()
+        # CPU, against the merged copy (verified against the 4-bit model in merge_for_export).
+        reference_model = model
     reference = build_reference(reference_model)
 
     graphs: dict[str, dict] = {}

@@ -296,7 +296,8 @@ def verify_export(
 
 def format_parity_table(rows: list[tuple[str, str, dict]]) -> str:
     """One line per (graph, precision): the errors and whether it passed."""
-    head = f"{'graph':<20}{'precision':<10}{'emb max rel':>12}{'emb cosine':>12}{'logit max rel':>14}{'mask IoU':>10}{'IoU-pred diff':>14}  result"
+    w = max([20] + [len(graph) + 2 for graph, _, _ in rows])  # per-adapter graph names run longer
+    head = f"{'graph':<{w}}{'precision':<10}{'emb max rel':>12}{'emb cosine':>12}{'logit max rel':>14}{'mask IoU':>10}{'IoU-pred diff':>14}  result"
     lines = [head, "-" * len(head)]
     for graph, precision, p in rows:
         emb_rel = p.get("embeddings", {}).get("max_rel")
@@ -309,7 +310,7 @@ def format_parity_table(rows: list[tuple[str, str, dict]]) -> str:
             return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
 
         lines.append(
-            f"{graph:<20}{precision:<10}{f(emb_rel, '12.2e')}{f(cos, '12.6f')}{f(logit, '14.2e')}"
+            f"{graph:<{w}}{precision:<10}{f(emb_rel, '12.2e')}{f(cos, '12.6f')}{f(logit, '14.2e')}"
             f"{f(miou, '10.5f')}{f(dio, '14.2e')}  {'ok' if p['passed'] else 'FAILED'}"
         )
     return "\n".join(lines)

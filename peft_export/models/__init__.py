@@ -16,6 +16,7 @@ from .checkpoints import (
     resize_positional_state,
     sam_state_from_checkpoint,
 )
+from .encoder_split import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, trainable_tail
 from .folded_attention import FoldedAttention, folded_attention, folded_rel_pos_attention
 from .sam import (
     ARCHITECTURES,
@@ -39,4 +40,5 @@ __all__ = [
     "checkpoint_image_size", "describe_model", "infer_model_type", "is_micro_sam_checkpoint", "load_sam",
     "load_state_strict", "random_sam", "randomize_positional_embeddings", "read_checkpoint",
     "resize_positional_state", "sam_state_from_checkpoint",
+    "encode_with_frozen_prefix", "first_trainable_block", "frozen_trunk", "trainable_tail",
 ]

@@ -215,6 +215,32 @@ def read_adapter_tensors(weights: Path) -> dict[str, torch.Tensor]:
         raise PeftExportError(f"{weights}: not a readable safetensors file ({exc})") from None
 
 
+def micro_sam_peft_config(
+    checkpoint: str | Path,
+    peft: str | None,
+    rank: int | None = None,
+    blocks: str = "all",
+    targets: str = "q,v",
+    adaptformer_residual: bool = False,
+) -> PeftConfig:
+    """The PEFT config a micro-sam checkpoint was trained with, from --peft and its options
+    (their files do not record it); an unknown method is reported before any file is read."""
+    from .config import parse_targets
+    from .registry import get_method
+
+    if peft is None:
+        raise PeftExportError(f"{checkpoint}: micro-sam checkpoints do not record their PEFT method; pass --peft")
+    get_method(peft)
+    return PeftConfig(
+        method=peft,
+        blocks=blocks,
+        rank=rank,
+        targets=parse_targets(targets) if peft in ("lora", "qlora") else ("q", "v"),
+        ssf_patch_embed=False,  # micro-sam's patch-embedding SSF branch never fires
+        adaptformer_residual=adaptformer_residual,
+    )
+
+
 def import_micro_sam(
     checkpoint: str | Path,
     config: PeftConfig,

@@ -174,17 +174,22 @@ def predict_images(
     everything_options: Optional[Dict[str, Any]] = None,
     progress: bool = False,
     intra_op_threads: Optional[int] = None,
+    adapter: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
-    """Segment each image file and write results into ``out_dir``; return one record per image.
+    """Segment each image file and write results into ``out_dir``; return one record per image
+    (per image and adapter with ``adapter="all"``).
 
     Prompts (``points``: "x,y[,label];..." or (N,2|3) array, or a (coords, labels) pair;
     ``box``: "x0,y0,x1,y1" or 4 numbers, in pixels of each image) give ``<stem>_mask.tif``,
     uint8 0/1: the mask with the highest predicted IoU, or with ``all_masks`` every mask
     (C,H,W). ``everything`` gives ``<stem>_labels.tif`` (uint16 instance labels, int32
     above 65535 objects). Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``.
-    The record is the JSON content.
+    The record is the JSON content. An export of several adapters needs ``adapter`` (optional when
+    it has one); ``"all"`` runs every adapter on each image (the trunk once) and writes each
+    adapter's results into ``out_dir/<adapter>/``.
     """
     from ..runtime import SamSession, read_manifest
+    from ..runtime.adapters import pick_adapter
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
@@ -202,6 +207,11 @@ def predict_images(
         raise PeftExportError("images: give at least one image file")
     manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version
     rule = manifest["preprocessing"].get("intensity")
+    names = list(manifest.get("adapters") or {})
+    if adapter == "all" and names:
+        targets = [(n, Path(out_dir) / n) for n in names]
+    else:
+        targets = [(pick_adapter(None if adapter == "all" else adapter, names), Path(out_dir))]
 
     from ..data.io import file_stem
 
@@ -217,20 +227,25 @@ def predict_images(
         seen[stem] = path
         shape = read_image(path).shape[:2]
         check_prompts_inside(str(path), shape, coords, bx)
-        outs = output_paths(out_dir, stem, everything, overlay)
-        for p in outs.values():
-            if p.exists() and not overwrite:
-                raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
-        plans.append((path, outs))
+        for name, target_dir in targets:
+            outs = output_paths(target_dir, stem, everything, overlay)
+            for p in outs.values():
+                if p.exists() and not overwrite:
+                    raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
+            plans.append((path, outs, name))
 
     session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for _, target_dir in targets:
+        target_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
     records = []
-    for path, outs in tqdm(plans, desc="predict", unit="image", disable=not progress):
-        image = read_image(path)
-        emb = session.encode(image)
+    last = None
+    for path, outs, name in tqdm(plans, desc="predict", unit="image", disable=not progress):
+        if path != last:  # every adapter of one image: read and run the trunk once
+            image = read_image(path)
+            emb = session.encode(image)
+            last = path
         record: Dict[str, Any] = {
             "image": str(path),
             "shape": [int(image.shape[0]), int(image.shape[1])],
@@ -239,9 +254,11 @@ def predict_images(
             "device": device,
             "mode": "everything" if everything else "prompt",
         }
+        if name is not None:
+            record["adapter"] = name
         picture = None
         if everything:
-            lab, recs = session.segment_everything(embedding=emb, **options)
+            lab, recs = session.segment_everything(embedding=emb, adapter=name, **options)
             n = int(lab.max()) if lab.size else 0
             out = lab.astype(np.uint16) if n <= np.iinfo(np.uint16).max else lab.astype(np.int32)
             record.update(options=options, n_objects=len(recs), objects=recs)
@@ -255,7 +272,7 @@ def predict_images(
                                    [((200, 200, 200), "one colour per object")] if recs else [])
         else:
             masks, iou, _ = session.predict(point_coords=coords, point_labels=labels, box=bx,
-                                            multimask_output=multimask, embedding=emb)
+                                            multimask_output=multimask, embedding=emb, adapter=name)
             best = int(np.argmax(iou))
             record.update(
                 points=None if coords is None else [[float(x), float(y), int(lb)] for (x, y), lb in zip(coords, labels)],

@@ -15,11 +15,13 @@ from .preprocess import (
     transform_coords,
 )
 from .manifest import read_manifest
+from .adapters import EncodedImage
 from .session import ImageEmbedding, SamSession
 from .backends.ort import session_options
 
 __all__ = [
     "DEFAULT_INTENSITY_RULE",
+    "EncodedImage",
     "ImageEmbedding",
     "SamSession",
     "build_point_grid",

@@ -9,7 +9,7 @@ from typing import Any, Dict
 from ..errors import PeftExportError
 
 FORMAT = "peftexport-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # newest this runtime reads: 1 one model (encoder + decoders), 2 several adapters (trunk + heads)
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -33,9 +33,9 @@ def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
         made_by = manifest.get("peftexport_version", "?")
         raise PeftExportError(
             f"{path}: export made by peftexport {made_by}, format {version}; "
-            f"this runtime reads format {FORMAT_VERSION} (upgrade peftexport)"
+            f"this runtime reads formats up to {FORMAT_VERSION} (upgrade peftexport)"
         )
-    for key in ("image_size", "graphs", "preprocessing"):
+    for key in ("image_size", "graphs", "preprocessing") + (("adapters",) if version >= 2 else ()):
         if key not in manifest:
             raise PeftExportError(f"{path}: manifest has no '{key}'")
     return manifest

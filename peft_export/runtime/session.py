@@ -6,6 +6,10 @@ Thread-safety: ``set_image`` holds a lock and then swaps in one immutable
 images at the same time call ``encode(image)`` and pass ``embedding=`` to
 ``predict``/``predict_batch``/``segment_everything``. ONNX Runtime's ``run`` is
 thread-safe, so one session can be shared.
+
+Exports of several adapters (``session.adapters``): ``set_image`` runs the shared trunk once
+and each adapter's head on first use (``runtime.adapters.EncodedImage``); ``predict``,
+``predict_batch`` and ``segment_everything`` take ``adapter=NAME`` (optional when there is one).
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
+from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_adapter, resolve_embedding
+from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .everything import segment_everything as _segment_everything
 from .manifest import PRECISIONS, read_manifest
@@ -34,6 +40,7 @@ class ImageEmbedding:
     embedding: np.ndarray
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
+    adapter: Optional[str] = None  # exports of several adapters: whose embedding this is
 
 
 class SamSession:
@@ -47,7 +54,10 @@ class SamSession:
         precision: str = "fp32",
         intra_op_threads: Optional[int] = None,
         verify_checksums: bool = False,
+        adapters: Optional[Sequence[str]] = None,
     ) -> None:
+        """``adapters``: with an export of several, load only these (default: all); a session of
+        one adapter needs no ``adapter=`` in its calls."""
         check_backend(backend)
         if device not in ("cpu", "cuda"):
             raise PeftExportError(f"device: unknown '{device}' (use cpu or cuda)")
@@ -65,7 +75,14 @@ class SamSession:
         self._interpolation = pre.get("interpolation", "bilinear")
 
         self._chosen: Dict[str, Tuple[str, Path]] = {}
-        if graph_kind(backend) == "onnx":
+        self._routes = select_routes(adapter_routes(self.manifest), adapters)
+        if self._routes:
+            if graph_kind(backend) != "onnx":
+                raise PeftExportError(f"backend {backend}: exports of several adapters run ONNX graphs only")
+            self._chosen = choose_adapter_graphs(self.manifest, self._routes, precision,
+                                                 lambda entry, key: self._graph_file(entry, key, verify_checksums))
+            paths = {k: p for k, (_, p) in self._chosen.items()}
+        elif graph_kind(backend) == "onnx":
             self._choose_onnx(verify_checksums)
             paths = {k: p for k, (_, p) in self._chosen.items()}
         else:
@@ -73,7 +90,12 @@ class SamSession:
         self._backend: Any = open_backend(backend, paths, device, intra_op_threads)
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
-        self._embedding: Optional[ImageEmbedding] = None
+        self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None
+
+    @property
+    def adapters(self) -> Tuple[str, ...]:
+        """Names of the adapters of an export of several; () for a single-model export."""
+        return tuple(self._routes)
 
     # ---- graph selection -------------------------------------------------------------
 
@@ -140,44 +162,76 @@ class SamSession:
             "providers": self.providers,
             "precision_asked": self.precision,
             "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
-            "decoder_used": "decoder_lowres" if "decoder_lowres" in self._chosen else "decoder",
+            "decoder_used": "decoder_lowres" if any(k.startswith("decoder_lowres") for k in self._chosen) else "decoder",
+            "adapters": list(self.adapters),
+            "split_block": (self.manifest.get("shared_trunk") or {}).get("split_block"),
             "intensity": self._intensity_rule,
             "interpolation": self._interpolation,
         }
 
     # ---- image ---------------------------------------------------------------------------
 
-    def encode(self, image: np.ndarray) -> ImageEmbedding:
-        """Normalise, resize and encode one image (2D gray or HxWx3/4, any dtype); no session state."""
+    def encode(self, image: np.ndarray, adapters: Optional[Sequence[str]] = None) -> Union[ImageEmbedding, EncodedImage]:
+        """Normalise, resize and encode one image (2D gray or HxWx3/4, any dtype); no session state.
+
+        Exports of several adapters give an ``EncodedImage``: the trunk has run, each head runs
+        on first use (now for the names in ``adapters``); pass it as ``embedding=``.
+        """
         x, original_size, input_size = prepare_image(
             image, self._intensity_rule, self.image_size, self._pixel_mean, self._pixel_std, self._interpolation
         )
+        if self._routes:
+            encoded = EncodedImage(x, original_size, input_size, self._routes, self._run_graph, self._checked_embedding)
+            encoded.run_trunk()
+            encoded.prefetch(pick_adapter(a, self.adapters) for a in (adapters or ()))
+            return encoded
+        if adapters:
+            pick_adapter(adapters[0], ())  # raises: a single-model export has no named adapters
         out = self._backend.run("encoder", {"image": x})
         emb = np.asarray(out.get("image_embeddings", next(iter(out.values()))), dtype=np.float32)
+        return self._checked_embedding(emb, original_size, input_size, None)
+
+    def _checked_embedding(self, emb: np.ndarray, original_size, input_size, adapter: Optional[str]) -> ImageEmbedding:
         g = self.image_size // 16
         if emb.shape[0] != 1 or emb.shape[-2:] != (g, g):
             raise PeftExportError(f"encoder: output shape {emb.shape} does not match image size {self.image_size}")
         emb.setflags(write=False)
-        return ImageEmbedding(emb, original_size, input_size)
+        return ImageEmbedding(emb, original_size, input_size, adapter)
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Encode ``image`` once; later ``predict`` calls use it."""
+    def _run_graph(self, key: str, x: np.ndarray) -> np.ndarray:
+        """One graph of an adapter's encoder chain: its only input in, its only output out."""
+        inputs = (self.manifest["graphs"][key][self._chosen[key][0]].get("inputs") or [{"name": "image"}])
+        return next(iter(self._backend.run(key, {inputs[0]["name"]: x}).values()))
+
+    def set_image(self, image: np.ndarray, adapters: Optional[Sequence[str]] = None) -> None:
+        """Encode ``image`` once; later ``predict`` calls use it (several adapters: the trunk runs
+        now, each head on first use, or now for the names in ``adapters``)."""
         with self._lock:
-            self._embedding = self.encode(image)
+            self._embedding = self.encode(image, adapters)
 
     def reset_image(self) -> None:
         with self._lock:
             self._embedding = None
 
-    def get_image_embedding(self) -> np.ndarray:
-        """The (1,256,g,g) embedding of the image given to ``set_image``."""
-        return self._snapshot(None).embedding
+    def get_image_embedding(self, adapter: Optional[str] = None) -> np.ndarray:
+        """The (1,256,g,g) embedding of the image given to ``set_image`` (of ``adapter``, if several)."""
+        return self._snapshot(None, adapter).embedding
 
-    def _snapshot(self, embedding: Optional[ImageEmbedding]) -> ImageEmbedding:
+    def _snapshot(self, embedding: Optional[Union[ImageEmbedding, EncodedImage]], adapter: Optional[str] = None
+                  ) -> ImageEmbedding:
         emb = embedding if embedding is not None else self._embedding
         if emb is None:
             raise PeftExportError("predict: no image set; call set_image(image) first or pass embedding=")
-        return emb
+        return resolve_embedding(emb, adapter, self.adapters)
+
+    def _decoder_graphs(self, emb: ImageEmbedding) -> Tuple[Optional[str], Optional[str]]:
+        """(batched low-res decoder, Meta decoder) graph keys for ``emb``'s adapter; None where absent."""
+        if emb.adapter is None:
+            names = ("decoder_lowres", "decoder")
+        else:
+            route = self._routes[emb.adapter]
+            names = (route.decoder_lowres, route.decoder)
+        return tuple(n if n in self._chosen else None for n in names)  # type: ignore[return-value]
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -194,9 +248,10 @@ class SamSession:
         self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray, has_mask: np.ndarray
     ) -> Tuple[np.ndarray, np.ndarray]:
         """(K,M,2),(K,M) decoder prompts -> low-res logits (K,4,4g,4g), iou (K,4)."""
-        if "decoder_lowres" in self._chosen:
+        lowres, _ = self._decoder_graphs(emb)
+        if lowres is not None:
             out = self._backend.run(
-                "decoder_lowres",
+                lowres,
                 {
                     "image_embeddings": emb.embedding,
                     "point_coords": coords,
@@ -215,7 +270,7 @@ class SamSession:
 
     def _run_meta(self, emb, coords, labels, mask, has_mask) -> Dict[str, np.ndarray]:
         return self._backend.run(
-            "decoder",
+            self._decoder_graphs(emb)[1],
             {
                 "image_embeddings": emb.embedding,
                 "point_coords": coords,
@@ -234,14 +289,16 @@ class SamSession:
         mask_input: Optional[np.ndarray] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-        embedding: Optional[ImageEmbedding] = None,
+        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+        adapter: Optional[str] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """SamPredictor.predict: (masks (C,H,W) bool or logits, iou (C,), low-res logits (C,4g,4g)).
 
         Coordinates are x,y pixels of the original image; box is XYXY; mask_input is the
         (1,4g,4g) low-res logits of an earlier call. C = 3 with multimask_output else 1.
+        ``adapter`` names the adapter of an export of several (optional when it has one).
         """
-        emb = self._snapshot(embedding)
+        emb = self._snapshot(embedding, adapter)
         pts = lbl = boxes = None
         if point_coords is not None or point_labels is not None:
             pts, lbl = check_points(point_coords, point_labels, emb.original_size)
@@ -268,13 +325,14 @@ class SamSession:
         point_labels: Optional[np.ndarray] = None,
         multimask_output: bool = False,
         return_logits: bool = False,
-        embedding: Optional[ImageEmbedding] = None,
+        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+        adapter: Optional[str] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """K objects in one decoder call: boxes (K,4) and/or points (K,N,2) + labels (K,N).
 
         Returns masks (K,C,H,W), iou (K,C), low-res logits (K,C,4g,4g).
         """
-        emb = self._snapshot(embedding)
+        emb = self._snapshot(embedding, adapter)
         pts = lbl = bxs = None
         if points is not None or point_labels is not None:
             pts, lbl = check_points(points, point_labels, emb.original_size, batched=True)
@@ -301,10 +359,11 @@ class SamSession:
         stability_score_thresh: float = 0.95,
         box_nms_thresh: float = 0.7,
         min_mask_region_area: int = 0,
-        embedding: Optional[ImageEmbedding] = None,
+        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+        adapter: Optional[str] = None,
     ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
         """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records)."""
-        emb = self._snapshot(embedding)
+        emb = self._snapshot(embedding, adapter)
         s = self.low_res_size
 
         def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
