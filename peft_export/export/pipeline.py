@@ -19,8 +19,8 @@ from ..merge import merge_and_verify
 from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
 from .manifest import build_manifest, graph_entry, write_manifest
-from .quantize import PRECISIONS, onnx_bytes, quantize_int8
-from .verify import build_reference, decoder_feeds, format_parity_table, verify_export
+from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
 
 FORMATS = ("onnx", "tensorrt")
 MAX_OPSET = 20  # the TorchScript exporter's newest
@@ -81,6 +81,8 @@ def merge_and_export(
     overwrite: bool = False,
     progress: bool = True,
     exporter: str = "torchscript",
+    calibration_data: str | os.PathLike | None = None,
+    int8_recipe: Int8Recipe | None = None,
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
@@ -88,11 +90,17 @@ def merge_and_export(
     ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
+
+    int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
+    calibrated on them, else dynamic quantisation; ``int8_recipe`` overrides the default
+    (``quantize.default_recipe``). The manifest records the recipe and the calibration images.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
+    if calibration_data is not None and "int8" not in precisions:
+        raise PeftExportError("--calibration-data: only int8 is calibrated; add int8 to --precision")
     target = None
     if "tensorrt" in formats:
         from .tensorrt import check_tensorrt
@@ -117,26 +125,47 @@ def merge_and_export(
         log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "
             f"(embeddings max rel {report['errors']['embeddings']['max_rel']:.1e})")
     model = model.eval()
+    calibration, calibration_record = None, None
+    if calibration_data is not None:
+        from .calibration import calibration_inputs
+
+        calibration, calibration_record = calibration_inputs(calibration_data, size, dict(adapted.intensity))
+        log(f"calibration: {calibration_record['planes']} image plane(s) from {calibration_data}")
     reference = build_reference(reference_model)
 
     graphs: dict[str, dict] = {}
     rows: list[tuple[str, str, dict]] = []
     used_exporter = exporter
 
+    backends = verify_backends()
+
     def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None) -> None:
-        t = time.perf_counter()
-        parity = verify_export(tmp / filename, graph, reference_model, reference, precision)
-        parity["export_seconds"] = round(export_s, 2)
-        parity["verify_seconds"] = round(time.perf_counter() - t, 2)
-        rows.append((graph, precision, parity))
-        log(f"  {graph:<18} {precision:<5} exported {export_s:6.1f} s, verified {parity['verify_seconds']:5.1f} s, "
-            f"{onnx_bytes(tmp / filename) / 1e6:8.1f} MB  {'ok' if parity['passed'] else 'FAILED'}")
-        if not parity["passed"]:
-            log(format_parity_table(rows))
-            raise PeftExportError(
-                f"{out_dir}: {graph} {precision} failed verification ({'; '.join(parity['failures'])}); nothing written"
-            )
-        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, parity, extra)
+        # The same gate on every installed CPU backend: a graph one of them runs wrongly is refused.
+        by_backend = {}
+        for backend in backends:
+            t = time.perf_counter()
+            parity = verify_export(tmp / filename, graph, reference_model, reference, precision, backend)
+            parity["export_seconds"] = round(export_s, 2)
+            parity["verify_seconds"] = round(time.perf_counter() - t, 2)
+            by_backend[backend] = parity
+            rows.append((graph if backend == "onnxruntime" else f"{graph} ({backend})", precision, parity))
+            log(f"  {graph:<18} {precision:<5} exported {export_s:6.1f} s, verified {parity['verify_seconds']:5.1f} s "
+                f"on {backend:<11}, {onnx_bytes(tmp / filename) / 1e6:8.1f} MB  {'ok' if parity['passed'] else 'FAILED'}")
+            gate = parity.get("prompt_agreement")
+            if gate:
+                log(f"    masks vs fp32 over {gate['prompts']} prompts: IoU mean {gate['mask_iou_mean']:.4f}, "
+                    f"min {gate['mask_iou_min']:.4f} (gate {parity['thresholds']['prompt_mask_iou_mean']} / "
+                    f"{parity['thresholds']['prompt_mask_iou_min']})")
+            if not parity["passed"]:
+                log(format_parity_table(rows))
+                raise PeftExportError(
+                    f"{out_dir}: {graph} {precision} failed verification on {backend} "
+                    f"({'; '.join(parity['failures'])}); nothing written"
+                )
+        extra = dict(extra or {}, verified_on=list(by_backend))
+        if len(by_backend) > 1:
+            extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
+        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, by_backend["onnxruntime"], extra)
 
     log(f"exporting {model_type} (image size {size}) to {out_dir}: {', '.join(formats)}; {', '.join(precisions)}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -157,9 +186,12 @@ def merge_and_export(
                    "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
         if "int8" in precisions:
             t = time.perf_counter()
-            quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"))
+            recipe = int8_recipe or default_recipe(tmp / "encoder.onnx", model_type)
+            applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), recipe, calibration)
+            how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
-                  {"note": "onnxruntime quantize_dynamic, QInt8 weights, from the fp32 graph"})
+                  {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
+                   "int8_recipe": applied.to_dict(), "calibration": calibration_record})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)

@@ -56,16 +56,18 @@ class OpenVinoBackend:
             self._compiled[name] = compiled
             self._requests[name] = compiled.create_infer_request()
             self._locks[name] = threading.Lock()
-            self._inputs[name] = [(p.get_any_name(), OV_DTYPES.get(p.get_element_type().get_type_name(), np.float32))
+            # A port may carry several tensor names (OpenVINO merges tensors); the graph input's is among them.
+            self._inputs[name] = [(p.get_names(), OV_DTYPES.get(p.get_element_type().get_type_name(), np.float32))
                                   for p in compiled.inputs]
         self.providers = [f"OpenVINO {ov.get_version().split('-')[0]} CPU"]
 
     def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         cast = {}
-        for inp, dtype in self._inputs[name]:
-            if inp not in feeds:
-                raise PeftExportError(f"{name}: graph input '{inp}' not provided")
-            cast[inp] = np.ascontiguousarray(feeds[inp], dtype=dtype)
+        for names, dtype in self._inputs[name]:
+            given = [n for n in names if n in feeds]
+            if not given:
+                raise PeftExportError(f"{name}: graph input '{sorted(names)[0]}' not provided")
+            cast[given[0]] = np.ascontiguousarray(feeds[given[0]], dtype=dtype)
         with self._locks[name]:
             result = self._requests[name].infer(cast)
             out = {}
