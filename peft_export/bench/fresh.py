@@ -84,7 +84,8 @@ def _worker(job_path: str, out_path: str) -> int:
     runner = make_runner(spec, adapted, case.get("export_dir"), inputs, job.get("threads"), job["components"])
     result = measure([runner], job["components"], job["warmup"], job["iterations"], False, log)[0]
     result["process"] = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_at_start_mb": round(rss_start, 1),
-                         "rss_at_end_mb": round(current_rss_mb(), 1), "pid": os.getpid()}
+                         "rss_at_end_mb": round(current_rss_mb(), 1), "pid": os.getpid(),
+                         "torch_imported": "torch" in sys.modules}
     Path(out_path).write_text(json.dumps(result, default=str))
     return 0
 

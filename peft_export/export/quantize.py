@@ -126,7 +126,10 @@ def quantize_int8(
                     quantize_static(str(src.resolve()), str(dst.resolve()), _Images(calibration),
                                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8, **common,
-                                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                                   # attention's activation x activation products stay fp32,
+                                                   # as quantize_dynamic leaves them
+                                                   "MatMulConstBOnly": True})
                 finally:
                     os.chdir(cwd)
             return applied
@@ -135,7 +138,8 @@ def quantize_int8(
 
 
 def matmul_nodes(path: str | os.PathLike, block: int | None = None, part: str | None = None) -> list[str]:
-    """Names of the weight MatMul nodes of an encoder graph, optionally of one block and/or one layer.
+    """Names of the weight MatMul nodes (a Linear layer's: its second input is a stored weight) of an
+    encoder graph, optionally of one block and/or one layer.
 
     ``part``: ``qkv``, ``proj``, ``lin1`` or ``lin2`` (the TorchScript exporter names nodes after
     the module path, e.g. ``/image_encoder/blocks.3/attn/qkv/MatMul``).
@@ -143,9 +147,10 @@ def matmul_nodes(path: str | os.PathLike, block: int | None = None, part: str | 
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
     names = []
     for node in model.graph.node:
-        if node.op_type != "MatMul":
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in weights:
             continue
         if block is not None and f"/blocks.{block}/" not in node.name:
             continue

@@ -41,20 +41,19 @@ def key_indicators(h: int, w: int, dtype: torch.dtype, device: torch.device) -> 
     return rows, cols
 
 
-def folded_rel_pos_attention(
+def fold_rel_pos(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: tuple[int, int],
     scale: float,
-) -> torch.Tensor:
-    """softmax(scale q k^T + decomposed rel-pos bias) v, computed as one attention with scale 1.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q', k') of the module doc: one attention with scale 1 over them is SAM's biased attention.
 
-    q, k, v: (B, heads, N, d) with N = h*w tokens in row-major order; rel_pos_h/w: SAM's
-    tables ((2h-1) x d, (2w-1) x d; other lengths are interpolated as SAM does). Returns
-    (B, heads, N, d).
+    q, k: (B, heads, N, d) with N = h*w tokens in row-major order; rel_pos_h/w: SAM's tables
+    ((2h-1) x d, (2w-1) x d; other lengths are interpolated as SAM does). Returns
+    (B, heads, N, d + h + w) each.
     """
     h, w = size
     b, n_heads, n, d = q.shape
@@ -66,6 +65,23 @@ def folded_rel_pos_attention(
     rows, cols = key_indicators(h, w, k.dtype, k.device)
     q_folded = torch.cat([q * scale, rel_h, rel_w], dim=-1)
     k_folded = torch.cat([k, rows.expand(b, n_heads, n, h), cols.expand(b, n_heads, n, w)], dim=-1)
+    return q_folded, k_folded
+
+
+def folded_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """softmax(scale q k^T + decomposed rel-pos bias) v, computed as one attention with scale 1.
+
+    q, k, v: (B, heads, N, d); see ``fold_rel_pos``. Returns (B, heads, N, d).
+    """
+    q_folded, k_folded = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale)
     return F.scaled_dot_product_attention(q_folded, k_folded, v, scale=1.0)
 
 
