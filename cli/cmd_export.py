@@ -46,6 +46,8 @@ def merge_and_export_cmd(
         False, "--preprocess-in-graph", help="Also export encoder_preprocess: resized HWC image in, normalise+pad in graph."
     ),
     exporter: str = typer.Option("torchscript", "--exporter", help="Encoder exporter: torchscript or dynamo."),
+    attention: str = typer.Option(
+        "plain", "--attention", help="Encoder attention: plain, folded (rel-pos folded, SDPA) or fused (ONNX Runtime's MultiHeadAttention)."),
     calibration_data: Optional[Path] = typer.Option(
         None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
@@ -61,5 +63,6 @@ def merge_and_export_cmd(
                                 micro_sam_config=cfg, model_type=model, image_size=image_size, force=force)
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=True,
-                                exporter=exporter, calibration_data=calibration_data)
+                                exporter=exporter, calibration_data=calibration_data,
+                                attention=attention)
     echo(f"manifest: {out / 'manifest.json'} ({len(manifest['graphs'])} graphs)")

@@ -18,6 +18,7 @@ from ..fsutil import atomic_dir
 from ..merge import merge_and_verify
 from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
+from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, write_manifest
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
@@ -30,7 +31,8 @@ def encoder_filename(precision: str) -> str:
     return "encoder.onnx" if precision == "fp32" else f"encoder.{precision}.onnx"
 
 
-def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str) -> None:
+def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str,
+                   attention: str = "plain") -> None:
     for f in formats:
         if f not in FORMATS:
             raise PeftExportError(f"--format: unknown format {f!r}; choose from {', '.join(FORMATS)}")
@@ -42,6 +44,8 @@ def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int
     if not og.MIN_OPSET <= opset <= MAX_OPSET:
         raise PeftExportError(f"--opset: {opset} is outside {og.MIN_OPSET}..{MAX_OPSET}")
     og.check_exporter(exporter, opset)
+    if attention not in ATTENTION_FORMS:
+        raise PeftExportError(f"--attention: unknown {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -83,6 +87,7 @@ def merge_and_export(
     exporter: str = "torchscript",
     calibration_data: str | os.PathLike | None = None,
     int8_recipe: Int8Recipe | None = None,
+    attention: str = "plain",
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
@@ -94,9 +99,12 @@ def merge_and_export(
     int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
     calibrated on them, else dynamic quantisation; ``int8_recipe`` overrides the default
     (``quantize.default_recipe``). The manifest records the recipe and the calibration images.
+
+    ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
+    ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
-    _check_options(formats, precisions, opset, exporter)
+    _check_options(formats, precisions, opset, exporter, attention)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     if calibration_data is not None and "int8" not in precisions:
@@ -174,10 +182,10 @@ def merge_and_export(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is meant to be shared
         # fp32 encoder first: int8 is quantised from it (and removed if fp32 was not asked for).
         t = time.perf_counter()
-        used_exporter = og.export_encoder_onnx(model, tmp / "encoder.onnx", opset, "fp32", exporter)
+        used_exporter = og.export_encoder_onnx(model, tmp / "encoder.onnx", opset, "fp32", exporter, attention)
         fp32_s = time.perf_counter() - t
         if "fp32" in precisions:
-            check("encoder", "fp32", "encoder.onnx", tmp, fp32_s, {"exporter": used_exporter})
+            check("encoder", "fp32", "encoder.onnx", tmp, fp32_s, {"exporter": used_exporter, "attention": attention})
         if "fp16" in precisions:
             t = time.perf_counter()
             how = og.export_encoder_onnx(model, tmp / encoder_filename("fp16"), opset, "fp16", exporter)
@@ -191,6 +199,7 @@ def merge_and_export(
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
                   {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
+                   "attention": attention,
                    "int8_recipe": applied.to_dict(), "calibration": calibration_record})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
