@@ -82,9 +82,9 @@ def test_bench_and_evaluate_run_on_openvino(export, tmp_path):
     out, _ = export
     res = runner.invoke(app, ["bench", str(out), "--backend", "onnxruntime,openvino", "--components",
                               "encoder,decoder_box,end_to_end", "--iterations", "1", "--precision", "fp32",
-                              "--json", str(tmp_path / "b.json"), "-q"])
+                              "-o", str(tmp_path / "b"), "-q"])
     assert res.exit_code == 0, res.output
-    cases = {c["case"]: c for c in json.loads((tmp_path / "b.json").read_text())["cases"]}
+    cases = {c["case"]: c for c in json.loads((tmp_path / "b" / "bench.json").read_text())["cases"]}
     ov = cases["export openvino-cpu fp32"]
     assert ov["status"] == "ok" and set(ov["components"]) == {"encoder", "decoder_box", "end_to_end"}
     assert ov["process"]["torch_imported"] is False
@@ -93,8 +93,8 @@ def test_bench_and_evaluate_run_on_openvino(export, tmp_path):
 
     make_demo_data(tmp_path / "data", n_images=1, size=128, seed=1, n_objects=(2, 3))
     res = runner.invoke(app, ["evaluate", f"ov={out}@fp32", "--backend", "openvino", "--data", str(tmp_path / "data"),
-                              "--iterations", "1", "--max-objects", "2", "--json", str(tmp_path / "e.json"), "--quiet"])
+                              "--iterations", "1", "--max-objects", "2", "-o", str(tmp_path / "e"), "--quiet"])
     assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "e.json").read_text())
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert report["models"]["ov"]["backend"] == "openvino"
     assert 0.0 <= report["rows"][0]["dice_box"] <= 1.0
