@@ -112,7 +112,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--methods", default="lora-qv,late-lora-qkvmlp", help=f"unmerged PEFT methods to time ({', '.join(METHODS)})")
-    ap.add_argument("--attention", default="", help="extra encoder attention forms to time at the first size (folded, fused)")
+    ap.add_argument("--attention", default="fused", help="extra encoder attention forms to time at the first size (folded, fused; \"\" for none)")
     ap.add_argument("--peers", action="store_true", help="also time samexporter's export of the same weights")
     ap.add_argument("--out", type=Path, default=Path("bench_cpu_out"))
     args = ap.parse_args()
