@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
-from ..models.folded_attention import FoldedAttention, fold_rel_pos
+from ..models.folded_attention import FoldedAttention, fold_rel_pos, folded_attention
 
 ATTENTION_FORMS = ("plain", "folded", "fused")
 
@@ -77,13 +77,8 @@ def attention_form(sam_or_encoder: nn.Module, form: str) -> Iterator[nn.Module]:
         from ..errors import PeftExportError
 
         raise PeftExportError(f"--attention: unknown {form!r}; choose one of {', '.join(ATTENTION_FORMS)}")
-    encoder = getattr(sam_or_encoder, "image_encoder", sam_or_encoder)
-    swapped = [(blk, blk.attn) for blk in encoder.blocks if isinstance(blk.attn, Attention)] if form != "plain" else []
-    wrap = FoldedAttention if form == "folded" else FusedAttention
-    try:
-        for blk, attn in swapped:
-            blk.attn = wrap(attn)
+    if form == "plain":
         yield sam_or_encoder
-    finally:
-        for blk, attn in swapped:
-            blk.attn = attn
+        return
+    with folded_attention(sam_or_encoder, FoldedAttention if form == "folded" else FusedAttention):
+        yield sam_or_encoder

@@ -26,7 +26,7 @@ does so for every block for as long as an export or a benchmark needs it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,11 @@ def _attention_modules(sam_or_encoder: nn.Module) -> list[tuple[nn.Module, Atten
 
 
 @contextlib.contextmanager
-def folded_attention(sam_or_encoder: nn.Module) -> Iterator[nn.Module]:
-    """Swap every encoder block's attention for ``FoldedAttention`` while the context lasts.
+def folded_attention(
+    sam_or_encoder: nn.Module, wrapper: Callable[[Attention], nn.Module] = FoldedAttention
+) -> Iterator[nn.Module]:
+    """Swap every encoder block's attention for ``wrapper(attention)`` (``FoldedAttention``) while
+    the context lasts.
 
     Parameters are shared, not copied: the state dict keys and values stay those of SAM,
     and the original modules are put back on exit (also after an error).
@@ -127,7 +130,7 @@ def folded_attention(sam_or_encoder: nn.Module) -> Iterator[nn.Module]:
     swapped = _attention_modules(sam_or_encoder)
     try:
         for blk, attn in swapped:
-            blk.attn = FoldedAttention(attn)
+            blk.attn = wrapper(attn)
         yield sam_or_encoder
     finally:
         for blk, attn in swapped:
