@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
     return adapted, root / "export"
 
 
+@pytest.mark.slow  # worker processes / full exports
 def test_each_case_runs_in_its_own_process_and_records_load(tiny, tmp_path):
     adapted, export = tiny
     result = run_bench(export_dir=export, adapted=adapted, backends=["torch", "onnxruntime"], precisions=["fp32"],

@@ -51,6 +51,7 @@ def test_rewritten_encoder_graph_matches_sam(merged, form, tmp_path):
         assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), backend
 
 
+@pytest.mark.slow  # worker processes / full exports
 def test_merge_and_export_gates_the_fused_form_and_records_it(tmp_path):
     adapted = make_adapted(MERGEABLE_CONFIGS["lora-qv-alpha"], image_size=128)
     manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], attention="fused", progress=False)

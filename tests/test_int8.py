@@ -76,6 +76,7 @@ def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tmp_path):
     assert entry["parity"]["thresholds"]["prompt_mask_iou_min"] == 0.97
 
 
+@pytest.mark.slow  # worker processes / full exports
 def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp_path):
     good, _ = images
     out = tmp_path / "cal"
@@ -101,6 +102,7 @@ def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp
     assert on_disk["graphs"]["encoder"]["int8"]["calibration"] == entry["calibration"]
 
 
+@pytest.mark.slow  # worker processes / full exports
 def test_a_bad_quantisation_is_refused_and_nothing_is_written(adapted, images, tmp_path):
     # Calibrated on black images, the activation ranges are far too narrow for real ones.
     _, black = images

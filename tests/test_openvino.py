@@ -78,6 +78,7 @@ def test_openvino_is_cpu_only_here(export):
         SamSession(out, "openvino", "cuda")
 
 
+@pytest.mark.slow  # worker processes / full exports
 def test_bench_and_evaluate_run_on_openvino(export, tmp_path):
     out, _ = export
     res = runner.invoke(app, ["bench", str(out), "--backend", "onnxruntime,openvino", "--components",
