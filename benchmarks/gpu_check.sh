@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# GPU check: `pytest -m gpu` and the vit_b GPU benchmark, within 8 minutes in all.
+# GPU check: every CUDA test (pytest -m "gpu or tensorrt") and the vit_b GPU benchmark, in 8 minutes at most.
 #
-#   benchmarks/gpu_check.sh OUTDIR
+#   benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine
+#   benchmarks/gpu_check.sh --dry-run OUTDIR    # any machine: checks imports, the test selection and
+#                                               # gpu_bench.py's arguments, runs nothing on a GPU
 #
-# Needs only this repository and a CUDA machine whose Python has torch. It installs
-# nothing from the network (such machines may have no internet; GPU_CHECK_WHEELS=DIR
-# installs carried wheels): the repo runs from source through PYTHONPATH. Missing packages are reported; without torch+CUDA or segment_anything it
-# stops at once with a non-zero code. Writes into OUTDIR: env.txt, pytest_gpu.txt,
-# gpu_bench.{txt,json,md,png}, gpu_check.log. Exit code: 0 all passed, 3 no CUDA,
-# 4 a required package missing, otherwise the first failing step's code (124 = timeout).
+# Needs only this repository and a Python with torch (CUDA build), segment_anything, numpy and
+# safetensors. It installs nothing from the network: the repository runs from source through
+# PYTHONPATH, and GPU_CHECK_WHEELS=DIR installs wheels carried in DIR (pip --no-index). Tests that
+# need a missing optional package (tensorrt, bitsandbytes, onnxruntime-gpu) skip and say which.
+# Writes into OUTDIR: env.txt, pytest_gpu.txt, gpu_bench.{txt,json,md}, gpu_check.log.
+# Exit code: 0 all passed, 3 no CUDA, 4 a required package missing or torch too old, otherwise the
+# first failing step's code (124 = timeout).
 set -u
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: benchmarks/gpu_check.sh [--dry-run] OUTDIR}
 PY=${PYTHON:-python}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-170}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-280}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-150}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-290}
+BENCH_BUDGET=$(( BENCH_TIMEOUT - 50 ))  # gpu_bench starts no case after this; the rest is for writing out
+MARKS="gpu or tensorrt"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -22,11 +29,19 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/gpu_check.log"; }
 
-log "repo $PWD, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1)"
+log "repo $PWD, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1)$([ $DRY = 1 ] && echo ', dry run')"
+# A machine without internet can still get the pure-Python packages: on a machine with the
+# registry, `pip download -d wheels segment-anything safetensors typer onnx onnxscript tifffile bitsandbytes`
+# and carry wheels/ along; GPU_CHECK_WHEELS=wheels installs from it (never from the network).
+if [ -n "${GPU_CHECK_WHEELS:-}" ] && [ -d "$GPU_CHECK_WHEELS" ] && [ $DRY = 0 ]; then
+    log "installing from $GPU_CHECK_WHEELS (no index)"
+    "$PY" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" "$GPU_CHECK_WHEELS"/*.whl \
+        >> "$OUT/gpu_check.log" 2>&1 || log "note: offline install from $GPU_CHECK_WHEELS failed (see gpu_check.log)"
+fi
 timeout 60 "$PY" - > "$OUT/env.txt" 2>&1 <<'EOF'
 import importlib, importlib.util, subprocess
-for mod in ("torch", "segment_anything", "numpy", "onnx", "onnxruntime", "tensorrt", "typer", "safetensors",
-            "scipy", "tifffile", "PIL", "matplotlib", "pytest"):
+for mod in ("torch", "segment_anything", "numpy", "safetensors", "onnx", "onnxruntime", "tensorrt", "bitsandbytes",
+            "typer", "scipy", "tifffile", "PIL", "matplotlib", "pytest"):
     ok = importlib.util.find_spec(mod) is not None
     ver = ""
     if ok:
@@ -39,7 +54,8 @@ try:
     import torch
     print("cuda available", torch.cuda.is_available(), "torch cuda", torch.version.cuda)
     if torch.cuda.is_available():
-        print("gpu", torch.cuda.get_device_name(0))
+        print("gpu", torch.cuda.get_device_name(0), "x", torch.cuda.device_count(),
+              "native bf16", torch.cuda.is_bf16_supported(including_emulation=False))
 except Exception as exc:
     print("torch error", exc)
 try:
@@ -54,45 +70,57 @@ except Exception:
 EOF
 cat "$OUT/env.txt"
 
+missing=""
+for mod in torch segment_anything numpy safetensors; do
+    "$PY" -c "import $mod" 2>/dev/null || missing="$missing $mod"
+done
+if [ -n "$missing" ]; then
+    log "FAIL: required package(s) not importable:$missing (this script installs nothing; see GPU_CHECK_WHEELS)"
+    exit 4
+fi
+if ! problem=$("$PY" -c "import sys, torch; from peft_export._compat import torch_version_problem as p; m = p(torch.__version__); print(m or ''); sys.exit(1 if m else 0)" 2>&1); then
+    log "FAIL: $problem"
+    exit 4
+fi
+for mod in pytest typer onnx onnxruntime bitsandbytes tensorrt; do
+    "$PY" -c "import $mod" 2>/dev/null || log "note: $mod is not importable; the tests needing it skip"
+done
+
+if [ $DRY = 1 ]; then
+    rc=0
+    log "dry run: collecting pytest -m \"$MARKS\""
+    "$PY" -m pytest -m "$MARKS" --collect-only -q -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
+    crc=$?
+    tail -n 5 "$OUT/pytest_gpu.txt"
+    if [ $crc -ne 0 ]; then log "dry run: test collection failed (exit $crc)"; rc=$crc; fi
+    log "dry run: benchmarks/gpu_bench.py --dry-run"
+    "$PY" benchmarks/gpu_bench.py --out "$OUT" --budget-s "$BENCH_BUDGET" --dry-run > "$OUT/gpu_bench.txt" 2>&1
+    brc=$?
+    head -n 3 "$OUT/gpu_bench.txt"
+    if [ $brc -ne 0 ]; then log "dry run: gpu_bench.py --dry-run failed (exit $brc)"; [ $rc -eq 0 ] && rc=$brc; fi
+    log "dry run done, exit $rc"
+    exit $rc
+fi
+
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     log "FAIL: torch with a CUDA device is not available here"
     exit 3
 fi
-# A machine without internet can still get the pure-Python packages: on a machine with the
-# registry, `pip download -d wheels segment-anything safetensors typer onnx onnxscript tifffile`
-# and carry wheels/ along; GPU_CHECK_WHEELS=wheels installs from it (never from the network).
-if [ -n "${GPU_CHECK_WHEELS:-}" ] && [ -d "$GPU_CHECK_WHEELS" ]; then
-    log "installing from $GPU_CHECK_WHEELS (no index)"
-    "$PY" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" "$GPU_CHECK_WHEELS"/*.whl \
-        >> "$OUT/gpu_check.log" 2>&1 || log "note: offline install from $GPU_CHECK_WHEELS failed (see gpu_check.log)"
-fi
-missing=""
-for mod in segment_anything numpy safetensors; do
-    "$PY" -c "import $mod" 2>/dev/null || missing="$missing $mod"
-done
-if [ -n "$missing" ]; then
-    log "FAIL: required package(s) not importable:$missing (pip install -e . needs them; this script installs nothing)"
-    exit 4
-fi
-for mod in pytest typer onnx onnxruntime matplotlib; do
-    "$PY" -c "import $mod" 2>/dev/null || log "note: $mod is not importable; the parts needing it are skipped or fail"
-done
 
 rc=0
 if "$PY" -c "import pytest, typer" 2>/dev/null; then
-    log "pytest -m gpu (timeout ${TEST_TIMEOUT}s)"
-    timeout "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
-        > "$OUT/pytest_gpu.txt" 2>&1
+    log "pytest -m \"$MARKS\" (timeout ${TEST_TIMEOUT}s)"
+    timeout "$TEST_TIMEOUT" "$PY" -m pytest -m "$MARKS" -q -rs -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
     trc=$?
-    tail -n 25 "$OUT/pytest_gpu.txt"
+    tail -n 30 "$OUT/pytest_gpu.txt"
     # 5 = no tests collected: not a failure of the code under test.
-    if [ $trc -ne 0 ] && [ $trc -ne 5 ]; then log "pytest -m gpu: exit $trc"; rc=$trc; else log "pytest -m gpu: ok"; fi
+    if [ $trc -ne 0 ] && [ $trc -ne 5 ]; then log "pytest -m \"$MARKS\": exit $trc"; rc=$trc; else log "pytest: ok"; fi
 else
-    log "skip pytest -m gpu: pytest or typer is not importable"
+    log "skip pytest: pytest or typer is not importable"
 fi
 
-log "benchmarks/gpu_bench.py (timeout ${BENCH_TIMEOUT}s)"
-timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"
+log "benchmarks/gpu_bench.py (timeout ${BENCH_TIMEOUT}s, budget ${BENCH_BUDGET}s)"
+timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_bench.py --out "$OUT" --budget-s "$BENCH_BUDGET" 2>&1 | tee "$OUT/gpu_bench.txt"
 brc=${PIPESTATUS[0]}
 if [ "$brc" -ne 0 ]; then log "gpu_bench: exit $brc"; [ $rc -eq 0 ] && rc=$brc; else log "gpu_bench: ok"; fi
 log "done, exit $rc; outputs in $OUT"

@@ -1,13 +1,19 @@
-"""Module paths of peftexport 0.1 that moved in 0.2 keep working, with a DeprecationWarning, until 0.3.
+"""Compatibility: module paths that moved, and the oldest torch the code runs on.
 
-A meta-path finder maps the old name to the module's new home (CHANGELOG.md lists each move),
-so ``import peft_export.adapters`` and ``from peft_export.metrics import dice`` still work.
+Module paths of peftexport 0.1 that moved in 0.2 keep working, with a DeprecationWarning,
+until 0.3: a meta-path finder maps the old name to the module's new home (CHANGELOG.md lists
+each move), so ``import peft_export.adapters`` and ``from peft_export.metrics import dice``
+still work.
+
+``MIN_TORCH`` is the ``torch>=`` of pyproject.toml (a test checks they agree), for runs from
+a source checkout that pip never checked (``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.abc
+import re
 import importlib.util
 import sys
 import warnings
@@ -47,3 +53,22 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.append(_MovedModuleFinder())
+
+
+# The newest of the torch APIs the code uses decides: torch.onnx.export(dynamo=True) returning the
+# torch.export-based ONNXProgram (``.model`` IR, ``save(external_data=True)``) is torch 2.6 ("the
+# torch.export-based ONNX exporter is the newest exporter for PyTorch 2.6 and newer", torch.onnx docs);
+# torch.amp.GradScaler("cuda") came in 2.3, F.scaled_dot_product_attention(scale=) in 2.1.
+MIN_TORCH = (2, 6)
+MIN_TORCH_USES = "torch.onnx.export(dynamo=True), torch.amp.GradScaler('cuda'), F.scaled_dot_product_attention(scale=)"
+
+
+def torch_version_problem(version: str) -> str | None:
+    """Why torch ``version`` (e.g. '2.5.1+cu121') is too old for peftexport, or None when it is new enough."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        return f"torch {version}: cannot read this version; peftexport needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}"
+    if (int(m.group(1)), int(m.group(2))) < MIN_TORCH:
+        return (f"torch {version} is too old: peftexport needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+                f"(it uses {MIN_TORCH_USES})")
+    return None

@@ -55,14 +55,29 @@ def probe_inputs(image_size: int, seed: int = 0) -> tuple[torch.Tensor, list[dic
     return image, prompts
 
 
+def model_device_dtype(sam: Sam) -> tuple[torch.device, torch.dtype]:
+    """Where the encoder runs and its floating dtype (the first floating parameter's: its input's dtype)."""
+    weight = next(p for p in sam.image_encoder.parameters() if p.is_floating_point())
+    return weight.device, weight.dtype
+
+
 @torch.no_grad()
 def run_probe(sam: Sam, image: torch.Tensor, prompts: list[dict]) -> ProbeOutputs:
+    """The probe on the model's own device and dtype; outputs come back as float32 on the CPU."""
     sam.eval()
+    device, dtype = model_device_dtype(sam)
+    # segment_anything's prompt encoder makes float32 coordinates: a bf16/fp16 model runs under autocast.
+    half = dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(device.type, dtype=dtype, enabled=half):
+        return _probe(sam, image.to(device=device, dtype=dtype), prompts, device)
+
+
+def _probe(sam: Sam, image: torch.Tensor, prompts: list[dict], device: torch.device) -> ProbeOutputs:
     emb = sam.image_encoder(image)
     masks, ious = [], []
     for p in prompts:
-        points = (p["points"].float(), p["labels"]) if p["points"] is not None else None
-        box = p["box"].float() if p["box"] is not None else None
+        points = (p["points"].float().to(device), p["labels"].to(device)) if p["points"] is not None else None
+        box = p["box"].float().to(device) if p["box"] is not None else None
         sparse, dense = sam.prompt_encoder(points=points, boxes=box, masks=None)
         low, iou = sam.mask_decoder(
             image_embeddings=emb,
@@ -71,9 +86,9 @@ def run_probe(sam: Sam, image: torch.Tensor, prompts: list[dict]) -> ProbeOutput
             dense_prompt_embeddings=dense,
             multimask_output=True,
         )
-        masks.append(low)
-        ious.append(iou)
-    return ProbeOutputs(emb, torch.cat(masks), torch.cat(ious))
+        masks.append(low.float().cpu())
+        ious.append(iou.float().cpu())
+    return ProbeOutputs(emb.float().cpu(), torch.cat(masks), torch.cat(ious))
 
 
 def error_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
@@ -129,7 +144,8 @@ def qlora_quantisation_error(adapted: AdaptedModel, merged: Sam) -> dict:
         for n, p in fp32.named_parameters():
             if n in lora_state:
                 p.copy_(lora_state[n].detach().cpu())
-    return compare_models(merge_peft(fp32), merged.cpu(), adapted.base.image_size)
+    # Each model runs the probe on its own device; the comparison happens on the CPU.
+    return compare_models(merge_peft(fp32), merged, adapted.base.image_size)
 
 
 def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[Sam, dict]:
@@ -193,4 +209,8 @@ def format_merge_report(report: dict) -> str:
         f"  IoU predictions:  max abs {e['iou_predictions_max_abs']:.3e};  mask IoU {e['mask_iou']:.6f}",
         f"  verification: {'passed' if report['passed'] else 'FAILED'} (tolerance rel {report['tolerance_rel']:.0e})",
     ]
+    q = report.get("qlora_vs_fp32_base")
+    if q:  # what the 4-bit base costs: the same LoRA merged into the fp32 base, compared
+        lines.append(f"  QLoRA vs the same LoRA on the fp32 base: embeddings max rel {q['embeddings']['max_rel']:.3e}, "
+                     f"mask IoU {q['mask_iou']:.6f}")
     return "\n".join(lines)

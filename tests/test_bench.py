@@ -30,7 +30,8 @@ from peft_export.errors import PeftExportError
 runner = CliRunner()
 
 CPU_ONLY = Availability(cuda=False, onnxruntime=True, ort_providers=("CPUExecutionProvider",), tensorrt=False)
-CUDA_NO_ORT_GPU = Availability(cuda=True, onnxruntime=True, ort_providers=("CPUExecutionProvider",), tensorrt=False)
+CUDA_NO_ORT_GPU = Availability(cuda=True, cuda_bf16=True, onnxruntime=True, ort_providers=("CPUExecutionProvider",),
+                               tensorrt=False)
 
 
 def _names(specs):
@@ -68,6 +69,24 @@ def test_plan_cuda_without_gpu_providers_skips_with_reasons():
         assert "onnxruntime-gpu" in reasons[f"export onnxruntime-cuda {prec}"]
         assert "TensorrtExecutionProvider" in reasons[f"export onnxruntime-tensorrt {prec}"]
     assert "tensorrt package is not installed" in reasons["export tensorrt fp32"]
+
+
+def test_plan_cuda_without_native_bf16_skips_bf16_with_the_reason():
+    pre_ampere = Availability(cuda=True, cuda_bf16=False, onnxruntime=False)
+    run, skipped = plan_cases(["torch", "torch-compile"], "cuda", None, pre_ampere, ["base", "merged"])
+    assert _names(run) == ["base torch fp32", "merged torch fp32", "merged torch-compile fp32"]
+    reasons = _reasons(skipped)
+    assert set(reasons) == {"base torch bf16", "merged torch bf16", "merged torch-compile bf16"}
+    assert all("no native bf16" in r and "is_bf16_supported" in r for r in reasons.values())
+
+
+def test_detect_availability_reports_bf16_only_with_cuda():
+    import torch
+
+    from peft_export.bench import detect_availability
+
+    av = detect_availability()
+    assert av.cuda_bf16 == (av.cuda and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def test_plan_unmergeable_and_missing_precision_and_no_model():

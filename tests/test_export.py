@@ -311,3 +311,21 @@ def test_vit_b_encoder_export_parity(tmp_path):
     emb = ort_session(path).run(None, {"image": image.numpy()})[0]
     stats = error_stats(ref, torch.from_numpy(emb))
     assert stats["max_rel"] <= 1e-4, stats
+
+
+class _NoOnnxOp(torch.nn.Module):
+    """Adds a symmetric eigen-decomposition (no ONNX translation) so that the dynamo exporter fails."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patch = x[0, 0, :4, :4].float()
+        return x + torch.linalg.eigh(patch @ patch.T)[0].sum().to(x.dtype)
+
+
+def test_failed_fp16_dynamo_export_fails_with_the_reason_instead_of_falling_back(tmp_path):
+    from peft_export.export.onnx_graphs import export_encoder_onnx
+
+    model = make_adapted(MERGEABLE_CONFIGS["freeze-encoder"], image_size=64).model
+    model.image_encoder.neck = torch.nn.Sequential(model.image_encoder.neck, _NoOnnxOp())
+    with pytest.raises(PeftExportError, match=r"encoder\.fp16\.onnx: the dynamo ONNX exporter failed \(\w+: .+\)"):
+        export_encoder_onnx(model, tmp_path / "encoder.fp16.onnx", precision="fp16")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no TorchScript attempt left behind

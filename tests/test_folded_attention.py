@@ -12,7 +12,7 @@ from segment_anything.modeling.image_encoder import Attention
 
 from helpers import make_adapted
 from peft_export.models import random_sam
-from peft_export.models.folded_attention import FoldedAttention, folded_attention, key_indicators
+from peft_export.models.folded_attention import FoldedAttention, folded_attention, folded_parity, key_indicators
 
 
 def _attention(dim: int, heads: int, grid: int, seed: int, dtype=torch.float64) -> Attention:
@@ -91,4 +91,29 @@ def test_restored_after_an_error():
     with pytest.raises(RuntimeError):
         with folded_attention(sam):
             raise RuntimeError("export failed")
+    assert all(isinstance(b.attn, Attention) for b in sam.image_encoder.blocks)
+
+
+@pytest.mark.parametrize("grid", [7, 14, 16])
+def test_padding_to_a_multiple_of_8_changes_nothing(grid):
+    # 64 + 14 + 14 = 92 columns in a 14x14 window; CUDA's fused kernels want multiples of 8.
+    attn = _attention(64, 2, grid, seed=grid + 1)
+    x = torch.randn(2, grid, grid, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel_err(FoldedAttention(attn, pad_to=8)(x), attn(x)) < 1e-12
+
+
+def test_encoder_parity_gate_numbers():
+    # The gate benchmarks/gpu_bench.py applies before it times the SDPA path: fp32 and bf16 (autocast) on CPU.
+    sam = random_sam("tiny", 128, seed=2)
+    with torch.no_grad():
+        for blk in sam.image_encoder.blocks:
+            blk.attn.rel_pos_h.normal_(0, 0.5)
+            blk.attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(1, 3, 128, 128)
+    fp32 = folded_parity(sam.image_encoder, x, pad_to=8)
+    assert fp32["finite"] and fp32["max_rel"] < 1e-5 and fp32["cosine"] > 0.999999
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = folded_parity(sam.image_encoder, x, pad_to=8)
+    assert bf16["finite"] and bf16["cosine"] > 0.999
     assert all(isinstance(b.attn, Attention) for b in sam.image_encoder.blocks)

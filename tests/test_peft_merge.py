@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -91,7 +93,8 @@ def test_merge_is_exact_in_float64_accumulation():
     assert report["errors"]["embeddings"]["max_rel"] <= 1e-4
 
 
-def test_qlora_without_bitsandbytes_or_cuda_is_a_clear_error():
+def test_qlora_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     sam = build_sam_architecture("tiny")
-    with pytest.raises(PeftExportError, match="qlora needs"):
+    with pytest.raises(PeftExportError, match="qlora needs bitsandbytes"):
         apply_peft(sam, PeftConfig("qlora", rank=4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -255,9 +256,21 @@ def test_every_method_trains_a_step(method, demo, tmp_path):
     assert adapted.config.method == method
 
 
-def test_qlora_needs_cuda_and_bitsandbytes(demo, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    with pytest.raises(PeftExportError, match="qlora"):
+def test_qlora_without_bitsandbytes_is_refused_before_any_work(demo, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(PeftExportError, match="qlora needs bitsandbytes"):
         finetune(cfg(tmp_path / "q", demo, peft="qlora"))
     assert not (tmp_path / "q").exists()
+
+
+def test_qlora_trains_a_step_and_its_adapter_loads(demo, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional package bitsandbytes")
+    from peft_export.peft.qlora import qlora_device
+
+    device = qlora_device().type  # CUDA when present, else bitsandbytes' CPU kernels
+    summary = finetune(cfg(tmp_path / "q", demo, peft="qlora", rank=2, blocks="late", iterations=1,
+                           val_fraction=0.0, validate_at_start=False, device=device))
+    assert summary["status"] == "completed"
+    adapted = load_adapter(tmp_path / "q")
+    lora = {n: p for n, p in adapted.model.named_parameters() if "w_b_linear" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # B starts at zero: one step moved it

@@ -17,6 +17,7 @@ BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_COMPONENTS = ("encoder", "decoder_point", "decoder_box", "decoder_boxes", "end_to_end")
+NO_BF16 = "this GPU has no native bf16 (torch.cuda.is_bf16_supported(including_emulation=False) is False)"
 ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -65,6 +66,7 @@ class Availability:
     """What this machine can run; ``detect_availability`` fills it in."""
 
     cuda: bool = False
+    cuda_bf16: bool = False  # the GPU computes bf16 natively (Ampere and later), not by emulation
     onnxruntime: bool = False
     ort_providers: tuple[str, ...] = ()
     tensorrt: bool = False
@@ -80,6 +82,7 @@ def detect_availability() -> Availability:
             import torch
 
             av.cuda = bool(torch.cuda.is_available())
+            av.cuda_bf16 = av.cuda and bool(torch.cuda.is_bf16_supported(including_emulation=False))
         except Exception:
             av.torch = False
     try:
@@ -144,6 +147,8 @@ def plan_cases(
                 spec = CaseSpec(model, "torch", p, device)
                 if model == "merged" and unmergeable_reason:
                     skipped.append(skip_record(spec, unmergeable_reason))
+                elif device == "cuda" and p == "bf16" and not available.cuda_bf16:
+                    skipped.append(skip_record(spec, NO_BF16))
                 elif device == "cpu" and p == "fp16":
                     skipped.append(skip_record(spec, "fp16 torch is timed only on CUDA (CPU autocast fp16 is not a deployment path)"))
                 else:
@@ -154,6 +159,8 @@ def plan_cases(
             spec = CaseSpec(model, "torch-compile", p, device, note="torch.compile(image_encoder); decoder eager")
             if model == "merged" and unmergeable_reason:
                 skipped.append(skip_record(spec, unmergeable_reason))
+            elif device == "cuda" and p == "bf16" and not available.cuda_bf16:
+                skipped.append(skip_record(spec, NO_BF16))
             elif device != "cuda":
                 skipped.append(skip_record(spec, "torch.compile is timed only on CUDA (compiling vit_b on a CPU takes minutes)"))
             elif device == "cuda" and p == "fp16":

@@ -80,5 +80,5 @@ def attention_form(sam_or_encoder: nn.Module, form: str) -> Iterator[nn.Module]:
     if form == "plain":
         yield sam_or_encoder
         return
-    with folded_attention(sam_or_encoder, FoldedAttention if form == "folded" else FusedAttention):
+    with folded_attention(sam_or_encoder, wrapper=FoldedAttention if form == "folded" else FusedAttention):
         yield sam_or_encoder

@@ -14,7 +14,8 @@ encoder is ``encoder.onnx`` + ``encoder.onnx.data`` whatever its size or exporte
 The fp16 encoder is always traced by the dynamo exporter, at opset >= 18
 (``FP16_OPSET``): it traces with fake tensors, while the TorchScript exporter runs the
 model in real fp16, and CPU fp16 kernels are so slow that vit_b at 1024 did not finish in
-12 minutes (dynamo: seconds).
+12 minutes (dynamo: seconds). So a failed fp16 dynamo export raises with dynamo's reason
+instead of falling back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -187,11 +189,14 @@ def _export(
     exporter: str,
     external: bool,
     custom_opsets: dict | None = None,
+    fallback: bool = True,
 ) -> str:
     """Export; returns which exporter made the file ("dynamo" or "torchscript").
 
     With ``external`` the weights go to one external file ``<path>.data`` whichever
     exporter ran, so encoder files never depend on the exporter (dynamo always does this).
+    A failed dynamo export falls back to the TorchScript exporter with a warning, unless
+    ``fallback`` is False: then it raises with dynamo's reason.
     """
     module = module.eval()
     failure = None
@@ -210,10 +215,13 @@ def _export(
                     node.metadata_props.clear()
                 program.save(str(path), external_data=True)
                 return "dynamo"
-            except Exception as exc:  # noqa: BLE001 - fall back to the exporter below
-                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            except Exception as exc:  # noqa: BLE001 - fall back to the exporter below, or say why not
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+                failure = f"{type(exc).__name__}: {first[0] if first else ''}"
                 for p in (path, Path(str(path) + ".data")):
                     p.unlink(missing_ok=True)
+                if not fallback:
+                    raise PeftExportError(f"{path.name}: the dynamo ONNX exporter failed ({failure}); nothing written")
         scratch = Path(tempfile.mkdtemp(prefix=".tsexport.", dir=path.parent))
         try:
             torch.onnx.export(
@@ -279,7 +287,7 @@ def export_encoder_onnx(
         with attention_form(model, attention):
             return _export(EncoderGraph(model), (encoder_example(model),), Path(path), opset, ["image"],
                            ["image_embeddings"], None, "torchscript", True,
-                           {"com.microsoft": 1} if attention == "fused" else None)
+                           custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
     if precision == "fp32":
         graph = EncoderGraph(model)
     elif precision == "fp16":
@@ -287,7 +295,9 @@ def export_encoder_onnx(
         exporter, opset = "dynamo", encoder_opset(precision, opset)
     else:
         raise PeftExportError(f"--precision: {precision} is not exported by torch (int8 is quantised from fp32)")
-    return _export(graph, (encoder_example(model),), Path(path), opset, ["image"], ["image_embeddings"], None, exporter, True)
+    # No TorchScript fallback for fp16: it would run fp16 kernels on the CPU for many minutes (module doc).
+    return _export(graph, (encoder_example(model),), Path(path), opset, ["image"], ["image_embeddings"], None,
+                   exporter, True, fallback=precision != "fp16")
 
 
 def export_preprocess_encoder_onnx(model: Sam, path: str | os.PathLike, opset: int = 17) -> str:

@@ -133,6 +133,10 @@ def merge_and_export(
         log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "
             f"(embeddings max rel {report['errors']['embeddings']['max_rel']:.1e})")
     model = model.eval()
+    if merged and next(model.parameters()).device.type != "cpu":
+        # A QLoRA model lives on the GPU its 4-bit layers run on; exports and their checks run on the
+        # CPU, against the merged copy (verified against the 4-bit model just above).
+        model = reference_model = model.cpu()
     calibration, calibration_record = None, None
     if calibration_data is not None:
         from .calibration import calibration_inputs

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import PeftExportError
+from ..runtime.backends.trt import TensorRTEngine, check_status
 
 TRT_GRAPHS = ("encoder", "decoder_lowres")
 TRT_PRECISIONS = ("fp32", "fp16")
@@ -95,65 +96,57 @@ def _profile_shapes(graph: str, image_size: int) -> dict[str, tuple[tuple, tuple
 
 def build_engine(target: TrtTarget, onnx_path: Path, engine_path: Path, graph: str, precision: str,
                  image_size: int, cache_path: Path) -> float:
-    """Parse the ONNX graph, build and write the serialized engine; returns build seconds."""
+    """Parse the ONNX graph, build and write the serialized engine; returns build seconds.
+
+    Every TensorRT call that reports failure by its result (None, False, -1) is checked.
+    """
     trt = target.trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    check_status(builder, "creating a builder (is the GPU usable?)")
     if target.major >= 11:
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     else:
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    check_status(network, "creating a network definition")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # also reads external data beside the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise PeftExportError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()
+    check_status(config, "creating a builder config")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if precision == "fp16" and target.major < 11:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in _profile_shapes(graph, image_size).items():
         profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise PeftExportError(f"{onnx_path.name}: TensorRT rejected the optimisation profile {_profile_shapes(graph, image_size)}")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(cache, False)
+    check_status(cache, f"creating the timing cache {cache_path.name}")
+    if not config.set_timing_cache(cache, False):  # False: refuse a cache from another GPU/TensorRT
+        raise PeftExportError(f"{cache_path}: TensorRT refused this timing cache (made by another GPU or TensorRT "
+                              "version?); delete it and build again")
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise PeftExportError(f"{onnx_path.name}: TensorRT failed to build a {precision} engine")
     engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    timing = config.get_timing_cache()
+    check_status(timing, "reading the timing cache back")
+    cache_path.write_bytes(bytes(timing.serialize()))
     return seconds
 
 
 def run_engine(target: TrtTarget, engine_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a serialized engine once on the GPU (buffers are torch CUDA tensors)."""
-    import torch
-
+    """Run a serialized engine once on the GPU, exactly as the runtime's TensorRT backend does."""
     trt = target.trt
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-    context = engine.create_execution_context()
-    buffers = {}
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    for name in names:
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            dtype = trt.nptype(engine.get_tensor_dtype(name))
-            buffers[name] = torch.from_numpy(np.ascontiguousarray(feeds[name].astype(dtype))).cuda()
-            context.set_input_shape(name, tuple(feeds[name].shape))
-    for name in names:
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            dtype = trt.nptype(engine.get_tensor_dtype(name))
-            shape = tuple(context.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device="cuda")
-    for name, buf in buffers.items():
-        context.set_tensor_address(name, buf.data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise PeftExportError(f"{engine_path.name}: TensorRT execution failed")
-    stream.synchronize()
-    return {n: buffers[n].float().cpu().numpy() for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
+    check_status(runtime, "creating the runtime")
+    outputs = TensorRTEngine(trt, runtime, engine_path, engine_path.name).run(feeds)
+    return {name: np.asarray(v, dtype=np.float32) for name, v in outputs.items()}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -48,12 +48,15 @@ def fold_rel_pos(
     rel_pos_w: torch.Tensor,
     size: tuple[int, int],
     scale: float,
+    pad_to: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q', k') of the module doc: one attention with scale 1 over them is SAM's biased attention.
 
     q, k: (B, heads, N, d) with N = h*w tokens in row-major order; rel_pos_h/w: SAM's tables
     ((2h-1) x d, (2w-1) x d; other lengths are interpolated as SAM does). Returns
-    (B, heads, N, d + h + w) each.
+    (B, heads, N, d + h + w) each. ``pad_to`` > 1 appends zero columns to q' and k' up to a
+    multiple of it (a zero adds nothing to q'.k'): CUDA's fused kernels want head dims in
+    multiples of 8, and a 14 x 14 window gives 64 + 14 + 14 = 92.
     """
     h, w = size
     b, n_heads, n, d = q.shape
@@ -63,9 +66,14 @@ def fold_rel_pos(
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh).reshape(b, n_heads, n, h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw).reshape(b, n_heads, n, w)
     rows, cols = key_indicators(h, w, k.dtype, k.device)
-    q_folded = torch.cat([q * scale, rel_h, rel_w], dim=-1)
-    k_folded = torch.cat([k, rows.expand(b, n_heads, n, h), cols.expand(b, n_heads, n, w)], dim=-1)
-    return q_folded, k_folded
+    q_parts = [q * scale, rel_h, rel_w]
+    k_parts = [k, rows.expand(b, n_heads, n, h), cols.expand(b, n_heads, n, w)]
+    pad = -(d + h + w) % pad_to
+    if pad:
+        zeros = q.new_zeros(b, n_heads, n, pad)
+        q_parts.append(zeros)
+        k_parts.append(zeros)
+    return torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
 
 
 def folded_rel_pos_attention(
@@ -76,20 +84,22 @@ def folded_rel_pos_attention(
     rel_pos_w: torch.Tensor,
     size: tuple[int, int],
     scale: float,
+    pad_to: int = 1,
 ) -> torch.Tensor:
     """softmax(scale q k^T + decomposed rel-pos bias) v, computed as one attention with scale 1.
 
     q, k, v: (B, heads, N, d); see ``fold_rel_pos``. Returns (B, heads, N, d).
     """
-    q_folded, k_folded = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale)
+    q_folded, k_folded = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale, pad_to)
     return F.scaled_dot_product_attention(q_folded, k_folded, v, scale=1.0)
 
 
 class FoldedAttention(nn.Module):
     """Drop-in for segment_anything's ``Attention`` (same parameters, same output), rel-pos folded."""
 
-    def __init__(self, attn: Attention) -> None:
+    def __init__(self, attn: Attention, pad_to: int = 1) -> None:
         super().__init__()
+        self.pad_to = pad_to
         self.qkv = attn.qkv
         self.proj = attn.proj
         self.num_heads = attn.num_heads
@@ -105,7 +115,7 @@ class FoldedAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.use_rel_pos:
-            out = folded_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
+            out = folded_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale, self.pad_to)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
@@ -119,10 +129,10 @@ def _attention_modules(sam_or_encoder: nn.Module) -> list[tuple[nn.Module, Atten
 
 @contextlib.contextmanager
 def folded_attention(
-    sam_or_encoder: nn.Module, wrapper: Callable[[Attention], nn.Module] = FoldedAttention
+    sam_or_encoder: nn.Module, pad_to: int = 1, wrapper: Callable[[Attention], nn.Module] | None = None
 ) -> Iterator[nn.Module]:
-    """Swap every encoder block's attention for ``wrapper(attention)`` (``FoldedAttention``) while
-    the context lasts.
+    """Swap every encoder block's attention for ``FoldedAttention(pad_to=...)`` (or ``wrapper(attention)``)
+    while the context lasts.
 
     Parameters are shared, not copied: the state dict keys and values stay those of SAM,
     and the original modules are put back on exit (also after an error).
@@ -130,8 +140,21 @@ def folded_attention(
     swapped = _attention_modules(sam_or_encoder)
     try:
         for blk, attn in swapped:
-            blk.attn = wrapper(attn)
+            blk.attn = wrapper(attn) if wrapper is not None else FoldedAttention(attn, pad_to)
         yield sam_or_encoder
     finally:
         for blk, attn in swapped:
             blk.attn = attn
+
+
+@torch.no_grad()
+def folded_parity(encoder: nn.Module, image: torch.Tensor, pad_to: int = 1) -> dict:
+    """The encoder's output with SAM's attention vs with the folded one, on ``image`` (run as given:
+    same device, dtype and autocast). Returns max_rel (to the largest reference magnitude) and cosine."""
+    reference = encoder(image).double()
+    with folded_attention(encoder, pad_to):
+        folded = encoder(image).double()
+    diff = (folded - reference).abs().max()
+    cosine = torch.nn.functional.cosine_similarity(folded.flatten(), reference.flatten(), dim=0)
+    return {"max_rel": float(diff / reference.abs().max().clamp_min(1e-12)), "cosine": float(cosine),
+            "finite": bool(torch.isfinite(folded).all())}

@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from ..errors import PeftExportError
 from .adaptformer import AdaptFormerMLP
 from .base import MergeableLayer, replace_module
+from .qlora import dequantize_4bit_linears
 from .config import PeftConfig, parse_targets, resolve_blocks
 from .registry import get_method
 
@@ -73,7 +74,9 @@ def has_unmergeable_layers(sam: Sam) -> bool:
 def merge_peft(sam: Sam) -> Sam:
     """A copy of ``sam`` with every PEFT layer folded into plain SAM modules.
 
-    The result has exactly segment_anything's module structure and state-dict keys.
+    The result has exactly segment_anything's module structure and state-dict keys; every
+    module keeps its device and dtype (a QLoRA model's 4-bit layers become plain Linears in
+    the dtype they were quantised from).
     Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight.
     """
     if has_unmergeable_layers(sam):
@@ -87,6 +90,7 @@ def merge_peft(sam: Sam) -> Sam:
     for name in sorted(names, key=lambda n: n.count("."), reverse=True):
         layer = merged.get_submodule(name)
         replace_module(merged, name, layer.merged())
+    dequantize_4bit_linears(merged)  # QLoRA: the layers LoRA did not wrap are 4-bit too
     for p in merged.parameters():
         p.requires_grad_(False)
     if hasattr(merged, "peft_config"):

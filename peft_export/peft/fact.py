@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MergeableLayer, linear_weight_fp64, plain_linear
+from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear
 
 
 class FacTQKV(MergeableLayer):
@@ -37,12 +37,12 @@ class FacTQKV(MergeableLayer):
 
     def merged(self) -> nn.Linear:
         weight, bias = linear_weight_fp64(self.qkv_proj)
-        u = self.FacTu.weight.detach().double().cpu()
-        v = self.FacTv.weight.detach().double().cpu()
+        dev = weight.device
+        u, v = fp64(self.FacTu.weight, dev), fp64(self.FacTv.weight, dev)
         d = self.out_dim
-        weight[:d] += v @ self.q_FacTs.weight.detach().double().cpu() @ u
-        weight[2 * d :] += v @ self.v_FacTs.weight.detach().double().cpu() @ u
-        return plain_linear(weight.float(), None if bias is None else bias.float())
+        weight[:d] += v @ fp64(self.q_FacTs.weight, dev) @ u
+        weight[2 * d :] += v @ fp64(self.v_FacTs.weight, dev) @ u
+        return plain_linear(weight, bias, linear_dtype(self.qkv_proj))
 
 
 def apply_fact(block: nn.Module, rank: int, dropout: float) -> None:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import MergeableLayer, linear_weight_fp64, plain_linear
+from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear
 
 
 def _low_rank_pair(in_features: int, out_features: int, rank: int) -> tuple[nn.Linear, nn.Linear]:
@@ -63,10 +63,10 @@ class QKVLoRA(MergeableLayer):
         d = self.out_dim
         for i, t in enumerate(("q", "k", "v")):
             if t in self.targets:
-                a = getattr(self, f"w_a_linear_{t}").weight.detach().double().cpu()
-                b = getattr(self, f"w_b_linear_{t}").weight.detach().double().cpu()
+                a = fp64(getattr(self, f"w_a_linear_{t}").weight, weight.device)
+                b = fp64(getattr(self, f"w_b_linear_{t}").weight, weight.device)
                 weight[i * d : (i + 1) * d] += self.alpha * (b @ a)
-        return plain_linear(weight.float(), None if bias is None else bias.float())
+        return plain_linear(weight, bias, linear_dtype(self.qkv_proj))
 
 
 class MLPLoRA(MergeableLayer):
@@ -89,9 +89,10 @@ class MLPLoRA(MergeableLayer):
     def merged(self) -> nn.Module:
         mlp = self.mlp_layer
         for name, a, b in (("lin1", self.w_a_linear_1, self.w_b_linear_1), ("lin2", self.w_a_linear_2, self.w_b_linear_2)):
-            weight, bias = linear_weight_fp64(getattr(mlp, name))
-            weight += self.alpha * (b.weight.detach().double().cpu() @ a.weight.detach().double().cpu())
-            setattr(mlp, name, plain_linear(weight.float(), None if bias is None else bias.float()))
+            layer = getattr(mlp, name)
+            weight, bias = linear_weight_fp64(layer)
+            weight += self.alpha * (fp64(b.weight, weight.device) @ fp64(a.weight, weight.device))
+            setattr(mlp, name, plain_linear(weight, bias, linear_dtype(layer)))
         return mlp
 
 

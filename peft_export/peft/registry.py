@@ -12,7 +12,7 @@ from .adaptformer import apply_adaptformer
 from .config import PeftConfig
 from .fact import apply_fact
 from .lora import apply_lora
-from .qlora import quantize_encoder_linears
+from .qlora import qlora_device, quantize_encoder_linears
 from .selective import unfreeze_block
 from .ssf import apply_ssf, apply_ssf_patch_embed
 
@@ -33,8 +33,10 @@ def _lora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
 
 
 def _qlora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
-    quantize_encoder_linears(sam.image_encoder)
+    device = qlora_device()
+    quantize_encoder_linears(sam.image_encoder, device)
     _lora(sam, cfg, blocks)
+    sam.to(device)  # one device for the whole model: the 4-bit layers cannot leave theirs unquantised
 
 
 def _fact(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
@@ -80,7 +82,7 @@ PEFT_METHODS: dict[str, PeftMethod] = {
     m.name: m
     for m in (
         PeftMethod("lora", "low-rank update of q/k/v (and MLP) weights", True, _lora),
-        PeftMethod("qlora", "LoRA on a 4-bit NF4 encoder (bitsandbytes, CUDA)", True, _qlora),
+        PeftMethod("qlora", "LoRA on a 4-bit NF4 encoder (bitsandbytes; CUDA, or CPU where bitsandbytes has 4-bit CPU kernels)", True, _qlora),
         PeftMethod("fact", "factor-tuning: shared U, V and per-projection S on q and v", True, _fact),
         PeftMethod("ssf", "per-channel scale and shift after qkv, proj, MLP, norms, patch embedding", True, _ssf),
         PeftMethod("adaptformer", "parallel bottleneck MLP branch (ReLU): kept in the graph, not merged", False, _adaptformer),

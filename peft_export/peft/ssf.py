@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MergeableLayer, plain_linear
+from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear
 
 
 class ScaleShift(MergeableLayer):
@@ -29,22 +29,23 @@ class ScaleShift(MergeableLayer):
         return y * self.scale + self.shift
 
     def merged(self) -> nn.Module:
-        s = self.scale.detach().double().cpu()
-        t = self.shift.detach().double().cpu()
         layer = self.layer
+        dev = layer.weight.device
+        s, t = fp64(self.scale, dev), fp64(self.shift, dev)
         if isinstance(layer, nn.Linear):
-            w = layer.weight.detach().double().cpu() * s[:, None]
-            b = (layer.bias.detach().double().cpu() * s if layer.bias is not None else 0.0) + t
-            return plain_linear(w.float(), b.float())
+            weight, bias = linear_weight_fp64(layer)
+            new_bias = (bias * s if bias is not None else 0.0) + t
+            return plain_linear(weight * s[:, None], new_bias, linear_dtype(layer))
+        # LayerNorm and Conv2d are folded in place: copy_ rounds the float64 fold once to the layer's dtype.
         with torch.no_grad():
             if isinstance(layer, nn.LayerNorm):
-                layer.weight.copy_((layer.weight.double().cpu() * s).float())
-                layer.bias.copy_((layer.bias.double().cpu() * s + t).float())
+                layer.weight.copy_(fp64(layer.weight, dev) * s)
+                layer.bias.copy_(fp64(layer.bias, dev) * s + t)
             elif isinstance(layer, nn.Conv2d):
-                layer.weight.copy_((layer.weight.double().cpu() * s.view(-1, 1, 1, 1)).float())
                 if layer.bias is None:
                     raise ValueError("SSF on a Conv2d without bias cannot be folded")
-                layer.bias.copy_((layer.bias.double().cpu() * s + t).float())
+                layer.weight.copy_(fp64(layer.weight, dev) * s.view(-1, 1, 1, 1))
+                layer.bias.copy_(fp64(layer.bias, dev) * s + t)
             else:  # pragma: no cover - apply_ssf only wraps the three kinds above
                 raise TypeError(f"cannot fold SSF into {type(layer).__name__}")
         return layer

@@ -45,7 +45,9 @@ from .config import CONFIG_FILE, DEFAULT_EPOCHS, LOG_FILE, PLOT_FILE, RESUME_OVE
 from .distributed import (
     DistInfo,
     all_reduce_mean,
+    any_rank,
     average_gradients,
+    barrier,
     broadcast_object,
     gather_object,
     init_distributed,
@@ -150,8 +152,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_file(out / CONFIG_FILE, overwrite=True) as tmp:
                 tmp.write_text(json.dumps(c.to_dict(), indent=2))
-        if self.dist.enabled:
-            torch.distributed.barrier()
+        barrier(self.dist)
 
     def _build_model(self, c: TrainConfig) -> None:
         peft_cfg = c.peft_config()
@@ -413,11 +414,12 @@ class Trainer:
         c = self._resolve_config()
         self.config = c
         train, val = load_split(c)  # all data problems before anything is written
+        device = _resolve_device(c.device)
         if c.peft == "qlora":
-            from ..peft.qlora import require_bitsandbytes_cuda
+            from ..peft.qlora import require_qlora_device
 
-            require_bitsandbytes_cuda()
-        use_cuda = _resolve_device(c.device).type == "cuda"
+            require_qlora_device(device)
+        use_cuda = device.type == "cuda"
         self.dist = init_distributed(use_cuda)
         try:
             return self._run(c, train, val)
@@ -510,10 +512,7 @@ class Trainer:
                         if last_val_step != step:
                             self._save_last(step)
                         break
-                    flag = torch.tensor([float(stop.requested)])
-                    if self.dist.enabled:
-                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    if flag.item() > 0:
+                    if any_rank(stop.requested, self.dist):
                         status = "interrupted"
                         if last_val_step != step:
                             self._save_last(step)
