@@ -42,8 +42,8 @@ def bench(
     force: bool = ForceOpt,
     export_dir_opt: Optional[Path] = typer.Option(
         None, "--export-dir", help="With --adapter: the export to time in ONNX Runtime (else a temporary one is made)."),
-    backend: str = typer.Option("torch,torch-compile,onnxruntime,tensorrt", "--backend",
-                                help="Comma list of torch, torch-compile, onnxruntime, tensorrt."),
+    backend: str = typer.Option("torch,torch-compile,onnxruntime,openvino,tensorrt", "--backend",
+                                help="Comma list of torch, torch-compile, onnxruntime, openvino, tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="Comma list of fp32, bf16, fp16, int8 (default: torch fp32 (+bf16 on CUDA), every exported precision)."),
@@ -53,7 +53,9 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="Untimed calls per case and component."),
     iterations: int = typer.Option(10, "--iterations", help="Timed calls per case and component."),
     no_base: bool = typer.Option(False, "--no-base", help="Do not time the adapter's base SAM."),
-    interleave: bool = typer.Option(False, "--interleave", help="Load every case, then time them in turn (A B A B); less drift, more memory."),
+    interleave: bool = typer.Option(False, "--interleave", help="Load every case in one process, then time them in turn (A B A B); less drift, more memory, cases disturb each other."),
+    in_process: bool = typer.Option(False, "--in-process", help="Time the cases one after the other in this process instead of one fresh process per case."),
+    label: Optional[str] = typer.Option(None, "--label", help="A name for this run (bench-compare shows it)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Directory for bench.json (full result), bench.md (table) and bench.png (chart)."),
@@ -107,7 +109,8 @@ def bench(
             export_dir=export, adapted=adapted, backends=parse_list(backend, BACKENDS, "--backend"), device=device,
             precisions=parse_list(precision, None, "--precision"), batch_sizes=batch_sizes, warmup=warmup,
             iterations=iterations, components=parse_list(components, None, "--components"), include_base=not no_base,
-            interleave=interleave, intra_op_threads=threads, log=log,
+            interleave=interleave, fresh_process=not (interleave or in_process), intra_op_threads=threads,
+            label=label, log=log,
         )
     echo(format_table(result))
     for path in files.values():
@@ -120,6 +123,8 @@ def bench(
 @command("bench-compare", short="One table from several bench JSON files.", help="One table across several bench JSON files (runs, machines).")
 def bench_compare(
     files: list[Path] = typer.Argument(..., help="bench.json files written by peftexport bench -o DIR."),
+    labels: Optional[list[str]] = typer.Option(
+        None, "--label", help="Run label, once per file in order (default: the run's own --label, else the file name)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as markdown to this file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", hidden=True, help="Deprecated: use -o FILE."),
     overwrite: bool = OverwriteOpt,
@@ -140,7 +145,7 @@ def bench_compare(
 
     if markdown_out is not None:
         check_can_write(markdown_out, overwrite)
-    echo(compare_results(files))
+    echo(compare_results(files, labels=labels))
     if markdown_out is not None:
-        write_text(markdown_out, compare_results(files, markdown=True), overwrite)
+        write_text(markdown_out, compare_results(files, markdown=True, labels=labels), overwrite)
         echo(f"wrote {markdown_out}")

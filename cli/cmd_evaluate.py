@@ -48,7 +48,7 @@ def evaluate(
     image_size: Optional[int] = typer.Option(
         None, "--image-size", help="Image size of checkpoints / random models (default: the model's own)."
     ),
-    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime of export dirs: onnxruntime or tensorrt."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime of export dirs: onnxruntime, openvino or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Random seed (prompts and random models derive from it)."),
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Evaluate at most N objects per image."),

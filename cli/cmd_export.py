@@ -51,6 +51,10 @@ def merge_and_export_cmd(
         None, "--shared-trunk/--no-shared-trunk",
         help="Several adapters: require one shared trunk (refused if an adapter changes the patch embedding), or "
              "give each its own encoder (default: share among those that can)."),
+    attention: str = typer.Option(
+        "plain", "--attention", help="Encoder attention: plain, folded (rel-pos folded, SDPA) or fused (ONNX Runtime's MultiHeadAttention)."),
+    calibration_data: Optional[Path] = typer.Option(
+        None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -73,6 +77,9 @@ def merge_and_export_cmd(
         adapters = load_named_sources(adapter, micro_sam, checkpoint, options, model_type=model,
                                       image_size=image_size, force=force)
         if len(adapters) > 1 or shared_trunk is not None:
+            if attention != "plain" or calibration_data is not None:
+                raise PeftExportError("--attention and --calibration-data apply to single-adapter exports; "
+                                      "several adapters export with plain attention and dynamic int8")
             manifest = merge_and_export_adapters(adapters, out, formats=split(formats), precisions=split(precisions),
                                                  opset=opset, overwrite=overwrite, progress=True, exporter=exporter,
                                                  shared_trunk=shared_trunk, preprocess_in_graph=preprocess_in_graph)
@@ -82,7 +89,7 @@ def merge_and_export_cmd(
         adapted = next(iter(adapters.values()))  # one adapter keeps the one-model layout
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
-                                exporter=exporter)
+                                exporter=exporter, calibration_data=calibration_data, attention=attention)
     if quiet:  # the parity table is a result, not progress
         from peft_export.export.verify import format_parity_table
 

@@ -119,7 +119,17 @@ def test_precisions_meet_their_floors(exported, adapted_lora):
             assert 0.99 <= cos and rel < 0.2, (precision, rel, cos)
             assert rel > 1e-6  # really another precision, not the fp32 graph under another name
     assert enc["fp16"]["bytes"] < 0.6 * enc["fp32"]["bytes"]
-    assert enc["int8"]["bytes"] < 0.45 * enc["fp32"]["bytes"]
+    # int8 stores every Linear (MatMul) weight in 1 byte instead of 4; the convolutions stay fp32
+    # (most of the tiny model's bytes are its neck's 3x3 convolution, under 1 % of vit_b's).
+    import onnx
+
+    fp32 = onnx.load(str(out / enc["fp32"]["path"]), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in fp32.initializer}
+    matmul_weights = sum(int(np.prod(dims[n.input[1]])) for n in fp32.node if n.op_type == "MatMul" and n.input[1] in dims)
+    assert matmul_weights > 0 and enc["int8"]["bytes"] < enc["fp32"]["bytes"] - 2.5 * matmul_weights
+    for flavour in ("decoder", "decoder_lowres"):
+        p = manifest["graphs"][flavour]["fp32"]["parity"]
+        assert p["mask_logits"]["max_rel"] <= 1e-4 and p["mask_iou"] >= 0.999
 
 
 def test_fp16_encoder_graph_keeps_layernorm_in_fp32(exported):

@@ -1,6 +1,6 @@
 """Stage 9, bench: latency and memory of every way to run one model (cases, runners, measurement, report).
 
-May import: export, peft, models, runtime, errors, fsutil (torch, onnxruntime, tensorrt only inside runners).
+May import: export, peft, models, runtime, errors, fsutil (torch, onnxruntime, openvino, tensorrt only inside runners and workers).
 """
 
 from .cases import (
@@ -35,14 +35,16 @@ from .report import (
     write_plot,
     write_text,
 )
-from .run import adapter_from_manifest, run_and_write, run_bench
-from .runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, choose_graphs
+from .run import adapter_from_manifest, make_runner, run_and_write, run_bench
+from .fresh import FreshCase, measure_fresh, save_model
+from .load import describe_load, load_between, snapshot
+from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner, choose_graphs
 
 __all__ = [
     "BACKENDS", "BENCH_FORMAT", "BENCH_FORMAT_VERSION", "DEFAULT_COMPONENTS", "EXPORT_PRECISIONS", "TORCH_PRECISIONS",
-    "Availability", "BenchInputs", "CaseSpec", "OrtRunner", "Runner", "TensorRTRunner", "TorchRunner",
-    "adapter_from_manifest", "add_ratios", "choose_graphs", "compare_results", "component_batch",
-    "describe_machine", "detect_availability", "expand_components", "format_rows", "format_table", "measure",
+    "Availability", "BenchInputs", "CaseSpec", "FreshCase", "OrtRunner", "Runner", "RuntimeRunner", "TorchRunner",
+    "adapter_from_manifest", "make_runner", "add_ratios", "choose_graphs", "compare_results", "component_batch",
+    "describe_load", "describe_machine", "detect_availability", "expand_components", "format_rows", "format_table", "load_between", "measure", "measure_fresh",
     "parse_list", "pick_reference", "plan_cases", "ratio", "read_result", "run_and_write", "run_bench",
-    "skip_record", "table_rows", "time_call", "write_json", "write_plot", "write_text",
+    "save_model", "skip_record", "snapshot", "table_rows", "time_call", "write_json", "write_plot", "write_text",
 ]

@@ -13,7 +13,7 @@ from ..errors import PeftExportError
 
 BENCH_FORMAT = "peftexport-bench"
 BENCH_FORMAT_VERSION = 1
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_COMPONENTS = ("encoder", "decoder_point", "decoder_box", "decoder_boxes", "end_to_end")
@@ -37,11 +37,14 @@ class CaseSpec:
     backend: str
     precision: str
     device: str
-    provider: str = ""  # onnxruntime: cpu / cuda / tensorrt
+    provider: str = ""  # onnxruntime: cpu / cuda / tensorrt; openvino: cpu
     note: str = ""
+    label: str = ""  # a display name instead of the generated one (benchmark scripts)
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         backend = f"{self.backend}-{self.provider}" if self.provider else self.backend
         return f"{self.model} {backend} {self.precision}"
 
@@ -67,6 +70,7 @@ class Availability:
     onnxruntime: bool = False
     ort_providers: tuple[str, ...] = ()
     tensorrt: bool = False
+    openvino: bool = False
     torch: bool = True
 
 
@@ -89,6 +93,7 @@ def detect_availability() -> Availability:
     except Exception:
         pass
     av.tensorrt = importlib.util.find_spec("tensorrt") is not None
+    av.openvino = importlib.util.find_spec("openvino") is not None
     return av
 
 
@@ -185,6 +190,15 @@ def plan_cases(
                 for p in missing:
                     skipped.append(skip_record(CaseSpec("export", "onnxruntime", p, device, provider=prov),
                                                f"the export has no {p} encoder graph"))
+    if "openvino" in backends and not no_export_reason:
+        for p in [p for p in export_precisions if asked is None or p in asked]:
+            spec = CaseSpec("export", "openvino", p, device, provider="cpu")
+            if device != "cpu":
+                skipped.append(skip_record(spec, "OpenVINO is timed on the CPU only (--device cpu)"))
+            elif not available.openvino:
+                skipped.append(skip_record(spec, "the openvino package is not installed (pip install 'peftexport[openvino]')"))
+            else:
+                run.append(spec)
     if "tensorrt" in backends:
         wanted = [p for p in engine_precisions if asked is None or p in asked] or list(asked or ["fp16"])[:1]
         for p in wanted:

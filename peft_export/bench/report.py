@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import PeftExportError
 from ..fsutil import atomic_file
 from .cases import BENCH_FORMAT, BENCH_FORMAT_VERSION
+from .load import describe_load
 
 
 # ---- aggregation ----------------------------------------------------------------------------
@@ -59,12 +60,36 @@ def table_rows(result: dict, run_label: str | None = None) -> list[dict]:
             rows.append({"run": run_label, "case": c["case"], "component": "-", "status": c["status"],
                          "reason": c.get("reason")})
             continue
+        load = c.get("load") or result.get("load")
         for comp, s in c["components"].items():
             rows.append({"run": run_label, "case": c["case"], "component": comp, "status": "ok",
                          "median_ms": s["median_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
                          "throughput": s["throughput_per_s"], "unit": s.get("throughput_unit", "images/s"),
-                         "peak_mb": s.get("peak_mb"), "ratio": s.get("ratio_vs_reference")})
+                         "peak_mb": s.get("peak_mb"), "process_peak_mb": (c.get("process") or {}).get("peak_rss_mb"),
+                         "ratio": s.get("ratio_vs_reference"), "busy": _busy_cell(load)})
     return rows
+
+
+def _busy_cell(load: dict | None) -> str:
+    """'BUSY 35%' when other processes (or the hypervisor) took CPU during the case, '' when quiet, '?' unknown."""
+    if not load or load.get("busy") is None:
+        return "?"
+    if not load["busy"]:
+        return ""
+    return f"BUSY {100 * max(load['others_cpu_fraction'], load['steal_fraction']):.0f}%"
+
+
+def busy_warnings(result: dict) -> list[str]:
+    """One line per case (or for the whole in-process run) that ran while the machine was busy."""
+    lines = []
+    for c in result.get("cases", []):
+        if (c.get("load") or {}).get("busy"):
+            lines.append(f"warning: {c['case']} ran while the machine was busy ({describe_load(c['load'])}); "
+                         "its figures are not comparable")
+    if not lines and (result.get("load") or {}).get("busy"):
+        lines.append(f"warning: the machine was busy during this run ({describe_load(result['load'])}); "
+                     "the figures are not comparable")
+    return lines
 
 
 def _fmt(x: Any, nd: int = 2) -> str:
@@ -77,16 +102,18 @@ def _fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
-_COLUMNS = ("case", "component", "median ms", "p90 ms", "p99 ms", "throughput /s", "peak MB", "ratio")
+_COLUMNS = ("case", "component", "median ms", "p90 ms", "p99 ms", "throughput /s", "peak MB", "process peak MB",
+            "ratio", "machine")
 
 
 def _cells(row: dict, with_run: bool) -> list[str]:
     if row["status"] != "ok":
-        cells = [row["case"], "-", f"{row['status']}: {row.get('reason') or ''}", "", "", "", "", ""]
+        cells = [row["case"], "-", f"{row['status']}: {row.get('reason') or ''}"] + [""] * (len(_COLUMNS) - 3)
     else:
         cells = [row["case"], row["component"], _fmt(row["median_ms"]), _fmt(row["p90_ms"]), _fmt(row["p99_ms"]),
                  f"{_fmt(row['throughput'])} {'prompts' if row['unit'] == 'prompts/s' else 'img'}",
-                 _fmt(row["peak_mb"], 0), _fmt(row["ratio"], 3)]
+                 _fmt(row["peak_mb"], 0), _fmt(row.get("process_peak_mb"), 0), _fmt(row["ratio"], 3),
+                 row.get("busy") or ""]
     return ([row.get("run") or ""] if with_run else []) + cells
 
 
@@ -124,23 +151,27 @@ def format_table(result: dict, markdown: bool = False) -> str:
     """The printed / markdown table of one bench result, with a header naming machine and settings."""
     st = result.get("settings", {})
     ver = result.get("versions", {})
-    head = (f"peftexport bench {result.get('date', '')} -- {describe_machine(result)}\n"
+    mode = (", interleaved in one process" if st.get("interleave") else
+            ", each case in a fresh process" if st.get("fresh_process") else ", one process")
+    label = f" [{result['label']}]" if result.get("label") else ""
+    head = (f"peftexport bench{label} {result.get('date', '')} -- {describe_machine(result)}\n"
             f"model {st.get('model_type')} at {st.get('image_size')}px, device {st.get('device')}, "
-            f"warm-up {st.get('warmup')}, iterations {st.get('iterations')}"
-            f"{', interleaved' if st.get('interleave') else ''}; ratio = median / median of "
+            f"warm-up {st.get('warmup')}, iterations {st.get('iterations')}{mode}; "
+            f"machine load during the run: {describe_load(result.get('load'))}; ratio = median / median of "
             f"'{result.get('reference')}'; "
             + ", ".join(f"{k} {v}" for k, v in ver.items() if v))
     table = format_rows(table_rows(result), markdown=markdown)
+    warnings = busy_warnings(result)
     if markdown:
-        return f"{head}\n\n{table}\n"
-    return f"{head}\n{table}"
+        return f"{head}\n\n{table}\n" + "".join(f"\n- {w}" for w in warnings) + ("\n" if warnings else "")
+    return "\n".join([head, table] + warnings)
 
 
-def _run_label(result: dict, path: str | Path) -> str:
+def _run_label(result: dict, path: str | Path, label: str | None = None) -> str:
     dev = result.get("machine", {})
     gpu = dev.get("gpu") if result.get("settings", {}).get("device") == "cuda" else None
     where = gpu.get("name") if gpu else f"{dev.get('cpu', '?')} x{dev.get('cpu_count_usable', '?')}"
-    return f"{Path(path).stem} ({where})"
+    return f"{label or result.get('label') or Path(path).stem} ({where})"
 
 
 def read_result(path: str | Path) -> dict:
@@ -158,17 +189,26 @@ def read_result(path: str | Path) -> dict:
     return data
 
 
-def compare_results(paths: Sequence[str | Path], markdown: bool = False) -> str:
-    """One table across several bench JSON files (runs / machines); each row names its run."""
+def compare_results(paths: Sequence[str | Path], markdown: bool = False, labels: Sequence[str] | None = None) -> str:
+    """One table across several bench JSON files (runs / machines); each row names its run.
+
+    ``labels``: one per file, in order (default: each run's own label, else the file name).
+    """
     if not paths:
         raise PeftExportError("bench-compare: give at least one bench JSON file")
+    labels = list(labels or [])
+    if labels and len(labels) != len(paths):
+        raise PeftExportError(f"--label: {len(labels)} label(s) for {len(paths)} file(s); give one per file")
+    if len(set(labels)) != len(labels):
+        raise PeftExportError("--label: labels must differ, or the runs cannot be told apart")
     rows, notes = [], []
-    for p in paths:
+    for i, p in enumerate(paths):
         res = read_result(p)
-        label = _run_label(res, p)
+        label = _run_label(res, p, labels[i] if labels else None)
         st = res.get("settings", {})
         notes.append(f"{label}: {res.get('date', '?')}, {describe_machine(res)}, {st.get('model_type')} at "
-                     f"{st.get('image_size')}px, device {st.get('device')}, ratio vs '{res.get('reference')}'")
+                     f"{st.get('image_size')}px, device {st.get('device')}, ratio vs '{res.get('reference')}', "
+                     f"machine load {describe_load(res.get('load'))}")
         rows.extend(table_rows(res, run_label=label))
     head = "\n".join(("- " if markdown else "") + n for n in notes)
     return f"{head}\n\n{format_rows(rows, markdown=markdown, with_run=True)}\n"

@@ -52,9 +52,11 @@ from .cases import (
     expand_components,
     plan_cases,
 )
+from .fresh import FreshCase, measure_fresh, save_model
+from .load import load_between, snapshot
 from .measure import measure
 from .report import add_ratios, format_table, pick_reference, write_json, write_plot, write_text
-from .runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
+from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner
 from .stats import device_info, library_versions
 
 
@@ -110,9 +112,11 @@ def run_bench(
     components: Sequence[str] = DEFAULT_COMPONENTS,
     include_base: bool = True,
     interleave: bool = False,
+    fresh_process: bool | None = None,
     export_formats: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     seed: int = 0,
+    label: str | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Benchmark every available case of one model; returns the full result (JSON-able).
@@ -121,7 +125,15 @@ def run_bench(
     loadable adapter), ``adapted`` (an ``AdaptedModel``: torch cases; ONNX cases from
     ``export_dir`` if given, else from a temporary export made here when
     ``backends`` has onnxruntime), or both.
+
+    ``fresh_process`` (the default unless ``interleave``): every case runs in its own
+    worker process (``fresh.measure_fresh``), with the machine's load recorded around it.
+    ``interleave``: every case is loaded in this process and timed in turn (A B A B).
     """
+    if fresh_process is None:
+        fresh_process = not interleave
+    if fresh_process and interleave:
+        raise PeftExportError("--interleave times every case in one process; it cannot be combined with fresh processes")
     backends = list(backends)
     for b in backends:
         if b not in BACKENDS:
@@ -150,7 +162,7 @@ def run_bench(
 
     with contextlib.ExitStack() as stack:
         no_export_reason = None
-        if "onnxruntime" in backends and manifest is None:
+        if {"onnxruntime", "openvino"} & set(backends) and manifest is None:
             if not available.onnxruntime:
                 no_export_reason = "onnxruntime is not installed (pip install 'peftexport[cpu]' or '[gpu]')"
             else:
@@ -180,9 +192,15 @@ def run_bench(
             _export_precisions(manifest) if manifest else [],
             _engine_precisions(manifest) if manifest else [], no_export_reason)
         inputs = BenchInputs(image_size, batch_sizes, seed)
-        runners = [_make_runner(s, adapted, export_dir, inputs, intra_op_threads, comps) for s in specs]
         t0 = time.time()
-        results = measure(runners, comps, warmup, iterations, interleave, log)
+        before = snapshot()
+        if fresh_process:
+            results = measure_fresh(_fresh_cases(specs, adapted, export_dir, stack), comps, image_size, batch_sizes,
+                                    seed, warmup, iterations, intra_op_threads, log)
+        else:
+            runners = [make_runner(s, adapted, export_dir, inputs, intra_op_threads, comps) for s in specs]
+            results = measure(runners, comps, warmup, iterations, interleave, log)
+        run_load = load_between(before, snapshot())
         elapsed = time.time() - t0
 
     cases = results + skipped
@@ -193,12 +211,13 @@ def run_bench(
         "format_version": BENCH_FORMAT_VERSION,
         "peftexport_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "label": label,
         "machine": device_info(),
         "versions": library_versions(),
         "settings": {
             "device": device, "backends": backends, "precisions": list(precisions) if precisions else None,
             "batch_sizes": list(batch_sizes), "warmup": warmup, "iterations": iterations, "components": comps,
-            "interleave": interleave, "image_size": image_size, "model_type": model_type,
+            "interleave": interleave, "fresh_process": fresh_process, "image_size": image_size, "model_type": model_type,
             "input_image_shape": list(inputs.image.shape), "seed": seed,
             "export_dir": str(export_dir) if export_dir and manifest and "peftexport-bench-" not in str(export_dir) else None,
             "temporary_export": bool(export_dir and "peftexport-bench-" in str(export_dir)),
@@ -207,6 +226,7 @@ def run_bench(
             "base": adapted.base.to_dict() if adapted is not None else None,
         },
         "notes": notes,
+        "load": run_load,
         "reference": reference,
         "elapsed_s": round(elapsed, 1),
         "cases": cases,
@@ -231,13 +251,26 @@ def _temporary_export(adapted, out_dir: Path, precisions, device: str, formats) 
     return read_manifest(out_dir)
 
 
-def _make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, threads, comps) -> Runner:
+def make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, threads, comps) -> Runner:
+    """The runner of one case (in this process)."""
     if spec.backend in ("torch", "torch-compile"):
         factory, release = _torch_factory(spec.model, adapted, spec.device)
         return TorchRunner(spec, factory, inputs, release)
     if spec.backend == "onnxruntime":
         return OrtRunner(spec, export_dir, inputs, threads, end_to_end="end_to_end" in comps)
-    return TensorRTRunner(spec, export_dir, inputs)
+    return RuntimeRunner(spec, export_dir, inputs, threads)
+
+
+def _fresh_cases(specs: Sequence[CaseSpec], adapted, export_dir, stack: contextlib.ExitStack) -> list[FreshCase]:
+    """Worker jobs; the torch model is written once to a temporary file that every torch case loads."""
+    desc, model_file = {}, None
+    if any(s.backend in ("torch", "torch-compile") for s in specs):
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peftexport-bench-model-")))
+        model_file = str(tmp / "model.pt")
+        desc = save_model(adapted, model_file)
+    return [FreshCase(s, str(export_dir) if export_dir else None,
+                      model_file if s.backend in ("torch", "torch-compile") else None,
+                      desc if s.backend in ("torch", "torch-compile") else {}) for s in specs]
 
 
 def _torch_factory(model: str, adapted, device: str):

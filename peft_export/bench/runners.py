@@ -269,20 +269,29 @@ class OrtRunner(Runner):
                 "providers": list(self.sessions["encoder"].get_providers()) if self.sessions else None}
 
 
-class TensorRTRunner(Runner):
-    """Native TensorRT engines through the runtime (written against TensorRT 10; not run on this project's machines)."""
+class RuntimeRunner(Runner):
+    """The runtime's own backend (OpenVINO, native TensorRT) through ``SamSession``; encoder and decoders are
+    timed on the backend's ``run``, end to end through the session (host copies included)."""
 
-    def __init__(self, spec: CaseSpec, export_dir: str | Path, inputs: BenchInputs) -> None:
+    def __init__(self, spec: CaseSpec, export_dir: str | Path, inputs: BenchInputs,
+                 intra_op_threads: int | None = None) -> None:
         self.spec, self.inputs, self.export_dir = spec, inputs, Path(export_dir)
+        self.intra_op_threads = intra_op_threads
 
     def prepare(self) -> None:
         from ..runtime import SamSession
 
-        self.session = SamSession(self.export_dir, "tensorrt", "cuda", self.spec.precision)
+        self.session = SamSession(self.export_dir, self.spec.backend, self.spec.device, self.spec.precision,
+                                  intra_op_threads=self.intra_op_threads)
         self._backend = self.session._backend
-        self._decoder = "decoder_lowres" if "decoder_lowres" in self.session.describe()["graphs"] else "decoder"
-        self.session.set_image(self.inputs.image)
-        self._embedding = self.session.get_image_embedding()
+        self.chosen = {k: (v["precision"], v["path"]) for k, v in self.session.describe()["graphs"].items()}
+        self._decoder = "decoder_lowres" if "decoder_lowres" in self.chosen else "decoder"
+        self._embedding = None
+
+    def ready(self, component: str) -> None:
+        if component.startswith("decoder") and self._embedding is None:
+            out = self._backend.run("encoder", {"image": self.inputs.encoder_input})
+            self._embedding = np.asarray(out["image_embeddings"], np.float32)
 
     def run(self, component: str) -> None:
         if component == "end_to_end":
@@ -293,11 +302,18 @@ class TensorRTRunner(Runner):
         else:
             coords, labels = self.inputs.decoder_prompts(component)
             k, s = len(coords), 4 * (self.inputs.image_size // 16)
-            self._backend.run(self._decoder, {
-                "image_embeddings": self._embedding, "point_coords": coords, "point_labels": labels,
-                "mask_input": np.zeros((k, 1, s, s), np.float32), "has_mask_input": np.zeros((k,), np.float32)})
+            feeds = {"image_embeddings": self._embedding, "point_coords": coords, "point_labels": labels,
+                     "mask_input": np.zeros((k, 1, s, s), np.float32), "has_mask_input": np.zeros((k,), np.float32)}
+            if self._decoder == "decoder":  # Meta's graph: one prompt set per call
+                size = np.asarray([self.inputs.image_size * 3 // 4, self.inputs.image_size], np.float32)
+                for i in range(k):
+                    self._backend.run("decoder", {**{n: v[i:i + 1] for n, v in feeds.items() if n != "image_embeddings"},
+                                                  "image_embeddings": self._embedding, "orig_im_size": size})
+                return
+            self._backend.run(self._decoder, feeds)
 
     def close(self) -> None:
         self.session = self._backend = None
 
-
+    def describe(self) -> dict:
+        return {"graphs": {k: {"precision": p, "path": path} for k, (p, path) in getattr(self, "chosen", {}).items()}}

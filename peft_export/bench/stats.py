@@ -169,7 +169,18 @@ def library_versions() -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process over its whole lifetime, in MiB (ru_maxrss)."""
+    """Peak resident memory of this process over its whole lifetime, in MiB.
+
+    /proc/self/status VmHWM where there is one: ru_maxrss survives fork + exec, so in a worker
+    started by a large parent it would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024

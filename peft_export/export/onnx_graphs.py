@@ -194,6 +194,7 @@ def _export(
     dynamic_axes: dict | None,
     exporter: str,
     external: bool,
+    custom_opsets: dict | None = None,
     fallback: bool = True,
 ) -> str:
     """Export; returns which exporter made the file ("dynamo" or "torchscript").
@@ -232,6 +233,7 @@ def _export(
             torch.onnx.export(
                 module, args, str(scratch / path.name), input_names=input_names, output_names=output_names,
                 opset_version=opset, dynamic_axes=dynamic_axes, dynamo=False, do_constant_folding=True,
+                custom_opsets=custom_opsets,
             )
             if external:  # one external data file, as the dynamo exporter writes
                 import onnx
@@ -270,16 +272,28 @@ def encoder_opset(precision: str, opset: int) -> int:
 
 
 def export_encoder_onnx(
-    model: Sam, path: str | os.PathLike, opset: int = 17, precision: str = "fp32", exporter: str = "torchscript"
+    model: Sam, path: str | os.PathLike, opset: int = 17, precision: str = "fp32", exporter: str = "torchscript",
+    attention: str = "plain",
 ) -> str:
     """Export the image encoder: ``image`` (1,3,S,S) -> ``image_embeddings`` (1,256,g,g).
 
     ``precision`` "fp32" or "fp16" (fp16 weights and compute, fp32 LayerNorms and I/O;
     always the dynamo exporter at ``encoder_opset("fp16", opset)``, see the module doc).
-    Writes ``path`` and ``path.data`` (external data). Returns the exporter used.
+    ``attention``: ``plain`` (SAM's own ops), ``folded`` or ``fused`` (``fused_attention``;
+    fp32 only, TorchScript exporter). Writes ``path`` and ``path.data`` (external data).
+    Returns the exporter used.
     """
+    from .fused_attention import attention_form
+
     _check_opset(opset)
     check_exporter(exporter, opset)
+    if attention != "plain":
+        if precision != "fp32":
+            raise PeftExportError(f"--attention {attention}: only the fp32 encoder is rewritten (int8 is quantised from it)")
+        with attention_form(model, attention):
+            return _export(EncoderGraph(model), (encoder_example(model),), Path(path), opset, ["image"],
+                           ["image_embeddings"], None, "torchscript", True,
+                           custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
     if precision == "fp32":
         graph = EncoderGraph(model)
     elif precision == "fp16":

@@ -20,9 +20,10 @@ from ..fsutil import atomic_dir
 from ..merge import merge_and_verify
 from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
+from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, write_manifest
-from .quantize import PRECISIONS, onnx_bytes, quantize_int8
-from .verify import build_reference, decoder_feeds, format_parity_table, verify_export
+from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
 
 FORMATS = ("onnx", "tensorrt")
 MAX_OPSET = 20  # the TorchScript exporter's newest
@@ -33,7 +34,8 @@ def encoder_filename(precision: str, stem: str = "encoder") -> str:
     return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
 
 
-def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str) -> None:
+def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str,
+                   attention: str = "plain") -> None:
     for f in formats:
         if f not in FORMATS:
             raise PeftExportError(f"--format: unknown format {f!r}; choose from {', '.join(FORMATS)}")
@@ -45,6 +47,8 @@ def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int
     if not og.MIN_OPSET <= opset <= MAX_OPSET:
         raise PeftExportError(f"--opset: {opset} is outside {og.MIN_OPSET}..{MAX_OPSET}")
     og.check_exporter(exporter, opset)
+    if attention not in ATTENTION_FORMS:
+        raise PeftExportError(f"--attention: unknown {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -104,6 +108,9 @@ def merge_and_export(
     overwrite: bool = False,
     progress: bool = True,
     exporter: str = "torchscript",
+    calibration_data: str | os.PathLike | None = None,
+    int8_recipe: Int8Recipe | None = None,
+    attention: str = "plain",
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
@@ -111,11 +118,20 @@ def merge_and_export(
     ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
+
+    int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
+    calibrated on them, else dynamic quantisation; ``int8_recipe`` overrides the default
+    (``quantize.default_recipe``). The manifest records the recipe and the calibration images.
+
+    ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
+    ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
-    _check_options(formats, precisions, opset, exporter)
+    _check_options(formats, precisions, opset, exporter, attention)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
+    if calibration_data is not None and "int8" not in precisions:
+        raise PeftExportError("--calibration-data: only int8 is calibrated; add int8 to --precision")
     target = None
     if "tensorrt" in formats:
         from .tensorrt import check_tensorrt
@@ -132,35 +148,56 @@ def merge_and_export(
         # A QLoRA model lives on the GPU its 4-bit layers run on; exports and their checks run on the
         # CPU, against the merged copy (verified against the 4-bit model in merge_for_export).
         reference_model = model
+    calibration, calibration_record = None, None
+    if calibration_data is not None:
+        from .calibration import calibration_inputs
+
+        calibration, calibration_record = calibration_inputs(calibration_data, size, dict(adapted.intensity))
+        log(f"calibration: {calibration_record['planes']} image plane(s) from {calibration_data}")
     reference = build_reference(reference_model)
 
     graphs: dict[str, dict] = {}
     rows: list[tuple[str, str, dict]] = []
     used_exporter = exporter
 
+    backends = verify_backends()
+
     def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None) -> None:
-        t = time.perf_counter()
-        parity = verify_export(tmp / filename, graph, reference_model, reference, precision)
-        parity["export_seconds"] = round(export_s, 2)
-        parity["verify_seconds"] = round(time.perf_counter() - t, 2)
-        rows.append((graph, precision, parity))
-        log(f"  {graph:<18} {precision:<5} exported {export_s:6.1f} s, verified {parity['verify_seconds']:5.1f} s, "
-            f"{onnx_bytes(tmp / filename) / 1e6:8.1f} MB  {'ok' if parity['passed'] else 'FAILED'}")
-        if not parity["passed"]:
-            log(format_parity_table(rows))
-            raise PeftExportError(
-                f"{out_dir}: {graph} {precision} failed verification ({'; '.join(parity['failures'])}); nothing written"
-            )
-        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, parity, extra)
+        # The same gate on every installed CPU backend: a graph one of them runs wrongly is refused.
+        by_backend = {}
+        for backend in backends:
+            t = time.perf_counter()
+            parity = verify_export(tmp / filename, graph, reference_model, reference, precision, backend)
+            parity["export_seconds"] = round(export_s, 2)
+            parity["verify_seconds"] = round(time.perf_counter() - t, 2)
+            by_backend[backend] = parity
+            rows.append((graph if backend == "onnxruntime" else f"{graph} ({backend})", precision, parity))
+            log(f"  {graph:<18} {precision:<5} exported {export_s:6.1f} s, verified {parity['verify_seconds']:5.1f} s "
+                f"on {backend:<11}, {onnx_bytes(tmp / filename) / 1e6:8.1f} MB  {'ok' if parity['passed'] else 'FAILED'}")
+            gate = parity.get("prompt_agreement")
+            if gate:
+                log(f"    masks vs fp32 over {gate['prompts']} prompts: IoU mean {gate['mask_iou_mean']:.4f}, "
+                    f"min {gate['mask_iou_min']:.4f} (gate {parity['thresholds']['prompt_mask_iou_mean']} / "
+                    f"{parity['thresholds']['prompt_mask_iou_min']})")
+            if not parity["passed"]:
+                log(format_parity_table(rows))
+                raise PeftExportError(
+                    f"{out_dir}: {graph} {precision} failed verification on {backend} "
+                    f"({'; '.join(parity['failures'])}); nothing written"
+                )
+        extra = dict(extra or {}, verified_on=list(by_backend))
+        if len(by_backend) > 1:
+            extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
+        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, by_backend["onnxruntime"], extra)
 
     log(f"exporting {model_type} (image size {size}) to {out_dir}: {', '.join(formats)}; {', '.join(precisions)}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # modes follow the umask, as for any new folder
         # fp32 encoder first: int8 is quantised from it (and removed if fp32 was not asked for).
         t = time.perf_counter()
-        used_exporter = og.export_encoder_onnx(model, tmp / "encoder.onnx", opset, "fp32", exporter)
+        used_exporter = og.export_encoder_onnx(model, tmp / "encoder.onnx", opset, "fp32", exporter, attention)
         fp32_s = time.perf_counter() - t
         if "fp32" in precisions:
-            check("encoder", "fp32", "encoder.onnx", tmp, fp32_s, {"exporter": used_exporter})
+            check("encoder", "fp32", "encoder.onnx", tmp, fp32_s, {"exporter": used_exporter, "attention": attention})
         if "fp16" in precisions:
             t = time.perf_counter()
             how = og.export_encoder_onnx(model, tmp / encoder_filename("fp16"), opset, "fp16", exporter)
@@ -169,9 +206,13 @@ def merge_and_export(
                    "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
         if "int8" in precisions:
             t = time.perf_counter()
-            quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"))
+            recipe = int8_recipe or default_recipe(tmp / "encoder.onnx", model_type)
+            applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), recipe, calibration)
+            how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
-                  {"note": "onnxruntime quantize_dynamic, QInt8 weights, from the fp32 graph"})
+                  {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
+                   "attention": attention,
+                   "int8_recipe": applied.to_dict(), "calibration": calibration_record})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)

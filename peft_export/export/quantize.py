@@ -4,23 +4,62 @@
   LayerNorms kept in fp32 (their variance overflows in fp16), graph input/output fp32, so
   the runtime feeds and reads float32 whatever the precision. ONNX Runtime's CPU provider
   runs the ops it has no fp16 kernel for in fp32 (it inserts the casts itself).
-* int8: ``onnxruntime.quantization.quantize_dynamic`` with signed weights (QInt8) in 7 bits
-  (``reduce_range``). Full 8-bit signed weights saturate ONNX Runtime's u8s8 kernels on x86
-  CPUs without VNNI (AVX2 only, e.g. the AMD EPYC hosts this project also runs on): there the
-  tiny model's embedding cosine fell to 0.985 and mask IoU to 0.91, against 0.9996 / 0.99 with
-  7-bit weights (merge-and-export's parity check on three seeded tiny adapters, 2026-11-27). An export is verified on one
-  machine and deployed on others, so the graph must be right on both kinds.
+* int8: ONNX Runtime's quantisation tools, with one of two recipes (``Int8Recipe``):
+
+  - dynamic (no calibration data): weights QInt8, activations quantised at run time.
+    Weights use 7 bits (``reduce_range``): full 8-bit signed weights saturate ONNX Runtime's
+    u8s8 kernels on x86 CPUs without VNNI (AVX2 only, e.g. AMD EPYC): there the tiny model's
+    embedding cosine fell to 0.985 and mask IoU to 0.91, against 0.9996 / 0.99 with 7-bit
+    weights. An export is verified on one machine and deployed on others, so the graph must
+    be right on both kinds. Per-channel weight scales and MatMul-only quantisation (the
+    patch-embedding and neck convolutions stay fp32) are the defaults because they keep the
+    masks closest to fp32 (``benchmarks/int8_variants.py`` measures every variant).
+  - static QDQ (``calibration`` images given): activation ranges calibrated (MinMax) on the
+    user's own images through the fp32 graph; QuantizeLinear/DequantizeLinear pairs that both
+    ONNX Runtime and OpenVINO fuse into int8 kernels.
+
+  ``exclude`` leaves named nodes in fp32 (the sensitive ones: ``sensitive_nodes``).
+  Whatever the recipe, merge-and-export refuses an int8 graph whose masks differ from the
+  fp32 model's (``agreement.GATES``) and writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EXTERNAL_DATA_BYTES = 1_500_000_000  # above this the int8 graph also uses external data
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How an fp32 graph is quantised to int8 (recorded in the manifest)."""
+
+    per_channel: bool = True
+    op_types: tuple[str, ...] = ("MatMul",)  # () = every type ONNX Runtime can quantise
+    reduce_range: bool = True  # 7-bit weights: exact on CPUs without VNNI too (see the module doc)
+    exclude: tuple[str, ...] = ()  # node names kept in fp32
+    static: bool = False  # True: QDQ with activation ranges calibrated on images
+    calibration_images: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["op_types"] = list(self.op_types) or "all"
+        d["exclude"] = list(self.exclude)
+        d["mode"] = "static QDQ, calibrated" if self.static else "dynamic"
+        return d
+
+
+DEFAULT_INT8 = Int8Recipe()
 
 
 def onnx_bytes(path: str | os.PathLike) -> int:
@@ -30,21 +69,110 @@ def onnx_bytes(path: str | os.PathLike) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Dynamic int8 quantisation (MatMul/Gemm/Conv weights QInt8, activations quantised at run time)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = Path(src), Path(dst)
-    external = onnx_bytes(src) // 4 > EXTERNAL_DATA_BYTES
+@contextmanager
+def _quiet() -> Iterator[None]:
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice and shape-inference notes at WARNING
+    root.setLevel(logging.ERROR)  # the quantiser logs advice and shape-inference notes at WARNING
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(
-                str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=True,
-                use_external_data_format=external,
-            )
+            yield
     finally:
         root.setLevel(level)
+
+
+class _Images:
+    """ONNX Runtime CalibrationDataReader over preprocessed encoder inputs (1,3,S,S)."""
+
+    def __init__(self, inputs: Sequence[np.ndarray], input_name: str = "image") -> None:
+        self._it = iter(list(inputs))
+        self._name = input_name
+
+    def get_next(self):
+        x = next(self._it, None)
+        return None if x is None else {self._name: np.ascontiguousarray(x, np.float32)}
+
+    def rewind(self) -> None:  # not needed by MinMax; part of the reader interface
+        pass
+
+
+def quantize_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    recipe: Int8Recipe = DEFAULT_INT8,
+    calibration: Sequence[np.ndarray] | None = None,
+) -> Int8Recipe:
+    """Quantise ``src`` to ``dst`` with ``recipe``; static QDQ when ``calibration`` inputs are given.
+
+    Returns the recipe that was applied (``static`` and ``calibration_images`` filled in).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    src, dst = Path(src), Path(dst)
+    external = onnx_bytes(src) // 4 > EXTERNAL_DATA_BYTES
+    common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                  op_types_to_quantize=list(recipe.op_types) or None,
+                  nodes_to_exclude=list(recipe.exclude) or None, use_external_data_format=external)
+    with _quiet():
+        if calibration is not None and len(calibration):
+            applied = Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude,
+                                 True, len(calibration))
+            # The calibrator writes an augmented copy of the model (every tensor an output) next to it.
+            with tempfile.TemporaryDirectory(prefix=".calib.", dir=dst.parent) as scratch:
+                cwd = os.getcwd()
+                os.chdir(scratch)
+                try:
+                    quantize_static(str(src.resolve()), str(dst.resolve()), _Images(calibration),
+                                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                                    weight_type=QuantType.QInt8, **common,
+                                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                                   # attention's activation x activation products stay fp32,
+                                                   # as quantize_dynamic leaves them
+                                                   "MatMulConstBOnly": True})
+                finally:
+                    os.chdir(cwd)
+            return applied
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **common)
+    return Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude, False, 0)
+
+
+def matmul_nodes(path: str | os.PathLike, block: int | None = None, part: str | None = None) -> list[str]:
+    """Names of the weight MatMul nodes (a Linear layer's: its second input is a stored weight) of an
+    encoder graph, optionally of one block and/or one layer.
+
+    ``part``: ``qkv``, ``proj``, ``lin1`` or ``lin2`` (the TorchScript exporter names nodes after
+    the module path, e.g. ``/image_encoder/blocks.3/attn/qkv/MatMul``).
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        if block is not None and f"/blocks.{block}/" not in node.name:
+            continue
+        if part is not None and f"/{part}/" not in node.name:
+            continue
+        names.append(node.name)
+    return names
+
+
+# Layers left in fp32 by default, found by measurement (benchmarks/int8_variants.py): quantising
+# them alone costs the most mask agreement. Filled in per model type from that measurement.
+SENSITIVE_PARTS: dict[str, tuple[tuple[int | None, str], ...]] = {}
+
+
+def sensitive_nodes(path: str | os.PathLike, model_type: str) -> tuple[str, ...]:
+    """The node names of ``SENSITIVE_PARTS[model_type]`` in this graph."""
+    names: list[str] = []
+    for block, part in SENSITIVE_PARTS.get(model_type, ()):
+        names += matmul_nodes(path, block, part)
+    return tuple(names)
+
+
+def default_recipe(path: str | os.PathLike, model_type: str) -> Int8Recipe:
+    return Int8Recipe(exclude=sensitive_nodes(path, model_type))
+

@@ -1,4 +1,5 @@
-"""Parity of every exported graph with the torch adapter model (unmerged), in ONNX Runtime CPU.
+"""Parity of every exported graph with the torch adapter model (unmerged), in ONNX Runtime CPU
+and, when it is installed, in OpenVINO (the same thresholds on each backend).
 
 Reference: the adapter model itself, before merging, on ``peft_export.merge.probe_inputs``
 (a realistic-statistics image and point / box / point+box prompts) plus one prompt with a
@@ -18,13 +19,16 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..merge import error_stats, probe_inputs
+from .agreement import GATES, mask_agreement, meta_sparse
 
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
 # fail below a floor that still keeps the masks usable.
 THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"embeddings_max_rel": 1e-4, "mask_logits_max_rel": 1e-4, "mask_iou": 0.999},
     "fp16": {"embeddings_cosine": 0.99, "mask_iou": 0.95},
-    "int8": {"embeddings_cosine": 0.99, "mask_iou": 0.95},
+    "int8": {"embeddings_cosine": 0.99, "mask_iou": 0.95,
+             # per-prompt agreement with the fp32 masks (agreement.GATES): mean and worst prompt
+             "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97},
 }
 
 
@@ -37,6 +41,29 @@ def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
     opts = session_options("cpu")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def verify_backends() -> list[str]:
+    """The CPU backends every graph is verified on: ONNX Runtime, and OpenVINO when it is installed."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+
+
+def graph_runner(path: str | os.PathLike, backend: str = "onnxruntime"):
+    """``run(feeds) -> {output name: array}`` for one graph file on a CPU backend, as the runtime runs it."""
+    if backend == "onnxruntime":
+        sess = ort_session(path)
+        names = [o.name for o in sess.get_outputs()]
+        return lambda feeds: dict(zip(names, sess.run(names, feeds)))
+    if backend == "openvino":
+        from pathlib import Path
+
+        from ..runtime.backends.ov import OpenVinoBackend
+
+        ov = OpenVinoBackend({"graph": Path(path)}, "cpu")
+        return lambda feeds: ov.run("graph", feeds)
+    raise PeftExportError(f"verify: unknown backend {backend!r} (use onnxruntime or openvino)")
 
 
 @dataclass
@@ -152,10 +179,10 @@ def _nonfinite(*arrays: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def verify_encoder(path: str | os.PathLike, sam: Sam, reference: Reference, precision: str = "fp32") -> dict:
+def verify_encoder(path: str | os.PathLike, sam: Sam, reference: Reference, precision: str = "fp32",
+                   backend: str = "onnxruntime") -> dict:
     """Encoder graph (input ``image``) vs the torch embeddings, and masks the torch decoder makes from it."""
-    sess = ort_session(path)
-    emb = sess.run(["image_embeddings"], {"image": reference.image.numpy()})[0]
+    emb = graph_runner(path, backend)({"image": reference.image.numpy()})["image_embeddings"]
     return _encoder_stats(emb, sam, reference, precision)
 
 
@@ -165,7 +192,7 @@ def _encoder_stats(emb: np.ndarray, sam: Sam, reference: Reference, precision: s
     lows, ious = [], []
     for p in reference.prompts:
         coords, labels = torch.from_numpy(p.coords), torch.from_numpy(p.labels)
-        sparse = _meta_sparse(sam, coords, labels)
+        sparse = meta_sparse(sam, coords, labels)
         mask = torch.from_numpy(p.mask) if p.mask is not None else None
         _, dense = sam.prompt_encoder(points=None, boxes=None, masks=mask)
         dense = dense.expand(coords.shape[0], -1, -1, -1)
@@ -184,22 +211,17 @@ def _encoder_stats(emb: np.ndarray, sam: Sam, reference: Reference, precision: s
         "finite": finite,
     }
     stats["embeddings_max_rel"] = stats["embeddings"]["max_rel"]
-    return _judge(stats, precision, ("embeddings_max_rel", "embeddings_cosine", "mask_iou"))
-
-
-def _meta_sparse(sam: Sam, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sparse embeddings of Meta-layout points (box corners as labels 2/3, -1 padding)."""
-    pe = sam.prompt_encoder
-    emb = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)
-    emb[labels == -1] = 0.0
-    emb[labels == -1] += pe.not_a_point_embed.weight
-    for i in range(pe.num_point_embeddings):
-        emb[labels == i] += pe.point_embeddings[i].weight
-    return emb
+    if precision in GATES:
+        gate = mask_agreement(sam, reference.embeddings, emb, int(GATES[precision]["prompts"]))
+        stats["prompt_agreement"] = gate
+        stats["prompt_mask_iou_mean"], stats["prompt_mask_iou_min"] = gate["mask_iou_mean"], gate["mask_iou_min"]
+    return _judge(stats, precision, ("embeddings_max_rel", "embeddings_cosine", "mask_iou",
+                                     "prompt_mask_iou_mean", "prompt_mask_iou_min"))
 
 
 @torch.no_grad()
-def verify_preprocess_encoder(path: str | os.PathLike, sam: Sam, reference: Reference, precision: str = "fp32") -> dict:
+def verify_preprocess_encoder(path: str | os.PathLike, sam: Sam, reference: Reference, precision: str = "fp32",
+                              backend: str = "onnxruntime") -> dict:
     """``encoder_preprocess`` (resized HWC 0..255 input) vs the torch model on the same image, non-square."""
     s = sam.image_encoder.img_size
     h, w = reference.input_size
@@ -208,8 +230,7 @@ def verify_preprocess_encoder(path: str | os.PathLike, sam: Sam, reference: Refe
     x = (hwc.permute(2, 0, 1)[None] - sam.pixel_mean[None]) / sam.pixel_std[None]
     x = torch.nn.functional.pad(x, (0, s - w, 0, s - h))
     ref = sam.image_encoder(x)
-    sess = ort_session(path)
-    emb = sess.run(["image_embeddings"], {"image": hwc.numpy().astype(np.float32)})[0]
+    emb = graph_runner(path, backend)({"image": hwc.numpy().astype(np.float32)})["image_embeddings"]
     stats = {
         "input_shape": [h, w, 3],
         "embeddings": error_stats(ref, torch.from_numpy(emb)),
@@ -237,9 +258,10 @@ def decoder_feeds(reference: Reference, prompt: Prompt, flavour: str) -> dict[st
 
 
 @torch.no_grad()
-def verify_decoder(path: str | os.PathLike, reference: Reference, flavour: str, precision: str = "fp32") -> dict:
+def verify_decoder(path: str | os.PathLike, reference: Reference, flavour: str, precision: str = "fp32",
+                   backend: str = "onnxruntime") -> dict:
     """A decoder graph, fed the torch embedding, vs the torch prompt encoder + mask decoder."""
-    sess = ort_session(path)
+    run = graph_runner(path, backend)
     lows, ious, finite, upsampled = [], [], True, None
     prompts = reference.prompts
     for i, p in enumerate(prompts):
@@ -248,13 +270,14 @@ def verify_decoder(path: str | os.PathLike, reference: Reference, flavour: str, 
             ious.append(None)
             continue  # Meta's interface takes one prompt at a time
         feeds = decoder_feeds(reference, p, flavour)
+        out = run(feeds)
         if flavour == "decoder":
-            masks, iou, low = sess.run(["masks", "iou_predictions", "low_res_masks"], feeds)
+            masks, iou, low = out["masks"], out["iou_predictions"], out["low_res_masks"]
             if i == 0:
                 upsampled = torch.from_numpy(masks)
             finite &= not _nonfinite(masks)
         else:
-            low, iou = sess.run(["low_res_masks", "iou_predictions"], feeds)
+            low, iou = out["low_res_masks"], out["iou_predictions"]
         finite &= not _nonfinite(low, iou)
         lows.append(torch.from_numpy(low))
         ious.append(torch.from_numpy(iou))
@@ -279,18 +302,19 @@ def verify_decoder(path: str | os.PathLike, reference: Reference, flavour: str, 
 
 
 def verify_export(
-    path: str | os.PathLike, graph: str, sam: Sam, reference: Reference | None = None, precision: str = "fp32"
+    path: str | os.PathLike, graph: str, sam: Sam, reference: Reference | None = None, precision: str = "fp32",
+    backend: str = "onnxruntime",
 ) -> dict:
     """Parity of one exported graph ("encoder", "encoder_preprocess", "decoder", "decoder_lowres")
-    with the torch model ``sam`` (pass the unmerged adapter model). Returns the parity dict
-    (``passed`` says whether it is within the thresholds of ``precision``)."""
+    with the torch model ``sam`` (pass the unmerged adapter model), run on ``backend``. Returns the
+    parity dict (``passed`` says whether it is within the thresholds of ``precision``)."""
     reference = reference or build_reference(sam)
     if graph == "encoder":
-        return verify_encoder(path, sam, reference, precision)
+        return verify_encoder(path, sam, reference, precision, backend)
     if graph == "encoder_preprocess":
-        return verify_preprocess_encoder(path, sam, reference, precision)
+        return verify_preprocess_encoder(path, sam, reference, precision, backend)
     if graph in ("decoder", "decoder_lowres"):
-        return verify_decoder(path, reference, graph, precision)
+        return verify_decoder(path, reference, graph, precision, backend)
     raise PeftExportError(f"verify: unknown graph {graph!r}")
 
 

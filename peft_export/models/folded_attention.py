@@ -26,7 +26,7 @@ does so for every block for as long as an export or a benchmark needs it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +41,22 @@ def key_indicators(h: int, w: int, dtype: torch.dtype, device: torch.device) -> 
     return rows, cols
 
 
-def folded_rel_pos_attention(
+def fold_rel_pos(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: tuple[int, int],
     scale: float,
     pad_to: int = 1,
-) -> torch.Tensor:
-    """softmax(scale q k^T + decomposed rel-pos bias) v, computed as one attention with scale 1.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q', k') of the module doc: one attention with scale 1 over them is SAM's biased attention.
 
-    q, k, v: (B, heads, N, d) with N = h*w tokens in row-major order; rel_pos_h/w: SAM's
-    tables ((2h-1) x d, (2w-1) x d; other lengths are interpolated as SAM does). Returns
-    (B, heads, N, d). ``pad_to`` > 1 appends zero columns to q' and k' up to a multiple of it
-    (a zero adds nothing to q'.k'): CUDA's fused kernels want head dims in multiples of 8,
-    and a 14 x 14 window gives 64 + 14 + 14 = 92.
+    q, k: (B, heads, N, d) with N = h*w tokens in row-major order; rel_pos_h/w: SAM's tables
+    ((2h-1) x d, (2w-1) x d; other lengths are interpolated as SAM does). Returns
+    (B, heads, N, d + h + w) each. ``pad_to`` > 1 appends zero columns to q' and k' up to a
+    multiple of it (a zero adds nothing to q'.k'): CUDA's fused kernels want head dims in
+    multiples of 8, and a 14 x 14 window gives 64 + 14 + 14 = 92.
     """
     h, w = size
     b, n_heads, n, d = q.shape
@@ -74,7 +73,25 @@ def folded_rel_pos_attention(
         zeros = q.new_zeros(b, n_heads, n, pad)
         q_parts.append(zeros)
         k_parts.append(zeros)
-    return F.scaled_dot_product_attention(torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1), v, scale=1.0)
+    return torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
+
+
+def folded_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+    scale: float,
+    pad_to: int = 1,
+) -> torch.Tensor:
+    """softmax(scale q k^T + decomposed rel-pos bias) v, computed as one attention with scale 1.
+
+    q, k, v: (B, heads, N, d); see ``fold_rel_pos``. Returns (B, heads, N, d).
+    """
+    q_folded, k_folded = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale, pad_to)
+    return F.scaled_dot_product_attention(q_folded, k_folded, v, scale=1.0)
 
 
 class FoldedAttention(nn.Module):
@@ -111,8 +128,11 @@ def _attention_modules(sam_or_encoder: nn.Module) -> list[tuple[nn.Module, Atten
 
 
 @contextlib.contextmanager
-def folded_attention(sam_or_encoder: nn.Module, pad_to: int = 1) -> Iterator[nn.Module]:
-    """Swap every encoder block's attention for ``FoldedAttention(pad_to=...)`` while the context lasts.
+def folded_attention(
+    sam_or_encoder: nn.Module, pad_to: int = 1, wrapper: Callable[[Attention], nn.Module] | None = None
+) -> Iterator[nn.Module]:
+    """Swap every encoder block's attention for ``FoldedAttention(pad_to=...)`` (or ``wrapper(attention)``)
+    while the context lasts.
 
     Parameters are shared, not copied: the state dict keys and values stay those of SAM,
     and the original modules are put back on exit (also after an error).
@@ -120,7 +140,7 @@ def folded_attention(sam_or_encoder: nn.Module, pad_to: int = 1) -> Iterator[nn.
     swapped = _attention_modules(sam_or_encoder)
     try:
         for blk, attn in swapped:
-            blk.attn = FoldedAttention(attn, pad_to)
+            blk.attn = wrapper(attn) if wrapper is not None else FoldedAttention(attn, pad_to)
         yield sam_or_encoder
     finally:
         for blk, attn in swapped:

@@ -15,6 +15,7 @@ from ...errors import PeftExportError
 # name -> (module, class); graph kind the backend loads ("onnx" graphs or TensorRT "engines")
 BACKENDS: Dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("ort", "OrtBackend", "onnx"),
+    "openvino": ("ov", "OpenVinoBackend", "onnx"),
     "tensorrt": ("trt", "TensorRTBackend", "engines"),
 }
 
@@ -41,6 +42,6 @@ def open_backend(name: str, paths: Dict[str, Path], device: str, intra_op_thread
     check_backend(name)
     module, cls, _ = BACKENDS[name]
     backend_cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "openvino"):
         return backend_cls(paths, device, intra_op_threads)
     return backend_cls(paths, device)

@@ -1,0 +1,80 @@
+"""OpenVINO backend: the export's ONNX graphs compiled by OpenVINO's CPU plugin (Intel, AMD and ARM CPUs).
+
+OpenVINO reads the same ``encoder.onnx`` (+ external data) and decoder graphs that ONNX
+Runtime runs, so an export needs no separate files for it; ``merge-and-export`` verifies every
+graph on it when the package is installed. On the vit_b encoder it uses a fraction of ONNX
+Runtime's peak memory (README, CPU benchmark).
+
+The inference precision is pinned to f32: on CPUs with AMX (and some with AVX-512 BF16)
+OpenVINO's default runs fp32 graphs in bf16, which is a different model than the one the
+export verified. fp16 and int8 graphs carry their own precision in the graph.
+
+Thread-safety: one infer request per graph, used under that graph's lock, so concurrent
+``run`` calls on one graph are serialised (the encoder and decoder can still overlap).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from ...errors import PeftExportError
+
+OV_DTYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32}
+
+
+def compile_options(intra_op_threads: Optional[int] = None) -> dict:
+    """OpenVINO CPU properties used everywhere (runtime, export checks, bench)."""
+    opts = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if intra_op_threads:
+        opts["INFERENCE_NUM_THREADS"] = int(intra_op_threads)
+    return opts
+
+
+class OpenVinoBackend:
+    """One compiled model per graph on OpenVINO's CPU device."""
+
+    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None) -> None:
+        if device != "cpu":
+            raise PeftExportError("backend openvino: runs on device='cpu' only here (use onnxruntime or tensorrt on CUDA)")
+        try:
+            import openvino as ov
+        except ImportError:
+            raise PeftExportError("backend openvino: the openvino package is not installed (pip install 'peftexport[openvino]')") from None
+        core = ov.Core()
+        opts = compile_options(intra_op_threads)
+        self._compiled, self._requests, self._locks, self._inputs = {}, {}, {}, {}
+        for name, path in paths.items():
+            try:
+                compiled = core.compile_model(core.read_model(str(path)), "CPU", opts)
+            except Exception as e:  # OpenVINO raises RuntimeError with multi-line messages
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise PeftExportError(f"{path}: openvino cannot compile this graph ({first})") from None
+            self._compiled[name] = compiled
+            self._requests[name] = compiled.create_infer_request()
+            self._locks[name] = threading.Lock()
+            # A port may carry several tensor names (OpenVINO merges tensors); the graph input's is among them.
+            self._inputs[name] = [(p.get_names(), OV_DTYPES.get(p.get_element_type().get_type_name(), np.float32))
+                                  for p in compiled.inputs]
+        self.providers = [f"OpenVINO {ov.get_version().split('-')[0]} CPU"]
+
+    def run(self, name: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        cast = {}
+        for names, dtype in self._inputs[name]:
+            given = [n for n in names if n in feeds]
+            if not given:
+                raise PeftExportError(f"{name}: graph input '{sorted(names)[0]}' not provided")
+            cast[given[0]] = np.ascontiguousarray(feeds[given[0]], dtype=dtype)
+        with self._locks[name]:
+            result = self._requests[name].infer(cast)
+            out = {}
+            for port, value in result.items():
+                # A copy: the request reuses its output buffers. The port carries the ONNX output
+                # name among the names of the tensors it merged, so every name maps to the array.
+                array = np.array(value)
+                for tensor_name in port.get_names():
+                    out[tensor_name] = array
+            return out

@@ -1,0 +1,152 @@
+"""int8 recipes, calibration on the user's images, and the per-prompt gate that refuses a bad quantisation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from helpers import MERGEABLE_CONFIGS, make_adapted
+from peft_export.cli.main import app
+from peft_export.errors import PeftExportError
+from peft_export.export import Int8Recipe, merge_and_export
+from peft_export.export.agreement import GATES, gate_prompts, mask_agreement
+from peft_export.export.quantize import matmul_nodes, quantize_int8
+from peft_export.export.verify import graph_runner
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    return make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from peft_export.data import synthetic_sample
+
+    root = tmp_path_factory.mktemp("calib")
+    good, black = root / "good", root / "black"
+    good.mkdir()
+    black.mkdir()
+    for i in range(3):
+        sample = synthetic_sample(128, i)
+        tifffile.imwrite(good / f"im{i}.tif", sample["image"] if isinstance(sample, dict) else sample[0])
+        tifffile.imwrite(black / f"im{i}.tif", np.zeros((128, 128), np.uint8))
+    (good / "notes.txt").write_text("not an image")
+    return good, black
+
+
+def test_gate_prompts_are_seeded_points_and_boxes_inside_the_image():
+    coords, labels = gate_prompts(256, 32, seed=0)
+    assert coords.shape == (32, 2, 2) and labels.shape == (32, 2)
+    assert (labels[:16] == labels.new_tensor([1.0, -1.0])).all() and (labels[16:] == labels.new_tensor([2.0, 3.0])).all()
+    assert coords.min() >= 0 and coords.max() <= 256 and (coords[16:, 1] > coords[16:, 0]).all()
+    again, _ = gate_prompts(256, 32, seed=0)
+    assert (again == coords).all() and not (gate_prompts(256, 32, seed=1)[0] == coords).all()
+
+
+def test_mask_agreement_is_one_for_the_same_embedding_and_drops_for_noise(adapted):
+    import torch
+
+    from peft_export.merge import probe_inputs
+
+    sam = adapted.model
+    image, _ = probe_inputs(128)
+    with torch.no_grad():
+        emb = sam.image_encoder(image)
+    same = mask_agreement(sam, emb, emb.numpy(), 32)
+    assert same["mask_iou_mean"] == same["mask_iou_min"] == 1.0 and len(same["per_prompt"]) == 32
+    noisy = emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)) * emb.std()
+    bad = mask_agreement(sam, emb, noisy.numpy(), 32)
+    assert bad["mask_iou_min"] < GATES["int8"]["mask_iou_min"] and bad["per_prompt"][bad["worst_prompt"]] == pytest.approx(bad["mask_iou_min"], abs=1e-5)
+
+
+def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tmp_path):
+    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
+    entry = manifest["graphs"]["encoder"]["int8"]
+    assert entry["int8_recipe"]["mode"] == "dynamic" and entry["int8_recipe"]["per_channel"] is True
+    assert entry["calibration"] is None
+    gate = entry["parity"]["prompt_agreement"]
+    assert gate["prompts"] == 32 and gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
+    assert entry["parity"]["thresholds"]["prompt_mask_iou_min"] == 0.97
+
+
+@pytest.mark.slow  # worker processes / full exports
+def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp_path):
+    good, _ = images
+    out = tmp_path / "cal"
+    res = runner.invoke(app, ["merge-and-export", "--merged", "/nonexistent.pth", "--out", str(out)])
+    assert res.exit_code == 2  # the option parses; a missing checkpoint is the error
+    # Static ranges fit this tiny random model a little worse than dynamic ones (mask IoU mean 0.989
+    # on the probe, refused); leaving its first and last block in fp32 passes the gate.
+    keep = tuple(f"/image_encoder/blocks.{b}/{part}/MatMul" for b in (0, 3)
+                 for part in ("attn/qkv", "attn/proj", "mlp/lin1", "mlp/lin2"))
+    manifest = merge_and_export(adapted, out, precisions=["int8"], calibration_data=good, progress=False,
+                                int8_recipe=Int8Recipe(exclude=keep))
+    entry = manifest["graphs"]["encoder"]["int8"]
+    assert entry["int8_recipe"]["mode"] == "static QDQ, calibrated" and entry["int8_recipe"]["calibration_images"] == 3
+    assert entry["int8_recipe"]["exclude"] == list(keep)
+    assert entry["calibration"]["files"] == ["im0.tif", "im1.tif", "im2.tif"] and entry["calibration"]["planes"] == 3
+    assert len(entry["calibration"]["sha256_of_pixels"]) == 64
+    import onnx
+
+    nodes = onnx.load(str(out / entry["path"])).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in nodes}
+    assert set(keep) <= {n.name for n in nodes if n.op_type == "MatMul"}  # the excluded layers stay fp32
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["graphs"]["encoder"]["int8"]["calibration"] == entry["calibration"]
+
+
+@pytest.mark.slow  # worker processes / full exports
+def test_a_bad_quantisation_is_refused_and_nothing_is_written(adapted, images, tmp_path):
+    # Calibrated on black images, the activation ranges are far too narrow for real ones.
+    _, black = images
+    out = tmp_path / "bad"
+    with pytest.raises(PeftExportError, match=r"encoder int8 failed verification on onnxruntime .*prompt_mask_iou"):
+        merge_and_export(adapted, out, precisions=["fp32", "int8"], calibration_data=black, progress=False)
+    assert not out.exists()
+    assert [p for p in tmp_path.iterdir()] == []  # no temporary directory left beside it either
+
+
+def test_calibration_errors(adapted, tmp_path):
+    with pytest.raises(PeftExportError, match="only int8 is calibrated"):
+        merge_and_export(adapted, tmp_path / "x", precisions=["fp32"], calibration_data=tmp_path, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftExportError, match="has no image files"):
+        merge_and_export(adapted, tmp_path / "x", precisions=["int8"], calibration_data=tmp_path / "empty",
+                         progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipes_quantise_what_they_say(adapted, tmp_path):
+    import onnx
+
+    from peft_export.export.onnx_graphs import export_encoder_onnx
+    from peft_export.peft import merge_peft
+
+    src = tmp_path / "encoder.onnx"
+    export_encoder_onnx(merge_peft(adapted.model), src)
+    blocks = len(adapted.model.image_encoder.blocks)
+    weight_matmuls = matmul_nodes(src)
+    assert len(weight_matmuls) == 4 * blocks  # qkv, proj, lin1, lin2 per block
+    assert matmul_nodes(src, block=1, part="qkv") == [n for n in weight_matmuls if "/blocks.1/attn/qkv/" in n]
+    feeds = {"image": np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)}
+    ref = graph_runner(src)(feeds)["image_embeddings"]
+    excluded = tuple(matmul_nodes(src, block=0))
+    for recipe in (Int8Recipe(), Int8Recipe(per_channel=False, op_types=()), Int8Recipe(exclude=excluded)):
+        dst = tmp_path / "q.onnx"
+        applied = quantize_int8(src, dst, recipe)
+        assert applied.static is False and applied.exclude == recipe.exclude
+        nodes = onnx.load(str(dst)).graph.node
+        int8_convs = [n for n in nodes if n.op_type == "ConvInteger"]
+        assert (len(int8_convs) > 0) == (recipe.op_types == ())  # MatMul-only leaves the convolutions in fp32
+        kept = {n.name for n in nodes if n.op_type == "MatMul"}
+        assert set(excluded) <= kept if recipe.exclude else not (set(weight_matmuls) & kept)
+        out = graph_runner(dst)(feeds)["image_embeddings"]
+        cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+        assert cos > 0.99
