@@ -48,3 +48,17 @@ def make_adapted(config: dict, image_size: int | None = None, seed: int = 0) -> 
     return adapted
 
 
+def fake_cv2():
+    """cv2.connectedComponentsWithStats from scipy, so segment_anything's small-region code runs without cv2."""
+    import types
+
+    import numpy as np
+    from scipy import ndimage
+
+    def connected(img, connectivity):
+        labels, n = ndimage.label(img, structure=np.ones((3, 3)))
+        stats = np.zeros((n + 1, 5), np.int64)
+        stats[:, 4] = np.bincount(labels.ravel(), minlength=n + 1)
+        return n + 1, labels, stats, None
+
+    return types.SimpleNamespace(connectedComponentsWithStats=connected)

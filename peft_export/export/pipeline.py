@@ -20,6 +20,7 @@ from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
 from .manifest import build_manifest, graph_entry, write_manifest
 from .quantize import PRECISIONS, onnx_bytes, quantize_int8
+from .split_decoder import SPLIT_NOTE, export_split_decoder
 from .verify import build_reference, decoder_feeds, format_parity_table, verify_export
 
 FORMATS = ("onnx", "tensorrt")
@@ -85,7 +86,8 @@ def merge_and_export(
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
     Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
-    ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
+    ``decoder_lowres`` (batched, low-res) and the split decoder (``split_image``,
+    ``split_prompts``, ``split_masks``: segment-everything) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
     """
@@ -173,6 +175,10 @@ def merge_and_export(
             t = time.perf_counter()
             og.export_decoder_onnx(model, tmp / f"{flavour}.onnx", flavour, opset)
             check(flavour, "fp32", f"{flavour}.onnx", tmp, time.perf_counter() - t)
+        t = time.perf_counter()
+        for name, filename in export_split_decoder(model, tmp, opset).items():  # each check runs all three
+            check(name, "fp32", filename, tmp, time.perf_counter() - t, {"note": SPLIT_NOTE})
+            t = time.perf_counter()
 
         manifest = build_manifest(
             model_type, size, dict(adapted.intensity), adapted.config.to_dict() if adapted.config else None,

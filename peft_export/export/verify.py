@@ -10,6 +10,7 @@ judged by their masks and IoU predictions.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..merge import error_stats, probe_inputs
+from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
 
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
 # fail below a floor that still keeps the masks usable.
@@ -291,6 +293,8 @@ def verify_export(
         return verify_preprocess_encoder(path, sam, reference, precision)
     if graph in ("decoder", "decoder_lowres"):
         return verify_decoder(path, reference, graph, precision)
+    if graph in SPLIT_GRAPHS:  # the three graphs are checked as one chain
+        return verify_split_decoder(Path(path).parent, reference, precision)
     raise PeftExportError(f"verify: unknown graph {graph!r}")
 
 
