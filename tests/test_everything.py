@@ -240,7 +240,7 @@ def _nuclei_image():
 
 # The random model's masks are large blobs with near-identical boxes: NMS at 0.7 would leave one.
 # With NMS off the comparison covers every candidate that passes the IoU and stability filters.
-MODEL_OPTIONS = dict(points_per_side=16, points_per_batch=48, pred_iou_thresh=0.3, stability_score_thresh=0.8,
+MODEL_OPTIONS = dict(points_per_side=12, points_per_batch=48, pred_iou_thresh=0.3, stability_score_thresh=0.8,
                      box_nms_thresh=1.0)
 
 
@@ -407,3 +407,37 @@ def test_mask_runs_roundtrip():
     assert runs.area == full.sum()
     np.testing.assert_array_equal(runs.box(), E.batched_mask_to_box(full))
     assert list(MaskRuns.concat([]).box()) == [0, 0, 0, 0]
+
+
+def test_cli_everything_says_which_filter_removed_the_candidates(export, tmp_path):
+    import json
+
+    import tifffile
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+    from peft_export.runtime import SamSession
+
+    image = _nuclei_image()
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    result = CliRunner().invoke(app, ["predict", str(export), str(tmp_path / "cells.tif"), "--everything",
+                                      "--points-per-side", "8", "--out", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    # Every candidate with its predicted IoU: no filter at all.
+    session = SamSession(export)
+    _, everyone = session.segment_everything(embedding=session.encode(image), points_per_side=8,
+                                             pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    assert len(everyone) == 192
+    low_iou = sum(r["predicted_iou"] <= np.float32(0.88) for r in everyone)
+    assert low_iou > 180  # this random model predicts IoUs of about 0.2-0.6
+    record = json.loads((tmp_path / "out" / "cells_scores.json").read_text())
+    assert record["filters"]["removed"]["pred_iou"] == low_iou
+    assert f"predicted IoU <= 0.88 removed {low_iou} (lower --pred-iou-thresh)" in result.output
+    assert record["hint"] in result.output and f"{record['n_objects']} objects from 192 candidates" in record["hint"]
+    # The options it names do relax the filters.
+    relaxed = CliRunner().invoke(app, ["predict", str(export), str(tmp_path / "cells.tif"), "--everything",
+                                       "--points-per-side", "8", "--pred-iou-thresh", "0.2", "--stability-thresh",
+                                       "0.8", "--box-nms-thresh", "0.99", "--out", str(tmp_path / "relaxed"), "-q"])
+    assert relaxed.exit_code == 0, relaxed.output
+    more = json.loads((tmp_path / "relaxed" / "cells_scores.json").read_text())
+    assert more["filters"]["removed"]["pred_iou"] < low_iou and more["n_objects"] > record["n_objects"]

@@ -21,6 +21,8 @@ import numpy as np
 
 _F32 = np.float32
 _SMALL_OUTPUT = 128  # torch's _use_channels_last_kernel_2d: output H + W at most this
+# OpenBLAS runs a product of m*n*k <= 4 * 65536 multiply-adds in the calling thread.
+_TILE_MACS = 250_000
 
 
 def fma32(a, b, c) -> np.ndarray:
@@ -119,8 +121,12 @@ class MaskUpsampler:
     """``Sam.postprocess_masks`` for one image geometry, evaluated on parts of the image.
 
     Stage 1 resizes the low-res (L, L) logits to SxS (only the input_size crop is read),
-    stage 2 resizes that crop to the original (H, W). ``row_span``/``col_span`` give, per
-    output row / column, the first and last low-res row / column it reads.
+    stage 2 resizes that crop to the original (H, W). Both stages of an axis together are
+    an (output, L) matrix with at most 4 non-zero weights per row (``rows``, ``cols``), so a
+    block of the image is R @ low @ Cᵀ. It is computed tile by tile (``_TILE_MACS``): each
+    tile reads a small window of ``low``, and products that small run in one BLAS thread,
+    which a busy machine cannot stall. ``row_span``/``col_span`` give, per output row /
+    column, the first and last low-res row / column it reads.
     """
 
     def __init__(self, low_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], image_size: int):
@@ -134,27 +140,38 @@ class MaskUpsampler:
         # torch sends small outputs (H + W <= 128) to its channels-last kernel, which rounds differently.
         self.small1 = 2 * int(image_size) <= _SMALL_OUTPUT
         self.small2 = sum(self.original_size) <= _SMALL_OUTPUT
+        self.rows = _composite(self.rows1, self.rows2, self.low_size)
+        self.cols = _composite(self.cols1, self.cols2, self.low_size)
         self.row_span = (self.rows1.i0[self.rows2.i0], self.rows1.i1[self.rows2.i1])
         self.col_span = (self.cols1.i0[self.cols2.i0], self.cols1.i1[self.cols2.i1])
 
     def plain(self, low: np.ndarray, rows: Tuple[int, int], cols: Tuple[int, int]) -> np.ndarray:
-        """Float32 upsampled logits of output rows [r0, r1) x columns [c0, c1) of one (L, L) mask."""
-        (y0, y1), (x0, x1) = rows, cols
-        r2, c2 = self.rows2.part(y0, y1), self.cols2.part(x0, x1)
-        if self.identity2:
-            return self._stage1_plain(low, (y0, y1), (x0, x1))
-        j0, j1 = int(r2.i0.min()), int(r2.i1.max()) + 1
-        i0, i1 = int(c2.i0.min()), int(c2.i1.max()) + 1
-        m = self._stage1_plain(low, (j0, j1), (i0, i1))
-        t = _lerp_plain(m[:, c2.i0 - i0], m[:, c2.i1 - i0], c2.w0, c2.w1)
-        return _lerp_plain(t[r2.i0 - j0], t[r2.i1 - j0], r2.w0[:, None], r2.w1[:, None])
+        """Float32 upsampled logits of output rows [r0, r1) x columns [c0, c1) of one (L, L) mask.
 
-    def _stage1_plain(self, low: np.ndarray, rows: Tuple[int, int], cols: Tuple[int, int]) -> np.ndarray:
-        r1, c1 = self.rows1.part(*rows), self.cols1.part(*cols)
-        k0, k1 = int(r1.i0.min()), int(r1.i1.max()) + 1
-        band = low[k0:k1]
-        t = _lerp_plain(band[:, c1.i0], band[:, c1.i1], c1.w0, c1.w1)
-        return _lerp_plain(t[r1.i0 - k0], t[r1.i1 - k0], r1.w0[:, None], r1.w1[:, None])
+        Within ~1e-6 * max|low| of torch's values (a few float32 roundings of weights that sum to 1).
+        """
+        (y0, y1), (x0, x1) = rows, cols
+        low = np.asarray(low, _F32)
+        rows_t, r0, tile = self._tiles(y0, y1, self.row_span, self.rows)
+        cols_t, c0, _ = self._tiles(x0, x1, self.col_span, self.cols, tile)
+        window = low[(r0[:, None] + np.arange(rows_t.shape[-1]))[:, None, :, None],
+                     (c0[:, None] + np.arange(cols_t.shape[-1]))[None, :, None, :]]
+        out = (rows_t[:, None] @ window) @ cols_t[None].transpose(0, 1, 3, 2)  # (tiles y, tiles x, T, T)
+        n_y, n_x = out.shape[:2]
+        return out.transpose(0, 2, 1, 3).reshape(n_y * tile, n_x * tile)[: y1 - y0, : x1 - x0]
+
+    def _tiles(self, a0: int, a1: int, span, weights: np.ndarray, tile: int = 0):
+        """Output indices [a0, a1) cut into tiles: per tile its weights (n, T, K) over K low-res
+        indices starting at start[n], and T (chosen so that each tile product stays small)."""
+        if not tile:
+            per_low = len(weights) / max(1, int(span[1][-1]) + 1)  # output pixels per low-res pixel
+            tile = max([32] + [t for t in (48, 64, 96, 128, 160, 192, 256) if t * t * (t / per_low + 4) <= _TILE_MACS])
+        n = -(-(a1 - a0) // tile)
+        idx = np.minimum(a0 + np.arange(n * tile).reshape(n, tile), a1 - 1)
+        lo, hi = span[0][idx[:, 0]], span[1][idx[:, -1]]
+        k = min(int((hi - lo).max()) + 1, weights.shape[1])
+        start = np.minimum(lo, weights.shape[1] - k)
+        return weights[idx[:, :, None], start[:, None, None] + np.arange(k)], start, tile
 
     def exact(self, low: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Upsampled logits at pixels (ys[k], xs[k]) of one (L, L) mask, bit-exact with torch."""
@@ -185,3 +202,13 @@ def _bilinear_at(source, rows: AxisMap, cols: AxisMap, ys: np.ndarray, xs: np.nd
     t0 = _lerp_exact(source(r0, c0), source(r0, c1), w0, w1)
     t1 = _lerp_exact(source(r1, c0), source(r1, c1), w0, w1)
     return _lerp_exact(t0, t1, h0, h1)
+
+
+def _composite(stage1: AxisMap, stage2: AxisMap, low_size: int) -> np.ndarray:
+    """Both resizes of one axis as an (output, low_size) float32 matrix."""
+    m = np.zeros((len(stage2.i0), low_size), np.float64)
+    rows = np.arange(len(stage2.i0))
+    for a, wa in ((stage2.i0, stage2.w0), (stage2.i1, stage2.w1)):
+        for b, wb in ((stage1.i0, stage1.w0), (stage1.i1, stage1.w1)):
+            np.add.at(m, (rows, b[a]), wa.astype(np.float64) * wb[a])
+    return m.astype(_F32)
