@@ -278,6 +278,7 @@ def test_export_has_verified_split_decoder(export):
         assert (export / graphs[name]["fp32"]["path"]).is_file()
 
 
+@pytest.mark.slow  # SamAutomaticMaskGenerator in torch, twice
 @pytest.mark.parametrize("decoder", ["split", "lowres"])
 def test_session_matches_generator_through_onnx(export, merged_model, decoder):
     from peft_export.runtime import SamSession

@@ -246,19 +246,14 @@ def split_examples(sam: Sam, batch: int = 2, num_points: int = 2) -> dict[str, t
     return {"split_image": (emb,), "split_prompts": (*context, coords, labels), "split_masks": (keys, weights)}
 
 
-def export_split_decoder(model: Sam, out_dir: str | os.PathLike, opset: int = 17) -> dict[str, str]:
-    """Write ``split_image.onnx``, ``split_prompts.onnx``, ``split_masks.onnx``; returns graph -> file name."""
+def export_split_graph(model: Sam, path: str | os.PathLike, name: str, opset: int = 17) -> str:
+    """Write one split decoder graph (``name`` in SPLIT_GRAPHS) to ``path``; returns the exporter used."""
     from .onnx_graphs import _check_opset, _export
 
     _check_opset(opset)
-    graphs, examples = split_graphs(model), split_examples(model)
-    files = {}
-    for name in SPLIT_GRAPHS:
-        inputs, outputs, dynamic = SPLIT_IO[name]
-        files[name] = f"{name}.onnx"
-        _export(graphs[name], examples[name], Path(out_dir) / files[name], opset, inputs, outputs, dynamic,
-                exporter="torchscript", external=False)
-    return files
+    inputs, outputs, dynamic = SPLIT_IO[name]
+    return _export(split_graphs(model)[name], split_examples(model)[name], Path(path), opset, inputs, outputs,
+                   dynamic, exporter="torchscript", external=False)
 
 
 def split_graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
