@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .app import command, echo
+from .options import OverwriteOpt, QuietOpt
 
 
 @command("predict", short="Segment images with an export (prompts or everything).", help="Segment images with an export: point/box prompts or segment-everything.")
@@ -28,8 +29,8 @@ def predict(
     stability_thresh: float = typer.Option(0.95, "--stability-thresh", help="--everything: stability score filter."),
     box_nms_thresh: float = typer.Option(0.7, "--box-nms-thresh", help="--everything: box IoU above which NMS drops the lower-scored mask."),
     min_area: int = typer.Option(0, "--min-area", help="--everything: remove holes/islands smaller than this."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything) and <stem>_scores.json per image."""
     from peft_export.predict import predict_images
