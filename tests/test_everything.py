@@ -278,6 +278,26 @@ def test_export_has_verified_split_decoder(export):
         assert (export / graphs[name]["fp32"]["path"]).is_file()
 
 
+def test_split_decoder_verification_refuses_a_wrong_graph(random_model, tmp_path):
+    """The chain is checked against segment_anything's decoder: a mask graph from other weights fails."""
+    import copy
+
+    from peft_export.export.split_decoder import SPLIT_GRAPHS, export_split_graph, verify_split_decoder
+    from peft_export.export.verify import build_reference
+
+    model = random_model.model.eval()
+    reference = build_reference(model)
+    for name in SPLIT_GRAPHS:
+        export_split_graph(model, tmp_path / f"{name}.onnx", name)
+    assert verify_split_decoder(tmp_path, reference)["passed"]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.mask_decoder.output_upscaling[3].weight.mul_(1.01)  # 1 % off: far above float rounding
+    export_split_graph(other, tmp_path / "split_masks.onnx", "split_masks")
+    parity = verify_split_decoder(tmp_path, reference)
+    assert not parity["passed"] and any("mask_logits_max_rel" in f for f in parity["failures"])
+
+
 @pytest.mark.slow  # SamAutomaticMaskGenerator in torch, twice
 @pytest.mark.parametrize("decoder", ["split", "lowres"])
 def test_session_matches_generator_through_onnx(export, merged_model, decoder):
