@@ -39,7 +39,10 @@ class PromptDecoder(Protocol):
     """A decoder that gives IoU predictions first and masks only for the prompts asked for."""
 
     def prompts(self, coords: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, Any]:
-        """(B,M,2) coords in the resized frame, (B,M) labels -> IoU (B,4), state for ``masks``."""
+        """(B,M,2) float64 points in the resized frame, (B,M) labels -> IoU (B,4), state for ``masks``.
+
+        No padding point is passed: the decoder adds what its graph needs.
+        """
 
     def masks(self, state: Any, index: np.ndarray) -> np.ndarray:
         """Low-res logits (K,4,4g,4g) of the prompts ``index`` of that batch."""
@@ -82,10 +85,8 @@ def calculate_stability_score(masks: np.ndarray, mask_threshold: float, threshol
 
 
 def _ratio(inter, union) -> np.ndarray:
-    # torch divides the int32 counts in float32
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.float32(inter) / np.float32(union) if np.ndim(inter) == 0 else (
-            np.asarray(inter, np.float32) / np.asarray(union, np.float32))
+    with np.errstate(invalid="ignore", divide="ignore"):  # torch divides the integer counts in float32
+        return np.asarray(inter, np.float32) / np.asarray(union, np.float32)
 
 
 def batched_mask_to_box(masks: np.ndarray) -> np.ndarray:
