@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import PeftExportError
 
 SPLIT_GRAPHS = ("split_image", "split_prompts", "split_masks")
+MAX_BATCH = 64  # prompts per split_prompts run
 
 RunFn = Callable[[str, Dict[str, np.ndarray]], Dict[str, np.ndarray]]
 
@@ -34,22 +35,31 @@ def split_graph_files(manifest: Dict[str, Any], export_dir: Path) -> Optional[Di
 
 
 class SplitDecoder:
-    """Prompts without mask input on one image embedding (1,256,g,g), through the split graphs."""
+    """Prompts without mask input on one image embedding (1,256,g,g), through the split graphs.
 
-    def __init__(self, run: RunFn, embedding: np.ndarray) -> None:
+    ``split_prompts`` runs on at most ``max_batch`` prompts at a time: its (B, N, 256) tensors
+    are memory-bound, and smaller batches stay in cache (results do not depend on it).
+    """
+
+    def __init__(self, run: RunFn, embedding: np.ndarray, max_batch: int = MAX_BATCH) -> None:
         self._run = run
         self._context = run("split_image", {"image_embeddings": np.asarray(embedding, np.float32)})
+        self.max_batch = max(1, int(max_batch))
 
     def prompts(self, coords: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, Any]:
         """(B,M,2) points in the resized frame, (B,M) labels (Meta's layout) -> IoU (B,4), state."""
         b = len(coords)
-        pad_c = np.zeros((b, 1, 2), np.float32)
-        pad_l = -np.ones((b, 1), np.float32)
-        out = self._run("split_prompts", {
-            **self._context,
-            "point_coords": np.concatenate([coords, pad_c], axis=1).astype(np.float32),
-            "point_labels": np.concatenate([labels, pad_l], axis=1).astype(np.float32),
-        })
+        coords = np.concatenate([coords, np.zeros((b, 1, 2))], axis=1).astype(np.float32)
+        labels = np.concatenate([labels, -np.ones((b, 1))], axis=1).astype(np.float32)  # + padding point
+        outs = []
+        for i in range(0, b, self.max_batch):
+            sl = slice(i, i + self.max_batch)
+            outs.append(self._run("split_prompts", {**self._context, "point_coords": coords[sl],
+                                                    "point_labels": labels[sl]}))
+        if len(outs) == 1:
+            out = outs[0]
+        else:
+            out = {k: np.concatenate([o[k] for o in outs]) for k in ("iou_predictions", "mask_weights", "keys")}
         return out["iou_predictions"], (out["mask_weights"], out["keys"])
 
     def masks(self, state: Any, index: np.ndarray) -> np.ndarray:
