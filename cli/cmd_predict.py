@@ -27,6 +27,7 @@ def predict(
     points_per_side: int = typer.Option(32, "--points-per-side", help="--everything: grid size."),
     pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh", help="--everything: predicted IoU filter."),
     stability_thresh: float = typer.Option(0.95, "--stability-thresh", help="--everything: stability score filter."),
+    box_nms_thresh: float = typer.Option(0.7, "--box-nms-thresh", help="--everything: box IoU above which NMS drops the lower-scored mask."),
     min_area: int = typer.Option(0, "--min-area", help="--everything: remove holes/islands smaller than this."),
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="Export of several adapters: which one, or 'all' (results in OUT/<adapter>/)."),
@@ -37,7 +38,7 @@ def predict(
     from peft_export.predict import predict_images
 
     opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                stability_score_thresh=stability_thresh, min_mask_region_area=min_area)
+                stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
@@ -46,6 +47,8 @@ def predict(
         who = f" [{r['adapter']}]" if "adapter" in r else ""
         if r["mode"] == "everything":
             echo(f"{r['image']}{who}: {r['n_objects']} objects -> {r['outputs']['labels']}")
+            if r.get("hint"):
+                echo(f"  {r['hint']}")
         else:
             echo(f"{r['image']}{who}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
                  f"{r['mask_area']} px) -> {r['outputs']['mask']}")

@@ -99,3 +99,19 @@ def hand_merge(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
             continue
         out[key] = value
     return out
+
+
+def fake_cv2():
+    """cv2.connectedComponentsWithStats from scipy, so segment_anything's small-region code runs without cv2."""
+    import types
+
+    import numpy as np
+    from scipy import ndimage
+
+    def connected(img, connectivity):
+        labels, n = ndimage.label(img, structure=np.ones((3, 3)))
+        stats = np.zeros((n + 1, 5), np.int64)
+        stats[:, 4] = np.bincount(labels.ravel(), minlength=n + 1)
+        return n + 1, labels, stats, None
+
+    return types.SimpleNamespace(connectedComponentsWithStats=connected)

@@ -35,6 +35,12 @@ CONTRACT_IO = {
         ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"],
         ["low_res_masks", "iou_predictions"],
     ),
+    "split_image": (["image_embeddings"], ["image_keys", "layer0_k", "layer0_v", "layer0_q"]),
+    "split_prompts": (
+        ["image_keys", "layer0_k", "layer0_v", "layer0_q", "point_coords", "point_labels"],
+        ["iou_predictions", "mask_weights", "keys"],
+    ),
+    "split_masks": (["keys", "mask_weights"], ["low_res_masks"]),
 }
 
 
@@ -70,7 +76,8 @@ def test_manifest_follows_the_contract(exported):
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
     assert manifest["versions"]["tensorrt"] is None and "tensorrt" not in manifest
     assert set(manifest["graphs"]["encoder"]) == {"fp32", "fp16", "int8"}
-    assert set(manifest["graphs"]) == {"encoder", "encoder_preprocess", "decoder", "decoder_lowres"}
+    assert set(manifest["graphs"]) == {"encoder", "encoder_preprocess", "decoder", "decoder_lowres",
+                                       "split_image", "split_prompts", "split_masks"}
     files_on_disk = {p.name for p in out.iterdir()}
     listed = {"manifest.json"}
     for graph, by_precision in manifest["graphs"].items():

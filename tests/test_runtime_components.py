@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import threading
-import types
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from PIL import Image
 
 from peft_export.errors import PeftExportError
 from peft_export.fsutil import sha256_file
+from helpers import fake_cv2
 from peft_export.runtime import everything as E
+from peft_export.runtime import regions as R
 from peft_export.runtime.postprocess import postprocess_masks, resize_bilinear
 from peft_export.runtime.preprocess import (
     prepare_image,
@@ -190,19 +191,6 @@ def test_point_grid_stability_boxes_nms_match_amg():
         np.testing.assert_array_equal(E.box_nms(boxes, scores, thr), keep.numpy())
 
 
-def _fake_cv2():
-    """cv2.connectedComponentsWithStats from scipy, so amg.remove_small_regions can serve as reference."""
-    from scipy import ndimage
-
-    def connected(img, connectivity):
-        labels, n = ndimage.label(img, structure=np.ones((3, 3)))
-        stats = np.zeros((n + 1, 5), np.int64)
-        stats[:, 4] = np.bincount(labels.ravel(), minlength=n + 1)
-        return n + 1, labels, stats, None
-
-    return types.SimpleNamespace(connectedComponentsWithStats=connected)
-
-
 def _blobs(rng, h, w, p=0.5, smooth=3):
     noise = rng.random((h // smooth + 1, w // smooth + 1)) < p
     return np.kron(noise, np.ones((smooth, smooth), bool))[:h, :w] ^ (rng.random((h, w)) < 0.03)
@@ -216,20 +204,20 @@ def test_label_components_matches_scipy():
         m = _blobs(rng, *shape, p=p) if min(shape) > 1 else rng.random(shape) < p
         if p in (0.0, 1.0):
             m = np.full(shape, bool(p))
-        labels, sizes = E.label_components(m)
+        labels, sizes = R.label_components(m)
         ref, n = ndimage.label(m, structure=np.ones((3, 3)))
         np.testing.assert_array_equal(labels, ref)
         np.testing.assert_array_equal(sizes, np.bincount(ref.ravel(), minlength=n + 1)[1:])
 
 
 def test_remove_small_regions_matches_amg(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", _fake_cv2())
+    monkeypatch.setitem(sys.modules, "cv2", fake_cv2())
     rng = np.random.default_rng(9)
     for _ in range(12):
         m = _blobs(rng, 90, 120, p=float(rng.uniform(0.2, 0.8)))
         for mode in ("holes", "islands"):
             for area in (5, 40, 10_000):
-                out, changed = E.remove_small_regions(m, area, mode)
+                out, changed = R.remove_small_regions(m, area, mode)
                 ref, ref_changed = amg.remove_small_regions(m, area, mode)
                 assert changed == ref_changed
                 np.testing.assert_array_equal(out, ref)
@@ -284,61 +272,6 @@ def test_segment_everything_on_synthetic_objects():
         x, y, w, h = r["bbox"]
         assert 0 <= x and 0 <= y and x + w < original[1] and y + h < original[0]
         assert r["predicted_iou"] > 0.88 and r["stability_score"] >= 0.95
-
-
-def _synthetic_decoder(seed: int):
-    """A deterministic stand-in for the decoder: noisy discs around each point (holes, islands, overlaps)."""
-    rng = np.random.default_rng(seed)
-    noise = np.stack([np.kron(rng.normal(size=(LOW // 4, LOW // 4)), np.ones((4, 4))) for _ in range(4)])
-    ly, lx = np.mgrid[0:LOW, 0:LOW] + 0.5
-
-    def decode(points, labels):
-        low = np.empty((len(points), 4, LOW, LOW), np.float32)
-        iou = np.empty((len(points), 4), np.float32)
-        for i, (x, y) in enumerate(points[:, 0].astype(np.float64) / 4):
-            d = np.hypot(lx - x, ly - y)
-            for j, r in enumerate((6, 4, 9, 14)):
-                low[i, j] = 2.0 * (r - d) + 3.0 * noise[j]
-                iou[i, j] = 0.75 + 0.125 * (1.0 + np.sin(0.9 * x + 1.7 * y + 2.1 * j))
-        return low, iou
-
-    return decode
-
-
-@pytest.mark.parametrize("min_area", [0, 60])
-def test_segment_everything_matches_amg_generator(tiny_sam, monkeypatch, min_area):
-    """Same decoder outputs through SamAutomaticMaskGenerator and through segment_everything."""
-    from segment_anything import SamAutomaticMaskGenerator
-
-    monkeypatch.setitem(sys.modules, "cv2", _fake_cv2())
-    original = (150, 220)
-    input_size = preprocess_shape(*original, S)
-    decode = _synthetic_decoder(11)
-    kw = dict(points_per_side=10, points_per_batch=32, pred_iou_thresh=0.8, stability_score_thresh=0.7,
-              box_nms_thresh=0.6, min_mask_region_area=min_area)
-    gen = SamAutomaticMaskGenerator(tiny_sam, **kw)
-
-    def predict_torch(point_coords, point_labels, multimask_output=True, return_logits=True):
-        low, iou = decode(point_coords.numpy(), point_labels.numpy())
-        low_t = torch.from_numpy(low[:, 1:])
-        return tiny_sam.postprocess_masks(low_t, input_size, original), torch.from_numpy(iou[:, 1:]), low_t
-
-    monkeypatch.setattr(gen.predictor, "set_image", lambda image: None)
-    monkeypatch.setattr(gen.predictor, "predict_torch", predict_torch)
-    ref = gen.generate(np.zeros((*original, 3), np.uint8))
-    labels, records = E.segment_everything(decode, original, input_size, S, **kw)
-    assert 5 <= len(ref) and len(records) == len(ref)
-    for r, rec in zip(ref, records):
-        np.testing.assert_allclose(rec["point_coords"], r["point_coords"], atol=1e-9)
-        assert rec["predicted_iou"] == pytest.approx(r["predicted_iou"], abs=1e-6)
-        assert rec["stability_score"] == pytest.approx(r["stability_score"], abs=1e-3)
-        assert abs(rec["area"] - r["area"]) <= 2
-        assert np.abs(np.array(rec["bbox"]) - np.array(r["bbox"])).max() <= 1
-    # Painting: largest first, so each pixel carries the smallest covering mask.
-    expected = np.zeros(original, np.int32)
-    for k in np.argsort([-r["area"] for r in ref], kind="stable"):
-        expected[ref[k]["segmentation"]] = k + 1
-    assert np.mean(labels == expected) > 0.999
 
 
 # ---- session -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..fsutil import sha256_file
 from ..models import PIXEL_MEAN, PIXEL_STD
+from .split_decoder import SPLIT_GRAPHS, split_graph_io
 
 MANIFEST = "manifest.json"
 FORMAT = "peftexport-export"
@@ -44,6 +45,8 @@ def graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
              _t("mask_input", ["batch", 1, 4 * g, 4 * g]), _t("has_mask_input", ["batch"])],
             [_t("low_res_masks", ["batch", 4, 4 * g, 4 * g]), _t("iou_predictions", ["batch", 4])],
         )
+    if graph in SPLIT_GRAPHS:
+        return split_graph_io(graph, image_size)
     raise KeyError(graph)
 
 

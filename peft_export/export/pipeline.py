@@ -23,6 +23,7 @@ from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, write_manifest
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
 from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
 
 FORMATS = ("onnx", "tensorrt")
@@ -115,7 +116,8 @@ def merge_and_export(
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
     Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
-    ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
+    ``decoder_lowres`` (batched, low-res) and the split decoder (``split_image``,
+    ``split_prompts``, ``split_masks``: segment-everything) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
 
@@ -226,6 +228,13 @@ def merge_and_export(
             t = time.perf_counter()
             og.export_decoder_onnx(model, tmp / f"{flavour}.onnx", flavour, opset)
             check(flavour, "fp32", f"{flavour}.onnx", tmp, time.perf_counter() - t)
+        split_s = {}
+        for name in SPLIT_GRAPHS:
+            t = time.perf_counter()
+            export_split_graph(model, tmp / f"{name}.onnx", name, opset)
+            split_s[name] = time.perf_counter() - t
+        for name in SPLIT_GRAPHS:  # each check runs the chain of all three
+            check(name, "fp32", f"{name}.onnx", tmp, split_s[name], {"note": SPLIT_NOTE})
 
         manifest = build_manifest(
             model_type, size, dict(adapted.intensity), adapted.config.to_dict() if adapted.config else None,

@@ -11,6 +11,7 @@ judged by their masks and IoU predictions.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from segment_anything.modeling import Sam
 from ..errors import PeftExportError
 from ..merge import error_stats, probe_inputs
 from .agreement import GATES, mask_agreement, meta_sparse
+from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
 
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
 # fail below a floor that still keeps the masks usable.
@@ -315,6 +317,8 @@ def verify_export(
         return verify_preprocess_encoder(path, sam, reference, precision, backend)
     if graph in ("decoder", "decoder_lowres"):
         return verify_decoder(path, reference, graph, precision, backend)
+    if graph in SPLIT_GRAPHS:  # the three graphs are checked as one chain
+        return verify_split_decoder(Path(path).parent, reference, precision, backend)
     raise PeftExportError(f"verify: unknown graph {graph!r}")
 
 

@@ -26,6 +26,11 @@ EVERYTHING_DEFAULTS = {
     "min_mask_region_area": 0,
 }
 
+# predict's option for each segment-everything filter, named in the hint when few objects remain.
+EVERYTHING_OPTIONS = {"pred_iou": "--pred-iou-thresh", "stability": "--stability-thresh",
+                      "nms": "--box-nms-thresh", "small_regions": "--min-area"}
+FEW_OBJECTS = 10
+
 _POINTS_HELP = "expected 'x,y[,label];x,y[,label];...' with label 1 (positive) or 0 (negative)"
 
 
@@ -183,12 +188,14 @@ def predict_images(
     ``box``: "x0,y0,x1,y1" or 4 numbers, in pixels of each image) give ``<stem>_mask.tif``,
     uint8 0/1: the mask with the highest predicted IoU, or with ``all_masks`` every mask
     (C,H,W). ``everything`` gives ``<stem>_labels.tif`` (uint16 instance labels, int32
-    above 65535 objects). Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``.
-    The record is the JSON content. An export of several adapters needs ``adapter`` (optional when
+    above 65535 objects); its record has "filters" (the candidates each filter removed) and,
+    with fewer than ``FEW_OBJECTS`` objects, "hint" (which option relaxes which filter).
+    Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``. The record is the
+    JSON content. An export of several adapters needs ``adapter`` (optional when
     it has one); ``"all"`` runs every adapter on each image (the trunk once) and writes each
     adapter's results into ``out_dir/<adapter>/``.
     """
-    from ..runtime import SamSession, read_manifest
+    from ..runtime import SamSession, filter_report, read_manifest
     from ..runtime.adapters import pick_adapter
 
     coords, labels = _as_points(points)
@@ -261,7 +268,9 @@ def predict_images(
             lab, recs = session.segment_everything(embedding=emb, adapter=name, **options)
             n = int(lab.max()) if lab.size else 0
             out = lab.astype(np.uint16) if n <= np.iinfo(np.uint16).max else lab.astype(np.int32)
-            record.update(options=options, n_objects=len(recs), objects=recs)
+            record.update(options=options, n_objects=len(recs), filters=recs.summary, objects=recs)
+            if len(recs) < FEW_OBJECTS:  # say which filter removed the candidates and how to relax it
+                record["hint"] = filter_report(recs.summary, EVERYTHING_OPTIONS)
             _write_tiff(out, outs["labels"], overwrite)
             if overlay:
                 from .overlay import annotate, overlay_legend, render_overlay

@@ -3,7 +3,8 @@
 May import: errors, fsutil (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
 """
 
-from .everything import build_point_grid, label_components, remove_small_regions, segment_everything
+from .everything import MaskRecords, build_point_grid, filter_report, segment_everything
+from .regions import label_components, remove_small_regions
 from .intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
 from .postprocess import postprocess_masks, resize_bilinear
 from .preprocess import (
@@ -23,8 +24,10 @@ __all__ = [
     "DEFAULT_INTENSITY_RULE",
     "EncodedImage",
     "ImageEmbedding",
+    "MaskRecords",
     "SamSession",
     "build_point_grid",
+    "filter_report",
     "label_components",
     "normalize_intensity",
     "postprocess_masks",

@@ -1,29 +1,71 @@
-"""Segment-everything (SamAutomaticMaskGenerator with one crop) in numpy.
+"""Segment-everything: SamAutomaticMaskGenerator (one crop) in numpy, in the order it filters.
 
-Follows segment_anything/automatic_mask_generator.py and utils/amg.py step by step:
-a point grid, a batched decoder call per group of points (multimask outputs 1..3),
-the predicted-IoU filter, the stability-score filter on the upsampled logits,
-box NMS, and optionally hole/island removal (cv2's 8-connected components are
-replaced by a numpy run-length labeller). The masks are then painted into one
-instance label image.
+The same steps as segment_anything's ``automatic_mask_generator.py`` and ``utils/amg.py``:
+a point grid; per batch of points the decoder's 3 multimask outputs; the predicted-IoU
+filter; the stability score (IoU of the upsampled logits cut at ``threshold ± offset``) and
+its filter; masks cut at the threshold; box NMS; optionally hole / island removal and a
+second NMS. What differs is only where work is skipped, never a value:
+
+- the decoder is asked for masks only of the prompts with a mask above the IoU threshold
+  (``PromptDecoder``: with the split decoder graphs the upscaling of the others never runs);
+- no mask is upsampled whole: ``mask_runs.threshold_upsampled`` gives the exact pixel counts
+  and the mask as runs from the part of the image the mask can reach.
+
+Records equal the generator's (same candidates, order, boxes, areas, masks, scores) for the
+same decoder outputs, with PyTorch's CPU upsampling rounding; two ways they can part: NMS
+ties between equal scores when more than 1000 masks reach NMS (torchvision then re-sorts
+them with an unstable sort), and torch running one thread (a kernel rounding differently).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
 from ..errors import PeftExportError
-from .postprocess import postprocess_masks
+from .mask_runs import MaskRuns, paint_runs, threshold_upsampled
+from .postprocess import MaskUpsampler
 from .preprocess import transform_coords
-
-# decode(points_xy (B,1,2) resized frame, labels (B,1)) -> (low_res (B,4,4g,4g), iou (B,4))
-DecodeFn = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+from .regions import remove_small_regions
 
 # SamAutomaticMaskGenerator's crop_nms_thresh default; postprocess_small_regions uses
 # max(box_nms_thresh, crop_nms_thresh).
 _CROP_NMS_THRESH = 0.7
+FILTERS = ("pred_iou", "stability", "nms", "small_regions")
+
+
+class PromptDecoder(Protocol):
+    """A decoder that gives IoU predictions first and masks only for the prompts asked for."""
+
+    def prompts(self, coords: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, Any]:
+        """(B,M,2) float64 points in the resized frame, (B,M) labels -> IoU (B,4), state for ``masks``.
+
+        No padding point is passed: the decoder adds what its graph needs.
+        """
+
+    def masks(self, state: Any, index: np.ndarray) -> np.ndarray:
+        """Low-res logits (K,4,4g,4g) of the prompts ``index`` of that batch."""
+
+
+class LowResDecoder:
+    """A ``PromptDecoder`` over a function that decodes everything at once (``decoder_lowres``)."""
+
+    def __init__(self, decode: Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]) -> None:
+        self.decode = decode
+
+    def prompts(self, coords: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, Any]:
+        low, iou = self.decode(coords, labels)
+        return iou, low
+
+    def masks(self, state: Any, index: np.ndarray) -> np.ndarray:
+        return np.asarray(state)[index]
+
+
+class MaskRecords(list):
+    """The records of ``segment_everything`` (a list) plus ``summary``: what each filter removed."""
+
+    summary: Dict[str, Any]
 
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
@@ -37,10 +79,14 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
 
 def calculate_stability_score(masks: np.ndarray, mask_threshold: float, threshold_offset: float) -> np.ndarray:
     """IoU between the masks thresholded at thr+offset and thr-offset (amg.calculate_stability_score)."""
-    inter = (masks > (mask_threshold + threshold_offset)).sum(axis=(-1, -2), dtype=np.int64)
-    union = (masks > (mask_threshold - threshold_offset)).sum(axis=(-1, -2), dtype=np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (inter / union).astype(np.float32)
+    inter = (masks > np.float32(mask_threshold + threshold_offset)).sum(axis=(-1, -2), dtype=np.int64)
+    union = (masks > np.float32(mask_threshold - threshold_offset)).sum(axis=(-1, -2), dtype=np.int64)
+    return _ratio(inter, union)
+
+
+def _ratio(inter, union) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):  # torch divides the integer counts in float32
+        return np.asarray(inter, np.float32) / np.asarray(union, np.float32)
 
 
 def batched_mask_to_box(masks: np.ndarray) -> np.ndarray:
@@ -57,11 +103,12 @@ def batched_mask_to_box(masks: np.ndarray) -> np.ndarray:
 
 
 def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy NMS, highest score first (torchvision.ops.nms semantics)."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    """Indices kept by greedy NMS, highest score first: torchvision.ops.nms on float32 boxes."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     order = np.argsort(-scores, kind="stable")
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
     suppressed = np.zeros(len(boxes), dtype=bool)
     keep = []
     for pos, i in enumerate(order):
@@ -72,125 +119,24 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.n
         rest = rest[~suppressed[rest]]
         if len(rest) == 0:
             continue
-        xx1 = np.maximum(boxes[i, 0], boxes[rest, 0])
-        yy1 = np.maximum(boxes[i, 1], boxes[rest, 1])
-        xx2 = np.minimum(boxes[i, 2], boxes[rest, 2])
-        yy2 = np.minimum(boxes[i, 3], boxes[rest, 3])
-        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest[iou > iou_threshold]] = True
+        suppressed[rest[iou.astype(np.float64) > iou_threshold]] = True  # float IoU, double threshold
     return np.asarray(keep, dtype=np.int64)
 
 
-def _runs(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Horizontal runs of True pixels: (row, start, end exclusive), in raster order."""
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    d = np.diff(padded, axis=1).ravel()
-    starts = np.flatnonzero(d == 1)
-    ends = np.flatnonzero(d == -1)
-    width = w + 1
-    return starts // width, starts % width, ends % width
-
-
-def _run_components(row: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
-    """8-connected component of every run, named by the first run (raster order) in it."""
-    n = len(row)
-    parent = np.arange(n)
-    if n < 2:
-        return parent
-    stride = width + 2
-    start_key = row * stride + start
-    end_key = row * stride + end
-    # Runs in row r+1 touch runs in row r with s1 <= e2 and s2 <= e1 (8-connectivity).
-    lo = np.searchsorted(end_key, (row - 1) * stride + start, side="left")
-    hi = np.searchsorted(start_key, (row - 1) * stride + end, side="right")
-    count = np.clip(hi - lo, 0, None)
-    if count.sum() == 0:
-        return parent
-    b = np.repeat(np.arange(n), count)
-    a = np.repeat(lo, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-    # Vectorised union-find: hook larger roots onto smaller ones, then compress fully.
-    while True:
-        pa, pb = parent[a], parent[b]
-        differ = pa != pb
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(pa, pb)[differ], np.minimum(pa, pb)[differ])
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-    return parent
-
-
-def label_components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """8-connected components: (int32 labels HxW, 0 = background, 1.. in raster order; sizes (n,))."""
-    mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    row, start, end = _runs(mask)
-    root = _run_components(row, start, end, w)
-    roots, comp = np.unique(root, return_inverse=True)
-    lengths = end - start
-    sizes = np.bincount(comp, weights=lengths, minlength=len(roots)).astype(np.int64)
-    labels = np.zeros(h * w, dtype=np.int32)
-    _paint_runs(labels, row * w + start, lengths, (comp + 1).astype(np.int32))
-    return labels.reshape(h, w), sizes
-
-
-def _paint_runs(flat: np.ndarray, flat_start: np.ndarray, lengths: np.ndarray, values) -> None:
-    total = int(lengths.sum())
-    if total == 0:
-        return
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    flat[np.repeat(flat_start, lengths) + offsets] = np.repeat(values, lengths) if np.ndim(values) else values
-
-
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
-    """amg.remove_small_regions: fill small holes ("holes") or drop small islands ("islands")."""
-    if mode not in ("holes", "islands"):
-        raise PeftExportError(f"remove_small_regions: mode must be 'holes' or 'islands', got '{mode}'")
-    mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    correct_holes = mode == "holes"
-    working = ~mask if correct_holes else mask
-    row, start, end = _runs(working)
-    root = _run_components(row, start, end, w)
-    roots, comp = np.unique(root, return_inverse=True)
-    lengths = end - start
-    sizes = np.bincount(comp, weights=lengths, minlength=len(roots))
-    small = sizes < area_thresh
-    if not small.any():
-        return mask, False
-    if correct_holes:
-        fill = small
-        out = mask.copy().ravel()
-    else:
-        fill = ~small
-        if not fill.any():
-            fill = np.zeros_like(small)
-            fill[int(np.argmax(sizes))] = True
-        out = np.zeros(h * w, dtype=bool)
-    run_fill = fill[comp]
-    _paint_runs(out, (row * w + start)[run_fill], lengths[run_fill], True)
-    return out.reshape(h, w), True
-
-
-def _crop(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
-    return mask[box[1] : box[3] + 1, box[0] : box[2] + 1].copy()
-
-
-def _uncrop(crop: np.ndarray, box: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    full = np.zeros(size, dtype=bool)
-    full[box[1] : box[3] + 1, box[0] : box[2] + 1] = crop
-    return full
+def _check_batch(iou: np.ndarray, b: int) -> np.ndarray:
+    iou = np.asarray(iou, np.float32)
+    if iou.shape != (b, 4):
+        raise PeftExportError(f"segment_everything: decoder returned IoU shape {iou.shape}, expected ({b}, 4)")
+    return iou
 
 
 def segment_everything(
-    decode: DecodeFn,
+    decode,
     original_size: Tuple[int, int],
     input_size: Tuple[int, int],
     image_size: int,
@@ -202,108 +148,140 @@ def segment_everything(
     min_mask_region_area: int = 0,
     stability_score_offset: float = 1.0,
     mask_threshold: float = 0.0,
-    upsample_chunk: int = 16,
-) -> Tuple[np.ndarray, List[Dict]]:
-    """Automatic instance segmentation of one image through a batched low-res decoder.
+    return_masks: bool = False,
+) -> Tuple[np.ndarray, MaskRecords]:
+    """Automatic instance segmentation of one image.
 
-    Returns (labels int32 HxW, records). ``records[i]`` describes label ``i + 1`` and
-    has "area" (pixels of the whole mask), "bbox" (XYWH as SAM), "predicted_iou",
-    "stability_score", "point_coords" ([[x, y]] in image coordinates); records are in
-    SamAutomaticMaskGenerator's output order. Masks are painted largest first, so a
-    smaller mask lying on a larger one stays visible; a mask fully covered by smaller
-    ones keeps its record but has no pixels in ``labels``.
+    ``decode`` is a ``PromptDecoder`` or a function (coords (B,M,2), labels (B,M)) ->
+    (low-res logits (B,4,4g,4g), IoU (B,4)). Returns (labels int32 HxW, records).
+    ``records[i]`` describes label ``i + 1`` and has "area", "bbox" (XYWH as SAM),
+    "predicted_iou", "stability_score", "point_coords" ([[x, y]] in image coordinates), and
+    with ``return_masks`` "segmentation" (HxW bool), in SamAutomaticMaskGenerator's order.
+    ``records.summary`` counts the candidates each filter removed. Masks are painted
+    largest first, so a smaller mask lying on a larger one stays visible; a mask fully
+    covered by smaller ones keeps its record but has no pixels in ``labels``.
     """
     if points_per_side < 1 or points_per_batch < 1:
         raise PeftExportError("segment_everything: points_per_side and points_per_batch must be >= 1")
+    decoder = decode if hasattr(decode, "masks") else LowResDecoder(decode)
     h, w = int(original_size[0]), int(original_size[1])
     points = build_point_grid(points_per_side) * np.array([w, h], dtype=np.float64)[None, :]
-
-    crops: List[np.ndarray] = []
-    boxes: List[np.ndarray] = []
-    ious: List[float] = []
-    stabs: List[float] = []
+    cuts = (mask_threshold + stability_score_offset, mask_threshold - stability_score_offset)
+    removed = dict.fromkeys(FILTERS, 0)
+    upsampler: Optional[MaskUpsampler] = None
+    runs: List[MaskRuns] = []
+    ious: List[np.float32] = []
+    stabs: List[np.float32] = []
     pts: List[np.ndarray] = []
     for b0 in range(0, len(points), points_per_batch):
         batch = points[b0 : b0 + points_per_batch]
-        coords = transform_coords(batch, (h, w), image_size).astype(np.float32)[:, None, :]
-        labels = np.ones((len(batch), 1), dtype=np.float32)
-        low_res, iou = decode(coords, labels)
-        low_res, iou = np.asarray(low_res), np.asarray(iou)
-        if low_res.ndim != 4 or low_res.shape[:2] != (len(batch), 4) or iou.shape != (len(batch), 4):
-            raise PeftExportError(f"segment_everything: decoder returned shapes {low_res.shape}, {iou.shape}")
-        # multimask_output=True keeps mask tokens 1..3; flatten point-major like MaskData.
-        low_res = low_res[:, 1:].reshape(-1, *low_res.shape[-2:])
-        iou = iou[:, 1:].reshape(-1)
-        point_of = np.repeat(batch, 3, axis=0)
-        keep = np.flatnonzero(iou > pred_iou_thresh) if pred_iou_thresh > 0.0 else np.arange(len(iou))
-        for c0 in range(0, len(keep), upsample_chunk):
-            idx = keep[c0 : c0 + upsample_chunk]
-            logits = postprocess_masks(low_res[idx], input_size, (h, w), image_size)
-            stab = calculate_stability_score(logits, mask_threshold, stability_score_offset)
-            ok = stab >= stability_score_thresh if stability_score_thresh > 0.0 else np.ones(len(idx), bool)
-            masks = logits[ok] > mask_threshold
-            mboxes = batched_mask_to_box(masks)
-            for m, bx, i, s in zip(masks, mboxes, idx[ok], stab[ok]):
-                crops.append(_crop(m, bx))
-                boxes.append(bx)
-                ious.append(float(iou[i]))
-                stabs.append(float(s))
-                pts.append(point_of[i])
+        coords = transform_coords(batch, (h, w), image_size)[:, None, :]  # float64, as the generator passes them
+        iou, state = decoder.prompts(coords, np.ones((len(batch), 1), np.float32))
+        iou = _check_batch(iou, len(batch))[:, 1:]  # multimask_output=True keeps mask tokens 1..3
+        keep = iou > np.float32(pred_iou_thresh) if pred_iou_thresh > 0.0 else np.ones(iou.shape, bool)
+        removed["pred_iou"] += int((~keep).sum())
+        wanted = np.flatnonzero(keep.any(axis=1))
+        if len(wanted) == 0:
+            continue
+        low = np.asarray(decoder.masks(state, wanted), np.float32)
+        if low.ndim != 4 or low.shape[:2] != (len(wanted), 4):
+            raise PeftExportError(f"segment_everything: decoder returned masks of shape {low.shape}")
+        if upsampler is None:
+            upsampler = MaskUpsampler(low.shape[-1], input_size, (h, w), image_size)
+        for j, p in enumerate(wanted):  # point-major, mask-minor: the generator's order
+            for m in np.flatnonzero(keep[p]):
+                (inter, union), mask = threshold_upsampled(upsampler, low[j, 1 + m], cuts, mask_threshold)
+                stab = _ratio(inter, union)
+                if stability_score_thresh > 0.0 and not stab >= np.float32(stability_score_thresh):
+                    removed["stability"] += 1
+                    continue
+                runs.append(mask)
+                ious.append(iou[p, m])
+                stabs.append(stab)
+                pts.append(batch[p])
 
-    order = np.arange(len(boxes))
-    if len(boxes):
-        order = box_nms(np.stack(boxes), np.asarray(ious, dtype=np.float32), box_nms_thresh)
+    boxes = [r.box() for r in runs]
+    order = np.arange(len(runs))
+    if len(runs):
+        order = box_nms(np.stack(boxes), np.asarray(ious, np.float32), box_nms_thresh)
+    removed["nms"] = len(runs) - len(order)
     if min_mask_region_area > 0 and len(order):
+        n = len(order)
         order = _postprocess_small_regions(
-            order, crops, boxes, (h, w), min_mask_region_area, max(box_nms_thresh, _CROP_NMS_THRESH)
+            order, runs, boxes, (h, w), min_mask_region_area, max(box_nms_thresh, _CROP_NMS_THRESH)
         )
+        removed["small_regions"] = n - len(order)
 
-    records: List[Dict] = []
-    label_image = np.zeros((h, w), dtype=np.int32)
-    areas = [int(crops[i].sum()) for i in order]
-    for i, area in zip(order, areas):
+    records = MaskRecords()
+    for i in order:
         x0, y0, x1, y1 = (int(v) for v in boxes[i])
-        records.append(
-            {
-                "area": area,
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "predicted_iou": ious[i],
-                "stability_score": stabs[i],
-                "point_coords": [[float(pts[i][0]), float(pts[i][1])]],
-            }
-        )
-    for k in np.argsort(-np.asarray(areas, dtype=np.int64), kind="stable"):
-        i = order[k]
-        x0, y0, x1, y1 = (int(v) for v in boxes[i])
-        region = label_image[y0 : y1 + 1, x0 : x1 + 1]
-        region[crops[i]] = k + 1
-    return label_image, records
+        rec = {
+            "area": runs[i].area,
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "predicted_iou": float(ious[i]),
+            "stability_score": float(stabs[i]),
+            "point_coords": [[float(pts[i][0]), float(pts[i][1])]],
+        }
+        if return_masks:
+            rec["segmentation"] = runs[i].to_mask((h, w))
+        records.append(rec)
+    records.summary = {
+        "points": len(points),
+        "candidates": 3 * len(points),
+        "removed": removed,
+        "objects": len(records),
+        "thresholds": {"pred_iou": pred_iou_thresh, "stability": stability_score_thresh,
+                       "nms": box_nms_thresh, "min_region_area": min_mask_region_area},
+    }
+    return paint_labels([runs[i] for i in order], (h, w)), records
+
+
+def paint_labels(masks: List[MaskRuns], size: Tuple[int, int]) -> np.ndarray:
+    """Instance labels (int32): mask k is label k + 1, painted largest first so small ones stay on top."""
+    labels = np.zeros(size[0] * size[1], dtype=np.int32)
+    areas = np.asarray([m.area for m in masks], dtype=np.int64)
+    for k in np.argsort(-areas, kind="stable"):
+        m = masks[k]
+        paint_runs(labels, m.rows * size[1] + m.starts, m.ends - m.starts, k + 1)
+    return labels.reshape(size)
 
 
 def _postprocess_small_regions(
-    order: np.ndarray,
-    crops: List[np.ndarray],
-    boxes: List[np.ndarray],
-    size: Tuple[int, int],
-    min_area: int,
+    order: np.ndarray, runs: List[MaskRuns], boxes: List[np.ndarray], size: Tuple[int, int], min_area: int,
     nms_thresh: float,
 ) -> np.ndarray:
-    """SamAutomaticMaskGenerator.postprocess_small_regions on the NMS survivors (updates crops/boxes)."""
-    new_crops, new_boxes, scores = [], [], []
+    """SamAutomaticMaskGenerator.postprocess_small_regions on the NMS survivors (updates runs/boxes).
+
+    Each mask is made whole for its connected components, one at a time.
+    """
+    new_runs, new_boxes, scores = [], [], []
     for i in order:
-        mask = _uncrop(crops[i], boxes[i], size)
+        mask = runs[i].to_mask(size)
         mask, changed = remove_small_regions(mask, min_area, mode="holes")
         unchanged = not changed
         mask, changed = remove_small_regions(mask, min_area, mode="islands")
         unchanged = unchanged and not changed
-        box = batched_mask_to_box(mask)
-        new_boxes.append(box)
-        new_crops.append(_crop(mask, box))  # keep only the crop: full masks add up fast
+        new_runs.append(MaskRuns.from_mask(mask))
+        new_boxes.append(new_runs[-1].box())
         scores.append(float(unchanged))
     keep = box_nms(np.stack(new_boxes), np.asarray(scores), nms_thresh)
     for k in keep:
         if scores[k] == 0.0:
-            i = order[k]
-            boxes[i] = new_boxes[k]
-            crops[i] = new_crops[k]
+            runs[order[k]], boxes[order[k]] = new_runs[k], new_boxes[k]
     return order[keep]
+
+
+def filter_report(summary: Dict[str, Any], option_names: Optional[Dict[str, str]] = None) -> str:
+    """One paragraph: how many candidates each filter removed and which option relaxes it."""
+    names = {"pred_iou": "pred_iou_thresh", "stability": "stability_score_thresh", "nms": "box_nms_thresh",
+             "small_regions": "min_mask_region_area"}
+    names.update(option_names or {})
+    how = {"pred_iou": "lower", "stability": "lower", "nms": "raise", "small_regions": "lower (0 turns it off)"}
+    what = {"pred_iou": "predicted IoU <= {}", "stability": "stability score < {}", "nms": "box NMS (IoU > {})",
+            "small_regions": "small-region cleanup (min area {})"}
+    key = {"pred_iou": "pred_iou", "stability": "stability", "nms": "nms", "small_regions": "min_region_area"}
+    t, removed = summary["thresholds"], summary["removed"]
+    parts = [f"{what[f].format(t[key[f]])} removed {removed[f]} ({how[f]} {names[f]})" for f in FILTERS if removed[f]]
+    text = (f"{summary['objects']} objects from {summary['candidates']} candidates "
+            f"({summary['points']} points x 3 masks)")
+    return text + (": " + "; ".join(parts) if parts else "")

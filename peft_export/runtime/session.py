@@ -26,11 +26,13 @@ from ..fsutil import sha256_file
 from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_adapter, resolve_embedding
 from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
+from .everything import LowResDecoder, MaskRecords
 from .everything import segment_everything as _segment_everything
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
+from .split_decoder import SplitDecoder, split_graph_files
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class SamSession:
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None
+        self._intra_op_threads = intra_op_threads
+        self._split: Any = None  # the split decoder graphs, opened on the first segment_everything
 
     @property
     def adapters(self) -> Tuple[str, ...]:
@@ -361,21 +365,20 @@ class SamSession:
         min_mask_region_area: int = 0,
         embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
         adapter: Optional[str] = None,
-    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
-        """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records)."""
+        return_masks: bool = False,
+        decoder: str = "auto",
+    ) -> Tuple[np.ndarray, MaskRecords]:
+        """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records).
+
+        ``records.summary["removed"]`` counts the candidates each filter removed.
+        ``decoder``: "split" (the export's split decoder graphs: masks only for prompts that
+        pass the IoU filter), "lowres" (``decoder_lowres``, every mask), or "auto" (split
+        when the export has it; exports of several adapters run each adapter's
+        ``decoder_lowres``).
+        """
         emb = self._snapshot(embedding, adapter)
-        s = self.low_res_size
-
-        def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            b = len(points_xy)
-            coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
-            lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
-            return self._decode_lowres(
-                emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32)
-            )
-
         return _segment_everything(
-            decode,
+            self._everything_decoder(emb, decoder),
             emb.original_size,
             emb.input_size,
             self.image_size,
@@ -385,7 +388,29 @@ class SamSession:
             stability_score_thresh=stability_score_thresh,
             box_nms_thresh=box_nms_thresh,
             min_mask_region_area=min_mask_region_area,
+            return_masks=return_masks,
         )
+
+    def _everything_decoder(self, emb: ImageEmbedding, decoder: str):
+        if decoder not in ("auto", "split", "lowres"):
+            raise PeftExportError(f"decoder: unknown '{decoder}' (use auto, split or lowres)")
+        files = split_graph_files(self.manifest, self.export_dir) if graph_kind(self.backend_name) == "onnx" else None
+        if decoder == "split" and files is None:
+            raise PeftExportError(f"{self.export_dir}: this export has no split decoder graphs (export it again)")
+        if files is not None and decoder != "lowres":
+            with self._lock:
+                if self._split is None:
+                    self._split = open_backend(self.backend_name, files, self.device, self._intra_op_threads)
+            return SplitDecoder(self._split.run, emb.embedding)
+        s = self.low_res_size
+
+        def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+            b = len(points_xy)
+            coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
+            lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
+            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32))
+
+        return LowResDecoder(decode)
 
     def __repr__(self) -> str:
         d = self.describe()
