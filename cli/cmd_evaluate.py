@@ -34,6 +34,8 @@ def evaluate(
     start: str = typer.Option("both", "--start", help="Iterative prompting starts from point, box or both."),
     everything: bool = typer.Option(False, "--everything", help="Also automatic segmentation, scored with mSA."),
     points_per_side: int = typer.Option(32, "--points-per-side", help="Point grid of --everything."),
+    ais: bool = typer.Option(False, "--ais", help="Also automatic instance segmentation with the models' instance "
+                             "decoders (micro-sam's defaults), scored with mSA and SA50."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write Dice per iteration as PNG."),
@@ -78,6 +80,7 @@ def evaluate(
         max_objects_per_image=max_objects,
         max_images=max_images,
         everything_options={"points_per_side": points_per_side},
+        ais=ais,
         force=force,
         json_out=json_out,
         markdown_out=markdown_out,

@@ -44,6 +44,8 @@ def graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
              _t("mask_input", ["batch", 1, 4 * g, 4 * g]), _t("has_mask_input", ["batch"])],
             [_t("low_res_masks", ["batch", 4, 4 * g, 4 * g]), _t("iou_predictions", ["batch", 4])],
         )
+    if graph == "ais_decoder":
+        return [emb], [_t("instance_maps", [1, 3, s, s])]
     raise KeyError(graph)
 
 

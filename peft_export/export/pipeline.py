@@ -86,7 +86,8 @@ def merge_and_export(
 
     Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
     ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
-    ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
+    ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
+    has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
@@ -123,9 +124,13 @@ def merge_and_export(
     rows: list[tuple[str, str, dict]] = []
     used_exporter = exporter
 
-    def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None) -> None:
+    def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None,
+              verifier: Callable | None = None) -> None:
         t = time.perf_counter()
-        parity = verify_export(tmp / filename, graph, reference_model, reference, precision)
+        if verifier is not None:
+            parity = verifier(tmp / filename, reference, precision)
+        else:
+            parity = verify_export(tmp / filename, graph, reference_model, reference, precision)
         parity["export_seconds"] = round(export_s, 2)
         parity["verify_seconds"] = round(time.perf_counter() - t, 2)
         rows.append((graph, precision, parity))
@@ -173,12 +178,18 @@ def merge_and_export(
             t = time.perf_counter()
             og.export_decoder_onnx(model, tmp / f"{flavour}.onnx", flavour, opset)
             check(flavour, "fp32", f"{flavour}.onnx", tmp, time.perf_counter() - t)
+        ais = None
+        if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: fp32 and each asked precision
+            from .ais import export_ais
+
+            ais = export_ais(adapted.instance_decoder, tmp, size, precisions, opset, check)
 
         manifest = build_manifest(
             model_type, size, dict(adapted.intensity), adapted.config.to_dict() if adapted.config else None,
             merged, in_graph, graphs, opset, used_exporter, adapted.base.to_dict(), merge_report,
         )
         manifest["source"] = export_source(adapted)
+        manifest["instance_segmentation"] = ais
         if target is not None:
             manifest["tensorrt"] = _tensorrt(target, tmp, graphs, precisions, size, reference, log)
             manifest["versions"]["tensorrt"] = target.version

@@ -1,4 +1,5 @@
-"""Segment image files with an export dir: prompts (points / box) or segment-everything.
+"""Segment image files with an export dir: prompts (points / box), segment-everything, or automatic
+instance segmentation with micro-sam's instance decoder (``instances``).
 
 Every input is checked (export dir, prompt strings, images readable, prompts inside
 each image, outputs free) before the model runs, so a bad 50th file does not leave
@@ -132,11 +133,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def output_paths(out_dir: Path, stem: str, everything: bool, overlay: bool) -> Dict[str, Path]:
+    """Output files of one image; ``everything`` stands for any labels output (segment-everything or instances)."""
     paths = {"labels" if everything else "mask": out_dir / f"{stem}_{'labels' if everything else 'mask'}.tif",
              "json": out_dir / f"{stem}_scores.json"}
     if overlay:
         paths["overlay"] = out_dir / f"{stem}_overlay.png"
     return paths
+
+
+def _label_dtype(labels: np.ndarray) -> np.ndarray:
+    """uint16 labels, int32 above 65535 objects."""
+    n = int(labels.max()) if labels.size else 0
+    return labels.astype(np.uint16) if n <= np.iinfo(np.uint16).max else labels.astype(np.int32)
 
 
 def _write_tiff(array: np.ndarray, path: Path, overwrite: bool) -> None:
@@ -174,6 +182,8 @@ def predict_images(
     everything_options: Optional[Dict[str, Any]] = None,
     progress: bool = False,
     intra_op_threads: Optional[int] = None,
+    instances: bool = False,
+    instance_options: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Segment each image file and write results into ``out_dir``; return one record per image.
 
@@ -181,17 +191,24 @@ def predict_images(
     ``box``: "x0,y0,x1,y1" or 4 numbers, in pixels of each image) give ``<stem>_mask.tif``,
     uint8 0/1: the mask with the highest predicted IoU, or with ``all_masks`` every mask
     (C,H,W). ``everything`` gives ``<stem>_labels.tif`` (uint16 instance labels, int32
-    above 65535 objects). Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``.
-    The record is the JSON content.
+    above 65535 objects), and so does ``instances`` (micro-sam's automatic instance
+    segmentation, options ``instance_options``: ``SamSession.segment_instances``'s parameters).
+    Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``. The record is the
+    JSON content.
     """
     from ..runtime import SamSession, read_manifest
+    from ..runtime.instances import check_ais_params, require_ais_packages
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
-    if everything and (coords is not None or bx is not None):
-        raise PeftExportError("--everything: cannot be combined with --points/--box")
-    if not everything and coords is None and bx is None:
-        raise PeftExportError("prompts: give --points and/or --box, or --everything")
+    if everything and instances:
+        raise PeftExportError("--instances: cannot be combined with --everything")
+    auto = "--everything" if everything else "--instances" if instances else None
+    if auto and (coords is not None or bx is not None):
+        raise PeftExportError(f"{auto}: cannot be combined with --points/--box")
+    if not auto and coords is None and bx is None:
+        raise PeftExportError("prompts: give --points and/or --box, or --everything / --instances")
+    ais_options = check_ais_params(dict(instance_options or {})) if instances else None
     options = dict(EVERYTHING_DEFAULTS)
     for k, v in (everything_options or {}).items():
         if k not in options:
@@ -202,6 +219,11 @@ def predict_images(
         raise PeftExportError("images: give at least one image file")
     manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version
     rule = manifest["preprocessing"].get("intensity")
+    if instances:
+        if not manifest["graphs"].get("ais_decoder"):
+            raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none "
+                                  "(export a model trained with --instance-decoder, or a micro-sam model with one)")
+        require_ais_packages()
 
     from ..data.io import file_stem
 
@@ -217,7 +239,7 @@ def predict_images(
         seen[stem] = path
         shape = read_image(path).shape[:2]
         check_prompts_inside(str(path), shape, coords, bx)
-        outs = output_paths(out_dir, stem, everything, overlay)
+        outs = output_paths(out_dir, stem, bool(auto), overlay)
         for p in outs.values():
             if p.exists() and not overwrite:
                 raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
@@ -237,15 +259,21 @@ def predict_images(
             "export_dir": str(export_dir),
             "precision": precision,
             "device": device,
-            "mode": "everything" if everything else "prompt",
+            "mode": "everything" if everything else "instances" if instances else "prompt",
         }
         picture = None
-        if everything:
+        if instances:
+            lab, recs = session.segment_instances(embedding=emb, **ais_options)
+            record.update(options=ais_options, n_objects=len(recs), objects=recs)
+            _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
+            if overlay:
+                from .overlay import render_overlay
+
+                picture = render_overlay(image, labels=lab, rule=rule)
+        elif everything:
             lab, recs = session.segment_everything(embedding=emb, **options)
-            n = int(lab.max()) if lab.size else 0
-            out = lab.astype(np.uint16) if n <= np.iinfo(np.uint16).max else lab.astype(np.int32)
             record.update(options=options, n_objects=len(recs), objects=recs)
-            _write_tiff(out, outs["labels"], overwrite)
+            _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
             if overlay:
                 from .overlay import render_overlay
 

@@ -1,9 +1,11 @@
-"""Stage 7, runtime: torch-free inference on an export dir (SamSession, pre/post-processing, segment-everything).
+"""Stage 7, runtime: torch-free inference on an export dir (SamSession, pre/post-processing, segment-everything,
+automatic instance segmentation from micro-sam's instance decoder).
 
 May import: errors, fsutil (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
 """
 
 from .everything import build_point_grid, label_components, remove_small_regions, segment_everything
+from .instances import AIS_DEFAULTS, instances_from_maps, object_records
 from .intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
 from .postprocess import postprocess_masks, resize_bilinear
 from .preprocess import (
@@ -19,12 +21,15 @@ from .session import ImageEmbedding, SamSession
 from .backends.ort import session_options
 
 __all__ = [
+    "AIS_DEFAULTS",
     "DEFAULT_INTENSITY_RULE",
     "ImageEmbedding",
     "SamSession",
     "build_point_grid",
+    "instances_from_maps",
     "label_components",
     "normalize_intensity",
+    "object_records",
     "postprocess_masks",
     "prepare_image",
     "preprocess_shape",

@@ -1,5 +1,8 @@
 """SamSession: torch-free SAM inference on an export dir (manifest.json + ONNX graphs).
 
+Automatic instance segmentation (``segment_instances``) runs micro-sam's instance decoder
+(``ais_decoder.onnx``, when the export has one) and a seeded watershed (``runtime.instances``).
+
 Thread-safety: ``set_image`` holds a lock and then swaps in one immutable
 ``ImageEmbedding``; ``predict`` reads that snapshot once, so a concurrent
 ``set_image`` never mixes two images in one prediction. Threads that serve different
@@ -21,6 +24,7 @@ from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .backends import check_backend, graph_kind, open_backend
 from .everything import segment_everything as _segment_everything
+from .instances import AIS_DEFAULTS, check_ais_params, maps_to_image, require_ais_packages, segment_from_maps
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
@@ -100,6 +104,10 @@ class SamSession:
                 self._chosen[name] = (prec, self._graph_file(variants[prec], name, verify))
         if "decoder_lowres" not in self._chosen and "decoder" not in self._chosen:
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
+        ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one
+        prec = self.precision if self.precision in ais else "fp32"
+        if prec in ais:
+            self._chosen["ais_decoder"] = (prec, self._graph_file(ais[prec], "ais_decoder", verify))
 
     def _choose_engines(self) -> Dict[str, Path]:
         engines = (self.manifest.get("tensorrt") or {}).get("engines") or {}
@@ -327,6 +335,64 @@ class SamSession:
             box_nms_thresh=box_nms_thresh,
             min_mask_region_area=min_mask_region_area,
         )
+
+    # ---- automatic instance segmentation (micro-sam's AIS) --------------------------------
+
+    @property
+    def has_instance_decoder(self) -> bool:
+        """Whether this export has micro-sam's instance decoder (``segment_instances`` works)."""
+        return "ais_decoder" in self._chosen
+
+    def _require_ais_decoder(self) -> None:
+        if not self.has_instance_decoder:
+            raise PeftExportError(
+                f"{self.export_dir}: this export has no instance decoder (ais_decoder.onnx); export a model trained "
+                "with --instance-decoder, or a micro-sam checkpoint with a decoder_state"
+            )
+
+    def instance_maps(self, embedding: Optional[ImageEmbedding] = None) -> np.ndarray:
+        """The instance decoder's maps (3, H, W) float32 in [0, 1] at the original image size:
+        foreground, centre distance, boundary distance (see ``runtime.instances``)."""
+        self._require_ais_decoder()
+        emb = self._snapshot(embedding)
+        out = self._backend.run("ais_decoder", {"image_embeddings": emb.embedding})
+        return maps_to_image(out["instance_maps"], emb.input_size, emb.original_size, self.image_size)
+
+    def segment_instances(
+        self,
+        image: Optional[np.ndarray] = None,
+        center_distance_threshold: float = AIS_DEFAULTS["center_distance_threshold"],
+        boundary_distance_threshold: float = AIS_DEFAULTS["boundary_distance_threshold"],
+        foreground_threshold: float = AIS_DEFAULTS["foreground_threshold"],
+        foreground_smoothing: float = AIS_DEFAULTS["foreground_smoothing"],
+        distance_smoothing: float = AIS_DEFAULTS["distance_smoothing"],
+        min_size: int = int(AIS_DEFAULTS["min_size"]),
+        embedding: Optional[ImageEmbedding] = None,
+    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """Automatic instance segmentation (AIS) -> (int32 labels HxW, one record per object).
+
+        One encoder pass (skipped for ``embedding=`` or, without ``image``, the image of
+        ``set_image``), the instance decoder, then micro-sam's post-processing with its
+        defaults: seeds where the smoothed centre distance < ``center_distance_threshold`` and
+        the boundary distance < ``boundary_distance_threshold`` inside the foreground
+        (smoothed foreground > ``foreground_threshold``), a seeded watershed of the boundary
+        distances, objects under ``min_size`` pixels removed. ``foreground_smoothing`` and
+        ``distance_smoothing`` are Gaussian sigmas in pixels (0: off). Records: "id", "area",
+        "bbox" (XYWH), "centroid" (x, y). Needs scipy + scikit-image (``peftexport[ais]``).
+        """
+        params = check_ais_params({
+            "center_distance_threshold": center_distance_threshold,
+            "boundary_distance_threshold": boundary_distance_threshold,
+            "foreground_threshold": foreground_threshold, "foreground_smoothing": foreground_smoothing,
+            "distance_smoothing": distance_smoothing, "min_size": min_size,
+        })
+        self._require_ais_decoder()  # both before the encoder runs
+        require_ais_packages()
+        if image is not None:
+            if embedding is not None:
+                raise PeftExportError("segment_instances: give an image or embedding=, not both")
+            embedding = self.encode(image)
+        return segment_from_maps(self.instance_maps(embedding), params)
 
     def __repr__(self) -> str:
         d = self.describe()

@@ -1,0 +1,130 @@
+"""``ais_decoder.onnx``: micro-sam's instance decoder as an ONNX graph, and its parity check.
+
+The graph takes the image embedding (1, 256, g, g) the encoder graph makes and returns the
+three AIS maps (1, 3, S, S) at the model's input resolution (foreground, centre distance,
+boundary distance; sigmoid outputs in [0, 1]). Cropping to the resized image and resizing
+to the original image are left to the runtime (as for the low-res mask decoder), so the
+graph has static shapes.
+
+Precisions: fp32 (TorchScript exporter); fp16 (fp16 weights and convolutions, InstanceNorm
+and BatchNorm in fp32, fp32 input and output; traced by the dynamo exporter like the fp16
+encoder, because the TorchScript exporter would run fp16 convolutions on the CPU); int8
+(onnxruntime's dynamic quantisation of the fp32 graph: ConvInteger with int8 weights).
+Each is compared with the torch decoder on the probe image's embedding from the (unmerged)
+torch model: fp32 must agree to 1e-4 in every map value; fp16 / int8 report their error
+and fail above ``THRESHOLDS`` (maps are probabilities in [0, 1], so the errors are absolute).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import PeftExportError
+from ..merge import error_stats
+from ..models.instance_decoder import InstanceDecoder
+from . import onnx_graphs as og
+from .quantize import quantize_int8
+from .verify import Reference, _judge, _nonfinite, ort_session
+
+GRAPH = "ais_decoder"
+INPUT, OUTPUT = "image_embeddings", "instance_maps"
+
+
+def ais_filename(precision: str) -> str:
+    return f"{GRAPH}.onnx" if precision == "fp32" else f"{GRAPH}.{precision}.onnx"
+
+
+class _Fp32Norm(nn.Module):
+    """A normalisation layer run in fp32 inside the fp16 graph (its statistics overflow in fp16)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+class Fp16AisGraph(nn.Module):
+    """fp16 weights and convolutions, norms in fp32, graph input and output fp32."""
+
+    def __init__(self, decoder: InstanceDecoder) -> None:
+        super().__init__()
+        half = copy.deepcopy(decoder).eval().half()
+        norms = [(n, m) for n, m in half.named_modules() if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d))]
+        for name, module in norms:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(half.get_submodule(parent_name) if parent_name else half, attr, _Fp32Norm(module))
+        self.decoder = half
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.decoder(image_embeddings.half()).float()
+
+
+def export_ais_decoder_onnx(decoder: InstanceDecoder, path: str | os.PathLike, image_size: int,
+                            precision: str = "fp32", opset: int = 17, fp32_path: str | os.PathLike | None = None) -> str:
+    """Write the AIS decoder graph of ``precision``; int8 is quantised from ``fp32_path``. Returns the exporter."""
+    g = image_size // 16
+    example = (torch.randn(1, 256, g, g, generator=torch.Generator().manual_seed(0)),)
+    path = Path(path)
+    decoder = decoder.eval()
+    if precision == "fp32":
+        return og._export(decoder, example, path, opset, [INPUT], [OUTPUT], None, "torchscript", external=False)
+    if precision == "fp16":
+        return og._export(Fp16AisGraph(decoder), example, path, og.encoder_opset("fp16", opset), [INPUT], [OUTPUT],
+                          None, "dynamo", external=False)
+    if precision == "int8":
+        if fp32_path is None or not Path(fp32_path).is_file():
+            raise PeftExportError(f"{path}: the int8 AIS decoder is quantised from the fp32 graph, which is missing")
+        quantize_int8(fp32_path, path)
+        return "onnxruntime quantize_dynamic"
+    raise PeftExportError(f"--precision: unknown precision {precision!r} for the AIS decoder")
+
+
+@torch.no_grad()
+def verify_ais_decoder(path: str | os.PathLike, decoder: InstanceDecoder, reference: Reference,
+                       precision: str = "fp32") -> dict:
+    """The graph, fed the torch model's probe embedding, vs the torch decoder on the same embedding."""
+    want = decoder.eval()(reference.embeddings.float())
+    got = ort_session(path).run([OUTPUT], {INPUT: reference.embeddings.numpy().astype(np.float32)})[0]
+    if tuple(got.shape) != tuple(want.shape):
+        raise PeftExportError(f"{path}: instance maps have shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    got_t = torch.from_numpy(np.nan_to_num(got))
+    diff = (want.double() - got_t.double()).abs()
+    stats = {
+        "maps": error_stats(want, got_t),
+        "maps_max_abs": float(diff.max()),
+        "maps_mean_abs": float(diff.mean()),
+        # Share of pixels on the same side of 0.5 (the post-processing's default thresholds).
+        "maps_threshold_agreement": float(((want > 0.5) == (got_t > 0.5)).double().mean()),
+        "finite": not _nonfinite(got),
+    }
+    return _judge(stats, precision, ("maps_max_abs", "maps_mean_abs"))
+
+
+def export_ais(decoder: InstanceDecoder, tmp: Path, image_size: int, precisions, opset: int, check) -> dict:
+    """Export and check the AIS decoder in fp32 and each other precision asked for; returns the
+    manifest's ``instance_segmentation`` entry. ``check(graph, precision, filename, tmp, seconds,
+    extra, verifier)`` is the pipeline's gate (it raises when a graph fails)."""
+    import time
+
+    from ..models.instance_decoder import MAP_NAMES
+    from ..runtime.instances import AIS_DEFAULTS
+
+    def verifier(path, reference, precision):
+        return verify_ais_decoder(path, decoder, reference, precision)
+
+    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
+        t = time.perf_counter()
+        how = export_ais_decoder_onnx(decoder, tmp / ais_filename(precision), image_size, precision, opset,
+                                      fp32_path=tmp / ais_filename("fp32"))
+        check(GRAPH, precision, ais_filename(precision), tmp, time.perf_counter() - t, {"exporter": how}, verifier)
+    return {"graph": GRAPH, "maps": list(MAP_NAMES), "map_resolution": "model input (image_size x image_size)",
+            "conv_transpose": decoder.conv_transpose, "postprocessing_defaults": dict(AIS_DEFAULTS),
+            "source": "micro-sam instance decoder (torch-em UNETR, no skip connections, sigmoid)"}
