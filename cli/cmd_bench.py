@@ -17,10 +17,13 @@ from .options import (
     ForceOpt,
     MergedOpt,
     MicroSamOpt,
+    OverwriteOpt,
     PeftOpt,
+    QuietOpt,
     RankOpt,
     TargetsOpt,
     micro_sam_config,
+    output_files,
 )
 
 
@@ -52,17 +55,23 @@ def bench(
     no_base: bool = typer.Option(False, "--no-base", help="Do not time the adapter's base SAM."),
     interleave: bool = typer.Option(False, "--interleave", help="Load every case, then time them in turn (A B A B); less drift, more memory."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
-    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of median latency per case."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Directory for bench.json (full result), bench.md (table) and bench.png (chart)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", hidden=True, help="Deprecated: use -o DIR."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", hidden=True, help="Deprecated: use -o DIR."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", hidden=True, help="Deprecated: use -o DIR."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Missing backends are listed as skipped with the reason; a case that fails while running
-    is listed as failed and the command exits 1 after writing its outputs."""
+    is listed as failed and the command exits 1 after writing its outputs. Without -o only the
+    table is printed."""
     from peft_export.bench import BACKENDS, format_table, parse_list, run_and_write
     from peft_export.errors import PeftExportError
+    from peft_export.fsutil import output_dir
 
+    files = output_files(out, {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"},
+                         {"json": json_out, "markdown": markdown_out, "plot": plot_out})
     if export_dir is not None and export_dir_opt is not None:
         raise PeftExportError("give the export either as EXPORT_DIR or as --export-dir, not both")
     export = export_dir if export_dir is not None else export_dir_opt
@@ -80,15 +89,16 @@ def bench(
         adapted = load_model_source(adapter=adapter, merged=merged, micro_sam=micro_sam, micro_sam_config=cfg,
                                     checkpoint=checkpoint, force=force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    result = run_and_write(
-        json_out=json_out, markdown_out=markdown_out, plot_out=plot_out, overwrite=overwrite,
-        export_dir=export, adapted=adapted, backends=parse_list(backend, BACKENDS, "--backend"), device=device,
-        precisions=parse_list(precision, None, "--precision"), batch_sizes=batch_sizes, warmup=warmup,
-        iterations=iterations, components=parse_list(components, None, "--components"), include_base=not no_base,
-        interleave=interleave, intra_op_threads=threads, log=log,
-    )
+    with output_dir(out):
+        result = run_and_write(
+            json_out=files["json"], markdown_out=files["markdown"], plot_out=files["plot"], overwrite=overwrite,
+            export_dir=export, adapted=adapted, backends=parse_list(backend, BACKENDS, "--backend"), device=device,
+            precisions=parse_list(precision, None, "--precision"), batch_sizes=batch_sizes, warmup=warmup,
+            iterations=iterations, components=parse_list(components, None, "--components"), include_base=not no_base,
+            interleave=interleave, intra_op_threads=threads, log=log,
+        )
     echo(format_table(result))
-    for path in (json_out, markdown_out, plot_out):
+    for path in files.values():
         if path is not None and Path(path).exists():
             echo(f"wrote {path}")
     if any(c["status"] == "failed" for c in result["cases"]):
@@ -97,12 +107,24 @@ def bench(
 
 @command("bench-compare", short="One table from several bench JSON files.", help="One table across several bench JSON files (runs, machines).")
 def bench_compare(
-    files: list[Path] = typer.Argument(..., help="bench JSON files written by peftexport bench --json."),
-    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing markdown file."),
+    files: list[Path] = typer.Argument(..., help="bench.json files written by peftexport bench -o DIR."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as markdown to this file."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", hidden=True, help="Deprecated: use -o FILE."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     from peft_export.bench import compare_results, write_text
+    from peft_export.errors import PeftExportError
     from peft_export.fsutil import check_can_write
+
+    from .app import deprecated
+
+    if markdown_out is not None:
+        deprecated("--markdown FILE", "-o/--out FILE")
+        if out is not None:
+            raise PeftExportError("--markdown: give either -o/--out FILE or the deprecated --markdown FILE, not both")
+        out = markdown_out
+    markdown_out = out
 
     if markdown_out is not None:
         check_can_write(markdown_out, overwrite)

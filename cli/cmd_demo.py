@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .app import command, echo
+from .options import QuietOpt, SeedOpt
 
 
 @command("demo", short="The whole pipeline on built-in synthetic data.", help="Run the whole pipeline on built-in synthetic microscopy data.")
@@ -16,8 +17,8 @@ def demo(
     model: str = typer.Option("tiny", "--model", "-m", help="tiny (a few minutes on a laptop CPU) or vit_b (slow on CPU)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Real SAM checkpoint (else random init)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
-    seed: int = typer.Option(0, "--seed"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    seed: int = SeedOpt,
+    quiet: bool = QuietOpt,
     instances: bool = typer.Option(True, "--instances/--no-instances",
                                    help="Train micro-sam's instance decoder too and show AIS (needs peftexport[ais])."),
 ) -> None:

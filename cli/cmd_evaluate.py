@@ -13,10 +13,13 @@ from .options import (
     BlocksOpt,
     CheckpointOpt,
     ForceOpt,
+    OverwriteOpt,
     PeftOpt,
+    QuietOpt,
     RankOpt,
     TargetsOpt,
     micro_sam_config,
+    output_files,
 )
 
 
@@ -36,16 +39,19 @@ def evaluate(
     points_per_side: int = typer.Option(32, "--points-per-side", help="Point grid of --everything."),
     ais: bool = typer.Option(False, "--ais", help="Also automatic instance segmentation with the models' instance "
                              "decoders (micro-sam's defaults), scored with mSA and SA50."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
-    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write Dice per iteration as PNG."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Directory for evaluation.json (full results), evaluation.md (table) and "
+        "evaluation.png (Dice per iteration, with iterative prompts)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", hidden=True, help="Deprecated: use -o DIR."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", hidden=True, help="Deprecated: use -o DIR."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", hidden=True, help="Deprecated: use -o DIR."),
     checkpoint: Optional[Path] = CheckpointOpt,
     image_size: Optional[int] = typer.Option(
         None, "--image-size", help="Image size of checkpoints / random models (default: the model's own)."
     ),
     backend: str = typer.Option("onnxruntime", "--backend", help="Runtime of export dirs: onnxruntime or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prompts (and of random models)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (prompts and random models derive from it)."),
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Evaluate at most N objects per image."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N image files."),
     force: bool = ForceOpt,
@@ -54,42 +60,49 @@ def evaluate(
     blocks: str = BlocksOpt,
     targets: str = TargetsOpt,
     adaptformer_residual: bool = AdaptformerLegacyOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Every model gets the same raw images and the same seeded prompts; each applies its
-    own intensity rule. One row per model."""
+    own intensity rule. One row per model. Without -o only the table is printed."""
     from peft_export.evaluation import evaluate_models
+    from peft_export.fsutil import output_dir
+
+    files = output_files(out, {"json": "evaluation.json", "markdown": "evaluation.md", "plot": "evaluation.png"},
+                         {"json": json_out, "markdown": markdown_out, "plot": plot_out})
+    if out is not None and "iterative" not in {p.strip() for p in prompts.split(",")}:
+        files["plot"] = None  # the plot shows Dice per corrective iteration
 
     micro = next((m.split("=", 1)[-1] for m in models if "micro-sam:" in m), None)
     cfg = micro_sam_config(Path(micro.split("micro-sam:", 1)[1]) if micro else None, peft, rank, blocks, targets,
                            adaptformer_residual)
-    report = evaluate_models(
-        models,
-        data,
-        micro_sam_config=cfg,
-        prompts=prompts.split(","),
-        iterations=iterations,
-        start=start,
-        everything=everything,
-        checkpoint=checkpoint,
-        image_size=image_size,
-        backend=backend,
-        device=device,
-        seed=seed,
-        max_objects_per_image=max_objects,
-        max_images=max_images,
-        everything_options={"points_per_side": points_per_side},
-        ais=ais,
-        force=force,
-        json_out=json_out,
-        markdown_out=markdown_out,
-        plot_out=plot_out,
-        overwrite=overwrite,
-        progress=not quiet,
-        log=(lambda msg: None) if quiet else None,
-    )
+    with output_dir(out):
+        report = evaluate_models(
+            models,
+            data,
+            micro_sam_config=cfg,
+            prompts=prompts.split(","),
+            iterations=iterations,
+            start=start,
+            everything=everything,
+            checkpoint=checkpoint,
+            image_size=image_size,
+            backend=backend,
+            device=device,
+            seed=seed,
+            max_objects_per_image=max_objects,
+            max_images=max_images,
+            everything_options={"points_per_side": points_per_side},
+            ais=ais,
+            force=force,
+            json_out=files["json"],
+            markdown_out=files["markdown"],
+            plot_out=files["plot"],
+            overwrite=overwrite,
+            progress=not quiet,
+            log=(lambda msg: None) if quiet else None,
+        )
     echo(report["table"])
-    for what, path in (("json", json_out), ("markdown", markdown_out), ("plot", plot_out)):
-        if path is not None:
-            echo(f"{what}: {path}")
+    for path in files.values():
+        if path is not None and path.exists():
+            echo(f"wrote {path}")

@@ -17,7 +17,9 @@ from .options import (
     MergedOpt,
     MicroSamOpt,
     ModelOpt,
+    OverwriteOpt,
     PeftOpt,
+    QuietOpt,
     RankOpt,
     TargetsOpt,
     micro_sam_config,
@@ -47,6 +49,7 @@ def merge_and_export_cmd(
     ),
     exporter: str = typer.Option("torchscript", "--exporter", help="Encoder exporter: torchscript or dynamo."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Every graph is compared with the unmerged adapter model in ONNX Runtime; any failed
     check exits non-zero and leaves nothing in OUT."""
@@ -58,6 +61,11 @@ def merge_and_export_cmd(
     adapted = load_model_source(adapter=adapter, micro_sam=micro_sam, merged=merged, checkpoint=checkpoint,
                                 micro_sam_config=cfg, model_type=model, image_size=image_size, force=force)
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
-                                preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=True,
+                                preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
                                 exporter=exporter)
+    if quiet:  # the parity table is a result, not progress
+        from peft_export.export.verify import format_parity_table
+
+        echo(format_parity_table([(graph, precision, entry["parity"]) for graph, by_precision in
+                                  manifest["graphs"].items() for precision, entry in by_precision.items()]))
     echo(f"manifest: {out / 'manifest.json'} ({len(manifest['graphs'])} graphs)")

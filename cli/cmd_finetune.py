@@ -8,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from .app import command, echo
-from .options import CheckpointOpt, RankOpt
+from .app import command, deprecated, echo
+from .options import CheckpointOpt, OverwriteOpt, QuietOpt, RankOpt, SeedOpt
 
 
 @command("finetune", short="Train a PEFT adapter on images + instance labels.", help="Train a PEFT adapter on images + instance labels (micro-sam's recipe); torchrun for DDP.")
 def finetune(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: best adapter, last/ checkpoint, logs, plot."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Directory with images/ and labels/ (paired by name)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Directory with images/ and labels/ (paired by name)."),
     images: Optional[str] = typer.Option(None, "--images", help="Glob of image files (with --labels)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Glob of label files (with --images)."),
     labels_are: str = typer.Option("instance", "--labels-are", help="instance, or semantic (connected components)."),
@@ -55,14 +55,15 @@ def finetune(
     val_objects: int = typer.Option(25, "--val-objects", help="Objects per validation image (seeded choice)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (fp16: CUDA, with GradScaler)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute adapted blocks in backward."),
     cache_frozen_trunk: bool = typer.Option(False, "--cache-frozen-trunk",
                                             help="Cache the frozen blocks' output per image (needs fixed patches)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write last/ every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    quiet: bool = QuietOpt,
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Deprecated: use -q/--quiet."),
 ) -> None:
     """Writes OUT/adapter.safetensors + adapter.json (best validation Dice), OUT/last/checkpoint.pt,
     train_log.jsonl and training.png. Data problems are reported all at once before training."""
@@ -70,6 +71,8 @@ def finetune(
     from peft_export.training import TrainConfig
     from peft_export.training import finetune as run_finetune
 
+    if no_progress:
+        deprecated("--no-progress", "-q/--quiet")
     intensity = {**DEFAULT_INTENSITY_RULE, "low": intensity_low, "high": intensity_high}
     cfg = TrainConfig(
         out=str(out), data=str(data) if data else None, images=images, labels=labels, labels_are=labels_are,
@@ -83,7 +86,7 @@ def finetune(
         grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations, patience=patience,
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
         seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
-        save_every=save_every, resume=resume, overwrite=overwrite, progress=not no_progress,
+        save_every=save_every, resume=resume, overwrite=overwrite, progress=not (quiet or no_progress),
     )
     summary = run_finetune(cfg)
     if summary["world_size"] > 1 and summary.get("rank", 0) != 0:
@@ -103,14 +106,25 @@ def finetune(
 
 @command("make-demo-data", short="Write synthetic nuclei images + instance labels.", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")
 def make_demo_data(
-    out: Path = typer.Argument(..., help="Output directory (gets images/ and labels/)."),
+    out_arg: Optional[Path] = typer.Argument(None, metavar="OUT", hidden=True, help="Deprecated: use -o OUT."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (gets images/ and labels/)."),
     n_images: int = typer.Option(8, "--n-images", help="Number of images."),
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    seed: int = SeedOpt,
+    overwrite: bool = OverwriteOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the written pairs as JSON."),
+    quiet: bool = QuietOpt,
 ) -> None:
     from peft_export.data import make_demo_data as make
+    from peft_export.errors import PeftExportError
+
+    if out_arg is not None:
+        deprecated("the positional OUT of make-demo-data", "-o/--out OUT")
+        if out is not None:
+            raise PeftExportError(f"{out_arg}: give the output directory either as -o/--out or positionally, not both")
+        out = out_arg
+    if out is None:
+        raise PeftExportError("--out: required option missing (see 'peftexport make-demo-data --help')")
 
     pairs = make(out, n_images=n_images, size=size, seed=seed, overwrite=overwrite)
     if as_json:

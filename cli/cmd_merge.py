@@ -17,7 +17,9 @@ from .options import (
     ForceOpt,
     MicroSamOpt,
     ModelOpt,
+    OverwriteOpt,
     PeftOpt,
+    QuietOpt,
     RankOpt,
     TargetsOpt,
     micro_sam_config,
@@ -37,10 +39,12 @@ def merge(
     targets: str = TargetsOpt,
     adaptformer_residual: bool = AdaptformerLegacyOpt,
     force: bool = ForceOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
-    """Writes OUT and merge_report.json beside it; fails and writes nothing if the merged
-    model differs from the adapter model by more than 1e-4 (relative) on a probe input."""
+    """Writes OUT and its report beside it (merged.pth -> merged.report.json); fails and writes
+    nothing if the merged model differs from the adapter model by more than 1e-4 (relative) on a
+    probe input."""
     from peft_export.peft.adapters import load_model_source
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import check_can_write
@@ -68,6 +72,7 @@ def params(
     train_decoder: bool = typer.Option(True, "--train-decoder/--freeze-decoder", help="Mask decoder trains."),
     train_prompt_encoder: bool = typer.Option(True, "--train-prompt-encoder/--freeze-prompt-encoder"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    quiet: bool = QuietOpt,
 ) -> None:
     from peft_export.peft import PeftConfig, parse_targets
     from peft_export.peft.params import count_for_config

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .app import command, echo
+from .options import OverwriteOpt, QuietOpt
 
 
 @command("predict", short="Segment images: prompts, everything or AIS.", help="Segment images with an export: point/box prompts, segment-everything, or automatic instance segmentation (--instances).")
@@ -35,8 +36,8 @@ def predict(
     foreground_smoothing: float = typer.Option(1.0, "--foreground-smoothing", help="--instances: Gaussian sigma (0: off)."),
     distance_smoothing: float = typer.Option(1.6, "--distance-smoothing", help="--instances: Gaussian sigma (0: off)."),
     min_size: int = typer.Option(0, "--min-size", help="--instances: remove objects with fewer pixels."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything, --instances) and <stem>_scores.json per image.
     --instances uses micro-sam's post-processing defaults."""

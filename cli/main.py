@@ -33,4 +33,4 @@ def _root(
 
 
 def main() -> None:
-    app()
+    app(prog_name="peftexport")  # also under `python -m peft_export.cli` and torchrun

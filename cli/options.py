@@ -1,4 +1,5 @@
-"""Options shared by several commands (model source, PEFT settings for micro-sam import)."""
+"""Options shared by several commands: one spelling per idea (model source, PEFT settings for
+micro-sam import, -q/--quiet, --overwrite, --seed, -o/--out for several files)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ PeftOpt = typer.Option(None, "--peft", help="PEFT method of a --micro-sam checkp
 RankOpt = typer.Option(None, "--rank", help="LoRA/FacT rank (LoRA 32, FacT 16).")
 BlocksOpt = typer.Option("all", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5.")
 TargetsOpt = typer.Option("q,v", "--targets", help="LoRA targets, any of q,k,v,mlp.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or progress lines (results still print).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs.")
+SeedOpt = typer.Option(0, "--seed", help="Random seed (everything random in this command derives from it).")
 AdaptformerLegacyOpt = typer.Option(
     False, "--adaptformer-residual", help="micro-sam <= 1.8 AdaptFormer (adds the input again: mlp(x) + x + branch)."
 )
@@ -47,3 +51,20 @@ def micro_sam_config(
         ssf_patch_embed=False,  # micro-sam's patch-embedding SSF branch never fires
         adaptformer_residual=adaptformer_residual,
     )
+
+
+def output_files(out: Optional[Path], names: dict[str, str], old: dict[str, Optional[Path]]) -> dict[str, Optional[Path]]:
+    """Where a command that writes several files writes them: ``-o DIR`` gives ``DIR/<name>`` for
+    each; the old per-file options (``--json`` etc., deprecated) still name single files."""
+    from .app import deprecated
+
+    paths: dict[str, Optional[Path]] = {key: (out / name if out is not None else None) for key, name in names.items()}
+    for key, path in old.items():
+        if path is not None:
+            deprecated(f"--{key} FILE", f"-o/--out DIR (writes DIR/{names[key]})")
+            if out is not None:
+                from peft_export.errors import PeftExportError
+
+                raise PeftExportError(f"--{key}: give either -o/--out DIR or the deprecated --{key} FILE, not both")
+            paths[key] = path
+    return paths

@@ -35,6 +35,31 @@ def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
+def output_dir(path: str | os.PathLike | None) -> Iterator[Path | None]:
+    """Create the output directory ``path`` if missing; if the block fails and the directory it
+    created is still empty, remove it again (a refused command leaves nothing behind)."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PeftExportError(f"{path}: exists and is not a directory")
+    made = []  # the directories this call creates, innermost first
+    missing = path
+    while not missing.exists():
+        made.append(missing)
+        missing = missing.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = check_can_write(path, overwrite)

@@ -116,8 +116,11 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise PeftExportError(f"{where}: merged weight {k} contains NaN/Inf; nothing written")
 
 
-def merge_report_path(out: Path) -> Path:
-    return out.with_name("merge_report.json")
+def merge_report_path(out: str | Path) -> Path:
+    """The report is named after the checkpoint (``merged.pth`` -> ``merged.report.json``), so
+    several merges can share one folder."""
+    out = Path(out)
+    return out.with_name(f"{out.stem if out.suffix else out.name}.report.json")
 
 
 def _is_qlora(adapted: AdaptedModel) -> bool:
@@ -175,7 +178,8 @@ def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[S
 def merge_to_checkpoint(
     adapted: AdaptedModel, out: str | Path, overwrite: bool = False, rtol: float = MERGE_RTOL
 ) -> dict:
-    """Merge, verify, then write ``out`` (plain SAM state dict) and ``merge_report.json`` beside it."""
+    """Merge, verify, then write ``out`` (plain SAM state dict) and its report beside it
+    (``merge_report_path``: ``merged.pth`` -> ``merged.report.json``)."""
     out = Path(out)
     check_can_write(out, overwrite)
     report_path = merge_report_path(out)

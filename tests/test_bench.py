@@ -186,16 +186,14 @@ def one_thread():
 
 def test_bench_command_every_available_backend(tiny_run, one_thread):
     root, export = tiny_run
-    out = root / "out"
-    out.mkdir()
+    out = root / "out"  # -o makes it
     args = ["bench", "--adapter", str(root / "run"), "--iterations", "2", "--warmup", "1", "--batch-size", "3",
-            "--threads", "1",
-            "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "-q"]
+            "--threads", "1", "-o", str(out), "-q"]
     if export is not None:
         args += ["--export-dir", str(export)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    data = json.loads((out / "b.json").read_text())
+    data = json.loads((out / "bench.json").read_text())
     assert data["format"] == "peftexport-bench" and data["reference"] == "base torch fp32"
     assert data["settings"]["image_size"] == 128 and data["settings"]["model_type"] == "tiny"
     assert data["machine"]["cpu_count"] >= 1 and data["versions"]["torch"]
@@ -220,9 +218,9 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
     assert "only on CUDA" in skipped["merged torch-compile fp32"]
     assert "--device cuda" in skipped["export tensorrt fp16"]
     assert not any(c["status"] == "failed" for c in data["cases"])
-    md = (out / "b.md").read_text()
+    md = (out / "bench.md").read_text()
     assert "| base torch fp32 | encoder |" in md and "skipped" in md
-    w, h = _png_size(out / "b.png")
+    w, h = _png_size(out / "bench.png")
     assert w > 300 and h > 300
     assert "median ms" in res.output and "skipped:" in res.output
 
@@ -270,7 +268,7 @@ def test_bench_compare_merges_runs(tmp_path):
     assert "laptop (Intel Laptop x2)" in text and "server (AMD Server x2)" in text
     assert "9000.00" in text and "3000.00" in text and "9090.00" in text
 
-    res = runner.invoke(app, ["bench-compare", str(a), str(b), "--markdown", str(tmp_path / "c.md")])
+    res = runner.invoke(app, ["bench-compare", str(a), str(b), "-o", str(tmp_path / "c.md")])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "c.md").read_text()
     assert md.count("| laptop (Intel Laptop x2) | ") == 3 and md.count("| server (AMD Server x2) | ") == 3

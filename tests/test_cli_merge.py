@@ -33,8 +33,9 @@ def test_merge_cli_writes_plain_checkpoint_and_report(tmp_path):
     out = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
     assert out.returncode == 0, out.stderr
     assert "verification: passed" in out.stdout
-    report = json.loads((tmp_path / "merge_report.json").read_text())
+    report = json.loads((tmp_path / "merged.report.json").read_text())
     assert report["passed"] and report["errors"]["embeddings"]["max_rel"] <= 1e-4
+    assert f"report: {tmp_path / 'merged.report.json'}" in out.stdout
     state = torch.load(tmp_path / "merged.pth", weights_only=True)
     sam = build_sam_architecture("tiny")
     sam.load_state_dict(state, strict=True)
@@ -44,6 +45,33 @@ def test_merge_cli_writes_plain_checkpoint_and_report(tmp_path):
     again = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (tmp_path / "merged.pth").stat().st_mtime_ns == before
+
+
+def test_two_merges_share_one_folder(tmp_path):
+    """Each merged checkpoint gets its own report: a second merge into the folder is not refused."""
+    for name, config in (("lora", "lora"), ("fact", "fact")):
+        save_adapter(make_adapted(MERGEABLE_CONFIGS[config]), tmp_path / f"run_{name}")
+        out = run_cli("merge", "--adapter", tmp_path / f"run_{name}", "-o", tmp_path / "merged" / f"{name}.pth", "-q")
+        if name == "lora":
+            assert out.returncode == 2 and "merged: output directory does not exist" in out.stderr
+            (tmp_path / "merged").mkdir()
+            out = run_cli("merge", "--adapter", tmp_path / f"run_{name}", "-o", tmp_path / "merged" / f"{name}.pth")
+        assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "merged").iterdir())
+    assert names == ["fact.pth", "fact.report.json", "lora.pth", "lora.report.json"]
+    reports = {n: json.loads((tmp_path / "merged" / f"{n}.report.json").read_text()) for n in ("lora", "fact")}
+    assert reports["lora"]["peft"]["method"] == "lora" and reports["fact"]["peft"]["method"] == "fact"
+    assert reports["fact"]["output"] == str(tmp_path / "merged" / "fact.pth")
+
+
+def test_merge_report_path_is_named_after_the_output():
+    from pathlib import Path
+
+    from peft_export.merge import merge_report_path
+
+    assert merge_report_path(Path("a/merged.pth")) == Path("a/merged.report.json")
+    assert merge_report_path(Path("merged")) == Path("merged.report.json")
+    assert merge_report_path(Path("m.v2.pt")) == Path("m.v2.report.json")
 
 
 def test_merge_cli_micro_sam(tmp_path):

@@ -197,15 +197,14 @@ def test_cli_writes_json_markdown_plot(tmp_path, demo_dir, lora_run):
 
     # In-process (a subprocess is tested below): the same Typer app the console script runs.
     args = ["evaluate", "random:tiny", lora_run, "--data", demo_dir, "--iterations", "2", "--max-objects", "2",
-            "--json", tmp_path / "out.json", "--markdown", tmp_path / "out.md", "--plot", tmp_path / "out.png",
-            "--quiet"]
+            "-o", tmp_path / "ev", "--quiet"]
     out = CliRunner().invoke(app, [str(a) for a in args])
     assert out.exit_code == 0, (out.output, out.exception)
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["model", "objects", "dice_point", "dice_box", "dice_iterative_point",
                                 "dice_iterative_box"]
     assert [ln.split()[0] for ln in lines[2:4]] == ["random:tiny", "lora_run"]
-    report = json.loads((tmp_path / "out.json").read_text())
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["random:tiny", "lora_run"]
     for row in report["rows"]:
         for k in ("dice_point", "dice_box", "dice_iterative_point", "dice_iterative_box"):
@@ -215,19 +214,20 @@ def test_cli_writes_json_markdown_plot(tmp_path, demo_dir, lora_run):
     assert len(curve) == 3
     assert report["models"]["lora_run"]["peft"]["method"] == "lora"
     assert report["models"]["random:tiny"]["kind"] == "random"
-    md = (tmp_path / "out.md").read_text()
+    md = (tmp_path / "ev" / "evaluation.md").read_text()
     table = [ln for ln in md.splitlines() if ln.startswith("| random:tiny") or ln.startswith("| lora_run")]
     assert len(table) == 4  # metrics table + model description table
-    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "ev" / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Existing outputs are refused without overwrite, before any model runs.
-    with pytest.raises(PeftExportError, match="out.json: already exists"):
-        evaluate_models(["random:tiny"], demo_dir, json_out=tmp_path / "out.json", progress=False, log=quiet)
+    with pytest.raises(PeftExportError, match="evaluation.json: already exists"):
+        evaluate_models(["random:tiny"], demo_dir, json_out=tmp_path / "ev" / "evaluation.json", progress=False,
+                        log=quiet)
 
 
 def test_cli_bad_model_spec_exits_2(tmp_path, demo_dir):
     out = run_cli("evaluate", "random:tiny", tmp_path / "missing_run", "--data", demo_dir,
-                  "--json", tmp_path / "o.json")
+                  "-o", tmp_path / "o")
     assert out.returncode == 2
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "missing_run" in errors[0]
-    assert not (tmp_path / "o.json").exists()
+    assert not (tmp_path / "o").exists()  # the refused command leaves no output directory

@@ -31,13 +31,13 @@ def test_evaluate_bench_and_export_take_micro_sam(tmp_path):
     make_demo_data(tmp_path / "data", n_images=1, size=128, seed=3)
     peft = ["--peft", "lora", "--rank", "4", "--blocks", "2-3", "--targets", "q,v"]
     ev = run_cli("evaluate", f"ms=micro-sam:{tmp_path / 'ms.pt'}", "--data", tmp_path / "data", "--prompts", "box",
-                 "--max-objects", "3", "--json", tmp_path / "ev.json", "-q", *peft)
+                 "--max-objects", "3", "-o", tmp_path / "ev", "-q", *peft)
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((tmp_path / "ev.json").read_text())["rows"][0]["model"] == "ms"
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["rows"][0]["model"] == "ms"
     bench = run_cli("bench", "--micro-sam", tmp_path / "ms.pt", *peft, "--backend", "torch", "--no-base",
-                    "--components", "encoder", "--iterations", "2", "--json", tmp_path / "b.json", "-q")
+                    "--components", "encoder", "--iterations", "2", "-o", tmp_path / "b", "-q")
     assert bench.returncode == 0, bench.stderr
-    cases = {c["case"]: c["status"] for c in json.loads((tmp_path / "b.json").read_text())["cases"]}
+    cases = {c["case"]: c["status"] for c in json.loads((tmp_path / "b" / "bench.json").read_text())["cases"]}
     assert cases.get("merged torch fp32") == "ok" and cases.get("unmerged torch fp32") == "ok"
     export = run_cli("merge-and-export", "--micro-sam", tmp_path / "ms.pt", *peft, "--out", tmp_path / "exp")
     assert export.returncode == 0, export.stderr

@@ -219,14 +219,14 @@ def test_cli_make_demo_data_and_short_run(tmp_path):
     from peft_export.cli.main import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["make-demo-data", str(tmp_path / "d"), "--n-images", "3", "--size", "96"])
+    res = runner.invoke(app, ["make-demo-data", "-o", str(tmp_path / "d"), "--n-images", "3", "--size", "96"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "d" / "images").glob("*.tif"))) == 3
     res = runner.invoke(app, ["finetune", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--model",
                               "tiny", "--image-size", "96", "--patch-size", "96", "--iterations", "2", "--lr", "1e-3",
                               "--objects-per-image", "2", "--sub-iterations", "1", "--val-fraction", "0.34",
                               "--no-augment", "--cache-frozen-trunk", "--peft", "lora", "--blocks", "late",
-                              "--no-progress", "--min-object-size", "10"])
+                              "-q", "--min-object-size", "10"])
     assert res.exit_code == 0, res.output
     assert "status: completed" in res.output and "cache of the frozen trunk used" in res.output
     assert (tmp_path / "r" / "adapter.safetensors").is_file()

@@ -1,0 +1,137 @@
+"""The command line reads as one tool: option spellings, command order, one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from peft_export.cli.app import PIPELINE_ORDER
+from peft_export.cli.main import app
+from peft_export.data import make_demo_data
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "peft_export.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def _commands() -> dict:
+    group = typer.main.get_command(app)
+    return {name: group.commands[name] for name in group.commands}
+
+
+def _visible_opts(command) -> dict[str, list[str]]:
+    """Long option -> all its spellings, for the options --help shows."""
+    out = {}
+    for p in command.params:
+        if p.param_type_name == "option" and not p.hidden:
+            longs = [o for o in p.opts if o.startswith("--")]
+            out[max(longs, key=len) if longs else p.opts[0]] = list(p.opts) + list(p.secondary_opts)
+    return out
+
+
+def test_every_command_takes_quiet_and_writers_take_out_and_overwrite():
+    no_files = {"params"}  # prints only
+    for name, command in _commands().items():
+        opts = _visible_opts(command)
+        assert set(opts.get("--quiet", [])) == {"--quiet", "-q"}, name
+        assert "--no-progress" not in opts, name
+        if name not in no_files:
+            assert set(opts.get("--out", [])) == {"--out", "-o"}, name
+            assert "--overwrite" in opts, name
+        for old in ("--json", "--markdown", "--plot"):
+            # one output scheme: -o; --json only where it means "print JSON"
+            assert old not in opts or name in ("params", "make-demo-data"), (name, old)
+
+
+def test_one_short_spelling_per_long_option_across_commands():
+    short_of: dict[str, set[str]] = {}
+    long_of: dict[str, set[str]] = {}
+    for name, command in _commands().items():
+        for long, spellings in _visible_opts(command).items():
+            for s in spellings:
+                if not s.startswith("--"):
+                    short_of.setdefault(long, set()).add(s)
+                    long_of.setdefault(s, set()).add(long)
+    assert all(len(longs) == 1 for longs in long_of.values()), long_of
+    assert long_of["-o"] == {"--out"} and long_of["-q"] == {"--quiet"} and long_of["-m"] == {"--model"}
+    assert long_of["-c"] == {"--checkpoint"} and long_of["-d"] == {"--data"}
+    # where a command has --data/--model/--checkpoint, it has the same short form
+    for name, command in _commands().items():
+        opts = _visible_opts(command)
+        for long, short in (("--data", "-d"), ("--out", "-o"), ("--quiet", "-q"), ("--checkpoint", "-c")):
+            if long in opts:
+                assert short in opts[long], (name, long)
+
+
+def test_help_lists_commands_in_pipeline_order():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    body = res.output.split("Commands:")[1]
+    listed = [ln.split()[0] for ln in body.splitlines() if ln.startswith("  ") and ln.split()]
+    known = [c for c in listed if c in PIPELINE_ORDER]
+    assert known == sorted(known, key=PIPELINE_ORDER.index)
+    assert known[:3] == ["make-demo-data", "params", "finetune"] and "demo" in known
+
+
+@pytest.mark.parametrize("args, line", [
+    (["finetune", "--bogus", "1"], "error: --bogus: no such option"),
+    (["merge"], "error: --out: required option missing"),
+    (["finetune", "--out", "x", "--rank", "abc"], "error: --rank: "),
+    (["predict"], "error: EXPORT_DIR: required argument missing"),
+    (["merg"], "error: merg: no such command; did you mean 'merge'?"),
+    (["bench", "x", "--jsn", "f"], "error: --jsn: no such option"),
+])
+def test_usage_errors_are_one_line_exit_2(args, line, tmp_path):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), res.stderr
+    assert "Usage:" not in res.stderr and "Traceback" not in res.stderr
+    # the same line in-process (the app object, as tests and embedders call it)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and line in res.output
+
+
+def test_unknown_option_suggests_visible_spellings_only():
+    res = run_cli("finetune", "--no-progres")
+    assert res.returncode == 2 and "did you mean" not in res.stderr  # --no-progress is deprecated: not offered
+    res = run_cli("finetune", "--quite")
+    assert res.returncode == 2 and "did you mean --quiet" in res.stderr
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_deprecated_spellings_still_work_with_a_warning(tmp_path):
+    res = invoke("make-demo-data", tmp_path / "d", "--n-images", "1", "--size", "64")
+    assert res.exit_code == 0, res.output
+    assert "warning: the positional OUT of make-demo-data is deprecated" in res.output
+    assert len(list((tmp_path / "d" / "images").iterdir())) == 1
+    res = invoke("make-demo-data", tmp_path / "d", "-o", tmp_path / "e")
+    assert res.exit_code == 2 and "not both" in res.output and not (tmp_path / "e").exists()
+
+    ev = ["evaluate", "random:tiny", "--data", tmp_path / "d", "--prompts", "box", "--max-objects", "1", "-q"]
+    res = invoke(*ev, "--json", tmp_path / "old.json")
+    assert res.exit_code == 0, res.output
+    assert "warning: --json FILE is deprecated" in res.output and "-o/--out DIR" in res.output
+    assert json.loads((tmp_path / "old.json").read_text())["rows"][0]["model"] == "random:tiny"
+    res = invoke(*ev, "--json", tmp_path / "x.json", "-o", tmp_path / "ev")
+    assert res.exit_code == 2 and "not both" in res.output and not (tmp_path / "ev").exists()
+
+
+def test_finetune_no_progress_alias_is_accepted(tmp_path):
+    make_demo_data(tmp_path / "d", n_images=3, size=64, seed=0)
+    res = invoke("finetune", "-d", tmp_path / "d", "-o", tmp_path / "r", "-m", "tiny", "--image-size", "64",
+                 "--patch-size", "64", "--iterations", "1", "--objects-per-image", "1", "--sub-iterations", "0",
+                 "--val-fraction", "0.34", "--val-objects", "1", "--min-object-size", "5", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "warning: --no-progress is deprecated" in res.output and "-q/--quiet" in res.output
+    assert "%|" not in res.output  # no progress bar drawn
