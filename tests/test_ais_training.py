@@ -41,7 +41,7 @@ def demo(tmp_path_factory) -> Path:
 
 ARGS = ["--model", "tiny", "--image-size", "128", "--patch-size", "128", "--peft", "lora", "--blocks", "late",
         "--rank", "4", "--lr", "1e-3", "--objects-per-image", "4", "--sub-iterations", "0", "--val-objects", "4",
-        "--val-fraction", "0.25", "--seed", "1", "--no-progress", "--instance-decoder"]
+        "--val-fraction", "0.25", "--seed", "1", "-q", "--instance-decoder"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_resume_restores_the_decoder_exactly(demo, tmp_path):
     assert runner.invoke(app, ["finetune", "--out", str(tmp_path / "a"), "--iterations", "4", *common]).exit_code == 0
     assert runner.invoke(app, ["finetune", "--out", str(tmp_path / "b"), "--iterations", "2", *common]).exit_code == 0
     res = runner.invoke(app, ["finetune", "--out", str(tmp_path / "b"), "--iterations", "4", "--resume",
-                              "--no-progress"])
+                              "-q"])
     assert res.exit_code == 0, res.output
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert a["step"] == b["step"] == 4
