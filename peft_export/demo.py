@@ -202,7 +202,7 @@ def run_demo(
 
     if instances:
         with _step(result, "8. automatic instance segmentation (AIS) beside the point grid", log):
-            _ais_step(result, out, run_dir, export_dir, test_pairs[0].image, p, seed, progress, log)
+            _ais_step(result, out, export_dir, test_pairs[0].image, p, seed, progress, log)
 
     with atomic_file(out / "summary.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str))
@@ -210,16 +210,16 @@ def run_demo(
     return result
 
 
-def _ais_step(result: DemoResult, out: Path, run_dir: Path, export_dir: Path, image_path: Path, p: dict,
+def _ais_step(result: DemoResult, out: Path, export_dir: Path, image_path: Path, p: dict,
               seed: int, progress: bool, log: Callable[[str], None]) -> None:
     """AIS with the instance decoder trained beside the adapter, on the held-out images: mSA of the
-    torch model and of the export (torch-free runtime) against the same export's point grid, and
-    one image segmented with ``predict --instances`` (overlay)."""
+    export (torch-free runtime) against the same export's point grid, and one image segmented with
+    ``predict --instances`` (overlay)."""
     from .evaluation.report import evaluate_models
     from .predict.images import predict_images
 
     ev = evaluate_models(
-        [f"finetuned={run_dir}", f"onnx-fp32={export_dir}@fp32"], out / "data" / "test", prompts=("point", "box"),
+        [f"onnx-fp32={export_dir}@fp32"], out / "data" / "test", prompts=("point", "box"),
         iterations=0, everything=True, everything_options={"points_per_side": p["grid"]}, ais=True, seed=seed,
         json_out=out / "evaluation_ais.json", markdown_out=out / "evaluation_ais.md", progress=progress, log=log,
     )
