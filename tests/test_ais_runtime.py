@@ -237,3 +237,22 @@ print(sorted(m for m in ("torch", "scipy", "skimage") if m in sys.modules))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ERROR instance segmentation: scipy is not installed; pip install 'peftexport[ais]'" in res.stdout
     assert res.stdout.strip().endswith("[]")
+
+
+@pytest.mark.slow
+def test_fp16_ais_decoder_passes_its_parity_check(tmp_path):
+    """fp16 weights and convolutions with the norms in fp32 (dynamo exporter): maps within 0.01 on average."""
+    from peft_export.export.ais import export_ais_decoder_onnx, verify_ais_decoder
+    from peft_export.export.verify import build_reference
+    from peft_export.models import random_sam
+
+    decoder = decoder_from_state(micro_sam_decoder_state(seed=9))
+    how = export_ais_decoder_onnx(decoder, tmp_path / "ais_decoder.fp16.onnx", 64, "fp16")
+    assert how == "dynamo"
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "ais_decoder.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
+    parity = verify_ais_decoder(tmp_path / "ais_decoder.fp16.onnx", decoder, build_reference(random_sam("tiny", 64)),
+                                "fp16")
+    assert parity["passed"] and parity["maps_mean_abs"] <= 0.01 and parity["maps_threshold_agreement"] > 0.95

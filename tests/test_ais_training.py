@@ -20,16 +20,9 @@ from peft_export.peft.adapters import load_adapter
 from peft_export.training import TrainConfig, finetune
 from peft_export.training.checkpoint import load_checkpoint
 from peft_export.training.instance_loss import distance_loss
+from test_training import one_thread  # noqa: F401 - the autouse fixture: one torch thread on shared cores
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

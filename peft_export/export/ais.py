@@ -24,7 +24,6 @@ pixels on the same side of the post-processing's 0.5 thresholds.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -46,28 +45,13 @@ def ais_filename(precision: str) -> str:
     return f"{GRAPH}.onnx" if precision == "fp32" else f"{GRAPH}.{precision}.onnx"
 
 
-class _Fp32Norm(nn.Module):
-    """A normalisation layer run in fp32 inside the fp16 graph (its statistics overflow in fp16)."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm.float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.float()).to(x.dtype)
-
-
 class Fp16AisGraph(nn.Module):
     """fp16 weights and convolutions, norms in fp32, graph input and output fp32."""
 
     def __init__(self, decoder: InstanceDecoder) -> None:
         super().__init__()
-        half = copy.deepcopy(decoder).eval().half()
-        norms = [(n, m) for n, m in half.named_modules() if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d))]
-        for name, module in norms:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(half.get_submodule(parent_name) if parent_name else half, attr, _Fp32Norm(module))
-        self.decoder = half
+        # InstanceNorm's statistics overflow in fp16 like LayerNorm's; BatchNorm folds cheaply either way.
+        self.decoder = og.half_with_fp32_norms(decoder, (nn.InstanceNorm2d, nn.BatchNorm2d))
 
     def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         return self.decoder(image_embeddings.half()).float()

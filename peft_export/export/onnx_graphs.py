@@ -65,18 +65,23 @@ class Fp32Norm(nn.Module):
         return self.norm(x.float()).to(x.dtype)
 
 
+def half_with_fp32_norms(module: nn.Module, norm_types: tuple[type, ...]) -> nn.Module:
+    """An fp16 copy of ``module`` whose normalisation layers (``norm_types``) run in fp32."""
+    half = copy.deepcopy(module).eval().half()
+    norms = [(n, m) for n, m in half.named_modules() if isinstance(m, norm_types)]
+    for name, norm in norms:
+        parent_name, _, attr = name.rpartition(".")
+        parent = half.get_submodule(parent_name) if parent_name else half
+        setattr(parent, attr, Fp32Norm(norm))
+    return half
+
+
 class Fp16EncoderGraph(nn.Module):
     """fp16 weights and compute, LayerNorms in fp32, graph input and output fp32."""
 
     def __init__(self, sam: Sam) -> None:
         super().__init__()
-        encoder = copy.deepcopy(sam.image_encoder).eval().half()
-        norms = [(n, m) for n, m in encoder.named_modules() if isinstance(m, (nn.LayerNorm, LayerNorm2d))]
-        for name, module in norms:
-            parent_name, _, attr = name.rpartition(".")
-            parent = encoder.get_submodule(parent_name) if parent_name else encoder
-            setattr(parent, attr, Fp32Norm(module))
-        self.image_encoder = encoder
+        self.image_encoder = half_with_fp32_norms(sam.image_encoder, (nn.LayerNorm, LayerNorm2d))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(image.half()).float()

@@ -262,17 +262,11 @@ def predict_images(
             "mode": "everything" if everything else "instances" if instances else "prompt",
         }
         picture = None
-        if instances:
-            lab, recs = session.segment_instances(embedding=emb, **ais_options)
-            record.update(options=ais_options, n_objects=len(recs), objects=recs)
-            _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
-            if overlay:
-                from .overlay import render_overlay
-
-                picture = render_overlay(image, labels=lab, rule=rule)
-        elif everything:
-            lab, recs = session.segment_everything(embedding=emb, **options)
-            record.update(options=options, n_objects=len(recs), objects=recs)
+        if auto:  # instance labels: segment-everything or micro-sam's AIS
+            opts = ais_options if instances else options
+            segment = session.segment_instances if instances else session.segment_everything
+            lab, recs = segment(embedding=emb, **opts)
+            record.update(options=opts, n_objects=len(recs), objects=recs)
             _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
             if overlay:
                 from .overlay import render_overlay
