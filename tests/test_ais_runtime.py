@@ -256,3 +256,16 @@ def test_fp16_ais_decoder_passes_its_parity_check(tmp_path):
     parity = verify_ais_decoder(tmp_path / "ais_decoder.fp16.onnx", decoder, build_reference(random_sam("tiny", 64)),
                                 "fp16")
     assert parity["passed"] and parity["maps_mean_abs"] <= 0.01 and parity["maps_threshold_agreement"] > 0.95
+
+
+def test_bench_times_the_ais_component(ais_export):
+    """``bench --components ais``: the instance decoder + post-processing, torch and ONNX Runtime."""
+    from peft_export.bench import run_bench
+
+    adapted, out, _ = ais_export
+    result = run_bench(export_dir=out, adapted=adapted, backends=("torch", "onnxruntime"), components=("ais",),
+                       iterations=1, warmup=0, include_base=False, precisions=("fp32",))
+    ok = {c["case"]: c for c in result["cases"] if c["status"] == "ok"}
+    assert {"unmerged torch fp32", "merged torch fp32", "export onnxruntime-cpu fp32"} <= set(ok), result["cases"]
+    for case in ok.values():
+        assert case["components"]["ais"]["median_ms"] > 0
