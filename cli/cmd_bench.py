@@ -49,7 +49,7 @@ def bench(
         None, "--precision", help="Comma list of fp32, bf16, fp16, int8 (default: torch fp32 (+bf16 on CUDA), every exported precision)."),
     batch_size: str = typer.Option("16", "--batch-size", help="Boxes per decoder call for the batch case; a comma list times several."),
     components: str = typer.Option("encoder,decoder_point,decoder_box,decoder_boxes,end_to_end", "--components",
-                                   help="What to time (comma list)."),
+                                   help="What to time (comma list); also ais (instance decoder + post-processing)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed calls per case and component."),
     iterations: int = typer.Option(10, "--iterations", help="Timed calls per case and component."),
     no_base: bool = typer.Option(False, "--no-base", help="Do not time the adapter's base SAM."),

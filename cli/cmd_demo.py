@@ -19,9 +19,13 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     seed: int = SeedOpt,
     quiet: bool = QuietOpt,
+    instances: bool = typer.Option(True, "--instances/--no-instances",
+                                   help="Train micro-sam's instance decoder too and show AIS (needs peftexport[ais])."),
 ) -> None:
-    """make data -> finetune late LoRA -> merge -> export ONNX fp32+int8 -> bench -> evaluate -> predict."""
+    """make data -> finetune late LoRA (+ instance decoder) -> merge -> export ONNX fp32+int8 -> bench -> evaluate
+    -> predict -> automatic instance segmentation (AIS) beside the point grid."""
     from peft_export.demo import format_summary, run_demo
 
-    result = run_demo(out, model, checkpoint, overwrite=overwrite, seed=seed, progress=not quiet, log=echo)
+    result = run_demo(out, model, checkpoint, overwrite=overwrite, seed=seed, progress=not quiet, log=echo,
+                      instances=instances)
     echo(format_summary(result))

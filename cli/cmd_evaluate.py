@@ -38,6 +38,8 @@ def evaluate(
     start: str = typer.Option("both", "--start", help="Iterative prompting starts from point, box or both."),
     everything: bool = typer.Option(False, "--everything", help="Also automatic segmentation, scored with mSA."),
     points_per_side: int = typer.Option(32, "--points-per-side", help="Point grid of --everything."),
+    ais: bool = typer.Option(False, "--ais", help="Also automatic instance segmentation with the models' instance "
+                             "decoders (micro-sam's defaults), scored with mSA and SA50."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Directory for evaluation.json (full results), evaluation.md (table) and "
         "evaluation.png (Dice per iteration, with iterative prompts)."),
@@ -92,6 +94,7 @@ def evaluate(
             max_objects_per_image=max_objects,
             max_images=max_images,
             everything_options={"points_per_side": points_per_side},
+            ais=ais,
             force=force,
             json_out=files["json"],
             markdown_out=files["markdown"],

@@ -39,6 +39,9 @@ def finetune(
     bottleneck: int = typer.Option(64, "--bottleneck", help="AdaptFormer bottleneck."),
     freeze_decoder: bool = typer.Option(False, "--freeze-decoder", help="Keep the mask decoder frozen."),
     freeze_prompt_encoder: bool = typer.Option(False, "--freeze-prompt-encoder", help="Keep the prompt encoder frozen."),
+    instance_decoder: bool = typer.Option(
+        False, "--instance-decoder",
+        help="Also train micro-sam's instance decoder for automatic instance segmentation (AIS; needs peftexport[ais])."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Training steps (or --epochs)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (one patch per training image; default 20)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per step and process."),
@@ -79,6 +82,7 @@ def finetune(
         checkpoint=str(checkpoint) if checkpoint else None, image_size=image_size, peft=peft, blocks=blocks,
         rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t), dropout=dropout,
         bottleneck=bottleneck, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
+        instance_decoder=instance_decoder,
         iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations, patience=patience,
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
@@ -93,8 +97,9 @@ def finetune(
     echo(f"status: {summary['status']} after {summary['steps']}/{summary['total_steps']} steps "
          f"({summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MB)")
     if best:
+        ais = f", AIS mSA {best['ais_msa']:.4f}" if best.get("ais_msa") is not None else ""
         echo(f"best validation (step {summary['best_step']}): point Dice {best['point_dice']:.4f}, "
-             f"box Dice {best['box_dice']:.4f}")
+             f"box Dice {best['box_dice']:.4f}{ais}")
     echo(f"adapter: {Path(summary['out']) / 'adapter.safetensors'}")
     if summary["status"] == "interrupted":
         echo(f"resume with: peftexport finetune --out {summary['out']} --resume")

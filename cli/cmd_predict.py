@@ -11,7 +11,7 @@ from .app import command, echo
 from .options import OverwriteOpt, QuietOpt
 
 
-@command("predict", short="Segment images with an export (prompts or everything).", help="Segment images with an export: point/box prompts or segment-everything.")
+@command("predict", short="Segment images: prompts, everything or AIS.", help="Segment images with an export: point/box prompts, segment-everything, or automatic instance segmentation (--instances).")
 def predict(
     export_dir: Path = typer.Argument(..., help="Export directory (manifest.json + ONNX graphs)."),
     images: List[Path] = typer.Argument(..., help="Image files: TIFF, PNG, JPEG or NPY (2D gray or RGB)."),
@@ -31,10 +31,19 @@ def predict(
     min_area: int = typer.Option(0, "--min-area", help="--everything: remove holes/islands smaller than this."),
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="Export of several adapters: which one, or 'all' (results in OUT/<adapter>/)."),
+    instances: bool = typer.Option(False, "--instances",
+                                   help="Automatic instance segmentation with the export's instance decoder (AIS)."),
+    center_distance_threshold: float = typer.Option(0.5, "--center-distance-threshold", help="--instances: seed threshold."),
+    boundary_distance_threshold: float = typer.Option(0.5, "--boundary-distance-threshold", help="--instances: seed threshold."),
+    foreground_threshold: float = typer.Option(0.5, "--foreground-threshold", help="--instances: foreground threshold."),
+    foreground_smoothing: float = typer.Option(1.0, "--foreground-smoothing", help="--instances: Gaussian sigma (0: off)."),
+    distance_smoothing: float = typer.Option(1.6, "--distance-smoothing", help="--instances: Gaussian sigma (0: off)."),
+    min_size: int = typer.Option(0, "--min-size", help="--instances: remove objects with fewer pixels."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything) and <stem>_scores.json per image."""
+    """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything, --instances) and <stem>_scores.json per image.
+    --instances uses micro-sam's post-processing defaults."""
     from peft_export.predict import predict_images
 
     opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
@@ -42,10 +51,15 @@ def predict(
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
-                             progress=not quiet, adapter=adapter)
+                             progress=not quiet, adapter=adapter, instances=instances,
+                             instance_options=dict(center_distance_threshold=center_distance_threshold,
+                                                   boundary_distance_threshold=boundary_distance_threshold,
+                                                   foreground_threshold=foreground_threshold,
+                                                   foreground_smoothing=foreground_smoothing,
+                                                   distance_smoothing=distance_smoothing, min_size=min_size))
     for r in records:
         who = f" [{r['adapter']}]" if "adapter" in r else ""
-        if r["mode"] == "everything":
+        if r["mode"] in ("everything", "instances"):
             echo(f"{r['image']}{who}: {r['n_objects']} objects -> {r['outputs']['labels']}")
             if r.get("hint"):
                 echo(f"  {r['hint']}")

@@ -1,8 +1,9 @@
 """``peftexport demo``: the whole pipeline on built-in synthetic microscopy data.
 
-make data -> finetune late LoRA -> merge (exactness report) -> export ONNX fp32 + int8
-(parity) -> bench (torch vs ONNX Runtime, merged vs unmerged) -> evaluate (base vs
-finetuned vs exported) -> predict one image with an overlay. Every step calls the
+make data -> finetune late LoRA (and micro-sam's instance decoder) -> merge (exactness
+report) -> export ONNX fp32 + int8 (parity) -> bench (torch vs ONNX Runtime, merged vs
+unmerged) -> evaluate (base vs finetuned vs exported) -> predict one image with an overlay
+-> automatic instance segmentation (AIS) beside the point grid. Every step calls the
 same library function as its own command, so the demo is also a smoke test of them.
 
 May import: every stage (it runs them all).
@@ -26,9 +27,9 @@ from .fsutil import atomic_file
 # architecture at a CPU-friendly image size (vit_b at 512, much slower).
 PRESETS = {
     "tiny": dict(image_size=256, data_size=256, n_train=10, n_test=3, iterations=40, lr=1e-3, rank=8,
-                 objects=8, sub_iterations=0, val_objects=8, bench_iterations=20, eval_iterations=3),
+                 objects=8, sub_iterations=0, val_objects=8, bench_iterations=20, eval_iterations=3, grid=16),
     "vit_b": dict(image_size=512, data_size=512, n_train=6, n_test=2, iterations=12, lr=1e-4, rank=32,
-                  objects=8, sub_iterations=1, val_objects=4, bench_iterations=2, eval_iterations=2),
+                  objects=8, sub_iterations=1, val_objects=4, bench_iterations=2, eval_iterations=2, grid=16),
 }
 
 
@@ -76,8 +77,12 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    instances: bool = True,
 ) -> DemoResult:
-    """Run every step into ``out_dir`` and return what was made and the key numbers."""
+    """Run every step into ``out_dir`` and return what was made and the key numbers.
+
+    ``instances`` trains micro-sam's instance decoder with the adapter and adds the AIS step.
+    """
     from .peft.adapters import load_adapter
     from .bench.run import run_and_write
     from .data import make_demo_data
@@ -121,7 +126,7 @@ def run_demo(
             peft="lora", blocks="late", rank=p["rank"], targets=("q", "k", "v", "mlp"),
             iterations=p["iterations"], lr=p["lr"], objects_per_image=p["objects"],
             sub_iterations=p["sub_iterations"], val_every=max(p["iterations"] // 4, 1), val_objects=p["val_objects"],
-            seed=seed, progress=progress,
+            seed=seed, progress=progress, instance_decoder=instances,
         ))
         result.artefacts["adapter"] = str(run_dir / "adapter.safetensors")
         result.artefacts["training curves"] = str(run_dir / "training.png")
@@ -195,10 +200,39 @@ def run_demo(
         for key, value in rec.get("outputs", {}).items():
             result.artefacts[f"prediction {key}"] = str(value)
 
+    if instances:
+        with _step(result, "8. automatic instance segmentation (AIS) beside the point grid", log):
+            _ais_step(result, out, export_dir, test_pairs[0].image, p, seed, progress, log)
+
     with atomic_file(out / "summary.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.artefacts["summary"] = str(out / "summary.json")
     return result
+
+
+def _ais_step(result: DemoResult, out: Path, export_dir: Path, image_path: Path, p: dict,
+              seed: int, progress: bool, log: Callable[[str], None]) -> None:
+    """AIS with the instance decoder trained beside the adapter, on the held-out images: mSA of the
+    export (torch-free runtime) against the same export's point grid, and one image segmented with
+    ``predict --instances`` (overlay)."""
+    from .evaluation.report import evaluate_models
+    from .predict.images import predict_images
+
+    ev = evaluate_models(
+        [f"onnx-fp32={export_dir}@fp32"], out / "data" / "test", prompts=("point", "box"),
+        iterations=0, everything=True, everything_options={"points_per_side": p["grid"]}, ais=True, seed=seed,
+        json_out=out / "evaluation_ais.json", markdown_out=out / "evaluation_ais.md", progress=progress, log=log,
+    )
+    log(ev["table"])
+    for row in ev["rows"]:
+        for key, label in (("ais_msa", "AIS mSA"), ("msa", f"point grid {p['grid']}x{p['grid']} mSA")):
+            if row.get(key) is not None:
+                result.numbers[f"{label}: {row['model']}"] = round(float(row[key]), 4)
+    result.artefacts["evaluation AIS"] = str(out / "evaluation_ais.md")
+    rec = predict_images(export_dir, [image_path], out / "predict_ais", instances=True, overlay=True)[0]
+    result.numbers["AIS objects in one held-out image"] = rec["n_objects"]
+    for key, value in rec.get("outputs", {}).items():
+        result.artefacts[f"AIS prediction {key}"] = str(value)
 
 
 def format_summary(result: DemoResult) -> str:

@@ -2,6 +2,9 @@
 
 The merged file is a plain state dict, so ``segment_anything.sam_model_registry[t](checkpoint=...)``
 loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``).
+A model with micro-sam's instance decoder (AIS) is written in micro-sam's own format instead,
+``{"model_state": SAM state dict, "decoder_state": decoder}``, which micro-sam's
+``get_predictor_and_decoder`` and every peftexport command read.
 Every merge compares the merged model with the adapter model on a probe input and
 writes nothing when they differ by more than the tolerance.
 
@@ -98,19 +101,28 @@ def error_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "mean_abs": float(diff.mean())}
 
 
-def compare_models(reference: Sam, candidate: Sam, image_size: int, seed: int = 0) -> dict:
-    """Max abs/rel error of image embeddings and mask logits, and mask agreement, on the probe."""
+def compare_models(reference: Sam, candidate: Sam, image_size: int, seed: int = 0,
+                   instance_decoder: torch.nn.Module | None = None) -> dict:
+    """Max abs/rel error of image embeddings and mask logits, and mask agreement, on the probe.
+
+    With ``instance_decoder`` also the error of its three AIS maps on both embeddings.
+    """
     image, prompts = probe_inputs(image_size, seed)
     a = run_probe(reference, image, prompts)
     b = run_probe(candidate, image, prompts)
     ma, mb = a.mask_logits > 0, b.mask_logits > 0
     union = (ma | mb).sum().item()
-    return {
+    out = {
         "embeddings": error_stats(a.embeddings, b.embeddings),
         "mask_logits": error_stats(a.mask_logits, b.mask_logits),
         "iou_predictions_max_abs": float((a.iou - b.iou).abs().max()),
         "mask_iou": 1.0 if union == 0 else float((ma & mb).sum().item() / union),
     }
+    if instance_decoder is not None:
+        with torch.no_grad():
+            instance_decoder.eval()
+            out["instance_maps"] = error_stats(instance_decoder(a.embeddings), instance_decoder(b.embeddings))
+    return out
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
@@ -155,7 +167,7 @@ def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[S
     merged = merge_peft(model)
     merge_s = time.perf_counter() - t0
     image_size = model.image_encoder.img_size
-    errors = compare_models(model, merged, image_size)
+    errors = compare_models(model, merged, image_size, instance_decoder=adapted.instance_decoder)
     ok = errors["embeddings"]["max_rel"] <= rtol and errors["mask_logits"]["max_rel"] <= rtol
     report = {
         "peftexport_version": __version__,
@@ -164,6 +176,7 @@ def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[S
         "peft": adapted.config.to_dict() if adapted.config else None,
         "base": adapted.base.to_dict(),
         "tolerance_rel": rtol,
+        "instance_decoder": adapted.instance_decoder is not None,
         "errors": errors,
         "passed": ok,
         "merge_seconds": round(merge_s, 3),
@@ -192,8 +205,16 @@ def merge_to_checkpoint(
     check_finite(state, str(out))
     report["output"] = str(out)
     report["num_tensors"] = len(state)
+    payload: dict = state
+    if adapted.instance_decoder is not None:
+        decoder_state = {k: v.detach().cpu().contiguous() for k, v in adapted.instance_decoder.state_dict().items()}
+        check_finite(decoder_state, str(out))
+        payload = {"model_state": state, "decoder_state": decoder_state}
+        report["format"] = "micro-sam (model_state + decoder_state)"
+    else:
+        report["format"] = "segment_anything state dict"
     with atomic_file(out, overwrite=overwrite) as tmp:
-        torch.save(state, tmp)
+        torch.save(payload, tmp)
     with atomic_file(report_path, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     report["report_path"] = str(report_path)
@@ -207,6 +228,11 @@ def format_merge_report(report: dict) -> str:
         f"  image embeddings: max abs {e['embeddings']['max_abs']:.3e}, max rel {e['embeddings']['max_rel']:.3e}",
         f"  mask logits:      max abs {e['mask_logits']['max_abs']:.3e}, max rel {e['mask_logits']['max_rel']:.3e}",
         f"  IoU predictions:  max abs {e['iou_predictions_max_abs']:.3e};  mask IoU {e['mask_iou']:.6f}",
+    ]
+    if "instance_maps" in e:
+        lines.append(f"  AIS maps:         max abs {e['instance_maps']['max_abs']:.3e} "
+                     "(instance decoder kept: micro-sam format, model_state + decoder_state)")
+    lines += [
         f"  verification: {'passed' if report['passed'] else 'FAILED'} (tolerance rel {report['tolerance_rel']:.0e})",
     ]
     q = report.get("qlora_vs_fp32_base")

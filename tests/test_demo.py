@@ -40,9 +40,11 @@ def test_demo_outputs_are_valid(demo_run):
     out, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())
     art = summary["artefacts"]
-    # merged checkpoint: plain segment_anything state dict
+    # merged checkpoint: with the instance decoder trained, micro-sam's format (SAM state dict + decoder_state)
     sam = build_sam_architecture("tiny")
-    sam.load_state_dict(torch.load(art["merged checkpoint"], weights_only=True), strict=True)
+    merged = torch.load(art["merged checkpoint"], weights_only=True)
+    assert set(merged) == {"model_state", "decoder_state"} and len(merged["decoder_state"]) == 66
+    sam.load_state_dict(merged["model_state"], strict=True)
     merge = json.loads(Path(art["merge report"]).read_text())
     assert merge["passed"] and merge["errors"]["embeddings"]["max_rel"] <= 1e-4
     # export: manifest lists files that exist with the right hashes, and the graphs are valid ONNX
@@ -70,3 +72,19 @@ def test_demo_refuses_non_empty_out(demo_run):
     proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "summary.json").exists()
+
+
+def test_demo_shows_automatic_instance_segmentation(demo_run):
+    out, proc = demo_run
+    assert "automatic instance segmentation (AIS)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    n, art = summary["numbers"], summary["artefacts"]
+    ais = json.loads((out / "evaluation_ais.json").read_text())
+    row = ais["rows"][0]
+    assert row["model"] == "onnx-fp32" and 0 <= row["ais_msa"] <= 1 and 0 <= row["msa"] <= 1
+    assert n["AIS mSA: onnx-fp32"] == round(row["ais_msa"], 4)
+    assert n["point grid 16x16 mSA: onnx-fp32"] == round(row["msa"], 4)
+    labels = tifffile.imread(art["AIS prediction labels"])
+    assert labels.max() == n["AIS objects in one held-out image"]
+    manifest = json.loads((Path(art["export"]) / "manifest.json").read_text())
+    assert manifest["graphs"]["ais_decoder"]["fp32"]["parity"]["passed"]

@@ -18,6 +18,8 @@ TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_COMPONENTS = ("encoder", "decoder_point", "decoder_box", "decoder_boxes", "end_to_end")
 NO_BF16 = "this GPU has no native bf16 (torch.cuda.is_bf16_supported(including_emulation=False) is False)"
+# Asked for by name only: "ais" = micro-sam's instance decoder + post-processing on a fixed embedding.
+EXTRA_COMPONENTS = ("ais",)
 ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -275,10 +277,10 @@ def expand_components(components: Sequence[str], batch_sizes: Sequence[int]) -> 
     for c in components:
         if c == "decoder_boxes":
             out.extend(f"decoder_boxes_b{b}" for b in batch_sizes)
-        elif c in DEFAULT_COMPONENTS:
+        elif c in DEFAULT_COMPONENTS + EXTRA_COMPONENTS:
             out.append(c)
         else:
-            raise PeftExportError(f"--components: unknown '{c}' (use {', '.join(DEFAULT_COMPONENTS)})")
+            raise PeftExportError(f"--components: unknown '{c}' (use {', '.join(DEFAULT_COMPONENTS + EXTRA_COMPONENTS)})")
     return out
 
 

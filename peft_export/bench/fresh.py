@@ -42,8 +42,13 @@ def save_model(adapted, path: str | Path) -> dict:
     import torch
 
     torch.save(adapted.model.state_dict(), str(path))
-    return {"peft": adapted.config.to_dict() if adapted.config is not None else None,
+    desc = {"peft": adapted.config.to_dict() if adapted.config is not None else None,
             "base": adapted.base.to_dict(), "intensity": dict(adapted.intensity)}
+    decoder = getattr(adapted, "instance_decoder", None)
+    if decoder is not None:  # micro-sam's AIS decoder, for the "ais" component
+        desc["instance_decoder_file"] = str(Path(path).with_suffix(".ais.pth"))
+        torch.save(decoder.state_dict(), desc["instance_decoder_file"])
+    return desc
 
 
 def _rebuild(case: dict):
@@ -64,7 +69,13 @@ def _rebuild(case: dict):
             apply_peft(sam, config)
         load_state_strict(sam, torch.load(case["model_file"], map_location="cpu", weights_only=True), case["model_file"])
         sam.eval()
-    return AdaptedModel(sam, config, base, intensity=desc.get("intensity") or {})
+    decoder = None
+    if sam is not None and desc.get("instance_decoder_file"):
+        from ..models.instance_decoder import decoder_from_state
+
+        file = desc["instance_decoder_file"]
+        decoder = decoder_from_state(torch.load(file, map_location="cpu", weights_only=True), file)
+    return AdaptedModel(sam, config, base, intensity=desc.get("intensity") or {}, instance_decoder=decoder)
 
 
 def _worker(job_path: str, out_path: str) -> int:

@@ -9,7 +9,9 @@ engines). Each case is timed per *component*:
   embedding, one positive point / one box, low-resolution masks out;
 - ``decoder_boxes_bN``: the same with a batch of N boxes in one call;
 - ``end_to_end``: ``set_image`` + ``predict`` (one box) from a host uint8 image to
-  host boolean masks at the image's size (SamPredictor in torch, SamSession otherwise).
+  host boolean masks at the image's size (SamPredictor in torch, SamSession otherwise);
+- ``ais`` (only when asked): micro-sam's instance decoder + post-processing on the fixed
+  embedding (``bench.ais``).
 
 Warm-up calls are not timed. Memory is measured on the warm-up calls (on the first
 timed calls when there is no warm-up): on CPU the peak RSS of the process above its
@@ -255,7 +257,7 @@ def make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, thread
     """The runner of one case (in this process)."""
     if spec.backend in ("torch", "torch-compile"):
         factory, release = _torch_factory(spec.model, adapted, spec.device)
-        return TorchRunner(spec, factory, inputs, release)
+        return TorchRunner(spec, factory, inputs, release, getattr(adapted, "instance_decoder", None))
     if spec.backend == "onnxruntime":
         return OrtRunner(spec, export_dir, inputs, threads, end_to_end="end_to_end" in comps)
     return RuntimeRunner(spec, export_dir, inputs, threads)

@@ -41,9 +41,10 @@ class TorchRunner(Runner):
     """A segment_anything ``Sam`` (plain, merged or with PEFT layers) in torch."""
 
     def __init__(self, spec: CaseSpec, model_factory: Callable[[], Any], inputs: BenchInputs,
-                 release: Callable[[Any], None] | None = None) -> None:
+                 release: Callable[[Any], None] | None = None, instance_decoder: Any = None) -> None:
         self.spec, self.inputs = spec, inputs
         self._factory, self._release = model_factory, release
+        self.instance_decoder = instance_decoder  # micro-sam's AIS decoder, for the "ais" component
         self.uses_cuda_events = spec.device == "cuda"
         self.model = None
 
@@ -73,14 +74,17 @@ class TorchRunner(Runner):
         self._prompts = {}
         self._predictor = SamPredictor(model)
         self._image_box = torch.from_numpy(self.inputs.image_box).to(dev)[None]
+        if self.instance_decoder is not None:
+            self.instance_decoder = self.instance_decoder.to(dev).eval()
 
     def ready(self, component: str) -> None:
         import torch
 
-        if component.startswith("decoder") and self._emb is None:
+        if (component.startswith("decoder") or component == "ais") and self._emb is None:
             with torch.inference_mode(), self._autocast():
                 self._emb = self.model.image_encoder(self._x)
                 self._pe = self.model.prompt_encoder.get_dense_pe()
+        if component.startswith("decoder"):
             self._decoder_prompt(component)
 
     def _decoder_prompt(self, component: str):
@@ -104,6 +108,10 @@ class TorchRunner(Runner):
         with torch.inference_mode(), self._autocast():
             if component == "encoder":
                 self._encoder(self._x)
+            elif component == "ais":
+                from .ais import torch_ais
+
+                torch_ais(self.instance_decoder, self._emb)
             elif component == "end_to_end":
                 self._predictor.set_image(self.inputs.image)
                 boxes = self._predictor.transform.apply_boxes_torch(self._image_box, self._predictor.original_size)
@@ -185,6 +193,10 @@ class OrtRunner(Runner):
                 raise PeftExportError(f"{rel}: onnxruntime could not start {providers[0]}")
             self.sessions[name] = sess
         self.decoder_name = "decoder_lowres" if "decoder_lowres" in self.sessions else "decoder"
+        ais = (manifest.get("graphs") or {}).get("ais_decoder") or {}
+        ais_prec = self.spec.precision if self.spec.precision in ais else "fp32"
+        self._ais_session = (ort.InferenceSession(str(self.export_dir / ais[ais_prec]["path"]), sess_options=opts,
+                                                  providers=providers) if ais_prec in ais else None)
         self._on_device = self.spec.device == "cuda"
         self._embedding = None
         self._bindings: dict = {}
@@ -195,7 +207,7 @@ class OrtRunner(Runner):
                                       intra_op_threads=self.intra_op_threads)
 
     def ready(self, component: str) -> None:
-        if component.startswith("decoder") and self._embedding is None:
+        if (component.startswith("decoder") or component == "ais") and self._embedding is None:
             enc = self.sessions["encoder"]
             out = enc.run(None, self._cast(enc, {enc.get_inputs()[0].name: self.inputs.encoder_input}))
             self._embedding = np.asarray(out[0], np.float32)
@@ -236,6 +248,11 @@ class OrtRunner(Runner):
             self.session.set_image(self.inputs.image)
             self.session.predict(box=self.inputs.image_box, multimask_output=False)
             return
+        if component == "ais":
+            from .ais import ort_ais
+
+            ort_ais(self._ais_session, self._embedding)
+            return
         if component == "encoder":
             name, feed_list = "encoder", [{self.sessions["encoder"].get_inputs()[0].name: self.inputs.encoder_input}]
         else:
@@ -260,6 +277,7 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.sessions = {}
+        self._ais_session = None
         self._bindings = {}
         self._feeds = {}
         self.session = None

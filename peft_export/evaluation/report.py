@@ -135,12 +135,16 @@ def evaluate_models(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     micro_sam_config: Any = None,
+    ais: bool = False,
+    ais_options: dict | None = None,
 ) -> dict:
     """Evaluate every model of ``model_specs`` on ``data_dir`` with the same prompts.
 
     Specs are ``[NAME=]SOURCE[@PRECISION]`` (see ``predictors``). Interactive metrics
     (point, box, iterative from point and from box) come from ``evaluate_interactive``;
-    with ``everything``, mSA of automatic segmentation from ``evaluate_automatic``.
+    with ``everything``, mSA of automatic segmentation from ``evaluate_automatic``; with ``ais``,
+    mSA and SA50 of micro-sam's automatic instance segmentation (``segment_instances`` with
+    ``ais_options``) for every model that has an instance decoder ("-" for the others).
     Writes the optional JSON / markdown / PNG outputs atomically. Returns a JSON-able
     dict with ``rows`` (one per model), ``table`` (plain text) and ``models`` (full results).
     """
@@ -164,6 +168,12 @@ def evaluate_models(
         if k not in auto_opts and k != "min_mask_region_area":
             raise PeftExportError(f"everything option: unknown {k!r}")
         auto_opts[k] = v
+    ais_params = None
+    if ais:
+        from ..runtime.instances import check_ais_params, require_ais_packages
+
+        ais_params = check_ais_params(dict(ais_options or {}))
+        require_ais_packages()
     samples = load_raw_samples(data_dir, labels_are, max_images)
     n_objects = int(sum(np.unique(s.label[s.label != 0]).size for s in samples))
     log(f"data: {data_dir}: {len(samples)} image(s), {n_objects} object(s)")
@@ -192,6 +202,8 @@ def evaluate_models(
 
             entry["automatic"] = evaluate_automatic(segment, _model_view(samples, loaded.intensity),
                                                     progress=progress)
+        if ais_params is not None:
+            entry["ais"] = _evaluate_ais(loaded, samples, ais_params, progress, log)
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         results[spec.name] = entry
         del loaded
@@ -205,7 +217,7 @@ def evaluate_models(
                  "labels_are": labels_are, "max_images": max_images},
         "protocol": {"prompts": list(prompts), "start": start, "iterations": iterations, "seed": seed,
                      "max_objects_per_image": max_objects_per_image,
-                     "everything": auto_opts if everything else None},
+                     "everything": auto_opts if everything else None, "ais": ais_params},
         "rows": rows,
         "table": format_table(rows),
         "models": results,
@@ -213,6 +225,21 @@ def evaluate_models(
     report = _jsonable(report)
     write_outputs(report, json_out, markdown_out, plot_out, overwrite)
     return report
+
+
+def _evaluate_ais(loaded: LoadedModel, samples: Sequence[RawSample], params: dict, progress: bool,
+                  log: Callable[[str], None]) -> dict | None:
+    """mSA / SA50 of micro-sam's AIS for one model, or None (logged) when it has no instance decoder."""
+    pred = loaded.predictor
+    if not getattr(pred, "has_instance_decoder", False):
+        log(f"   {loaded.spec.name}: no instance decoder, AIS not scored")
+        return None
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        pred.set_image(image)
+        return pred.segment_instances(**params)[0]
+
+    return evaluate_automatic(segment, _model_view(samples, loaded.intensity), progress=progress)
 
 
 def write_outputs(report: dict, json_out: str | Path | None = None, markdown_out: str | Path | None = None,
@@ -243,7 +270,9 @@ def markdown_report(report: dict) -> str:
         f"Data: `{d['dir']}` ({d['n_images']} images, {d['n_objects']} objects). "
         f"Prompts: {', '.join(p['prompts'])}; iterative: {p['iterations']} corrective points "
         f"from {p['start']}; seed {p['seed']}."
-        + (" Automatic segmentation: mSA over IoU 0.5:0.95." if p.get("everything") else ""),
+        + (" Automatic segmentation: mSA over IoU 0.5:0.95." if p.get("everything") else "")
+        + (" AIS: micro-sam's instance decoder + watershed, mSA over IoU 0.5:0.95 (ais_msa) and SA at 0.5."
+           if p.get("ais") else ""),
         "",
         to_markdown(report["rows"]),
         "",

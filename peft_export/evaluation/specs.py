@@ -172,13 +172,15 @@ class TorchPredictor:
     ResizeLongestSide uses ``sam.image_encoder.img_size`` (any image size works).
     """
 
-    def __init__(self, sam: Any, intensity: dict | None = None, device: str = "cpu") -> None:
+    def __init__(self, sam: Any, intensity: dict | None = None, device: str = "cpu",
+                 instance_decoder: Any = None) -> None:
         import torch
         from segment_anything import SamPredictor
 
         if device == "cuda" and not torch.cuda.is_available():
             raise PeftExportError("device cuda: torch sees no CUDA device")
         self.model = sam.to(device).eval()
+        self.instance_decoder = instance_decoder.to(device).eval() if instance_decoder is not None else None
         self.device = device
         self.intensity = check_intensity_rule(intensity)
         self.image_size = int(sam.image_encoder.img_size)
@@ -214,6 +216,28 @@ class TorchPredictor:
                 multimask_output=multimask_output,
                 return_logits=return_logits,
             )
+
+    @property
+    def has_instance_decoder(self) -> bool:
+        return self.instance_decoder is not None
+
+    def segment_instances(self, **params: Any) -> tuple[np.ndarray, list[dict]]:
+        """micro-sam's AIS on the image of ``set_image``: the torch instance decoder's maps, then the
+        runtime's post-processing (``SamSession.segment_instances``'s parameters) -> (int32 labels, records)."""
+        import torch
+
+        from ..models import postprocess_maps
+        from ..runtime.instances import segment_from_maps
+
+        if self.instance_decoder is None:
+            raise PeftExportError("segment_instances: this model has no instance decoder (train with "
+                                  "--instance-decoder, or load a micro-sam checkpoint with a decoder_state)")
+        if self._image is None:
+            raise PeftExportError("segment_instances: no image set; call set_image(image) first")
+        p = self._predictor
+        with torch.inference_mode():
+            maps = postprocess_maps(self.instance_decoder(p.features), tuple(p.input_size), tuple(p.original_size))
+        return segment_from_maps(maps[0].float().cpu().numpy(), params)
 
     def segment_everything(self, points_per_side: int = 32, points_per_batch: int = 64,
                            pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
@@ -290,14 +314,14 @@ def load_predictor(
         info = {"kind": "export", "source": spec.source, "model_type": desc.get("model_type"),
                 "image_size": session.image_size, "precision": spec.precision or "fp32",
                 "backend": backend, "device": device, "graphs": desc.get("graphs"),
-                "peft": session.manifest.get("peft")}
+                "peft": session.manifest.get("peft"), "instance_decoder": session.has_instance_decoder}
         if session.adapters:
             info["adapter"] = session.adapters[0]
             info["peft"] = session.manifest["adapters"][session.adapters[0]].get("peft")
         return LoadedModel(spec, session, backend, check_intensity_rule(rule), info)
 
     from ..peft.adapters import load_adapter
-    from ..models import load_sam
+    from ..models import load_sam_and_decoder
 
     if spec.kind in ("adapter", "micro-sam"):
         if spec.kind == "adapter":
@@ -306,15 +330,16 @@ def load_predictor(
             from ..peft.adapters import load_model_source
 
             adapted = load_model_source(micro_sam=spec.source[len(MICRO_SAM_PREFIX):], micro_sam_config=micro_sam_config)
-        sam, rule = adapted.model, adapted.intensity
+        sam, rule, decoder = adapted.model, adapted.intensity, adapted.instance_decoder
         base = adapted.base.to_dict()
         peft = adapted.config.to_dict() if adapted.config is not None else None
     else:
         model_type = spec.source[len(RANDOM_PREFIX):] if spec.kind == "random" else None
-        sam, base_info = load_sam(model_type, None if spec.kind == "random" else spec.source, image_size, seed=seed)
+        sam, base_info, decoder = load_sam_and_decoder(model_type, None if spec.kind == "random" else spec.source,
+                                                       image_size, seed=seed)
         rule, base, peft = dict(DEFAULT_INTENSITY_RULE), base_info.to_dict(), None
-    predictor = TorchPredictor(sam, rule, device=device)
+    predictor = TorchPredictor(sam, rule, device=device, instance_decoder=decoder)
     info = {"kind": spec.kind, "source": spec.source, "model_type": base.get("model_type"),
             "image_size": predictor.image_size, "precision": "fp32", "backend": "torch", "device": device,
-            "base": base, "peft": peft}
+            "base": base, "peft": peft, "instance_decoder": decoder is not None}
     return LoadedModel(spec, predictor, "torch", predictor.intensity, info)

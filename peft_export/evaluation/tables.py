@@ -27,6 +27,9 @@ def summary_rows(results_by_model: dict[str, dict]) -> list[dict]:
         if auto is not None:
             row["msa"] = auto["msa"]
             row["sa50"] = auto["sa50"]
+        if "ais" in res:  # micro-sam's automatic instance segmentation (None: the model has no decoder)
+            row["ais_msa"] = res["ais"]["msa"] if res["ais"] else None
+            row["ais_sa50"] = res["ais"]["sa50"] if res["ais"] else None
         rows.append(row)
     return rows
 

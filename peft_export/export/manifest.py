@@ -47,6 +47,8 @@ def graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
         )
     if graph in SPLIT_GRAPHS:
         return split_graph_io(graph, image_size)
+    if graph == "ais_decoder":
+        return [emb], [_t("instance_maps", [1, 3, s, s])]
     raise KeyError(graph)
 
 

@@ -68,15 +68,15 @@ class Fp32Norm(nn.Module):
         return self.norm(x.float()).to(x.dtype)
 
 
-def half_with_fp32_norms(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` in fp16 whose LayerNorms run in fp32 (``Fp32Norm``)."""
-    module = copy.deepcopy(module).eval().half()
-    norms = [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.LayerNorm, LayerNorm2d))]
+def half_with_fp32_norms(module: nn.Module, norm_types: tuple[type, ...] = (nn.LayerNorm, LayerNorm2d)) -> nn.Module:
+    """An fp16 copy of ``module`` whose normalisation layers (``norm_types``) run in fp32."""
+    half = copy.deepcopy(module).eval().half()
+    norms = [(n, m) for n, m in half.named_modules() if isinstance(m, norm_types)]
     for name, norm in norms:
         parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
+        parent = half.get_submodule(parent_name) if parent_name else half
         setattr(parent, attr, Fp32Norm(norm))
-    return module
+    return half
 
 
 class Fp16EncoderGraph(nn.Module):

@@ -118,7 +118,8 @@ def merge_and_export(
     Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
     ``decoder_lowres`` (batched, low-res) and the split decoder (``split_image``,
     ``split_prompts``, ``split_masks``: segment-everything) in fp32, plus ``encoder_preprocess`` with
-    ``preprocess_in_graph``. Returns the manifest; raises PeftExportError (nothing
+    ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
+    has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
 
     int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
@@ -164,12 +165,16 @@ def merge_and_export(
 
     backends = verify_backends()
 
-    def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None) -> None:
+    def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None,
+              verifier: Callable | None = None) -> None:
         # The same gate on every installed CPU backend: a graph one of them runs wrongly is refused.
         by_backend = {}
         for backend in backends:
             t = time.perf_counter()
-            parity = verify_export(tmp / filename, graph, reference_model, reference, precision, backend)
+            if verifier is not None:
+                parity = verifier(tmp / filename, reference, precision, backend)
+            else:
+                parity = verify_export(tmp / filename, graph, reference_model, reference, precision, backend)
             parity["export_seconds"] = round(export_s, 2)
             parity["verify_seconds"] = round(time.perf_counter() - t, 2)
             by_backend[backend] = parity
@@ -235,12 +240,18 @@ def merge_and_export(
             split_s[name] = time.perf_counter() - t
         for name in SPLIT_GRAPHS:  # each check runs the chain of all three
             check(name, "fp32", f"{name}.onnx", tmp, split_s[name], {"note": SPLIT_NOTE})
+        ais = None
+        if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: fp32 and each asked precision
+            from .ais import export_ais
+
+            ais = export_ais(adapted.instance_decoder, tmp, size, precisions, opset, check)
 
         manifest = build_manifest(
             model_type, size, dict(adapted.intensity), adapted.config.to_dict() if adapted.config else None,
             merged, in_graph, graphs, opset, used_exporter, adapted.base.to_dict(), merge_report,
         )
         manifest["source"] = export_source(adapted)
+        manifest["instance_segmentation"] = ais
         if target is not None:
             manifest["tensorrt"] = _tensorrt(target, tmp, graphs, precisions, size, reference, log)
             manifest["versions"]["tensorrt"] = target.version

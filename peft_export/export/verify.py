@@ -26,8 +26,11 @@ from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
 # fail below a floor that still keeps the masks usable.
 THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"embeddings_max_rel": 1e-4, "mask_logits_max_rel": 1e-4, "mask_iou": 0.999},
-    "fp16": {"embeddings_cosine": 0.99, "mask_iou": 0.95},
+    "fp32": {"embeddings_max_rel": 1e-4, "mask_logits_max_rel": 1e-4, "mask_iou": 0.999,
+             # AIS maps (sigmoid, 0..1): InstanceNorm over near-constant channels amplifies float
+             # reordering at single pixels (tiny model: max 4e-4 ONNX Runtime, 2e-3 OpenVINO; mean 2e-6, 4e-6)
+             "maps_max_abs": 5e-3, "maps_mean_abs": 1e-4},
+    "fp16": {"embeddings_cosine": 0.99, "mask_iou": 0.95, "maps_mean_abs": 0.01},
     "int8": {"embeddings_cosine": 0.99, "mask_iou": 0.95,
              # per-prompt agreement with the fp32 masks (agreement.GATES): mean and worst prompt
              "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97},
@@ -165,7 +168,8 @@ def _judge(stats: dict, precision: str, keys: tuple[str, ...]) -> dict:
     failed = []
     for key, limit in limits.items():
         value = stats[key]
-        bad = not np.isfinite(value) or (value > limit if key.endswith("max_rel") else value < limit)
+        upper = key.endswith(("max_rel", "max_abs", "mean_abs"))  # errors: at most the limit; scores: at least
+        bad = not np.isfinite(value) or (value > limit if upper else value < limit)
         if bad:
             failed.append(f"{key} {value:.6g} (limit {limit:g})")
     stats["thresholds"] = limits
@@ -325,7 +329,7 @@ def verify_export(
 def format_parity_table(rows: list[tuple[str, str, dict]]) -> str:
     """One line per (graph, precision): the errors and whether it passed."""
     w = max([20] + [len(graph) + 2 for graph, _, _ in rows])  # per-adapter graph names run longer
-    head = f"{'graph':<{w}}{'precision':<10}{'emb max rel':>12}{'emb cosine':>12}{'logit max rel':>14}{'mask IoU':>10}{'IoU-pred diff':>14}  result"
+    head = f"{'graph':<{w}}{'precision':<10}{'emb max rel':>12}{'emb cosine':>12}{'logit max rel':>14}{'mask IoU':>10}{'IoU-pred diff':>14}{'AIS maps err':>13}  result"
     lines = [head, "-" * len(head)]
     for graph, precision, p in rows:
         emb_rel = p.get("embeddings", {}).get("max_rel")
@@ -333,12 +337,13 @@ def format_parity_table(rows: list[tuple[str, str, dict]]) -> str:
         logit = p.get("mask_logits", {}).get("max_rel")
         miou = p.get("mask_iou")
         dio = p.get("iou_predictions_max_abs")
+        maps = p.get("maps_max_abs")
 
         def f(v, spec):
             return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
 
         lines.append(
             f"{graph:<{w}}{precision:<10}{f(emb_rel, '12.2e')}{f(cos, '12.6f')}{f(logit, '14.2e')}"
-            f"{f(miou, '10.5f')}{f(dio, '14.2e')}  {'ok' if p['passed'] else 'FAILED'}"
+            f"{f(miou, '10.5f')}{f(dio, '14.2e')}{f(maps, '13.2e')}  {'ok' if p['passed'] else 'FAILED'}"
         )
     return "\n".join(lines)

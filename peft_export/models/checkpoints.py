@@ -1,9 +1,10 @@
-"""Loading checkpoints of every supported format into a plain SAM.
+"""Loading checkpoints of every supported format into a plain SAM (and micro-sam's instance decoder).
 
 Official, merged and micro-sam (``model_state``) checkpoints, always through
 ``torch.load(weights_only=True)``; the model type is inferred from the weights, and an
 image size other than the checkpoint's interpolates the positional embeddings
 (``pos_embed`` bicubic, the global blocks' ``rel_pos`` linearly, as SAM's ``get_rel_pos``).
+A micro-sam checkpoint's ``decoder_state`` (the AIS decoder) is loaded when present.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
+from .instance_decoder import InstanceDecoder, decoder_from_state
 from .sam import (
     ARCHITECTURES,
     PATCH_SIZE,
@@ -74,6 +76,21 @@ def sam_state_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> 
     if not any(k.startswith("image_encoder.") for k in state):
         raise PeftExportError(f"{path}: no 'image_encoder.*' weights; not a SAM checkpoint")
     return state
+
+
+def decoder_state_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> dict[str, torch.Tensor] | None:
+    """micro-sam's instance-decoder weights (``decoder_state``) of a checkpoint, or None without them."""
+    state = obj.get("decoder_state") if isinstance(obj, Mapping) else None
+    if state is None or (isinstance(state, Mapping) and not state):  # an empty one: no decoder
+        return None
+    if not isinstance(state, Mapping):
+        raise PeftExportError(f"{path}: decoder_state is not a dict of tensors")
+    return dict(state)
+
+
+def instance_decoder_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> InstanceDecoder | None:
+    state = decoder_state_from_checkpoint(obj, path)
+    return None if state is None else decoder_from_state(state, str(path))
 
 
 def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
@@ -150,6 +167,18 @@ def load_sam(
     type than the one asked for is refused by name. ``image_size`` other than the
     checkpoint's interpolates the positional embeddings.
     """
+    sam, info, _ = load_sam_and_decoder(model_type, checkpoint, image_size, seed, warn_random)
+    return sam, info
+
+
+def load_sam_and_decoder(
+    model_type: str | None,
+    checkpoint: str | Path | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    warn_random: bool = True,
+) -> tuple[Sam, BaseModelInfo, InstanceDecoder | None]:
+    """``load_sam`` plus the checkpoint's instance decoder (micro-sam ``decoder_state``), or None."""
     if checkpoint is None:
         if model_type is None:
             raise PeftExportError("--model is required when no checkpoint is given")
@@ -161,9 +190,13 @@ def load_sam(
                 stacklevel=2,
             )
         image_size = image_size or arch.default_image_size
-        return random_sam(model_type, image_size, seed), BaseModelInfo(model_type, image_size, None, RANDOM_INIT, seed)
+        return (random_sam(model_type, image_size, seed), BaseModelInfo(model_type, image_size, None, RANDOM_INIT, seed),
+                None)
 
-    state = sam_state_from_checkpoint(read_checkpoint(checkpoint), checkpoint)
+    obj = read_checkpoint(checkpoint)
+    state = sam_state_from_checkpoint(obj, checkpoint)
+    decoder = instance_decoder_from_checkpoint(obj, checkpoint)
+    del obj
     found = infer_model_type(state, checkpoint)
     if model_type is not None and found != model_type:
         dim = ARCHITECTURES[found].embed_dim
@@ -177,7 +210,7 @@ def load_sam(
     sam = build_sam_architecture(found, image_size)
     state = resize_positional_state(state, found, image_size)
     load_state_strict(sam, state, checkpoint)
-    return sam, BaseModelInfo(found, image_size, str(checkpoint), sha256_file(checkpoint))
+    return sam, BaseModelInfo(found, image_size, str(checkpoint), sha256_file(checkpoint)), decoder
 
 
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -2,6 +2,9 @@
 
 Also the one entry point every command uses to get "the adapted model" from what the
 user has: an adapter run, a micro-sam training checkpoint, or a plain/merged checkpoint.
+Each may carry micro-sam's instance decoder (AIS): adapter files store it under
+``instance_decoder.*`` (all of its state, BatchNorm statistics included), micro-sam files
+as ``decoder_state``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from ..fsutil import atomic_file, sha256_file
 from ..models import (
     RANDOM_INIT,
     BaseModelInfo,
+    InstanceDecoder,
     build_sam_architecture,
     check_model_type,
+    decoder_from_state,
     infer_model_type,
-    load_sam,
+    instance_decoder_from_checkpoint,
+    load_sam_and_decoder,
     load_state_strict,
+    random_instance_decoder,
     read_checkpoint,
     sam_state_from_checkpoint,
     checkpoint_image_size,
@@ -40,6 +47,7 @@ ADAPTER_FORMAT = "peftexport-adapter"
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
+DECODER_PREFIX = "instance_decoder."  # tensors of the AIS decoder inside adapter.safetensors
 
 
 @dataclass
@@ -52,6 +60,7 @@ class AdaptedModel:
     intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY_RULE))
     source: str = ""  # what the user passed, for reports
     meta: dict = field(default_factory=dict)
+    instance_decoder: InstanceDecoder | None = None  # micro-sam's AIS decoder, when the model has one
 
 
 def build_adapted_model(
@@ -60,13 +69,32 @@ def build_adapted_model(
     checkpoint: str | Path | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    instance_decoder: bool = False,
 ) -> AdaptedModel:
-    """Base SAM (checkpoint or seeded random init) with the PEFT method installed."""
-    sam, base = load_sam(model_type, checkpoint, image_size, seed=seed)
+    """Base SAM (checkpoint or seeded random init) with the PEFT method installed.
+
+    ``instance_decoder``: also give it micro-sam's AIS decoder, the checkpoint's own
+    (``decoder_state``) when it has one, else a freshly initialised one (seeded).
+    """
+    sam, base, decoder = load_sam_and_decoder(model_type, checkpoint, image_size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)  # adapter init is reproducible too
         apply_peft(sam, config)
-    return AdaptedModel(sam, config, base)
+    if instance_decoder and decoder is None:
+        decoder = random_instance_decoder(seed + 3)
+    return AdaptedModel(sam, config, base, instance_decoder=decoder if instance_decoder else None)
+
+
+def decoder_tensors(decoder: InstanceDecoder) -> dict[str, torch.Tensor]:
+    """The AIS decoder's whole state (parameters and BatchNorm statistics) under ``instance_decoder.``."""
+    return {DECODER_PREFIX + k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+
+
+def split_decoder_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(SAM tensors, AIS decoder state without its prefix)."""
+    sam = {k: v for k, v in tensors.items() if not k.startswith(DECODER_PREFIX)}
+    dec = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
+    return sam, dec
 
 
 def save_adapter(
@@ -81,7 +109,10 @@ def save_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = trainable_state(adapted.model)
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    n_adapter = len(tensors)
+    if adapted.instance_decoder is not None:
+        tensors.update(decoder_tensors(adapted.instance_decoder))
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise PeftExportError(f"{out_dir}: refusing to save an adapter with NaN/Inf in {bad[0]}")
     meta = {
@@ -91,8 +122,9 @@ def save_adapter(
         "peft": adapted.config.to_dict(),
         "base": adapted.base.to_dict(),
         "intensity": adapted.intensity,
-        "num_tensors": len(tensors),
-        "num_parameters": int(sum(v.numel() for v in tensors.values())),
+        "num_tensors": n_adapter,
+        "num_parameters": int(sum(v.numel() for k, v in tensors.items() if not k.startswith(DECODER_PREFIX))),
+        "instance_decoder": _decoder_meta(adapted.instance_decoder),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(extra or {})
@@ -101,6 +133,15 @@ def save_adapter(
     with atomic_file(out_dir / ADAPTER_META, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def _decoder_meta(decoder: InstanceDecoder | None) -> dict | None:
+    if decoder is None:
+        return None
+    from ..models import MAP_NAMES
+
+    return {"maps": list(MAP_NAMES), "conv_transpose": decoder.conv_transpose, "prefix": DECODER_PREFIX,
+            "num_parameters": int(sum(p.numel() for p in decoder.parameters()))}
 
 
 def _adapter_paths(path: str | Path) -> tuple[Path, Path]:
@@ -183,8 +224,10 @@ def load_adapter(
                 raise PeftExportError(msg + "; pass --force to use it anyway")
             warnings.warn(msg + "; continuing because of --force", stacklevel=2)
         del state
-    tensors = read_adapter_tensors(weights)  # before the (slow) base build: fail fast
+    tensors, decoder_state = split_decoder_tensors(read_adapter_tensors(weights))  # before the slow base build
+    decoder = decoder_from_state(decoder_state, str(weights)) if decoder_state else None
     adapted = build_adapted_model(config, base["model_type"], checkpoint, base["image_size"], seed=base.get("seed", 0))
+    adapted.instance_decoder = decoder
     own = dict(adapted.model.named_parameters())
     trainable = {n for n, p in own.items() if p.requires_grad}
     unknown = [k for k in tensors if k not in own]
@@ -255,6 +298,7 @@ def import_micro_sam(
     """
     obj = read_checkpoint(checkpoint)
     state = sam_state_from_checkpoint(obj, checkpoint)
+    decoder = instance_decoder_from_checkpoint(obj, checkpoint)
     found = infer_model_type(state, checkpoint)
     if model_type is not None and found != model_type:
         check_model_type(model_type)
@@ -273,7 +317,7 @@ def import_micro_sam(
             f"{exc} -- check --peft {config.method} and its options (--rank, --blocks, --targets) match the training"
         ) from None
     base = BaseModelInfo(found, own_size, str(checkpoint), sha256_file(checkpoint))
-    return AdaptedModel(sam.eval(), config, base, source=str(checkpoint))
+    return AdaptedModel(sam.eval(), config, base, source=str(checkpoint), instance_decoder=decoder)
 
 
 def load_model_source(
@@ -298,5 +342,5 @@ def load_model_source(
                 f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft (and --rank, --blocks, ...)"
             )
         return import_micro_sam(micro_sam, micro_sam_config, model_type, image_size)
-    sam, base = load_sam(model_type, merged, image_size)
-    return AdaptedModel(sam, None, base, source=str(merged))
+    sam, base, decoder = load_sam_and_decoder(model_type, merged, image_size)
+    return AdaptedModel(sam, None, base, source=str(merged), instance_decoder=decoder)

@@ -1,4 +1,5 @@
-"""Segment image files with an export dir: prompts (points / box) or segment-everything.
+"""Segment image files with an export dir: prompts (points / box), segment-everything, or automatic
+instance segmentation with micro-sam's instance decoder (``instances``).
 
 Every input is checked (export dir, prompt strings, images readable, prompts inside
 each image, outputs free) before the model runs, so a bad 50th file does not leave
@@ -137,11 +138,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def output_paths(out_dir: Path, stem: str, everything: bool, overlay: bool) -> Dict[str, Path]:
+    """Output files of one image; ``everything`` stands for any labels output (segment-everything or instances)."""
     paths = {"labels" if everything else "mask": out_dir / f"{stem}_{'labels' if everything else 'mask'}.tif",
              "json": out_dir / f"{stem}_scores.json"}
     if overlay:
         paths["overlay"] = out_dir / f"{stem}_overlay.png"
     return paths
+
+
+def _label_dtype(labels: np.ndarray) -> np.ndarray:
+    """uint16 labels, int32 above 65535 objects."""
+    n = int(labels.max()) if labels.size else 0
+    return labels.astype(np.uint16) if n <= np.iinfo(np.uint16).max else labels.astype(np.int32)
 
 
 def _write_tiff(array: np.ndarray, path: Path, overwrite: bool) -> None:
@@ -180,6 +188,8 @@ def predict_images(
     progress: bool = False,
     intra_op_threads: Optional[int] = None,
     adapter: Optional[str] = None,
+    instances: bool = False,
+    instance_options: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Segment each image file and write results into ``out_dir``; return one record per image
     (per image and adapter with ``adapter="all"``).
@@ -190,6 +200,8 @@ def predict_images(
     (C,H,W). ``everything`` gives ``<stem>_labels.tif`` (uint16 instance labels, int32
     above 65535 objects); its record has "filters" (the candidates each filter removed) and,
     with fewer than ``FEW_OBJECTS`` objects, "hint" (which option relaxes which filter).
+    ``instances`` gives the same labels file from micro-sam's automatic instance segmentation
+    (options ``instance_options``: ``SamSession.segment_instances``'s parameters).
     Always ``<stem>_scores.json``; ``overlay`` adds ``<stem>_overlay.png``. The record is the
     JSON content. An export of several adapters needs ``adapter`` (optional when
     it has one); ``"all"`` runs every adapter on each image (the trunk once) and writes each
@@ -197,13 +209,18 @@ def predict_images(
     """
     from ..runtime import SamSession, filter_report, read_manifest
     from ..runtime.adapters import pick_adapter
+    from ..runtime.instances import check_ais_params, require_ais_packages
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
-    if everything and (coords is not None or bx is not None):
-        raise PeftExportError("--everything: cannot be combined with --points/--box")
-    if not everything and coords is None and bx is None:
-        raise PeftExportError("prompts: give --points and/or --box, or --everything")
+    if everything and instances:
+        raise PeftExportError("--instances: cannot be combined with --everything")
+    auto = "--everything" if everything else "--instances" if instances else None
+    if auto and (coords is not None or bx is not None):
+        raise PeftExportError(f"{auto}: cannot be combined with --points/--box")
+    if not auto and coords is None and bx is None:
+        raise PeftExportError("prompts: give --points and/or --box, or --everything / --instances")
+    ais_options = check_ais_params(dict(instance_options or {})) if instances else None
     options = dict(EVERYTHING_DEFAULTS)
     for k, v in (everything_options or {}).items():
         if k not in options:
@@ -219,6 +236,11 @@ def predict_images(
         targets = [(n, Path(out_dir) / n) for n in names]
     else:
         targets = [(pick_adapter(None if adapter == "all" else adapter, names), Path(out_dir))]
+    if instances:
+        if not manifest["graphs"].get("ais_decoder"):
+            raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none "
+                                  "(export a model trained with --instance-decoder, or a micro-sam model with one)")
+        require_ais_packages()
 
     from ..data.io import file_stem
 
@@ -235,7 +257,7 @@ def predict_images(
         shape = read_image(path).shape[:2]
         check_prompts_inside(str(path), shape, coords, bx)
         for name, target_dir in targets:
-            outs = output_paths(target_dir, stem, everything, overlay)
+            outs = output_paths(target_dir, stem, bool(auto), overlay)
             for p in outs.values():
                 if p.exists() and not overwrite:
                     raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
@@ -259,25 +281,31 @@ def predict_images(
             "export_dir": str(export_dir),
             "precision": precision,
             "device": device,
-            "mode": "everything" if everything else "prompt",
+            "mode": "everything" if everything else "instances" if instances else "prompt",
         }
         if name is not None:
             record["adapter"] = name
         picture = None
-        if everything:
-            lab, recs = session.segment_everything(embedding=emb, adapter=name, **options)
-            n = int(lab.max()) if lab.size else 0
-            out = lab.astype(np.uint16) if n <= np.iinfo(np.uint16).max else lab.astype(np.int32)
-            record.update(options=options, n_objects=len(recs), filters=recs.summary, objects=recs)
-            if len(recs) < FEW_OBJECTS:  # say which filter removed the candidates and how to relax it
-                record["hint"] = filter_report(recs.summary, EVERYTHING_OPTIONS)
-            _write_tiff(out, outs["labels"], overwrite)
+        if auto:  # instance labels: segment-everything or micro-sam's AIS
+            if instances:
+                opts = ais_options
+                lab, recs = session.segment_instances(embedding=emb, **opts)
+            else:
+                opts = options
+                lab, recs = session.segment_everything(embedding=emb, adapter=name, **opts)
+            record.update(options=opts, n_objects=len(recs), objects=recs)
+            if not instances:
+                record["filters"] = recs.summary
+                if len(recs) < FEW_OBJECTS:  # say which filter removed the candidates and how to relax it
+                    record["hint"] = filter_report(recs.summary, EVERYTHING_OPTIONS)
+            _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
             if overlay:
                 from .overlay import annotate, overlay_legend, render_overlay
 
                 picture = render_overlay(image, labels=lab, rule=rule)
-                picture = annotate(picture, f"{path.name}: {len(recs)} objects (segment-everything, "
-                                            f"{options['points_per_side']}x{options['points_per_side']} point grid)",
+                how = ("instance decoder (AIS)" if instances else
+                       f"segment-everything, {options['points_per_side']}x{options['points_per_side']} point grid")
+                picture = annotate(picture, f"{path.name}: {len(recs)} objects ({how})",
                                    [((200, 200, 200), "one colour per object")] if recs else [])
         else:
             masks, iou, _ = session.predict(point_coords=coords, point_labels=labels, box=bx,

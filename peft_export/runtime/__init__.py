@@ -1,10 +1,12 @@
-"""Stage 7, runtime: torch-free inference on an export dir (SamSession, pre/post-processing, segment-everything).
+"""Stage 7, runtime: torch-free inference on an export dir (SamSession, pre/post-processing, segment-everything,
+automatic instance segmentation from micro-sam's instance decoder).
 
 May import: errors, fsutil (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
 """
 
 from .everything import MaskRecords, build_point_grid, filter_report, segment_everything
 from .regions import label_components, remove_small_regions
+from .instances import AIS_DEFAULTS, instances_from_maps, object_records
 from .intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
 from .postprocess import postprocess_masks, resize_bilinear
 from .preprocess import (
@@ -21,6 +23,7 @@ from .session import ImageEmbedding, SamSession
 from .backends.ort import session_options
 
 __all__ = [
+    "AIS_DEFAULTS",
     "DEFAULT_INTENSITY_RULE",
     "EncodedImage",
     "ImageEmbedding",
@@ -28,8 +31,10 @@ __all__ = [
     "SamSession",
     "build_point_grid",
     "filter_report",
+    "instances_from_maps",
     "label_components",
     "normalize_intensity",
+    "object_records",
     "postprocess_masks",
     "prepare_image",
     "preprocess_shape",

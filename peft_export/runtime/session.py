@@ -1,5 +1,8 @@
 """SamSession: torch-free SAM inference on an export dir (manifest.json + ONNX graphs).
 
+Automatic instance segmentation (``segment_instances``) runs micro-sam's instance decoder
+(``ais_decoder.onnx``, when the export has one) and a seeded watershed (``runtime.instances``).
+
 Thread-safety: ``set_image`` holds a lock and then swaps in one immutable
 ``ImageEmbedding``; ``predict`` reads that snapshot once, so a concurrent
 ``set_image`` never mixes two images in one prediction. Threads that serve different
@@ -26,13 +29,11 @@ from ..fsutil import sha256_file
 from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_adapter, resolve_embedding
 from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
-from .everything import LowResDecoder, MaskRecords
-from .everything import segment_everything as _segment_everything
+from .automatic import AutomaticSegmentation
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
-from .split_decoder import SplitDecoder, split_graph_files
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class ImageEmbedding:
     adapter: Optional[str] = None  # exports of several adapters: whose embedding this is
 
 
-class SamSession:
+class SamSession(AutomaticSegmentation):
     """Prompted and automatic SAM segmentation from an export dir, without torch."""
 
     def __init__(
@@ -126,6 +127,10 @@ class SamSession:
                 self._chosen[name] = (prec, self._graph_file(variants[prec], name, verify))
         if "decoder_lowres" not in self._chosen and "decoder" not in self._chosen:
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
+        ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one
+        prec = self.precision if self.precision in ais else "fp32"
+        if prec in ais:
+            self._chosen["ais_decoder"] = (prec, self._graph_file(ais[prec], "ais_decoder", verify))
 
     def _choose_engines(self) -> Dict[str, Path]:
         engines = (self.manifest.get("tensorrt") or {}).get("engines") or {}
@@ -354,63 +359,6 @@ class SamSession:
             m = postprocess_masks(low[i], emb.input_size, emb.original_size, self.image_size)
             masks[i] = m if return_logits else m > 0.0
         return masks, iou, low
-
-    def segment_everything(
-        self,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        min_mask_region_area: int = 0,
-        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
-        adapter: Optional[str] = None,
-        return_masks: bool = False,
-        decoder: str = "auto",
-    ) -> Tuple[np.ndarray, MaskRecords]:
-        """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records).
-
-        ``records.summary["removed"]`` counts the candidates each filter removed.
-        ``decoder``: "split" (the export's split decoder graphs: masks only for prompts that
-        pass the IoU filter), "lowres" (``decoder_lowres``, every mask), or "auto" (split
-        when the export has it; exports of several adapters run each adapter's
-        ``decoder_lowres``).
-        """
-        emb = self._snapshot(embedding, adapter)
-        return _segment_everything(
-            self._everything_decoder(emb, decoder),
-            emb.original_size,
-            emb.input_size,
-            self.image_size,
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-            min_mask_region_area=min_mask_region_area,
-            return_masks=return_masks,
-        )
-
-    def _everything_decoder(self, emb: ImageEmbedding, decoder: str):
-        if decoder not in ("auto", "split", "lowres"):
-            raise PeftExportError(f"decoder: unknown '{decoder}' (use auto, split or lowres)")
-        files = split_graph_files(self.manifest, self.export_dir) if graph_kind(self.backend_name) == "onnx" else None
-        if decoder == "split" and files is None:
-            raise PeftExportError(f"{self.export_dir}: this export has no split decoder graphs (export it again)")
-        if files is not None and decoder != "lowres":
-            with self._lock:
-                if self._split is None:
-                    self._split = open_backend(self.backend_name, files, self.device, self._intra_op_threads)
-            return SplitDecoder(self._split.run, emb.embedding)
-        s = self.low_res_size
-
-        def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            b = len(points_xy)
-            coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
-            lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
-            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32))
-
-        return LowResDecoder(decode)
 
     def __repr__(self) -> str:
         d = self.describe()

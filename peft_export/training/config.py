@@ -53,6 +53,7 @@ class TrainConfig:
     bottleneck: int = 64
     freeze_decoder: bool = False
     freeze_prompt_encoder: bool = False
+    instance_decoder: bool = False  # also train micro-sam's AIS decoder (training.ais)
     # optimisation
     iterations: int | None = None
     epochs: int | None = None
@@ -120,6 +121,13 @@ def check_config(c: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise PeftExportError(msg)
+    if c.instance_decoder:  # validation scores AIS with the runtime's post-processing
+        from ..runtime.instances import AIS_EXTRA_HINT, require_ais_packages
+
+        try:
+            require_ais_packages()
+        except PeftExportError:
+            raise PeftExportError(f"--instance-decoder: validation needs scikit-image and scipy; {AIS_EXTRA_HINT}") from None
 
 
 def option_name(field_name: str) -> str:

@@ -10,6 +10,7 @@ by ``sub_iterations`` corrective rounds that add one positive and one negative p
 the error region and feed the previous logits back as mask input with probability
 ``mask_input_prob``. The decoder iterations backpropagate into a detached copy of the
 image embedding, so their graphs are freed one by one and the encoder backward runs once.
+With ``instance_decoder`` micro-sam's AIS decoder trains on the same embedding (``ais``).
 
 Longer than 400 lines because it is one class: the step, checkpoint/resume and validation
 methods share one run's state (model, optimizer, scheduler, sampler, best metric), which
@@ -64,6 +65,7 @@ from .distributed import (
     shutdown,
 )
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
+from .ais import InstanceDecoderTraining
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
 from .validation import fit_patch_size, load_split, validate, validation_set
@@ -122,6 +124,7 @@ class Trainer:
         self.config = config
         self.dist = DistInfo()
         self.adapted: AdaptedModel | None = None
+        self.ais: InstanceDecoderTraining | None = None  # --instance-decoder
 
     # -- setup ------------------------------------------------------------------
 
@@ -177,15 +180,26 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.dist.is_main:
                 warnings.simplefilter("ignore")
-            self.adapted = build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size, seed=c.seed)
+            self.adapted = build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size, seed=c.seed,
+                                               instance_decoder=c.instance_decoder)
         self.adapted.intensity = dict(c.intensity)
         self.sam = self.adapted.model.to(self.device).train()
         self.params = [p for p in self.sam.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.sam.named_parameters() if p.requires_grad]
+        self.clip_groups = [list(self.params)]
+        if c.instance_decoder:  # its tensors follow SAM's in self.params; param_names names SAM's only
+            self.ais = InstanceDecoderTraining(self.adapted.instance_decoder.to(self.device).train(),
+                                               c.min_object_size)
+            self.params += self.ais.parameters()
+            self.clip_groups.append(self.ais.parameters())
         if not self.params:
             raise PeftExportError(f"--peft {c.peft}: nothing to train (encoder, prompt encoder and decoder frozen)")
         self.first_trainable = first_trainable_block(self.sam)
         self.trainable_counts = count_trainable_parameters(self.sam)
+        if self.ais is not None:
+            n = sum(p.numel() for p in self.ais.parameters())
+            self.trainable_counts = {**self.trainable_counts, "instance_decoder": n,
+                                     "total": self.trainable_counts["total"] + n}
 
     def _setup_cache(self, c: TrainConfig, train: Sequence[Sample]) -> None:
         self.cache: dict[int, torch.Tensor] | None = None
@@ -305,19 +319,24 @@ class Trainer:
         totals = np.zeros(3)
         for i, label in enumerate(labels):
             totals += self._image_loss(emb_leaf[i:i + 1], label, input_size, use_box, rng, 1.0 / len(labels))
+        totals /= len(labels)
+        if self.ais is not None:  # AIS decoder on the same embedding, into the same leaf
+            with self._autocast():
+                totals = np.append(totals, self.ais.step_loss(emb_leaf, labels, input_size, self._backward))
         if emb.requires_grad and emb_leaf.grad is not None:
             emb.backward(emb_leaf.grad)
-        totals /= len(labels)
         stats = all_reduce_mean(torch.tensor(totals, dtype=torch.float64), self.dist)
-        loss, dice_l, iou_l = (float(v) for v in stats)
-        if not math.isfinite(loss):
+        loss, dice_l, iou_l = (float(v) for v in stats[:3])
+        instance_l = float(stats[3]) if self.ais is not None else None
+        if not math.isfinite(loss) or (instance_l is not None and not math.isfinite(instance_l)):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": loss, "finite": False}
         average_gradients(self.params, self.dist)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if c.grad_clip and c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+            for group in self.clip_groups:  # SAM and the AIS decoder separately
+                torch.nn.utils.clip_grad_norm_(group, c.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -325,7 +344,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "dice_loss": dice_l, "iou_loss": iou_l, "prompt": "box" if use_box else "point",
-                "finite": True}
+                "instance_loss": instance_l, "finite": True}
 
     # -- bookkeeping --------------------------------------------------------------
 
@@ -359,6 +378,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs, "state": self._state(),
+            "instance_decoder": self.ais.state() if self.ais is not None else None,
             "sampler": {"seed": self.sampler.seed, "samples_per_epoch": len(self.sampler),
                         "next_index": (step * self.dist.world_size) * self.config.batch_size},
             "config": self.config.to_dict(),
@@ -372,6 +392,10 @@ class Trainer:
         with torch.no_grad():
             for n in self.param_names:
                 own[n].copy_(payload["trainables"][n])
+        if self.ais is not None:
+            if not payload.get("instance_decoder"):
+                raise PeftExportError(f"{self.config.out}: checkpoint has no instance decoder to resume")
+            self.ais.load_state(payload["instance_decoder"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler is not None and payload.get("scaler"):
@@ -391,10 +415,12 @@ class Trainer:
         if self.dist.is_main and self.val_set:
             t0 = time.perf_counter()
             metrics = validate(self.sam, self.val_set, c.seed, c.val_objects)
+            if self.ais is not None:
+                metrics.update(self.ais.validate(self.sam, self.val_set, metrics))
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
         metrics = broadcast_object(metrics, self.dist)
         improved = False
-        value = metrics["mean_dice"] if metrics else None
+        value = metrics.get("selection_score", metrics["mean_dice"]) if metrics else None
         if value is not None and (self.best_metric is None or value > self.best_metric):
             self.best_metric, self.best_step, self.best_val = value, step, metrics
             improved = True
@@ -417,7 +443,9 @@ class Trainer:
     def _save_best(self, step: int) -> None:
         c = self.config
         training = {**c.to_dict(), "best_step": self.best_step if self.val_set else step,
-                    "best_metric": self.best_metric, "metric": "mean of point and box Dice on validation",
+                    "best_metric": self.best_metric,
+                    "metric": "mean of point Dice, box Dice and AIS mSA on validation" if self.ais is not None
+                    else "mean of point and box Dice on validation",
                     "world_size": self.dist.world_size, "effective_batch_size": c.batch_size * self.dist.world_size,
                     "trainable_parameters": self.trainable_counts, "step": step}
         validation = {"metrics": self.best_val, "files": [name for _, _, name in self.val_set],
@@ -482,7 +510,8 @@ class Trainer:
         if self.dist.is_main:
             counts = self.trainable_counts
             self._log(f"training {c.model_type} ({self.sam.image_encoder.img_size}px) with {c.peft}: "
-                      f"{counts['total']:,} trainable parameters (encoder {counts['image_encoder']:,}); "
+                      f"{counts['total']:,} trainable parameters (encoder {counts['image_encoder']:,}"
+                      + (f", AIS decoder {counts['instance_decoder']:,}" if self.ais is not None else "") + "); "
                       f"{len(train)} training / {len(self.val_set)} validation images; {total} steps; "
                       f"effective batch size {per_step} ({c.batch_size} x {self.dist.world_size} process(es)); "
                       f"device {self.device}, {c.precision}")
@@ -509,6 +538,7 @@ class Trainer:
                     entry = {"type": "step", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
                              "loss": res["loss"], "dice_loss": res["dice_loss"], "iou_loss": res["iou_loss"],
                              "prompt": res["prompt"], "lr": self.optimizer.param_groups[0]["lr"],
+                             **({"instance_loss": res["instance_loss"]} if self.ais is not None else {}),
                              "seconds": round(time.perf_counter() - t0, 4),
                              "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
                     self._write_log(entry)
@@ -547,6 +577,7 @@ class Trainer:
             "best_step": self.best_step, "best_metric": self.best_metric, "best_validation": self.best_val,
             "effective_batch_size": per_step, "world_size": self.dist.world_size, "rank": self.dist.rank,
             "trainable_parameters": self.trainable_counts, "cache_frozen_trunk": self.cache_note,
+            "instance_decoder": self.ais is not None,
             "seconds": round(time.perf_counter() - t_start, 2), "device": str(self.device),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
         }

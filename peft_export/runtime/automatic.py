@@ -1,0 +1,144 @@
+"""Automatic segmentation on a SamSession: segment-everything (SAM's point grid) and automatic
+instance segmentation (micro-sam's instance decoder + seeded watershed).
+
+A mixin of ``SamSession`` (it uses the session's backend, lock, embeddings and decoders), kept
+apart so that the prompt path in ``session.py`` stays readable.
+
+May import: errors (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ..errors import PeftExportError
+from .adapters import EncodedImage
+from .backends import graph_kind, open_backend
+from .everything import LowResDecoder, MaskRecords
+from .everything import segment_everything as _segment_everything
+from .instances import AIS_DEFAULTS, check_ais_params, maps_to_image, require_ais_packages, segment_from_maps
+from .split_decoder import SplitDecoder, split_graph_files
+
+if TYPE_CHECKING:
+    from .session import ImageEmbedding
+
+
+class AutomaticSegmentation:
+    """``segment_everything``, ``segment_instances`` and ``instance_maps`` of ``SamSession``."""
+
+    def segment_everything(
+        self,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        box_nms_thresh: float = 0.7,
+        min_mask_region_area: int = 0,
+        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+        adapter: Optional[str] = None,
+        return_masks: bool = False,
+        decoder: str = "auto",
+    ) -> Tuple[np.ndarray, MaskRecords]:
+        """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records).
+
+        ``records.summary["removed"]`` counts the candidates each filter removed.
+        ``decoder``: "split" (the export's split decoder graphs: masks only for prompts that
+        pass the IoU filter), "lowres" (``decoder_lowres``, every mask), or "auto" (split
+        when the export has it; exports of several adapters run each adapter's
+        ``decoder_lowres``).
+        """
+        emb = self._snapshot(embedding, adapter)
+        return _segment_everything(
+            self._everything_decoder(emb, decoder),
+            emb.original_size,
+            emb.input_size,
+            self.image_size,
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            min_mask_region_area=min_mask_region_area,
+            return_masks=return_masks,
+        )
+
+    def _everything_decoder(self, emb: ImageEmbedding, decoder: str):
+        if decoder not in ("auto", "split", "lowres"):
+            raise PeftExportError(f"decoder: unknown '{decoder}' (use auto, split or lowres)")
+        files = split_graph_files(self.manifest, self.export_dir) if graph_kind(self.backend_name) == "onnx" else None
+        if decoder == "split" and files is None:
+            raise PeftExportError(f"{self.export_dir}: this export has no split decoder graphs (export it again)")
+        if files is not None and decoder != "lowres":
+            with self._lock:
+                if self._split is None:
+                    self._split = open_backend(self.backend_name, files, self.device, self._intra_op_threads)
+            return SplitDecoder(self._split.run, emb.embedding)
+        s = self.low_res_size
+
+        def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+            b = len(points_xy)
+            coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
+            lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
+            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32))
+
+        return LowResDecoder(decode)
+
+    # ---- automatic instance segmentation (micro-sam's AIS) --------------------------------
+
+    @property
+    def has_instance_decoder(self) -> bool:
+        """Whether this export has micro-sam's instance decoder (``segment_instances`` works)."""
+        return "ais_decoder" in self._chosen
+
+    def _require_ais_decoder(self) -> None:
+        if not self.has_instance_decoder:
+            raise PeftExportError(
+                f"{self.export_dir}: this export has no instance decoder (ais_decoder.onnx); export a model trained "
+                "with --instance-decoder, or a micro-sam checkpoint with a decoder_state"
+            )
+
+    def instance_maps(self, embedding: Optional[ImageEmbedding] = None) -> np.ndarray:
+        """The instance decoder's maps (3, H, W) float32 in [0, 1] at the original image size:
+        foreground, centre distance, boundary distance (see ``runtime.instances``)."""
+        self._require_ais_decoder()
+        emb = self._snapshot(embedding)
+        out = self._backend.run("ais_decoder", {"image_embeddings": emb.embedding})
+        return maps_to_image(out["instance_maps"], emb.input_size, emb.original_size, self.image_size)
+
+    def segment_instances(
+        self,
+        image: Optional[np.ndarray] = None,
+        center_distance_threshold: float = AIS_DEFAULTS["center_distance_threshold"],
+        boundary_distance_threshold: float = AIS_DEFAULTS["boundary_distance_threshold"],
+        foreground_threshold: float = AIS_DEFAULTS["foreground_threshold"],
+        foreground_smoothing: float = AIS_DEFAULTS["foreground_smoothing"],
+        distance_smoothing: float = AIS_DEFAULTS["distance_smoothing"],
+        min_size: int = int(AIS_DEFAULTS["min_size"]),
+        embedding: Optional[ImageEmbedding] = None,
+    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """Automatic instance segmentation (AIS) -> (int32 labels HxW, one record per object).
+
+        One encoder pass (skipped for ``embedding=`` or, without ``image``, the image of
+        ``set_image``), the instance decoder, then micro-sam's post-processing with its
+        defaults: seeds where the smoothed centre distance < ``center_distance_threshold`` and
+        the boundary distance < ``boundary_distance_threshold`` inside the foreground
+        (smoothed foreground > ``foreground_threshold``), a seeded watershed of the boundary
+        distances, objects under ``min_size`` pixels removed. ``foreground_smoothing`` and
+        ``distance_smoothing`` are Gaussian sigmas in pixels (0: off). Records: "id", "area",
+        "bbox" (XYWH), "centroid" (x, y). Needs scipy + scikit-image (``peftexport[ais]``).
+        """
+        params = check_ais_params({
+            "center_distance_threshold": center_distance_threshold,
+            "boundary_distance_threshold": boundary_distance_threshold,
+            "foreground_threshold": foreground_threshold, "foreground_smoothing": foreground_smoothing,
+            "distance_smoothing": distance_smoothing, "min_size": min_size,
+        })
+        self._require_ais_decoder()  # both before the encoder runs
+        require_ais_packages()
+        if image is not None:
+            if embedding is not None:
+                raise PeftExportError("segment_instances: give an image or embedding=, not both")
+            embedding = self.encode(image)
+        return segment_from_maps(self.instance_maps(embedding), params)

@@ -1,0 +1,271 @@
+"""Automatic instance segmentation without torch: micro-sam's post-processing (equal to torch-em's),
+the exported instance decoder (parity, manifest), SamSession.segment_instances against the torch
+pipeline, ``predict --instances`` and its bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from helpers import MERGEABLE_CONFIGS, make_adapted
+from peft_export.cli.main import app
+from peft_export.data import synthetic_sample
+from peft_export.errors import PeftExportError
+from peft_export.evaluation import TorchPredictor, mean_segmentation_accuracy
+from peft_export.export import merge_and_export
+from peft_export.models import decoder_from_state
+from peft_export.runtime import SamSession, instances_from_maps, object_records
+from peft_export.runtime.instances import check_ais_params, require_ais_packages
+from peft_export.training.instance_targets import distance_targets
+from test_instance_decoder import micro_sam_decoder_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def noisy_maps(labels: np.ndarray, seed: int) -> np.ndarray:
+    """What a trained decoder predicts, roughly: the targets, blurred, with noise."""
+    from scipy import ndimage
+
+    t = distance_targets(labels, 25)
+    rng = np.random.default_rng(seed)
+    return np.clip(ndimage.gaussian_filter(t, (0, 1.5, 1.5)) + rng.normal(0, 0.08, t.shape), 0, 1).astype(np.float32)
+
+
+# ---- post-processing ---------------------------------------------------------------------------
+
+
+def test_maps_of_the_labels_give_the_labels_back():
+    for seed in range(3):
+        _, labels = synthetic_sample(256, seed=seed)
+        pred = instances_from_maps(*noisy_maps(labels, seed), min_size=25)
+        assert pred.dtype == np.int32 and pred.shape == labels.shape
+        assert sorted(np.unique(pred))[1:] == list(range(1, pred.max() + 1))
+        gt = labels * (np.bincount(labels.ravel())[labels] >= 25)
+        msa, sa = mean_segmentation_accuracy(pred, gt)
+        assert sa[0.5] >= 0.9 and msa >= 0.6, (seed, msa, sa)
+
+
+def test_post_processing_equals_torch_em():
+    seg = pytest.importorskip("torch_em.util.segmentation", reason="torch-em is not installed")
+    bic = pytest.importorskip("bioimage_cpp", reason="bioimage-cpp (torch-em's filters) is not installed")
+    for seed in range(4):
+        _, labels = synthetic_sample(256, seed=seed + 10)
+        maps = noisy_maps(labels, seed)
+        for params in ({}, {"min_size": 40, "center_distance_threshold": 0.4, "distance_smoothing": 2.0}):
+            ours = instances_from_maps(*maps, **params)
+            # micro-sam: foreground smoothed with bioimage-cpp's Gaussian, then torch-em's watershed.
+            p = {"distance_smoothing": 1.6, **params}
+            fg = bic.filters.gaussian_smoothing(maps[0], 1.0)
+            theirs = seg.watershed_from_center_and_boundary_distances(maps[1], maps[2], fg, **p)
+            np.testing.assert_array_equal(ours, theirs.astype(np.int64))
+
+
+def test_targets_equal_torch_em():
+    label_mod = pytest.importorskip("torch_em.transform.label", reason="torch-em is not installed")
+    transform = label_mod.PerObjectDistanceTransform(distances=True, boundary_distances=True,
+                                                     directed_distances=False, foreground=True, min_size=25)
+    for seed in range(3):
+        _, labels = synthetic_sample(200, seed=seed + 20)
+        labels = labels.copy()
+        labels[90:93, :] = 0  # cuts some objects in two: each piece is its own object
+        np.testing.assert_allclose(distance_targets(labels, 25), transform(labels), atol=1e-6)
+
+
+def test_records_and_parameters():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:5, 3:9] = 1
+    labels[10:20, 20:30] = 2
+    recs = object_records(labels)
+    assert recs == [{"id": 1, "area": 18, "bbox": [3, 2, 5, 2], "centroid": [5.5, 3.0]},
+                    {"id": 2, "area": 100, "bbox": [20, 10, 9, 9], "centroid": [24.5, 14.5]}]
+    assert check_ais_params({"min_size": 5})["min_size"] == 5
+    with pytest.raises(PeftExportError, match="unknown parameter 'center_thresh'"):
+        check_ais_params({"center_thresh": 0.3})
+    with pytest.raises(PeftExportError, match="distance_smoothing: must be >= 0"):
+        check_ais_params({"distance_smoothing": -1})
+    with pytest.raises(PeftExportError, match="min_size: must be a whole number"):
+        check_ais_params({"min_size": 2.5})
+
+
+def test_missing_scikit_image_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.segmentation", None)
+    with pytest.raises(PeftExportError, match=r"skimage is not installed; pip install 'peftexport\[ais\]'"):
+        require_ais_packages()
+
+
+# ---- exported instance decoder -----------------------------------------------------------------
+
+
+def ais_adapted():
+    """Tiny LoRA model at 128 with a micro-sam-layout decoder whose output layer is scaled, so the
+    random maps leave 0.5 and the post-processing finds objects."""
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)
+    state = micro_sam_decoder_state(seed=8)
+    state["out_conv.weight"] = state["out_conv.weight"] * 25
+    adapted.instance_decoder = decoder_from_state(state)
+    return adapted
+
+
+@pytest.fixture(scope="module")
+def ais_export(tmp_path_factory):
+    torch.set_num_threads(1)
+    adapted = ais_adapted()
+    out = tmp_path_factory.mktemp("ais") / "export"
+    manifest = merge_and_export(adapted, out, precisions=("fp32", "int8"), progress=False)
+    return adapted, out, manifest
+
+
+def nuclei_image(h: int = 150, w: int = 110) -> np.ndarray:
+    image, _ = synthetic_sample(160, seed=31)
+    return np.ascontiguousarray(image[:h, :w])  # 16-bit gray, portrait
+
+
+def test_export_writes_verified_ais_graphs(ais_export):
+    _, out, manifest = ais_export
+    graph = manifest["graphs"]["ais_decoder"]
+    assert set(graph) == {"fp32"}  # no int8 AIS decoder (slower and inaccurate): int8 sessions use fp32
+    assert graph["fp32"]["parity"]["passed"] and graph["fp32"]["parity"]["maps_max_abs"] <= 1e-3
+    assert "not exported" in manifest["instance_segmentation"]["precision_notes"]["int8"]
+    assert graph["fp32"]["inputs"][0]["shape"] == [1, 256, 8, 8]
+    assert graph["fp32"]["outputs"] == [{"name": "instance_maps", "shape": [1, 3, 128, 128], "dtype": "float32"}]
+    ais = manifest["instance_segmentation"]
+    assert ais["maps"] == ["foreground", "center_distances", "boundary_distances"]
+    assert ais["postprocessing_defaults"]["distance_smoothing"] == 1.6
+    assert (out / "ais_decoder.onnx").is_file() and not (out / "ais_decoder.int8.onnx").exists()
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["ais_decoder"]["fp32"]["sha256"]
+
+
+def test_runtime_equals_the_torch_pipeline(ais_export):
+    adapted, out, _ = ais_export
+    image = nuclei_image()
+    session = SamSession(out)
+    labels, records = session.segment_instances(image)
+    assert labels.dtype == np.int32 and labels.shape == image.shape
+    assert len(records) == labels.max() >= 3
+    assert sum(r["area"] for r in records) == int((labels > 0).sum())
+    torch_pred = TorchPredictor(adapted.model, adapted.intensity, instance_decoder=adapted.instance_decoder)
+    torch_pred.set_image(image)
+    want, _ = torch_pred.segment_instances()
+    msa, _ = mean_segmentation_accuracy(labels, want)
+    assert msa >= 0.99
+    maps = session.instance_maps(session.encode(image))
+    assert maps.shape == (3,) + image.shape and maps.dtype == np.float32
+    # Parameters change the result as documented: a large min_size removes the small objects.
+    big = min(r["area"] for r in records) + 1
+    fewer, recs2 = session.segment_instances(image, min_size=big)
+    assert len(recs2) < len(records) and all(r["area"] >= big for r in recs2)
+
+
+def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
+    _, out, _ = ais_export
+    session = SamSession(out, precision="int8")
+    graphs = session.describe()["graphs"]
+    assert graphs["encoder"]["precision"] == "int8"
+    assert graphs["ais_decoder"] == {"precision": "fp32", "path": "ais_decoder.onnx"}
+    image = nuclei_image()
+    labels, _ = session.segment_instances(image)
+    fp32, _ = SamSession(out).segment_instances(image)
+    assert mean_segmentation_accuracy(labels, fp32)[1][0.5] >= 0.5  # int8 embeddings, same decoder
+
+
+def test_predict_instances_command(ais_export, tmp_path):
+    _, out, _ = ais_export
+    tifffile.imwrite(tmp_path / "cells.tif", nuclei_image())
+    res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances", "--overlay",
+                                   "--min-size", "5", "-o", str(tmp_path / "pred"), "-q"])
+    assert res.exit_code == 0, res.output
+    labels = tifffile.imread(tmp_path / "pred" / "cells_labels.tif")
+    rec = json.loads((tmp_path / "pred" / "cells_scores.json").read_text())
+    assert rec["mode"] == "instances" and rec["n_objects"] == labels.max() >= 1
+    assert rec["options"]["min_size"] == 5 and all(o["area"] >= 5 for o in rec["objects"])
+    assert (tmp_path / "pred" / "cells_overlay.png").stat().st_size > 0
+    assert f"{rec['n_objects']} objects" in res.output
+    bad = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances",
+                                   "--points", "5,5", "-o", str(tmp_path / "p2")])
+    assert bad.exit_code == 2 and "--instances: cannot be combined with --points/--box" in bad.output
+
+
+def test_an_export_without_decoder_is_refused(tmp_path_factory, tmp_path):
+    from test_predict import real_export
+
+    export = real_export(tmp_path_factory)  # a LoRA model without instance decoder
+    session = SamSession(export)
+    assert not session.has_instance_decoder
+    with pytest.raises(PeftExportError, match="has no instance decoder"):
+        session.segment_instances(nuclei_image())
+    tifffile.imwrite(tmp_path / "a.tif", nuclei_image())
+    res = CliRunner().invoke(app, ["predict", str(export), str(tmp_path / "a.tif"), "--instances",
+                                   "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "needs an instance decoder, and this export has none" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_runtime_imports_no_post_processing_package(ais_export, tmp_path):
+    """Without scipy and scikit-image the runtime still loads and prompts; AIS says what to install."""
+    _, out, _ = ais_export
+    script = r'''
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "scipy", "skimage", "segment_anything"):
+            raise ImportError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from peft_export.errors import PeftExportError
+from peft_export.runtime import SamSession
+s = SamSession(sys.argv[1])
+s.set_image(np.zeros((64, 80), np.uint8))
+s.predict(box=np.array([5, 5, 40, 40]))
+try:
+    s.segment_instances()
+except PeftExportError as e:
+    print("ERROR", e)
+print(sorted(m for m in ("torch", "scipy", "skimage") if m in sys.modules))
+'''
+    res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ERROR instance segmentation: scipy is not installed; pip install 'peftexport[ais]'" in res.stdout
+    assert res.stdout.strip().endswith("[]")
+
+
+@pytest.mark.slow
+def test_fp16_ais_decoder_passes_its_parity_check(tmp_path):
+    """fp16 weights and convolutions with the norms in fp32 (dynamo exporter): maps within 0.01 on average."""
+    from peft_export.export.ais import export_ais_decoder_onnx, verify_ais_decoder
+    from peft_export.export.verify import build_reference
+    from peft_export.models import random_sam
+
+    decoder = decoder_from_state(micro_sam_decoder_state(seed=9))
+    how = export_ais_decoder_onnx(decoder, tmp_path / "ais_decoder.fp16.onnx", 64, "fp16")
+    assert how == "dynamo"
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "ais_decoder.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
+    parity = verify_ais_decoder(tmp_path / "ais_decoder.fp16.onnx", decoder, build_reference(random_sam("tiny", 64)),
+                                "fp16")
+    assert parity["passed"] and parity["maps_mean_abs"] <= 0.01 and parity["maps_threshold_agreement"] > 0.95
+
+
+def test_bench_times_the_ais_component(ais_export):
+    """``bench --components ais``: the instance decoder + post-processing, torch and ONNX Runtime."""
+    from peft_export.bench import run_bench
+
+    adapted, out, _ = ais_export
+    result = run_bench(export_dir=out, adapted=adapted, backends=("torch", "onnxruntime"), components=("ais",),
+                       iterations=1, warmup=0, include_base=False, precisions=("fp32",))
+    ok = {c["case"]: c for c in result["cases"] if c["status"] == "ok"}
+    assert {"unmerged torch fp32", "merged torch fp32", "export onnxruntime-cpu fp32"} <= set(ok), result["cases"]
+    for case in ok.values():
+        assert case["components"]["ais"]["median_ms"] > 0
