@@ -269,3 +269,29 @@ def test_bench_times_the_ais_component(ais_export):
     assert {"unmerged torch fp32", "merged torch fp32", "export onnxruntime-cpu fp32"} <= set(ok), result["cases"]
     for case in ok.values():
         assert case["components"]["ais"]["median_ms"] > 0
+
+
+def test_export_of_several_adapters_carries_each_instance_decoder(ais_export, tmp_path):
+    """Shared-trunk exports: an adapter with an instance decoder gets its own ais_decoder graph,
+    and its labels equal those of its single export; an adapter without one is refused clearly."""
+    from peft_export.export import merge_and_export_adapters
+
+    _, single, _ = ais_export
+    plain = make_adapted(dict(method="lora", rank=4, targets=("q", "v"), blocks="late"), image_size=128)
+    out = tmp_path / "multi"
+    manifest = merge_and_export_adapters({"nuclei": ais_adapted(), "plain": plain}, out, progress=False)
+    assert manifest["adapters"]["nuclei"]["ais_decoder"] == "ais_decoder_nuclei"
+    assert "ais_decoder" not in manifest["adapters"]["plain"]
+    assert manifest["graphs"]["ais_decoder_nuclei"]["fp32"]["parity"]["passed"]
+    image = nuclei_image()
+    session = SamSession(out)
+    assert session.has_instance_decoder and session.ais_adapters == ("nuclei",)
+    got, _ = session.segment_instances(image, adapter="nuclei")
+    want, _ = SamSession(single).segment_instances(image)
+    assert want.max() >= 3
+    msa, _ = mean_segmentation_accuracy(got, want)
+    assert msa >= 0.99, msa
+    with pytest.raises(PeftExportError, match="adapter plain has no instance decoder"):
+        session.segment_instances(image, adapter="plain")
+    with pytest.raises(PeftExportError, match="nuclei, plain"):  # two adapters: which one must be said
+        session.segment_instances(image)

@@ -409,3 +409,32 @@ def test_int8_site_runs_in_the_browser_like_onnxruntime(export, images, tmp_path
     mask, _, index = decode_shown(backend, "int8", emb, session.image_size, points=[[120, 70]], labels=[1])
     assert state["index"] == index
     assert iou(_page_mask(state), mask) >= 0.99
+
+
+def test_site_of_one_adapter_of_a_shared_trunk_export(images, tmp_path):
+    """--adapter: the site carries that adapter's decoder and embeddings (trunk + its head)."""
+    _needs_ort_web()
+    from helpers import make_adapted
+    from peft_export.export import merge_and_export_adapters
+
+    late = dict(method="lora", rank=4, targets=("q", "v"), blocks="late")
+    adapters = {"nuclei": make_adapted(late, seed=0), "cells": make_adapted(dict(late, rank=2), seed=0)}
+    export = tmp_path / "multi"
+    manifest = merge_and_export_adapters(adapters, export, progress=False)
+    assert manifest["shared_trunk"] is not None
+    with pytest.raises(PeftExportError, match="--adapter: .*cells, nuclei|--adapter: .*nuclei, cells"):
+        build_site(export, images, tmp_path / "none", progress=False)  # two adapters: which one?
+    with pytest.raises(PeftExportError, match="--adapter: .*'tissue'"):
+        build_site(export, images, tmp_path / "none", adapter="tissue", progress=False)
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "site"
+    build_site(export, images, out, adapter="cells", progress=False)
+    site = json.loads((out / "site.json").read_text())
+    assert site["adapter"] == "cells" and site["peft"] == "lora"
+    decoder_key = manifest["adapters"]["cells"][site["decoder"]["graph"]]
+    assert (out / "decoder.onnx").read_bytes() == (export / manifest["graphs"][decoder_key]["fp32"]["path"]).read_bytes()
+    session = SamSession(export)
+    for rec, path in zip(site["images"], images):
+        got = np.frombuffer((out / rec["embedding"]).read_bytes(), "<f4")
+        want = {n: session.encode(read_image(path)).embedding(n).embedding.ravel() for n in ("cells", "nuclei")}
+        assert np.array_equal(got, want["cells"]) and not np.allclose(got, want["nuclei"])

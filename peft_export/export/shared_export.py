@@ -229,6 +229,8 @@ def merge_and_export_adapters(
                 parity = verify_export(tmp / f"{key}.onnx", flavour, adapted.model, reference, "fp32")
                 w.add(key, "fp32", f"{key}.onnx", parity, secs, time.perf_counter() - t, graph_io(flavour, size))
                 entry[flavour] = key
+            if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: one per adapter
+                entry["ais_decoder"] = _export_ais(w, adapted, name, size, reference)
             entries[name] = entry
             del model
         w.drop_fp32(["trunk"] + sorted(set(heads.values())))
@@ -291,3 +293,21 @@ def _export_head(w: _Writer, model, adapted: AdaptedModel, name: str, key: str, 
         w.graphs[key][p]["adapters"].append(name)
         parities[p] = parity
     return parities
+
+
+def _export_ais(w: _Writer, adapted: AdaptedModel, name: str, size: int, reference) -> str:
+    """``ais_decoder_<name>`` in fp32 (and fp16 when asked; no int8, as for single exports), checked
+    against the adapter's torch decoder on its probe embedding; returns the graph key."""
+    from .ais import export_ais_decoder_onnx, verify_ais_decoder
+
+    key = f"ais_decoder_{name}"
+    for p in ["fp32"] + [p for p in w.precisions if p == "fp16"]:
+        filename = encoder_filename(p, key)
+        t = time.perf_counter()
+        export_ais_decoder_onnx(adapted.instance_decoder, w.tmp / filename, size, p, w.opset)
+        secs = time.perf_counter() - t
+        t = time.perf_counter()
+        parity = verify_ais_decoder(w.tmp / filename, adapted.instance_decoder, reference, p)
+        w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("ais_decoder", size))
+    return key
+

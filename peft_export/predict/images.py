@@ -237,7 +237,7 @@ def predict_images(
     else:
         targets = [(pick_adapter(None if adapter == "all" else adapter, names), Path(out_dir))]
     if instances:
-        if not manifest["graphs"].get("ais_decoder"):
+        if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
             raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none "
                                   "(export a model trained with --instance-decoder, or a micro-sam model with one)")
         require_ais_packages()
@@ -289,7 +289,7 @@ def predict_images(
         if auto:  # instance labels: segment-everything or micro-sam's AIS
             if instances:
                 opts = ais_options
-                lab, recs = session.segment_instances(embedding=emb, **opts)
+                lab, recs = session.segment_instances(embedding=emb, adapter=name, **opts)
             else:
                 opts = options
                 lab, recs = session.segment_everything(embedding=emb, adapter=name, **opts)

@@ -27,6 +27,7 @@ class AdapterRoute:
     encoder: Tuple[str, ...]
     decoder: Optional[str]
     decoder_lowres: Optional[str]
+    ais_decoder: Optional[str] = None  # micro-sam's instance decoder, when the adapter has one
 
 
 def adapter_routes(manifest: Dict[str, Any]) -> Dict[str, AdapterRoute]:
@@ -36,7 +37,7 @@ def adapter_routes(manifest: Dict[str, Any]) -> Dict[str, AdapterRoute]:
         chain = tuple(entry.get("encoder") or ())
         if not chain:
             raise PeftExportError(f"manifest.json: adapter {name} lists no encoder graphs")
-        routes[name] = AdapterRoute(chain, entry.get("decoder"), entry.get("decoder_lowres"))
+        routes[name] = AdapterRoute(chain, entry.get("decoder"), entry.get("decoder_lowres"), entry.get("ais_decoder"))
     return routes
 
 
@@ -66,7 +67,7 @@ def choose_adapter_graphs(
     chosen: Dict[str, Tuple[str, Path]] = {}
     for name, route in routes.items():
         keys = [(k, i == 0) for i, k in enumerate(route.encoder)]
-        keys += [(k, False) for k in (route.decoder_lowres, route.decoder) if k]
+        keys += [(k, False) for k in (route.decoder_lowres, route.decoder, route.ais_decoder) if k]
         if not (route.decoder or route.decoder_lowres):
             raise PeftExportError(f"manifest.json: adapter {name} lists no decoder graph")
         for key, strict in keys:

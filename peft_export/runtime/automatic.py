@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import PeftExportError
-from .adapters import EncodedImage
+from .adapters import EncodedImage, pick_adapter
 from .backends import graph_kind, open_backend
 from .everything import LowResDecoder, MaskRecords
 from .everything import segment_everything as _segment_everything
@@ -89,22 +89,38 @@ class AutomaticSegmentation:
 
     @property
     def has_instance_decoder(self) -> bool:
-        """Whether this export has micro-sam's instance decoder (``segment_instances`` works)."""
-        return "ais_decoder" in self._chosen
+        """Whether this export has micro-sam's instance decoder (for an export of several
+        adapters: whether any adapter has one; ``ais_adapters`` names them)."""
+        return "ais_decoder" in self._chosen or bool(self.ais_adapters)
 
-    def _require_ais_decoder(self) -> None:
-        if not self.has_instance_decoder:
+    @property
+    def ais_adapters(self) -> Tuple[str, ...]:
+        """The adapters (of an export of several) that have an instance decoder."""
+        return tuple(n for n, r in self._routes.items() if r.ais_decoder)
+
+    def _ais_graph(self, adapter: Optional[str]) -> str:
+        """The graph key of the instance decoder to run (checked before the encoder runs)."""
+        if self._routes:
+            name = pick_adapter(adapter, tuple(self._routes))
+            key = self._routes[name].ais_decoder
+            what = f"adapter {name} has no instance decoder"
+        else:
+            key = "ais_decoder" if "ais_decoder" in self._chosen else None
+            what = "this export has no instance decoder (ais_decoder.onnx)"
+        if key is None:
             raise PeftExportError(
-                f"{self.export_dir}: this export has no instance decoder (ais_decoder.onnx); export a model trained "
-                "with --instance-decoder, or a micro-sam checkpoint with a decoder_state"
+                f"{self.export_dir}: {what}; export a model trained with --instance-decoder, or a micro-sam "
+                "checkpoint with a decoder_state"
             )
+        return key
 
-    def instance_maps(self, embedding: Optional[ImageEmbedding] = None) -> np.ndarray:
+    def instance_maps(self, embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+                      adapter: Optional[str] = None) -> np.ndarray:
         """The instance decoder's maps (3, H, W) float32 in [0, 1] at the original image size:
         foreground, centre distance, boundary distance (see ``runtime.instances``)."""
-        self._require_ais_decoder()
-        emb = self._snapshot(embedding)
-        out = self._backend.run("ais_decoder", {"image_embeddings": emb.embedding})
+        key = self._ais_graph(adapter)
+        emb = self._snapshot(embedding, adapter)
+        out = self._backend.run(key, {"image_embeddings": emb.embedding})
         return maps_to_image(out["instance_maps"], emb.input_size, emb.original_size, self.image_size)
 
     def segment_instances(
@@ -116,7 +132,8 @@ class AutomaticSegmentation:
         foreground_smoothing: float = AIS_DEFAULTS["foreground_smoothing"],
         distance_smoothing: float = AIS_DEFAULTS["distance_smoothing"],
         min_size: int = int(AIS_DEFAULTS["min_size"]),
-        embedding: Optional[ImageEmbedding] = None,
+        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+        adapter: Optional[str] = None,
     ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
         """Automatic instance segmentation (AIS) -> (int32 labels HxW, one record per object).
 
@@ -128,6 +145,7 @@ class AutomaticSegmentation:
         distances, objects under ``min_size`` pixels removed. ``foreground_smoothing`` and
         ``distance_smoothing`` are Gaussian sigmas in pixels (0: off). Records: "id", "area",
         "bbox" (XYWH), "centroid" (x, y). Needs scipy + scikit-image (``peftexport[ais]``).
+        Exports of several adapters: ``adapter`` picks whose encoder head and decoder run.
         """
         params = check_ais_params({
             "center_distance_threshold": center_distance_threshold,
@@ -135,10 +153,10 @@ class AutomaticSegmentation:
             "foreground_threshold": foreground_threshold, "foreground_smoothing": foreground_smoothing,
             "distance_smoothing": distance_smoothing, "min_size": min_size,
         })
-        self._require_ais_decoder()  # both before the encoder runs
+        self._ais_graph(adapter)  # both before the encoder runs
         require_ais_packages()
         if image is not None:
             if embedding is not None:
                 raise PeftExportError("segment_instances: give an image or embedding=, not both")
             embedding = self.encode(image)
-        return segment_from_maps(self.instance_maps(embedding), params)
+        return segment_from_maps(self.instance_maps(embedding, adapter), params)

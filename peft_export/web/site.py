@@ -42,10 +42,15 @@ DECODER_PRECISIONS = ("fp32", "int8")
 DECODER_FLAVOURS = ("decoder_lowres", "decoder")  # what SamSession prefers, in order
 
 
-def decoder_source(export_dir: Path, manifest: Dict[str, Any]) -> tuple[str, Path]:
-    """(flavour, path) of the export's fp32 decoder the site uses: the runtime's choice."""
+def decoder_source(export_dir: Path, manifest: Dict[str, Any], adapter: Optional[str] = None) -> tuple[str, Path]:
+    """(flavour, path) of the export's fp32 decoder the site uses: the runtime's choice (for an
+    export of several adapters, that adapter's own decoders)."""
+    keys = {f: f for f in DECODER_FLAVOURS}
+    if adapter is not None:
+        entry = manifest["adapters"][adapter]
+        keys = {f: entry.get(f) for f in DECODER_FLAVOURS}
     for flavour in DECODER_FLAVOURS:
-        entry = (manifest["graphs"].get(flavour) or {}).get("fp32")
+        entry = (manifest["graphs"].get(keys[flavour] or "") or {}).get("fp32")
         if entry:
             path = export_dir / entry["path"]
             if not path.is_file():
@@ -72,15 +77,23 @@ def _check_assets() -> None:
         raise PeftExportError(f"{ASSETS}: page files missing from the installed package: {', '.join(missing)}")
 
 
-def _open_session(export_dir: Path, encoder_precision: str, adapter: Optional[str]) -> SamSession:
-    if adapter is not None:
-        if not read_manifest(export_dir).get("adapters"):
-            raise PeftExportError(
-                f"--adapter: {export_dir} holds one model (manifest.json lists no adapters); "
-                "--adapter picks one adapter of a shared-trunk export, leave it out here"
-            )
-        raise PeftExportError("--adapter: shared-trunk exports are not supported by this version of `peftexport web`")
-    return SamSession(export_dir, precision=encoder_precision)
+def _open_session(export_dir: Path, encoder_precision: str, adapter: Optional[str]) -> tuple[SamSession, Optional[str]]:
+    """The session computing the embeddings, and the adapter (of an export of several) they are for."""
+    from ..runtime.adapters import pick_adapter
+
+    names = list(read_manifest(export_dir).get("adapters") or {})
+    if adapter is not None and not names:
+        raise PeftExportError(
+            f"--adapter: {export_dir} holds one model (manifest.json lists no adapters); "
+            "--adapter picks one adapter of a shared-trunk export, leave it out here"
+        )
+    if not names:
+        return SamSession(export_dir, precision=encoder_precision), None
+    try:
+        name = pick_adapter(adapter, names)
+    except PeftExportError as e:
+        raise PeftExportError(f"--adapter: {e}") from None
+    return SamSession(export_dir, precision=encoder_precision, adapters=[name]), name
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -110,9 +123,9 @@ def build_site(
     export_dir, out = Path(export_dir), Path(out)
     _check_assets()
     find_ort_files()  # before any slow work: no npm files -> one line naming the fix
-    session = _open_session(export_dir, encoder_precision, adapter)
+    session, adapter = _open_session(export_dir, encoder_precision, adapter)
     manifest = session.manifest
-    flavour, decoder_path = decoder_source(export_dir, manifest)
+    flavour, decoder_path = decoder_source(export_dir, manifest, adapter)
     paths = [Path(p) for p in images]
     arrays = []
     for path in paths:  # every image readable before anything is computed
@@ -128,6 +141,8 @@ def build_site(
     for name, path, image in tqdm(list(zip(names, paths, arrays)), desc="embeddings", unit="image",
                                   disable=not progress):
         emb = session.encode(image)
+        if adapter is not None:  # trunk + this adapter's head
+            emb = emb.embedding(adapter)
         embeddings.append(emb)
         h, w = emb.original_size
         records.append({
@@ -144,7 +159,7 @@ def build_site(
         "peftexport_version": __version__,
         "model_type": manifest.get("model_type"),
         "random_weights": base.get("sha256") == "random-init",
-        "peft": (manifest.get("peft") or {}).get("method"),
+        "peft": ((manifest["adapters"][adapter] if adapter else manifest).get("peft") or {}).get("method"),
         "adapter": adapter,
         "image_size": session.image_size,
         "low_res_size": session.low_res_size,
