@@ -17,15 +17,20 @@ def demo(
     model: str = typer.Option("tiny", "--model", "-m", help="tiny (a few minutes on a laptop CPU) or vit_b (slow on CPU)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Real SAM checkpoint (else random init)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    fast: bool = typer.Option(False, "--fast", help="Shorter training and timing (the test suite's run): "
+                              "learns less far."),
     seed: int = SeedOpt,
     quiet: bool = QuietOpt,
     instances: bool = typer.Option(True, "--instances/--no-instances",
                                    help="Train micro-sam's instance decoder too and show AIS (needs peftexport[ais])."),
 ) -> None:
-    """make data -> finetune late LoRA (+ instance decoder) -> merge -> export ONNX fp32+int8 -> bench -> evaluate
-    -> predict -> automatic instance segmentation (AIS) beside the point grid."""
+    """make data -> finetune late LoRA (+ instance decoder) -> merge -> export ONNX fp32+int8 -> bench
+    -> evaluate -> predict -> automatic instance segmentation (AIS) beside the point grid, then a
+    summary: a short table per stage, held-out box Dice before and after, timings with the
+    machine's load. The tiny default learns the synthetic nuclei (held-out box Dice ~0.68) in
+    about 3.5 minutes on 2 CPU cores."""
     from peft_export.demo import format_summary, run_demo
 
     result = run_demo(out, model, checkpoint, overwrite=overwrite, seed=seed, progress=not quiet, log=echo,
-                      instances=instances)
+                      fast=fast, instances=instances)
     echo(format_summary(result))
