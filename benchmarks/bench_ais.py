@@ -12,7 +12,7 @@ synthetic-nuclei label image of the same size, blurred and with noise (what a tr
 predicts), through ``runtime.instances.instances_from_maps`` with micro-sam's defaults. Each
 graph is exported once (fp32, the exporters peftexport uses) into a temporary directory and run
 with the runtime's session options. Reported: median of ``--iterations`` after one warm-up.
-Run it alone (``flock /work/bench.lock ...`` on a shared machine).
+Run it alone on a quiet machine (nothing else using the CPUs).
 """
 
 from __future__ import annotations

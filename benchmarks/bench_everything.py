@@ -3,7 +3,7 @@
     python benchmarks/bench_everything.py                      # vit_b at 512 and tiny, 32x32 grid
     python benchmarks/bench_everything.py --models tiny --points-per-side 16    # a quick look
 
-Cases, each run by a fresh Python process under ``flock LOCK`` (the machine is shared):
+Cases, each run by a fresh Python process (under ``flock LOCK`` with ``--lock``):
 
 - ``old``: the runtime as of ``--old-ref`` (git archive of that commit's ``peft_export``):
   ``decoder_lowres`` for every prompt, every candidate upsampled to the full image;
@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--image", type=int, default=512, help="side of the synthetic test image")
     ap.add_argument("--old-ref", default=OLD_REF, help="git commit of the old runtime")
-    ap.add_argument("--lock", default="/work/bench.lock", help="flock file around each timing ('' for none)")
+    ap.add_argument("--lock", default="", help="a flock(1) file held around each timing, on a machine shared with other benchmarks (default: none)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per timing")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_everything"), help="exports, old code, labels")
     ap.add_argument("--out", type=Path, default=Path("bench_everything_out"))

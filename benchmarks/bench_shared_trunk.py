@@ -1,6 +1,6 @@
 """One trunk, many adapters: N late-LoRA adapters in one export against N separate exports.
 
-    flock /work/bench.lock python benchmarks/bench_shared_trunk.py --out /tmp/bench_shared     # vit_b, 1024
+    python benchmarks/bench_shared_trunk.py --out /tmp/bench_shared     # vit_b, 1024
     python benchmarks/bench_shared_trunk.py --model tiny --out /tmp/bench_shared_tiny          # quick look
 
 Builds a seeded random base (no download) and N adapters on it (LoRA r32 on q,k,v,mlp in the

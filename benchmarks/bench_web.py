@@ -1,6 +1,6 @@
 """Browser benchmark: decoder latency per click of a `peftexport web` site in headless Chromium.
 
-    flock /work/bench.lock python benchmarks/bench_web.py --out /tmp/bench_web      # vit_b at 1024
+    python benchmarks/bench_web.py --out /tmp/bench_web      # vit_b at 1024
 
 Builds (or reuses, ``--export``) a vit_b export with random weights, makes one synthetic
 1024x1024 nuclei image, builds the site with the fp32 decoder and with the int8 decoder

@@ -378,7 +378,7 @@ def test_cli_predict_one_adapter_or_all(multi, image, tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "one" / "img_mask.tif"),
                                   tifffile.imread(tmp_path / "all" / "late" / "img_mask.tif"))
     res = cli("predict", multi, path, "--box", "30,40,150,160", "--out", tmp_path / "none")
-    assert res.exit_code == 2 and "pass adapter=NAME" in res.output
+    assert res.exit_code == 2 and "pass --adapter NAME or all" in res.output
     res = cli("predict", multi, path, "--box", "30,40,150,160", "--adapter", "nope", "--out", tmp_path / "none")
     assert res.exit_code == 2 and "unknown 'nope'" in res.output and not (tmp_path / "none").exists()
 

@@ -255,7 +255,8 @@ def merge_and_export_adapters(
 def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) -> dict:
     """Export and check ``trunk`` at every precision; fills ``trunk_feats`` with its output on the probe."""
     files = w.encoder_graphs("trunk", lambda path, p: tg.export_trunk_onnx(source, path, split, w.opset, p, w.exporter))
-    torch_feats = frozen_trunk(source, reference.image, split)
+    with torch.no_grad():  # a reference value: no autograd graph of the trunk's activations
+        torch_feats = frozen_trunk(source, reference.image, split)
     io = tg.graph_io("trunk", source)
     for p, (filename, secs) in files.items():
         if p not in w.precisions:

@@ -235,7 +235,11 @@ def predict_images(
     if adapter == "all" and names:
         targets = [(n, Path(out_dir) / n) for n in names]
     else:
-        targets = [(pick_adapter(None if adapter == "all" else adapter, names), Path(out_dir))]
+        try:
+            targets = [(pick_adapter(None if adapter == "all" else adapter, names), Path(out_dir))]
+        except PeftExportError as e:  # the command-line spelling of the choice
+            why = str(e).removeprefix("adapter: ").replace("pass adapter=NAME", "pass --adapter NAME or all")
+            raise PeftExportError(f"{export_dir}: --adapter: {why}") from None
     if instances:
         if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
             raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none "
