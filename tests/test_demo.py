@@ -93,12 +93,9 @@ def test_demo_outputs_are_valid(demo_run):
     out, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())
     art = summary["artefacts"]
-    # merged checkpoint: with the instance decoder trained, micro-sam's format (SAM state dict +
-    # decoder_state); the SAM part computes what the adapter does
+    # merged checkpoint: a plain segment_anything state dict that computes what the adapter does
     sam = build_sam_architecture("tiny")
-    merged = torch.load(art["merged checkpoint"], weights_only=True)
-    assert set(merged) == {"model_state", "decoder_state"} and len(merged["decoder_state"]) == 66
-    sam.load_state_dict(merged["model_state"], strict=True)
+    sam.load_state_dict(torch.load(art["merged checkpoint"], weights_only=True), strict=True)
     adapted = load_adapter(out / "run")
     assert compare_models(adapted.model, sam, 256)["mask_logits"]["max_rel"] <= 1e-4
     assert compare_models(build_sam_architecture("tiny"), sam, 256)["embeddings"]["max_rel"] > 1e-3  # it trained
@@ -129,8 +126,11 @@ def test_demo_refuses_non_empty_out(demo_run):
     assert (out / "summary.json").exists()
 
 
-def test_demo_shows_automatic_instance_segmentation(demo_run):
-    out, proc = demo_run
+def test_demo_with_instances_shows_automatic_instance_segmentation(tmp_path):
+    """--instances: the instance decoder trains with the adapter (a few steps here: the numbers are
+    checked for consistency, not for learning) and AIS is shown beside the point grid."""
+    out = tmp_path / "out"
+    proc = run_demo(out, "--fast", "--instances", "--iterations", "12")
     assert "automatic instance segmentation (AIS)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     n, art = summary["numbers"], summary["artefacts"]
@@ -141,8 +141,18 @@ def test_demo_shows_automatic_instance_segmentation(demo_run):
     assert n["point grid 16x16 mSA: onnx-fp32"] == round(row["msa"], 4)
     labels = tifffile.imread(art["AIS prediction labels"])
     assert labels.max() == n["AIS objects in one held-out image"]
+    # with the instance decoder, merge writes micro-sam's format (SAM state dict + decoder_state)
+    merged = torch.load(art["merged checkpoint"], weights_only=True)
+    assert set(merged) == {"model_state", "decoder_state"} and len(merged["decoder_state"]) == 66
     manifest = json.loads((Path(art["export"]) / "manifest.json").read_text())
     assert manifest["graphs"]["ais_decoder"]["fp32"]["parity"]["passed"]
+    summary_text = proc.stdout.split("== demo summary")[1]
+    assert "AIS (instance decoder)" in summary_text
+
+
+def test_fast_demo_without_instances_has_no_ais(demo_run):
+    out, proc = demo_run
+    assert "automatic instance segmentation" not in proc.stdout and not (out / "evaluation_ais.json").exists()
 
 
 @pytest.mark.slow
