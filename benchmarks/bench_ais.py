@@ -69,6 +69,7 @@ def main() -> None:
     from peft_export.export.ais import export_ais_decoder_onnx
     from peft_export.export.onnx_graphs import export_decoder_onnx, export_encoder_onnx
     from peft_export.export.verify import ort_session
+    from peft_export.bench.stats import device_info
     from peft_export.models import random_instance_decoder, random_sam
     from peft_export.runtime.everything import segment_everything
     from peft_export.runtime.instances import instances_from_maps, maps_to_image
@@ -79,7 +80,7 @@ def main() -> None:
     decoder = random_instance_decoder(0)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "image_size": size, "input": [args.input, args.input],
-              "iterations": args.iterations, "machine": {"cpu": _cpu(), "python": platform.python_version()},
+              "iterations": args.iterations, "machine": {"cpu": device_info()["cpu"], "python": platform.python_version()},
               "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,16 +126,6 @@ def main() -> None:
     result["torch"] = torch.__version__
     (args.out / "bench_ais.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

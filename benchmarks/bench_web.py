@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from peft_export.web import build_site, site as site_module  # noqa: E402
 from peft_export.web.serve import make_server  # noqa: E402
+from peft_export.bench.stats import device_info  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 DRIVER = ROOT / "tests" / "web" / "drive_page.mjs"
@@ -46,16 +46,6 @@ def log(msg: str) -> None:
 
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_export(out: Path, model_type: str, size: int) -> Path:
@@ -165,7 +155,7 @@ def main() -> int:
     export = args.export or make_export(args.out, args.model, args.image_size)
     image = make_image(args.out, args.image_size)
     version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout.strip()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "cores": os.cpu_count(),
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": device_info()["cpu"], "cores": os.cpu_count(),
               "chromium": version, "export": str(export), "image": str(image), "load_before": load_average(),
               "sites": {}, "runs": []}
     for precision in args.precision.split(","):

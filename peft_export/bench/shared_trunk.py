@@ -34,19 +34,6 @@ from .stats import current_rss_mb, device_info, library_versions, peak_rss_mb
 FORMAT = "peftexport-bench-shared-trunk"
 
 
-def process_peak_rss_mb() -> float:
-    """Peak RSS of this process image (VmHWM). Not ru_maxrss: across fork + exec Linux carries the
-    parent's high-water mark into the child's ru_maxrss, so a child would report its parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return peak_rss_mb()
-
-
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -103,7 +90,7 @@ def run_case(case: dict) -> dict:
         record("end to end", time.perf_counter() - t_image)
     return {
         "kind": case["kind"], "adapters": names, "precision": case["precision"], "load_s": round(load_s, 3),
-        "rss_start_mb": round(rss0, 1), "rss_loaded_mb": round(rss_loaded, 1), "peak_rss_mb": round(process_peak_rss_mb(), 1),
+        "rss_start_mb": round(rss0, 1), "rss_loaded_mb": round(rss_loaded, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "median_s": {k: round(float(np.median(v)), 4) for k, v in parts.items()},
         "times_s": {k: [round(t, 4) for t in v] for k, v in parts.items()},
     }
