@@ -6,7 +6,10 @@ finetuned vs exported, held-out images) -> predict one image with the runtime, a
 before/after picture. Every step calls the same library function as its own command, so
 the demo is also a smoke test of them. The default trains long enough to learn visibly
 (tiny model from random weights: held-out box Dice ~0.6); ``fast`` is the test suite's
-shorter run.
+shorter run; ``instances`` adds micro-sam's instance decoder and AIS.
+
+Longer than 400 lines because it tells one story, eight stages in order with each stage's
+summary lines and the before/after picture beside them; split, a reader would jump between files.
 
 May import: every stage (it runs them all).
 """
