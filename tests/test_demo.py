@@ -42,12 +42,23 @@ def _evaluation(out: Path) -> dict:
     return {r["model"]: r for r in rows}
 
 
+def _int8_learned_or_refused(out: Path, ev: dict, min_dice: float) -> None:
+    """The int8 export learned as much as fp32, or its mask gate refused it and the demo said so
+    (the gate is near its limit on these random-init models: mean IoU ~0.99 over 32 prompts)."""
+    if "onnx-int8" in ev:
+        int8, tuned = ev["onnx-int8"]["dice_box"], ev["finetuned"]["dice_box"]
+        assert int8 >= min_dice and abs(int8 - tuned) <= 0.05, (tuned, int8)
+    else:
+        notes = json.loads((out / "summary.json").read_text())["notes"]
+        assert any(n.startswith("int8 refused by its gate") for n in notes), notes
+
+
 def test_fast_demo_learns(demo_run):
     out, proc = demo_run
     ev = _evaluation(out)
-    base, tuned, int8 = (ev[m]["dice_box"] for m in ("base", "finetuned", "onnx-int8"))
+    base, tuned = (ev[m]["dice_box"] for m in ("base", "finetuned"))
     assert tuned >= FAST_MIN_DICE and tuned >= base + 0.3, (base, tuned)
-    assert int8 >= FAST_MIN_DICE and abs(int8 - tuned) <= 0.05, (tuned, int8)
+    _int8_learned_or_refused(out, ev, FAST_MIN_DICE)
     # the summary says it, with the same numbers
     assert f"learned: held-out box Dice {base:.4g} (base) -> {tuned:.4g} (fine-tuned)" in proc.stdout
 
@@ -85,7 +96,7 @@ def test_before_after_picture(demo_run):
     assert picture.shape[1] > 2 * picture.shape[0]  # ground truth, before and after side by side
     n = summary["numbers"]
     before = n["before/after box Dice: before: base SAM (random init)"]
-    after = n["before/after box Dice: after: fine-tuned, ONNX int8 export"]
+    after = next(v for k, v in n.items() if k.startswith("before/after box Dice: after: fine-tuned, ONNX"))
     assert after >= before + 0.3, (before, after)
 
 
@@ -101,7 +112,7 @@ def test_demo_outputs_are_valid(demo_run):
     assert compare_models(build_sam_architecture("tiny"), sam, 256)["embeddings"]["max_rel"] > 1e-3  # it trained
     # export: the manifest lists files that exist and the graphs are valid ONNX
     manifest = json.loads((Path(art["export"]) / "manifest.json").read_text())
-    assert {"fp32", "int8"} <= set(manifest["graphs"]["encoder"])
+    assert "fp32" in manifest["graphs"]["encoder"]  # int8 too, unless its gate refused it (see above)
     for graph in manifest["graphs"].values():
         for entry in graph.values():
             onnx.checker.check_model(str(Path(art["export"]) / entry["path"]))
@@ -109,7 +120,7 @@ def test_demo_outputs_are_valid(demo_run):
     ok = [c for c in bench["cases"] if c["status"] == "ok"]
     assert {c["backend"] for c in ok} >= {"torch", "onnxruntime"}
     ev = _evaluation(out)
-    assert set(ev) == {"base", "finetuned", "onnx-fp32", "onnx-int8"}
+    assert {"base", "finetuned", "onnx-fp32"} <= set(ev) <= {"base", "finetuned", "onnx-fp32", "onnx-int8"}
     mask = tifffile.imread(art["prediction mask"])
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     # the numbers the summary prints come from these files
@@ -163,6 +174,7 @@ def test_default_demo_learns_visibly(tmp_path):
     seconds = time.perf_counter() - t0
     ev = _evaluation(tmp_path / "out")
     print(f"default demo: {seconds:.0f} s; box Dice base {ev['base']['dice_box']:.3f}, finetuned "
-          f"{ev['finetuned']['dice_box']:.3f}, int8 {ev['onnx-int8']['dice_box']:.3f}")
-    assert ev["finetuned"]["dice_box"] >= DEFAULT_MIN_DICE and ev["onnx-int8"]["dice_box"] >= DEFAULT_MIN_DICE
+          f"{ev['finetuned']['dice_box']:.3f}")
+    assert ev["finetuned"]["dice_box"] >= DEFAULT_MIN_DICE and ev["onnx-fp32"]["dice_box"] >= DEFAULT_MIN_DICE
+    _int8_learned_or_refused(tmp_path / "out", ev, DEFAULT_MIN_DICE)
     assert "learned: held-out box Dice" in proc.stdout
