@@ -78,7 +78,7 @@ def test_corrupt_adapter_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- micro-sam import
 # The checkpoint is built by renaming a plain SAM state dict per micro-sam's key layout
-# (DESIGN.md), independently of our PEFT modules; expected outputs use hand-merged weights.
+# (micro_sam/models/peft_sam.py's module names), independently of our PEFT modules; expected outputs use hand-merged weights.
 
 
 def _micro_sam_file(path, state: dict) -> None:

@@ -93,7 +93,7 @@ def test_image_size_must_be_multiple_of_16():
 
 
 def test_paper_parameter_counts():
-    """vit_b, LoRA r32 on q,v, all blocks: 1,179,648 encoder parameters (paper / DESIGN.md)."""
+    """vit_b, LoRA r32 on q,v, all blocks: 1,179,648 encoder parameters (the paper's count; 12 blocks x 2 x 32 x (768 + 768))."""
     counts = count_for_config("vit_b", PeftConfig("lora", rank=32, targets=("q", "v")))
     assert counts["image_encoder"] == 1_179_648
     assert counts["mask_decoder"] > 0 and counts["prompt_encoder"] > 0  # they train by default

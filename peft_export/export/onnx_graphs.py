@@ -5,8 +5,8 @@ Exporter (torch 2.14): the TorchScript exporter (``dynamo=False``) by default fo
 graph. It supports opset 17, dynamic axes and Meta's decoder, which crops its masks to a
 size read from an input value (``orig_im_size``, which dynamo cannot express), and it is
 the faster one for small models (tiny encoder 0.5 s vs 4-10 s). The dynamo exporter is an
-option for the encoder only (``exporter="dynamo"``): faster for vit_b/h (DESIGN.md: 7 s
-vs 25 s), same outputs, but it only emits opset >= 18 (asking 17 makes it try a
+option for the encoder only (``exporter="dynamo"``): faster for vit_b/h (time both with
+``peftexport merge-and-export --exporter dynamo`` and the default), same outputs, but it only emits opset >= 18 (asking 17 makes it try a
 down-conversion that fails on Pad). Encoders always use external data, one file, so every
 encoder is ``encoder.onnx`` + ``encoder.onnx.data`` whatever its size or exporter
 (vit_h fp32 is over protobuf's 2 GB).
