@@ -6,6 +6,8 @@ Skipped when the openvino package is absent (pip install 'peftexport[openvino]';
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +101,25 @@ def test_bench_and_evaluate_run_on_openvino(export, tmp_path):
     report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert report["models"]["ov"]["backend"] == "openvino"
     assert 0.0 <= report["rows"][0]["dice_box"] <= 1.0
+
+
+def test_a_signal_after_openvino_does_not_crash(export):
+    """Each OpenVINO compile installs an alternate signal stack on the calling thread and its core
+    puts back the one it found when it goes; two sessions released in creation order left the
+    thread on a freed stack, and the next signal (Ctrl-C in a training run after an export verified
+    on OpenVINO: the test suite's crash) killed the process with SIGSEGV. The backend puts the
+    thread's own stack back after each compile."""
+    out, _ = export
+    code = (
+        "import gc, signal, sys\n"
+        "from peft_export.runtime import SamSession\n"
+        f"first, second = SamSession({str(out)!r}, 'openvino'), SamSession({str(out)!r}, 'openvino')\n"
+        "del first; gc.collect()\n"  # not in the reverse order of creation: what left a freed stack
+        "del second; gc.collect()\n"
+        "signal.signal(signal.SIGINT, lambda *a: print('handled', flush=True))\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "print('went on', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.splitlines() == ["handled", "went on"]

@@ -15,6 +15,9 @@ Thread-safety: one infer request per graph, used under that graph's lock, so con
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 import threading
 from pathlib import Path
 from typing import Dict, Optional
@@ -34,6 +37,37 @@ def compile_options(intra_op_threads: Optional[int] = None) -> dict:
     return opts
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack():
+    """Give the calling thread back its own alternate signal stack after an OpenVINO compile.
+
+    Each compile (OpenVINO 2026.4 CPU plugin) installs a ~10 kB alternate signal stack on the
+    calling thread, and its core puts back the stack it found when the core goes. Two sessions
+    released in the order they were made (an export verified on OpenVINO, then anything else)
+    left the thread on a freed stack; Python's handlers run on the alternate stack, so the next
+    signal (Ctrl-C during ``finetune``) killed the process with SIGSEGV. No handler of
+    OpenVINO's needs that stack.
+    """
+    if sys.platform == "win32":  # no sigaltstack
+        yield
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = _SignalStack()
+        ok = libc.sigaltstack(None, ctypes.byref(saved)) == 0
+    except (OSError, AttributeError):
+        ok = False
+    try:
+        yield
+    finally:
+        if ok:
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+
 class OpenVinoBackend:
     """One compiled model per graph on OpenVINO's CPU device."""
 
@@ -49,7 +83,8 @@ class OpenVinoBackend:
         self._compiled, self._requests, self._locks, self._inputs = {}, {}, {}, {}
         for name, path in paths.items():
             try:
-                compiled = core.compile_model(core.read_model(str(path)), "CPU", opts)
+                with keep_signal_stack():
+                    compiled = core.compile_model(core.read_model(str(path)), "CPU", opts)
             except Exception as e:  # OpenVINO raises RuntimeError with multi-line messages
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise PeftExportError(f"{path}: openvino cannot compile this graph ({first})") from None
