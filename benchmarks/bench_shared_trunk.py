@@ -13,7 +13,8 @@ masks of every adapter from both exports compared on seeded boxes.
 
 Targets (vit_b, 1024, CPU): encoder total <= 0.65x of the separate exports, peak RSS <= 0.7x,
 every adapter's masks IoU >= 0.999 to its own export. Exports are kept in OUT/exports and
-reused on a second run. Writes OUT/bench_shared_trunk.json and OUT/bench_shared_trunk.md.
+reused on a second run (OUT/exports_fused for ``--attention fused``, which both exports then use).
+Writes OUT/bench_shared_trunk[_ATTENTION].json and .md.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attention", default="plain",
+                    help="plain, folded or fused: the encoder graphs of both exports (fused: ONNX Runtime's "
+                         "MultiHeadAttention, which never holds the 4096x4096 scores of a global block)")
     args = ap.parse_args()
 
-    exports = args.out / "exports"
+    exports = args.out / ("exports" if args.attention == "plain" else f"exports_{args.attention}")
     exports.mkdir(parents=True, exist_ok=True)
     runs = make_adapters(args.out / "adapters", args.adapters, args.model, args.image_size, args.rank)
     precisions = ("fp32",) if args.precision == "fp32" else ("fp32", args.precision)
@@ -83,14 +87,15 @@ def main() -> int:
     if not (shared / "manifest.json").is_file():
         log(f"exporting {len(runs)} adapters into one export (trunk + heads)")
         adapters = {n: load_adapter(r) for n, r in runs.items()}
-        merge_and_export_adapters(adapters, shared, precisions=precisions, progress=True)
+        merge_and_export_adapters(adapters, shared, precisions=precisions, progress=True, attention=args.attention)
         del adapters
     separate = {}
     for name, run in runs.items():
         separate[name] = exports / name
         if not (separate[name] / "manifest.json").is_file():
             log(f"exporting {name} alone")
-            merge_and_export(load_adapter(run), separate[name], precisions=precisions, progress=False)
+            merge_and_export(load_adapter(run), separate[name], precisions=precisions, progress=False,
+                             attention=args.attention)
     log(f"load average before timing: {os.getloadavg()}")
     result = bench_shared_trunk(shared, separate, precision=args.precision, warmup=args.warmup,
                                 iterations=args.iterations, threads=args.threads, log=log)
@@ -102,13 +107,15 @@ def main() -> int:
         f"min mask IoU {min(ious.values()):.4f} (target >= {TARGETS['mask_iou']})",
     ]
     result["targets"] = TARGETS
+    result["settings"]["attention"] = args.attention
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    (args.out / "bench_shared_trunk.json").write_text(json.dumps(result, indent=1))
+    stem = "bench_shared_trunk" + ("" if args.attention == "plain" else f"_{args.attention}")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     m = result["machine"]
     header = (f"{result['date']}, {m['cpu']} ({m['cpu_count_usable']} cores), {args.model} "
-              f"{result['settings']['image_size']}, {args.precision}, {len(runs)} adapters, split block "
+              f"{result['settings']['image_size']}, {args.precision}, {args.attention} attention, {len(runs)} adapters, split block "
               f"{result['settings']['split_block']}, load average {result['load_average']}")
-    (args.out / "bench_shared_trunk.md").write_text(
+    (args.out / f"{stem}.md").write_text(
         header + "\n\n" + format_shared_table(result, markdown=True) + "\n")
     print(header)
     print(table)

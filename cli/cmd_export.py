@@ -77,12 +77,13 @@ def merge_and_export_cmd(
         adapters = load_named_sources(adapter, micro_sam, checkpoint, options, model_type=model,
                                       image_size=image_size, force=force)
         if len(adapters) > 1 or shared_trunk is not None:
-            if attention != "plain" or calibration_data is not None:
-                raise PeftExportError("--attention and --calibration-data apply to single-adapter exports; "
-                                      "several adapters export with plain attention and dynamic int8")
+            if calibration_data is not None:
+                raise PeftExportError("--calibration-data applies to single-adapter exports; "
+                                      "several adapters export with dynamic int8")
             manifest = merge_and_export_adapters(adapters, out, formats=split(formats), precisions=split(precisions),
                                                  opset=opset, overwrite=overwrite, progress=True, exporter=exporter,
-                                                 shared_trunk=shared_trunk, preprocess_in_graph=preprocess_in_graph)
+                                                 shared_trunk=shared_trunk, preprocess_in_graph=preprocess_in_graph,
+                                                 attention=attention)
             echo(f"manifest: {out / 'manifest.json'} ({len(manifest['adapters'])} adapters, "
                  f"{len(manifest['graphs'])} graphs)")
             return

@@ -221,6 +221,32 @@ def test_masks_identical_to_the_adapters_own_export(multi, single, image):
     assert np.mean([_iou(m8[i, 0], want[0][i, 0]) for i in range(len(BOXES))]) >= 0.9
 
 
+def test_fused_attention_in_trunk_and_heads(runs, multi, image, tmp_path):
+    """``--attention fused`` for several adapters: trunk, heads and own encoders carry ONNX Runtime's
+    fused attention op (no N x N scores held), and every adapter's masks equal the plain export's."""
+    import onnx
+
+    out = tmp_path / "fused"
+    res = cli("merge-and-export", "--adapter", f"late={runs['late']}", "--adapter", f"dec={runs['dec']}",
+              "--adapter", f"stem={runs['stem']}", "--precision", "fp32,int8", "--attention", "fused", "--out", out)
+    assert res.exit_code == 0, res.output
+    m = read_manifest(out)
+    for key in ("trunk", "head_late", "head_base", "encoder_stem"):
+        for p in ("fp32", "int8"):
+            assert m["graphs"][key][p]["attention"] == "fused", (key, p)
+            ops = {n.op_type for n in onnx.load(str(out / m["graphs"][key][p]["path"]), load_external_data=False).graph.node}
+            assert "MultiHeadAttention" in ops and "Softmax" not in ops, (key, p)
+    fused, plain = SamSession(out), SamSession(multi)
+    for name in ("late", "dec", "stem"):
+        got = fused.predict_batch(boxes=BOXES, embedding=fused.encode(image), adapter=name)
+        want = plain.predict_batch(boxes=BOXES, embedding=plain.encode(image), adapter=name)
+        for i in range(len(BOXES)):
+            assert _iou(got[0][i, 0], want[0][i, 0]) >= 0.999, name
+    res = cli("merge-and-export", "--adapter", f"late={runs['late']}", "--adapter", f"dec={runs['dec']}",
+              "--calibration-data", tmp_path, "--out", tmp_path / "cal")
+    assert res.exit_code != 0 and "--calibration-data applies to single-adapter exports" in res.output
+    assert not (tmp_path / "cal").exists()
+
 class Counting:
     """Counts graph runs of a session's backend."""
 

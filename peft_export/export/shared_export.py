@@ -63,22 +63,26 @@ class _Writer:
     """Exports graphs into the temporary directory, checks each, and collects manifest entries."""
 
     def __init__(self, tmp: Path, out_dir: Path, precisions: Sequence[str], opset: int, exporter: str,
-                 log: Callable[[str], None]) -> None:
+                 attention: str, log: Callable[[str], None]) -> None:
         self.tmp, self.out_dir, self.precisions = tmp, out_dir, precisions
-        self.opset, self.exporter, self.log = opset, exporter, log
+        self.opset, self.exporter, self.attention, self.log = opset, exporter, attention, log
         self.graphs: dict[str, dict] = {}
         self.rows: list[tuple[str, str, dict]] = []
         self.used_exporter = exporter
 
-    def encoder_graphs(self, key: str, export: Callable[[Path, str], str]) -> dict[str, tuple[str, float]]:
-        """Export ``key`` at every precision: {precision: (filename, seconds)}; int8 from fp32."""
+    def encoder_graphs(self, key: str, export: Callable[[Path, str, str], str]) -> dict[str, tuple[str, float]]:
+        """Export ``key`` at every precision: {precision: (filename, seconds)}; int8 from fp32.
+
+        ``export(path, precision, attention)``: fp32 (and the int8 quantised from it) with the
+        chosen attention form, fp16 always plain (as for single exports).
+        """
         files: dict[str, tuple[str, float]] = {}
         t = time.perf_counter()
-        self.used_exporter = export(self.tmp / encoder_filename("fp32", key), "fp32")
+        self.used_exporter = export(self.tmp / encoder_filename("fp32", key), "fp32", self.attention)
         files["fp32"] = (encoder_filename("fp32", key), time.perf_counter() - t)
         if "fp16" in self.precisions:
             t = time.perf_counter()
-            export(self.tmp / encoder_filename("fp16", key), "fp16")
+            export(self.tmp / encoder_filename("fp16", key), "fp16", "plain")
             files["fp16"] = (encoder_filename("fp16", key), time.perf_counter() - t)
         if "int8" in self.precisions:
             t = time.perf_counter()
@@ -96,6 +100,8 @@ class _Writer:
             self.log(format_parity_table(self.rows))
             raise PeftExportError(f"{self.out_dir}: {row or key} {precision} failed verification "
                                   f"({'; '.join(parity['failures'])}); nothing written")
+        if key.split("_")[0] in ("trunk", "head", "encoder") and precision != "fp16":
+            extra = dict(extra or {}, attention=self.attention)
         if key not in self.graphs or precision not in self.graphs[key]:
             self.graphs.setdefault(key, {})[precision] = graph_entry(self.tmp, key, filename, 0, parity, extra, io)
 
@@ -144,15 +150,18 @@ def merge_and_export_adapters(
     exporter: str = "torchscript",
     shared_trunk: bool | None = None,
     preprocess_in_graph: bool = False,
+    attention: str = "plain",
 ) -> dict:
     """Export several adapters ({name: AdaptedModel}) of one base into one directory; returns the manifest.
 
     ``shared_trunk``: True requires one trunk for all (refused, with the reason, when an
     adapter trains the patch or positional embedding); None (default) shares among those
-    that can; False gives each adapter its own whole encoder.
+    that can; False gives each adapter its own whole encoder. ``attention``: how fp32 encoder
+    graphs (trunk, heads, own encoders; and the int8 quantised from them) write attention,
+    ``plain``, ``folded`` or ``fused``, as for single exports.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
-    _check_options(formats, precisions, opset, exporter)
+    _check_options(formats, precisions, opset, exporter, attention)
     if "tensorrt" in formats:
         raise PeftExportError("--format tensorrt: not available for several adapters yet; export each adapter alone")
     if preprocess_in_graph:
@@ -178,7 +187,7 @@ def merge_and_export_adapters(
     trunk_info: dict | None = None
     log(f"exporting {model_type} (image size {size}), {len(adapters)} adapters, to {out_dir}: {', '.join(precisions)}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        w = _Writer(tmp, out_dir, precisions, opset, exporter, log)
+        w = _Writer(tmp, out_dir, precisions, opset, exporter, attention, log)
         trunk_ref: dict | None = None
         trunk_feats: dict[str, np.ndarray] = {}
         heads: dict[str, str] = {}  # digest of head weights -> graph key
@@ -211,7 +220,7 @@ def merge_and_export_adapters(
                 entry["encoder"] = [key]
                 entry["holds"] = {key: "the whole image encoder"}
                 entry["own_encoder_because"] = plan.separate[name]
-                files = w.encoder_graphs(key, lambda path, p: og.export_encoder_onnx(model, path, opset, p, exporter))
+                files = w.encoder_graphs(key, lambda path, p, a: og.export_encoder_onnx(model, path, opset, p, exporter, a))
                 entry["encoder_parity"] = {}
                 for p, (filename, secs) in files.items():
                     if p in precisions:
@@ -254,7 +263,7 @@ def merge_and_export_adapters(
 
 def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) -> dict:
     """Export and check ``trunk`` at every precision; fills ``trunk_feats`` with its output on the probe."""
-    files = w.encoder_graphs("trunk", lambda path, p: tg.export_trunk_onnx(source, path, split, w.opset, p, w.exporter))
+    files = w.encoder_graphs("trunk", lambda path, p, a: tg.export_trunk_onnx(source, path, split, w.opset, p, w.exporter, a))
     with torch.no_grad():  # a reference value: no autograd graph of the trunk's activations
         torch_feats = frozen_trunk(source, reference.image, split)
     io = tg.graph_io("trunk", source)
@@ -278,7 +287,7 @@ def _export_head(w: _Writer, model, adapted: AdaptedModel, name: str, key: str, 
                  trunk_feats: dict) -> dict:
     """Export ``key`` (if this adapter is the first with these head weights) and check head(trunk(x)) per precision."""
     if new:
-        files = w.encoder_graphs(key, lambda path, p: tg.export_head_onnx(model, path, split, w.opset, p, w.exporter))
+        files = w.encoder_graphs(key, lambda path, p, a: tg.export_head_onnx(model, path, split, w.opset, p, w.exporter, a))
     else:
         files = {p: (encoder_filename(p, key), 0.0) for p in w.precisions}
     io = tg.graph_io("head", model)

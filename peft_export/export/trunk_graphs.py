@@ -74,27 +74,40 @@ def _graph(cls, model: Sam, split: int, precision: str, opset: int) -> nn.Module
     return cls(model.image_encoder, split, fp16=precision == "fp16").eval()
 
 
-def export_trunk_onnx(model: Sam, path: str | os.PathLike, split: int, opset: int = 17, precision: str = "fp32",
-                      exporter: str = "torchscript") -> str:
-    """Write ``trunk.onnx`` (+ ``.data``): ``image`` -> ``trunk_features``. Returns the exporter used."""
-    graph = _graph(TrunkGraph, model, split, precision, opset)
+def _export_part(cls, model: Sam, path: Path, split: int, opset: int, precision: str, exporter: str,
+                 attention: str, example: torch.Tensor, names: tuple[list[str], list[str]]) -> str:
+    """Export ``cls`` (trunk or head) of ``model``; ``attention`` rewrites fp32 as for the whole encoder."""
+    from .fused_attention import attention_form
+
+    graph = _graph(cls, model, split, precision, opset)
+    if attention != "plain":
+        if precision != "fp32":
+            raise PeftExportError(f"--attention {attention}: only fp32 graphs are rewritten (int8 is quantised from them)")
+        with attention_form(model, attention):  # swaps the blocks the graph holds: it shares the encoder
+            return og._export(graph, (example,), path, opset, *names, None, "torchscript", True,
+                              custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
     if precision == "fp16":
         exporter, opset = "dynamo", og.encoder_opset(precision, opset)
     og.check_exporter(exporter, opset)
-    return og._export(graph, (og.encoder_example(model),), Path(path), opset, ["image"], [TRUNK_OUTPUT], None,
-                      exporter, True)
+    return og._export(graph, (example,), path, opset, *names, None, exporter, True)
+
+
+def export_trunk_onnx(model: Sam, path: str | os.PathLike, split: int, opset: int = 17, precision: str = "fp32",
+                      exporter: str = "torchscript", attention: str = "plain") -> str:
+    """Write ``trunk.onnx`` (+ ``.data``): ``image`` -> ``trunk_features``. Returns the exporter used.
+
+    ``attention``: ``plain``, ``folded`` or ``fused`` (``fused_attention``; fp32 only).
+    """
+    return _export_part(TrunkGraph, model, Path(path), split, opset, precision, exporter, attention,
+                        og.encoder_example(model), (["image"], [TRUNK_OUTPUT]))
 
 
 def export_head_onnx(model: Sam, path: str | os.PathLike, split: int, opset: int = 17, precision: str = "fp32",
-                     exporter: str = "torchscript") -> str:
+                     exporter: str = "torchscript", attention: str = "plain") -> str:
     """Write ``head_<NAME>.onnx`` (+ ``.data``): ``trunk_features`` -> ``image_embeddings``."""
-    graph = _graph(HeadGraph, model, split, precision, opset)
-    if precision == "fp16":
-        exporter, opset = "dynamo", og.encoder_opset(precision, opset)
-    og.check_exporter(exporter, opset)
     example = torch.randn(*features_shape(model), generator=torch.Generator().manual_seed(0))
-    return og._export(graph, (example,), Path(path), opset, [TRUNK_OUTPUT], ["image_embeddings"], None,
-                      exporter, True)
+    return _export_part(HeadGraph, model, Path(path), split, opset, precision, exporter, attention,
+                        example, ([TRUNK_OUTPUT], ["image_embeddings"]))
 
 
 def graph_io(graph: str, model: Sam) -> tuple[list[dict], list[dict]]:
