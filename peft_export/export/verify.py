@@ -38,7 +38,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 
 
 def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
-    """A CPU session with the runtime's options (arena and memory patterns off)."""
+    """A CPU session with the runtime's options (``session_options``: the shared arena)."""
     import onnxruntime as ort
 
     from ..runtime.backends.ort import session_options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -18,18 +19,39 @@ ORT_DTYPES = {
 }
 
 
+_ENV_ARENA_LOCK = threading.Lock()
+_env_arena_registered = False
+
+
+def _register_env_arena(ort) -> None:
+    """One CPU arena in ONNX Runtime's process-wide environment, shared by every session that opts in."""
+    global _env_arena_registered
+    with _ENV_ARENA_LOCK:
+        if not _env_arena_registered:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, None)
+            _env_arena_registered = True
+
+
 def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None):
     """ONNX Runtime options used everywhere (runtime, export checks, bench).
 
-    On CPU the memory arena and memory patterns are off: they roughly double the
-    encoder's peak RSS (vit_b: 7 GB -> 3.8 GB) for no speed gain.
+    On CPU every session allocates from one arena shared by the whole process, with ONNX
+    Runtime's buffer reuse and memory patterns off: a freed intermediate goes back to the
+    arena at once, and the next node, graph or session takes it from there. ORT's defaults
+    (an arena per session, buffers reused by plan) kept every intermediate of a run alive:
+    vit_b at 1024 peaked at 3.6 GB in one session (plain attention) and each further graph
+    (a shared-trunk head, a second export) added its own. Measured with
+    ``python benchmarks/bench_shared_trunk.py`` (README, "One trunk, many adapters").
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if device == "cpu":
-        opts.enable_cpu_mem_arena = False
+        _register_env_arena(ort)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.enable_mem_pattern = False
+        opts.enable_mem_reuse = False
     if intra_op_threads:
         opts.intra_op_num_threads = int(intra_op_threads)
     return opts
