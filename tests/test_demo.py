@@ -19,6 +19,9 @@ from peft_export.merge import compare_models
 from peft_export.models import build_sam_architecture
 from peft_export.peft.adapters import load_adapter
 
+# Every demo here trains for minutes (--fast: 200 steps, ~2.5 min on 2 cores): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 # Held-out box Dice the fine-tuned model must reach (the random base is ~0.02).
 FAST_MIN_DICE = 0.4  # --fast: 200 steps, just past the early collapse to empty masks; learns less far
 DEFAULT_MIN_DICE = 0.5  # the default demo
