@@ -4,6 +4,7 @@ point grid (segment-everything) of the same model for comparison.
 
     python benchmarks/bench_ais.py --out /tmp/bench_ais                  # vit_b, model size 1024, 512x512 image
     python benchmarks/bench_ais.py --image-size 512 --out /tmp/bench_ais512
+    python benchmarks/bench_ais.py --backend openvino --grid 0 --out /tmp/bench_ais_ov
     python benchmarks/bench_ais.py --model tiny --grid 0 --out /tmp/bench_ais_tiny   # seconds, for a smoke test
 
 Weights are random (seeded); latency does not depend on their values. The post-processing's
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--input", type=int, default=512, help="side of the square input image in pixels")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--grid", type=int, default=32, help="points per side of the segment-everything comparison (0: skip)")
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                    help="runs the encoder and the AIS decoder (the point grid always runs on ONNX Runtime)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -91,15 +94,25 @@ def main() -> None:
             export_decoder_onnx(sam, tmp / "decoder_lowres.onnx", "decoder_lowres")
         result["export_seconds"] = round(time.perf_counter() - t, 1)
         del sam
-        enc, ais = ort_session(tmp / "encoder.onnx"), ort_session(tmp / "ais_decoder.onnx")
+        if args.backend == "openvino":
+            from peft_export.runtime.backends.ov import OpenVinoBackend
+
+            ov = OpenVinoBackend({"encoder": tmp / "encoder.onnx", "ais": tmp / "ais_decoder.onnx"}, "cpu")
+            run_encoder = lambda: ov.run("encoder", {"image": x})["image_embeddings"]  # noqa: E731
+            run_ais = lambda: ov.run("ais", {"image_embeddings": emb})["instance_maps"]  # noqa: E731
+        else:
+            enc, ais = ort_session(tmp / "encoder.onnx"), ort_session(tmp / "ais_decoder.onnx")
+            run_encoder = lambda: enc.run(None, {"image": x})[0]  # noqa: E731
+            run_ais = lambda: ais.run(None, {"image_embeddings": emb})[0]  # noqa: E731
+        result["backend"] = args.backend
         image = (np.random.default_rng(0).random((args.input, args.input, 3)) * 255).astype(np.uint8)
         x, original, input_size = prepare_image(image, {"name": "none"}, size)
-        emb = enc.run(None, {"image": x})[0]
-        maps_small = ais.run(None, {"image_embeddings": emb})[0]
+        emb = run_encoder()
+        maps_small = run_ais()
         maps, n_true = realistic_maps(args.input)
         s = result["seconds"]
-        s["encoder"] = median_seconds(lambda: enc.run(None, {"image": x}), args.iterations)
-        s["ais_decoder"] = median_seconds(lambda: ais.run(None, {"image_embeddings": emb}), args.iterations)
+        s["encoder"] = median_seconds(run_encoder, args.iterations)
+        s["ais_decoder"] = median_seconds(run_ais, args.iterations)
         s["maps_to_image"] = median_seconds(lambda: maps_to_image(maps_small, input_size, original, size),
                                             args.iterations)
         s["post_processing"] = median_seconds(lambda: instances_from_maps(*maps), args.iterations)
