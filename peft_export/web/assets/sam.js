@@ -47,7 +47,9 @@ function axisWeights(inSize, outSize, keep) {
   const l0 = new Float32Array(keep);
   const l1 = new Float32Array(keep);
   for (let d = 0; d < keep; d++) {
-    const src = Math.max(f32(f32(scale * f32(d + 0.5)) - 0.5), 0);
+    // One rounding, as torch's fused multiply-add (runtime.postprocess.axis_map): in float64 the
+    // product of two float32 values and the subtraction of 0.5 are exact here.
+    const src = Math.max(f32(scale * (d + 0.5) - 0.5), 0);
     const a = Math.trunc(src);
     i0[d] = a;
     i1[d] = a < inSize - 1 ? a + 1 : a;
