@@ -28,6 +28,9 @@ from peft_export.runtime.instances import check_ais_params, require_ais_packages
 from peft_export.training.instance_targets import distance_targets
 from test_instance_decoder import micro_sam_decoder_state
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,9 @@ from peft_export.training.checkpoint import load_checkpoint
 from peft_export.training.instance_loss import distance_loss
 from test_training import one_thread  # noqa: F401 - the autouse fixture: one torch thread on shared cores
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
 

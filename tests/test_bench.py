@@ -27,6 +27,9 @@ from peft_export.bench import (
 )
 from peft_export.errors import PeftExportError
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 CPU_ONLY = Availability(cuda=False, onnxruntime=True, ort_providers=("CPUExecutionProvider",), tensorrt=False)

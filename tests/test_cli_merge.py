@@ -14,6 +14,9 @@ from peft_export.peft.adapters import save_adapter
 from peft_export.merge import compare_models
 from peft_export.models import build_sam_architecture, random_sam
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "peft_export.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)

@@ -17,6 +17,9 @@ from peft_export.errors import PeftExportError
 from peft_export.evaluation import evaluate_models, load_raw_samples
 from peft_export.evaluation.specs import TorchPredictor, parse_model_spec, parse_model_specs
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
 

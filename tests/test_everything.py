@@ -19,6 +19,9 @@ from peft_export.runtime.mask_runs import MaskRuns, threshold_upsampled
 from peft_export.runtime.postprocess import MaskUpsampler, fma32
 from peft_export.runtime.preprocess import preprocess_shape
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 S = 256
 LOW = S // 4
 

@@ -25,6 +25,9 @@ from peft_export.export import pipeline, verify
 from peft_export.fsutil import sha256_file
 from peft_export.peft import merge_peft
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 CONTRACT_IO = {
     "encoder": (["image"], ["image_embeddings"]),
     "decoder": (

@@ -17,6 +17,9 @@ from peft_export.export.agreement import GATES, gate_prompts, mask_agreement
 from peft_export.export.quantize import matmul_nodes, quantize_int8
 from peft_export.export.verify import graph_runner
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

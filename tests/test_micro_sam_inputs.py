@@ -6,12 +6,16 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import randomize_trainables
 from peft_export.data import make_demo_data
 from peft_export.models import build_sam_architecture
 from peft_export.peft import PeftConfig, apply_peft
+
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
 
 
 def _micro_sam_lora(path):

@@ -18,6 +18,9 @@ from peft_export.cli.main import app
 from peft_export.errors import PeftExportError
 from peft_export.runtime import SamSession
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("openvino", reason="the openvino package is not installed (pip install 'peftexport[openvino]')")
 
 runner = CliRunner()

@@ -33,6 +33,9 @@ from peft_export.peft import PeftConfig, merge_peft
 from peft_export.peft.adapters import build_adapted_model, load_adapter, save_adapter
 from peft_export.runtime import EncodedImage, SamSession
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "late": dict(method="lora", rank=4, targets=("q", "k", "v", "mlp"), blocks="late"),

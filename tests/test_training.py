@@ -24,6 +24,9 @@ from peft_export.training import losses
 from peft_export.training.checkpoint import load_checkpoint
 from peft_export.training import validate, validation_set
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
 

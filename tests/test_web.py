@@ -29,6 +29,9 @@ from peft_export.web import ORT_FILES, ORT_WEB_VERSION, build_site, decode_shown
 from peft_export.web.serve import make_server
 from test_predict import real_export
 
+# Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "web" / "drive_page.mjs"
 
