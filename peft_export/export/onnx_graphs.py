@@ -271,6 +271,18 @@ def encoder_opset(precision: str, opset: int) -> int:
     return max(opset, FP16_OPSET) if precision == "fp16" else opset
 
 
+def export_attention_form(model: Sam, graph: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int,
+                          input_names: list[str], output_names: list[str], attention: str) -> str:
+    """Export fp32 ``graph`` (the encoder or a part of it) while ``model``'s encoder blocks use the
+    ``attention`` rewrite (``fused_attention``). Always the TorchScript exporter: it writes the fused
+    form as ONNX Runtime's ``com.microsoft.MultiHeadAttention``. Returns the exporter used."""
+    from .fused_attention import attention_form
+
+    with attention_form(model, attention):  # swaps the blocks in place: ``graph`` shares them
+        return _export(graph, (example,), Path(path), opset, input_names, output_names, None, "torchscript", True,
+                       custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
+
+
 def export_encoder_onnx(
     model: Sam, path: str | os.PathLike, opset: int = 17, precision: str = "fp32", exporter: str = "torchscript",
     attention: str = "plain",
@@ -283,17 +295,13 @@ def export_encoder_onnx(
     fp32 only, TorchScript exporter). Writes ``path`` and ``path.data`` (external data).
     Returns the exporter used.
     """
-    from .fused_attention import attention_form
-
     _check_opset(opset)
     check_exporter(exporter, opset)
     if attention != "plain":
         if precision != "fp32":
             raise PeftExportError(f"--attention {attention}: only the fp32 encoder is rewritten (int8 is quantised from it)")
-        with attention_form(model, attention):
-            return _export(EncoderGraph(model), (encoder_example(model),), Path(path), opset, ["image"],
-                           ["image_embeddings"], None, "torchscript", True,
-                           custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
+        return export_attention_form(model, EncoderGraph(model), encoder_example(model), path, opset,
+                                     ["image"], ["image_embeddings"], attention)
     if precision == "fp32":
         graph = EncoderGraph(model)
     elif precision == "fp16":

@@ -77,15 +77,11 @@ def _graph(cls, model: Sam, split: int, precision: str, opset: int) -> nn.Module
 def _export_part(cls, model: Sam, path: Path, split: int, opset: int, precision: str, exporter: str,
                  attention: str, example: torch.Tensor, names: tuple[list[str], list[str]]) -> str:
     """Export ``cls`` (trunk or head) of ``model``; ``attention`` rewrites fp32 as for the whole encoder."""
-    from .fused_attention import attention_form
-
     graph = _graph(cls, model, split, precision, opset)
     if attention != "plain":
         if precision != "fp32":
             raise PeftExportError(f"--attention {attention}: only fp32 graphs are rewritten (int8 is quantised from them)")
-        with attention_form(model, attention):  # swaps the blocks the graph holds: it shares the encoder
-            return og._export(graph, (example,), path, opset, *names, None, "torchscript", True,
-                              custom_opsets={"com.microsoft": 1} if attention == "fused" else None)
+        return og.export_attention_form(model, graph, example, path, opset, *names, attention)
     if precision == "fp16":
         exporter, opset = "dynamo", og.encoder_opset(precision, opset)
     og.check_exporter(exporter, opset)
