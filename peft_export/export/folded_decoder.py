@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 from torch import nn
 
@@ -118,10 +118,9 @@ class FoldedTwoWayTransformer(nn.Module):
     Returns the output tokens (B, T, 256) and the final image tokens (B, N, 256).
     """
 
-    def __init__(self, transformer: TwoWayTransformer, image_pe: torch.Tensor) -> None:
+    def __init__(self, transformer: TwoWayTransformer, prompt_encoder: PromptEncoder) -> None:
         super().__init__()
-        self.tf = transformer
-        self.register_buffer("image_pe", image_pe.flatten(2).transpose(1, 2).detach())  # (1, N, 256)
+        self.tf, self.prompt_encoder = transformer, prompt_encoder
         self.t2i = nn.ModuleList(TokenToImage(layer.cross_attn_token_to_image) for layer in transformer.layers)
         self.i2t = nn.ModuleList(ImageToToken(layer.cross_attn_image_to_token) for layer in transformer.layers)
         self.final = TokenToImage(transformer.final_attn_token_to_image)
@@ -129,6 +128,7 @@ class FoldedTwoWayTransformer(nn.Module):
     def forward(self, keys: torch.Tensor, point_embedding: torch.Tensor, layer0=None):
         pe = point_embedding
         queries = pe
+        image_pe = dense_pe_tokens(self.prompt_encoder)
         for i, layer in enumerate(self.tf.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
@@ -136,7 +136,7 @@ class FoldedTwoWayTransformer(nn.Module):
                 q = queries + pe
                 queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
             projected = i == 0 and layer0 is not None
-            x = None if projected else keys + self.image_pe
+            x = None if projected else keys + image_pe
             if projected:
                 attn_out = projected_token_to_image(layer.cross_attn_token_to_image, queries + pe, *layer0[:2])
             else:
@@ -148,9 +148,15 @@ class FoldedTwoWayTransformer(nn.Module):
             else:
                 attn_out = self.i2t[i](queries + pe, queries, x=x)
             keys = layer.norm4(keys + attn_out)
-        x = keys + self.image_pe
+        x = keys + image_pe
         queries = self.tf.norm_final_attn(queries + self.final(queries + pe, x, keys))
         return queries, keys
+
+
+def dense_pe_tokens(prompt_encoder: PromptEncoder) -> torch.Tensor:
+    """SAM's positional encoding of the image tokens, (1, N, 256). Computed in the graph from the
+    (2, 128) Gaussian matrix rather than stored (4 MB at image size 1024): runtimes fold it at load."""
+    return prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
 
 
 class ChannelLastUpscaling(nn.Module):

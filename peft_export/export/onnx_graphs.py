@@ -149,7 +149,7 @@ class LowResDecoderGraph(nn.Module):
         super().__init__()
         self.meta = SamOnnxModel(sam, return_single_mask=False)  # reuses its point/mask embedding
         self.mask_decoder = sam.mask_decoder
-        self.transformer = FoldedTwoWayTransformer(sam.mask_decoder.transformer, sam.prompt_encoder.get_dense_pe())
+        self.transformer = FoldedTwoWayTransformer(sam.mask_decoder.transformer, sam.prompt_encoder)
         self.upscaling = ChannelLastUpscaling(sam)
 
     def forward(

@@ -111,9 +111,10 @@ def quantize_int8(
 
     src, dst = Path(src), Path(dst)
     external = onnx_bytes(src) // 4 > EXTERNAL_DATA_BYTES
+    exclude = list(recipe.exclude) + [n for n in batched_weight_matmuls(src) if n not in recipe.exclude]
     common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                   op_types_to_quantize=list(recipe.op_types) or None,
-                  nodes_to_exclude=list(recipe.exclude) or None, use_external_data_format=external)
+                  nodes_to_exclude=exclude or None, use_external_data_format=external)
     with _quiet():
         if calibration is not None and len(calibration):
             applied = Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude,
@@ -135,6 +136,18 @@ def quantize_int8(
             return applied
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **common)
     return Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude, False, 0)
+
+
+def batched_weight_matmuls(path: str | os.PathLike) -> list[str]:
+    """MatMul nodes whose stored weight is not a matrix (e.g. per-head (H, d, C) blocks of the
+    folded decoder attention). ONNX Runtime's quantizer converts them, but its integer MatMul
+    kernels take only a 2-D weight and fail at run time; they stay fp32 (they are small)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and len(node.input) > 1 and ranks.get(node.input[1], 2) != 2]
 
 
 def matmul_nodes(path: str | os.PathLike, block: int | None = None, part: str | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from ..runtime.split_decoder import SPLIT_GRAPHS
-from .folded_decoder import ChannelLastUpscaling, FoldedTwoWayTransformer, mask_weights
+from .folded_decoder import ChannelLastUpscaling, FoldedTwoWayTransformer, dense_pe_tokens, mask_weights
 
 SPLIT_NOTE = ("split decoder for many prompts without mask input: split_image once per image, split_prompts "
               "per batch (IoU, mask weights, image tokens), split_masks for the prompts kept; verified as a chain")
@@ -61,12 +61,12 @@ class SplitImageGraph(nn.Module):
     def __init__(self, sam: Sam) -> None:
         super().__init__()
         self.no_mask_embed = sam.prompt_encoder.no_mask_embed
-        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).detach())
+        self.prompt_encoder = sam.prompt_encoder
         self.block = sam.mask_decoder.transformer.layers[0]
 
     def forward(self, image_embeddings: torch.Tensor):
         keys = image_embeddings.flatten(2).transpose(1, 2) + self.no_mask_embed.weight.reshape(1, 1, -1)
-        x = keys + self.image_pe
+        x = keys + dense_pe_tokens(self.prompt_encoder)
         t2i, i2t = self.block.cross_attn_token_to_image, self.block.cross_attn_image_to_token
         return keys, t2i.k_proj(x), t2i.v_proj(keys), i2t.q_proj(x)
 
@@ -78,7 +78,7 @@ class SplitPromptsGraph(nn.Module):
         super().__init__()
         self.dec = sam.mask_decoder
         self.meta = SamOnnxModel(sam, return_single_mask=False)  # its point embedding
-        self.transformer = FoldedTwoWayTransformer(sam.mask_decoder.transformer, sam.prompt_encoder.get_dense_pe())
+        self.transformer = FoldedTwoWayTransformer(sam.mask_decoder.transformer, sam.prompt_encoder)
 
     def forward(self, image_keys, layer0_k, layer0_v, layer0_q, point_coords, point_labels):
         dec = self.dec
