@@ -11,7 +11,7 @@ tokens + the points: 7 for one click). Two exact rewrites move the work there:
   the image-to-token attention folds its query projection into the token keys and its
   output projection into the token values. Each (H·T × 256) matrix costs 256·H·T
   multiply-adds per image token (H = 8 heads) instead of 256·128 per projection: fewer
-  while T < 16 tokens, i.e. up to 10 points with a box (more cost a little more).
+  while T < 16 tokens, i.e. up to 9 clicks, or 8 with a box (more cost a little more).
 - **Channel-last upscaling.** A transposed convolution with kernel 2 and stride 2 writes each
   input pixel's 2x2 outputs alone, so it is one matrix product per pixel; the LayerNorm2d
   becomes one LayerNormalization over the last axis, and no NCHW transposes are needed

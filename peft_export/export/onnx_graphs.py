@@ -141,8 +141,8 @@ class LowResDecoderGraph(nn.Module):
 
     No upsampling and no value-dependent shapes (TensorRT-friendly). The embedding is
     broadcast over B with ``expand`` instead of ``repeat_interleave``. The transformer and
-    the output upscaling are ``folded_decoder``'s exact rewrites (1.6-1.8x faster on a CPU
-    than segment_anything's ops, and in the browser).
+    the output upscaling are ``folded_decoder``'s exact rewrites (faster than segment_anything's
+    ops on a CPU and in the browser: ``benchmarks/bench_web.py`` times both).
     """
 
     def __init__(self, sam: Sam) -> None:
