@@ -142,7 +142,7 @@ class LowResDecoderGraph(nn.Module):
     No upsampling and no value-dependent shapes (TensorRT-friendly). The embedding is
     broadcast over B with ``expand`` instead of ``repeat_interleave``. The transformer and
     the output upscaling are ``folded_decoder``'s exact rewrites (faster than segment_anything's
-    ops on a CPU and in the browser; README, Browser).
+    ops on a CPU and in the browser; README, "In the browser").
     """
 
     def __init__(self, sam: Sam) -> None:
