@@ -189,6 +189,13 @@ class ChannelLastUpscaling(nn.Module):
         return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(k, -1, 4 * g, 4 * g)
 
 
+def decoder_tokens(decoder: nn.Module, sparse: torch.Tensor) -> torch.Tensor:
+    """The transformer's tokens for B prompts: a ``MaskDecoder``'s IoU and mask tokens, then the
+    prompt embedding (B, P, 256) -> (B, 5 + P, 256), as ``MaskDecoder.predict_masks`` builds them."""
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    return torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
+
+
 def mask_weights(decoder: nn.Module, queries: torch.Tensor) -> torch.Tensor:
     """The hypernetwork outputs of the mask tokens (output tokens 1..4 of a ``MaskDecoder``): (B, 4, c)."""
     return torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import PeftExportError
 from ..fsutil import current_umask
 from ..models import PIXEL_MEAN, PIXEL_STD
-from .folded_decoder import ChannelLastUpscaling, FoldedTwoWayTransformer, mask_weights
+from .folded_decoder import ChannelLastUpscaling, FoldedTwoWayTransformer, decoder_tokens, mask_weights
 
 DECODER_FLAVOURS = ("decoder", "decoder_lowres")
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17
@@ -163,11 +163,8 @@ class LowResDecoderGraph(nn.Module):
         sparse = self.meta._embed_points(point_coords, point_labels)
         dense = self.meta._embed_masks(mask_input, has_mask_input.reshape(-1, 1, 1, 1))
         dec = self.mask_decoder
-        b = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
         src = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (B, N, 256): dense broadcasts over B
-        queries, keys = self.transformer(src, tokens)
+        queries, keys = self.transformer(src, decoder_tokens(dec, sparse))
         return self.upscaling(keys, mask_weights(dec, queries)), dec.iou_prediction_head(queries[:, 0, :])
 
 

@@ -29,7 +29,8 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from ..runtime.split_decoder import SPLIT_GRAPHS
-from .folded_decoder import ChannelLastUpscaling, FoldedTwoWayTransformer, dense_pe_tokens, mask_weights
+from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, decoder_tokens, dense_pe_tokens,
+                             mask_weights)
 
 SPLIT_NOTE = ("split decoder for many prompts without mask input: split_image once per image, split_prompts "
               "per batch (IoU, mask weights, image tokens), split_masks for the prompts kept; verified as a chain")
@@ -82,10 +83,7 @@ class SplitPromptsGraph(nn.Module):
 
     def forward(self, image_keys, layer0_k, layer0_v, layer0_q, point_coords, point_labels):
         dec = self.dec
-        sparse = self.meta._embed_points(point_coords, point_labels)
-        b = sparse.shape[0]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        tokens = decoder_tokens(dec, self.meta._embed_points(point_coords, point_labels))
         # The image side of the first block is the same for every prompt: projected once per image.
         queries, keys = self.transformer(image_keys, tokens, layer0=(layer0_k, layer0_v, layer0_q))
         return dec.iou_prediction_head(queries[:, 0, :]), mask_weights(dec, queries), keys
