@@ -44,6 +44,11 @@ CONTRACT_IO = {
         ["iou_predictions", "mask_weights", "keys"],
     ),
     "split_masks": (["keys", "mask_weights"], ["low_res_masks"]),
+    "click_decoder": (
+        ["image_keys", "layer0_k", "layer0_v", "layer0_q", "point_coords", "point_labels", "mask_input",
+         "has_mask_input"],
+        ["low_res_masks", "iou_predictions", "mask_index"],
+    ),
 }
 
 
@@ -80,7 +85,7 @@ def test_manifest_follows_the_contract(exported):
     assert manifest["versions"]["tensorrt"] is None and "tensorrt" not in manifest
     assert set(manifest["graphs"]["encoder"]) == {"fp32", "fp16", "int8"}
     assert set(manifest["graphs"]) == {"encoder", "encoder_preprocess", "decoder", "decoder_lowres",
-                                       "split_image", "split_prompts", "split_masks"}
+                                       "split_image", "split_prompts", "split_masks", "click_decoder"}
     files_on_disk = {p.name for p in out.iterdir()}
     listed = {"manifest.json"}
     for graph, by_precision in manifest["graphs"].items():
@@ -96,6 +101,8 @@ def test_manifest_follows_the_contract(exported):
             sess = ort_session(out / entry["path"])
             assert [i.name for i in sess.get_inputs()] == [t["name"] for t in entry["inputs"]]
             assert {o.name for o in sess.get_outputs()} == {t["name"] for t in entry["outputs"]}
+            assert [o.type for o in sess.get_outputs()] == [f"tensor({'float' if t['dtype'] == 'float32' else t['dtype']})"
+                                                           for t in entry["outputs"]]
             for spec, real in zip(entry["inputs"], sess.get_inputs()):
                 assert real.type == "tensor(float)" and spec["dtype"] == "float32"
                 for a, b in zip(spec["shape"], real.shape):

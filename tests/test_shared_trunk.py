@@ -144,7 +144,8 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
 def test_single_adapter_keeps_todays_layout(single):
     m = read_manifest(single)
     assert m["format_version"] == 1 and "adapters" not in m and "shared_trunk" not in m
-    assert set(m["graphs"]) == {"encoder", "decoder", "decoder_lowres", "split_image", "split_prompts", "split_masks"}
+    assert set(m["graphs"]) == {"encoder", "decoder", "decoder_lowres", "split_image", "split_prompts", "split_masks",
+                                "click_decoder"}
     s = SamSession(single)
     assert s.adapters == ()
     with pytest.raises(PeftExportError, match="holds one model, not named adapters"):

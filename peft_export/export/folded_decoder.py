@@ -86,12 +86,15 @@ class ImageToToken(nn.Module):
         bias = (k * self.attn.q_proj.bias.reshape(h, 1, -1)).sum(-1).reshape(b, 1, h * t)
         return (x @ k_q.transpose(1, 2) + bias).reshape(b, -1, h, t)
 
-    def forward(self, tokens_pe: torch.Tensor, tokens: torch.Tensor, x=None, q_img=None) -> torch.Tensor:
+    def forward(self, tokens_pe: torch.Tensor, tokens: torch.Tensor, x=None, q_img=None, extra_scores=None) -> torch.Tensor:
+        """``extra_scores(k)`` -> (B, N, H, T) is added to the scores (the click decoder's mask-input terms)."""
         a, h = self.attn, self.heads
         b, t, _ = tokens.shape
         k = _heads(a.k_proj(tokens_pe), h) * self.scale  # (B, H, T, d)
         v = _heads(a.v_proj(tokens), h)  # (B, H, T, d)
         scores = self.scores_from_queries(q_img, k) if q_img is not None else self.scores_from_image(x, k)
+        if extra_scores is not None:
+            scores = scores + extra_scores(k)
         p = torch.softmax(scores, dim=-1).reshape(b, -1, h * t)  # (B, N, HT)
         w_o = a.out_proj.weight.reshape(-1, h, v.shape[-1]).permute(1, 2, 0)  # (H, d, 256)
         # (B, HT, 256): out_proj of each token's value. Each head's weights sum to 1, so
@@ -125,32 +128,40 @@ class FoldedTwoWayTransformer(nn.Module):
         self.i2t = nn.ModuleList(ImageToToken(layer.cross_attn_image_to_token) for layer in transformer.layers)
         self.final = TokenToImage(transformer.final_attn_token_to_image)
 
+    def block(self, i: int, queries, keys, pe, image_pe, token_to_image=None, image_to_token=None):
+        """Block ``i`` of the transformer. ``token_to_image(q_in)`` and ``image_to_token(tokens_pe,
+        tokens)`` replace its cross attentions when the caller has the image side precomputed."""
+        layer = self.tf.layers[i]
+        if layer.skip_first_layer_pe:
+            queries = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
+        else:
+            q = queries + pe
+            queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+        x = keys + image_pe if token_to_image is None or image_to_token is None else None
+        attn_out = token_to_image(queries + pe) if token_to_image else self.t2i[i](queries + pe, x, keys)
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        attn_out = image_to_token(queries + pe, queries) if image_to_token else self.i2t[i](queries + pe, queries, x=x)
+        return queries, layer.norm4(keys + attn_out)
+
+    def finish(self, queries, keys, pe, image_pe):
+        """The final token-to-image attention and its norm -> (output tokens, final image tokens)."""
+        queries = self.tf.norm_final_attn(queries + self.final(queries + pe, keys + image_pe, keys))
+        return queries, keys
+
     def forward(self, keys: torch.Tensor, point_embedding: torch.Tensor, layer0=None):
         pe = point_embedding
         queries = pe
         image_pe = dense_pe_tokens(self.prompt_encoder)
-        for i, layer in enumerate(self.tf.layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
-            else:
-                q = queries + pe
-                queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
-            projected = i == 0 and layer0 is not None
-            x = None if projected else keys + image_pe
-            if projected:
-                attn_out = projected_token_to_image(layer.cross_attn_token_to_image, queries + pe, *layer0[:2])
-            else:
-                attn_out = self.t2i[i](queries + pe, x, keys)
-            queries = layer.norm2(queries + attn_out)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            if projected:
-                attn_out = self.i2t[i](queries + pe, queries, q_img=layer0[2])
-            else:
-                attn_out = self.i2t[i](queries + pe, queries, x=x)
-            keys = layer.norm4(keys + attn_out)
-        x = keys + image_pe
-        queries = self.tf.norm_final_attn(queries + self.final(queries + pe, x, keys))
-        return queries, keys
+        for i in range(len(self.tf.layers)):
+            t2i = i2t = None
+            if i == 0 and layer0 is not None:
+                k0, v0, q0 = layer0
+                attn = self.tf.layers[0].cross_attn_token_to_image
+                t2i = lambda q_in: projected_token_to_image(attn, q_in, k0, v0)  # noqa: E731
+                i2t = lambda tokens_pe, tokens: self.i2t[0](tokens_pe, tokens, q_img=q0)  # noqa: E731
+            queries, keys = self.block(i, queries, keys, pe, image_pe, t2i, i2t)
+        return self.finish(queries, keys, pe, image_pe)
 
 
 def dense_pe_tokens(prompt_encoder: PromptEncoder) -> torch.Tensor:

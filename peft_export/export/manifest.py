@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..fsutil import sha256_file
 from ..models import PIXEL_MEAN, PIXEL_STD
+from .click_decoder import CLICK_GRAPH, click_graph_io
 from .split_decoder import SPLIT_GRAPHS, split_graph_io
 
 MANIFEST = "manifest.json"
@@ -47,6 +48,8 @@ def graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
         )
     if graph in SPLIT_GRAPHS:
         return split_graph_io(graph, image_size)
+    if graph == CLICK_GRAPH:
+        return click_graph_io(image_size)
     if graph == "ais_decoder":
         return [emb], [_t("instance_maps", [1, 3, s, s])]
     raise KeyError(graph)

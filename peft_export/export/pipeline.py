@@ -23,6 +23,7 @@ from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, write_manifest
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
 from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
 
@@ -117,7 +118,8 @@ def merge_and_export(
 
     Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
     ``decoder_lowres`` (batched, low-res) and the split decoder (``split_image``,
-    ``split_prompts``, ``split_masks``: segment-everything) in fp32, plus ``encoder_preprocess`` with
+    ``split_prompts``, ``split_masks``: segment-everything) and ``click_decoder`` (the browser page's
+    decoder, after ``split_image``) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
     has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
@@ -240,6 +242,9 @@ def merge_and_export(
             split_s[name] = time.perf_counter() - t
         for name in SPLIT_GRAPHS:  # each check runs the chain of all three
             check(name, "fp32", f"{name}.onnx", tmp, split_s[name], {"note": SPLIT_NOTE})
+        t = time.perf_counter()
+        export_click_graph(model, tmp / f"{CLICK_GRAPH}.onnx", opset)
+        check(CLICK_GRAPH, "fp32", f"{CLICK_GRAPH}.onnx", tmp, time.perf_counter() - t, {"note": CLICK_NOTE})
         ais = None
         if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: fp32 and each asked precision
             from .ais import export_ais

@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 from ..errors import PeftExportError
 from ..merge import error_stats, probe_inputs
 from .agreement import GATES, mask_agreement, meta_sparse
+from .click_decoder import CLICK_GRAPH, verify_click_decoder
 from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
 
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
@@ -323,6 +324,8 @@ def verify_export(
         return verify_decoder(path, reference, graph, precision, backend)
     if graph in SPLIT_GRAPHS:  # the three graphs are checked as one chain
         return verify_split_decoder(Path(path).parent, reference, precision, backend)
+    if graph == CLICK_GRAPH:  # with split_image from the same folder
+        return verify_click_decoder(path, reference, precision, backend)
     raise PeftExportError(f"verify: unknown graph {graph!r}")
 
 
