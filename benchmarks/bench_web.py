@@ -109,17 +109,27 @@ def summarize(timings: list[dict], skip: int) -> dict:
             "min_ms": float(ms.min()), "postprocess_median_ms": float(np.median(post))}
 
 
-def native_decoder_ms(decoder: Path, site: Path, threads: int | None, n: int = 20) -> dict:
-    """The same decoder graph in ONNX Runtime (Python): one click on the site's first embedding."""
+def native_decoder_ms(site: Path, threads: int | None, work: Path, n: int = 20) -> dict:
+    """The site's decoder graph in ONNX Runtime (Python): one click on the site's first embedding
+    (a click decoder with that image's context.bin beside it, as the page builds it)."""
     import onnxruntime as ort
 
     from peft_export.runtime import session_options
 
     meta = json.loads((site / "site.json").read_text())
-    rec = meta["images"][0]
+    rec, decoder = meta["images"][0], meta["decoder"]
     emb = np.fromfile(site / rec["embedding"], "<f4").reshape(meta["embedding_shape"])
     s = meta["low_res_size"]
-    sess = ort.InferenceSession(str(decoder), session_options("cpu", threads), providers=["CPUExecutionProvider"])
+    graph = site / decoder["path"]
+    if decoder.get("context_graph"):
+        image = ort.InferenceSession(str(site / decoder["context_graph"]), providers=["CPUExecutionProvider"])
+        context = dict(zip([o.name for o in image.get_outputs()], image.run(None, {"image_embeddings": emb})))
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / decoder["context_file"], "wb") as f:
+            for part in decoder["context"]:
+                f.write(np.ascontiguousarray(context[part["name"]], "<f4").tobytes())
+        graph = Path(shutil.copyfile(graph, work / decoder["path"]))
+    sess = ort.InferenceSession(str(graph), session_options("cpu", threads), providers=["CPUExecutionProvider"])
     feeds = {"image_embeddings": emb, "point_coords": np.array([[[500, 400], [0, 0]]], np.float32),
              "point_labels": np.array([[1, -1]], np.float32), "mask_input": np.zeros((1, 1, s, s), np.float32),
              "has_mask_input": np.zeros(1, np.float32)}
@@ -172,7 +182,8 @@ def main() -> int:
             "onnxruntime_web_mb": summary["bytes_onnxruntime_web"] / 1e6, "embeddings_mb": summary["bytes_embeddings"] / 1e6,
             "images_mb": summary["bytes_images"] / 1e6, "int8_check": check,
             "int8_accepted": None if check is None else check["mean_iou"] >= gate,
-            "native": [native_decoder_ms(site / summary["decoder"]["path"], site, t) for t in (1, None)],
+            "decoder_graph": summary["decoder"]["graph"],
+            "native": [native_decoder_ms(site, t, args.out / f"native_{precision}") for t in (1, None)],
         }
         meta = json.loads((site / "site.json").read_text())["images"][0]
         steps = object_steps(meta["width"], meta["height"], args.objects)
@@ -199,7 +210,7 @@ def main() -> int:
         gate = "" if s["int8_check"] is None else (f"; vs fp32 mean IoU {s['int8_check']['mean_iou']:.4f} "
                                                    f"(min {s['int8_check']['min_iou']:.4f}) -> "
                                                    f"{'accepted' if s['int8_accepted'] else 'refused'}")
-        print(f"site {p}: decoder {s['decoder_mb']:.1f} MB, site {s['site_without_ort_mb']:.1f} MB + onnxruntime-web "
+        print(f"site {p}: {s['decoder_graph']} {s['decoder_mb']:.1f} MB, site {s['site_without_ort_mb']:.1f} MB + onnxruntime-web "
               f"{s['onnxruntime_web_mb']:.1f} MB; ONNX Runtime (Python) {native}{gate}")
     print(f"wrote {args.out / 'bench_web.json'}")
     return 0

@@ -80,7 +80,7 @@ def site(export, images, tmp_path_factory) -> Path:
 
 def test_site_holds_page_decoder_images_embeddings_and_ort(site, export, images):
     meta = json.loads((site / "site.json").read_text())
-    for name in ("index.html", "app.js", "sam.js", "style.css", "decoder.onnx", "site.json"):
+    for name in ("index.html", "app.js", "sam.js", "style.css", "click_decoder.onnx", "split_image.onnx", "site.json"):
         assert (site / name).is_file(), name
     for name in ORT_FILES:
         assert (site / "ort" / name).stat().st_size > 10_000, name
@@ -91,8 +91,12 @@ def test_site_holds_page_decoder_images_embeddings_and_ort(site, export, images)
     assert "./ort/ort.wasm.min.mjs" in (site / "app.js").read_text()
 
     session = SamSession(export)
-    assert meta["decoder"] == {"path": "decoder.onnx", "graph": "decoder_lowres", "precision": "fp32", "check": None}
-    assert (site / "decoder.onnx").read_bytes() == (export / "decoder_lowres.onnx").read_bytes()
+    decoder = meta["decoder"]
+    assert {k: decoder[k] for k in ("path", "graph", "precision", "check", "context_graph", "context_file")} == {
+        "path": "click_decoder.onnx", "graph": "click_decoder", "precision": "fp32", "check": None,
+        "context_graph": "split_image.onnx", "context_file": "context.bin"}
+    assert (site / "split_image.onnx").read_bytes() == (export / "split_image.onnx").read_bytes()
+    assert not (site / "decoder.onnx").exists() and not (site / "context.bin").exists()  # made per image, in the page
     assert meta["image_size"] == session.image_size and meta["low_res_size"] == session.low_res_size
     assert meta["random_weights"] is True
     g = session.image_size // 16
@@ -106,6 +110,40 @@ def test_site_holds_page_decoder_images_embeddings_and_ort(site, export, images)
         shown = np.asarray(Image.open(site / rec["image"]).convert("RGB"))
         np.testing.assert_array_equal(shown, display_image(image, json.loads((export / "manifest.json").read_text())
                                                            ["preprocessing"]["intensity"]))
+
+
+def test_site_click_decoder_with_its_context_equals_the_export(site, export, images, tmp_path):
+    """The site's click decoder (web_graph's rewrite) fed context.bin as the page builds it (split_image's
+    outputs at site.json's offsets) gives the export's click decoder's outputs on ONNX Runtime."""
+    import onnxruntime as ort
+
+    meta = json.loads((site / "site.json").read_text())
+    layout = meta["decoder"]["context"]
+    assert [p["name"] for p in layout] == ["image_keys", "layer0_k", "layer0_v", "layer0_q"]
+    rec = meta["images"][0]
+    embedding = np.fromfile(site / rec["embedding"], dtype="<f4").reshape(meta["embedding_shape"])
+    image = ort.InferenceSession(str(site / "split_image.onnx"), providers=["CPUExecutionProvider"])
+    context = dict(zip([o.name for o in image.get_outputs()], image.run(None, {"image_embeddings": embedding})))
+    blob = bytearray(layout[-1]["offset"] + layout[-1]["length"])
+    for part in layout:
+        blob[part["offset"]:part["offset"] + part["length"]] = context[part["name"]].astype("<f4").tobytes()
+    (tmp_path / "context.bin").write_bytes(bytes(blob))
+    shutil.copyfile(site / meta["decoder"]["path"], tmp_path / "click_decoder.onnx")
+    web = ort.InferenceSession(str(tmp_path / "click_decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in web.get_inputs()} == {"point_coords", "point_labels", "mask_input", "has_mask_input"}
+    assert "LayerNormalization" not in {n.op_type for n in __import__("onnx").load(
+        str(tmp_path / "click_decoder.onnx"), load_external_data=False).graph.node}
+    full = ort.InferenceSession(str(export / "click_decoder.onnx"), providers=["CPUExecutionProvider"])
+    s = meta["low_res_size"]
+    rng = np.random.default_rng(0)
+    for n, has in [(2, 0.0), (2, 1.0), (5, 1.0)]:
+        labels = np.array([[1] * (n - 1) + [-1]], np.float32)
+        feeds = {"point_coords": (rng.random((1, n, 2)) * meta["image_size"]).astype(np.float32), "point_labels": labels,
+                 "mask_input": rng.normal(0, 3, (1, 1, s, s)).astype(np.float32), "has_mask_input": np.array([has], np.float32)}
+        want, got = full.run(None, {**feeds, **context}), web.run(None, feeds)
+        assert got[2].tolist() == want[2].tolist()
+        for a, b in zip(got[:2], want[:2]):
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def test_site_names_are_unique_and_url_safe(tmp_path):
@@ -165,9 +203,9 @@ def test_cli_web_prints_sizes_and_how_to_serve(export, images, tmp_path):
     out = tmp_path / "site"
     result = CliRunner().invoke(app, ["web", str(export), str(images[0]), "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    decoder_mb = (out / "decoder.onnx").stat().st_size / 1e6
+    decoder_mb = ((out / "click_decoder.onnx").stat().st_size + (out / "split_image.onnx").stat().st_size) / 1e6
     assert 15 < decoder_mb < 18  # the mask decoder weights (the same for every SAM encoder)
-    assert f"wrote {out}: 1 image(s), decoder_lowres fp32 {decoder_mb:.1f} MB" in result.output
+    assert f"wrote {out}: 1 image(s), click_decoder fp32 {decoder_mb:.1f} MB" in result.output
     assert f"python -m http.server -d {out}" in result.output
     again = CliRunner().invoke(app, ["web", str(export), str(images[0]), "--out", str(out), "-q"])
     assert again.exit_code == 2 and "error:" in again.output and "--overwrite" in again.output
@@ -404,13 +442,21 @@ def test_int8_site_runs_in_the_browser_like_onnxruntime(export, images, tmp_path
     monkeypatch.setattr(site_module, "INT8_MIN_IOU", 0.0)
     out = tmp_path / "site8"
     summary = build_site(export, images[:1], out, precision="int8", progress=False)
-    assert summary["decoder"]["path"] == "decoder.int8.onnx" and summary["bytes_decoder"] < 6e6
+    assert summary["decoder"]["path"] == "click_decoder.int8.onnx"
+    assert summary["int8_check"]["quantised"] == "output upscaling MatMuls"
+    ops = [n.op_type for n in __import__("onnx").load(str(out / "click_decoder.int8.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 2 and ops.count("MatMul") > 20  # the upscaling's two products only
     with _Server(out, isolate=False) as url:
         result = _drive(url, [{"click": [120, 70]}], tmp_path, "int8", chromium)
     state = result["steps"][0]["state"]
     session = SamSession(export)
     emb = session.encode(read_image(images[0]))
-    backend = OrtBackend({"int8": out / "decoder.int8.onnx"}, "cpu", None)
+    from peft_export.export.quantize import quantize_int8
+    from peft_export.web.web_graph import web_int8_recipe
+
+    source = export / "click_decoder.onnx"  # the site's graph before web_graph's rewrite:
+    quantize_int8(source, tmp_path / "int8.onnx", web_int8_recipe(source))
+    backend = OrtBackend({"int8": tmp_path / "int8.onnx", "split_image": export / "split_image.onnx"}, "cpu", None)
     mask, _, index = decode_shown(backend, "int8", emb, session.image_size, points=[[120, 70]], labels=[1])
     assert state["index"] == index
     assert iou(_page_mask(state), mask) >= 0.99
@@ -438,8 +484,18 @@ def test_site_of_one_adapter_of_a_shared_trunk_export(images, tmp_path):
     assert site["adapter"] == "cells" and site["peft"] == "lora"
     decoder_key = manifest["adapters"]["cells"][site["decoder"]["graph"]]
     assert (out / "decoder.onnx").read_bytes() == (export / manifest["graphs"][decoder_key]["fp32"]["path"]).read_bytes()
+    assert site["decoder"]["graph"] == "decoder_lowres" and "context_graph" not in site["decoder"]
     session = SamSession(export)
     for rec, path in zip(site["images"], images):
         got = np.frombuffer((out / rec["embedding"]).read_bytes(), "<f4")
         want = {n: session.encode(read_image(path)).embedding(n).embedding.ravel() for n in ("cells", "nuclei")}
         assert np.array_equal(got, want["cells"]) and not np.allclose(got, want["nuclei"])
+    # The page's other decoder path (no click decoder in this export): the same mask as ONNX Runtime.
+    chromium = _browser_tools()
+    with _Server(out, isolate=False) as url:
+        result = _drive(url, [{"click": [120, 70]}], tmp_path, "adapter", chromium)
+    state = result["steps"][0]["state"]
+    emb = session.encode(read_image(images[0])).embedding("cells")
+    backend = OrtBackend({"lowres": out / "decoder.onnx"}, "cpu", None)
+    mask, _, index = decode_shown(backend, "lowres", emb, session.image_size, points=[[120, 70]], labels=[1])
+    assert state["index"] == index and iou(_page_mask(state), mask) >= 0.99

@@ -30,7 +30,7 @@ import os
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -50,11 +50,13 @@ class Int8Recipe:
     exclude: tuple[str, ...] = ()  # node names kept in fp32
     static: bool = False  # True: QDQ with activation ranges calibrated on images
     calibration_images: int = 0
+    only: tuple[str, ...] = ()  # node names quantised (empty: every node of op_types not excluded)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["op_types"] = list(self.op_types) or "all"
         d["exclude"] = list(self.exclude)
+        d["only"] = list(self.only)
         d["mode"] = "static QDQ, calibrated" if self.static else "dynamic"
         return d
 
@@ -114,11 +116,11 @@ def quantize_int8(
     exclude = list(recipe.exclude) + [n for n in batched_weight_matmuls(src) if n not in recipe.exclude]
     common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                   op_types_to_quantize=list(recipe.op_types) or None,
-                  nodes_to_exclude=exclude or None, use_external_data_format=external)
+                  nodes_to_exclude=exclude or None, nodes_to_quantize=list(recipe.only) or None,
+                  use_external_data_format=external)
     with _quiet():
         if calibration is not None and len(calibration):
-            applied = Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude,
-                                 True, len(calibration))
+            applied = replace(recipe, static=True, calibration_images=len(calibration))
             # The calibrator writes an augmented copy of the model (every tensor an output) next to it.
             with tempfile.TemporaryDirectory(prefix=".calib.", dir=dst.parent) as scratch:
                 cwd = os.getcwd()
@@ -135,7 +137,7 @@ def quantize_int8(
                     os.chdir(cwd)
             return applied
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **common)
-    return Int8Recipe(recipe.per_channel, recipe.op_types, recipe.reduce_range, recipe.exclude, False, 0)
+    return replace(recipe, static=False, calibration_images=0)
 
 
 def batched_weight_matmuls(path: str | os.PathLike) -> list[str]:

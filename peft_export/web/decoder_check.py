@@ -49,7 +49,7 @@ def decode_shown(
     mask_input: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray, int]:
     """What the page shows for one prompt on ``graph`` of ``backend``: (mask HxW bool, its low-res
-    logits, index of the decoder output). ``points`` (N,2) pixels, ``box`` (4,), ``mask_input`` (s,s)."""
+    logits, index of the decoder output). A click decoder graph runs after the backend's ``split_image``. ``points`` (N,2) pixels, ``box`` (4,), ``mask_input`` (s,s)."""
     s = 4 * (image_size // 16)
     pts = None if points is None else np.asarray(points, np.float64)[None]
     lbl = None if labels is None else np.asarray(labels, np.float32)[None]
@@ -62,17 +62,27 @@ def decode_shown(
         "orig_im_size": np.asarray(emb.original_size, np.float32),
     }
     names = {i.name for i in backend.sessions[graph].get_inputs()}
-    out = backend.run(graph, {k: v for k, v in feeds.items() if k in names})
-    k = shown_mask_index(out["iou_predictions"][0], coords.shape[1])
-    low = np.asarray(out["low_res_masks"][0, k], np.float32)
+    if "image_keys" in names:  # the click decoder: split_image's context, then the mask it shows
+        feeds.update(backend.run("split_image", {"image_embeddings": emb.embedding}))
+        out = backend.run(graph, {k: v for k, v in feeds.items() if k in names})
+        k, low = int(out["mask_index"][0]), np.asarray(out["low_res_masks"][0, 0], np.float32)
+    else:
+        out = backend.run(graph, {k: v for k, v in feeds.items() if k in names})
+        k = shown_mask_index(out["iou_predictions"][0], coords.shape[1])
+        low = np.asarray(out["low_res_masks"][0, k], np.float32)
     return postprocess_masks(low, emb.input_size, emb.original_size, image_size) > 0, low, k
 
 
 def compare_decoders(
-    reference: Path, candidate: Path, flavour: str, embeddings: Sequence[ImageEmbedding], image_size: int
+    reference: Path, candidate: Path, flavour: str, embeddings: Sequence[ImageEmbedding], image_size: int,
+    context_graph: Optional[Path] = None,
 ) -> Dict[str, Any]:
-    """Shown masks of two decoder graphs on ``probe_prompts`` of every image: mean and min IoU."""
-    backend = OrtBackend({"reference": Path(reference), "candidate": Path(candidate)}, "cpu", None)
+    """Shown masks of two decoder graphs on ``probe_prompts`` of every image: mean and min IoU.
+    Click decoders need ``context_graph`` (the export's split_image)."""
+    graphs = {"reference": Path(reference), "candidate": Path(candidate)}
+    if context_graph is not None:
+        graphs["split_image"] = Path(context_graph)
+    backend = OrtBackend(graphs, "cpu", None)
     ious = []
     for emb in embeddings:
         h, w = emb.original_size

@@ -4,14 +4,18 @@ The site (every path relative, so any static server or folder works)::
 
     index.html  app.js  sam.js  style.css     the page (assets/ of this package, unchanged)
     site.json                                 model, decoder and images (read by app.js)
-    decoder.onnx | decoder.int8.onnx          the export's decoder graph (int8: quantised here, checked)
+    split_image.onnx                          per image: the context of the click decoder (see below)
+    click_decoder[.int8].onnx                 per click: the shown mask (web_graph's rewrite of the export's)
+    decoder.onnx | decoder.int8.onnx          instead of both: exports without a click decoder (older ones,
+                                              shared-trunk adapters) ship their decoder_lowres / decoder
     images/<name>.png                         each image as the model sees it (intensity rule applied)
     embeddings/<name>.f32                     its image embedding, float32 little-endian, 1x256xgxg
     ort/                                      onnxruntime-web's wasm files + NOTICE.txt (see ortweb.py)
 
 Embeddings are computed here with the runtime (``SamSession.encode``), so the page only
-decodes: per click it runs the decoder on wasm and upsamples the chosen low-res mask
-exactly as ``runtime.postprocess.postprocess_masks`` does.
+decodes. With a click decoder it runs ``split_image`` once per image and opens a session of
+``click_decoder`` with that context as its ``context.bin``; per click it runs the decoder on wasm
+and upsamples the chosen low-res mask exactly as ``runtime.postprocess.postprocess_masks`` does.
 """
 
 from __future__ import annotations
@@ -31,24 +35,29 @@ from ..fsutil import atomic_dir
 from ..predict import read_image
 from ..predict.overlay import display_image, save_png
 from ..runtime import SamSession, read_manifest
+from ..export.click_decoder import CLICK_GRAPH, CONTEXT_INPUTS
 from .decoder_check import INT8_MIN_IOU, compare_decoders
 from .ortweb import ORT_FILES, copy_ort_files, find_ort_files
+from .web_graph import CONTEXT_FILE, web_int8_recipe, write_web_click_decoder
 
 SITE_FORMAT = "peftexport-web-site"
 SITE_FORMAT_VERSION = 1
 ASSETS = Path(__file__).resolve().parent / "assets"
 ASSET_FILES = ("index.html", "app.js", "sam.js", "style.css")
 DECODER_PRECISIONS = ("fp32", "int8")
-DECODER_FLAVOURS = ("decoder_lowres", "decoder")  # what SamSession prefers, in order
+DECODER_FLAVOURS = (CLICK_GRAPH, "decoder_lowres", "decoder")  # the page's preference, in order
 
 
 def decoder_source(export_dir: Path, manifest: Dict[str, Any], adapter: Optional[str] = None) -> tuple[str, Path]:
-    """(flavour, path) of the export's fp32 decoder the site uses: the runtime's choice (for an
-    export of several adapters, that adapter's own decoders)."""
+    """(flavour, path) of the export's fp32 decoder the site uses: the click decoder where the export
+    has it (with split_image), else the runtime's choice (for an export of several adapters, that
+    adapter's own decoders)."""
     keys = {f: f for f in DECODER_FLAVOURS}
     if adapter is not None:
         entry = manifest["adapters"][adapter]
         keys = {f: entry.get(f) for f in DECODER_FLAVOURS}
+    elif "fp32" not in (manifest["graphs"].get("split_image") or {}):
+        keys[CLICK_GRAPH] = None
     for flavour in DECODER_FLAVOURS:
         entry = (manifest["graphs"].get(keys[flavour] or "") or {}).get("fp32")
         if entry:
@@ -174,22 +183,7 @@ def build_site(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a site is meant to be served
         for name in ASSET_FILES:
             shutil.copyfile(ASSETS / name, tmp / name)
-        decoder_file = "decoder.onnx" if precision == "fp32" else "decoder.int8.onnx"
-        if precision == "fp32":
-            shutil.copyfile(decoder_path, tmp / decoder_file)
-        else:
-            from ..export.quantize import quantize_int8
-
-            quantize_int8(decoder_path, tmp / decoder_file)
-            check = compare_decoders(decoder_path, tmp / decoder_file, flavour, embeddings, session.image_size)
-            summary["int8_check"] = check
-            if check["mean_iou"] < INT8_MIN_IOU:
-                raise PeftExportError(
-                    f"--precision int8: the int8 decoder's masks agree with fp32 at mean IoU {check['mean_iou']:.4f} "
-                    f"(< {INT8_MIN_IOU}) on these images; use --precision fp32 (nothing written)"
-                )
-        site["decoder"] = {"path": decoder_file, "graph": flavour, "precision": precision,
-                           "check": summary.get("int8_check")}
+        site["decoder"] = _write_decoder(tmp, flavour, decoder_path, precision, embeddings, session.image_size, summary)
         (tmp / "images").mkdir()
         (tmp / "embeddings").mkdir()
         for rec, image, emb in zip(records, arrays, embeddings):
@@ -202,9 +196,46 @@ def build_site(
             decoder=site["decoder"],
             bytes_total=_folder_bytes(tmp),
             bytes_onnxruntime_web=ort_bytes,
-            bytes_decoder=(tmp / decoder_file).stat().st_size,
+            bytes_decoder=sum((tmp / site["decoder"][k]).stat().st_size for k in ("path", "context_graph")
+                              if site["decoder"].get(k)),
             bytes_embeddings=_folder_bytes(tmp / "embeddings"),
             bytes_images=_folder_bytes(tmp / "images"),
         )
         summary["bytes_site_without_ort"] = summary["bytes_total"] - ort_bytes
     return summary
+
+
+def _write_decoder(tmp: Path, flavour: str, source: Path, precision: str, embeddings: list, image_size: int,
+                   summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The site's decoder graph(s) in ``tmp``; returns site.json's ``decoder`` record. int8: the
+    export's fp32 graph quantised here and refused (PeftExportError) unless its masks agree."""
+    click = flavour == CLICK_GRAPH
+    context_graph = source.parent / "split_image.onnx" if click else None
+    stem = CLICK_GRAPH if click else "decoder"
+    graph = source
+    if precision == "int8":
+        from ..export.quantize import DEFAULT_INT8, quantize_int8
+
+        graph = tmp / f".{stem}.int8.source.onnx"
+        quantize_int8(source, graph, web_int8_recipe(source) if click else DEFAULT_INT8)
+        check = compare_decoders(source, graph, flavour, embeddings, image_size, context_graph)
+        check["quantised"] = "output upscaling MatMuls" if click else "every MatMul"
+        summary["int8_check"] = check
+        if check["mean_iou"] < INT8_MIN_IOU:
+            raise PeftExportError(
+                f"--precision int8: the int8 decoder's masks agree with fp32 at mean IoU {check['mean_iou']:.4f} "
+                f"(< {INT8_MIN_IOU}) on these images; use --precision fp32 (nothing written)"
+            )
+    path = f"{stem}.onnx" if precision == "fp32" else f"{stem}.int8.onnx"
+    record: Dict[str, Any] = {"path": path, "graph": flavour, "precision": precision,
+                              "check": summary.get("int8_check")}
+    if click:
+        record["context"] = write_web_click_decoder(graph, tmp / path, CONTEXT_INPUTS)
+        record["context_file"] = CONTEXT_FILE
+        record["context_graph"] = "split_image.onnx"
+        shutil.copyfile(context_graph, tmp / "split_image.onnx")
+    else:
+        shutil.copyfile(graph, tmp / path)
+    if graph != source:
+        graph.unlink()
+    return record

@@ -4,7 +4,7 @@
 //
 // window.peftexportWeb exposes the state for tests and scripts (snapshot(), ready, error).
 import * as ort from './ort/ort.wasm.min.mjs';
-import { SamDecoder, encodeRle, maskFromLowRes } from './sam.js';
+import { encodeRle, loadDecoder, maskFromLowRes } from './sam.js';
 
 const $ = (id) => document.getElementById(id);
 const canvas = $('canvas');
@@ -13,7 +13,7 @@ const DRAG_PX = 5; // a press that moves further (screen pixels) is a box, not a
 
 const state = {
   site: null, decoder: null, threads: 1,
-  image: null, picture: null, embedding: null,
+  image: null, picture: null, prepared: false,
   points: [], box: null, lowRes: null, mask: null, iou: null, index: null,
   decoderMs: null, postMs: null, version: 0, busy: false, pending: false, drag: null,
 };
@@ -66,7 +66,10 @@ async function selectImage(i) {
   ]);
   const want = state.site.embedding_shape.reduce((a, b) => a * b, 1) * 4;
   if (buffer.byteLength !== want) throw new Error(`${rec.embedding}: ${buffer.byteLength} bytes, expected ${want}`);
-  Object.assign(state, { image: rec, picture, embedding: state.decoder.embeddingTensor(new Float32Array(buffer)) });
+  state.prepared = false;
+  status(`${rec.name}: preparing the decoder ...`);
+  await state.decoder.prepare(new Float32Array(buffer)); // the click decoder's per-image session
+  Object.assign(state, { image: rec, picture, prepared: true });
   canvas.width = rec.width;
   canvas.height = rec.height;
   clearPrompts();
@@ -96,7 +99,7 @@ async function update() {
     do {
       state.pending = false;
       if (!state.points.length && !state.box) break;
-      const r = await state.decoder.decode(state.embedding, state.image, state.points, state.box, state.lowRes);
+      const r = await state.decoder.decode(state.image, state.points, state.box, state.lowRes);
       const t0 = performance.now();
       state.mask = maskFromLowRes(r.lowRes, state.site.low_res_size, state.site.image_size, state.image);
       Object.assign(state, { lowRes: r.lowRes, iou: r.iou, index: r.index, decoderMs: r.decoderMs });
@@ -159,7 +162,7 @@ function pixelAt(event) {
 }
 
 function onMouseDown(event) {
-  if (!state.embedding) return;
+  if (!state.prepared) return;
   if (event.button === 2) {
     state.points.push({ ...pixelAt(event), label: 0 });
     update();
@@ -222,7 +225,7 @@ async function main() {
   $('model').textContent = `${s.model_type} (${s.peft || 'no PEFT'}${s.adapter ? `, adapter ${s.adapter}` : ''}), `
     + `image size ${s.image_size}, decoder ${s.decoder.graph} ${s.decoder.precision}`;
   $('warning').hidden = !s.random_weights;
-  state.decoder = await SamDecoder.load(ort, s.decoder.path, s);
+  state.decoder = await loadDecoder(ort, s);
   const select = $('image');
   s.images.forEach((rec, i) => select.add(new Option(`${rec.name} (${rec.width}x${rec.height})`, String(i))));
   select.addEventListener('change', () => selectImage(Number(select.value)).catch(fail));

@@ -1,7 +1,8 @@
 // sam.js: SAM prompts -> mask with an exported decoder graph on onnxruntime-web.
 //
 // A small ES module, no dependencies: the caller passes the `ort` namespace in. It mirrors
-// peft_export.runtime exactly, so the page shows what SamSession.predict returns:
+// peft_export.runtime exactly, so the page shows what SamSession.predict returns
+// (ClickDecoder: the click decoder picks the mask itself, by the same rule):
 //   encodePrompt     = runtime.prompts.encode_prompts + preprocess.transform_coords
 //   shownMaskIndex   = web.decoder_check.shown_mask_index (Meta's ONNX select_masks rule)
 //   logitsFromLowRes = runtime.postprocess.postprocess_masks (maskFromLowRes: then logits > 0)
@@ -118,42 +119,109 @@ export function encodeRle(mask) {
   return counts;
 }
 
-/** The exported decoder graph (decoder_lowres or Meta's decoder) in an onnxruntime-web session. */
-export class SamDecoder {
-  constructor(ort, session, site) {
-    this.ort = ort;
-    this.session = session;
-    this.site = site;
-    this.s = site.low_res_size;
-    this.metaInterface = session.inputNames.includes('orig_im_size');
-  }
+const SESSION_OPTIONS = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' };
 
-  static async load(ort, url, site) {
-    const session = await ort.InferenceSession.create(url, {
-      executionProviders: ['wasm'],
-      graphOptimizationLevel: 'all',
-    });
-    return new SamDecoder(ort, session, site);
-  }
-
-  /** The embedding tensor of one image (float32 1x256xgxg), made once per image. */
-  embeddingTensor(data) {
-    return new this.ort.Tensor('float32', data, this.site.embedding_shape);
-  }
-
-  /** Decode a prompt; maskInput: low-res logits (s*s) of the previous mask, or null.
-   *  Returns {lowRes (s*s logits of the shown mask), iou (all 4), index, decoderMs}. */
-  async decode(embedding, image, points, box, maskInput) {
-    const { Tensor } = this.ort;
-    const s = this.s;
-    const { coords, labels, n } = encodePrompt(points, box, image);
-    const feeds = {
-      image_embeddings: embedding,
+/** Decoder feeds shared by both decoders: the prompt, and the previous mask (or none). */
+function promptFeeds(Tensor, image, points, box, maskInput, s) {
+  const { coords, labels, n } = encodePrompt(points, box, image);
+  return {
+    n,
+    feeds: {
       point_coords: new Tensor('float32', coords, [1, n, 2]),
       point_labels: new Tensor('float32', labels, [1, n]),
       mask_input: new Tensor('float32', maskInput || new Float32Array(s * s), [1, 1, s, s]),
       has_mask_input: new Tensor('float32', Float32Array.of(maskInput ? 1 : 0), [1]),
+    },
+  };
+}
+
+/** The click decoder (site.decoder.context_graph set): split_image once per image, then a session
+ *  of click_decoder whose context.bin is that image's context; per click it returns the shown mask.
+ *  Mirrors peft_export.web.decoder_check.decode_shown on the same two graphs. */
+export class ClickDecoder {
+  constructor(ort, contextSession, model, site) {
+    Object.assign(this, { ort, contextSession, model, site, session: null, running: null });
+    this.s = site.low_res_size;
+  }
+
+  static async load(ort, site) {
+    const [contextSession, model] = await Promise.all([
+      ort.InferenceSession.create(site.decoder.context_graph, SESSION_OPTIONS),
+      fetch(site.decoder.path).then((r) => {
+        if (!r.ok) throw new Error(`${site.decoder.path}: HTTP ${r.status}`);
+        return r.arrayBuffer();
+      }),
+    ]);
+    return new ClickDecoder(ort, contextSession, new Uint8Array(model), site);
+  }
+
+  /** One image's embedding (float32 1x256xgxg) -> its click session (the previous one released). */
+  async prepare(embedding) {
+    const { Tensor, InferenceSession } = this.ort;
+    const out = await this.contextSession.run({
+      image_embeddings: new Tensor('float32', embedding, this.site.embedding_shape),
+    });
+    const layout = this.site.decoder.context;
+    const last = layout[layout.length - 1];
+    const bytes = new Uint8Array(last.offset + last.length);
+    for (const part of layout) {
+      const data = out[part.name].data;
+      if (data.byteLength !== part.length) throw new Error(`split_image: ${part.name} has ${data.byteLength} bytes, expected ${part.length}`);
+      bytes.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), part.offset);
+    }
+    for (const t of Object.values(out)) t.dispose?.();
+    const session = await InferenceSession.create(this.model, {
+      ...SESSION_OPTIONS, externalData: [{ path: this.site.decoder.context_file, data: bytes }],
+    });
+    await this.running?.catch(() => {}); // never release a session mid-run
+    const old = this.session;
+    this.session = session;
+    await old?.release();
+  }
+
+  /** Decode a prompt on the prepared image; maskInput: low-res logits (s*s) of the previous mask, or null.
+   *  Returns {lowRes (s*s logits of the shown mask), iou (all 4), index, decoderMs}. */
+  async decode(image, points, box, maskInput) {
+    const s = this.s;
+    const { feeds } = promptFeeds(this.ort.Tensor, image, points, box, maskInput, s);
+    const t0 = performance.now();
+    this.running = this.session.run(feeds);
+    const out = await this.running;
+    const decoderMs = performance.now() - t0;
+    const result = {
+      lowRes: out.low_res_masks.data.slice(0, s * s),
+      iou: Array.from(out.iou_predictions.data),
+      index: Number(out.mask_index.data[0]),
+      decoderMs,
     };
+    for (const t of Object.values(out)) t.dispose?.();
+    return result;
+  }
+}
+
+/** An export's decoder_lowres or Meta's decoder graph (exports without a click decoder): the
+ *  embedding is an input of every click, and the page picks the shown mask (shownMaskIndex). */
+export class SamDecoder {
+  constructor(ort, session, site) {
+    Object.assign(this, { ort, session, site, embedding: null });
+    this.s = site.low_res_size;
+    this.metaInterface = session.inputNames.includes('orig_im_size');
+  }
+
+  static async load(ort, site) {
+    return new SamDecoder(ort, await ort.InferenceSession.create(site.decoder.path, SESSION_OPTIONS), site);
+  }
+
+  /** One image's embedding (float32 1x256xgxg), fed to every click on that image. */
+  async prepare(embedding) {
+    this.embedding = new this.ort.Tensor('float32', embedding, this.site.embedding_shape);
+  }
+
+  async decode(image, points, box, maskInput) {
+    const { Tensor } = this.ort;
+    const s = this.s;
+    const { feeds, n } = promptFeeds(Tensor, image, points, box, maskInput, s);
+    feeds.image_embeddings = this.embedding;
     if (this.metaInterface) {
       feeds.orig_im_size = new Tensor('float32', Float32Array.of(image.height, image.width), [2]);
     }
@@ -166,4 +234,9 @@ export class SamDecoder {
     for (const t of Object.values(out)) t.dispose?.();
     return { lowRes, iou, index, decoderMs };
   }
+}
+
+/** The site's decoder: the click decoder where the site has one. */
+export function loadDecoder(ort, site) {
+  return site.decoder.context_graph ? ClickDecoder.load(ort, site) : SamDecoder.load(ort, site);
 }
