@@ -32,13 +32,14 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
+from ..runtime.split_decoder import CLICK_GRAPH, SPLIT_CONTEXT
 from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, _head_blocks, _heads, decoder_tokens,
                              dense_pe_tokens, mask_weights)
+from .split_decoder import SplitImageGraph, split_graph_io
 
-CLICK_GRAPH = "click_decoder"
 CLICK_NOTE = ("one prompt per click with the previous mask as input (the browser page): split_image once per "
               "image, click_decoder per click -> the shown mask (Meta's select_masks rule); verified as a chain")
-CONTEXT_INPUTS = ["image_keys", "layer0_k", "layer0_v", "layer0_q"]  # split_image's outputs
+CONTEXT_INPUTS = list(SPLIT_CONTEXT)
 CLICK_INPUTS = CONTEXT_INPUTS + ["point_coords", "point_labels", "mask_input", "has_mask_input"]
 CLICK_OUTPUTS = ["low_res_masks", "iou_predictions", "mask_index"]
 CLICK_DYNAMIC = {
@@ -143,8 +144,6 @@ class ClickDecoderGraph(nn.Module):
 @torch.no_grad()
 def click_example(sam: Sam) -> tuple:
     """Example inputs (traced shapes; CLICK_DYNAMIC names the dynamic axes)."""
-    from .split_decoder import SplitImageGraph
-
     g, s = sam.image_encoder.img_size // 16, sam.image_encoder.img_size
     gen = torch.Generator().manual_seed(0)
     context = SplitImageGraph(sam).eval()(torch.randn(1, 256, g, g, generator=gen))
@@ -164,13 +163,12 @@ def export_click_graph(model: Sam, path: str | os.PathLike, opset: int = 17) -> 
 
 def click_graph_io(image_size: int) -> tuple[list[dict], list[dict]]:
     """Input and output specs of ``click_decoder``, as ``manifest.graph_io`` lists them."""
-    g = image_size // 16
-    n, s = g * g, 4 * g
+    s = 4 * (image_size // 16)
 
     def t(name: str, shape: list, dtype: str = "float32") -> dict:
         return {"name": name, "shape": shape, "dtype": dtype}
 
-    inputs = [t("image_keys", [1, n, 256])] + [t(k, [1, n, 128]) for k in CONTEXT_INPUTS[1:]] + [
+    inputs = split_graph_io("split_image", image_size)[1] + [
         t("point_coords", ["batch", "num_points", 2]), t("point_labels", ["batch", "num_points"]),
         t("mask_input", ["batch", 1, s, s]), t("has_mask_input", ["batch"])]
     outputs = [t("low_res_masks", ["batch", 1, s, s]), t("iou_predictions", ["batch", 4]),

@@ -28,13 +28,13 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
-from ..runtime.split_decoder import SPLIT_GRAPHS
+from ..runtime.split_decoder import SPLIT_CONTEXT, SPLIT_GRAPHS
 from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, decoder_tokens, dense_pe_tokens,
                              mask_weights)
 
 SPLIT_NOTE = ("split decoder for many prompts without mask input: split_image once per image, split_prompts "
               "per batch (IoU, mask weights, image tokens), split_masks for the prompts kept; verified as a chain")
-_CONTEXT = ["image_keys", "layer0_k", "layer0_v", "layer0_q"]
+_CONTEXT = list(SPLIT_CONTEXT)
 SPLIT_IO = {
     "split_image": (["image_embeddings"], _CONTEXT, None),
     "split_prompts": (

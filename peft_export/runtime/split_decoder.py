@@ -15,6 +15,8 @@ import numpy as np
 from ..errors import PeftExportError
 
 SPLIT_GRAPHS = ("split_image", "split_prompts", "split_masks")
+SPLIT_CONTEXT = ("image_keys", "layer0_k", "layer0_v", "layer0_q")  # split_image's outputs
+CLICK_GRAPH = "click_decoder"  # the browser page's decoder after split_image (``peftexport web``)
 MAX_BATCH = 64  # prompts per split_prompts run
 
 RunFn = Callable[[str, Dict[str, np.ndarray]], Dict[str, np.ndarray]]

@@ -35,7 +35,7 @@ from ..fsutil import atomic_dir
 from ..predict import read_image
 from ..predict.overlay import display_image, save_png
 from ..runtime import SamSession, read_manifest
-from ..export.click_decoder import CLICK_GRAPH, CONTEXT_INPUTS
+from ..runtime.split_decoder import CLICK_GRAPH, SPLIT_CONTEXT
 from .decoder_check import INT8_MIN_IOU, compare_decoders
 from .ortweb import ORT_FILES, copy_ort_files, find_ort_files
 from .web_graph import CONTEXT_FILE, web_int8_recipe, write_web_click_decoder
@@ -230,7 +230,7 @@ def _write_decoder(tmp: Path, flavour: str, source: Path, precision: str, embedd
     record: Dict[str, Any] = {"path": path, "graph": flavour, "precision": precision,
                               "check": summary.get("int8_check")}
     if click:
-        record["context"] = write_web_click_decoder(graph, tmp / path, CONTEXT_INPUTS)
+        record["context"] = write_web_click_decoder(graph, tmp / path, SPLIT_CONTEXT)
         record["context_file"] = CONTEXT_FILE
         record["context_graph"] = "split_image.onnx"
         shutil.copyfile(context_graph, tmp / "split_image.onnx")
