@@ -35,6 +35,7 @@ from torch import nn
 from ..runtime.split_decoder import CLICK_GRAPH, SPLIT_CONTEXT
 from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, _head_blocks, _heads, decoder_tokens,
                              dense_pe_tokens, mask_weights)
+from .onnx_graphs import DECODER_IO
 from .split_decoder import SplitImageGraph, split_graph_io
 
 CLICK_NOTE = ("one prompt per click with the previous mask as input (the browser page): split_image once per "
@@ -42,15 +43,7 @@ CLICK_NOTE = ("one prompt per click with the previous mask as input (the browser
 CONTEXT_INPUTS = list(SPLIT_CONTEXT)
 CLICK_INPUTS = CONTEXT_INPUTS + ["point_coords", "point_labels", "mask_input", "has_mask_input"]
 CLICK_OUTPUTS = ["low_res_masks", "iou_predictions", "mask_index"]
-CLICK_DYNAMIC = {
-    "point_coords": {0: "batch", 1: "num_points"},
-    "point_labels": {0: "batch", 1: "num_points"},
-    "mask_input": {0: "batch"},
-    "has_mask_input": {0: "batch"},
-    "low_res_masks": {0: "batch"},
-    "iou_predictions": {0: "batch"},
-    "mask_index": {0: "batch"},
-}
+CLICK_DYNAMIC = {**DECODER_IO["decoder_lowres"][2], "mask_index": {0: "batch"}}  # one prompt per batch row
 
 
 class MaskInputTerms(nn.Module):
