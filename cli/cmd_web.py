@@ -21,8 +21,9 @@ def web(
     export_dir: Path = typer.Argument(..., help="Export directory (manifest.json + ONNX graphs)."),
     images: List[Path] = typer.Argument(..., help="Image files: TIFF, PNG, JPEG or NPY (2D gray or RGB)."),
     out: Path = typer.Option(..., "--out", "-o", help="Site directory to write."),
-    precision: str = typer.Option("fp32", "--precision", help="Decoder in the site: fp32, or int8 (quantised here, "
-                                  "refused unless its masks match fp32 at mean IoU >= 0.99)."),
+    precision: str = typer.Option("fp32", "--precision", help="Decoder in the site: fp32, or int8 (quantised here: the "
+                                  "output upscaling's products of a click decoder, every MatMul of an older "
+                                  "decoder; refused unless its masks match fp32 at mean IoU >= 0.99)."),
     encoder_precision: str = typer.Option("fp32", "--encoder-precision", help="Export's encoder that computes the "
                                           "embeddings: fp32, fp16 or int8."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter of a shared-trunk export."),
