@@ -98,7 +98,7 @@ async function update() {
   try {
     do {
       state.pending = false;
-      if (!state.points.length && !state.box) break;
+      if (!state.prepared || (!state.points.length && !state.box)) break;
       const r = await state.decoder.decode(state.image, state.points, state.box, state.lowRes);
       const t0 = performance.now();
       state.mask = maskFromLowRes(r.lowRes, state.site.low_res_size, state.site.image_size, state.image);
@@ -228,7 +228,11 @@ async function main() {
   state.decoder = await loadDecoder(ort, s);
   const select = $('image');
   s.images.forEach((rec, i) => select.add(new Option(`${rec.name} (${rec.width}x${rec.height})`, String(i))));
-  select.addEventListener('change', () => selectImage(Number(select.value)).catch(fail));
+  // One image at a time: a pick made while another image's decoder is prepared waits its turn.
+  let selecting = Promise.resolve();
+  select.addEventListener('change', () => {
+    selecting = selecting.then(() => selectImage(Number(select.value))).catch(fail);
+  });
   canvas.addEventListener('mousedown', onMouseDown);
   window.addEventListener('mousemove', onMouseMove);
   window.addEventListener('mouseup', onMouseUp);
