@@ -137,7 +137,7 @@ def test_vit_b_merge_loads_with_segment_anything_registry(tmp_path):
     from segment_anything import sam_model_registry
 
     from peft_export.peft.adapters import build_adapted_model
-    from peft_export.peft import PeftConfig
+    from peft_export.peft import PeftConfig, merge_peft
     from helpers import randomize_trainables
 
     torch.save(random_sam("vit_b", seed=0).state_dict(), tmp_path / "base.pth")
@@ -147,6 +147,15 @@ def test_vit_b_merge_loads_with_segment_anything_registry(tmp_path):
     save_adapter(adapted, tmp_path / "run")
     out = run_cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged.pth")
     assert out.returncode == 0, out.stderr
+    # The CLI ran the unmerged adapter and the merged model at 1024 on the probe (its report); the
+    # file it wrote loads with plain sam_model_registry and holds exactly the merge of this adapter.
+    report = json.loads((tmp_path / "merged.report.json").read_text())
+    assert report["passed"] and report["errors"]["embeddings"]["max_rel"] <= 1e-4
+    assert report["errors"]["mask_iou"] >= 0.999
     sam = sam_model_registry["vit_b"](checkpoint=str(tmp_path / "merged.pth"))
-    errors = compare_models(adapted.model, sam, 1024)
-    assert errors["embeddings"]["max_rel"] <= 1e-4 and errors["mask_iou"] >= 0.999
+    expected = merge_peft(adapted.model).state_dict()
+    loaded = sam.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    base = random_sam("vit_b", seed=0).state_dict()
+    assert not all(torch.equal(loaded[k], base[k]) for k in base)  # the adapter changed the weights
