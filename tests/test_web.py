@@ -146,6 +146,16 @@ def test_site_click_decoder_with_its_context_equals_the_export(site, export, ima
             assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+def test_decoder_source_prefers_the_click_decoder_and_falls_back(export):
+    """Exports made before the click decoder (no click_decoder, or no split_image) get decoder_lowres."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert site_module.decoder_source(export, manifest) == ("click_decoder", export / "click_decoder.onnx")
+    older = dict(manifest, graphs={k: v for k, v in manifest["graphs"].items() if k != "click_decoder"})
+    assert site_module.decoder_source(export, older) == ("decoder_lowres", export / "decoder_lowres.onnx")
+    no_context = dict(manifest, graphs={k: v for k, v in manifest["graphs"].items() if k != "split_image"})
+    assert site_module.decoder_source(export, no_context)[0] == "decoder_lowres"
+
+
 def test_site_names_are_unique_and_url_safe(tmp_path):
     paths = [Path("a/my image.tif"), Path("b/my image.tif"), Path("c/é.png")]
     assert site_module._site_names(paths) == ["my_image", "my_image-2", "_"]
