@@ -125,6 +125,9 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
     assert a["late"]["source"] == {"kind": "adapter", "adapter": str(Path(a["late"]["source"]["adapter"]))}
     for name in a:
         assert a[name]["decoder"] == f"decoder_{name}" and a[name]["decoder_lowres"] == f"decoder_lowres_{name}"
+        # the browser page's pair, verified as a chain against this adapter's decoder
+        assert a[name]["split_image"] == f"split_image_{name}" and a[name]["click_decoder"] == f"click_decoder_{name}"
+        assert m["graphs"][f"click_decoder_{name}"]["fp32"]["parity"]["mask_index_agrees"]
         for p in ("fp32", "int8"):
             assert a[name]["encoder_parity"][p]["passed"]
     assert set(m["graphs"]["head_base"]["fp32"]["adapters"]) == {"dec", "dec2"}

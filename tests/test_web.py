@@ -492,15 +492,27 @@ def test_site_of_one_adapter_of_a_shared_trunk_export(images, tmp_path):
     build_site(export, images, out, adapter="cells", progress=False)
     site = json.loads((out / "site.json").read_text())
     assert site["adapter"] == "cells" and site["peft"] == "lora"
-    decoder_key = manifest["adapters"]["cells"][site["decoder"]["graph"]]
-    assert (out / "decoder.onnx").read_bytes() == (export / manifest["graphs"][decoder_key]["fp32"]["path"]).read_bytes()
-    assert site["decoder"]["graph"] == "decoder_lowres" and "context_graph" not in site["decoder"]
+    entry = manifest["adapters"]["cells"]
+    assert site["decoder"]["graph"] == "click_decoder" and site["decoder"]["context_graph"] == "split_image.onnx"
+    assert entry["click_decoder"] == "click_decoder_cells" and entry["split_image"] == "split_image_cells"
+    assert (out / "split_image.onnx").read_bytes() == (export / "split_image_cells.onnx").read_bytes()
     session = SamSession(export)
     for rec, path in zip(site["images"], images):
         got = np.frombuffer((out / rec["embedding"]).read_bytes(), "<f4")
         want = {n: session.encode(read_image(path)).embedding(n).embedding.ravel() for n in ("cells", "nuclei")}
         assert np.array_equal(got, want["cells"]) and not np.allclose(got, want["nuclei"])
-    # The page's other decoder path (no click decoder in this export): the same mask as ONNX Runtime.
+    # The page's other decoder path: the same export as if made before click decoders existed.
+    older = tmp_path / "multi_older"
+    shutil.copytree(export, older)
+    entry = {k: v for k, v in entry.items() if k not in ("click_decoder", "split_image")}
+    old_manifest = dict(manifest, adapters=dict(manifest["adapters"], cells=entry))
+    (older / "manifest.json").write_text(json.dumps(old_manifest))
+    build_site(older, images, tmp_path / "site_older", adapter="cells", progress=False)
+    out = tmp_path / "site_older"
+    site = json.loads((out / "site.json").read_text())
+    assert site["decoder"]["graph"] == "decoder_lowres" and "context_graph" not in site["decoder"]
+    lowres_file = manifest["graphs"][entry["decoder_lowres"]]["fp32"]["path"]
+    assert (out / "decoder.onnx").read_bytes() == (export / lowres_file).read_bytes()
     chromium = _browser_tools()
     with _Server(out, isolate=False) as url:
         result = _drive(url, [{"click": [120, 70]}], tmp_path, "adapter", chromium)

@@ -171,14 +171,15 @@ def click_graph_io(image_size: int) -> tuple[list[dict], list[dict]]:
 
 @torch.no_grad()
 def verify_click_decoder(path: str | os.PathLike, reference, precision: str = "fp32",
-                         backend: str = "onnxruntime") -> dict:
-    """``split_image`` -> ``click_decoder`` on ``backend`` vs segment_anything's decoder on the reference
-    embedding and every reference prompt (with and without mask input): the shown mask and its index."""
+                         backend: str = "onnxruntime", context: str | os.PathLike | None = None) -> dict:
+    """``split_image`` (``context``; default: split_image.onnx beside ``path``) -> ``click_decoder`` on
+    ``backend`` vs segment_anything's decoder on the reference embedding and every reference prompt
+    (with and without mask input): the shown mask and its index."""
     from ..merge import error_stats
     from .verify import _judge, _mask_iou, _nonfinite, graph_runner
 
-    folder = Path(path).parent
-    split_image, click = graph_runner(folder / "split_image.onnx", backend), graph_runner(path, backend)
+    context = Path(path).parent / "split_image.onnx" if context is None else Path(context)
+    split_image, click = graph_runner(context, backend), graph_runner(path, backend)
     context = split_image({"image_embeddings": reference.embeddings.numpy()})
     s = reference.low_res[0].shape[-1]
     refs, cands, iou_err, finite, index_agree = [], [], 0.0, True, True

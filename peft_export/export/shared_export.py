@@ -9,7 +9,8 @@ Layout (``manifest.json`` format 2; single-adapter exports stay format 1, unchan
   whose heads are bit-identical share one file (``head_base.onnx`` when it is the base's:
   decoder-only adapters share the whole encoder);
 * ``encoder_<NAME>.onnx`` for an adapter that cannot share (it trains the patch embedding);
-* ``decoder_<NAME>.onnx`` and ``decoder_lowres_<NAME>.onnx`` per adapter.
+* ``decoder_<NAME>.onnx``, ``decoder_lowres_<NAME>.onnx``, ``split_image_<NAME>.onnx`` and
+  ``click_decoder_<NAME>.onnx`` (the browser page's pair) per adapter.
 
 Every precision of every adapter is parity-checked as it runs: ``head(trunk(x))`` (or its own
 encoder) and its decoders against that adapter's unmerged torch model, with the thresholds of
@@ -33,10 +34,12 @@ from ..models import load_sam
 from ..models.encoder_split import frozen_trunk
 from ..peft.adapters import AdaptedModel
 from . import onnx_graphs as og
+from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph, verify_click_decoder
 from . import trunk_graphs as tg
 from .manifest import build_manifest, graph_entry, graph_io, write_manifest
 from .pipeline import _check_options, _check_out_dir, encoder_filename, export_source, merge_for_export
 from .quantize import onnx_bytes, quantize_int8
+from .split_decoder import export_split_graph
 from .sharing import (
     check_adapter_name,
     check_same_base,
@@ -238,6 +241,7 @@ def merge_and_export_adapters(
                 parity = verify_export(tmp / f"{key}.onnx", flavour, adapted.model, reference, "fp32")
                 w.add(key, "fp32", f"{key}.onnx", parity, secs, time.perf_counter() - t, graph_io(flavour, size))
                 entry[flavour] = key
+            entry.update(_export_click(w, model, name, size, reference))
             if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: one per adapter
                 entry["ais_decoder"] = _export_ais(w, adapted, name, size, reference)
             entries[name] = entry
@@ -259,6 +263,23 @@ def merge_and_export_adapters(
     log(format_parity_table(w.rows))
     log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return manifest
+
+
+def _export_click(w: _Writer, model, name: str, size: int, reference) -> dict:
+    """The adapter's browser decoder: its own split_image and click_decoder (its decoder's weights),
+    verified as a chain; returns the adapter entry's keys for them."""
+    keys = {"split_image": f"split_image_{name}", CLICK_GRAPH: f"{CLICK_GRAPH}_{name}"}
+    t = time.perf_counter()
+    export_split_graph(model, w.tmp / f"{keys['split_image']}.onnx", "split_image", w.opset)
+    export_click_graph(model, w.tmp / f"{keys[CLICK_GRAPH]}.onnx", w.opset)
+    secs = time.perf_counter() - t
+    t = time.perf_counter()
+    parity = verify_click_decoder(w.tmp / f"{keys[CLICK_GRAPH]}.onnx", reference, "fp32",
+                                  context=w.tmp / f"{keys['split_image']}.onnx")
+    for graph, key in keys.items():
+        w.add(key, "fp32", f"{key}.onnx", dict(parity), secs, time.perf_counter() - t, graph_io(graph, size),
+              extra={"note": CLICK_NOTE})
+    return keys
 
 
 def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) -> dict:

@@ -48,24 +48,38 @@ DECODER_PRECISIONS = ("fp32", "int8")
 DECODER_FLAVOURS = (CLICK_GRAPH, "decoder_lowres", "decoder")  # the page's preference, in order
 
 
+def _graph_path(export_dir: Path, manifest: Dict[str, Any], key: Optional[str]) -> Optional[Path]:
+    """The fp32 file of manifest graph ``key`` (None when the export has no such graph)."""
+    entry = (manifest["graphs"].get(key or "") or {}).get("fp32")
+    if not entry:
+        return None
+    path = export_dir / entry["path"]
+    if not path.is_file():
+        raise PeftExportError(f"{path}: {key} graph listed in manifest.json is missing")
+    return path
+
+
 def decoder_source(export_dir: Path, manifest: Dict[str, Any], adapter: Optional[str] = None) -> tuple[str, Path]:
     """(flavour, path) of the export's fp32 decoder the site uses: the click decoder where the export
-    has it (with split_image), else the runtime's choice (for an export of several adapters, that
-    adapter's own decoders)."""
+    has it with its split_image, else the runtime's choice (for an export of several adapters, that
+    adapter's own graphs)."""
     keys = {f: f for f in DECODER_FLAVOURS}
     if adapter is not None:
         entry = manifest["adapters"][adapter]
         keys = {f: entry.get(f) for f in DECODER_FLAVOURS}
-    elif "fp32" not in (manifest["graphs"].get("split_image") or {}):
+    if context_source(export_dir, manifest, adapter) is None:
         keys[CLICK_GRAPH] = None
     for flavour in DECODER_FLAVOURS:
-        entry = (manifest["graphs"].get(keys[flavour] or "") or {}).get("fp32")
-        if entry:
-            path = export_dir / entry["path"]
-            if not path.is_file():
-                raise PeftExportError(f"{path}: {flavour} graph listed in manifest.json is missing")
+        path = _graph_path(export_dir, manifest, keys[flavour])
+        if path is not None:
             return flavour, path
     raise PeftExportError(f"{export_dir}: manifest.json lists no fp32 decoder graph")
+
+
+def context_source(export_dir: Path, manifest: Dict[str, Any], adapter: Optional[str] = None) -> Optional[Path]:
+    """The split_image graph that makes the click decoder's per-image context (that adapter's own)."""
+    key = manifest["adapters"][adapter].get("split_image") if adapter is not None else "split_image"
+    return _graph_path(export_dir, manifest, key)
 
 
 def _site_names(images: Sequence[Path]) -> List[str]:
@@ -183,7 +197,9 @@ def build_site(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a site is meant to be served
         for name in ASSET_FILES:
             shutil.copyfile(ASSETS / name, tmp / name)
-        site["decoder"] = _write_decoder(tmp, flavour, decoder_path, precision, embeddings, session.image_size, summary)
+        context = context_source(export_dir, manifest, adapter) if flavour == CLICK_GRAPH else None
+        site["decoder"] = _write_decoder(tmp, flavour, decoder_path, context, precision, embeddings,
+                                         session.image_size, summary)
         (tmp / "images").mkdir()
         (tmp / "embeddings").mkdir()
         for rec, image, emb in zip(records, arrays, embeddings):
@@ -205,12 +221,12 @@ def build_site(
     return summary
 
 
-def _write_decoder(tmp: Path, flavour: str, source: Path, precision: str, embeddings: list, image_size: int,
-                   summary: Dict[str, Any]) -> Dict[str, Any]:
-    """The site's decoder graph(s) in ``tmp``; returns site.json's ``decoder`` record. int8: the
-    export's fp32 graph quantised here and refused (PeftExportError) unless its masks agree."""
+def _write_decoder(tmp: Path, flavour: str, source: Path, context_graph: Optional[Path], precision: str,
+                   embeddings: list, image_size: int, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The site's decoder graph(s) in ``tmp`` (a click decoder with its split_image, ``context_graph``);
+    returns site.json's ``decoder`` record. int8: the export's fp32 graph quantised here and refused
+    (PeftExportError) unless its masks agree."""
     click = flavour == CLICK_GRAPH
-    context_graph = source.parent / "split_image.onnx" if click else None
     stem = CLICK_GRAPH if click else "decoder"
     graph = source
     if precision == "int8":
