@@ -47,9 +47,12 @@ def decode_shown(
     labels: Optional[np.ndarray] = None,
     box: Optional[np.ndarray] = None,
     mask_input: Optional[np.ndarray] = None,
+    context: Optional[Dict[str, np.ndarray]] = None,
 ) -> Tuple[np.ndarray, np.ndarray, int]:
     """What the page shows for one prompt on ``graph`` of ``backend``: (mask HxW bool, its low-res
-    logits, index of the decoder output). A click decoder graph runs after the backend's ``split_image``. ``points`` (N,2) pixels, ``box`` (4,), ``mask_input`` (s,s)."""
+    logits, index of the decoder output). ``points`` (N,2) pixels, ``box`` (4,), ``mask_input`` (s,s).
+    A click decoder graph takes ``context`` (``image_context``: the backend's ``split_image`` on this
+    embedding), computed here when not given."""
     s = 4 * (image_size // 16)
     pts = None if points is None else np.asarray(points, np.float64)[None]
     lbl = None if labels is None else np.asarray(labels, np.float32)[None]
@@ -63,7 +66,7 @@ def decode_shown(
     }
     names = {i.name for i in backend.sessions[graph].get_inputs()}
     if "image_keys" in names:  # the click decoder: split_image's context, then the mask it shows
-        feeds.update(backend.run("split_image", {"image_embeddings": emb.embedding}))
+        feeds.update(context if context is not None else image_context(backend, emb))
         out = backend.run(graph, {k: v for k, v in feeds.items() if k in names})
         k, low = int(out["mask_index"][0]), np.asarray(out["low_res_masks"][0, 0], np.float32)
     else:
@@ -71,6 +74,11 @@ def decode_shown(
         k = shown_mask_index(out["iou_predictions"][0], coords.shape[1])
         low = np.asarray(out["low_res_masks"][0, k], np.float32)
     return postprocess_masks(low, emb.input_size, emb.original_size, image_size) > 0, low, k
+
+
+def image_context(backend: OrtBackend, emb: ImageEmbedding) -> Dict[str, np.ndarray]:
+    """The click decoder's per-image inputs: the backend's ``split_image`` on the embedding."""
+    return backend.run("split_image", {"image_embeddings": emb.embedding})
 
 
 def compare_decoders(
@@ -86,8 +94,10 @@ def compare_decoders(
     ious = []
     for emb in embeddings:
         h, w = emb.original_size
+        context = image_context(backend, emb) if context_graph is not None else None  # once per image
         for prompt in probe_prompts(h, w):
-            args = dict(points=prompt.get("points"), labels=prompt.get("labels"), box=prompt.get("box"))
+            args = dict(points=prompt.get("points"), labels=prompt.get("labels"), box=prompt.get("box"),
+                        context=context)
             masks = [decode_shown(backend, graph, emb, image_size, **args)[0] for graph in ("reference", "candidate")]
             ious.append(iou(*masks))
     return {"mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)), "prompts": len(ious),
