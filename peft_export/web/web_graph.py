@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import PeftExportError
+
 CONTEXT_FILE = "context.bin"
 
 
@@ -101,7 +103,8 @@ def web_int8_recipe(path: Path):
 
     only = tuple(upscaling_products(path))
     if len(only) != 2:
-        raise ValueError(f"{path}: expected the upscaling's two MatMuls, found {list(only)}")
+        raise PeftExportError(f"{path}: --precision int8 expects the click decoder's two output-upscaling "
+                              f"MatMuls, found {list(only) or 'none'}; use --precision fp32 or re-export")
     return Int8Recipe(only=only)
 
 
