@@ -40,8 +40,7 @@ from .split_decoder import SplitImageGraph, split_graph_io
 
 CLICK_NOTE = ("one prompt per click with the previous mask as input (the browser page): split_image once per "
               "image, click_decoder per click -> the shown mask (Meta's select_masks rule); verified as a chain")
-CONTEXT_INPUTS = list(SPLIT_CONTEXT)
-CLICK_INPUTS = CONTEXT_INPUTS + ["point_coords", "point_labels", "mask_input", "has_mask_input"]
+CLICK_INPUTS = list(SPLIT_CONTEXT) + ["point_coords", "point_labels", "mask_input", "has_mask_input"]
 CLICK_OUTPUTS = ["low_res_masks", "iou_predictions", "mask_index"]
 CLICK_DYNAMIC = {**DECODER_IO["decoder_lowres"][2], "mask_index": {0: "batch"}}  # one prompt per batch row
 
