@@ -1,0 +1,5 @@
+"""Stage 10, distributed: tiled segmentation of large images and folders spread over a Dask cluster
+(a LocalCluster of N processes or an existing scheduler), results written straight into zarr.
+
+May import: runtime, predict, data, errors, fsutil (and dask, distributed, zarr lazily).
+"""
