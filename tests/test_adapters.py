@@ -76,6 +76,25 @@ def test_corrupt_adapter_is_a_clear_error(tmp_path):
         load_adapter(tmp_path / "run")
 
 
+def test_weights_and_json_from_different_saves_are_refused(tmp_path):
+    """adapter.json records the sha256 of its adapter.safetensors: a mixed pair is refused by name."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_adapter(make_adapted(dict(method="lora", rank=2), seed=1), first)
+    save_adapter(make_adapted(dict(method="lora", rank=2), seed=2), second)
+    meta = json.loads((first / "adapter.json").read_text())
+    from peft_export.fsutil import sha256_file
+
+    assert meta["weights_sha256"] == sha256_file(first / "adapter.safetensors")
+    # as a crash between the two renames leaves it: the new weights beside the old adapter.json
+    (first / "adapter.safetensors").write_bytes((second / "adapter.safetensors").read_bytes())
+    with pytest.raises(PeftExportError, match=r"first/adapter.safetensors: sha256 .* recorded in .*first/adapter.json"):
+        load_adapter(first)
+    # an adapter saved before the digest was recorded still loads (the check is skipped)
+    del meta["weights_sha256"]
+    (first / "adapter.json").write_text(json.dumps(meta))
+    assert load_adapter(first).meta.get("weights_sha256") is None
+
+
 # ---------------------------------------------------------------- micro-sam import
 # The checkpoint is built by renaming a plain SAM state dict per micro-sam's key layout
 # (micro_sam/models/peft_sam.py's module names), independently of our PEFT modules; expected outputs use hand-merged weights.

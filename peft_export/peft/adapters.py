@@ -47,6 +47,7 @@ ADAPTER_FORMAT = "peftexport-adapter"
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
+WEIGHTS_SHA256 = "weights_sha256"  # adapter.json's digest of adapter.safetensors (pairs the two files)
 DECODER_PREFIX = "instance_decoder."  # tensors of the AIS decoder inside adapter.safetensors
 
 
@@ -130,6 +131,9 @@ def save_adapter(
     meta.update(extra or {})
     with atomic_file(out_dir / ADAPTER_WEIGHTS, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
+        # Each file is renamed into place on its own: a crash between the two renames, or files copied
+        # from two runs, leave a pair that does not belong together; the digest tells (load_adapter).
+        meta[WEIGHTS_SHA256] = sha256_file(tmp)
     with atomic_file(out_dir / ADAPTER_META, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return out_dir
@@ -225,6 +229,7 @@ def load_adapter(
             warnings.warn(msg + "; continuing because of --force", stacklevel=2)
         del state
     tensors, decoder_state = split_decoder_tensors(read_adapter_tensors(weights))  # before the slow base build
+    check_adapter_pair(weights, meta_path, meta)  # after the read: an unreadable file is named as such
     decoder = decoder_from_state(decoder_state, str(weights)) if decoder_state else None
     adapted = build_adapted_model(config, base["model_type"], checkpoint, base["image_size"], seed=base.get("seed", 0))
     adapted.instance_decoder = decoder
@@ -247,6 +252,23 @@ def load_adapter(
     adapted.source = str(path)
     adapted.meta = meta
     return adapted
+
+
+def check_adapter_pair(weights: Path, meta_path: Path, meta: dict) -> None:
+    """Refuse weights that are not the ones ``adapter.json`` was written with.
+
+    Adapters saved before the digest was recorded have no ``weights_sha256``: they load unchecked.
+    """
+    recorded = meta.get(WEIGHTS_SHA256)
+    if recorded is None or not weights.is_file():
+        return
+    digest = sha256_file(weights)
+    if digest != recorded:
+        raise PeftExportError(
+            f"{weights}: sha256 {digest[:12]}... is not the {recorded[:12]}... recorded in {meta_path} "
+            "(the two files come from different saves: an interrupted save or a copy mixing two runs); "
+            "use a matching pair, e.g. the run directory's last complete adapter"
+        )
 
 
 def read_adapter_tensors(weights: Path) -> dict[str, torch.Tensor]:
