@@ -144,6 +144,28 @@ def test_resume_is_bit_identical(demo, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_after_a_torn_log_line_drops_it_and_says_so(demo, tmp_path):
+    """A crash mid-write leaves a half line at the end of train_log.jsonl: --resume drops it with a note."""
+    from peft_export.cli.main import app
+
+    out = tmp_path / "torn"
+    finetune(cfg(out, demo, iterations=2, val_every=2, validate_at_start=False))
+    log = out / "train_log.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"type": "step", "step": 3, "lo')
+    res = CliRunner().invoke(app, ["finetune", "-o", str(out), "--resume", "--iterations", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "half-written last line" in res.output
+    entries = [json.loads(x) for x in log.read_text().splitlines()]  # every line whole again
+    assert [e["step"] for e in entries if e["type"] == "step"] == [1, 2, 3]
+    # a damaged line that is not the last is not a crash's trace: one error line, the log untouched
+    damaged = log.read_text().replace('"type": "step"', '"type": "st', 1)
+    log.write_text(damaged)
+    res = CliRunner().invoke(app, ["finetune", "-o", str(out), "--resume", "--iterations", "4", "-q"])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith("error: ")
+    assert "train_log.jsonl: line" in res.output and log.read_text() == damaged
+
+
 def test_nan_loss_stops_and_keeps_best_adapter(demo, tmp_path, monkeypatch):
     real = losses.sam_loss
     calls = {"n": 0}

@@ -357,9 +357,21 @@ class Trainer:
         """A resumed run drops log lines written after its checkpoint."""
         if not self.dist.is_main or not self.log_path.is_file():
             return
-        keep = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.log_path.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in self.log_path.read_text().splitlines() if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a crash mid-write tears only the last line
+                    self._log(f"warning: {self.log_path}: dropping a half-written last line (from the crash)")
+                    break
+                raise PeftExportError(f"{self.log_path}: line {i + 1} is not JSON (the log is damaged; "
+                                      "remove it or start a new run without --resume)") from None
+            if entry.get("step", 0) <= step:
+                keep.append(line)
+        with atomic_file(self.log_path, overwrite=True) as tmp:  # a crash now keeps the old log whole
+            tmp.write_text("".join(line + "\n" for line in keep))
 
     def _state(self) -> dict:
         return {"best_metric": self.best_metric, "best_step": self.best_step, "best_val": self.best_val,
