@@ -1,4 +1,5 @@
-"""Stage 1, models: build SAM (vit_b / vit_l / vit_h / tiny, any image size), load checkpoints, micro-sam's
+"""Stage 1, models: build SAM (vit_b / vit_l / vit_h / tiny, and MobileSAM vit_t with our TinyViT encoder;
+any image size), load checkpoints, micro-sam's
 instance decoder (AIS), and an exact rel-pos-folded attention for export and fused kernels.
 
 May import: errors, fsutil (and torch, segment_anything).

@@ -93,8 +93,13 @@ def instance_decoder_from_checkpoint(obj: Mapping, path: str | Path = "checkpoin
     return None if state is None else decoder_from_state(state, str(path))
 
 
+TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # MobileSAM's first ConvBN
+
+
 def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
     """Model type from the encoder width and depth of a state dict."""
+    if TINY_VIT_KEY in state:
+        return "vit_t"
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state:
         key = "image_encoder.patch_embed.proj.layer.weight"  # SSF-wrapped (micro-sam layout)
@@ -109,6 +114,9 @@ def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "chec
 
 
 def checkpoint_image_size(state: Mapping[str, torch.Tensor]) -> int:
+    """The image size a checkpoint was trained at (TinyViT has no positional embedding: 1024, MobileSAM's)."""
+    if "image_encoder.pos_embed" not in state:
+        return ARCHITECTURES["vit_t"].default_image_size
     return state["image_encoder.pos_embed"].shape[1] * PATCH_SIZE
 
 
@@ -120,6 +128,8 @@ def resize_positional_state(
     arch = ARCHITECTURES[model_type]
     grid = image_size // PATCH_SIZE
     state = dict(state)
+    if arch.encoder == "tiny_vit":  # no positional weights: window biases depend on the window only
+        return state
     pos = state["image_encoder.pos_embed"]
     if pos.shape[1] == grid:
         return state
@@ -234,4 +244,6 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
 def describe_model(sam: Sam) -> str:
     enc = sam.image_encoder
+    if not hasattr(enc, "patch_embed") or not hasattr(enc.patch_embed, "proj"):
+        return f"TinyViT, {len(enc.blocks)} blocks, image size {enc.img_size}"
     return f"{len(enc.blocks)} blocks, {enc.patch_embed.proj.out_channels}-dim, image size {enc.img_size}"

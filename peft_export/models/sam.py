@@ -2,7 +2,9 @@
 
 The architectures are built the way ``build_sam.py`` builds them, plus ``tiny``: the
 same structure (windowed + global blocks, neck, prompt encoder, mask decoder) at a
-small width, for fast tests and demos. Any image size that is a multiple of 16 works.
+small width, for fast tests and demos, and ``vit_t``: MobileSAM, our TinyViT encoder
+(``tiny_vit.py``) with SAM's prompt encoder and mask decoder. Any image size that is a
+multiple of 16 works.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from ..errors import PeftExportError
+from .tiny_vit import TinyViTEncoder
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -30,6 +33,7 @@ class SamArch:
     global_attn_indexes: tuple[int, ...]
     window_size: int = 14
     default_image_size: int = 1024
+    encoder: str = "vit"  # "vit": segment_anything's ImageEncoderViT; "tiny_vit": MobileSAM's TinyViT
 
 
 ARCHITECTURES: dict[str, SamArch] = {
@@ -39,6 +43,9 @@ ARCHITECTURES: dict[str, SamArch] = {
     # Same structure as SAM (windowed and global attention, neck, full prompt
     # encoder and mask decoder), small enough for a CPU test in milliseconds.
     "tiny": SamArch(64, 4, 4, (1, 3), window_size=7, default_image_size=256),
+    # MobileSAM: embed dims 64/128/160/320, 10 TinyViT blocks (the MBConv stage is not
+    # counted); embed_dim is the last stage's width, num_heads its heads.
+    "vit_t": SamArch(320, 10, 10, (), window_size=7, encoder="tiny_vit"),
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
 
@@ -61,7 +68,7 @@ def build_sam_architecture(model_type: str, image_size: int | None = None) -> Sa
     image_size = check_image_size(image_size or arch.default_image_size)
     grid = image_size // PATCH_SIZE
     sam = Sam(
-        image_encoder=ImageEncoderViT(
+        image_encoder=TinyViTEncoder(image_size) if arch.encoder == "tiny_vit" else ImageEncoderViT(
             depth=arch.depth,
             embed_dim=arch.embed_dim,
             img_size=image_size,
@@ -95,12 +102,24 @@ def build_sam_architecture(model_type: str, image_size: int | None = None) -> Sa
 
 
 def randomize_positional_embeddings(sam: Sam, generator: torch.Generator) -> None:
-    """SAM creates ``pos_embed`` and ``rel_pos`` as zeros; a random model with zeros there
-    would hide every bug in their handling, so give them ViT-like small random values."""
+    """SAM creates ``pos_embed`` and ``rel_pos`` as zeros (TinyViT its ``attention_biases``,
+    and BatchNorm statistics of 0 and 1); a random model with those would hide every bug in
+    their handling, so give them small random values."""
     with torch.no_grad():
         for name, p in sam.image_encoder.named_parameters():
             if name == "pos_embed" or name.endswith(("rel_pos_h", "rel_pos_w")):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            elif name.endswith("attention_biases"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            elif name.endswith(".bn.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif name.endswith(".bn.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+        for name, b in sam.image_encoder.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=generator))
 
 
 def random_sam(model_type: str, image_size: int | None = None, seed: int = 0) -> Sam:

@@ -1,0 +1,144 @@
+"""vit_t (MobileSAM): our TinyViT encoder against the ``mobile_sam`` package, checkpoints, image sizes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from peft_export.errors import PeftExportError
+from peft_export.models import build_sam_architecture, infer_model_type, load_sam, random_sam
+from peft_export.models.tiny_vit import window_offset_index
+
+warnings.filterwarnings("ignore", message="no checkpoint given")
+
+
+def mobile_sam_vit_t():
+    """MobileSAM's own vit_t (the ``mobile_sam`` package: code only, no weights)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ms = pytest.importorskip("mobile_sam")
+        return ms.sam_model_registry["vit_t"]()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """MobileSAM's vit_t with our seeded random weights (every tensor non-zero), and ours."""
+    ours = random_sam("vit_t", 1024, seed=3)
+    theirs = mobile_sam_vit_t()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()  # MobileSAM caches its attention bias here, from the weights just loaded
+    return ours, theirs
+
+
+def test_state_dict_keys_and_shapes_equal_mobile_sam():
+    ours = build_sam_architecture("vit_t").state_dict()
+    theirs = mobile_sam_vit_t().state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    params = sum(p.numel() for p in build_sam_architecture("vit_t").image_encoder.parameters())
+    assert params == 6_065_532
+
+
+def test_window_offset_index_equals_mobile_sam():
+    theirs = mobile_sam_vit_t()
+    for layer in (1, 2, 3):
+        attn = theirs.image_encoder.layers[layer].blocks[0].attn
+        ws = int(attn.attention_biases.shape[1] ** 0.5)
+        assert torch.equal(window_offset_index(ws), attn.attention_bias_idxs)
+
+
+@pytest.mark.slow
+def test_outputs_equal_mobile_sam_at_1024(reference):
+    ours, theirs = reference
+    assert ours.image_encoder.layers[1].blocks[0].attn.attention_biases.abs().min() > 0
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours.image_encoder(x), theirs.image_encoder(x)
+        assert a.shape == (1, 256, 64, 64)
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max())
+        pts = (torch.tensor([[[300.0, 500.0], [700.0, 200.0]]]), torch.tensor([[1, 0]]))
+        outs = []
+        for m, emb in ((ours, a), (theirs, b)):
+            sparse, dense = m.prompt_encoder(points=pts, boxes=None, masks=None)
+            outs.append(m.mask_decoder(emb, m.prompt_encoder.get_dense_pe(), sparse, dense, True)[0])
+        assert (outs[0] - outs[1]).abs().max() <= 1e-4 * max(1.0, outs[1].abs().max())
+
+
+@pytest.mark.slow
+def test_weights_loaded_after_eval_are_used(reference):
+    """MobileSAM caches its eval-mode attention bias in ``train(False)``; ours gathers it every forward."""
+    ours, _ = reference
+    model = build_sam_architecture("vit_t", 256).eval()  # eval first, weights after
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.image_encoder(x)
+        model.load_state_dict(ours.state_dict())
+        after = model.image_encoder(x)
+        fresh = random_sam("vit_t", 256, seed=3).image_encoder(x)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, fresh)
+    # The trap is real: MobileSAM's own model, loaded after eval(), keeps the stale bias.
+    theirs = mobile_sam_vit_t()
+    stale = theirs.image_encoder.layers[1].blocks[0].attn.ab.clone()
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(theirs.image_encoder.layers[1].blocks[0].attn.ab, stale)
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_other_image_sizes(size):
+    sam = random_sam("vit_t", size, seed=0)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        sparse, dense = sam.prompt_encoder(points=(torch.tensor([[[size / 2, size / 3]]]), torch.tensor([[1]])),
+                                           boxes=None, masks=None)
+        masks, iou = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    assert emb.shape == (1, 256, size // 16, size // 16) and torch.isfinite(emb).all()
+    assert masks.shape == (1, 3, size // 4, size // 4) and torch.isfinite(masks).all()
+    # Same weights at another size: the state dict is size-independent.
+    assert {k: v.shape for k, v in sam.state_dict().items()} == {
+        k: v.shape for k, v in build_sam_architecture("vit_t", 1024).state_dict().items()}
+
+
+def test_batch_of_two_equals_one_by_one():
+    sam = random_sam("vit_t", 256, seed=0)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        both = sam.image_encoder(x)
+        one = torch.cat([sam.image_encoder(x[:1]), sam.image_encoder(x[1:])])
+    assert torch.allclose(both, one, atol=1e-5)
+
+
+def test_batchnorm_statistics_stay_frozen_in_train_mode():
+    sam = random_sam("vit_t", 256, seed=0)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = sam.image_encoder(x)
+        before = {k: v.clone() for k, v in sam.state_dict().items()}
+        sam.train()
+        trained = sam.image_encoder(x)
+    assert torch.equal(ref, trained)
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
+
+
+def test_checkpoints_load_through_our_loaders(tmp_path):
+    src = random_sam("vit_t", 1024, seed=5)
+    state = src.state_dict()
+    plain = tmp_path / "mobile_sam.pt"
+    torch.save(state, plain)
+    micro = tmp_path / "vit_t_lm.pt"
+    torch.save({"model_state": {"sam." + k: v for k, v in state.items()}, "decoder_state": {}}, micro)
+    assert infer_model_type(state) == "vit_t"
+    for path in (plain, micro):
+        sam, info = load_sam(None, path, image_size=256)
+        assert info.model_type == "vit_t" and info.image_size == 256 and sam.image_encoder.img_size == 256
+        assert all(torch.equal(v, state[k]) for k, v in sam.state_dict().items())
+        assert load_sam("vit_t", path)[1].image_size == 1024  # MobileSAM's size when none is asked
+    with pytest.raises(PeftExportError, match="checkpoint is vit_t"):
+        load_sam("vit_b", plain)
+    del state["image_encoder.layers.2.blocks.5.attn.attention_biases"]
+    torch.save(state, plain)
+    with pytest.raises(PeftExportError, match="1 missing"):
+        load_sam(None, plain)
