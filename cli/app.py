@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 import warnings
@@ -22,6 +23,23 @@ PIPELINE_ORDER = (
     "make-demo-data", "params", "finetune", "merge", "merge-and-export", "predict", "web",
     "evaluate", "bench", "bench-compare", "demo",
 )
+
+
+# An error the code did not foresee (a bug, or a library's own exception that should have been
+# turned into a PeftExportError): exit 1, told apart from bad input (exit 2).
+INTERNAL_ERROR_EXIT = 1
+DEBUG_ENV = "PEFTEXPORT_DEBUG"
+
+
+def unexpected_error_line(exc: BaseException) -> str:
+    """``error: <Type>: <first line of the message>`` and how to see the traceback."""
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    if len(first) > 300:
+        first = first[:297] + "..."
+    kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
+    kind = f"{kind}: {first}" if first else kind
+    return (f"error: {kind} (unexpected; rerun with {DEBUG_ENV}=1 for the traceback and report it "
+            "if the input was valid)")
 
 
 def usage_error_line(exc: Exception) -> str:
@@ -88,7 +106,8 @@ app = typer.Typer(
     "merge them exactly, export verified ONNX/TensorRT, segment, evaluate and benchmark.",
     epilog="Every command takes -q/--quiet (no progress output); commands that write files take -o/--out "
     "and replace existing outputs only with --overwrite. Bad input ends with one 'error: ...' line "
-    "and exit code 2.",
+    "and exit code 2; an unexpected error ends with one line and exit code 1 (set "
+    f"{DEBUG_ENV}=1 for its traceback).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -122,6 +141,13 @@ def command(name: str, help: str, short: str | None = None) -> Callable[[F], F]:
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
                 raise typer.Exit(130) from None
+            except (typer.Exit, click.exceptions.ClickException, SystemExit):
+                raise
+            except Exception as exc:  # a bug or a library's own error: one line, traceback on request
+                if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+                    raise
+                print(unexpected_error_line(exc), file=sys.stderr)
+                raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
         app.command(name=name, help=help, short_help=short or help)(run)
         return fn

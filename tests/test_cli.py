@@ -135,3 +135,51 @@ def test_finetune_no_progress_alias_is_accepted(tmp_path):
     assert res.exit_code == 0, res.output
     assert "warning: --no-progress is deprecated" in res.output and "-q/--quiet" in res.output
     assert "%|" not in res.output  # no progress bar drawn
+
+
+# ---------------------------------------------------------------- no traceback a user can reach
+
+
+@pytest.mark.parametrize("raised, line", [
+    (RuntimeError("boom\nsecond line"), "error: RuntimeError: boom (unexpected; rerun with PEFTEXPORT_DEBUG=1"),
+    (MemoryError("Unable to allocate 74.5 GiB"), "error: out of memory: Unable to allocate 74.5 GiB (unexpected;"),
+])
+def test_unexpected_errors_are_one_line_exit_1_traceback_on_request(monkeypatch, raised, line):
+    """An exception the code did not foresee (a bug, a library's own error) is one line, exit 1 (not 2:
+    the input may be fine); PEFTEXPORT_DEBUG=1 lets the traceback through."""
+    import peft_export.peft.params as params
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(params, "count_for_config", fail)
+    monkeypatch.delenv("PEFTEXPORT_DEBUG", raising=False)
+    res = runner.invoke(app, ["params", "-m", "tiny"])
+    assert res.exit_code == 1 and res.output.splitlines() == [res.output.splitlines()[0]], res.output
+    assert res.output.startswith(line) and "Traceback" not in res.output
+    monkeypatch.setenv("PEFTEXPORT_DEBUG", "1")
+    res = runner.invoke(app, ["params", "-m", "tiny"])
+    assert res.exception is raised
+
+
+def test_onnxruntime_run_errors_are_a_peft_export_error(tmp_path):
+    """ORT's own exceptions at run time (here: a Reshape to an impossible shape, as an allocation
+    failure would be) come out of OrtBackend.run as one PeftExportError naming the graph."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from peft_export.errors import PeftExportError
+    from peft_export.runtime.backends.ort import OrtBackend
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 3])])
+    path = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    backend = OrtBackend({"decoder": path}, "cpu", 1)
+    assert backend.run("decoder", {"x": np.arange(6, dtype=np.float32)})["y"].shape == (2, 3)
+    with pytest.raises(PeftExportError, match=r"^decoder: onnxruntime failed running this graph \((?!\[ONNX).*\)$"):
+        backend.run("decoder", {"x": np.arange(5, dtype=np.float32)})

@@ -78,6 +78,7 @@ class OrtBackend:
         else:
             providers = ["CPUExecutionProvider"]
         opts = session_options(device, intra_op_threads)
+        opts.log_severity_level = 4  # a failing run is reported once, by run()'s one line, not also by ORT's log
         self.sessions = {}
         for name, path in paths.items():
             try:
@@ -99,4 +100,16 @@ class OrtBackend:
                 raise PeftExportError(f"{name}: graph input '{inp.name}' not provided")
             cast[inp.name] = np.ascontiguousarray(feeds[inp.name], dtype=ORT_DTYPES.get(inp.type, np.float32))
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, cast)))
+        try:
+            outputs = sess.run(names, cast)
+        except Exception as e:  # ORT's own types (Fail, RuntimeException, ...): out of memory, bad shapes
+            raise PeftExportError(f"{name}: onnxruntime failed running this graph ({ort_error_line(e)})") from None
+        return dict(zip(names, outputs))
+
+
+def ort_error_line(exc: Exception) -> str:
+    """ONNX Runtime's message without its ``[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION :`` prefix, one line."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text if len(text) <= 400 else text[:397] + "..."
