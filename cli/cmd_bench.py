@@ -70,10 +70,13 @@ def bench(
     """Missing backends are listed as skipped with the reason; a case that fails while running
     is listed as failed and the command exits 1 after writing its outputs. Without -o only the
     table is printed."""
-    from peft_export.bench import BACKENDS, format_table, parse_list, run_and_write
+    from peft_export.bench import format_table, run_and_write
+    from peft_export.bench.options import check_bench_options
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import output_dir
 
+    # Every option before any work: no model loads, no worker starts, nothing is written.
+    opts = check_bench_options(backend, device, precision, batch_size, components, warmup, iterations, threads)
     files = output_files(out, {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"},
                          {"json": json_out, "markdown": markdown_out, "plot": plot_out})
     if export_dir is not None and export_dir_opt is not None:
@@ -86,16 +89,12 @@ def bench(
         with output_dir(out):
             shared = run_and_write_shared(
                 files["json"], files["markdown"], overwrite, shared_export=export, separate=separate,
-                precision=(precision or "fp32").split(",")[0], warmup=warmup, iterations=iterations,
+                precision=(opts.precisions or ["fp32"])[0], warmup=warmup, iterations=iterations,
                 threads=threads, log=log)
         echo(format_shared_table(shared))
         return
     if export is None and adapter is None and merged is None and micro_sam is None:
         raise PeftExportError("give an EXPORT_DIR or --adapter RUN (or --merged CKPT, --micro-sam CKPT)")
-    try:
-        batch_sizes = [int(b) for b in parse_list(batch_size, None, "--batch-size")]
-    except ValueError:
-        raise PeftExportError(f"--batch-size: not a list of integers: {batch_size}") from None
     adapted = None
     if adapter is not None or merged is not None or micro_sam is not None:
         from peft_export.peft.adapters import load_model_source
@@ -106,9 +105,9 @@ def bench(
     with output_dir(out):
         result = run_and_write(
             json_out=files["json"], markdown_out=files["markdown"], plot_out=files["plot"], overwrite=overwrite,
-            export_dir=export, adapted=adapted, backends=parse_list(backend, BACKENDS, "--backend"), device=device,
-            precisions=parse_list(precision, None, "--precision"), batch_sizes=batch_sizes, warmup=warmup,
-            iterations=iterations, components=parse_list(components, None, "--components"), include_base=not no_base,
+            export_dir=export, adapted=adapted, backends=opts.backends, device=device,
+            precisions=opts.precisions, batch_sizes=opts.batch_sizes, warmup=warmup,
+            iterations=iterations, components=opts.components, include_base=not no_base,
             interleave=interleave, fresh_process=not (interleave or in_process), intra_op_threads=threads,
             label=label, log=log,
         )

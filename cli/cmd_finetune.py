@@ -118,6 +118,9 @@ def _given_fields(ctx: typer.Context) -> tuple[str, ...]:
     return tuple(sorted({_FIELD_OF.get(n, n) for n in given}))
 
 
+DEMO_MIN_SIZE = 44  # data/synthetic.py places nuclei of radius up to 20 px with a 2 px margin: 2 * 20 + 4
+
+
 @command("make-demo-data", short="Write synthetic nuclei images + instance labels.", help="Write synthetic fluorescence-nuclei images + instance labels (images/, labels/).")
 def make_demo_data(
     out_arg: Optional[Path] = typer.Argument(None, metavar="OUT", hidden=True, help="Deprecated: use -o OUT."),
@@ -139,6 +142,11 @@ def make_demo_data(
         out = out_arg
     if out is None:
         raise PeftExportError("--out: required option missing (see 'peftexport make-demo-data --help')")
+    # Checked here, before anything is written, in the options' own names (the library says n_images/radius).
+    if n_images < 1:
+        raise PeftExportError(f"--n-images: must be >= 1, got {n_images}")
+    if size < DEMO_MIN_SIZE:
+        raise PeftExportError(f"--size: must be >= {DEMO_MIN_SIZE} (the largest nuclei are 40 px across), got {size}")
 
     pairs = make(out, n_images=n_images, size=size, seed=seed, overwrite=overwrite)
     if as_json:

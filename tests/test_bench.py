@@ -264,6 +264,36 @@ def test_bench_user_errors(tiny_run):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
+@pytest.mark.parametrize("option, line", [
+    (["--iterations", "-3"], "error: --iterations: must be >= 1, got -3"),
+    (["--iterations", "0"], "error: --iterations: must be >= 1, got 0"),
+    (["--warmup", "-1"], "error: --warmup: must be >= 0, got -1"),
+    (["--threads", "0"], "error: --threads: must be >= 1, got 0"),
+    (["--batch-size", "4,-2"], "error: --batch-size: every size must be >= 1, got -2"),
+    (["--batch-size", "x"], "error: --batch-size: not a list of integers: x"),
+    (["--components", "encoder,decodr"], "error: --components: unknown 'decodr'"),
+    (["--precision", "fp64"], "error: --precision: unknown 'fp64'"),
+    (["--device", "tpu"], "error: --device: unknown 'tpu'"),
+    (["--backend", ""], "error: --backend: empty list"),
+])
+def test_bench_options_are_checked_before_any_work(tmp_path, option, line):
+    """A bad option is one line before the adapter loads or a worker starts: no output directory is made."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["bench", "--adapter", str(tmp_path / "never-loaded"), "-o", str(out), *option])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()], res.output
+    assert res.output.startswith(line), res.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"iterations": -3}, "--iterations: must be >= 1"), ({"warmup": -1}, "--warmup: must be >= 0"),
+    ({"intra_op_threads": 0}, "--threads: must be >= 1"), ({"components": ["decodr"]}, "--components: unknown"),
+])
+def test_run_bench_checks_its_options_before_reading_the_export(tmp_path, kwargs, message):
+    with pytest.raises(PeftExportError, match=message):
+        run_bench(export_dir=tmp_path / "no-such-export", **kwargs)
+
+
 def test_bench_compare_merges_runs(tmp_path):
     def result(cpu, median, device="cpu"):
         cases = [_case("base torch fp32", "base", "torch", "fp32", {"encoder": median}),

@@ -137,6 +137,17 @@ def test_finetune_no_progress_alias_is_accepted(tmp_path):
     assert "%|" not in res.output  # no progress bar drawn
 
 
+@pytest.mark.parametrize("option, line", [
+    (["--n-images", "-2"], "error: --n-images: must be >= 1, got -2"),
+    (["--size", "8"], "error: --size: must be >= 44"),
+])
+def test_make_demo_data_names_its_options_and_writes_nothing(tmp_path, option, line):
+    res = runner.invoke(app, ["make-demo-data", "-o", str(tmp_path / "d"), *option])
+    assert res.exit_code == 2 and res.output.strip() == res.output.strip().splitlines()[0]
+    assert res.output.startswith(line), res.output
+    assert not (tmp_path / "d").exists()
+
+
 # ---------------------------------------------------------------- no traceback a user can reach
 
 

@@ -157,8 +157,9 @@ def format_table(result: dict, markdown: bool = False) -> str:
     head = (f"peftexport bench{label} {result.get('date', '')} -- {describe_machine(result)}\n"
             f"model {st.get('model_type')} at {st.get('image_size')}px, device {st.get('device')}, "
             f"warm-up {st.get('warmup')}, iterations {st.get('iterations')}{mode}; "
-            f"machine load during the run: {describe_load(result.get('load'))}; ratio = median / median of "
-            f"'{result.get('reference')}'; "
+            f"machine load during the run: {describe_load(result.get('load'))}; "
+            + (f"ratio = median / median of '{result['reference']}'; " if result.get("reference")
+               else "no case ran, so no ratios; ")
             + ", ".join(f"{k} {v}" for k, v in ver.items() if v))
     table = format_rows(table_rows(result), markdown=markdown)
     warnings = busy_warnings(result)

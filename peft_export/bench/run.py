@@ -132,6 +132,9 @@ def run_bench(
     worker process (``fresh.measure_fresh``), with the machine's load recorded around it.
     ``interleave``: every case is loaded in this process and timed in turn (A B A B).
     """
+    from .options import check_bench_options
+
+    check_bench_options(backends, device, precisions, batch_sizes, components, warmup, iterations, intra_op_threads)
     if fresh_process is None:
         fresh_process = not interleave
     if fresh_process and interleave:
