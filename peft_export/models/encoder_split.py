@@ -3,6 +3,11 @@
 Training runs the trunk without autograd; export puts the trunk of several adapters into one
 graph (``trunk.onnx``) and each adapter's tail into its own. Every function here takes
 anything with an ``image_encoder`` attribute (a ``Sam``, or a wrapper holding a converted copy).
+
+Both encoders split the same way: a stem (ViT: patch embedding + ``pos_embed``; TinyViT:
+patch embedding + the MBConv stage), ``blocks``, then the neck. TinyViT's downsamples
+between stages count with the block before them, and its trunk output is that block's
+(NHWC, like ViT's).
 """
 
 from __future__ import annotations
@@ -12,6 +17,38 @@ import torch.utils.checkpoint
 from segment_anything.modeling import Sam
 
 
+def _is_tiny_vit(enc: torch.nn.Module) -> bool:
+    return hasattr(enc, "run_blocks")
+
+
+def _stem_parameters(enc: torch.nn.Module) -> list[torch.nn.Parameter]:
+    if _is_tiny_vit(enc):
+        return [p for m in enc.stem_modules() for p in m.parameters()]
+    return list(enc.patch_embed.parameters()) + ([enc.pos_embed] if enc.pos_embed is not None else [])
+
+
+def _stem(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if _is_tiny_vit(enc):
+        return enc.stem(x)
+    h = enc.patch_embed(x)
+    return h + enc.pos_embed if enc.pos_embed is not None else h
+
+
+def _block_segments(enc: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """Each block with what runs right after it before the next block (TinyViT's downsamples)."""
+    if _is_tiny_vit(enc):
+        return [[b] + ([d] if d is not None else []) for b, d in zip(enc.blocks, enc.block_downsamples())]
+    return [[b] for b in enc.blocks]
+
+
+def _run_blocks(enc: torch.nn.Module, h: torch.Tensor, start: int, stop: int | None = None, run=None) -> torch.Tensor:
+    if _is_tiny_vit(enc):
+        return enc.run_blocks(h, start, stop, run)
+    for blk in enc.blocks[start:stop]:
+        h = run(blk, h) if run is not None else blk(h)
+    return h
+
+
 def first_trainable_block(sam: Sam) -> int | None:
     """Index of the first encoder block with a trainable tensor (depth if none).
 
@@ -19,35 +56,30 @@ def first_trainable_block(sam: Sam) -> int | None:
     the encoder can run without autograd.
     """
     enc = sam.image_encoder
-    stem = list(enc.patch_embed.parameters()) + ([enc.pos_embed] if enc.pos_embed is not None else [])
-    if any(p.requires_grad for p in stem):
+    if any(p.requires_grad for p in _stem_parameters(enc)):
         return None
-    for i, blk in enumerate(enc.blocks):
-        if any(p.requires_grad for p in blk.parameters()):
+    for i, segment in enumerate(_block_segments(enc)):
+        if any(p.requires_grad for m in segment for p in m.parameters()):
             return i
     return len(enc.blocks)
 
 
 def frozen_trunk(sam: Sam, x: torch.Tensor, first_trainable: int) -> torch.Tensor:
-    """patch_embed + pos_embed + blocks[:first_trainable] without autograd (B x g x g x C)."""
+    """stem + blocks[:first_trainable] without autograd (B x h x w x C)."""
     enc = sam.image_encoder
     with torch.no_grad():
-        h = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            h = h + enc.pos_embed
-        for blk in enc.blocks[:first_trainable]:
-            h = blk(h)
-    return h
+        return _run_blocks(enc, _stem(enc, x), 0, first_trainable)
+
+
+def _checkpointed(blk: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
 
 
 def trainable_tail(sam: Sam, h: torch.Tensor, first_trainable: int, grad_checkpointing: bool = False) -> torch.Tensor:
     """blocks[first_trainable:] and the neck, with autograd (checkpointed per block if asked)."""
     enc = sam.image_encoder
-    for blk in enc.blocks[first_trainable:]:
-        if grad_checkpointing and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
-        else:
-            h = blk(h)
+    run = _checkpointed if grad_checkpointing and torch.is_grad_enabled() else None
+    h = _run_blocks(enc, h, first_trainable, None, run)
     neck_trains = any(p.requires_grad for p in enc.neck.parameters())
     if first_trainable >= len(enc.blocks) and not neck_trains:
         with torch.no_grad():
@@ -59,9 +91,5 @@ def encode_with_frozen_prefix(sam: Sam, x: torch.Tensor, first_trainable: int | 
                               grad_checkpointing: bool = False) -> torch.Tensor:
     """Same output as ``sam.image_encoder(x)``, but the frozen prefix builds no autograd graph."""
     if first_trainable is None:
-        enc = sam.image_encoder
-        h = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            h = h + enc.pos_embed
-        return trainable_tail(sam, h, 0, grad_checkpointing)
+        return trainable_tail(sam, _stem(sam.image_encoder, x), 0, grad_checkpointing)
     return trainable_tail(sam, frozen_trunk(sam, x, first_trainable), first_trainable, grad_checkpointing)

@@ -3,7 +3,8 @@
 ``mlp(x) + alpha · up(ReLU(down(x)))`` (micro-sam after 1.8), or with the input added
 again, ``mlp(x) + x + alpha · up(...)`` (micro-sam up to 1.8: ``residual=True``).
 The ReLU makes the branch non-linear in x, so no weight of the base can absorb it:
-exports keep it inside the graph.
+exports keep it inside the graph. On TinyViT (vit_t) the MLP normalises its own input;
+the branch sees that normalised input too, as SAM's branch sees ``norm2(x)``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import math
 import torch
 from torch import nn
 
+from .lora import mlp_input, mlp_linears
+
 
 class AdaptFormerMLP(nn.Module):
     def __init__(self, mlp: nn.Module, bottleneck: int = 64, scale: str | float = "learnable", residual: bool = False):
         super().__init__()
         self.mlp_proj = mlp
-        dim = mlp.lin1.in_features
+        dim = getattr(mlp, mlp_linears(mlp)[0]).in_features
         self.down_proj = nn.Linear(dim, bottleneck)
         self.non_linear_func = nn.ReLU()
         self.up_proj = nn.Linear(bottleneck, dim)
@@ -33,7 +36,9 @@ class AdaptFormerMLP(nn.Module):
         nn.init.zeros_(self.up_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.mlp_proj(x) + self.up_proj(self.non_linear_func(self.down_proj(x))) * self.alpha
+        out = self.mlp_proj(x)
+        x = mlp_input(self.mlp_proj, x)
+        out = out + self.up_proj(self.non_linear_func(self.down_proj(x))) * self.alpha
         return out + x if self.residual else out
 
 

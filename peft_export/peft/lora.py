@@ -5,6 +5,9 @@ checkpoints load without renaming: ``attn.qkv.qkv_proj.*``,
 ``attn.qkv.w_{a,b}_linear_{q,k,v}.weight``, ``mlp.mlp_layer.lin{1,2}.*``,
 ``mlp.w_{a,b}_linear_{1,2}.weight``. As there, the update is ``alpha * B @ A``
 (alpha defaults to 1, no division by the rank).
+
+SAM's ``qkv`` output is [q | k | v]; TinyViT's (vit_t) is per head, [q_h, k_h, v_h] for
+each head h (``qkv_heads(attn)``): the q, k and v updates go to those channels.
 """
 
 from __future__ import annotations
@@ -25,14 +28,33 @@ def _low_rank_pair(in_features: int, out_features: int, rank: int) -> tuple[nn.L
     return a, b
 
 
-class QKVLoRA(MergeableLayer):
-    """``qkv(x)`` with ``alpha * B_t A_t x`` added to the q, k and/or v slices."""
+def qkv_heads(attn: nn.Module) -> int:
+    """How many [q_h, k_h, v_h] groups ``attn.qkv``'s output has: 1 for SAM's [q | k | v],
+    the head count for TinyViT, whose attention splits qkv per head."""
+    return attn.num_heads if hasattr(attn, "attention_biases") else 1
 
-    def __init__(self, qkv: nn.Module, rank: int, targets: tuple[str, ...], alpha: float = 1.0):
+
+def qkv_rows(weight: torch.Tensor, groups: int, which: int) -> torch.Tensor:
+    """A view of the q (0), k (1) or v (2) rows of a qkv weight/bias, shaped (groups, rows per group, ...)."""
+    return weight.view(groups, 3, weight.shape[0] // (3 * groups), *weight.shape[1:])[:, which]
+
+
+def interleave_qkv(parts: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """q, k, v updates (..., D) laid out like qkv's output: [q | k | v], or per group [q_g, k_g, v_g]."""
+    if groups == 1:
+        return torch.cat(parts, dim=-1)
+    return torch.stack([p.unflatten(-1, (groups, -1)) for p in parts], dim=-2).flatten(-3)
+
+
+class QKVLoRA(MergeableLayer):
+    """``qkv(x)`` with ``alpha * B_t A_t x`` added to the q, k and/or v channels."""
+
+    def __init__(self, qkv: nn.Module, rank: int, targets: tuple[str, ...], alpha: float = 1.0, groups: int = 1):
         super().__init__()
         self.qkv_proj = qkv
         self.in_dim = qkv.in_features
         self.out_dim = qkv.out_features // 3
+        self.groups = groups
         self.rank = rank
         self.alpha = alpha
         self.targets = tuple(t for t in ("q", "k", "v") if t in targets)
@@ -49,6 +71,10 @@ class QKVLoRA(MergeableLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         d = self.out_dim
+        if self.groups > 1:
+            deltas = [self._delta(t, x) for t in ("q", "k", "v")]
+            zero = qkv.new_zeros(()).expand(*qkv.shape[:-1], d)
+            return qkv + interleave_qkv([zero if isinstance(t, float) else t for t in deltas], self.groups)
         return torch.cat(
             [
                 qkv[..., :d] + self._delta("q", x),
@@ -60,35 +86,49 @@ class QKVLoRA(MergeableLayer):
 
     def merged(self) -> nn.Linear:
         weight, bias = linear_weight_fp64(self.qkv_proj)
-        d = self.out_dim
         for i, t in enumerate(("q", "k", "v")):
             if t in self.targets:
                 a = fp64(getattr(self, f"w_a_linear_{t}").weight, weight.device)
                 b = fp64(getattr(self, f"w_b_linear_{t}").weight, weight.device)
-                weight[i * d : (i + 1) * d] += self.alpha * (b @ a)
+                qkv_rows(weight, self.groups, i).add_((self.alpha * (b @ a)).view(self.groups, -1, self.in_dim))
         return plain_linear(weight, bias, linear_dtype(self.qkv_proj))
 
 
+def mlp_linears(mlp: nn.Module) -> tuple[str, str]:
+    """Names of an MLP's two Linears: SAM's ``lin1``/``lin2``, TinyViT's ``fc1``/``fc2``."""
+    return ("lin1", "lin2") if hasattr(mlp, "lin1") else ("fc1", "fc2")
+
+
+def mlp_input(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What an MLP's first Linear sees: TinyViT's MLP normalises its own input (``mlp.norm``)."""
+    norm = getattr(mlp, "norm", None)
+    return norm(x) if norm is not None else x
+
+
 class MLPLoRA(MergeableLayer):
-    """SAM's MLPBlock with LoRA on both linear layers: lin2(act(lin1 x + B1A1 x)) + B2A2(.)."""
+    """The encoder's MLP with LoRA on both linear layers: lin2(act(lin1 x + B1A1 x)) + B2A2(.)."""
 
     def __init__(self, mlp: nn.Module, rank: int, alpha: float = 1.0):
         super().__init__()
         self.mlp_layer = mlp
         self.rank = rank
         self.alpha = alpha
-        self.w_a_linear_1, self.w_b_linear_1 = _low_rank_pair(mlp.lin1.in_features, mlp.lin1.out_features, rank)
-        self.w_a_linear_2, self.w_b_linear_2 = _low_rank_pair(mlp.lin2.in_features, mlp.lin2.out_features, rank)
+        first, second = (getattr(mlp, n) for n in mlp_linears(mlp))
+        self.w_a_linear_1, self.w_b_linear_1 = _low_rank_pair(first.in_features, first.out_features, rank)
+        self.w_a_linear_2, self.w_b_linear_2 = _low_rank_pair(second.in_features, second.out_features, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp_layer
-        x = mlp.lin1(x) + self.alpha * self.w_b_linear_1(self.w_a_linear_1(x))
+        first, second = (getattr(mlp, n) for n in mlp_linears(mlp))
+        x = mlp_input(mlp, x)
+        x = first(x) + self.alpha * self.w_b_linear_1(self.w_a_linear_1(x))
         x = mlp.act(x)
-        return mlp.lin2(x) + self.alpha * self.w_b_linear_2(self.w_a_linear_2(x))
+        return second(x) + self.alpha * self.w_b_linear_2(self.w_a_linear_2(x))
 
     def merged(self) -> nn.Module:
         mlp = self.mlp_layer
-        for name, a, b in (("lin1", self.w_a_linear_1, self.w_b_linear_1), ("lin2", self.w_a_linear_2, self.w_b_linear_2)):
+        first, second = mlp_linears(mlp)
+        for name, a, b in ((first, self.w_a_linear_1, self.w_b_linear_1), (second, self.w_a_linear_2, self.w_b_linear_2)):
             layer = getattr(mlp, name)
             weight, bias = linear_weight_fp64(layer)
             weight += self.alpha * (fp64(b.weight, weight.device) @ fp64(a.weight, weight.device))
@@ -100,6 +140,6 @@ def apply_lora(block: nn.Module, rank: int, targets: tuple[str, ...], alpha: flo
     """Wrap one encoder block's qkv (and MLP when ``mlp`` is a target) with LoRA."""
     attn_targets = tuple(t for t in targets if t in ("q", "k", "v"))
     if attn_targets:
-        block.attn.qkv = QKVLoRA(block.attn.qkv, rank, attn_targets, alpha)
+        block.attn.qkv = QKVLoRA(block.attn.qkv, rank, attn_targets, alpha, groups=qkv_heads(block.attn))
     if "mlp" in targets:
         block.mlp = MLPLoRA(block.mlp, rank, alpha)

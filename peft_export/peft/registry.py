@@ -68,8 +68,9 @@ def _full(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     # Full finetuning of every block means the whole encoder, as in the paper (89.67M for
     # vit_b): patch embedding, pos_embed and neck too. "Late ft" unfreezes only its blocks.
     if len(blocks) == len(sam.image_encoder.blocks):
-        for p in sam.image_encoder.parameters():
-            p.requires_grad_(True)
+        for name, p in sam.image_encoder.named_parameters():
+            # TinyViT's classifier (norm_head, head) is kept for checkpoints but never runs in SAM.
+            p.requires_grad_(not name.startswith(("norm_head.", "head.")))
     else:
         _selective("full")(sam, cfg, blocks)
 

@@ -3,7 +3,9 @@
 Same parameter selection as micro-sam's ``AttentionSurgery`` (names starting with
 ``attn``), ``BiasSurgery`` (ending in ``bias``), ``LayerNormSurgery`` (``norm1``/``norm2``)
 and ``ClassicalSurgery`` (whole block: "late full finetuning"). Their adapters are
-base tensors, so merging is a copy.
+base tensors, so merging is a copy. TinyViT (vit_t) blocks: ``attn.*`` includes the
+attention's own LayerNorm and its window biases; its LayerNorms are ``attn.norm`` and
+``mlp.norm``; BatchNorm statistics never train (only their affine weight and bias).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 SELECTORS: dict[str, Callable[[str], bool]] = {
     "attention": lambda name: name.startswith("attn"),
     "bias": lambda name: name.endswith("bias"),
-    "layernorm": lambda name: "norm1" in name or "norm2" in name,
+    "layernorm": lambda name: "norm1" in name or "norm2" in name or name.startswith(("attn.norm.", "mlp.norm.")),
     "full": lambda name: True,
 }
 

@@ -2,6 +2,9 @@
 
 Wraps qkv, proj, lin1, lin2, norm1, norm2 of the chosen blocks and the patch
 embedding conv, with micro-sam's key layout (``*.layer.*``, ``*.scale``, ``*.shift``).
+On TinyViT (vit_t): qkv, proj, fc1, fc2, the attention's and the MLP's own LayerNorms, the
+depthwise ``local_conv``, and the patch embedding's last conv; a conv with BatchNorm folds
+into the BatchNorm's weight and bias.
 """
 
 from __future__ import annotations
@@ -24,12 +27,19 @@ class ScaleShift(MergeableLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
-        if isinstance(self.layer, nn.Conv2d):
+        if isinstance(self.layer, nn.Conv2d) or hasattr(self.layer, "bn"):
             return y * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         return y * self.scale + self.shift
 
     def merged(self) -> nn.Module:
         layer = self.layer
+        if hasattr(layer, "bn"):  # TinyViT's conv + BatchNorm: scale and shift the BatchNorm's affine
+            bn = layer.bn
+            s, t = fp64(self.scale, bn.weight.device), fp64(self.shift, bn.weight.device)
+            with torch.no_grad():
+                bn.bias.copy_(fp64(bn.bias, bn.weight.device) * s + t)
+                bn.weight.copy_(fp64(bn.weight, bn.weight.device) * s)
+            return layer
         dev = layer.weight.device
         s, t = fp64(self.scale, dev), fp64(self.shift, dev)
         if isinstance(layer, nn.Linear):
@@ -52,6 +62,9 @@ class ScaleShift(MergeableLayer):
 
 
 def apply_ssf(block: nn.Module) -> None:
+    if hasattr(block, "local_conv"):  # TinyViT
+        _apply_ssf_tiny_vit(block)
+        return
     block.attn.qkv = ScaleShift(block.attn.qkv, block.attn.qkv.out_features)
     block.attn.proj = ScaleShift(block.attn.proj, block.attn.proj.out_features)
     block.mlp.lin1 = ScaleShift(block.mlp.lin1, block.mlp.lin1.out_features)
@@ -60,5 +73,17 @@ def apply_ssf(block: nn.Module) -> None:
     block.norm2 = ScaleShift(block.norm2, block.norm2.normalized_shape[0])
 
 
+def _apply_ssf_tiny_vit(block: nn.Module) -> None:
+    attn, mlp = block.attn, block.mlp
+    for parent, name in ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2")):
+        setattr(parent, name, ScaleShift(getattr(parent, name), getattr(parent, name).out_features))
+    attn.norm = ScaleShift(attn.norm, attn.norm.normalized_shape[0])
+    mlp.norm = ScaleShift(mlp.norm, mlp.norm.normalized_shape[0])
+    block.local_conv = ScaleShift(block.local_conv, block.local_conv.bn.num_features)
+
+
 def apply_ssf_patch_embed(patch_embed: nn.Module) -> None:
+    if hasattr(patch_embed, "seq"):  # TinyViT: after the last conv + BatchNorm
+        patch_embed.seq[2] = ScaleShift(patch_embed.seq[2], patch_embed.seq[2].bn.num_features)
+        return
     patch_embed.proj = ScaleShift(patch_embed.proj, patch_embed.proj.out_channels)
