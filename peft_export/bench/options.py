@@ -46,8 +46,8 @@ def check_bench_options(
         sizes = [int(str(b).strip()) for b in raw if str(b).strip()]
     except ValueError:
         raise PeftExportError(f"--batch-size: not a list of integers: {batch_sizes}") from None
-    if not sizes:
-        raise PeftExportError("--batch-size: empty list")
+    if not sizes and "decoder_boxes" in component_list:
+        raise PeftExportError("--batch-size: empty list (the decoder_boxes component times each size given)")
     if any(b < 1 for b in sizes):
         raise PeftExportError(f"--batch-size: every size must be >= 1, got {min(sizes)}")
     if warmup < 0:
