@@ -1,0 +1,88 @@
+""""Segment all": automatic instance segmentation (AIS) when the export has micro-sam's instance
+decoder, otherwise SAM's segment-everything; the parameters and defaults are the CLI's
+(``peftexport predict --instances`` / ``--everything``), and their help is the widgets' tooltips.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ..predict import EVERYTHING_DEFAULTS
+from ..runtime import AIS_DEFAULTS
+
+
+class Param(NamedTuple):
+    name: str  # the SamSession keyword
+    label: str
+    default: float
+    minimum: float
+    maximum: float
+    step: float
+    tooltip: str
+
+    @property
+    def whole(self) -> bool:
+        return float(self.step).is_integer()
+
+
+AIS_PARAMS: Tuple[Param, ...] = (
+    Param("center_distance_threshold", "centre distance", AIS_DEFAULTS["center_distance_threshold"], 0, 1, 0.05,
+          "Seeds are pixels whose smoothed distance to their object's centre is below this (0-1). "
+          "CLI --center-distance-threshold."),
+    Param("boundary_distance_threshold", "boundary distance", AIS_DEFAULTS["boundary_distance_threshold"], 0, 1, 0.05,
+          "Seeds also need a boundary distance below this (0-1). CLI --boundary-distance-threshold."),
+    Param("foreground_threshold", "foreground", AIS_DEFAULTS["foreground_threshold"], 0, 1, 0.05,
+          "Pixels whose smoothed foreground probability exceeds this belong to objects. CLI --foreground-threshold."),
+    Param("foreground_smoothing", "foreground smoothing", AIS_DEFAULTS["foreground_smoothing"], 0, 10, 0.1,
+          "Gaussian sigma (pixels) applied to the foreground map; 0: off. CLI --foreground-smoothing."),
+    Param("distance_smoothing", "distance smoothing", AIS_DEFAULTS["distance_smoothing"], 0, 10, 0.1,
+          "Gaussian sigma (pixels) applied to both distance maps; 0: off. CLI --distance-smoothing."),
+    Param("min_size", "min size", AIS_DEFAULTS["min_size"], 0, 100000, 1,
+          "Objects with fewer pixels are removed. CLI --min-size."),
+)
+
+EVERYTHING_PARAMS: Tuple[Param, ...] = (
+    Param("points_per_side", "points per side", EVERYTHING_DEFAULTS["points_per_side"], 1, 128, 1,
+          "Grid of N x N point prompts over the image; the decoder runs once per point. CLI --points-per-side."),
+    Param("pred_iou_thresh", "predicted IoU", EVERYTHING_DEFAULTS["pred_iou_thresh"], 0, 1, 0.01,
+          "Masks whose predicted IoU is below this are dropped. CLI --pred-iou-thresh."),
+    Param("stability_score_thresh", "stability", EVERYTHING_DEFAULTS["stability_score_thresh"], 0, 1, 0.01,
+          "Masks whose stability score (IoU of the mask at logit thresholds +-1) is below this are dropped. "
+          "CLI --stability-thresh."),
+    Param("box_nms_thresh", "box NMS", EVERYTHING_DEFAULTS["box_nms_thresh"], 0, 1, 0.05,
+          "Box IoU above which non-maximum suppression drops the lower-scored mask. CLI --box-nms-thresh."),
+    Param("min_mask_region_area", "min area", EVERYTHING_DEFAULTS["min_mask_region_area"], 0, 100000, 1,
+          "Holes and islands smaller than this (pixels) are removed from each mask. CLI --min-area."),
+    Param("points_per_batch", "points per batch", EVERYTHING_DEFAULTS["points_per_batch"], 1, 1024, 1,
+          "Point prompts decoded together (memory vs. speed; the result does not change)."),
+)
+
+
+def has_instance_decoder(session: Any, adapter: Optional[str]) -> bool:
+    """Whether "Segment all" runs AIS for this export (and adapter of a shared-trunk export)."""
+    if session.adapters:
+        return adapter in session.ais_adapters
+    return bool(session.has_instance_decoder)
+
+
+def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
+                params: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Labels (int32 H x W) of every object: {"labels", "mode" ("instances"/"everything"), "n_objects", "params"}.
+
+    ``params`` override the defaults of the mode that runs; names of the other mode are ignored.
+    """
+    params = params or {}
+    ais = has_instance_decoder(session, adapter)
+    spec = AIS_PARAMS if ais else EVERYTHING_PARAMS
+    used = {p.name: (int(params.get(p.name, p.default)) if p.whole else float(params.get(p.name, p.default)))
+            for p in spec}
+    if ais:
+        labels, records = session.segment_instances(embedding=embedding, adapter=adapter, **used)
+        n = len(records)
+    else:
+        labels, records = session.segment_everything(embedding=embedding, adapter=adapter, **used)
+        n = int(labels.max()) if labels.size else 0
+    return {"labels": np.asarray(labels, np.int32), "mode": "instances" if ais else "everything",
+            "n_objects": n, "params": used}

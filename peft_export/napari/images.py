@@ -1,0 +1,52 @@
+"""The image the model sees: the current 2D plane of a napari Image layer.
+
+A 2D gray or RGB(A) layer is its own plane; a z-stack or time series (any leading axes)
+gives the plane at the viewer's current position. Multiscale layers use their full
+resolution level. The plane goes to ``SamSession.encode`` as it is: any dtype the runtime
+accepts, normalised by the export's own intensity rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import PeftExportError
+
+
+def leading_axes(layer: Any) -> int:
+    """How many non-spatial axes (z, t, ...) lie before the image rows and columns."""
+    return int(layer.ndim) - 2
+
+
+def current_index(layer: Any, world_point: Sequence[float]) -> Tuple[int, ...]:
+    """The layer's leading-axis indices at the viewer's world position (scale/translate applied)."""
+    n = leading_axes(layer)
+    if n <= 0:
+        return ()
+    data = layer.data[0] if layer.multiscale else layer.data
+    pos = np.asarray(layer.world_to_data(np.asarray(world_point, dtype=np.float64)))[:n]
+    return tuple(int(np.clip(round(float(p)), 0, s - 1)) for p, s in zip(pos, data.shape[:n]))
+
+
+def image_plane(layer: Any, index: Tuple[int, ...]) -> np.ndarray:
+    """The (H, W) or (H, W, 3/4) plane of ``layer`` at leading ``index`` as a numpy array."""
+    if layer.ndim < 2:
+        raise PeftExportError(f"image layer '{layer.name}': needs at least 2 spatial axes, has {layer.ndim}")
+    data = layer.data[0] if layer.multiscale else layer.data
+    plane = np.asarray(data[tuple(index)]) if index else np.asarray(data)
+    if plane.ndim == 3 and not (layer.rgb and plane.shape[-1] in (3, 4)):
+        raise PeftExportError(f"image layer '{layer.name}': plane of shape {plane.shape} is not 2D gray or RGB")
+    return plane
+
+
+def check_displayed(layer: Any, viewer: Any) -> None:
+    """The widget prompts on the plane napari shows: a 2D view of the layer's last two axes."""
+    if viewer.dims.ndisplay != 2:
+        raise PeftExportError("viewer: switch to the 2D view to segment (prompts are placed on a 2D slice)")
+    displayed = tuple(viewer.dims.displayed)
+    ndim = viewer.dims.ndim
+    if displayed != (ndim - 2, ndim - 1):
+        raise PeftExportError(f"viewer: the displayed axes {displayed} are not the image's rows and columns; "
+                              "reset the axis order (the 'roll'/'transpose' buttons) to segment")
