@@ -1,0 +1,121 @@
+"""The widget's controls (Qt only, no behaviour): export, image, interactive, "Segment all", save,
+progress and status. ``widget.SegmentWidget`` connects them to what they do."""
+
+from __future__ import annotations
+
+import os
+
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..runtime.manifest import PRECISIONS
+from .automatic import AIS_PARAMS, EVERYTHING_PARAMS
+from .form import ParamForm
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+class Panel(QWidget):
+    """The controls; subclasses provide load_export, compute_embedding, commit, clear,
+    toggle_polarity, segment_all, save, _on_adapter, _on_image and _on_polarity."""
+
+    # ---- the form ------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        box = QGroupBox("Export")
+        form = QFormLayout(box)
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("export folder (manifest.json)")
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit)
+        row.addWidget(browse)
+        form.addRow("folder", row)
+        self.backend_box = _combo(BACKENDS, "onnxruntime: ONNX Runtime (CPU); openvino: Intel's runtime (CPU)")
+        self.precision_box = _combo(PRECISIONS, "Encoder precision; the export must have it (int8: faster on CPU)")
+        self.threads_box = QSpinBox()
+        self.threads_box.setRange(0, os.cpu_count() or 64)
+        self.threads_box.setToolTip("Intra-op threads of the runtime; 0: its default (all cores)")
+        self.load_button = QPushButton("Load export")
+        self.load_button.clicked.connect(lambda: self.load_export())
+        self.adapter_box = _combo((), "Adapter of a shared-trunk export (one trunk, one head per adapter)")
+        self.adapter_box.currentTextChanged.connect(self._on_adapter)
+        for label, widget in (("backend", self.backend_box), ("precision", self.precision_box),
+                              ("threads", self.threads_box), ("", self.load_button), ("adapter", self.adapter_box)):
+            form.addRow(label, widget)
+        outer.addWidget(box)
+
+        box = QGroupBox("Image")
+        form = QFormLayout(box)
+        self.image_box = _combo((), "2D gray or RGB image; a stack or time series is segmented slice by slice")
+        self.image_box.currentTextChanged.connect(lambda _: self._on_image())
+        self.embed_button = QPushButton("Compute embedding")
+        self.embed_button.clicked.connect(lambda: self.compute_embedding())
+        form.addRow("layer", self.image_box)
+        form.addRow("", self.embed_button)
+        outer.addWidget(box)
+
+        box = QGroupBox("Interactive")
+        col = QVBoxLayout(box)
+        self.negative_box = QCheckBox("new points are negative (Shift-N)")
+        self.negative_box.setToolTip("Points layer 'point prompts': click to add (green: object, red: background); "
+                                     "Shapes layer 'box prompts': draw a rectangle around the object")
+        self.negative_box.toggled.connect(self._on_polarity)
+        row = QHBoxLayout()
+        for text, slot, tip in (("Commit (Shift-C)", self.commit, "Add the current object as a new label"),
+                                ("Clear (Shift-X)", self.clear, "Remove the prompts and the current object")):
+            button = QPushButton(text)
+            button.setToolTip(tip)
+            button.clicked.connect(lambda _=False, slot=slot: slot())
+            row.addWidget(button)
+            setattr(self, "commit_button" if text.startswith("Commit") else "clear_button", button)
+        col.addWidget(self.negative_box)
+        col.addLayout(row)
+        outer.addWidget(box)
+
+        box = QGroupBox("Segment all")
+        col = QVBoxLayout(box)
+        self.ais_form, self.everything_form = ParamForm(AIS_PARAMS), ParamForm(EVERYTHING_PARAMS)
+        self.everything_form.hide()
+        self.all_button = QPushButton("Segment all")
+        self.all_button.setToolTip("Automatic instance segmentation with the export's instance decoder when it has "
+                                   "one (micro-sam's AIS), otherwise SAM's segment-everything (a point grid)")
+        self.all_button.clicked.connect(lambda: self.segment_all())
+        for w in (self.ais_form, self.everything_form, self.all_button):
+            col.addWidget(w)
+        outer.addWidget(box)
+
+        self.save_button = QPushButton("Save labels…")
+        self.save_button.setToolTip("The selected Labels layer (else the image's objects) to .tif or .zarr, with "
+                                    "the export's name and version")
+        self.save_button.clicked.connect(lambda: self.save())
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)  # busy indicator: the runtime reports no steps
+        self.progress.hide()
+        self.status = QLabel("Load an export to start.")
+        self.status.setWordWrap(True)
+        for w in (self.save_button, self.progress, self.status):
+            outer.addWidget(w)
+        outer.addStretch()
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Export folder", self.path_edit.text())
+        if path:
+            self.path_edit.setText(path)
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Export folder", self.path_edit.text())
+        if path:
+            self.path_edit.setText(path)
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+
+def _combo(items, tooltip: str) -> QComboBox:
+    box = QComboBox()
+    box.addItems(list(items))
+    box.setToolTip(tooltip)
+    return box
