@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .instance_decoder import InstanceDecoder, decoder_from_state
+from .state import load_state_strict
 from .sam import (
     ARCHITECTURES,
     PATCH_SIZE,
@@ -221,25 +222,6 @@ def load_sam_and_decoder(
     state = resize_positional_state(state, found, image_size)
     load_state_strict(sam, state, checkpoint)
     return sam, BaseModelInfo(found, image_size, str(checkpoint), sha256_file(checkpoint)), decoder
-
-
-def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """``load_state_dict(strict=True)`` with one readable line instead of a wall of keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise PeftExportError(f"{path}: weights do not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
 def describe_model(sam: Sam) -> str:

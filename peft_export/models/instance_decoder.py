@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PeftExportError
+from .state import load_state_strict
 
 EMBED_DIM = 256  # SAM's neck output; the decoder does not depend on the encoder's width
 FEATURES = (512, 256, 128, 64)
@@ -175,8 +176,6 @@ def uses_conv_transpose(state: Mapping[str, torch.Tensor]) -> bool:
 
 def decoder_from_state(state: Mapping[str, torch.Tensor], path: str = "decoder_state") -> InstanceDecoder:
     """An ``InstanceDecoder`` with micro-sam's ``decoder_state`` loaded strictly (every key, every shape)."""
-    from .checkpoints import load_state_strict
-
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise PeftExportError(f"{path}: decoder_state entry {bad[0]!r} is not a tensor")
