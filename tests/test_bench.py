@@ -285,6 +285,36 @@ def test_bench_options_are_checked_before_any_work(tmp_path, option, line):
     assert not out.exists()
 
 
+def _spinning_entry(opts) -> str:
+    try:
+        return opts.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default, spinning
+        return "default"
+
+
+def test_interleaved_cases_get_onnxruntime_sessions_whose_threads_do_not_spin():
+    """Cases timed in turns share the process: ORT's spinning threads slowed the torch case timed after an
+    ORT case 4-8x (the demo's 'base torch 100.8 ms'); sessions made for interleaving do not spin, others do."""
+    from peft_export.bench import measure
+    from peft_export.bench.runners import Runner, ort_session_options
+
+    seen = []
+
+    class Probe(Runner):  # a case that records the options its ONNX Runtime sessions would get
+        spec = CaseSpec("export", "onnxruntime", "fp32", "cpu")
+
+        def prepare(self):
+            seen.append(_spinning_entry(ort_session_options("cpu")))
+
+        def run(self, component):
+            pass
+
+    measure([Probe()], ["encoder"], warmup=0, iterations=1, interleave=True)
+    measure([Probe()], ["encoder"], warmup=0, iterations=1, interleave=False)
+    assert seen == ["0", "default"]
+    assert _spinning_entry(ort_session_options("cpu")) == "default"  # restored after the interleaved run
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"iterations": -3}, "--iterations: must be >= 1"), ({"warmup": -1}, "--warmup: must be >= 0"),
     ({"intra_op_threads": 0}, "--threads: must be >= 1"), ({"components": ["decodr"]}, "--components: unknown"),

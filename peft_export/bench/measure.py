@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..errors import PeftExportError
+from ..runtime.backends.ort import set_thread_spinning
 from .cases import _spec_fields, component_batch
 from .runners import Runner, TorchRunner
 from .stats import RssSampler, current_rss_mb, summarize_timings
@@ -174,30 +175,42 @@ def measure(
                 st.runner.close()
                 gc.collect()
     else:
-        for st in states:
+        # Cases take turns in one process: ONNX Runtime's threads must not spin after a run, or they slow
+        # the case timed next (see set_thread_spinning); its sessions are made in _prepare.
+        spinning = set_thread_spinning(False)
+        try:
+            _interleaved(states, components, warmup, iterations, log)
+        finally:
+            set_thread_spinning(spinning)
+    return [_result(st) for st in states]
+
+
+def _interleaved(states: list, components: Sequence[str], warmup: int, iterations: int,
+                 log: Callable[[str], None]) -> None:
+    """Load every case, then time each component in turns (A B C A B C ...)."""
+    for st in states:
+        try:
+            _prepare(st, log)
+        except BaseException as exc:  # noqa: BLE001
+            _fail(st, None, exc)
+    for comp in components:
+        live = [st for st in states if st.error is None]
+        log(f"timing {comp}: {len(live)} cases interleaved")
+        for st in live:
             try:
-                _prepare(st, log)
+                _warm(st, comp, warmup)
             except BaseException as exc:  # noqa: BLE001
-                _fail(st, None, exc)
-        for comp in components:
+                _fail(st, comp, exc)
+        for it in range(iterations):
             live = [st for st in states if st.error is None]
-            log(f"timing {comp}: {len(live)} cases interleaved")
             for st in live:
                 try:
-                    _warm(st, comp, warmup)
+                    _timed(st, comp, warmup)
                 except BaseException as exc:  # noqa: BLE001
                     _fail(st, comp, exc)
-            for it in range(iterations):
-                live = [st for st in states if st.error is None]
-                for st in live:
-                    try:
-                        _timed(st, comp, warmup)
-                    except BaseException as exc:  # noqa: BLE001
-                        _fail(st, comp, exc)
-        for st in states:
-            st.runner.close()
-        gc.collect()
-    return [_result(st) for st in states]
+    for st in states:
+        st.runner.close()
+    gc.collect()
 
 
 def _result(st: _CaseState) -> dict:

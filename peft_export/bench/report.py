@@ -151,7 +151,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
     """The printed / markdown table of one bench result, with a header naming machine and settings."""
     st = result.get("settings", {})
     ver = result.get("versions", {})
-    mode = (", interleaved in one process" if st.get("interleave") else
+    mode = (", interleaved in one process (ONNX Runtime's threads do not spin between calls)" if st.get("interleave") else
             ", each case in a fresh process" if st.get("fresh_process") else ", one process")
     label = f" [{result['label']}]" if result.get("label") else ""
     head = (f"peftexport bench{label} {result.get('date', '')} -- {describe_machine(result)}\n"
