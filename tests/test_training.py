@@ -112,6 +112,26 @@ def test_loss_goes_down_and_only_owned_tensors_change(lora_run):
     assert set(adapter) == owned
 
 
+def test_the_web_page_says_what_the_adapter_learned(lora_run, demo):
+    """adapter.json records how many images trained it; a site of its export on a random base says so,
+    with the held-out Dice it recorded, instead of 'its masks mean nothing'."""
+    from peft_export.web.site import model_note
+
+    out, _ = lora_run
+    meta = json.loads((out / "adapter.json").read_text())
+    _, val_pairs = split_by_file(find_pairs(demo), 0.2, 1)
+    assert meta["training"]["train_images"] == 5 - len(val_pairs) == 4
+    manifest = {"base": {"sha256": "random-init"}, "source": {"kind": "adapter", "adapter": str(out)}}
+    note = model_note(manifest)
+    box = meta["validation"]["metrics"]["box_dice"]
+    assert note.startswith("The base model has random weights (no checkpoint) and was fine-tuned on 4 images; ")
+    assert f"held-out box Dice {box:.2f}" in note and "on 1 image:" in note and "mean nothing" not in note
+    # a shared-trunk export's adapter entry, and a base that is a real checkpoint (no note)
+    assert model_note({"base": manifest["base"], "adapters": {"a": {"source": manifest["source"]}}}, "a") == note
+    assert model_note({"base": {"sha256": "ab" * 32}, "source": manifest["source"]}) is None
+    assert "mean nothing" in model_note({"base": manifest["base"], "source": {}})
+
+
 def test_merged_model_reproduces_logged_validation(lora_run, demo):
     out, summary = lora_run
     meta = json.loads((out / "adapter.json").read_text())

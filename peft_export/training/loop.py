@@ -125,6 +125,7 @@ class Trainer:
         self.dist = DistInfo()
         self.adapted: AdaptedModel | None = None
         self.ais: InstanceDecoderTraining | None = None  # --instance-decoder
+        self.n_train_images: int | None = None
 
     # -- setup ------------------------------------------------------------------
 
@@ -459,7 +460,8 @@ class Trainer:
                     "metric": "mean of point Dice, box Dice and AIS mSA on validation" if self.ais is not None
                     else "mean of point and box Dice on validation",
                     "world_size": self.dist.world_size, "effective_batch_size": c.batch_size * self.dist.world_size,
-                    "trainable_parameters": self.trainable_counts, "step": step}
+                    "trainable_parameters": self.trainable_counts, "step": step,
+                    "train_images": self.n_train_images}
         validation = {"metrics": self.best_val, "files": [name for _, _, name in self.val_set],
                       "protocol": {"prompts": ["point", "box"], "seed": c.seed, "max_objects_per_image": c.val_objects,
                                    "patch_size": c.patch_size, "min_object_size": c.min_object_size,
@@ -472,6 +474,7 @@ class Trainer:
         c = self._resolve_config()
         self.config = c
         train, val = load_split(c)  # all data problems before anything is written
+        self.n_train_images = len(train)  # recorded in adapter.json (the web page says what the model saw)
         c = self.config = fit_patch_size(c, train, self._log)
         device = _resolve_device(c.device)
         if c.peft == "qlora":

@@ -182,6 +182,7 @@ def build_site(
         "peftexport_version": __version__,
         "model_type": manifest.get("model_type"),
         "random_weights": base.get("sha256") == "random-init",
+        "model_note": model_note(manifest, adapter),
         "peft": ((manifest["adapters"][adapter] if adapter else manifest).get("peft") or {}).get("method"),
         "adapter": adapter,
         "image_size": session.image_size,
@@ -219,6 +220,35 @@ def build_site(
         )
         summary["bytes_site_without_ort"] = summary["bytes_total"] - ort_bytes
     return summary
+
+
+def model_note(manifest: Dict[str, Any], adapter: Optional[str] = None) -> Optional[str]:
+    """What the page says about the weights when the base is random (None otherwise): whether and on
+    how many images it was fine-tuned, and its held-out Dice, as the adapter's adapter.json records them."""
+    if (manifest.get("base") or {}).get("sha256") != "random-init":
+        return None
+    entry = (manifest.get("adapters") or {}).get(adapter, {}) if adapter else manifest
+    source = entry.get("source") or {}
+    if source.get("kind") != "adapter":
+        return "The base model has random weights (no checkpoint): the page works, its masks mean nothing."
+    try:
+        meta = json.loads((Path(source["adapter"]) / "adapter.json").read_text()) \
+            if Path(source["adapter"]).is_dir() else json.loads(Path(source["adapter"]).with_suffix(".json").read_text())
+    except (OSError, ValueError, KeyError):
+        meta = {}
+    training, validation = meta.get("training") or {}, meta.get("validation") or {}
+    n_train = training.get("train_images")
+    seen = f" on {n_train} image{'s' * (n_train != 1)}" if n_train else ""
+    metrics = validation.get("metrics") or {}
+    held_out = ""
+    if metrics.get("box_dice") is not None:
+        n_val = metrics.get("n_images") or len(validation.get("files") or [])
+        held_out = (f"; held-out box Dice {metrics['box_dice']:.2f}, point Dice {metrics['point_dice']:.2f}"
+                    f"{f' on {n_val} image' + 's' * (n_val != 1) if n_val else ''}")
+    elif not meta:
+        held_out = f" (its adapter.json was not found at {source['adapter']})"
+    return (f"The base model has random weights (no checkpoint) and was fine-tuned{seen}{held_out}: "
+            "its masks show what this small run learned, not what a pretrained SAM would give.")
 
 
 def _write_decoder(tmp: Path, flavour: str, source: Path, context_graph: Optional[Path], precision: str,

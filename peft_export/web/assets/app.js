@@ -225,6 +225,7 @@ async function main() {
   $('model').textContent = `${s.model_type} (${s.peft || 'no PEFT'}${s.adapter ? `, adapter ${s.adapter}` : ''}), `
     + `image size ${s.image_size}, decoder ${s.decoder.graph} ${s.decoder.precision}`;
   $('warning').hidden = !s.random_weights;
+  if (s.model_note) $('warning').textContent = s.model_note;  // what the weights are (site.py's model_note)
   state.decoder = await loadDecoder(ort, s);
   const select = $('image');
   s.images.forEach((rec, i) => select.add(new Option(`${rec.name} (${rec.width}x${rec.height})`, String(i))));
