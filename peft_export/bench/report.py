@@ -164,8 +164,17 @@ def format_table(result: dict, markdown: bool = False) -> str:
     table = format_rows(table_rows(result), markdown=markdown)
     warnings = busy_warnings(result)
     if markdown:
-        return f"{head}\n\n{table}\n" + "".join(f"\n- {w}" for w in warnings) + ("\n" if warnings else "")
+        return (f"{head}\n\n{table}\n" + "".join(f"\n- {w}" for w in warnings) + ("\n" if warnings else "")
+                + f"\n{COMPONENTS_LEGEND}\n")
     return "\n".join([head, table] + warnings)
+
+
+# What each component times, so the columns can be read against each other (bench.md's last line).
+COMPONENTS_LEGEND = (
+    "encoder: the image encoder on a preprocessed input. decoder_point / decoder_box: prompt encoder + mask "
+    "decoder on a cached embedding, one prompt, three masks. decoder_boxes_bN: N boxes in one call. "
+    "end_to_end: what a user waits for per image: preprocessing, encoder, one box, one mask upscaled to the "
+    "image. Each is a median of its own calls, so end to end can come out a little under encoder + decoder.")
 
 
 def _run_label(result: dict, path: str | Path, label: str | None = None) -> str:
