@@ -287,7 +287,7 @@ def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) 
     files = w.encoder_graphs("trunk", lambda path, p, a: tg.export_trunk_onnx(source, path, split, w.opset, p, w.exporter, a))
     with torch.no_grad():  # a reference value: no autograd graph of the trunk's activations
         torch_feats = frozen_trunk(source, reference.image, split)
-    io = tg.graph_io("trunk", source)
+    io = tg.graph_io("trunk", source, split)
     for p, (filename, secs) in files.items():
         if p not in w.precisions:
             continue
@@ -311,7 +311,7 @@ def _export_head(w: _Writer, model, adapted: AdaptedModel, name: str, key: str, 
         files = w.encoder_graphs(key, lambda path, p, a: tg.export_head_onnx(model, path, split, w.opset, p, w.exporter, a))
     else:
         files = {p: (encoder_filename(p, key), 0.0) for p in w.precisions}
-    io = tg.graph_io("head", model)
+    io = tg.graph_io("head", model, split)
     parities = {}
     for p in w.precisions:
         filename, secs = files[p]

@@ -31,7 +31,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..models import RANDOM_INIT
-from ..models.encoder_split import first_trainable_block
+from ..models.encoder_split import first_trainable_block, is_trunk_key
 from ..peft.adapters import AdaptedModel
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
@@ -149,22 +149,20 @@ def plan_sharing(adapters: Mapping[str, AdaptedModel], shared_trunk: bool | None
 # ---- weights: which tensors belong where, and bit-for-bit comparison ------------------------
 
 
-def _is_trunk_key(key: str, split: int) -> bool:
-    if key.startswith("image_encoder.patch_embed.") or key == "image_encoder.pos_embed":
-        return True
-    m = re.match(r"image_encoder\.blocks\.(\d+)\.", key)
-    return m is not None and int(m.group(1)) < split
+def _is_trunk_key(model: Sam, key: str, split: int) -> bool:
+    prefix = "image_encoder."
+    return key.startswith(prefix) and is_trunk_key(model.image_encoder, key[len(prefix):], split)
 
 
 def trunk_state(model: Sam, split: int) -> dict[str, torch.Tensor]:
-    """Patch embedding, positional embedding and blocks[:split]: what ``trunk.onnx`` holds."""
-    return {k: v.detach() for k, v in model.state_dict().items() if _is_trunk_key(k, split)}
+    """Patch embedding, positional embedding (TinyViT: its MBConv stage) and blocks[:split]: what ``trunk.onnx`` holds."""
+    return {k: v.detach() for k, v in model.state_dict().items() if _is_trunk_key(model, k, split)}
 
 
 def head_state(model: Sam, split: int) -> dict[str, torch.Tensor]:
     """Blocks[split:] and the neck: what a ``head_<NAME>.onnx`` holds."""
     return {k: v.detach() for k, v in model.state_dict().items()
-            if k.startswith("image_encoder.") and not _is_trunk_key(k, split)}
+            if k.startswith("image_encoder.") and not _is_trunk_key(model, k, split)}
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

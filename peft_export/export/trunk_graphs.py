@@ -20,7 +20,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from ..errors import PeftExportError
-from ..models.encoder_split import frozen_trunk, trainable_tail
+from ..models.encoder_split import frozen_trunk, trainable_tail, trunk_features_shape
 from . import onnx_graphs as og
 
 TRUNK_OUTPUT = "trunk_features"
@@ -53,11 +53,9 @@ class HeadGraph(nn.Module):
             return trainable_tail(self, h, self.split).float()
 
 
-def features_shape(model: Sam) -> list[int]:
-    """(1, g, g, C) of the trunk's output (channels last, as SAM's blocks keep it)."""
-    proj = model.image_encoder.patch_embed.proj
-    g = model.image_encoder.img_size // int(proj.kernel_size[0])
-    return [1, g, g, int(proj.out_channels)]
+def features_shape(model: Sam, split: int = 0) -> list[int]:
+    """(1, g, g, C) of the trunk's output (channels last, as SAM's blocks keep it); TinyViT's depends on ``split``."""
+    return trunk_features_shape(model.image_encoder, split)
 
 
 def check_split(model: Sam, split: int) -> None:
@@ -101,16 +99,16 @@ def export_trunk_onnx(model: Sam, path: str | os.PathLike, split: int, opset: in
 def export_head_onnx(model: Sam, path: str | os.PathLike, split: int, opset: int = 17, precision: str = "fp32",
                      exporter: str = "torchscript", attention: str = "plain") -> str:
     """Write ``head_<NAME>.onnx`` (+ ``.data``): ``trunk_features`` -> ``image_embeddings``."""
-    example = torch.randn(*features_shape(model), generator=torch.Generator().manual_seed(0))
+    example = torch.randn(*features_shape(model, split), generator=torch.Generator().manual_seed(0))
     return _export_part(HeadGraph, model, Path(path), split, opset, precision, exporter, attention,
                         example, ([TRUNK_OUTPUT], ["image_embeddings"]))
 
 
-def graph_io(graph: str, model: Sam) -> tuple[list[dict], list[dict]]:
+def graph_io(graph: str, model: Sam, split: int = 0) -> tuple[list[dict], list[dict]]:
     """Manifest I/O specs of ``trunk`` and ``head`` graphs."""
     s = model.image_encoder.img_size
-    feats = {"name": TRUNK_OUTPUT, "shape": features_shape(model), "dtype": "float32"}
-    g = features_shape(model)[1]
+    feats = {"name": TRUNK_OUTPUT, "shape": features_shape(model, split), "dtype": "float32"}
+    g = s // 16  # the embedding grid
     channels = int(model.image_encoder.neck[0].out_channels)
     if graph == "trunk":
         return [{"name": "image", "shape": [1, 3, s, s], "dtype": "float32"}], [feats]

@@ -93,3 +93,51 @@ def encode_with_frozen_prefix(sam: Sam, x: torch.Tensor, first_trainable: int | 
     if first_trainable is None:
         return trainable_tail(sam, _stem(sam.image_encoder, x), 0, grad_checkpointing)
     return trainable_tail(sam, frozen_trunk(sam, x, first_trainable), first_trainable, grad_checkpointing)
+
+
+def block_of_key(enc: torch.nn.Module, key: str) -> int | None:
+    """Which block an image-encoder state key (without ``image_encoder.``) runs with: -1 for the stem,
+    the block index, or None for what runs after every block (neck; TinyViT's unused classifier)."""
+    parts = key.split(".")
+    if _is_tiny_vit(enc):
+        if parts[0] == "patch_embed" or parts[:2] == ["layers", "0"]:
+            return -1
+        if parts[0] != "layers":
+            return None
+        stage = int(parts[1])
+        offset = sum(len(enc.layers[s].blocks) for s in range(1, stage))
+        if parts[2] == "downsample":  # runs with the stage's last block
+            return offset + len(enc.layers[stage].blocks) - 1
+        return offset + int(parts[3])
+    if parts[0] in ("patch_embed", "pos_embed"):
+        return -1
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def is_trunk_key(enc: torch.nn.Module, key: str, split: int) -> bool:
+    """Whether an image-encoder state key (without ``image_encoder.``) belongs to the stem + blocks[:split]."""
+    block = block_of_key(enc, key)
+    return block is not None and block < split
+
+
+def trunk_features_shape(enc: torch.nn.Module, split: int) -> list[int]:
+    """(1, h, w, C) of ``frozen_trunk``'s output at ``split``, for the image size the encoder was built at.
+
+    ViT: always the patch grid and width. TinyViT: the grid and width of the stage the split is in
+    (its downsamples change both).
+    """
+    if not _is_tiny_vit(enc):
+        proj = enc.patch_embed.proj
+        g = enc.img_size // int(proj.kernel_size[0])
+        return [1, g, g, int(proj.out_channels)]
+
+    def down(size: int, merging: torch.nn.Module) -> int:
+        stride = int(merging.conv2.c.stride[0])
+        return -(-size // stride)
+
+    first = enc.layers[0].downsample
+    size, channels = down(enc.img_size // 4, first), int(first.conv3.c.out_channels)
+    for merging in enc.block_downsamples()[:split]:
+        if merging is not None:
+            size, channels = down(size, merging), int(merging.conv3.c.out_channels)
+    return [1, size, size, channels]

@@ -124,6 +124,13 @@ class FoldedAttention(nn.Module):
 
 def _attention_modules(sam_or_encoder: nn.Module) -> list[tuple[nn.Module, Attention]]:
     encoder = getattr(sam_or_encoder, "image_encoder", sam_or_encoder)
+    if hasattr(encoder, "run_blocks"):  # TinyViT (vit_t)
+        from ..errors import PeftExportError
+
+        raise PeftExportError(
+            "--attention folded/fused: vit_t (TinyViT) has no relative-position attention to rewrite (its window "
+            "bias is already one add); export it with --attention plain"
+        )
     return [(blk, blk.attn) for blk in encoder.blocks if isinstance(blk.attn, Attention)]
 
 

@@ -1,0 +1,108 @@
+"""vit_t exports: merge-and-export writes verified graphs (encoder, decoders, ais_decoder, shared trunk)
+and the torch-free runtime predicts, segments everything and segments instances on them."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from peft_export.data import synthetic_sample
+from peft_export.errors import PeftExportError
+from peft_export.evaluation import TorchPredictor, mean_segmentation_accuracy
+from peft_export.export import merge_and_export, merge_and_export_adapters
+from peft_export.models import random_instance_decoder
+from peft_export.runtime import SamSession
+from test_vit_t_peft import adapted_vit_t
+
+pytestmark = pytest.mark.slow  # each export takes seconds to tens of seconds
+
+warnings.filterwarnings("ignore", message="no checkpoint given")
+
+LATE_LORA = dict(method="lora", rank=4, targets=("q", "k", "v", "mlp"), blocks="late")
+
+
+def nuclei_image() -> np.ndarray:
+    image, _ = synthetic_sample(256, seed=31)
+    return np.ascontiguousarray(image[:240, :200])  # portrait: resize + pad
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    torch.set_num_threads(1)
+    adapted = adapted_vit_t(LATE_LORA)
+    adapted.instance_decoder = random_instance_decoder(3)
+    out = tmp_path_factory.mktemp("vit_t") / "export"
+    manifest = merge_and_export(adapted, out, precisions=("fp32",), progress=False)
+    return adapted, out, manifest
+
+
+def test_manifest_holds_verified_vit_t_graphs(export):
+    _, out, manifest = export
+    assert manifest["model_type"] == "vit_t" and manifest["image_size"] == 256
+    graphs = manifest["graphs"]
+    assert graphs["encoder"]["fp32"]["parity"]["passed"]
+    assert graphs["encoder"]["fp32"]["outputs"][0]["shape"] == [1, 256, 16, 16]
+    assert graphs["ais_decoder"]["fp32"]["parity"]["passed"]
+    assert (out / "ais_decoder.onnx").is_file() and (out / "encoder.onnx").is_file()
+
+
+def test_runtime_predicts_like_torch(export):
+    adapted, out, _ = export
+    image = nuclei_image()
+    session = SamSession(out)
+    torch_pred = TorchPredictor(adapted.model, adapted.intensity, instance_decoder=adapted.instance_decoder)
+    session.set_image(image)
+    torch_pred.set_image(image)
+    points, labels = np.array([[100.0, 120.0], [40.0, 60.0]]), np.array([1, 0])
+    masks, scores, _ = session.predict(point_coords=points, point_labels=labels)
+    want, want_scores, _ = torch_pred.predict(point_coords=points, point_labels=labels)
+    assert masks.shape == want.shape == (3, 240, 200)
+    agree = (masks == want).mean()
+    assert agree >= 0.995, agree
+    assert np.abs(scores - want_scores).max() <= 1e-3
+
+
+def test_segment_everything_and_instances(export):
+    adapted, out, _ = export
+    image = nuclei_image()
+    session = SamSession(out)
+    everything, records = session.segment_everything(points_per_side=8, pred_iou_thresh=0.0,
+                                                     stability_score_thresh=0.0, embedding=session.encode(image))
+    assert everything.shape == image.shape and len(records) == everything.max() > 0
+    labels, recs = session.segment_instances(image)
+    assert labels.shape == image.shape and labels.dtype == np.int32
+    torch_pred = TorchPredictor(adapted.model, adapted.intensity, instance_decoder=adapted.instance_decoder)
+    torch_pred.set_image(image)
+    want, _ = torch_pred.segment_instances()
+    if want.max() == 0:
+        assert labels.max() == 0
+    else:
+        assert mean_segmentation_accuracy(labels, want)[0] >= 0.99
+
+
+def test_shared_trunk_of_two_late_lora_adapters(tmp_path):
+    torch.set_num_threads(1)
+    a, b = adapted_vit_t(LATE_LORA, seed=0), adapted_vit_t(dict(LATE_LORA, blocks="7-9"), seed=0)
+    out = tmp_path / "multi"
+    manifest = merge_and_export_adapters({"a": a, "b": b}, out, progress=False)
+    trunk = manifest["graphs"]["trunk"]["fp32"]
+    assert trunk["parity"]["passed"]
+    assert trunk["outputs"][0]["shape"] == [1, 16, 16, 160]  # split at block 5: stage 2's grid and width
+    image = nuclei_image()
+    got = SamSession(out).encode(image, ["a"]).embedding("a").embedding
+    single = tmp_path / "single"
+    merge_and_export(a, single, progress=False)
+    want = SamSession(single).encode(image).embedding
+    assert got.shape == want.shape == (1, 256, 16, 16)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("attention", ["folded", "fused"])
+def test_vit_b_attention_rewrites_are_refused_by_name(tmp_path, attention):
+    adapted = adapted_vit_t(LATE_LORA)
+    with pytest.raises(PeftExportError, match="--attention folded/fused: vit_t"):
+        merge_and_export(adapted, tmp_path / "x", attention=attention, progress=False)
+    assert not (tmp_path / "x").exists()
