@@ -28,7 +28,7 @@ def evaluate(
     models: List[str] = typer.Argument(
         ...,
         metavar="MODEL...",
-        help="[NAME=]SOURCE[@PRECISION][#ADAPTER]; SOURCE: checkpoint .pth, random:vit_b|tiny, adapter run dir, "
+        help="[NAME=]SOURCE[@PRECISION][#ADAPTER]; SOURCE: checkpoint .pth, random:vit_b|vit_t|tiny, adapter run dir, "
         "micro-sam:CKPT (with --peft ...), or export dir (PRECISION fp32|fp16|int8, default fp32; ADAPTER: one "
         "adapter of an export of several).",
     ),
