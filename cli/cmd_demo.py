@@ -14,7 +14,7 @@ from .options import QuietOpt, SeedOpt
 @command("demo", short="The whole pipeline on built-in synthetic data.", help="Run the whole pipeline on built-in synthetic microscopy data.")
 def demo(
     out: Path = typer.Option(Path("peftexport_demo"), "--out", "-o", help="Directory for everything the demo makes."),
-    model: str = typer.Option("tiny", "--model", "-m", help="tiny (a few minutes on a laptop CPU) or vit_b (slow on CPU)."),
+    model: str = typer.Option("tiny", "--model", "-m", help="tiny (a few minutes on a laptop CPU), vit_t (MobileSAM at 256 px: minutes) or vit_b (slow on CPU)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Real SAM checkpoint (else random init)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     fast: bool = typer.Option(False, "--fast", help="Shorter training and timing (the test suite's run): "

@@ -35,18 +35,22 @@ from .fsutil import atomic_file
 # ~0.65 at 300 (seeds 0 and 1). A run stopped inside the collapse keeps its step-0 adapter (the
 # best validation), i.e. the base model, so no preset may stop before ~200 steps.
 # vit_b shows the real architecture at a CPU-friendly image size (much slower, learns little
-# without a real --checkpoint).
+# without a real --checkpoint). vit_t (MobileSAM) runs tiny's recipe at 256 px (its TinyViT
+# encoder costs ~0.5 s per training step on one core there; 1024 would be ~16x that).
 PRESETS = {
     "tiny": dict(image_size=256, data_size=256, n_train=10, n_test=3, iterations=300, lr=1e-3, rank=8, grid=16,
                  objects=5, sub_iterations=1, val_every=50, val_objects=8, bench_iterations=20, eval_iterations=3),
     "vit_b": dict(image_size=512, data_size=512, n_train=6, n_test=2, iterations=12, lr=1e-4, rank=32, grid=16,
                   objects=8, sub_iterations=1, val_every=4, val_objects=4, bench_iterations=2, eval_iterations=2),
+    "vit_t": dict(image_size=256, data_size=256, n_train=10, n_test=3, iterations=300, lr=1e-3, rank=8, grid=16,
+                  objects=5, sub_iterations=1, val_every=50, val_objects=8, bench_iterations=5, eval_iterations=2),
 }
 # --fast: the test suite's run; shorter training, just past the collapse (it learns, less far),
 # fewer images and timings.
 FAST = {
     "tiny": dict(n_train=6, n_test=2, iterations=200, val_every=50, bench_iterations=3, eval_iterations=2),
     "vit_b": dict(iterations=4, val_every=2, bench_iterations=1, eval_iterations=1),
+    "vit_t": dict(n_train=4, n_test=2, iterations=6, val_every=3, bench_iterations=1, eval_iterations=1),
 }
 BEFORE_AFTER = "before_after.png"
 
@@ -153,7 +157,7 @@ def run_demo(
     from .training import TrainConfig, finetune
 
     if model_type not in PRESETS:
-        raise PeftExportError(f"--model {model_type!r}: the demo runs tiny or vit_b")
+        raise PeftExportError(f"--model {model_type!r}: the demo runs tiny, vit_t or vit_b")
     p = {**PRESETS[model_type], **(FAST[model_type] if fast else {})}
     if iterations is not None:
         if iterations < 1:
