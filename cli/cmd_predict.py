@@ -39,6 +39,8 @@ def predict(
     foreground_smoothing: float = typer.Option(1.0, "--foreground-smoothing", help="--instances: Gaussian sigma (0: off)."),
     distance_smoothing: float = typer.Option(1.6, "--distance-smoothing", help="--instances: Gaussian sigma (0: off)."),
     min_size: int = typer.Option(0, "--min-size", help="--instances: remove objects with fewer pixels."),
+    resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are complete (their _scores.json, "
+                                "written last, exists) and redo the rest: continues a stopped run over a folder."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -51,13 +53,18 @@ def predict(
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
-                             progress=not quiet, adapter=adapter, instances=instances,
+                             progress=not quiet, adapter=adapter, instances=instances, resume=resume,
                              instance_options=dict(center_distance_threshold=center_distance_threshold,
                                                    boundary_distance_threshold=boundary_distance_threshold,
                                                    foreground_threshold=foreground_threshold,
                                                    foreground_smoothing=foreground_smoothing,
                                                    distance_smoothing=distance_smoothing, min_size=min_size))
+    skipped = [r for r in records if r.get("skipped")]
+    if skipped:
+        echo(f"skipped {len(skipped)} image(s) whose outputs are complete (--resume)")
     for r in records:
+        if r.get("skipped"):
+            continue
         who = f" [{r['adapter']}]" if "adapter" in r else ""
         if r["mode"] in ("everything", "instances"):
             echo(f"{r['image']}{who}: {r['n_objects']} objects -> {r['outputs']['labels']}")
@@ -66,4 +73,4 @@ def predict(
         else:
             echo(f"{r['image']}{who}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
                  f"{r['mask_area']} px) -> {r['outputs']['mask']}")
-    echo(f"wrote {len(records)} result(s) to {out}")
+    echo(f"wrote {len(records) - len(skipped)} result(s) to {out}")

@@ -265,7 +265,8 @@ def test_cli_prompts_write_masks_scores_overlays(export, session, inputs, tmp_pa
         full = np.asarray(Image.open(out / f"{stem}_overlay.png"))
         h, w = image.shape[:2]
         # a header with title and legend above the picture; the picture itself bottom-left
-        assert full.shape[0] > h + 20 and full.shape[1] >= max(w, MIN_CANVAS_WIDTH)
+        # at least the image's size, and no empty strip beside the picture
+        assert full.shape[0] > h + 20 and full.shape[1] == max(w, MIN_CANVAS_WIDTH) >= w
         header = full[: full.shape[0] - h]
         for color in (MASK, BOX, POSITIVE, NEGATIVE):  # the legend's swatches
             assert (header == color).all(axis=-1).sum() >= 25, color
@@ -403,3 +404,58 @@ def test_example_segment_folder(export, session, inputs, tmp_path):
         "--stability-thresh", "0.5")
     ref, _ = session.segment_everything(**RELAXED, embedding=session.encode(inputs["cells.png"]))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "all" / "cells_labels.tif"), ref)
+
+
+# ---- frictions a new user met (issues 24 §4, 25 §3) ---------------------------------------------
+
+
+@pytest.mark.parametrize("n, says", [("100000", "100000 is too large"), ("2000", "2000 is too large"),
+                                     ("-4", "must be >= 1, got -4")])
+def test_points_per_side_bounded_before_any_work(export, inputs, tmp_path, n, says):
+    out = tmp_path / "never"
+    code, output = _run(export, inputs["dir"] / "cells.png", "--everything", "--points-per-side", n, "--out", out, "-q")
+    assert code == 2 and f"--points-per-side: {says}" in output and "points_per_side" not in output
+    assert len(output.strip().splitlines()) == 1 and not out.exists()  # one line, nothing created
+
+
+def test_resume_skips_complete_images_and_redoes_the_rest(export, inputs, tmp_path):
+    d, out = inputs["dir"], tmp_path / "out"
+    files = [d / "cells.png", d / "nuclei.tif"]
+    assert _run(export, files[0], "--box", "40,20,150,110", "--out", out, "-q")[0] == 0
+    first = (out / "cells_mask.tif").stat().st_mtime_ns
+    (out / "nuclei_mask.tif").write_bytes(b"torn")  # a stopped run: mask written, no scores.json
+    code, output = _run(export, *files, "--box", "40,20,150,110", "--out", out, "-q")
+    assert code == 2 and "--resume" in output  # without --resume an existing output still blocks
+    code, output = _run(export, *files, "--box", "40,20,150,110", "--out", out, "--resume", "-q")
+    assert code == 0, output
+    assert "skipped 1 image(s)" in output and "wrote 1 result(s)" in output
+    assert (out / "cells_mask.tif").stat().st_mtime_ns == first  # not redone
+    assert tifffile.imread(out / "nuclei_mask.tif").shape == inputs["nuclei.tif"].shape  # redone whole
+    assert "--resume" in CliRunner().invoke(app, ["predict", "--help"]).output
+
+
+def test_progress_bar_ends_before_the_result_lines(export, inputs, tmp_path):
+    code = "import sys; from peft_export.cli.main import app; sys.argv=['peftexport']+sys.argv[1:]; app()"
+    args = [sys.executable, "-c", code, "predict", str(export), str(inputs["dir"] / "cells.png"), "--everything",
+            "--points-per-side", "4", "--out", str(tmp_path / "o")]
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as f:  # one stream, unbuffered: the order a user's terminal shows
+        subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    text = log.read_text(errors="replace")
+    assert "objects ->" in text and "predict: 100%" in text, text
+    assert text.rindex("predict:") < text.index("objects ->"), text
+
+
+def test_predict_batch_refuses_a_huge_mask_stack_and_returns_low_res_without_it(session, monkeypatch):
+    import peft_export.runtime.session as session_module
+
+    emb = session.encode(_rgb(90, 120, 3))
+    boxes = np.array([[10, 10, 60, 50], [30, 20, 100, 80]], np.float64)
+    masks, iou, low = session.predict_batch(boxes=boxes, embedding=emb)
+    assert masks.shape == (2, 1, 90, 120)
+    monkeypatch.setattr(session_module, "MAX_BATCH_MASK_BYTES", 2 * 90 * 120 - 1)
+    with pytest.raises(PeftExportError, match=r"predict_batch: 2 prompts x 1 masks x 90x120 bool .* masks=False"):
+        session.predict_batch(boxes=boxes, embedding=emb)
+    none, iou2, low2 = session.predict_batch(boxes=boxes, embedding=emb, masks=False)
+    assert none is None and np.array_equal(low2, low) and np.array_equal(iou2, iou)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +32,32 @@ EVERYTHING_DEFAULTS = {
 EVERYTHING_OPTIONS = {"pred_iou": "--pred-iou-thresh", "stability": "--stability-thresh",
                       "nms": "--box-nms-thresh", "small_regions": "--min-area"}
 FEW_OBJECTS = 10
+# The grid has n*n prompts, each a decoder run: 256 (65,536 prompts) is far past SAM's 32 and the
+# largest grid that finishes in minutes; beyond it the candidate masks alone exhaust memory.
+MAX_POINTS_PER_SIDE = 256
+_OPTION_NAMES = {"points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
+                 "pred_iou_thresh": "--pred-iou-thresh", "stability_score_thresh": "--stability-thresh",
+                 "box_nms_thresh": "--box-nms-thresh", "min_mask_region_area": "--min-area"}
+
+
+def check_everything_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Segment-everything options checked before any work, errors naming the command-line option."""
+    for key in ("points_per_side", "points_per_batch", "min_mask_region_area"):
+        v, name = options[key], _OPTION_NAMES[key]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise PeftExportError(f"{name}: expected a whole number, got {v!r}")
+        low = 0 if key == "min_mask_region_area" else 1
+        if v < low:
+            raise PeftExportError(f"{name}: must be >= {low}, got {v}")
+    n = int(options["points_per_side"])
+    if n > MAX_POINTS_PER_SIDE:
+        raise PeftExportError(f"--points-per-side: {n} is too large ({n}x{n} = {n * n:,} prompts per image; "
+                              f"at most {MAX_POINTS_PER_SIDE}, SAM's default is 32)")
+    for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        v = options[key]
+        if not isinstance(v, (int, float, np.number)) or not (0.0 <= float(v) <= 1.0):
+            raise PeftExportError(f"{_OPTION_NAMES[key]}: expected a number in [0, 1], got {v!r}")
+    return options
 
 _POINTS_HELP = "expected 'x,y[,label];x,y[,label];...' with label 1 (positive) or 0 (negative)"
 
@@ -190,6 +217,7 @@ def predict_images(
     adapter: Optional[str] = None,
     instances: bool = False,
     instance_options: Optional[Dict[str, Any]] = None,
+    resume: bool = False,
 ) -> List[Dict[str, Any]]:
     """Segment each image file and write results into ``out_dir``; return one record per image
     (per image and adapter with ``adapter="all"``).
@@ -206,6 +234,10 @@ def predict_images(
     JSON content. An export of several adapters needs ``adapter`` (optional when
     it has one); ``"all"`` runs every adapter on each image (the trunk once) and writes each
     adapter's results into ``out_dir/<adapter>/``.
+
+    ``resume``: an image whose ``<stem>_scores.json`` exists is complete (the JSON is written
+    last, atomically) and is skipped, its record read back with ``"skipped": True``; outputs of
+    an image without it (a run stopped midway) are replaced.
     """
     from ..runtime import SamSession, filter_report, read_manifest
     from ..runtime.adapters import pick_adapter
@@ -227,6 +259,8 @@ def predict_images(
             raise PeftExportError(f"everything_options: unknown option {k!r} (known: {', '.join(options)})")
         if v is not None:
             options[k] = v
+    if everything:
+        check_everything_options(options)
     if not images:
         raise PeftExportError("images: give at least one image file")
     manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version
@@ -252,7 +286,7 @@ def predict_images(
     if out_dir.exists() and not out_dir.is_dir():
         raise PeftExportError(f"{out_dir}: exists and is not a directory")
     images = [Path(p) for p in images]
-    plans, seen = [], {}
+    plans, seen, done = [], {}, []
     for path in images:
         stem = file_stem(path)
         if stem in seen:
@@ -262,9 +296,13 @@ def predict_images(
         check_prompts_inside(str(path), shape, coords, bx)
         for name, target_dir in targets:
             outs = output_paths(target_dir, stem, bool(auto), overlay)
+            if resume and outs["json"].is_file() and all(p.is_file() for p in outs.values()):
+                done.append(outs["json"])
+                continue
             for p in outs.values():
-                if p.exists() and not overwrite:
-                    raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it)")
+                if p.exists() and not overwrite and not resume:
+                    raise PeftExportError(f"{p}: already exists (pass --overwrite to replace it, or --resume "
+                                          "to skip images whose outputs are complete)")
             plans.append((path, outs, name))
 
     session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)
@@ -273,8 +311,14 @@ def predict_images(
     from tqdm import tqdm
 
     records = []
+    for done_json in done:
+        try:
+            records.append({**json.loads(done_json.read_text()), "skipped": True})
+        except ValueError:
+            raise PeftExportError(f"{done_json}: damaged (not JSON); delete it to redo that image") from None
     last = None
-    for path, outs, name in tqdm(plans, desc="predict", unit="image", disable=not progress):
+    bar = tqdm(plans, desc="predict", unit="image", disable=not progress)
+    for path, outs, name in bar:
         if path != last:  # every adapter of one image: read and run the trunk once
             image = read_image(path)
             emb = session.encode(image)
@@ -302,7 +346,7 @@ def predict_images(
                 record["filters"] = recs.summary
                 if len(recs) < FEW_OBJECTS:  # say which filter removed the candidates and how to relax it
                     record["hint"] = filter_report(recs.summary, EVERYTHING_OPTIONS)
-            _write_tiff(_label_dtype(lab), outs["labels"], overwrite)
+            _write_tiff(_label_dtype(lab), outs["labels"], overwrite or resume)
             if overlay:
                 from .overlay import annotate, overlay_legend, render_overlay
 
@@ -325,7 +369,7 @@ def predict_images(
                 all_masks=all_masks,
             )
             out = masks.astype(np.uint8) if all_masks else masks[best].astype(np.uint8)
-            _write_tiff(out, outs["mask"], overwrite)
+            _write_tiff(out, outs["mask"], overwrite or resume)
             if overlay:
                 from .overlay import annotate, overlay_legend, render_overlay
 
@@ -334,8 +378,10 @@ def predict_images(
                 picture = annotate(picture, f"{path.name}: mask {best} of {len(iou)}, predicted IoU {iou[best]:.3f}, "
                                             f"{int(masks[best].sum())} px", overlay_legend(coords, labels, bx))
         if picture is not None:
-            _write_png(picture, outs["overlay"], overwrite)
+            _write_png(picture, outs["overlay"], overwrite or resume)
         record["outputs"] = {k: str(v) for k, v in outs.items()}
-        _write_json(record, outs["json"], overwrite)
+        _write_json(record, outs["json"], overwrite or resume)
         records.append(record)
+    bar.close()  # the bar ends before the caller prints its result lines
+    sys.stderr.flush()
     return records

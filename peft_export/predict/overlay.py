@@ -141,22 +141,26 @@ def overlay_legend(points=None, point_labels=None, box=None) -> list[tuple[tuple
 
 HEADER_BG = (32, 32, 32)
 HEADER_FG = (235, 235, 235)
-MIN_CANVAS_WIDTH = 420  # room for a title line and the legend beside small images
+MIN_CANVAS_WIDTH = 160  # narrower pictures are enlarged (whole-pixel factor) so the text stays readable
 
 
 def annotate(picture: np.ndarray, title: str, legend: Sequence[tuple[Sequence[int], str]] = ()) -> np.ndarray:
     """The picture under a header with ``title`` (wrapped) and a colour ``legend`` [(rgb, label)].
 
-    The picture keeps its pixels and sits bottom-left: ``result[-h:, :w]`` is ``picture``. The
-    canvas is at least ``MIN_CANVAS_WIDTH`` wide so the text stays readable beside small images.
+    The canvas is exactly as wide as the picture (no empty strip) and the picture sits at the
+    bottom: ``result[-h:]`` is ``picture``. A picture narrower than ``MIN_CANVAS_WIDTH`` is first
+    enlarged by a whole factor (nearest neighbour), so the PNG is never smaller than the image.
     Text needs Pillow; without it (a bare runtime install) the picture is returned unchanged.
     """
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError:
         return picture
+    if picture.shape[1] < MIN_CANVAS_WIDTH:
+        k = -(-MIN_CANVAS_WIDTH // picture.shape[1])
+        picture = np.repeat(np.repeat(picture, k, axis=0), k, axis=1)
     h, w = picture.shape[:2]
-    width = max(w, MIN_CANVAS_WIDTH)
+    width = w
     try:
         font = ImageFont.load_default(size=13)  # scalable with FreeType (Pillow >= 10.1)
     except TypeError:

@@ -9,20 +9,18 @@ May import: errors (numpy + onnxruntime only; other backends' packages lazily; t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import PeftExportError
 from .adapters import EncodedImage, pick_adapter
 from .backends import graph_kind, open_backend
+from .embedding import ImageEmbedding
 from .everything import LowResDecoder, MaskRecords
 from .everything import segment_everything as _segment_everything
 from .instances import AIS_DEFAULTS, check_ais_params, maps_to_image, require_ais_packages, segment_from_maps
 from .split_decoder import SplitDecoder, split_graph_files
-
-if TYPE_CHECKING:
-    from .session import ImageEmbedding
 
 
 class AutomaticSegmentation:

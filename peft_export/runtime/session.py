@@ -18,7 +18,6 @@ and each adapter's head on first use (``runtime.adapters.EncodedImage``); ``pred
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,20 +29,14 @@ from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_
 from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import AutomaticSegmentation
+from .embedding import ImageEmbedding
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
 
-
-@dataclass(frozen=True)
-class ImageEmbedding:
-    """One encoded image: embedding (1,256,g,g) float32 and the sizes its prompts need."""
-
-    embedding: np.ndarray
-    original_size: Tuple[int, int]
-    input_size: Tuple[int, int]
-    adapter: Optional[str] = None  # exports of several adapters: whose embedding this is
+# predict_batch refuses a mask stack larger than this (64 masks of an 8000x8000 image: 4 GiB).
+MAX_BATCH_MASK_BYTES = 2**30
 
 
 class SamSession(AutomaticSegmentation):
@@ -336,10 +329,13 @@ class SamSession(AutomaticSegmentation):
         return_logits: bool = False,
         embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
         adapter: Optional[str] = None,
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        masks: bool = True,
+    ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
         """K objects in one decoder call: boxes (K,4) and/or points (K,N,2) + labels (K,N).
 
-        Returns masks (K,C,H,W), iou (K,C), low-res logits (K,C,4g,4g).
+        Returns masks (K,C,H,W), iou (K,C), low-res logits (K,C,4g,4g). ``masks=False`` returns
+        None for the masks (the low-res logits are what a big image's caller upsamples itself);
+        a mask stack over ``MAX_BATCH_MASK_BYTES`` is refused with its size before any decoding.
         """
         emb = self._snapshot(embedding, adapter)
         pts = lbl = bxs = None
@@ -349,16 +345,25 @@ class SamSession(AutomaticSegmentation):
             bxs = check_boxes(boxes, emb.original_size, batched=True)
         coords, labels = encode_prompts(pts, lbl, bxs, emb.original_size, self.image_size)
         k = len(coords)
+        h, w = emb.original_size
+        c = 3 if multimask_output else 1
+        need = k * c * h * w * (4 if return_logits else 1)
+        if masks and need > MAX_BATCH_MASK_BYTES:
+            raise PeftExportError(
+                f"predict_batch: {k} prompts x {c} masks x {h}x{w} {'float32' if return_logits else 'bool'} would take "
+                f"{need / 2**30:.1f} GiB (limit {MAX_BATCH_MASK_BYTES / 2**30:.0f} GiB); pass fewer prompts per call, "
+                "or masks=False for the low-res logits only")
         mask, has_mask = np.zeros((k, 1, self.low_res_size, self.low_res_size), np.float32), np.zeros((k,), np.float32)
         low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
         sel = slice(1, None) if multimask_output else slice(0, 1)
         low, iou = low[:, sel], iou[:, sel]
-        h, w = emb.original_size
-        masks = np.empty((k, low.shape[1], h, w), dtype=np.float32 if return_logits else bool)
+        if not masks:
+            return None, iou, low
+        out = np.empty((k, low.shape[1], h, w), dtype=np.float32 if return_logits else bool)
         for i in range(k):  # one object at a time keeps the float peak at one object's size
             m = postprocess_masks(low[i], emb.input_size, emb.original_size, self.image_size)
-            masks[i] = m if return_logits else m > 0.0
-        return masks, iou, low
+            out[i] = m if return_logits else m > 0.0
+        return out, iou, low
 
     def __repr__(self) -> str:
         d = self.describe()
