@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: every CUDA test (pytest -m "gpu or tensorrt") and the vit_b GPU benchmark, in 8 minutes at most.
+# GPU check: every CUDA test (pytest -m "gpu or tensorrt"), the vit_b GPU benchmark and a shorter vit_t
+# (MobileSAM) one, in 10 minutes at most.
 #
 #   benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine
 #   benchmarks/gpu_check.sh --dry-run OUTDIR    # any machine: checks imports, the test selection and
@@ -9,7 +10,8 @@
 # safetensors. It installs nothing from the network: the repository runs from source through
 # PYTHONPATH, and GPU_CHECK_WHEELS=DIR installs wheels carried in DIR (pip --no-index). Tests that
 # need a missing optional package (tensorrt, bitsandbytes, onnxruntime-gpu) skip and say which.
-# Writes into OUTDIR: env.txt, pytest_gpu.txt, gpu_bench.{txt,json,md}, gpu_check.log.
+# Writes into OUTDIR: env.txt, pytest_gpu.txt, gpu_bench.{txt,json,md}, vit_t/gpu_bench.{txt,json,md}
+# (vit_t at 1024: eager fp32 / bf16, base / merged / unmerged, torch.compile, a training run), gpu_check.log.
 # Exit code: 0 all passed, 3 no CUDA, 4 a required package missing or torch too old, otherwise the
 # first failing step's code (124 = timeout).
 set -u
@@ -20,6 +22,10 @@ PY=${PYTHON:-python}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-150}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-290}
 BENCH_BUDGET=$(( BENCH_TIMEOUT - 50 ))  # gpu_bench starts no case after this; the rest is for writing out
+VIT_T_TIMEOUT=${GPU_CHECK_VIT_T_TIMEOUT:-120}
+VIT_T_BUDGET=$(( VIT_T_TIMEOUT - 40 ))
+# vit_t: SAM's attention only (TinyViT has no rel-pos attention for the folded SDPA path), batch 1 and 8.
+VIT_T_ARGS=(--model vit_t --attention sam --iterations 10 --warmup 3 --train-steps 4)
 MARKS="gpu or tensorrt"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -98,6 +104,13 @@ if [ $DRY = 1 ]; then
     brc=$?
     head -n 3 "$OUT/gpu_bench.txt"
     if [ $brc -ne 0 ]; then log "dry run: gpu_bench.py --dry-run failed (exit $brc)"; [ $rc -eq 0 ] && rc=$brc; fi
+    log "dry run: benchmarks/gpu_bench.py ${VIT_T_ARGS[*]} --dry-run"
+    mkdir -p "$OUT/vit_t"
+    "$PY" benchmarks/gpu_bench.py "${VIT_T_ARGS[@]}" --out "$OUT/vit_t" --budget-s "$VIT_T_BUDGET" --dry-run \
+        > "$OUT/vit_t/gpu_bench.txt" 2>&1
+    vrc=$?
+    head -n 3 "$OUT/vit_t/gpu_bench.txt"
+    if [ $vrc -ne 0 ]; then log "dry run: vit_t gpu_bench.py --dry-run failed (exit $vrc)"; [ $rc -eq 0 ] && rc=$vrc; fi
     log "dry run done, exit $rc"
     exit $rc
 fi
@@ -123,5 +136,12 @@ log "benchmarks/gpu_bench.py (timeout ${BENCH_TIMEOUT}s, budget ${BENCH_BUDGET}s
 timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_bench.py --out "$OUT" --budget-s "$BENCH_BUDGET" 2>&1 | tee "$OUT/gpu_bench.txt"
 brc=${PIPESTATUS[0]}
 if [ "$brc" -ne 0 ]; then log "gpu_bench: exit $brc"; [ $rc -eq 0 ] && rc=$brc; else log "gpu_bench: ok"; fi
+
+log "benchmarks/gpu_bench.py ${VIT_T_ARGS[*]} (timeout ${VIT_T_TIMEOUT}s, budget ${VIT_T_BUDGET}s)"
+mkdir -p "$OUT/vit_t"
+timeout "$VIT_T_TIMEOUT" "$PY" benchmarks/gpu_bench.py "${VIT_T_ARGS[@]}" --out "$OUT/vit_t" --budget-s "$VIT_T_BUDGET" \
+    2>&1 | tee "$OUT/vit_t/gpu_bench.txt"
+vrc=${PIPESTATUS[0]}
+if [ "$vrc" -ne 0 ]; then log "gpu_bench vit_t: exit $vrc"; [ $rc -eq 0 ] && rc=$vrc; else log "gpu_bench vit_t: ok"; fi
 log "done, exit $rc; outputs in $OUT"
 exit $rc

@@ -1,0 +1,195 @@
+"""vit_t (MobileSAM) against vit_b on the CPU: every case in a fresh process, one table and the targets.
+
+    python benchmarks/bench_vit_t.py --out /tmp/bench_vit_t                  # ~10-20 min on 2 cores
+    python benchmarks/bench_vit_t.py --out /tmp/b --sizes 256,128 --no-vit-b --iterations 1   # a quick look
+
+Cases (encoder medians; random weights, a LoRA r32 q,v merged in, as ``bench_cpu.py``):
+
+- vit_t torch eager fp32 at the main size, and its exports (fp32, int8) on ONNX Runtime and OpenVINO at
+  every size; an int8 graph the export gate refuses is left out and the refusal is printed;
+- vit_b's exports (fp32, int8) at the main size (``--vit-b-eager`` also times vit_b in torch eager);
+- AIS: a vit_t export at the AIS size (default 512) with micro-sam's instance decoder, timed
+  encoder + ``ais`` (instance decoder + post-processing) in one fresh process.
+
+Targets (issue 22): best vit_t export >= 12x faster than vit_b's best of the same precision and
+>= 3x faster than vit_t eager, fp32 process peak <= 600 MB; 1024 >= 3x slower than 512; AIS at 512
+(encoder + decoder + post-processing) <= 1 s. Writes OUT/bench_vit_t.json and OUT/bench_vit_t.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_cpu import _export_cases, build, build_merged_checkpoint, log  # noqa: E402
+from peft_export import bench  # noqa: E402
+from peft_export.bench.stats import device_info, library_versions  # noqa: E402
+from peft_export.errors import PeftExportError  # noqa: E402
+from peft_export.export import merge_and_export  # noqa: E402
+from peft_export.models import random_instance_decoder  # noqa: E402
+from peft_export.peft.adapters import load_model_source  # noqa: E402
+
+warnings.filterwarnings("ignore", message="no checkpoint given")
+
+TARGETS = {"vs_vit_b": 12.0, "vs_eager": 3.0, "fp32_peak_mb": 600.0, "size_speedup": 3.0, "ais_ms": 1000.0}
+
+
+def export_precisions(checkpoint: Path, out: Path, size: int, instance_decoder: bool = False) -> tuple[Path, dict]:
+    """Export fp32 + int8 at ``size`` (a vit_t checkpoint does not record one: it would load at 1024); an int8
+    refused by the gate is exported again without it. Returns (dir, refusals)."""
+    adapted = load_model_source(merged=checkpoint, image_size=size)
+    if instance_decoder:
+        adapted.instance_decoder = random_instance_decoder(3)
+    try:
+        merge_and_export(adapted, out, precisions=("fp32", "int8"), overwrite=True, progress=False)
+        return out, {}
+    except PeftExportError as exc:
+        if "int8" not in str(exc):
+            raise
+        merge_and_export(adapted, out, precisions=("fp32",), overwrite=True, progress=False)
+        return out, {"int8": str(exc)}
+
+
+def _cases(export: Path, size: int, backends: list[str], tag: str, refused: dict) -> list[bench.FreshCase]:
+    return [c for c in _export_cases(export, size, backends, tag) if c.spec.precision not in refused]
+
+
+def _median(c: dict, component: str = "encoder") -> float | None:
+    return c["components"][component]["median_ms"] if c.get("status") == "ok" and component in c["components"] else None
+
+
+def best(results: list[dict], prefix: str, precision: str, size: int) -> dict | None:
+    found = [c for c in results if c["case"].startswith(prefix) and f" {precision} @{size}" in c["case"]
+             and _median(c) is not None]
+    return min(found, key=_median) if found else None
+
+
+def summary_lines(results: list[dict], main: int, sizes: list[int], ais_size: int, refusals: dict) -> list[str]:
+    by = {c["case"]: c for c in results}
+    eager = by.get(f"vit_t torch fp32 @{main}")
+    lines = ["Summary (encoder medians of this run, each case in a fresh process):"]
+    for precision in ("fp32", "int8"):
+        t = best(results, "vit_t export", precision, main)
+        if t is None:
+            continue
+        ms = _median(t)
+        peak = (t.get("process") or {}).get("peak_rss_mb")
+        line = f"vit_t best {precision} @{main}: {t['case']} {ms:.0f} ms, process peak {peak} MB"
+        b = best(results, "vit_b export", precision, main)
+        if b is not None:
+            line += f"; vs vit_b best {_median(b):.0f} ms: {_median(b) / ms:.1f}x (target >= {TARGETS['vs_vit_b']:.0f})"
+        if eager is not None and _median(eager):
+            line += f"; vs vit_t eager {_median(eager):.0f} ms: {_median(eager) / ms:.2f}x (target >= {TARGETS['vs_eager']:.0f})"
+        if precision == "fp32":
+            line += f"; peak target <= {TARGETS['fp32_peak_mb']:.0f} MB"
+        lines.append(line)
+        for size in sizes[1:]:
+            s = best(results, "vit_t export", precision, size)
+            if s is not None:
+                lines.append(f"  vit_t {precision} {main} px / {size} px: {ms / _median(s):.2f}x "
+                             f"(target >= {TARGETS['size_speedup']:.0f})")
+    ais = by.get(f"vit_t AIS onnxruntime fp32 @{ais_size}")
+    if ais is not None and _median(ais) is not None and _median(ais, "ais") is not None:
+        total = _median(ais) + _median(ais, "ais")
+        lines.append(f"vit_t AIS @{ais_size}: encoder {_median(ais):.0f} ms + decoder and post-processing "
+                     f"{_median(ais, 'ais'):.0f} ms = {total:.0f} ms (target <= {TARGETS['ais_ms']:.0f})")
+    for what, why in refusals.items():
+        lines.append(f"refused: {what}: {why}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1024,512", help="vit_t image sizes; the first is the main one")
+    ap.add_argument("--ais-size", type=int, default=512)
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-vit-b", action="store_true", help="skip vit_b (its export alone takes minutes)")
+    ap.add_argument("--vit-b-eager", action="store_true", help="also time vit_b in torch eager (~17 s a call)")
+    ap.add_argument("--out", type=Path, default=Path("bench_vit_t_out"))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    main_size = sizes[0]
+    backends = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = args.out / "models"
+    models.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    machine = device_info()
+    log(f"{machine['cpu']}, {machine['cpu_count_usable']} cores; vit_t at {sizes}, AIS at {args.ais_size}; "
+        f"backends {backends}; every case in a fresh process")
+    results, refusals = [], {}
+
+    def run(cases: list[bench.FreshCase], size: int, components=("encoder",)) -> None:
+        log(f"timing {len(cases)} case(s) at {size} px")
+        results.extend(bench.measure_fresh(cases, list(components), size, (16,), 0, args.warmup, args.iterations,
+                                           log=log))
+
+    for size in sizes:
+        ckpt = build_merged_checkpoint(args.out, "vit_t", size)
+        log(f"exporting vit_t at {size}")
+        export, refused = export_precisions(ckpt, args.out / f"vit_t_{size}", size)
+        refusals.update({f"vit_t {p} @{size}": why for p, why in refused.items()})
+        cases = _cases(export, size, backends, "vit_t export ", refused)
+        if size == main_size:
+            adapted = build("lora-qv", "vit_t", size)
+            desc = bench.save_model(adapted, models / f"vit_t_{size}.pt")
+            spec = bench.CaseSpec("base", "torch", "fp32", "cpu", label=f"vit_t torch fp32 @{size}")
+            cases.insert(0, bench.FreshCase(spec, None, str(models / f"vit_t_{size}.pt"), desc))
+        run(cases, size)
+
+    ckpt = build_merged_checkpoint(args.out, "vit_t", args.ais_size)
+    log(f"exporting vit_t at {args.ais_size} with an instance decoder")
+    try:
+        ais_export, _ = export_precisions(ckpt, args.out / f"vit_t_ais_{args.ais_size}", args.ais_size,
+                                          instance_decoder=True)
+    except PeftExportError as exc:  # recorded, the other cases still run
+        refusals[f"vit_t AIS @{args.ais_size}"] = str(exc)
+    else:
+        spec = bench.CaseSpec("export", "onnxruntime", "fp32", "cpu", provider="cpu",
+                              label=f"vit_t AIS onnxruntime fp32 @{args.ais_size}")
+        run([bench.FreshCase(spec, str(ais_export))], args.ais_size, ("encoder", "ais"))
+
+    if not args.no_vit_b:
+        ckpt = build_merged_checkpoint(args.out, "vit_b", main_size)
+        log(f"exporting vit_b at {main_size}")
+        export, refused = export_precisions(ckpt, args.out / f"vit_b_{main_size}", main_size)
+        refusals.update({f"vit_b {p} @{main_size}": why for p, why in refused.items()})
+        cases = _cases(export, main_size, backends, "vit_b export ", refused)
+        if args.vit_b_eager:
+            adapted = build("lora-qv", "vit_b", main_size)
+            desc = bench.save_model(adapted, models / f"vit_b_{main_size}.pt")
+            spec = bench.CaseSpec("base", "torch", "fp32", "cpu", label=f"vit_b torch fp32 @{main_size}")
+            cases.insert(0, bench.FreshCase(spec, None, str(models / f"vit_b_{main_size}.pt"), desc))
+        run(cases, main_size)
+
+    lines = summary_lines(results, main_size, sizes, args.ais_size, refusals)
+    result = {
+        "format": bench.BENCH_FORMAT, "format_version": bench.BENCH_FORMAT_VERSION,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "versions": library_versions(),
+        "settings": {"device": "cpu", "model_type": "vit_t", "image_size": main_size, "sizes": sizes,
+                     "ais_size": args.ais_size, "warmup": args.warmup, "iterations": args.iterations,
+                     "fresh_process": True, "backends": backends, "torch_threads": torch.get_num_threads(),
+                     "weights": "random (seed 0), LoRA q,v r32 merged"},
+        "targets": TARGETS, "refusals": refusals, "summary": lines,
+        "elapsed_s": round(time.perf_counter() - t0, 1), "cases": results,
+    }
+    print(bench.format_table(result) + "\n\n" + "\n".join(lines), flush=True)
+    bench.write_json(args.out / "bench_vit_t.json", result)
+    bench.write_text(args.out / "bench_vit_t.md", bench.format_table(result, markdown=True) + "\n"
+                     + "\n".join(f"- {ln}" for ln in lines) + "\n")
+    log(f"done in {time.perf_counter() - t0:.0f} s; wrote {args.out}/bench_vit_t.json and bench_vit_t.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
