@@ -106,3 +106,28 @@ def test_vit_b_attention_rewrites_are_refused_by_name(tmp_path, attention):
     with pytest.raises(PeftExportError, match="--attention folded/fused: vit_t"):
         merge_and_export(adapted, tmp_path / "x", attention=attention, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_exports_a_micro_sam_vit_t_model_with_its_decoder(tmp_path):
+    """A fully fine-tuned micro-sam vit_t file (model_state with 'sam.' keys + decoder_state), exported by the CLI."""
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+    from peft_export.models import random_sam
+
+    sam = random_sam("vit_t", 256, seed=8)
+    decoder = random_instance_decoder(4)
+    ckpt = tmp_path / "vit_t_lm.pt"
+    torch.save({"model_state": {"sam." + k: v for k, v in sam.state_dict().items()},
+                "decoder_state": decoder.state_dict()}, ckpt)
+    out = tmp_path / "export"
+    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(ckpt), "--model", "vit_t", "--image-size", "256",
+                                   "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    session = SamSession(out)
+    assert session.has_instance_decoder
+    labels, _ = session.segment_instances(nuclei_image())
+    assert labels.shape == (240, 200)
+    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(ckpt), "--model", "vit_b", "-o",
+                                   str(tmp_path / "no"), "-q"])
+    assert res.exit_code == 2 and "checkpoint is vit_t" in res.output
