@@ -3,6 +3,7 @@ and the torch-free runtime predicts, segments everything and segments instances 
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -35,7 +36,7 @@ def export(tmp_path_factory):
     adapted = adapted_vit_t(LATE_LORA)
     adapted.instance_decoder = random_instance_decoder(3)
     out = tmp_path_factory.mktemp("vit_t") / "export"
-    manifest = merge_and_export(adapted, out, precisions=("fp32",), progress=False)
+    manifest = merge_and_export(adapted, out, precisions=("fp32", "fp16"), progress=False)
     return adapted, out, manifest
 
 
@@ -43,7 +44,12 @@ def test_manifest_holds_verified_vit_t_graphs(export):
     _, out, manifest = export
     assert manifest["model_type"] == "vit_t" and manifest["image_size"] == 256
     graphs = manifest["graphs"]
-    assert graphs["encoder"]["fp32"]["parity"]["passed"]
+    for precision in ("fp32", "fp16"):
+        assert graphs["encoder"][precision]["parity"]["passed"], precision
+        for backend, parity in graphs["encoder"][precision].get("parity_by_backend", {}).items():
+            assert parity["passed"], (precision, backend)
+    if importlib.util.find_spec("openvino"):
+        assert "openvino" in graphs["encoder"]["fp32"]["parity_by_backend"]
     assert graphs["encoder"]["fp32"]["outputs"][0]["shape"] == [1, 256, 16, 16]
     assert graphs["ais_decoder"]["fp32"]["parity"]["passed"]
     assert (out / "ais_decoder.onnx").is_file() and (out / "encoder.onnx").is_file()
