@@ -1,6 +1,7 @@
 """Training cost per PEFT method: seconds per step and peak memory, one fresh process per method.
 
     python benchmarks/bench_training.py --model vit_b --image-size 512 --steps 3 --device cpu
+    python benchmarks/bench_training.py --model vit_t --image-size 1024 --steps 3 --device cpu   # MobileSAM
 
 Every method trains on the same synthetic data, model, patch size and prompts (the loop of
 ``peftexport finetune``, no validation). Peak memory is the process's peak RSS on the CPU or
