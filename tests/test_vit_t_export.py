@@ -137,3 +137,14 @@ def test_cli_exports_a_micro_sam_vit_t_model_with_its_decoder(tmp_path):
     res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(ckpt), "--model", "vit_b", "-o",
                                    str(tmp_path / "no"), "-q"])
     assert res.exit_code == 2 and "checkpoint is vit_t" in res.output
+
+
+def test_adaptformer_stays_in_the_vit_t_graph(tmp_path):
+    adapted = adapted_vit_t(dict(method="adaptformer", blocks="8-9", bottleneck=8))
+    manifest = merge_and_export(adapted, tmp_path / "af", precisions=("fp32",), progress=False)
+    parity = manifest["graphs"]["encoder"]["fp32"]["parity"]
+    assert parity["passed"] and parity["embeddings_max_rel"] <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "af" / "encoder.onnx"), load_external_data=False)
+    assert any("down_proj" in n.name for n in graph.graph.node)  # the branch is in the graph
