@@ -235,6 +235,11 @@ def format_merge_report(report: dict) -> str:
     lines += [
         f"  verification: {'passed' if report['passed'] else 'FAILED'} (tolerance rel {report['tolerance_rel']:.0e})",
     ]
+    base = report.get("base") or {}
+    if base.get("model_type") == "vit_t" and base.get("image_size") not in (None, 1024):
+        # TinyViT has no positional embedding: nothing in the file says which size it was trained at.
+        lines.append(f"  note: vit_t checkpoints do not record their image size; this model was trained at "
+                     f"{base['image_size']} px: pass --image-size {base['image_size']} when you load it")
     q = report.get("qlora_vs_fp32_base")
     if q:  # what the 4-bit base costs: the same LoRA merged into the fp32 base, compared
         lines.append(f"  QLoRA vs the same LoRA on the fp32 base: embeddings max rel {q['embeddings']['max_rel']:.3e}, "

@@ -10,7 +10,7 @@ import torch
 
 from helpers import randomize_trainables
 from peft_export.errors import PeftExportError
-from peft_export.merge import compare_models, merge_to_checkpoint
+from peft_export.merge import compare_models, format_merge_report, merge_to_checkpoint
 from peft_export.models import build_sam_architecture, load_sam, random_sam
 from peft_export.models.encoder_split import encode_with_frozen_prefix, first_trainable_block
 from peft_export.peft import PeftConfig, apply_peft, load_adapter, merge_peft, save_adapter
@@ -171,6 +171,7 @@ def test_adapter_round_trip_and_merge_file_loads_in_mobile_sam(tmp_path):
                                                   again.model.state_dict().values()))
     report = merge_to_checkpoint(again, tmp_path / "merged.pth")
     assert report["passed"]
+    assert "trained at 256 px: pass --image-size 256" in format_merge_report(report)
     state = torch.load(tmp_path / "merged.pth", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
