@@ -47,6 +47,11 @@ class AutomaticSegmentation:
         when the export has it; exports of several adapters run each adapter's
         ``decoder_lowres``).
         """
+        if embedding is None and getattr(self, "_tiled", None) is not None:
+            return self._tiled.segment_everything(
+                points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh, box_nms_thresh=box_nms_thresh,
+                min_mask_region_area=min_mask_region_area, return_masks=return_masks, decoder=decoder)
         emb = self._snapshot(embedding, adapter)
         return _segment_everything(
             self._everything_decoder(emb, decoder),
@@ -153,6 +158,8 @@ class AutomaticSegmentation:
         })
         self._ais_graph(adapter)  # both before the encoder runs
         require_ais_packages()
+        if image is None and embedding is None and getattr(self, "_tiled", None) is not None:
+            return self._tiled.segment_instances(**params)  # the image of set_image(..., tile=...)
         if image is not None:
             if embedding is not None:
                 raise PeftExportError("segment_instances: give an image or embedding=, not both")

@@ -8,6 +8,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+# predict_batch refuses a mask stack larger than this (64 masks of an 8000x8000 image: 4 GiB).
+MAX_BATCH_MASK_BYTES = 2**30
+
 
 @dataclass(frozen=True)
 class ImageEmbedding:

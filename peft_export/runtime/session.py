@@ -29,14 +29,11 @@ from .adapters import EncodedImage, adapter_routes, choose_adapter_graphs, pick_
 from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import AutomaticSegmentation
-from .embedding import ImageEmbedding
+from .embedding import MAX_BATCH_MASK_BYTES, ImageEmbedding
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
-
-# predict_batch refuses a mask stack larger than this (64 masks of an 8000x8000 image: 4 GiB).
-MAX_BATCH_MASK_BYTES = 2**30
 
 
 class SamSession(AutomaticSegmentation):
@@ -87,6 +84,7 @@ class SamSession(AutomaticSegmentation):
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None
+        self._tiled: Any = None  # a TiledImage after set_image(..., tile=...)
         self._intra_op_threads = intra_op_threads
         self._split: Any = None  # the split decoder graphs, opened on the first segment_everything
 
@@ -182,6 +180,11 @@ class SamSession(AutomaticSegmentation):
         x, original_size, input_size = prepare_image(
             image, self._intensity_rule, self.image_size, self._pixel_mean, self._pixel_std, self._interpolation
         )
+        return self.encode_prepared(x, original_size, input_size, adapters)
+
+    def encode_prepared(self, x: np.ndarray, original_size: Tuple[int, int], input_size: Tuple[int, int],
+                        adapters: Optional[Sequence[str]] = None) -> Union[ImageEmbedding, EncodedImage]:
+        """``encode`` of an encoder input already prepared (1x3xSxS; a tile of ``runtime.tiling``)."""
         if self._routes:
             encoded = EncodedImage(x, original_size, input_size, self._routes, self._run_graph, self._checked_embedding)
             encoded.run_trunk()
@@ -205,15 +208,37 @@ class SamSession(AutomaticSegmentation):
         inputs = (self.manifest["graphs"][key][self._chosen[key][0]].get("inputs") or [{"name": "image"}])
         return next(iter(self._backend.run(key, {inputs[0]["name"]: x}).values()))
 
-    def set_image(self, image: np.ndarray, adapters: Optional[Sequence[str]] = None) -> None:
+    def set_image(self, image: np.ndarray, adapters: Optional[Sequence[str]] = None, tile: Optional[int] = None,
+                  halo: Optional[int] = None, scale: Optional[float] = None) -> None:
         """Encode ``image`` once; later ``predict`` calls use it (several adapters: the trunk runs
-        now, each head on first use, or now for the names in ``adapters``)."""
+        now, each head on first use, or now for the names in ``adapters``).
+
+        ``tile``/``halo``/``scale`` (any of them): a large image at full resolution, tile by tile
+        (``tiled``); ``predict``, ``segment_instances`` and ``segment_everything`` then work on the
+        whole image through its tiles. An image that fits in one tile is encoded as without them.
+        """
+        if tile is None and halo is None and scale is None:
+            with self._lock:
+                self._embedding, self._tiled = self.encode(image, adapters), None
+            return
+        tiled = self.tiled(image, tile=tile, halo=halo, scale=scale,
+                           adapter=adapters[0] if adapters else None)
         with self._lock:
-            self._embedding = self.encode(image, adapters)
+            self._embedding, self._tiled = None, tiled
+
+    def tiled(self, image: Any, tile: Optional[int] = None, halo: Optional[int] = None,
+              scale: Optional[float] = None, adapter: Optional[str] = None) -> Any:
+        """A ``TiledImage`` of ``image`` (numpy, memmap or zarr array, HxW or HxWxC): tiles of ``tile``
+        native pixels resized to the model input (default: the export's training scale), ``halo``
+        pixels of context per side (default tile / 4); see ``runtime.tiled``."""
+        from .tiled import TiledImage
+        from .tiling import tile_spec
+
+        return TiledImage(self, image, tile_spec(self.manifest, tile, halo, scale), adapter)
 
     def reset_image(self) -> None:
         with self._lock:
-            self._embedding = None
+            self._embedding, self._tiled = None, None
 
     def get_image_embedding(self, adapter: Optional[str] = None) -> np.ndarray:
         """The (1,256,g,g) embedding of the image given to ``set_image`` (of ``adapter``, if several)."""
@@ -299,7 +324,11 @@ class SamSession(AutomaticSegmentation):
         Coordinates are x,y pixels of the original image; box is XYXY; mask_input is the
         (1,4g,4g) low-res logits of an earlier call. C = 3 with multimask_output else 1.
         ``adapter`` names the adapter of an export of several (optional when it has one).
+        After ``set_image(..., tile=...)`` the prompt goes to one tile (``runtime.tiled``).
         """
+        if embedding is None and self._tiled is not None:
+            return self._tiled.predict(point_coords, point_labels, box, mask_input=mask_input,
+                                       multimask_output=multimask_output, return_logits=return_logits)
         emb = self._snapshot(embedding, adapter)
         pts = lbl = boxes = None
         if point_coords is not None or point_labels is not None:
