@@ -140,3 +140,14 @@ def write_manifest(export_dir: Path, manifest: dict) -> Path:
     path = Path(export_dir) / MANIFEST
     path.write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def training_scale_record(adapter_meta: dict) -> dict | None:
+    """The adapter's training scale (native crop size -> model input) for manifest.json, or None
+    (older adapters: from their training.patch_size and base image size)."""
+    rec = adapter_meta.get("training_scale")
+    if rec is None:
+        patch = (adapter_meta.get("training") or {}).get("patch_size")
+        size = (adapter_meta.get("base") or {}).get("image_size")
+        rec = {"crop_size": int(patch), "model_input": int(size)} if patch and size else None
+    return rec

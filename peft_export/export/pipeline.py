@@ -21,7 +21,7 @@ from ..merge import merge_and_verify
 from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
-from .manifest import build_manifest, graph_entry, write_manifest
+from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
@@ -256,6 +256,7 @@ def merge_and_export(
             merged, in_graph, graphs, opset, used_exporter, adapted.base.to_dict(), merge_report,
         )
         manifest["source"] = export_source(adapted)
+        manifest["training_scale"] = training_scale_record(adapted.meta)  # the tiled runtime's default tile
         manifest["instance_segmentation"] = ais
         if target is not None:
             manifest["tensorrt"] = _tensorrt(target, tmp, graphs, precisions, size, reference, log)

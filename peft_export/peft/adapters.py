@@ -129,6 +129,9 @@ def save_adapter(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(extra or {})
+    patch = ((extra or {}).get("training") or {}).get("patch_size")
+    if patch:  # how training crops met the encoder: the tiled runtime's default tile reproduces it
+        meta["training_scale"] = {"crop_size": int(patch), "model_input": int(adapted.model.image_encoder.img_size)}
     with atomic_file(out_dir / ADAPTER_WEIGHTS, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
         # Each file is renamed into place on its own: a crash between the two renames, or files copied
