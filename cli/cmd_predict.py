@@ -14,8 +14,10 @@ from .options import OverwriteOpt, QuietOpt
 @command("predict", short="Segment images: prompts, everything or AIS.", help="Segment images with an export: point/box prompts, segment-everything, or automatic instance segmentation (--instances).")
 def predict(
     export_dir: Path = typer.Argument(..., help="Export directory (manifest.json + ONNX graphs)."),
-    images: List[Path] = typer.Argument(..., help="Image files: TIFF, PNG, JPEG or NPY (2D gray or RGB)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing)."),
+    images: List[Path] = typer.Argument(..., help="Image files (TIFF, PNG, JPEG, NPY; 2D gray or RGB), zarr / "
+                                        "OME-Zarr stores, or folders of them."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing), or OUT.zarr for the "
+                             "labels of one large image."),
     points: Optional[str] = typer.Option(None, "--points", help="'x,y[,label];...' pixels; label 1 positive (default), 0 negative."),
     box: Optional[str] = typer.Option(None, "--box", help="'x0,y0,x1,y1' pixels."),
     everything: bool = typer.Option(False, "--everything", help="Segment every object (instance labels)."),
@@ -39,6 +41,16 @@ def predict(
     foreground_smoothing: float = typer.Option(1.0, "--foreground-smoothing", help="--instances: Gaussian sigma (0: off)."),
     distance_smoothing: float = typer.Option(1.6, "--distance-smoothing", help="--instances: Gaussian sigma (0: off)."),
     min_size: int = typer.Option(0, "--min-size", help="--instances: remove objects with fewer pixels."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="--instances on large images: tile size in native "
+                                       "pixels, resized to the model input (default: the export's training scale, "
+                                       "else the model input). Labels go to zarr."),
+    halo: Optional[int] = typer.Option(None, "--halo", help="Tiles: context pixels per side (default tile/4)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Tiles: magnification into the model "
+                                          "(model input / tile); instead of --tile."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Run tiles and images on a local Dask "
+                                          "cluster of N processes (peftexport[distributed])."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its "
+                                            "scheduler address, e.g. tcp://host:8786."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are complete (their _scores.json, "
                                 "written last, exists) and redo the rest: continues a stopped run over a folder."),
     overwrite: bool = OverwriteOpt,
@@ -48,17 +60,21 @@ def predict(
     --instances uses micro-sam's post-processing defaults."""
     from peft_export.predict import predict_images
 
+    instance_options = dict(center_distance_threshold=center_distance_threshold,
+                            boundary_distance_threshold=boundary_distance_threshold,
+                            foreground_threshold=foreground_threshold, foreground_smoothing=foreground_smoothing,
+                            distance_smoothing=distance_smoothing, min_size=min_size)
+    if use_large_path(images, out, tile, halo, scale, workers, scheduler):
+        return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
+                              halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet)
+
     opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                 stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
                              progress=not quiet, adapter=adapter, instances=instances, resume=resume,
-                             instance_options=dict(center_distance_threshold=center_distance_threshold,
-                                                   boundary_distance_threshold=boundary_distance_threshold,
-                                                   foreground_threshold=foreground_threshold,
-                                                   foreground_smoothing=foreground_smoothing,
-                                                   distance_smoothing=distance_smoothing, min_size=min_size))
+                             instance_options=instance_options)
     skipped = [r for r in records if r.get("skipped")]
     if skipped:
         echo(f"skipped {len(skipped)} image(s) whose outputs are complete (--resume)")
@@ -74,3 +90,49 @@ def predict(
             echo(f"{r['image']}{who}: mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, "
                  f"{r['mask_area']} px) -> {r['outputs']['mask']}")
     echo(f"wrote {len(records) - len(skipped)} result(s) to {out}")
+
+
+def use_large_path(images, out, tile, halo, scale, workers, scheduler) -> bool:
+    """Tiles, zarr, or a Dask cluster: the large-image path (labels into zarr)."""
+    from peft_export.predict.arrays import is_zarr
+
+    return (any(v is not None for v in (tile, halo, scale, workers, scheduler)) or str(out).endswith(".zarr")
+            or any(is_zarr(Path(p)) for p in images))
+
+
+def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
+                   instance_options, precision, overwrite, resume, quiet) -> None:
+    from peft_export.errors import PeftExportError
+    from peft_export.predict.large import plan_large_images, run_large
+
+    if other_mode or not instances:
+        raise PeftExportError("--tile/--halo/--scale/--workers/--scheduler and zarr: the command line runs "
+                              "--instances on large images (prompts and segment-everything: SamSession.tiled)")
+    if workers is not None and scheduler is not None:
+        raise PeftExportError("--workers and --scheduler: give one (a local cluster, or an existing one)")
+    if workers is not None and workers < 1:
+        raise PeftExportError(f"--workers: must be >= 1, got {workers}")
+    client = None
+    if workers is not None or scheduler is not None:
+        from peft_export.distributed import connect
+
+        client = connect(workers, scheduler)  # before any output: an address that does not answer stops here
+    try:
+        jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
+                                 instance_options=instance_options, precision=precision, overwrite=overwrite,
+                                 resume=resume)
+        if client is not None:
+            from peft_export.distributed import run_jobs
+
+            records = run_jobs(client, jobs, progress=not quiet)
+        else:
+            records = [run_large(job, progress=not quiet) for job in jobs]
+    finally:
+        if client is not None:
+            from peft_export.distributed import close
+
+            close(client)
+    for r in records:
+        echo(f"{r['image']}: {r['n_objects']} objects ({r['tiles']} tile(s) of {r['tile']} px, scale "
+             f"{r['scale']:g}) -> {r['outputs']['labels']}")
+    echo(f"wrote {len(records)} result(s) to {out}")

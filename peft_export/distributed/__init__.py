@@ -3,3 +3,7 @@
 
 May import: runtime, predict, data, errors, fsutil (and dask, distributed, zarr lazily).
 """
+
+from .cluster import close, connect, run_jobs
+
+__all__ = ["close", "connect", "run_jobs"]

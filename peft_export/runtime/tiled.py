@@ -35,13 +35,14 @@ EDGE_TOLERANCE = 20  # px: SAM's is_box_near_crop_edge atol (crops much larger t
 class TiledImage:
     """One large image (H x W or H x W x C array-like: numpy, memmap, zarr) cut into tiles."""
 
-    def __init__(self, session: Any, image: Any, spec: TileSpec, adapter: Optional[str] = None, cache: int = 4):
+    def __init__(self, session: Any, image: Any, spec: TileSpec, adapter: Optional[str] = None, cache: int = 4,
+                 intensity: Optional[IntensityRange] = None):
         if len(image.shape) not in (2, 3) or min(image.shape[:2]) < 1:
             raise PeftExportError(f"image: expected HxW or HxWxC, got shape {tuple(image.shape)}")
         self.session, self.image, self.spec, self.adapter = session, image, spec, adapter
         self.shape = (int(image.shape[0]), int(image.shape[1]))
         self.grid = TileGrid(self.shape, spec)
-        self.intensity = IntensityRange(image, session._intensity_rule)
+        self.intensity = intensity or IntensityRange(image, session._intensity_rule)
         self._cache: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
         self._cache_size = cache
 

@@ -171,6 +171,16 @@ class IntensityRange:
                     lo, hi = float(values.min()), float(values.max())
                 self.lo, self.hi = float(lo), float(hi)
 
+    def record(self) -> Dict[str, Any]:
+        """JSON-able statistics (a resumed or distributed run normalises every tile alike)."""
+        return {"rule": self.rule, "lo": self.lo, "hi": self.hi, "keep": self.keep}
+
+    @classmethod
+    def from_record(cls, rec: Dict[str, Any]) -> "IntensityRange":
+        self = cls.__new__(cls)
+        self.rule, self.lo, self.hi, self.keep = rec["rule"], rec["lo"], rec["hi"], rec["keep"]
+        return self
+
     def to_uint8(self, tile: np.ndarray) -> np.ndarray:
         """A tile (HxW or HxWxC) -> uint8 HxWx3, as ``normalize_intensity`` + ``to_uint8`` would map it
         with these statistics."""

@@ -1,0 +1,323 @@
+"""Automatic instance segmentation of one large image into OME-Zarr, as small resumable steps.
+
+``plan_large`` checks every input and lays out ``OUT.zarr.partial/``: the labels array "0",
+``_work/`` (the assembled AIS maps, seeds, watershed labels) and ``run.json`` (the settings).
+Each step is a function of (job, index) that reads and writes only its own window, so the same
+steps run in this process (``run_large``) or as Dask tasks (``peft_export.distributed``):
+
+1. ``tile_step``: encoder + instance decoder on one tile; its inner area of the maps written;
+2. ``seed_step`` / ``merge_step`` / ``watershed_step`` / ``relabel_step``: the block-wise seeded
+   watershed of ``runtime.blockwise``, blocks aligned with the tiles' chunks;
+3. ``finish_large``: OME-NGFF metadata written, ``_work`` removed, ``OUT.zarr.partial`` renamed
+   to ``OUT.zarr`` (only a finished run has that name).
+
+Resume: a step ends by writing its marker in ``_work/done/`` (a file renamed into place after
+its data is written), and a rerun of the same command skips every step whose marker exists; a
+step cut midway has none and is redone whole (its window is rewritten). Every step is idempotent:
+it reads only the outputs of earlier stages, never its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import PeftExportError
+
+WATERSHED_HALO = 64  # px of context around each watershed block
+WATERSHED_BLOCK = 1024  # px, rounded to whole tiles
+_SESSIONS: Dict[tuple, Any] = {}  # one session per export per process: a worker loads the export once
+_MERGE: Dict[str, Any] = {}
+
+
+def session_for(job: Dict[str, Any]) -> Any:
+    """This process's session of the job's export (opened on first use)."""
+    from ..runtime import SamSession
+
+    key = (job["export_dir"], job["precision"], job.get("threads"))
+    if key not in _SESSIONS:
+        _SESSIONS[key] = SamSession(job["export_dir"], precision=job["precision"], intra_op_threads=job.get("threads"))
+    return _SESSIONS[key]
+
+
+def _work(job: Dict[str, Any]) -> Path:
+    return Path(job["partial"]) / "_work"
+
+
+def _marker(job: Dict[str, Any], name: str) -> Path:
+    return _work(job) / "done" / name
+
+
+def _done(job: Dict[str, Any], name: str) -> bool:
+    return _marker(job, name).is_file()
+
+
+def _mark(job: Dict[str, Any], name: str, payload: Any = None) -> None:
+    path = _marker(job, name)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def _read_mark(job: Dict[str, Any], name: str) -> Any:
+    return json.loads(_marker(job, name).read_text())
+
+
+def _zarr(job: Dict[str, Any], name: str) -> Any:
+    import zarr
+
+    return zarr.open_array(str(Path(job["partial"]) / name), mode="r+")
+
+
+def _grid(job: Dict[str, Any]):
+    from ..runtime.tiling import TileGrid, TileSpec
+
+    return TileGrid(tuple(job["shape"]), TileSpec(**job["spec"]))
+
+
+def _blocks(job: Dict[str, Any]) -> List[tuple]:
+    from ..runtime.blockwise import blocks
+
+    return blocks(tuple(job["shape"]), job["block"])
+
+
+def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
+               tile: Optional[int] = None, halo: Optional[int] = None, scale: Optional[float] = None,
+               instance_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
+               overwrite: bool = False, threads: Optional[int] = None, block: Optional[int] = None) -> Dict[str, Any]:
+    """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
+    ``block``: the watershed's block (default ``WATERSHED_BLOCK``), rounded to whole tiles."""
+    from ..runtime import read_manifest
+    from ..runtime.instances import check_ais_params, require_ais_packages
+    from ..runtime.tiling import IntensityRange, TileGrid, tile_spec
+    from .arrays import create_labels_group, open_image_array
+
+    out = Path(out)
+    if out.suffix != ".zarr":
+        raise PeftExportError(f"{out}: a large image's labels go to a zarr store; name it OUT.zarr")
+    params = check_ais_params(dict(instance_options or {}))
+    manifest = read_manifest(export_dir)
+    if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
+        raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none")
+    require_ais_packages()
+    spec = tile_spec(manifest, tile, halo, scale)
+    array = open_image_array(image)
+    shape = (int(array.shape[0]), int(array.shape[1]))
+    grid = TileGrid(shape, spec)
+    step = max(shape) if grid.single else spec.step
+    block = step * max(1, int(block or WATERSHED_BLOCK) // step)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not (partial / "run.json").is_file():
+        raise PeftExportError(f"{partial}: exists and is not a stopped run of peftexport; move it away")
+    if out.exists() and not overwrite:
+        raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
+    settings = {"export_dir": str(Path(export_dir).resolve()), "image": str(Path(image).resolve()),
+                "shape": list(shape), "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
+                "params": params, "precision": precision, "block": block, "step": step}
+    job = {**settings, "out": str(out), "partial": str(partial), "threads": threads}
+    if (partial / "run.json").is_file() and not overwrite:
+        before = json.loads((partial / "run.json").read_text())
+        if {k: before.get(k) for k in settings} != settings:
+            raise PeftExportError(f"{partial}: a stopped run with other settings (image, tile, options); delete it or "
+                                  "pass --overwrite to start again")
+        return {**job, "intensity": before["intensity"], "resumed": True}
+    if partial.exists():
+        shutil.rmtree(partial)
+    job["intensity"] = IntensityRange(array, manifest["preprocessing"].get("intensity")).record()
+    import zarr
+
+    create_labels_group(partial, shape, block, out.stem, str(image))
+    work = zarr.open_group(str(partial / "_work"), mode="w", zarr_format=2)
+    mchunk = (1, step, step)
+    work.create_array("maps", shape=(3, *shape), chunks=mchunk, dtype="float32", fill_value=0)
+    work.create_array("seeds", shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
+    work.create_array("ws", shape=shape, chunks=(block, block), dtype="uint32", fill_value=0)
+    (partial / "_work" / "done").mkdir()
+    (partial / "run.json").write_text(json.dumps({k: job[k] for k in (*settings, "intensity")}, indent=1))
+    return {**job, "resumed": False}
+
+
+def tile_step(job: Dict[str, Any], k: int) -> None:
+    """Encoder + instance decoder on tile ``k``; its inner area of the maps written."""
+    from ..runtime.tiled import TiledImage
+    from ..runtime.tiling import IntensityRange, TileSpec
+    from .arrays import open_image_array
+
+    name = f"tile_{k}"
+    if _done(job, name):
+        return
+    session = session_for(job)
+    tiled = TiledImage(session, open_image_array(job["image"]), TileSpec(**job["spec"]), cache=1,
+                       intensity=IntensityRange.from_record(job["intensity"]))
+    tile = tiled.grid.tiles[k]
+    y0, y1, x0, x1 = tile.inner
+    _zarr(job, "_work/maps")[:, y0:y1, x0:x1] = tiled.tile_maps(tile)
+    _mark(job, name)
+
+
+def seed_step(job: Dict[str, Any], k: int) -> int:
+    from ..runtime.blockwise import seed_block
+
+    name = f"seeds_{k}"
+    if not _done(job, name):
+        n = seed_block(_zarr(job, "_work/maps"), _zarr(job, "_work/seeds"), _blocks(job)[k], k, job["block"],
+                       WATERSHED_HALO, job["params"])
+        _mark(job, name, n)
+    return int(_read_mark(job, name))
+
+
+def merge_step(job: Dict[str, Any]) -> None:
+    """Seeds touching across block faces merged (connected components); the id map saved."""
+    from ..runtime.blockwise import face_pairs, merge_seeds
+
+    path = _work(job) / "merge.npz"
+    if _done(job, "merge"):
+        return
+    counts = [int(_read_mark(job, f"seeds_{k}")) for k in range(len(_blocks(job)))]
+    keys, merged = merge_seeds(counts, job["block"], face_pairs(_zarr(job, "_work/seeds"), tuple(job["shape"]),
+                                                                job["block"]))
+    tmp = path.with_name(f".merge.tmp{os.getpid()}.npz")
+    np.savez(tmp, keys=keys, merged=merged)
+    os.replace(tmp, path)
+    _mark(job, "merge")
+
+
+def _merge_map(job: Dict[str, Any]):
+    key = job["partial"]
+    if key not in _MERGE:
+        with np.load(_work(job) / "merge.npz") as f:
+            _MERGE[key] = (f["keys"], f["merged"])
+    return _MERGE[key]
+
+
+def watershed_step(job: Dict[str, Any], k: int) -> None:
+    from ..runtime.blockwise import watershed_block
+
+    name = f"ws_{k}"
+    if _done(job, name):
+        return
+    keys, merged = _merge_map(job)
+    counts = watershed_block(_zarr(job, "_work/maps"), _zarr(job, "_work/seeds"), _zarr(job, "_work/ws"),
+                             _blocks(job)[k], WATERSHED_HALO, job["params"], keys, merged)
+    _mark(job, name, counts.tolist())
+
+
+def relabel_step(job: Dict[str, Any], k: int) -> int:
+    """Objects under min_size removed, ids consecutive; block ``k`` written into the labels."""
+    from ..runtime.blockwise import size_filter
+
+    name = f"relabel_{k}"
+    if not _done(job, name):
+        key = job["partial"] + ":sizes"
+        if key not in _MERGE:
+            counts = [np.asarray(_read_mark(job, f"ws_{i}"), np.int64) for i in range(len(_blocks(job)))]
+            _MERGE[key] = size_filter(counts, int(job["params"]["min_size"]))
+        new_ids = _MERGE[key]
+        y0, y1, x0, x1 = _blocks(job)[k]
+        lab = new_ids[np.asarray(_zarr(job, "_work/ws")[y0:y1, x0:x1]).astype(np.int64)]
+        _zarr(job, "0")[y0:y1, x0:x1] = lab.astype(np.uint32)
+        _mark(job, name, int(lab.max()) if lab.size else 0)
+    return int(_read_mark(job, name))
+
+
+def finish_large(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Metadata, scratch removed, ``OUT.zarr.partial`` renamed to ``OUT.zarr``; the run's record."""
+    import zarr
+
+    from .arrays import finish_labels
+
+    n = max((int(_read_mark(job, f"relabel_{k}")) for k in range(len(_blocks(job)))), default=0)
+    partial, out = Path(job["partial"]), Path(job["out"])
+    group = zarr.open_group(str(partial), mode="r+")
+    finish_labels(group, out.stem, job["image"])
+    record = {"image": job["image"], "shape": job["shape"], "mode": "instances", "tiled": True,
+              "tile": job["spec"]["tile"], "halo": job["spec"]["halo"],
+              "scale": job["spec"]["image_size"] / job["spec"]["tile"], "tiles": len(_grid(job)),
+              "options": job["params"], "n_objects": n, "outputs": {"labels": str(out)}}
+    group.attrs["peftexport"] = record
+    shutil.rmtree(partial / "_work")
+    (partial / "run.json").unlink()
+    if out.exists():  # --overwrite: the old result goes only now that the new one is complete
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    for key in [k for k in _MERGE if k.startswith(job["partial"])]:
+        del _MERGE[key]
+    return record
+
+
+def stages(job: Dict[str, Any]) -> List[tuple]:
+    """(name, step function, number of indices) in order; ``merge`` runs once."""
+    nb = len(_blocks(job))
+    return [("tiles", tile_step, len(_grid(job))), ("seeds", seed_step, nb), ("merge", merge_step, 0),
+            ("watershed", watershed_step, nb), ("labels", relabel_step, nb)]
+
+
+def run_large(job: Dict[str, Any], progress: bool = False) -> Dict[str, Any]:
+    """Every step in this process (skipping those a stopped run finished), then ``finish_large``."""
+    from tqdm import tqdm
+
+    for name, step, n in stages(job):
+        if n == 0:
+            step(job)
+            continue
+        for k in tqdm(range(n), desc=name, unit="tile" if name == "tiles" else "block", disable=not progress):
+            step(job, k)
+    return finish_large(job)
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
+
+
+def expand_inputs(paths: List[str | os.PathLike]) -> List[Path]:
+    """Image files and zarr stores; a folder that is not a zarr store gives its images (sorted)."""
+    from .arrays import is_zarr
+
+    found: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not is_zarr(p):
+            inside = sorted(q for q in p.iterdir() if (q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+                            or (q.suffix == ".zarr" and is_zarr(q)))
+            if not inside:
+                raise PeftExportError(f"{p}: a folder without images ({', '.join(IMAGE_SUFFIXES)} or .zarr)")
+            found += inside
+        else:
+            found.append(p)
+    return found
+
+
+def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathLike], out: str | os.PathLike,
+                      **options: Any) -> List[Dict[str, Any]]:
+    """One job per image, every one checked before any is laid out: ``out`` is OUT.zarr for one
+    image, else a folder that gets ``<stem>_labels.zarr`` per image."""
+    from ..data.io import file_stem
+
+    resume = bool(options.pop("resume", False))
+    files, out = expand_inputs(images), Path(out)
+    if out.suffix == ".zarr" and len(files) != 1:
+        raise PeftExportError(f"{out}: one .zarr output holds one image's labels; give an output folder for "
+                              f"{len(files)} images")
+    targets = [out] if out.suffix == ".zarr" else [out / f"{file_stem(f) if f.suffix != '.zarr' else f.stem}"
+                                                         f"_labels.zarr" for f in files]
+    if len(set(targets)) != len(targets):
+        raise PeftExportError(f"{out}: two images have the same name; their outputs would collide")
+    if out.suffix != ".zarr" and out.exists() and not out.is_dir():
+        raise PeftExportError(f"{out}: exists and is not a directory")
+    from .arrays import open_image_array
+
+    todo = []
+    for f, t in zip(files, targets):  # every input checked (opens as an image, output free) first
+        open_image_array(f)
+        if t.exists() and resume and not options.get("overwrite"):
+            continue  # finished: only a complete run has the final name
+        if t.exists() and not options.get("overwrite"):
+            raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it, or --resume to skip "
+                                  "finished images)")
+        todo.append((f, t))
+    if out.suffix != ".zarr":
+        out.mkdir(parents=True, exist_ok=True)
+    return [plan_large(export_dir, f, t, **options) for f, t in todo]
