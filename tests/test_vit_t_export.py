@@ -137,6 +137,13 @@ def test_cli_exports_a_micro_sam_vit_t_model_with_its_decoder(tmp_path):
     res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(ckpt), "--model", "vit_b", "-o",
                                    str(tmp_path / "no"), "-q"])
     assert res.exit_code == 2 and "checkpoint is vit_t" in res.output
+    # --micro-sam with a method that adds no layer imports the same model (micro-sam files need --peft).
+    from peft_export.peft import PeftConfig
+    from peft_export.peft.adapters import load_model_source
+
+    imported = load_model_source(micro_sam=ckpt, micro_sam_config=PeftConfig(method="freeze-encoder"), model_type="vit_t")
+    assert imported.instance_decoder is not None
+    assert all(torch.equal(v, sam.state_dict()[k]) for k, v in imported.model.state_dict().items())
 
 
 def test_adaptformer_stays_in_the_vit_t_graph(tmp_path):
