@@ -102,7 +102,6 @@ def test_merge_is_exact_against_hand_merge_and_the_adapter_model(name):
     expected = hand_merge(state, config.get("alpha", 1.0))
     got = merged.state_dict()
     assert set(got) == set(build_sam_architecture("vit_t").state_dict()) == set(expected)
-    changed = 0
     for k, v in got.items():
         ref = expected[k]
         if v.is_floating_point():
