@@ -1,0 +1,199 @@
+"""Tiled segmentation of large images (issue 26): correctness, memory, throughput, cost per megapixel.
+
+    python benchmarks/bench_tiled.py --export EXPORT_DIR --out bench_tiled/ \
+        [--mosaic 4096] [--sizes 2048,4096,8192,16384] [--rss-size 16384] [--workers 2] [--tile T --halo H]
+
+EXPORT_DIR needs an instance decoder (AIS). Parts, each in its own line of bench_tiled.json / .md:
+
+- mosaic: a --mosaic² image of the demo's synthetic nuclei (256-px samples side by side, labels
+  known). Tiled AIS on the whole mosaic vs the same model on each 256-px sample alone (untiled):
+  mSA of each against the ground truth, and "split": ground-truth objects that a prediction cuts
+  into two or more objects (each piece >= 20 % of the object), tiled vs untiled.
+- cluster: the mosaic in-process vs on a LocalCluster of --workers processes: same labels up to renumbering.
+- rss: peak RSS of `predict IMAGE.zarr --instances` in a fresh process on a --rss-size² uint16 zarr
+  (zarr in and out; the process's own ru_maxrss).
+- throughput: tiles per second of the mosaic with 1 and with --workers workers (LocalCluster).
+- cost: seconds per megapixel, in-process, for each of --sizes (synthetic zarr images).
+Timings are wall clock on this machine; run it on a quiet machine and name the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peft_export.data import synthetic_sample  # noqa: E402
+from peft_export.evaluation.large import mean_segmentation_accuracy_large  # noqa: E402
+from peft_export.predict.large import plan_large, run_large  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mosaic(size: int, seed: int = 0):
+    image, labels, k = np.zeros((size, size), np.uint16), np.zeros((size, size), np.int32), 0
+    for i, y in enumerate(range(0, size, 256)):
+        for j, x in enumerate(range(0, size, 256)):
+            img, lab = synthetic_sample(256, seed=seed + 1000 * i + j)
+            hh, ww = min(256, size - y), min(256, size - x)
+            image[y:y + hh, x:x + ww] = img[:hh, :ww]
+            lab = lab[:hh, :ww].astype(np.int32)
+            labels[y:y + hh, x:x + ww] = np.where(lab > 0, lab + k, 0)
+            k += int(lab.max())
+    return image, labels
+
+
+def write_zarr(path: Path, size: int, chunk: int = 1024) -> Path:
+    """A size² uint16 zarr of nuclei written chunk by chunk (a pool of 16 samples, cycled)."""
+    import zarr
+
+    pool = [synthetic_sample(256, seed=s)[0] for s in range(16)]
+    z = zarr.open_array(str(path), mode="w", shape=(size, size), chunks=(chunk, chunk), dtype="uint16", zarr_format=2)
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            hh, ww = min(chunk, size - y), min(chunk, size - x)
+            block = np.block([[pool[(y // 256 + a + x // 256 + b) % 16] for b in range(-(-ww // 256))]
+                              for a in range(-(-hh // 256))])
+            z[y:y + hh, x:x + ww] = block[:hh, :ww]
+    return path
+
+
+def split_objects(pred: np.ndarray, gt: np.ndarray, frac: float = 0.2) -> int:
+    """Ground-truth objects cut into >= 2 predicted objects, each piece >= ``frac`` of the object."""
+    keep = (gt > 0) & (pred > 0)
+    pairs, counts = np.unique(np.stack([gt[keep], pred[keep]]), axis=1, return_counts=True)
+    area = np.bincount(gt.ravel())
+    big = counts >= frac * area[pairs[0]]
+    ids, n = np.unique(pairs[0][big], return_counts=True)
+    return int((n >= 2).sum())
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def labels_of(path: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(path), mode="r")["0"][:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mosaic", type=int, default=4096)
+    ap.add_argument("--sizes", default="2048,4096,8192,16384")
+    ap.add_argument("--rss-size", type=int, default=16384)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=None)
+    ap.add_argument("--halo", type=int, default=None)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    opts = dict(tile=a.tile, halo=a.halo, overwrite=True)
+    res = {"host": {"cpu": cpu_name(), "python": platform.python_version()},
+           "tile": a.tile, "halo": a.halo}
+
+    # mosaic correctness: tiled whole vs untiled samples
+    import zarr
+
+    from peft_export.distributed import close, connect, run_jobs
+    from peft_export.runtime import SamSession
+
+    image, gt = mosaic(a.mosaic)
+    zarr.open_array(str(work / "mosaic.zarr"), mode="w", shape=image.shape, chunks=(1024, 1024), dtype="uint16",
+                    zarr_format=2)[:] = image
+    t = time.perf_counter()
+    job = plan_large(a.export, work / "mosaic.zarr", work / "tiled.zarr", **opts)
+    rec = run_large(job)
+    t_one_proc = time.perf_counter() - t
+    tiled = labels_of(work / "tiled.zarr")
+    session = SamSession(a.export)
+    untiled = np.zeros_like(gt)
+    k = 0
+    for y in range(0, a.mosaic, 256):
+        for x in range(0, a.mosaic, 256):
+            lab, _ = session.segment_instances(image=image[y:y + 256, x:x + 256])
+            untiled[y:y + 256, x:x + 256] = np.where(lab > 0, lab + k, 0)
+            k += int(lab.max())
+    res["mosaic"] = {"size": a.mosaic, "tiles": rec["tiles"], "tile": rec["tile"], "scale": rec["scale"],
+                     "msa_tiled": mean_segmentation_accuracy_large(tiled, gt)[0],
+                     "msa_untiled_crops": mean_segmentation_accuracy_large(untiled, gt)[0],
+                     "split_tiled": split_objects(tiled, gt), "split_untiled_crops": split_objects(untiled, gt)}
+
+    # cluster: same labels; throughput 1 vs N workers
+    through = {"in_process_s": t_one_proc}
+    for n in (1, a.workers):
+        client = connect(workers=n)
+        try:
+            job = plan_large(a.export, work / "mosaic.zarr", work / f"w{n}.zarr", **opts)
+            t = time.perf_counter()
+            run_jobs(client, [job])
+            dt = time.perf_counter() - t
+        finally:
+            close(client)
+        through[f"workers_{n}"] = {"seconds": dt, "tiles_per_s": rec["tiles"] / dt}
+    through["speedup"] = through["workers_1"]["seconds"] / through[f"workers_{a.workers}"]["seconds"]
+    res["throughput"] = through
+    res["cluster_same_labels"] = same_up_to_renumbering(tiled, labels_of(work / f"w{a.workers}.zarr"))
+
+    # peak RSS in a fresh process on a large zarr
+    write_zarr(work / "big.zarr", a.rss_size)
+    code = ("import resource, sys; from peft_export.predict.large import plan_large, run_large; "
+            f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
+            f"tile={a.tile!r}, halo={a.halo!r}, overwrite=True)); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    rss_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=ROOT).stdout.split()[-1])
+    res["rss"] = {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": rss_kb / 1024}
+
+    # cost per megapixel
+    cost = []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        write_zarr(work / f"s{size}.zarr", size)
+        t = time.perf_counter()
+        run_large(plan_large(a.export, work / f"s{size}.zarr", work / f"s{size}_out.zarr", **opts))
+        dt = time.perf_counter() - t
+        cost.append({"size": size, "seconds": dt, "s_per_mpx": dt / (size * size / 1e6)})
+    res["cost"] = cost
+
+    (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
+    m = res["mosaic"]
+    lines = [f"# Tiled segmentation ({res['host']['cpu']})", "",
+             f"mosaic {m['size']}² ({m['tiles']} tiles of {m['tile']} px, scale {m['scale']:g}): mSA tiled "
+             f"{m['msa_tiled']:.3f} vs untiled 256-px crops {m['msa_untiled_crops']:.3f}; objects split: "
+             f"{m['split_tiled']} tiled, {m['split_untiled_crops']} untiled crops",
+             f"in-process vs {a.workers}-worker LocalCluster: same labels up to renumbering: {res['cluster_same_labels']}",
+             f"peak RSS {res['rss']['size']}² uint16 ({res['rss']['image_mb']:.0f} MB of pixels): "
+             f"{res['rss']['peak_rss_mb']:.0f} MB",
+             f"throughput: 1 worker {through['workers_1']['tiles_per_s']:.2f} tiles/s, {a.workers} workers "
+             f"{through[f'workers_{a.workers}']['tiles_per_s']:.2f} tiles/s (x{through['speedup']:.2f})", "",
+             "| image | seconds | s / megapixel |", "|---|---|---|"]
+    lines += [f"| {c['size']}² | {c['seconds']:.1f} | {c['s_per_mpx']:.3f} |" for c in cost]
+    (out / "bench_tiled.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
