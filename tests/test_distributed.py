@@ -165,3 +165,25 @@ def test_bad_input_is_one_line_and_leaves_nothing(export, image_zarr, tmp_path):
         assert not out.exists() and not (tmp_path / "o.zarr.partial").exists()
     with pytest.raises(PeftExportError, match="name it OUT.zarr"):
         plan_large(export, path, tmp_path / "labels.tif")
+
+
+def test_tiles_and_large_jobs_run_with_torch_blocked(export, image_zarr, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = image_zarr
+    code = f"""
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "onnx"):
+            raise ImportError(f"{{name}} is blocked")
+sys.meta_path.insert(0, _Block())
+from peft_export.predict.large import plan_large, run_large
+import peft_export.distributed
+rec = run_large(plan_large({str(export)!r}, {str(path)!r}, {str(tmp_path / 'tf.zarr')!r}, tile=96, halo=24))
+print(rec["n_objects"])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) > 5
