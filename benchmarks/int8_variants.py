@@ -32,7 +32,7 @@ from compare_peers import log, time_graph  # noqa: E402
 from peft_export.export.agreement import mask_agreement  # noqa: E402
 from peft_export.export.onnx_graphs import export_encoder_onnx  # noqa: E402
 from peft_export.export.quantize import Int8Recipe, matmul_nodes, quantize_int8  # noqa: E402
-from peft_export.export.verify import graph_runner  # noqa: E402
+from peft_export.export.gates import graph_runner  # noqa: E402
 from peft_export.merge import probe_inputs  # noqa: E402
 from peft_export.models import load_sam  # noqa: E402
 

@@ -35,7 +35,8 @@ from ..errors import PeftExportError
 from ..merge import error_stats
 from ..models.instance_decoder import InstanceDecoder
 from . import onnx_graphs as og
-from .verify import Reference, _judge, _nonfinite, graph_runner
+from .gates import graph_runner, judge, nonfinite
+from .verify import Reference
 
 GRAPH = "ais_decoder"
 INPUT, OUTPUT = "image_embeddings", "instance_maps"
@@ -88,9 +89,9 @@ def verify_ais_decoder(path: str | os.PathLike, decoder: InstanceDecoder, refere
         "maps_mean_abs": float(diff.mean()),
         # Share of pixels on the same side of 0.5 (the post-processing's default thresholds).
         "maps_threshold_agreement": float(((want > 0.5) == (got_t > 0.5)).double().mean()),
-        "finite": not _nonfinite(got),
+        "finite": not nonfinite(got),
     }
-    return _judge(stats, precision, ("maps_max_abs", "maps_mean_abs"))
+    return judge(stats, precision, ("maps_max_abs", "maps_mean_abs"))
 
 
 def export_ais(decoder: InstanceDecoder, tmp: Path, image_size: int, precisions, opset: int, check) -> dict:

@@ -33,6 +33,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from ..runtime.split_decoder import CLICK_GRAPH, SPLIT_CONTEXT
+from .gates import graph_runner, judge, mask_iou, nonfinite
 from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, _head_blocks, _heads, decoder_tokens,
                              dense_pe_tokens, mask_weights)
 from .onnx_graphs import DECODER_IO
@@ -175,7 +176,6 @@ def verify_click_decoder(path: str | os.PathLike, reference, precision: str = "f
     ``backend`` vs segment_anything's decoder on the reference embedding and every reference prompt
     (with and without mask input): the shown mask and its index."""
     from ..merge import error_stats
-    from .verify import _judge, _mask_iou, _nonfinite, graph_runner
 
     context = Path(path).parent / "split_image.onnx" if context is None else Path(context)
     split_image, click = graph_runner(context, backend), graph_runner(path, backend)
@@ -194,18 +194,18 @@ def verify_click_decoder(path: str | os.PathLike, reference, precision: str = "f
         refs.append(ref_low[torch.arange(b), want].unsqueeze(1))
         cands.append(torch.from_numpy(out["low_res_masks"]))
         iou_err = max(iou_err, float(np.abs(out["iou_predictions"] - ref_iou.numpy()).max()))
-        finite &= not _nonfinite(out["low_res_masks"], out["iou_predictions"])
+        finite &= not nonfinite(out["low_res_masks"], out["iou_predictions"])
     stats = {
         "num_prompts": len(cands),
         "mask_logits": error_stats(torch.cat([x.flatten() for x in refs]), torch.cat([x.flatten() for x in cands])),
-        "mask_iou": _mask_iou(refs, cands),
+        "mask_iou": mask_iou(refs, cands),
         "iou_predictions_max_abs": iou_err,
         "mask_index_agrees": index_agree,
         "finite": bool(finite),
         "chain": ["split_image", CLICK_GRAPH],
     }
     stats["mask_logits_max_rel"] = stats["mask_logits"]["max_rel"]
-    stats = _judge(stats, precision, ("mask_logits_max_rel", "mask_iou"))
+    stats = judge(stats, precision, ("mask_logits_max_rel", "mask_iou"))
     if not index_agree:
         stats["passed"] = False
         stats["failures"].append("the shown mask's index differs from segment_anything's")

@@ -50,7 +50,8 @@ from .sharing import (
     state_digest,
     trunk_state,
 )
-from .verify import _encoder_stats, _judge, build_reference, format_parity_table, ort_session, verify_export
+from .gates import cosine, judge, ort_session
+from .verify import _encoder_stats, build_reference, format_parity_table, verify_export
 
 MULTI_FORMAT_VERSION = 2  # format 1 readers must refuse: they would look for "encoder"
 
@@ -133,13 +134,12 @@ def _run(path: Path, feeds: dict) -> np.ndarray:
 
 def _features_parity(feats: np.ndarray, torch_feats: torch.Tensor, precision: str) -> dict:
     from ..merge import error_stats
-    from .verify import _cosine
 
     out = torch.from_numpy(np.nan_to_num(feats)).float()
-    stats = {"embeddings": error_stats(torch_feats, out), "embeddings_cosine": _cosine(torch_feats, out),
+    stats = {"embeddings": error_stats(torch_feats, out), "embeddings_cosine": cosine(torch_feats, out),
              "finite": bool(np.isfinite(feats).all()), "what": "trunk_features vs torch trunk"}
     stats["embeddings_max_rel"] = stats["embeddings"]["max_rel"]
-    return _judge(stats, precision, ("embeddings_max_rel", "embeddings_cosine"))
+    return judge(stats, precision, ("embeddings_max_rel", "embeddings_cosine"))
 
 
 def merge_and_export_adapters(

@@ -29,6 +29,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from ..runtime.split_decoder import SPLIT_CONTEXT, SPLIT_GRAPHS
+from .gates import graph_runner, judge, mask_iou, nonfinite
 from .folded_decoder import (ChannelLastUpscaling, FoldedTwoWayTransformer, decoder_tokens, dense_pe_tokens,
                              mask_weights)
 
@@ -146,7 +147,6 @@ def verify_split_decoder(export_dir: str | os.PathLike, reference, precision: st
                          backend: str = "onnxruntime") -> dict:
     """The three graphs chained on ``backend`` vs segment_anything's decoder on the reference
     embedding and prompts (those without a mask input, which the split decoder does not take)."""
-    from .verify import _judge, _mask_iou, _nonfinite, graph_runner
     from ..merge import error_stats
 
     run = {name: graph_runner(Path(export_dir) / f"{name}.onnx", backend) for name in SPLIT_GRAPHS}
@@ -158,7 +158,7 @@ def verify_split_decoder(export_dir: str | os.PathLike, reference, precision: st
         out = run["split_prompts"]({**context, "point_coords": prompt.coords, "point_labels": prompt.labels})
         iou = out["iou_predictions"]
         low = run["split_masks"]({"keys": out["keys"], "mask_weights": out["mask_weights"]})["low_res_masks"]
-        finite &= not _nonfinite(low, iou)
+        finite &= not nonfinite(low, iou)
         refs_low.append(ref_low)
         refs_iou.append(ref_iou)
         lows.append(torch.from_numpy(low))
@@ -166,10 +166,10 @@ def verify_split_decoder(export_dir: str | os.PathLike, reference, precision: st
     stats = {
         "num_prompts": len(lows),
         "mask_logits": error_stats(torch.cat([x.flatten() for x in refs_low]), torch.cat([x.flatten() for x in lows])),
-        "mask_iou": _mask_iou(refs_low, lows),
+        "mask_iou": mask_iou(refs_low, lows),
         "iou_predictions_max_abs": float(max((a - b).abs().max() for a, b in zip(refs_iou, ious))),
         "finite": bool(finite),
         "chain": list(SPLIT_GRAPHS),
     }
     stats["mask_logits_max_rel"] = stats["mask_logits"]["max_rel"]
-    return _judge(stats, precision, ("mask_logits_max_rel", "mask_iou"))
+    return judge(stats, precision, ("mask_logits_max_rel", "mask_iou"))

@@ -23,54 +23,10 @@ from ..merge import error_stats, probe_inputs
 from .agreement import GATES, mask_agreement, meta_sparse
 from .click_decoder import CLICK_GRAPH, verify_click_decoder
 from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
-
-# fp32 must be exact up to float rounding; reduced precisions report what they reach and
-# fail below a floor that still keeps the masks usable.
-THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"embeddings_max_rel": 1e-4, "mask_logits_max_rel": 1e-4, "mask_iou": 0.999,
-             # AIS maps (sigmoid, 0..1): InstanceNorm over near-constant channels amplifies float
-             # reordering at single pixels (tiny model: max 4e-4 ONNX Runtime, 2e-3 OpenVINO; mean 2e-6, 4e-6)
-             "maps_max_abs": 5e-3, "maps_mean_abs": 1e-4},
-    "fp16": {"embeddings_cosine": 0.99, "mask_iou": 0.95, "maps_mean_abs": 0.01},
-    "int8": {"embeddings_cosine": 0.99, "mask_iou": 0.95,
-             # per-prompt agreement with the fp32 masks (agreement.GATES): mean and worst prompt
-             "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97},
-}
-
-
-def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
-    """A CPU session with the runtime's options (``session_options``: the shared arena)."""
-    import onnxruntime as ort
-
-    from ..runtime.backends.ort import session_options
-
-    opts = session_options("cpu")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-
-
-def verify_backends() -> list[str]:
-    """The CPU backends every graph is verified on: ONNX Runtime, and OpenVINO when it is installed."""
-    import importlib.util
-
-    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
-
-
-def graph_runner(path: str | os.PathLike, backend: str = "onnxruntime"):
-    """``run(feeds) -> {output name: array}`` for one graph file on a CPU backend, as the runtime runs it."""
-    if backend == "onnxruntime":
-        sess = ort_session(path)
-        names = [o.name for o in sess.get_outputs()]
-        return lambda feeds: dict(zip(names, sess.run(names, feeds)))
-    if backend == "openvino":
-        from pathlib import Path
-
-        from ..runtime.backends.ov import OpenVinoBackend
-
-        ov = OpenVinoBackend({"graph": Path(path)}, "cpu")
-        return lambda feeds: ov.run("graph", feeds)
-    raise PeftExportError(f"verify: unknown backend {backend!r} (use onnxruntime or openvino)")
-
+# The gate itself lives in gates.py (shared with the click / split / AIS decoders without an import circle);
+# these names stay importable from here.
+from .gates import (THRESHOLDS, cosine as _cosine, graph_runner, judge as _judge, mask_iou as _mask_iou,  # noqa: F401
+                    nonfinite as _nonfinite, ort_session, verify_backends)
 
 @dataclass
 class Prompt:
@@ -148,41 +104,6 @@ def build_reference(sam: Sam, seed: int = 0) -> Reference:
     input_size = (int(orig[0] * scale + 0.5), int(orig[1] * scale + 0.5))
     upsampled = sam.postprocess_masks(lows[0], input_size, orig)
     return Reference(image, emb, prompts, lows, ious, orig, input_size, upsampled)
-
-
-def _mask_iou(ref: list[torch.Tensor], cand: list[torch.Tensor]) -> float:
-    inter = union = 0
-    for a, b in zip(ref, cand):
-        ma, mb = a > 0, b > 0
-        inter += int((ma & mb).sum())
-        union += int((ma | mb).sum())
-    return 1.0 if union == 0 else inter / union
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-def _judge(stats: dict, precision: str, keys: tuple[str, ...]) -> dict:
-    limits = {k: v for k, v in THRESHOLDS[precision].items() if k in keys}
-    failed = []
-    for key, limit in limits.items():
-        value = stats[key]
-        upper = key.endswith(("max_rel", "max_abs", "mean_abs"))  # errors: at most the limit; scores: at least
-        bad = not np.isfinite(value) or (value > limit if upper else value < limit)
-        if bad:
-            failed.append(f"{key} {value:.6g} (limit {limit:g})")
-    stats["thresholds"] = limits
-    stats["passed"] = not failed and stats.get("finite", True)
-    if not stats.get("finite", True):
-        failed.append("NaN/Inf in outputs")
-    stats["failures"] = failed
-    return stats
-
-
-def _nonfinite(*arrays: np.ndarray) -> bool:
-    return any(not np.isfinite(a).all() for a in arrays)
 
 
 @torch.no_grad()

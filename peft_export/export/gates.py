@@ -1,0 +1,95 @@
+"""The parity gate shared by every graph's check: the limits (``THRESHOLDS``), the verdict
+(``judge``), the measures (``mask_iou``, ``cosine``, ``nonfinite``) and how a graph file is run on
+a CPU backend (``graph_runner``). Its own module so that ``verify`` and the decoder modules it calls
+(``click_decoder``, ``split_decoder``, ``ais``) import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PeftExportError
+
+# fp32 must be exact up to float rounding; reduced precisions report what they reach and
+# fail below a floor that still keeps the masks usable.
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"embeddings_max_rel": 1e-4, "mask_logits_max_rel": 1e-4, "mask_iou": 0.999,
+             # AIS maps (sigmoid, 0..1): InstanceNorm over near-constant channels amplifies float
+             # reordering at single pixels (tiny model: max 4e-4 ONNX Runtime, 2e-3 OpenVINO; mean 2e-6, 4e-6)
+             "maps_max_abs": 5e-3, "maps_mean_abs": 1e-4},
+    "fp16": {"embeddings_cosine": 0.99, "mask_iou": 0.95, "maps_mean_abs": 0.01},
+    "int8": {"embeddings_cosine": 0.99, "mask_iou": 0.95,
+             # per-prompt agreement with the fp32 masks (agreement.GATES): mean and worst prompt
+             "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97},
+}
+
+
+def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
+    """A CPU session with the runtime's options (``session_options``: the shared arena)."""
+    import onnxruntime as ort
+
+    from ..runtime.backends.ort import session_options
+
+    opts = session_options("cpu")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def verify_backends() -> list[str]:
+    """The CPU backends every graph is verified on: ONNX Runtime, and OpenVINO when it is installed."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+
+
+def graph_runner(path: str | os.PathLike, backend: str = "onnxruntime"):
+    """``run(feeds) -> {output name: array}`` for one graph file on a CPU backend, as the runtime runs it."""
+    if backend == "onnxruntime":
+        sess = ort_session(path)
+        names = [o.name for o in sess.get_outputs()]
+        return lambda feeds: dict(zip(names, sess.run(names, feeds)))
+    if backend == "openvino":
+        from ..runtime.backends.ov import OpenVinoBackend
+
+        ov = OpenVinoBackend({"graph": Path(path)}, "cpu")
+        return lambda feeds: ov.run("graph", feeds)
+    raise PeftExportError(f"verify: unknown backend {backend!r} (use onnxruntime or openvino)")
+
+
+def mask_iou(ref: list[torch.Tensor], cand: list[torch.Tensor]) -> float:
+    inter = union = 0
+    for a, b in zip(ref, cand):
+        ma, mb = a > 0, b > 0
+        inter += int((ma & mb).sum())
+        union += int((ma | mb).sum())
+    return 1.0 if union == 0 else inter / union
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def judge(stats: dict, precision: str, keys: tuple[str, ...]) -> dict:
+    limits = {k: v for k, v in THRESHOLDS[precision].items() if k in keys}
+    failed = []
+    for key, limit in limits.items():
+        value = stats[key]
+        upper = key.endswith(("max_rel", "max_abs", "mean_abs"))  # errors: at most the limit; scores: at least
+        bad = not np.isfinite(value) or (value > limit if upper else value < limit)
+        if bad:
+            failed.append(f"{key} {value:.6g} (limit {limit:g})")
+    stats["thresholds"] = limits
+    stats["passed"] = not failed and stats.get("finite", True)
+    if not stats.get("finite", True):
+        failed.append("NaN/Inf in outputs")
+    stats["failures"] = failed
+    return stats
+
+
+def nonfinite(*arrays: np.ndarray) -> bool:
+    return any(not np.isfinite(a).all() for a in arrays)
