@@ -215,7 +215,8 @@ def relabel_step(job: Dict[str, Any], k: int) -> int:
     if not _done(job, name):
         key = job["partial"] + ":sizes"
         if key not in _MERGE:
-            counts = [np.asarray(_read_mark(job, f"ws_{i}"), np.int64) for i in range(len(_blocks(job)))]
+            counts = [np.asarray(_read_mark(job, f"ws_{i}"), np.int64).reshape(2, -1)
+                      for i in range(len(_blocks(job)))]
             _MERGE[key] = size_filter(counts, int(job["params"]["min_size"]))
         new_ids = _MERGE[key]
         y0, y1, x0, x1 = _blocks(job)[k]

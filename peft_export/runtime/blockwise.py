@@ -136,7 +136,7 @@ def _relabel(values: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarra
 def watershed_block(maps: Any, seeds: Any, labels: Any, inner: Window, halo: int, params: Dict[str, Any],
                     keys: np.ndarray, merged: np.ndarray) -> np.ndarray:
     """Pass 3: watershed of the block plus halo with merged seed ids; write the inner area into
-    ``labels``; return its pixel count per id (bincount)."""
+    ``labels``; return (2, K): the ids in the block and their pixel counts."""
     _, watershed = require_ais_packages()
     shape = tuple(maps.shape[1:])
     outer = _outer(inner, max(halo, min_halo(params)), shape)
@@ -145,15 +145,18 @@ def watershed_block(maps: Any, seeds: Any, labels: Any, inner: Window, halo: int
     markers = _relabel(np.asarray(seeds[y0:y1, x0:x1]), keys, merged)
     lab = np.asarray(watershed(bdist, markers=markers, mask=fg_mask))[_inner_of(inner, outer)]
     labels[inner[0]:inner[1], inner[2]:inner[3]] = lab.astype(labels.dtype)
-    return np.bincount(lab.ravel().astype(np.int64))
+    ids, counts = np.unique(lab[lab > 0].astype(np.int64), return_counts=True)
+    return np.stack([ids, counts])  # sparse: a block holds few of the image's objects
 
 
 def size_filter(counts: Sequence[np.ndarray], min_size: int) -> np.ndarray:
-    """New id of each merged id (index) after dropping objects under ``min_size`` pixels."""
-    n = max((len(c) for c in counts), default=1)
+    """New id of each merged id (index) after dropping objects under ``min_size`` pixels;
+    ``counts``: each block's (2, K) ids and pixel counts."""
+    n = max((int(c[0].max()) + 1 for c in counts if np.size(c)), default=1)
     sizes = np.zeros(n, np.int64)
     for c in counts:
-        sizes[: len(c)] += c
+        c = np.asarray(c, np.int64).reshape(2, -1)
+        np.add.at(sizes, c[0], c[1])
     keep = sizes >= max(int(min_size), 1)
     keep[0] = False
     new_ids = np.zeros(n, np.int64)
