@@ -124,6 +124,7 @@ def plan_cases(
     export_precisions: Sequence[str] = (),
     engine_precisions: Sequence[str] = (),
     no_export_reason: str | None = None,
+    export_refused: dict[str, str] | None = None,
 ) -> tuple[list[CaseSpec], list[dict]]:
     """Which cases run and which are skipped (with the reason), from what exists.
 
@@ -131,7 +132,9 @@ def plan_cases(
     ``merged``). ``export_precisions``: encoder precisions in the export;
     ``engine_precisions``: precisions of native TensorRT encoder engines.
     ``precisions=None``: torch fp32 (+ bf16 on CUDA) and every exported precision.
+    ``export_refused``: encoder precisions the export refused (precision -> its refusal line).
     """
+    export_refused = export_refused or {}
     run: list[CaseSpec] = []
     skipped: list[dict] = []
     if device not in ("cpu", "cuda"):
@@ -191,7 +194,8 @@ def plan_cases(
             if not no_export_reason:
                 for p in missing:
                     skipped.append(skip_record(CaseSpec("export", "onnxruntime", p, device, provider=prov),
-                                               f"the export has no {p} encoder graph"))
+                                               f"{p} was refused at export {_why(export_refused[p])}"
+                                               if p in export_refused else f"the export has no {p} encoder graph"))
     if "openvino" in backends and not no_export_reason:
         for p in [p for p in export_precisions if asked is None or p in asked]:
             spec = CaseSpec("export", "openvino", p, device, provider="cpu")
@@ -284,3 +288,8 @@ def expand_components(components: Sequence[str], batch_sizes: Sequence[int]) -> 
     return out
 
 
+
+
+def _why(line: str) -> str:
+    """``(prompt_mask_iou_mean 0.9899 < 0.99 on onnxruntime)`` from a manifest refusal line."""
+    return line[line.index("("):] if "(" in line else "(failed its check)"

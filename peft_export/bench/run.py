@@ -195,7 +195,8 @@ def run_bench(
         specs, skipped = plan_cases(
             backends, device, precisions, available, torch_models, unmergeable,
             _export_precisions(manifest) if manifest else [],
-            _engine_precisions(manifest) if manifest else [], no_export_reason)
+            _engine_precisions(manifest) if manifest else [], no_export_reason,
+            export_refused=_refused_encoders(manifest) if manifest else {})
         inputs = BenchInputs(image_size, batch_sizes, seed)
         t0 = time.time()
         before = snapshot()
@@ -313,3 +314,10 @@ def run_and_write(
     if plot_out is not None and any(c["status"] == "ok" and c["components"] for c in result["cases"]):
         write_plot(plot_out, result, overwrite)
     return result
+
+
+def _refused_encoders(manifest: dict) -> dict[str, str]:
+    """Encoder precisions refused at export: precision -> why (the manifest's refusal line)."""
+    from ..runtime.manifest import refused_graphs
+
+    return {r["precision"]: str(r.get("line", "")) for r in refused_graphs(manifest) if r.get("graph") == "encoder"}

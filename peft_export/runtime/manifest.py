@@ -39,3 +39,24 @@ def read_manifest(export_dir: str | Path) -> Dict[str, Any]:
         if key not in manifest:
             raise PeftExportError(f"{path}: manifest has no '{key}'")
     return manifest
+
+
+def refused_graphs(manifest: Dict[str, Any]) -> list:
+    """The graphs the export left out because they failed their gate (``manifest.json``'s ``refused``)."""
+    refused = manifest.get("refused")
+    return [r for r in refused if isinstance(r, dict)] if isinstance(refused, list) else []
+
+
+def missing_precision_message(manifest: Dict[str, Any], export_dir: str | Path, precision: str,
+                              available: Any, graph: str = "encoder") -> str:
+    """One line for a precision this export lacks: why, when it was refused at export, and what it has.
+
+    ``export E: int8 was refused at export (prompt_mask_iou_mean 0.9899 < 0.99 on onnxruntime); available: fp32``
+    """
+    have = ", ".join(sorted(available)) or "none"
+    for r in refused_graphs(manifest):
+        if r.get("graph") == graph and r.get("precision") == precision:
+            line = str(r.get("line") or "")
+            why = line[line.index("("):] if "(" in line else "(failed its check)"
+            return f"export {export_dir}: {precision} was refused at export {why}; available: {have}"
+    return f"export {export_dir}: no {precision} {graph} (available: {have})"

@@ -107,9 +107,10 @@ class SamSession(AutomaticSegmentation):
         graphs = self.manifest["graphs"]
         enc = graphs.get("encoder", {})
         if self.precision not in enc:
-            raise PeftExportError(
-                f"precision: this export has no {self.precision} encoder (has: {', '.join(sorted(enc)) or 'none'})"
-            )
+            from .manifest import missing_precision_message  # refused at export: says why
+
+            raise PeftExportError("precision: " + missing_precision_message(self.manifest, self.export_dir,
+                                                                            self.precision, enc))
         self._chosen["encoder"] = (self.precision, self._graph_file(enc[self.precision], "encoder", verify))
         for name in ("decoder_lowres", "decoder"):
             variants = graphs.get(name) or {}
