@@ -64,6 +64,9 @@ def predict(
                             boundary_distance_threshold=boundary_distance_threshold,
                             foreground_threshold=foreground_threshold, foreground_smoothing=foreground_smoothing,
                             distance_smoothing=distance_smoothing, min_size=min_size)
+    from peft_export.predict.large import expand_inputs
+
+    images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
     if use_large_path(images, out, tile, halo, scale, workers, scheduler):
         return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
                               halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet)

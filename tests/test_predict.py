@@ -432,6 +432,13 @@ def test_resume_skips_complete_images_and_redoes_the_rest(export, inputs, tmp_pa
     assert (out / "cells_mask.tif").stat().st_mtime_ns == first  # not redone
     assert tifffile.imread(out / "nuclei_mask.tif").shape == inputs["nuclei.tif"].shape  # redone whole
     assert "--resume" in CliRunner().invoke(app, ["predict", "--help"]).output
+    # a folder: its images; the finished ones skipped
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    code, output = _run(export, folder, "--box", "40,20,150,110", "--out", out, "--resume", "-q")
+    assert code == 0 and "skipped 2 image(s)" in output and "wrote 0 result(s)" in output, output
 
 
 def test_progress_bar_ends_before_the_result_lines(export, inputs, tmp_path):
