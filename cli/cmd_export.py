@@ -56,10 +56,15 @@ def merge_and_export_cmd(
     calibration_data: Optional[Path] = typer.Option(
         None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
+    strict: bool = typer.Option(
+        False, "--strict", help="All or nothing: any refused graph (e.g. int8) fails the export and writes nothing."),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Every graph is compared with the unmerged adapter model in ONNX Runtime; any failed
-    check exits non-zero and leaves nothing in OUT. Several --adapter / --micro-sam entries make
+    """Every graph is compared with the unmerged adapter model in ONNX Runtime (and OpenVINO).
+    Exit status: 0 all written; 3 written, but some optional graphs (int8 / fp16 encoder, split,
+    click or AIS decoder) failed their gate and were left out (one 'refused:' line each, listed in
+    manifest.json's 'refused'); 2 bad input or a failed fp32 graph (the reference): nothing written.
+    --strict: any refusal exits 2 and writes nothing. Several --adapter / --micro-sam entries make
     one export whose adapters share the frozen early encoder blocks (trunk.onnx + head per adapter)."""
     from peft_export.errors import PeftExportError
     from peft_export.export import merge_and_export, merge_and_export_adapters
@@ -90,10 +95,19 @@ def merge_and_export_cmd(
         adapted = next(iter(adapters.values()))  # one adapter keeps the one-model layout
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
-                                exporter=exporter, calibration_data=calibration_data, attention=attention)
+                                exporter=exporter, calibration_data=calibration_data, attention=attention,
+                                strict=strict)
     if quiet:  # the parity table is a result, not progress
         from peft_export.export.verify import format_parity_table
 
         echo(format_parity_table([(graph, precision, entry["parity"]) for graph, by_precision in
                                   manifest["graphs"].items() for precision, entry in by_precision.items()]))
     echo(f"manifest: {out / 'manifest.json'} ({len(manifest['graphs'])} graphs)")
+    refused = manifest.get("refused") or []
+    if refused:
+        from peft_export.export.refusals import EXIT_REFUSED
+
+        if quiet:  # otherwise the export's log printed each one as it happened
+            for entry in refused:
+                echo(f"refused: {entry['line']}")
+        raise typer.Exit(code=EXIT_REFUSED)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+import torch
 from typer.testing import CliRunner
 
 from helpers import MERGEABLE_CONFIGS, make_adapted
@@ -106,14 +107,46 @@ def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp
 
 
 @pytest.mark.slow  # worker processes / full exports
-def test_a_bad_quantisation_is_refused_and_nothing_is_written(adapted, images, tmp_path):
-    # Calibrated on black images, the activation ranges are far too narrow for real ones.
+def test_a_bad_quantisation_is_refused_and_the_fp32_export_is_kept(adapted, images, tmp_path):
+    # Calibrated on black images, the activation ranges are far too narrow for real ones: the real gate
+    # refuses the int8 (even after the recipe search returned its quarter of layers to fp32).
+    from peft_export.export.refusals import EXIT_REFUSED
+    from peft_export.merge import probe_inputs
+    from peft_export.peft.adapters import save_adapter
+    from peft_export.runtime import SamSession
+
     _, black = images
+    save_adapter(adapted, tmp_path / "run")
     out = tmp_path / "bad"
-    with pytest.raises(PeftExportError, match=r"encoder int8 failed verification on onnxruntime .*prompt_mask_iou"):
-        merge_and_export(adapted, out, precisions=["fp32", "int8"], calibration_data=black, progress=False)
-    assert not out.exists()
-    assert [p for p in tmp_path.iterdir()] == []  # no temporary directory left beside it either
+    args = ["merge-and-export", "--adapter", str(tmp_path / "run"), "--precision", "fp32,int8",
+            "--calibration-data", str(black), "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == EXIT_REFUSED == 3, res.output
+    assert res.output.count("refused: encoder int8 (prompt_mask_iou") == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["graphs"]["encoder"]) == {"fp32"} and not (out / "encoder.int8.onnx").exists()
+    (entry,) = manifest["refused"]
+    assert (entry["graph"], entry["precision"]) == ("encoder", "int8")
+    measured = {f["measure"]: f for f in entry["failed"]}
+    assert measured["prompt_mask_iou_mean"]["limit"] == 0.99 and measured["prompt_mask_iou_mean"]["value"] < 0.99
+    assert entry["int8_recipe"]["mode"] == "static QDQ, calibrated" and entry["int8_search"]["steps"]
+    # what was written is the real thing: the fp32 encoder computes what the torch model does
+    image, _ = probe_inputs(128)
+    with torch.no_grad():
+        ref = adapted.model.image_encoder(image).numpy()
+    got = graph_runner(out / "encoder.onnx")({"image": image.numpy()})["image_embeddings"]
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "run"]  # no temporary directory left
+    # asked for, the refused precision says why and what the export has
+    with pytest.raises(PeftExportError, match=r"int8 was refused at export \(prompt_mask_iou_mean .* < 0\.99.*; "
+                                              r"available: fp32"):
+        SamSession(out, precision="int8")
+    assert SamSession(out).precision == "fp32"
+    # --strict: all or nothing
+    strict = tmp_path / "strict"
+    res = runner.invoke(app, args[:-1] + [str(strict), "--strict"])
+    assert res.exit_code == 2 and "encoder int8 failed verification" in res.output and "--strict" in res.output
+    assert not strict.exists()
 
 
 def test_calibration_errors(adapted, tmp_path):

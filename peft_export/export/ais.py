@@ -97,7 +97,8 @@ def verify_ais_decoder(path: str | os.PathLike, decoder: InstanceDecoder, refere
 def export_ais(decoder: InstanceDecoder, tmp: Path, image_size: int, precisions, opset: int, check) -> dict:
     """Export and check the AIS decoder in fp32 and each other precision asked for; returns the
     manifest's ``instance_segmentation`` entry. ``check(graph, precision, filename, tmp, seconds,
-    extra, verifier)`` is the pipeline's gate (it raises when a graph fails)."""
+    extra, verifier)`` is the pipeline's gate (False: refused and recorded). None when the fp32
+    decoder is refused."""
     import time
 
     from ..models.instance_decoder import MAP_NAMES
@@ -115,7 +116,9 @@ def export_ais(decoder: InstanceDecoder, tmp: Path, image_size: int, precisions,
             continue
         t = time.perf_counter()
         how = export_ais_decoder_onnx(decoder, tmp / ais_filename(precision), image_size, precision, opset)
-        check(GRAPH, precision, ais_filename(precision), tmp, time.perf_counter() - t, {"exporter": how}, verifier)
+        if not check(GRAPH, precision, ais_filename(precision), tmp, time.perf_counter() - t, {"exporter": how},
+                     verifier) and precision == "fp32":
+            return None  # refused (recorded by check): the other precisions fall back to fp32, so none is written
     return {"graph": GRAPH, "maps": list(MAP_NAMES), "map_resolution": "model input (image_size x image_size)",
             "conv_transpose": decoder.conv_transpose, "postprocessing_defaults": dict(AIS_DEFAULTS),
             "precision_notes": notes,

@@ -1,8 +1,12 @@
 """``merge_and_export``: exact merge, ONNX export of encoder + decoders at each precision,
 parity checks of every graph, optional TensorRT engines, and ``manifest.json``.
 
-Everything is written into a temporary directory beside ``out_dir`` that replaces it only
-when every graph passed its check; on any failure (or Ctrl-C) nothing is left behind.
+Everything is written into a temporary directory beside ``out_dir`` that replaces it when the
+required graphs (the fp32 encoder and Meta's decoders: the reference every other graph is judged
+against) passed their checks. An optional graph (int8 / fp16 encoder, split and click decoders, AIS
+decoder, TensorRT engines) that fails its gate is left out and recorded in the manifest's
+``refused`` list (what was measured, the value, the limit, the recipe tried); ``strict=True`` makes
+any refusal fail the whole export. On a failure (or Ctrl-C) nothing is left behind.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
+from .refusals import is_required, refusal_line, refusal_record
+from .int8_search import search_int8_recipe
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
@@ -113,6 +119,7 @@ def merge_and_export(
     calibration_data: str | os.PathLike | None = None,
     int8_recipe: Int8Recipe | None = None,
     attention: str = "plain",
+    strict: bool = False,
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
@@ -130,6 +137,9 @@ def merge_and_export(
 
     ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
     ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
+
+    ``strict``: any refused graph fails the export (nothing written); by default an optional graph
+    that fails its gate is left out and listed in ``manifest["refused"]`` (``refusal_line`` words it).
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
@@ -167,9 +177,12 @@ def merge_and_export(
 
     backends = verify_backends()
 
+    refused: list[dict] = []
+
     def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None,
-              verifier: Callable | None = None) -> None:
+              verifier: Callable | None = None) -> bool:
         # The same gate on every installed CPU backend: a graph one of them runs wrongly is refused.
+        # True: written; False: an optional graph refused (files removed, recorded); raises otherwise.
         by_backend = {}
         for backend in backends:
             t = time.perf_counter()
@@ -189,15 +202,32 @@ def merge_and_export(
                     f"min {gate['mask_iou_min']:.4f} (gate {parity['thresholds']['prompt_mask_iou_mean']} / "
                     f"{parity['thresholds']['prompt_mask_iou_min']})")
             if not parity["passed"]:
-                log(format_parity_table(rows))
-                raise PeftExportError(
-                    f"{out_dir}: {graph} {precision} failed verification on {backend} "
-                    f"({'; '.join(parity['failures'])}); nothing written"
-                )
+                if strict or is_required(graph, precision):
+                    log(format_parity_table(rows))
+                    raise PeftExportError(
+                        f"{out_dir}: {graph} {precision} failed verification on {backend} "
+                        f"({'; '.join(parity['failures'])}); nothing written"
+                        + ("" if is_required(graph, precision) else " (--strict)")
+                    )
+                refuse(tmp, graph, precision, filename, backend, parity, extra)
+                return False
         extra = dict(extra or {}, verified_on=list(by_backend))
         if len(by_backend) > 1:
             extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
         graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, by_backend["onnxruntime"], extra)
+        return True
+
+    def refuse(tmp: Path, graph: str, precision: str, filename: str | None, backend: str, parity: dict | None,
+               extra: dict | None, reason: str | None = None) -> None:
+        if filename:
+            for p in (tmp / filename, tmp / (filename + ".data")):
+                p.unlink(missing_ok=True)
+        graphs.get(graph, {}).pop(precision, None)
+        if graph in graphs and not graphs[graph]:
+            del graphs[graph]
+        entry = refusal_record(graph, precision, backend, parity, extra, reason)
+        refused.append(entry)
+        log(f"refused: {refusal_line(entry)}")
 
     log(f"exporting {model_type} (image size {size}) to {out_dir}: {', '.join(formats)}; {', '.join(precisions)}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # modes follow the umask, as for any new folder
@@ -215,16 +245,24 @@ def merge_and_export(
                    "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
         if "int8" in precisions:
             t = time.perf_counter()
-            recipe = int8_recipe or default_recipe(tmp / "encoder.onnx", model_type)
-            applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), recipe, calibration)
+            search = None
+            if int8_recipe is not None:  # the user's recipe, as given
+                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe, calibration)
+            else:  # the default recipe, with layers returned to fp32 until the masks agree with margin
+                applied, search = search_int8_recipe(
+                    tmp / "encoder.onnx", tmp / encoder_filename("int8"), default_recipe(tmp / "encoder.onnx", model_type),
+                    reference.image.numpy(), lambda path: _agreement(path, reference_model, reference), calibration, log)
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
                   {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
                    "attention": attention,
-                   "int8_recipe": applied.to_dict(), "calibration": calibration_record})
+                   "int8_recipe": applied.to_dict(), "int8_search": search, "calibration": calibration_record})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)
+        if not graphs.get("encoder"):
+            raise PeftExportError(f"{out_dir}: every encoder precision was refused "
+                                  f"({'; '.join(refusal_line(r) for r in refused)}); nothing written")
         if preprocess_in_graph:
             t = time.perf_counter()
             og.export_preprocess_encoder_onnx(model, tmp / "encoder_preprocess.onnx", opset)
@@ -240,11 +278,20 @@ def merge_and_export(
             t = time.perf_counter()
             export_split_graph(model, tmp / f"{name}.onnx", name, opset)
             split_s[name] = time.perf_counter() - t
+        split_ok = True
         for name in SPLIT_GRAPHS:  # each check runs the chain of all three
-            check(name, "fp32", f"{name}.onnx", tmp, split_s[name], {"note": SPLIT_NOTE})
-        t = time.perf_counter()
-        export_click_graph(model, tmp / f"{CLICK_GRAPH}.onnx", opset)
-        check(CLICK_GRAPH, "fp32", f"{CLICK_GRAPH}.onnx", tmp, time.perf_counter() - t, {"note": CLICK_NOTE})
+            split_ok = split_ok and check(name, "fp32", f"{name}.onnx", tmp, split_s[name], {"note": SPLIT_NOTE})
+        if not split_ok:  # the three run as one chain (and the click decoder after split_image): none is of use alone
+            for name in SPLIT_GRAPHS:
+                if "fp32" in graphs.get(name, {}) or (tmp / f"{name}.onnx").exists():
+                    refuse(tmp, name, "fp32", f"{name}.onnx", "onnxruntime", None, None,
+                           "left out with the split decoder chain it belongs to")
+            refuse(tmp, CLICK_GRAPH, "fp32", None, "onnxruntime", None, None,
+                   "not exported: it runs after split_image, which was refused")
+        else:
+            t = time.perf_counter()
+            export_click_graph(model, tmp / f"{CLICK_GRAPH}.onnx", opset)
+            check(CLICK_GRAPH, "fp32", f"{CLICK_GRAPH}.onnx", tmp, time.perf_counter() - t, {"note": CLICK_NOTE})
         ais = None
         if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: fp32 and each asked precision
             from .ais import export_ais
@@ -257,14 +304,24 @@ def merge_and_export(
         )
         manifest["source"] = export_source(adapted)
         manifest["training_scale"] = training_scale_record(adapted.meta)  # the tiled runtime's default tile
-        manifest["instance_segmentation"] = ais
+        manifest["instance_segmentation"] = ais if ais is None or graphs.get("ais_decoder") else None
         if target is not None:
-            manifest["tensorrt"] = _tensorrt(target, tmp, graphs, precisions, size, reference, log)
+            manifest["tensorrt"] = _tensorrt(target, tmp, graphs, [p for p in precisions if p in graphs["encoder"]],
+                                             size, reference, log)
             manifest["versions"]["tensorrt"] = target.version
+        manifest["refused"] = refused
         write_manifest(tmp, manifest)
     log(format_parity_table(rows))
-    log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
+    if refused:
+        log(f"export written in {time.perf_counter() - t0:.1f} s with {len(refused)} graph(s) refused: {out_dir}")
+    else:
+        log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return manifest
+
+
+def _agreement(path: Path, reference_model: Sam, reference) -> dict:
+    """The int8 gate's prompt agreement of one candidate graph (ONNX Runtime), for the recipe search."""
+    return verify_export(path, "encoder", reference_model, reference, "int8", "onnxruntime")["prompt_agreement"]
 
 
 def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: int, reference, log) -> dict:
