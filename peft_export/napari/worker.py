@@ -52,7 +52,10 @@ class EmbeddingCache:
 
 def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict:
     start = time.perf_counter()
-    result = fn(*args, **kwargs)
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:  # shown in the widget's status line, not as a traceback in the event loop
+        return {"error": exc}
     return {"result": result, "start": start, "end": time.perf_counter()}
 
 
@@ -61,7 +64,6 @@ def start_worker(fn: Callable[..., Any], *args: Any, on_done: Callable[[dict], N
     """Run ``fn(*args, **kwargs)`` in a worker thread; ``on_done`` gets {"result", "start", "end"}
     (perf_counter seconds) on the GUI thread, ``on_error`` the exception."""
     worker = thread_worker(_timed, start_thread=False)(fn, *args, **kwargs)
-    worker.returned.connect(on_done)
-    worker.errored.connect(on_error)
+    worker.returned.connect(lambda out: on_error(out["error"]) if "error" in out else on_done(out))
     worker.start()
     return worker

@@ -1,0 +1,404 @@
+"""The napari plugin in a real viewer (napari's ``make_napari_viewer``, real Qt, offscreen): the
+manifest, sample data, clicks and boxes against ``SamSession.predict``, commit, z-stacks,
+"Segment all" (AIS and segment-everything), save and reload, and a viewer that keeps
+running while the embedding is computed.
+
+Qt runs with ``QT_QPA_PLATFORM=offscreen``; napari's canvas still needs an OpenGL context, which
+the offscreen platform takes from an X display: without ``DISPLAY`` the tests start their own
+``Xvfb`` (Mesa's software OpenGL), kept for the whole test process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari", reason="napari is not installed (pip install '.[napari]')")
+
+from peft_export.data import synthetic_sample  # noqa: E402
+from peft_export.runtime import SamSession  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDGET = "Segment with an export"
+_DISPLAY: dict = {}
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def headless_display() -> dict:
+    """Environment for Qt without a screen: offscreen platform + an X display for OpenGL (own Xvfb if needed)."""
+    if not _DISPLAY or (_DISPLAY.get("proc") is not None and _DISPLAY["proc"].poll() is not None):
+        _DISPLAY.clear()
+        display, proc = os.environ.get("DISPLAY"), None
+        if not display:
+            xvfb = shutil.which("Xvfb")
+            if xvfb is None:
+                msg = "Xvfb is missing: napari's canvas needs an X display for OpenGL (apt-get install xvfb)"
+                if os.environ.get("CI"):
+                    pytest.fail(msg)
+                pytest.skip(msg)
+            read, write = os.pipe()
+            # The server gets SIGTERM when this process has exited (not earlier: Qt keeps its connection
+            # until the interpreter's very end, and a server gone before that is a fatal X error).
+            proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten",
+                                     "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            os.close(write)
+            with os.fdopen(read, "rb") as f:
+                number = f.readline().strip().decode()
+            if not number:
+                pytest.fail("Xvfb did not start")
+            display = f":{number}"
+        _DISPLAY.update({"QT_QPA_PLATFORM": "offscreen", "DISPLAY": display, "proc": proc})
+    return {k: v for k, v in _DISPLAY.items() if k != "proc"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qt_offscreen():
+    # Session scope: runs before pytest-qt creates the QApplication (a session fixture too).
+    saved = {k: os.environ.get(k) for k in ("QT_QPA_PLATFORM", "DISPLAY")}
+    os.environ.update(headless_display())
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ais_export(tmp_path_factory) -> Path:
+    """A tiny export with micro-sam's instance decoder (random non-zero adapter weights), fp32 only."""
+    import torch
+
+    from peft_export.export import merge_and_export
+    from test_ais_runtime import ais_adapted
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.getbasetemp() / "napari_ais_export"
+    if not (out / "manifest.json").is_file():
+        merge_and_export(ais_adapted(), out, precisions=("fp32",), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory) -> Path:
+    """An export without an instance decoder (shared with test_predict / test_runtime_torchfree)."""
+    from test_predict import real_export
+
+    return real_export(tmp_path_factory)
+
+
+def nuclei(size: int = 200, seed: int = 3) -> np.ndarray:
+    return synthetic_sample(size, seed=seed)[0]
+
+
+def open_widget(viewer, qtbot, export: Path):
+    """The plugin's dock widget, found through its npe2 manifest, with ``export`` loaded."""
+    _, widget = viewer.window.add_plugin_dock_widget("peftexport", WIDGET)
+    widget.load_export(export)
+    settle(qtbot, widget)
+    assert widget.session is not None, widget.status.text()
+    return widget
+
+
+def settle(qtbot, widget, timeout: int = 60_000) -> None:
+    """Wait for the widget's worker threads (embedding, Segment all) to finish."""
+    qtbot.waitUntil(lambda: not widget.workers, timeout=timeout)
+    qtbot.wait(10)
+
+
+def press(qtbot, viewer, key: str) -> None:
+    """Shift + ``key`` typed on napari's canvas, as a user would."""
+    from qtpy.QtCore import Qt
+
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, getattr(Qt, f"Key_{key}"), Qt.ShiftModifier)
+
+
+def current_mask(viewer) -> np.ndarray:
+    return viewer.layers["current object"].data.astype(bool)
+
+
+# ---- manifest and sample data ---------------------------------------------------------------------
+
+
+def test_manifest_validates_and_imports():
+    npe2 = shutil.which("npe2") or pytest.fail("npe2 command missing (pip install npe2)")
+    res = subprocess.run([npe2, "validate", "peftexport", "--imports"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "valid" in res.stdout, res.stdout + res.stderr
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(ROOT / "peft_export" / "napari" / "napari.yaml")
+    assert [w.display_name for w in manifest.contributions.widgets] == [WIDGET]
+    assert [s.key for s in manifest.contributions.sample_data] == ["synthetic_nuclei"]
+    assert manifest.contributions.writers[0].layer_types == ["labels"]
+
+
+def test_sample_data_is_the_demos_synthetic_nuclei(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("peftexport", "synthetic_nuclei")
+    layer = viewer.layers["synthetic nuclei"]
+    np.testing.assert_array_equal(layer.data, synthetic_sample(256, seed=0)[0])
+    assert layer.data.dtype == np.uint16
+
+
+# ---- interactive ------------------------------------------------------------------------------------
+
+
+def test_clicks_and_boxes_match_session_predict(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    image = nuclei(180, seed=4)[:, :150]  # portrait, 16-bit gray
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    session = SamSession(ais_export)
+    emb = session.encode(image)
+    points = viewer.layers["point prompts"]
+
+    # One click (what napari's add mode does): computes the embedding, then the best of 3 masks.
+    points.add([70.0, 60.0])
+    settle(qtbot, widget)
+    masks, iou, low = session.predict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1]),
+                                      embedding=emb)
+    best = int(np.argmax(iou))
+    assert current_mask(viewer).any()
+    np.testing.assert_array_equal(current_mask(viewer), masks[best])  # IoU 1.0: the same graph
+    assert widget.last_decoded.index == best + 1
+
+    # A negative point (widget toggle): single mask, the previous low-res logits fed back.
+    widget.negative_box.setChecked(True)
+    points.add([20.0, 130.0])
+    assert points.features["positive"].tolist() == [True, False]
+    np.testing.assert_allclose(points.face_color[1], [1, 0, 0, 1])  # red
+    m2, _, low2 = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]),
+                                  point_labels=np.array([1, 0]), mask_input=low[best : best + 1],
+                                  multimask_output=False, embedding=emb)
+    np.testing.assert_array_equal(current_mask(viewer), m2[0])
+    fresh, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]),
+                                  point_labels=np.array([1, 0]), multimask_output=False, embedding=emb)
+    assert not np.array_equal(fresh[0], m2[0]), "the mask feedback must make a difference in this test"
+
+    # A box added: points + box, single mask, feedback again.
+    viewer.layers["box prompts"].add_rectangles(np.array([[[30.0, 20.0], [30.0, 110.0], [120.0, 110.0],
+                                                           [120.0, 20.0]]]))
+    m3, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]), point_labels=np.array([1, 0]),
+                               box=np.array([20.0, 30.0, 110.0, 120.0]), mask_input=low2, multimask_output=False,
+                               embedding=emb)
+    np.testing.assert_array_equal(current_mask(viewer), m3[0])
+
+    # Removing a prompt starts afresh (no feedback from the prompt that is gone).
+    points.selected_data = {1}
+    points.remove_selected()
+    m4, _, _ = session.predict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1]),
+                               box=np.array([20.0, 30.0, 110.0, 120.0]), multimask_output=False, embedding=emb)
+    np.testing.assert_array_equal(current_mask(viewer), m4[0])
+
+    # A box alone: the best of three, like one click.
+    widget.clear()
+    assert not current_mask(viewer).any() and len(points.data) == 0
+    viewer.layers["box prompts"].add_rectangles(np.array([[[10.0, 10.0], [10.0, 90.0], [80.0, 90.0], [80.0, 10.0]]]))
+    m5, iou5, _ = session.predict(box=np.array([10.0, 10.0, 90.0, 80.0]), embedding=emb)
+    np.testing.assert_array_equal(current_mask(viewer), m5[int(np.argmax(iou5))])
+    assert len(widget.cache) == 1  # one embedding for all of it
+
+
+def test_commit_two_objects_with_button_and_key(make_napari_viewer, qtbot, ais_export):
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer()
+    image = nuclei(160, seed=5)
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    session = SamSession(ais_export)
+    emb = session.encode(image)
+    points = viewer.layers["point prompts"]
+    points.add([40.0, 40.0])
+    settle(qtbot, widget)
+    first = current_mask(viewer).copy()
+    qtbot.mouseClick(widget.commit_button, Qt.LeftButton)
+    assert len(points.data) == 0 and not current_mask(viewer).any()  # prompts cleared
+
+    viewer.layers["box prompts"].add_rectangles(np.array([[[90.0, 95.0], [90.0, 150.0], [150.0, 150.0],
+                                                           [150.0, 95.0]]]))
+    second = current_mask(viewer).copy()
+    masks, iou, _ = session.predict(box=np.array([95.0, 90.0, 150.0, 150.0]), embedding=emb)
+    np.testing.assert_array_equal(second, masks[int(np.argmax(iou))])
+    press(qtbot, viewer, "C")  # the key binding
+    objects = viewer.layers["cells objects"].data
+    assert objects.dtype == np.int32 and objects.shape == image.shape
+    assert sorted(np.unique(objects)) == [0, 1, 2]
+    np.testing.assert_array_equal(objects == 2, second)
+    np.testing.assert_array_equal(objects == 1, first & ~second)  # the newer object is drawn over
+    meta = viewer.layers["cells objects"].metadata["peftexport"]
+    assert meta["export"] == ais_export.name and meta["export_peftexport_version"] == "0.2.0"
+    assert widget.commit() is None and "nothing to commit" in widget.status.text()
+
+
+def test_polarity_key_and_clear_key(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei(120), name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    points = viewer.layers["point prompts"]
+    press(qtbot, viewer, "N")
+    assert widget.negative_box.isChecked()
+    points.add([50.0, 50.0])
+    press(qtbot, viewer, "N")
+    points.add([60.0, 60.0])
+    settle(qtbot, widget)
+    assert points.features["positive"].tolist() == [False, True]
+    press(qtbot, viewer, "X")
+    assert len(points.data) == 0 and not current_mask(viewer).any()
+
+
+def test_stack_segments_the_current_slice_and_caches_embeddings(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    stack = np.stack([nuclei(128, seed=s) for s in (10, 11, 12)])
+    viewer.add_image(stack, name="stack")
+    widget = open_widget(viewer, qtbot, ais_export)
+    session = SamSession(ais_export)
+    viewer.dims.set_current_step(0, 2)
+    points = viewer.layers["point prompts"]
+    assert points.ndim == 3
+    points.add([2.0, 64.0, 50.0])
+    settle(qtbot, widget)
+    masks, iou, _ = session.predict(point_coords=np.array([[50.0, 64.0]]), point_labels=np.array([1]),
+                                    embedding=session.encode(stack[2]))
+    np.testing.assert_array_equal(current_mask(viewer), masks[int(np.argmax(iou))])
+    assert widget.commit() == 1
+    objects = viewer.layers["stack objects"].data
+    assert objects.shape == stack.shape and objects[2].any() and not objects[:2].any()
+    # Another slice: its own embedding; back to slice 2: cached, no worker.
+    viewer.dims.set_current_step(0, 0)
+    assert widget.compute_embedding() is not None
+    settle(qtbot, widget)
+    viewer.dims.set_current_step(0, 2)
+    assert widget.compute_embedding() is None and "cached" in widget.status.text()
+    assert len(widget.cache) == 2
+    # A point on another slice is not a prompt here.
+    points.add([0.0, 30.0, 30.0])
+    assert not current_mask(viewer).any()
+
+
+# ---- Segment all ------------------------------------------------------------------------------------
+
+
+def test_segment_all_runs_ais_with_the_instance_decoder(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    image = nuclei(190, seed=6)
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    assert widget.ais_form.isVisibleTo(widget) and not widget.everything_form.isVisibleTo(widget)
+    assert "--min-size" in widget.ais_form.boxes["min_size"].toolTip()
+    widget.ais_form.set_values(min_size=8)
+    widget.segment_all()
+    settle(qtbot, widget)
+    layer = viewer.layers["cells automatic"]
+    want, records = SamSession(ais_export).segment_instances(image, min_size=8)
+    assert len(records) >= 3
+    np.testing.assert_array_equal(layer.data, want)
+    meta = layer.metadata["peftexport"]
+    assert meta["mode"] == "instances" and meta["params"]["min_size"] == 8 and meta["export"] == ais_export.name
+    assert f"{len(records)} objects" in widget.status.text()
+
+
+def test_segment_all_without_instance_decoder_is_segment_everything(make_napari_viewer, qtbot, plain_export):
+    viewer = make_napari_viewer()
+    image = nuclei(150, seed=7)
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, plain_export)
+    assert widget.everything_form.isVisibleTo(widget) and not widget.ais_form.isVisibleTo(widget)
+    params = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.5)
+    widget.everything_form.set_values(**params)
+    widget.segment_all()
+    settle(qtbot, widget)
+    want, _ = SamSession(plain_export).segment_everything(embedding=SamSession(plain_export).encode(image), **params)
+    assert want.max() >= 1
+    np.testing.assert_array_equal(viewer.layers["cells automatic"].data, want)
+    assert viewer.layers["cells automatic"].metadata["peftexport"]["mode"] == "everything"
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+
+def test_save_and_reload(make_napari_viewer, qtbot, ais_export, tmp_path):
+    from peft_export.napari.save import read_labels
+
+    viewer = make_napari_viewer()
+    image = nuclei(140, seed=8)
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    viewer.layers["point prompts"].add([70.0, 70.0])
+    settle(qtbot, widget)
+    widget.commit()
+    objects = viewer.layers["cells objects"]
+    for name in ("cells.tif", "cells.zarr"):
+        path = widget.save(str(tmp_path / name))
+        data, record = read_labels(path)
+        np.testing.assert_array_equal(data, objects.data)
+        assert record["name"] == "cells objects"
+        assert record["peftexport"]["export"] == ais_export.name
+        assert record["peftexport"]["export_peftexport_version"] == "0.2.0"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # napari's own save (File > Save Selected Layers) through the plugin's writer, and napari's reader back.
+    viewer.layers.selection.active = objects
+    saved = viewer.layers.save(str(tmp_path / "via_napari.tif"), selected=True, plugin="peftexport")
+    assert saved == [str(tmp_path / "via_napari.tif")]
+    reloaded = viewer.open(saved[0], layer_type="labels", plugin="napari")[0]
+    np.testing.assert_array_equal(reloaded.data, objects.data)
+    assert json.loads(__import__("tifffile").TiffFile(saved[0]).pages[0].description)["peftexport"]["precision"] == "fp32"
+    assert widget.save(str(tmp_path / "x.png")) is None
+    assert widget.status.text() == f"error: {tmp_path / 'x.png'}: save labels as .tif, .tiff or .zarr"
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---- responsiveness and errors -------------------------------------------------------------------------
+
+
+def test_viewer_keeps_running_while_the_embedding_is_computed(make_napari_viewer, qtbot, ais_export):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    # A large 16-bit image: normalising and resizing it take the worker a while.
+    rng = np.random.default_rng(0)
+    viewer.add_image(rng.integers(0, 60000, (3000, 3000), dtype=np.uint16), name="big")
+    widget = open_widget(viewer, qtbot, ais_export)
+    ticks: list = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(2)
+    try:
+        clicked = time.perf_counter()
+        widget.embed_button.click()
+        returned = time.perf_counter()
+        assert widget.workers and widget.decoder is None  # the click returned before the embedding exists
+        assert widget.progress.isVisibleTo(widget)
+        settle(qtbot, widget)
+    finally:
+        timer.stop()
+    assert widget.decoder is not None and not widget.progress.isVisibleTo(widget)
+    seconds = widget.last_timing["computing the embedding"]
+    during = [t for t in ticks if returned < t]
+    assert returned - clicked < 0.5 * seconds, (returned - clicked, seconds)
+    assert len(during) >= 3, f"the GUI thread ran {len(during)} timer ticks during a {seconds:.2f} s embedding"
+
+
+def test_errors_are_one_line_in_the_status(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei(100), name="cells")
+    _, widget = viewer.window.add_plugin_dock_widget("peftexport", WIDGET)
+    viewer.layers["point prompts"].add([10.0, 10.0])
+    assert widget.status.text() == "error: load an export first"
+    widget.load_export(tmp_path)
+    settle(qtbot, widget)
+    assert widget.session is None
+    assert widget.status.text() == f"error: {tmp_path}: not an export directory (no manifest.json)"
