@@ -79,7 +79,12 @@ def _qt_offscreen():
 
 @pytest.fixture(scope="module")
 def ais_export(tmp_path_factory) -> Path:
-    """A tiny export with micro-sam's instance decoder (random non-zero adapter weights), fp32 only."""
+    return build_ais_export(tmp_path_factory)
+
+
+def build_ais_export(tmp_path_factory) -> Path:
+    """A tiny export with micro-sam's instance decoder (random non-zero adapter weights), fp32 only;
+    one per test session (shared with test_napari_torchfree.py)."""
     import torch
 
     from peft_export.export import merge_and_export
