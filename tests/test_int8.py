@@ -186,3 +186,47 @@ def test_recipes_quantise_what_they_say(adapted, tmp_path):
         out = graph_runner(dst)(feeds)["image_embeddings"]
         cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
         assert cos > 0.99
+
+
+def test_recipe_search_returns_the_most_sensitive_layers_to_fp32_until_the_margin(adapted, tmp_path, monkeypatch):
+    # A margin this model's default int8 does not reach (its mean IoU is ~0.994): the search must return
+    # layers to fp32, most sensitive first, at most a quarter of them, and record each step.
+    import onnx
+
+    from peft_export.export import int8_search
+
+    monkeypatch.setitem(int8_search.MARGIN, "prompt_mask_iou_mean", 0.9999)
+    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
+    entry = manifest["graphs"]["encoder"]["int8"]
+    search = entry["int8_search"]
+    n = search["weight_matmuls"]
+    assert n == len(matmul_nodes(tmp_path / "e" / "encoder.onnx")) and n >= 8
+    assert search["reached"] is False and len(search["fp32_by_search"]) == n // 4 == search["fp32_matmuls"]
+    errors = [step["relative_error"] for step in search["steps"][1:]]
+    assert errors == sorted(errors, reverse=True) and min(errors) > 0  # most sensitive first
+    assert [s["added"] for s in search["steps"][1:]] == search["fp32_by_search"] == entry["int8_recipe"]["exclude"]
+    # the written graph is what the record says: those layers fp32 MatMuls, the others integer products
+    nodes = onnx.load(str(tmp_path / "e" / entry["path"])).graph.node
+    assert set(search["fp32_by_search"]) <= {n.name for n in nodes if n.op_type == "MatMul"}
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == search["int8_matmuls"] == n - n // 4
+    # ...and its gate measure is the last step's
+    gate = entry["parity"]["prompt_agreement"]
+    assert gate["mask_iou_mean"] == pytest.approx(search["steps"][-1]["mask_iou_mean"], abs=1e-9)
+    assert gate["mask_iou_mean"] >= 0.99  # the gate itself did not move
+
+
+def test_default_recipe_clears_the_margin_on_the_tiny_model(adapted, tmp_path):
+    from peft_export.export.int8_search import MARGIN
+
+    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
+    entry = manifest["graphs"]["encoder"]["int8"]
+    assert entry["int8_search"]["reached"] is True and not manifest["refused"]
+    # measured again here, not read back: the written int8 against the torch model over the gate's prompts
+    from peft_export.merge import probe_inputs
+
+    image, _ = probe_inputs(128)
+    with torch.no_grad():
+        reference = adapted.model.image_encoder(image)
+    emb = graph_runner(tmp_path / "e" / entry["path"])({"image": image.numpy()})["image_embeddings"]
+    gate = mask_agreement(adapted.model, reference, emb, 32)
+    assert gate["mask_iou_mean"] >= MARGIN["prompt_mask_iou_mean"] and gate["mask_iou_min"] >= MARGIN["prompt_mask_iou_min"]
