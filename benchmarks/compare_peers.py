@@ -199,7 +199,7 @@ def main() -> int:
     from peft_export import bench
     from peft_export.bench.stats import device_info
 
-    from bench_cpu import build_merged_checkpoint, export_model  # noqa: E402 (same folder)
+    from merged_models import build_merged_checkpoint, export_model  # noqa: E402 (same folder)
 
     backends = [b for b in args.backends.split(",") if b != "openvino" or importlib.util.find_spec("openvino")]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -154,3 +154,126 @@ def test_moved_modules_keep_their_old_path_with_a_warning(old, new, name):
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert f"warned {old} moved to {new}" in proc.stdout
     assert proc.stdout.strip().endswith("True True")
+
+
+# ---- no import circles ----------------------------------------------------------------------
+# Modules that import each other (directly or in a loop, at module level or inside a function)
+# cannot be read, tested or moved one at a time. Known circles still being untied, as sorted
+# member lists; the lead empties this list once they are gone (a listed circle that no longer
+# exists fails the test too, so the list cannot go stale).
+KNOWN_CYCLES: list[list[str]] = [
+]
+BENCH_SCRIPTS = ROOT / "benchmarks"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _library_graph() -> dict[str, set[str]]:
+    """peft_export module -> the peft_export modules it imports; importing an ancestor package
+    (``from .. import __version__``) is not an edge: Python runs it before the module anyway."""
+    files = {_module_name(p): p for p in _library_files()}
+    graph = {}
+    for mod, path in files.items():
+        ancestors = {".".join(mod.split(".")[:i]) for i in range(len(mod.split(".")))}
+        edges = set()
+        for name in _own_imports(path):
+            target = name if name in files else name.rsplit(".", 1)[0] if "." in name else ""
+            if target in files and target not in ancestors and target != mod:
+                edges.add(target)
+        graph[mod] = edges
+    return graph
+
+
+def _script_graph() -> dict[str, set[str]]:
+    """benchmarks/ script -> the benchmarks/ scripts it imports (they import each other by bare name)."""
+    scripts = {p.stem: p for p in BENCH_SCRIPTS.glob("*.py")}
+    graph = {}
+    for stem, path in scripts.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                edges.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names)
+        graph[f"benchmarks/{stem}"] = {f"benchmarks/{e}" for e in edges if e in scripts and e != stem}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected component with more than one module, as one concrete loop a -> b -> ... -> a."""
+    index, low, on_stack, stack, comps, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v):  # Tarjan's algorithm; the graphs are small, recursion is fine
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    loops = []
+    for comp in comps:
+        start = min(comp)
+        paths, seen = {start: [start]}, {start}
+        queue = [start]
+        while queue:  # shortest path from start back to start inside the component
+            v = queue.pop(0)
+            for w in sorted(graph[v] & comp):
+                if w == start:
+                    loops.append((sorted(comp), paths[v] + [start]))
+                    queue = []
+                    break
+                if w not in seen:
+                    seen.add(w)
+                    paths[w] = paths[v] + [w]
+                    queue.append(w)
+    return loops
+
+
+def _circle_report(graph) -> tuple[list[str], list[list[str]]]:
+    found = _cycles(graph)
+    known = [sorted(c) for c in KNOWN_CYCLES]
+    new = [" -> ".join(loop) + f"   (members: {', '.join(members)})" for members, loop in found if members not in known]
+    return new, [members for members, _ in found]
+
+
+def test_no_import_circles():
+    graph = {**_library_graph(), **_script_graph()}
+    new, members = _circle_report(graph)
+    assert not new, "import circles (untie them: a shared helper gets a module of its own):\n" + "\n".join(new)
+    stale = [c for c in KNOWN_CYCLES if sorted(c) not in members]
+    assert not stale, f"KNOWN_CYCLES lists circles that are gone; remove them: {stale}"
+
+
+def test_circle_check_catches_a_loop():
+    # The checker itself: two probe modules importing each other (one lazily, inside a function).
+    a, b = PKG / "bench" / "_probe_a.py", PKG / "bench" / "_probe_b.py"
+    a.write_text("from ._probe_b import x\n")
+    b.write_text("def f():\n    from ._probe_a import x\n    return x\nx = 1\n")
+    try:
+        new, _ = _circle_report(_library_graph())
+        assert any("bench._probe_a -> bench._probe_b -> bench._probe_a" in line for line in new), new
+    finally:
+        a.unlink()
+        b.unlink()

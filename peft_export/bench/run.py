@@ -58,7 +58,7 @@ from .fresh import FreshCase, measure_fresh, save_model
 from .load import load_between, snapshot
 from .measure import measure
 from .report import add_ratios, format_table, pick_reference, write_json, write_plot, write_text
-from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner
+from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner, make_runner
 from .stats import device_info, library_versions
 
 
@@ -257,16 +257,6 @@ def _temporary_export(adapted, out_dir: Path, precisions, device: str, formats) 
     return read_manifest(out_dir)
 
 
-def make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, threads, comps) -> Runner:
-    """The runner of one case (in this process)."""
-    if spec.backend in ("torch", "torch-compile"):
-        factory, release = _torch_factory(spec.model, adapted, spec.device)
-        return TorchRunner(spec, factory, inputs, release, getattr(adapted, "instance_decoder", None))
-    if spec.backend == "onnxruntime":
-        return OrtRunner(spec, export_dir, inputs, threads, end_to_end="end_to_end" in comps)
-    return RuntimeRunner(spec, export_dir, inputs, threads)
-
-
 def _fresh_cases(specs: Sequence[CaseSpec], adapted, export_dir, stack: contextlib.ExitStack) -> list[FreshCase]:
     """Worker jobs; the torch model is written once to a temporary file that every torch case loads."""
     desc, model_file = {}, None
@@ -277,20 +267,6 @@ def _fresh_cases(specs: Sequence[CaseSpec], adapted, export_dir, stack: contextl
     return [FreshCase(s, str(export_dir) if export_dir else None,
                       model_file if s.backend in ("torch", "torch-compile") else None,
                       desc if s.backend in ("torch", "torch-compile") else {}) for s in specs]
-
-
-def _torch_factory(model: str, adapted, device: str):
-    """(factory, release) for a torch case; the adapter model itself is lent and moved back after."""
-    if model == "base":
-        from ..models import load_sam
-
-        b = adapted.base
-        return (lambda: load_sam(b.model_type, b.checkpoint, b.image_size, seed=b.seed, warn_random=False)[0]), None
-    if model == "unmerged" or adapted.config is None:
-        return (lambda: adapted.model), (lambda m: m.to("cpu"))
-    from ..peft import merge_peft
-
-    return (lambda: merge_peft(adapted.model)), None
 
 
 def run_and_write(
