@@ -299,7 +299,7 @@ def test_stack_segments_the_current_slice_and_caches_embeddings(make_napari_view
 
 def test_segment_all_runs_ais_with_the_instance_decoder(make_napari_viewer, qtbot, ais_export):
     viewer = make_napari_viewer()
-    image = nuclei(190, seed=6)
+    image = nuclei(128, seed=6)[:, :110]  # fits the 128 px model input: one embedding
     viewer.add_image(image, name="cells")
     widget = open_widget(viewer, qtbot, ais_export)
     assert widget.ais_form.isVisibleTo(widget) and not widget.everything_form.isVisibleTo(widget)
@@ -314,6 +314,21 @@ def test_segment_all_runs_ais_with_the_instance_decoder(make_napari_viewer, qtbo
     meta = layer.metadata["peftexport"]
     assert meta["mode"] == "instances" and meta["params"]["min_size"] == 8 and meta["export"] == ais_export.name
     assert f"{len(records)} objects" in widget.status.text()
+
+
+def test_segment_all_on_a_large_image_uses_the_tiled_runtime(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    image = nuclei(300, seed=9)[:, :280]  # larger than the export's 128 px input
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    widget.segment_all()
+    settle(qtbot, widget)
+    session = SamSession(ais_export)
+    want, records = session.tiled(image).segment_instances()
+    assert len(records) >= 3 and len(session.tiled(image).grid) > 1
+    np.testing.assert_array_equal(viewer.layers["cells automatic"].data, want)
+    assert viewer.layers["cells automatic"].metadata["peftexport"]["tiles"] == len(session.tiled(image).grid)
+    assert "tiles" in widget.status.text()
 
 
 def test_segment_all_without_instance_decoder_is_segment_everything(make_napari_viewer, qtbot, plain_export):

@@ -67,22 +67,36 @@ def has_instance_decoder(session: Any, adapter: Optional[str]) -> bool:
     return bool(session.has_instance_decoder)
 
 
+def needs_tiles(session: Any, shape: Tuple[int, ...]) -> bool:
+    """An image larger than the model input is segmented tile by tile at full resolution."""
+    return max(shape[:2]) > int(session.image_size)
+
+
 def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
-                params: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """Labels (int32 H x W) of every object: {"labels", "mode" ("instances"/"everything"), "n_objects", "params"}.
+                params: Optional[Dict[str, float]] = None, image: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """Labels (int32 H x W) of every object: {"labels", "mode" ("instances"/"everything"), "n_objects",
+    "params", "tiles"}.
 
     ``params`` override the defaults of the mode that runs; names of the other mode are ignored.
+    With ``image`` (instead of ``embedding``) the runtime's tiles are used (``SamSession.tiled``,
+    default tile and halo of the export): each tile at full resolution, objects across tile borders
+    joined by the runtime.
     """
     params = params or {}
     ais = has_instance_decoder(session, adapter)
     spec = AIS_PARAMS if ais else EVERYTHING_PARAMS
     used = {p.name: (int(params.get(p.name, p.default)) if p.whole else float(params.get(p.name, p.default)))
             for p in spec}
+    runner, tiles = session, 0
+    kwargs: Dict[str, Any] = {"embedding": embedding, "adapter": adapter}
+    if image is not None:
+        runner, kwargs = session.tiled(image, adapter=adapter), {}
+        tiles = len(runner.grid)
     if ais:
-        labels, records = session.segment_instances(embedding=embedding, adapter=adapter, **used)
+        labels, records = runner.segment_instances(**kwargs, **used)
         n = len(records)
     else:
-        labels, records = session.segment_everything(embedding=embedding, adapter=adapter, **used)
+        labels, records = runner.segment_everything(**kwargs, **used)
         n = int(labels.max()) if labels.size else 0
     return {"labels": np.asarray(labels, np.int32), "mode": "instances" if ais else "everything",
-            "n_objects": n, "params": used}
+            "n_objects": n, "params": used, "tiles": tiles}

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QFileDialog
 from ..errors import PeftExportError
 from ..runtime import SamSession
 from . import layers as L
-from .automatic import has_instance_decoder, segment_all
+from .automatic import has_instance_decoder, needs_tiles, segment_all
 from .panel import Panel
 from .images import check_displayed, current_index, image_plane
 from .prompts import ClickDecoder, clip_to_image, slice_prompts
@@ -310,23 +310,34 @@ class SegmentWidget(Panel):
     # ---- automatic and saving --------------------------------------------------------------------
 
     def segment_all(self) -> Any:
-        """"Segment all" on the current slice, in a worker (after the embedding); returns the worker."""
-        if self.decoder is None:
+        """"Segment all" on the current slice, in a worker (after the embedding; an image larger than
+        the model input: tile by tile, ``runtime.tiled``); returns the worker."""
+        image = self.image_layer
+        if self.session is None or image is None:
+            return self.compute_embedding()  # says what is missing
+        index = current_index(image, self.viewer.dims.point)
+        plane = None
+        if needs_tiles(self.session, L.image_shape(image)[-2:]):
+            plane = image_plane(image, index)
+        elif self.decoder is None:
             return self.compute_embedding(then=self.segment_all)
         form = self.ais_form if has_instance_decoder(self.session, self.adapter) else self.everything_form
-        image, index, emb = self.image_layer, current_index(self.image_layer, self.viewer.dims.point), self.decoder.embedding
+        emb = self.decoder.embedding if plane is None else None
         return self._run("segmenting all objects", segment_all, self.session, emb, self.adapter, form.values(),
+                         image=plane,
                          then=lambda out: self._segmented(image, index, out["result"], out["end"] - out["start"]))
 
     def _segmented(self, image: Image, index: tuple, out: dict, seconds: float) -> None:
-        meta = {KEY: {**export_metadata(self.session, self.adapter), "mode": out["mode"], "params": out["params"]}}
+        meta = {KEY: {**export_metadata(self.session, self.adapter), "mode": out["mode"], "params": out["params"],
+                      "tiles": out["tiles"]}}
         layer = L.result_layer(self.viewer, image, "automatic", meta)
         if index:
             layer.data[index] = out["labels"]
         else:
             layer.data[...] = out["labels"]
         layer.refresh()
-        self._say(f"{out['mode']}: {out['n_objects']} objects ({seconds:.2f} s)")
+        tiles = f", {out['tiles']} tiles" if out["tiles"] else ""
+        self._say(f"{out['mode']}: {out['n_objects']} objects ({seconds:.2f} s{tiles})")
 
     def save(self, path: Optional[str] = None) -> Optional[str]:
         """The selected Labels layer (else "<image> objects") to ``path`` (.tif/.tiff/.zarr; asks when None)."""
