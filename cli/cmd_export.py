@@ -23,7 +23,10 @@ from .options import (
 )
 
 
-@command("merge-and-export", short="Merge exactly, export verified ONNX / TensorRT.", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.")
+@command("merge-and-export", short="Merge exactly, export verified ONNX / TensorRT.", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.\n\n"
+         "Exit status: 0 every graph written; 3 written, but some optional graphs (int8 / fp16 encoder, split, click "
+         "or AIS decoder) failed their gate and were left out (a 'refused:' line each, listed in manifest.json "
+         "'refused'); 2 bad input, or the fp32 reference failed: nothing written. --strict: any refusal is exit 2.")
 def merge_and_export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to create (manifest.json + graphs)."),
     adapter: List[str] = typer.Option(
