@@ -316,6 +316,7 @@ def test_segment_all_runs_ais_with_the_instance_decoder(make_napari_viewer, qtbo
     assert f"{len(records)} objects" in widget.status.text()
 
 
+@pytest.mark.slow  # encodes every tile of the image
 def test_segment_all_on_a_large_image_uses_the_tiled_runtime(make_napari_viewer, qtbot, ais_export):
     viewer = make_napari_viewer()
     image = nuclei(300, seed=9)[:, :280]  # larger than the export's 128 px input
