@@ -58,7 +58,7 @@ from .fresh import FreshCase, measure_fresh, save_model
 from .load import load_between, snapshot
 from .measure import measure
 from .report import add_ratios, format_table, pick_reference, write_json, write_plot, write_text
-from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner, make_runner
+from .runners import make_runner
 from .stats import device_info, library_versions
 
 
