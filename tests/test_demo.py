@@ -45,15 +45,20 @@ def _evaluation(out: Path) -> dict:
     return {r["model"]: r for r in rows}
 
 
-def _int8_learned_or_refused(out: Path, ev: dict, min_dice: float) -> None:
-    """The int8 export learned as much as fp32, or its mask gate refused it and the demo said so
-    (the gate is near its limit on these random-init models: mean IoU ~0.99 over 32 prompts)."""
-    if "onnx-int8" in ev:
-        int8, tuned = ev["onnx-int8"]["dice_box"], ev["finetuned"]["dice_box"]
-        assert int8 >= min_dice and abs(int8 - tuned) <= 0.05, (tuned, int8)
-    else:
-        notes = json.loads((out / "summary.json").read_text())["notes"]
-        assert any(n.startswith("int8 refused by its gate") for n in notes), notes
+# int8 against fp32: the export's recipe search keeps int8's masks at prompt IoU mean >= 0.993 with
+# fp32's (32 probe prompts), i.e. under 1 % of mask pixels differ. A box Dice is a ratio of such mask
+# areas, so int8 may move it by about that much per object; 0.02 is twice that with room for the
+# held-out images being other images than the probe, and still well under what fine-tuning buys (+0.3).
+INT8_DICE_TOLERANCE = 0.02
+
+
+def _int8_learned(out: Path, ev: dict, min_dice: float) -> None:
+    """The int8 export is written, and learned as much as the fp32 export (held-out box Dice)."""
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert "int8" in manifest["graphs"]["encoder"] and not manifest["refused"], manifest["refused"]
+    assert "onnx-int8" in ev, sorted(ev)
+    int8, fp32 = ev["onnx-int8"]["dice_box"], ev["onnx-fp32"]["dice_box"]
+    assert int8 >= min_dice and abs(int8 - fp32) <= INT8_DICE_TOLERANCE, (fp32, int8)
 
 
 def test_fast_demo_learns(demo_run):
@@ -61,7 +66,7 @@ def test_fast_demo_learns(demo_run):
     ev = _evaluation(out)
     base, tuned = (ev[m]["dice_box"] for m in ("base", "finetuned"))
     assert tuned >= FAST_MIN_DICE and tuned >= base + 0.3, (base, tuned)
-    _int8_learned_or_refused(out, ev, FAST_MIN_DICE)
+    _int8_learned(out, ev, FAST_MIN_DICE)
     # the summary says it, with the same numbers
     assert f"learned: held-out box Dice {base:.4g} (base) -> {tuned:.4g} (fine-tuned)" in proc.stdout
 
@@ -115,7 +120,7 @@ def test_demo_outputs_are_valid(demo_run):
     assert compare_models(build_sam_architecture("tiny"), sam, 256)["embeddings"]["max_rel"] > 1e-3  # it trained
     # export: the manifest lists files that exist and the graphs are valid ONNX
     manifest = json.loads((Path(art["export"]) / "manifest.json").read_text())
-    assert "fp32" in manifest["graphs"]["encoder"]  # int8 too, unless its gate refused it (see above)
+    assert set(manifest["graphs"]["encoder"]) == {"fp32", "int8"}
     for graph in manifest["graphs"].values():
         for entry in graph.values():
             onnx.checker.check_model(str(Path(art["export"]) / entry["path"]))
@@ -123,7 +128,7 @@ def test_demo_outputs_are_valid(demo_run):
     ok = [c for c in bench["cases"] if c["status"] == "ok"]
     assert {c["backend"] for c in ok} >= {"torch", "onnxruntime"}
     ev = _evaluation(out)
-    assert {"base", "finetuned", "onnx-fp32"} <= set(ev) <= {"base", "finetuned", "onnx-fp32", "onnx-int8"}
+    assert set(ev) == {"base", "finetuned", "onnx-fp32", "onnx-int8"}
     mask = tifffile.imread(art["prediction mask"])
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     # the numbers the summary prints come from these files
@@ -159,7 +164,18 @@ def test_demo_with_instances_shows_automatic_instance_segmentation(tmp_path):
     merged = torch.load(art["merged checkpoint"], weights_only=True)
     assert set(merged) == {"model_state", "decoder_state"} and len(merged["decoder_state"]) == 66
     manifest = json.loads((Path(art["export"]) / "manifest.json").read_text())
-    assert manifest["graphs"]["ais_decoder"]["fp32"]["parity"]["passed"]
+    # the exported AIS decoder computes what the merged checkpoint's decoder does (the property, not the
+    # manifest's record of it): same embedding in, maps within the export gate's fp32 limits
+    from peft_export.export.gates import graph_runner
+    from peft_export.models.checkpoints import load_sam_and_decoder
+
+    _, _, decoder = load_sam_and_decoder("tiny", art["merged checkpoint"], warn_random=False)
+    emb = torch.randn(1, *manifest["embedding_shape"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = decoder.eval()(emb).numpy()
+    got = graph_runner(Path(art["export"]) / manifest["graphs"]["ais_decoder"]["fp32"]["path"])(
+        {"image_embeddings": emb.numpy()})["instance_maps"]
+    assert got.shape == want.shape and np.abs(got - want).max() <= 5e-3 and np.abs(got - want).mean() <= 1e-4
     summary_text = proc.stdout.split("== demo summary")[1]
     assert "AIS (instance decoder)" in summary_text
 
@@ -179,5 +195,25 @@ def test_default_demo_learns_visibly(tmp_path):
     print(f"default demo: {seconds:.0f} s; box Dice base {ev['base']['dice_box']:.3f}, finetuned "
           f"{ev['finetuned']['dice_box']:.3f}")
     assert ev["finetuned"]["dice_box"] >= DEFAULT_MIN_DICE and ev["onnx-fp32"]["dice_box"] >= DEFAULT_MIN_DICE
-    _int8_learned_or_refused(tmp_path / "out", ev, DEFAULT_MIN_DICE)
+    _int8_learned(tmp_path / "out", ev, DEFAULT_MIN_DICE)
     assert "learned: held-out box Dice" in proc.stdout
+
+
+def test_int8_site_of_the_trained_export_passes_the_real_gate(demo_run, tmp_path):
+    """The browser page's int8 click decoder, built from the demo's trained export, clears the real
+    gate (mean IoU >= 0.99 with its fp32 decoder on the held-out images; test_web.py lowers it to test
+    a random decoder in the browser)."""
+    import onnx
+
+    from peft_export.web import decoder_check
+    from peft_export.web.site import build_site
+
+    out, _ = demo_run
+    assert decoder_check.INT8_MIN_IOU == 0.99
+    images = sorted((out / "data" / "test" / "images").iterdir())[:2]
+    summary = build_site(out / "export", images, tmp_path / "site", precision="int8", progress=False)
+    check = summary["int8_check"]
+    assert check["mean_iou"] >= 0.99 and summary["decoder"]["path"] == "click_decoder.int8.onnx"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "site" / "click_decoder.int8.onnx"),
+                                       load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 2  # int8 really: the output upscaling's two products
