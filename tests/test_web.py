@@ -446,7 +446,8 @@ def test_page_uses_threads_when_cross_origin_isolated(site, export, images, tmp_
 @pytest.mark.slow
 def test_int8_site_runs_in_the_browser_like_onnxruntime(export, images, tmp_path, monkeypatch):
     # The gate is tested above; here the int8 graph (MatMulInteger, ConvInteger, DynamicQuantizeLinear)
-    # must run in onnxruntime-web as it runs in ONNX Runtime, so the gate is lowered for this site.
+    # must run in onnxruntime-web as it runs in ONNX Runtime, so the gate is lowered for this random
+    # decoder. A trained decoder's int8 site clears the real gate: test_demo.py (trained export).
     chromium = _browser_tools()
     _needs_ort_web()
     monkeypatch.setattr(site_module, "INT8_MIN_IOU", 0.0)
