@@ -55,19 +55,89 @@ def _decorators(fn: ast.FunctionDef) -> str:
     return " ".join(ast.unparse(d) for d in fn.decorator_list)
 
 
+GPU_PROBE = re.compile(r"cuda\.is_available\(\)$|device_count\(\)$|^HAVE_GPU$")
+
+
+def _without_gpu(node: ast.expr):
+    """The value of a skip condition on a machine without a GPU: True/False, or None where it depends
+    on something else (tensorrt installed, NCCL, ...). GPU probes are False (0 devices)."""
+    text = ast.unparse(node)
+    if isinstance(node, (ast.Call, ast.Name, ast.Attribute)) and GPU_PROBE.search(text):
+        return 0 if "device_count" in text else False
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        v = _without_gpu(node.operand)
+        return None if v is None else not v
+    if isinstance(node, ast.BoolOp):
+        values = [_without_gpu(v) for v in node.values]
+        decides = isinstance(node.op, ast.Or)  # True decides an `or`, False an `and`
+        if any(v is not None and bool(v) == decides for v in values):
+            return decides
+        return None if None in values else not decides
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        left, right = _without_gpu(node.left), _without_gpu(node.comparators[0])
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right)):
+            return {ast.Lt: left < right, ast.LtE: left <= right, ast.Gt: left > right, ast.GtE: left >= right,
+                    ast.Eq: left == right, ast.NotEq: left != right}.get(type(node.ops[0]))
+    return None
+
+
+def _skip_conditions(fn: ast.FunctionDef) -> list[ast.expr]:
+    """Conditions under which a test skips: @pytest.mark.skipif(cond) and `if cond: ... pytest.skip()`."""
+    conds = [d.args[0] for d in fn.decorator_list
+             if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("mark.skipif") and d.args]
+    for node in ast.walk(fn):
+        if isinstance(node, ast.If) and any(isinstance(c, ast.Call) and ast.unparse(c.func).endswith("pytest.skip")
+                                            for stmt in node.body for c in ast.walk(stmt)):
+            conds.append(node.test)
+    return conds
+
+
+def unmarked_gpu_tests(source: str, name: str = "x.py") -> list[str]:
+    """Tests that skip on a machine without a GPU yet carry neither mark gpu_check.sh selects."""
+    unmarked = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+            continue
+        needs_gpu = any(_without_gpu(c) is True for c in _skip_conditions(node))
+        if needs_gpu and not re.search(r"mark\.(gpu|tensorrt)\b", _decorators(node)):
+            unmarked.append(f"{name}::{node.name}")
+    return unmarked
+
+
+SAMPLE = '''
+import pytest, torch
+def test_needs():
+    """runs where a GPU is present"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+def test_needs_two():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("two GPUs")
+@pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU")
+def test_needs_decorated(): pass
+@pytest.mark.skipif(HAVE_TRT and HAVE_GPU, reason="the refusal cannot run there")
+def test_refusal(): pass
+def test_refusal_in_body():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+@pytest.mark.gpu
+def test_marked():
+    if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
+        pytest.skip("needs CUDA and NCCL")
+'''
+
+
+def test_the_mark_check_tells_needing_a_gpu_from_refusing_one():
+    # the word "present" no longer exempts a test; only a skip that fires where the GPU is there does
+    assert unmarked_gpu_tests(SAMPLE) == ["x.py::test_needs", "x.py::test_needs_two", "x.py::test_needs_decorated"]
+
+
 def test_every_test_that_needs_a_gpu_is_marked_so_the_script_runs_it():
     unmarked = []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        source = path.read_text()
-        for node in ast.walk(ast.parse(source)):
-            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
-                continue
-            text = _decorators(node) + ast.get_source_segment(source, node)
-            needs_gpu = re.search(r"cuda\.is_available\(\)|device_count\(\)|HAVE_GPU", text) and "skip" in text
-            skips_when_present = "present" in text  # refusal tests skip where the GPU *is* there
-            marked = re.search(r"mark\.(gpu|tensorrt)\b", _decorators(node))
-            if needs_gpu and not skips_when_present and not marked:
-                unmarked.append(f"{path.name}::{node.name}")
+        unmarked += unmarked_gpu_tests(path.read_text(), path.name)
     assert not unmarked, f"GPU-only tests without @pytest.mark.gpu/tensorrt (gpu_check.sh would skip them): {unmarked}"
 
 
