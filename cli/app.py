@@ -29,6 +29,11 @@ PIPELINE_ORDER = (
 # turned into a PeftExportError): exit 1, told apart from bad input (exit 2).
 INTERNAL_ERROR_EXIT = 1
 DEBUG_ENV = "PEFTEXPORT_DEBUG"
+# Packages of the optional extras a command may need: the module's top-level name -> the extra installing it.
+TORCH_SIDE = {"torch": "torch", "torchvision": "torch", "segment_anything": "torch", "safetensors": "torch",
+              "onnx": "torch", "onnxscript": "torch", "scipy": "torch", "matplotlib": "torch",
+              "onnxruntime": "cpu", "openvino": "openvino", "skimage": "ais", "zarr": "zarr",
+              "dask": "distributed", "distributed": "distributed"}
 
 
 def unexpected_error_line(exc: BaseException) -> str:
@@ -143,6 +148,14 @@ def command(name: str, help: str, short: str | None = None) -> Callable[[F], F]:
                 raise typer.Exit(130) from None
             except (typer.Exit, click.exceptions.ClickException, SystemExit):
                 raise
+            except ModuleNotFoundError as exc:
+                # The core install is torch-free (runtime, predict, web, napari): say which extra is missing.
+                extra = TORCH_SIDE.get((exc.name or "").split(".")[0])
+                if extra is None:
+                    raise
+                print(f"error: {name} needs {exc.name}, which is not installed: pip install 'peftexport[{extra}]'",
+                      file=sys.stderr)
+                raise typer.Exit(2) from None
             except Exception as exc:  # a bug or a library's own error: one line, traceback on request
                 if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
                     raise

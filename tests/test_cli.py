@@ -194,3 +194,24 @@ def test_onnxruntime_run_errors_are_a_peft_export_error(tmp_path):
     assert backend.run("decoder", {"x": np.arange(6, dtype=np.float32)})["y"].shape == (2, 3)
     with pytest.raises(PeftExportError, match=r"^decoder: onnxruntime failed running this graph \((?!\[ONNX).*\)$"):
         backend.run("decoder", {"x": np.arange(5, dtype=np.float32)})
+
+
+def test_a_command_without_its_extra_names_the_extra_to_install():
+    # The core install is torch-free: a torch-side command must say which extra to install, in one line.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, n, p=None, t=None):\n"
+        "        if n.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['peftexport', 'params', '--model', 'tiny']\n"
+        "from peft_export.cli.main import main\n"
+        "main()\n"
+    )
+    import subprocess
+    import sys as _sys
+
+    res = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: params needs torch, which is not installed: pip install 'peftexport[torch]'"

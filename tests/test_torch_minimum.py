@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_states_the_minimum_the_code_checks():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    # The torch side is the `torch` extra (the core stays torch-free for the runtime and the napari plugin).
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["torch"]
     pins = [d for d in deps if re.match(r"torch\b", d) and not d.startswith("torchvision")]
     assert pins == [f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}"]
 
