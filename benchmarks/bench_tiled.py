@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peft_export.data import synthetic_sample  # noqa: E402
+from peft_export.data import synthetic_mosaic, synthetic_sample  # noqa: E402
 from peft_export.evaluation.large import mean_segmentation_accuracy_large  # noqa: E402
 from peft_export.predict.large import plan_large, run_large  # noqa: E402
 
@@ -48,16 +48,7 @@ def cpu_name() -> str:
 
 
 def mosaic(size: int, seed: int = 0):
-    image, labels, k = np.zeros((size, size), np.uint16), np.zeros((size, size), np.int32), 0
-    for i, y in enumerate(range(0, size, 256)):
-        for j, x in enumerate(range(0, size, 256)):
-            img, lab = synthetic_sample(256, seed=seed + 1000 * i + j)
-            hh, ww = min(256, size - y), min(256, size - x)
-            image[y:y + hh, x:x + ww] = img[:hh, :ww]
-            lab = lab[:hh, :ww].astype(np.int32)
-            labels[y:y + hh, x:x + ww] = np.where(lab > 0, lab + k, 0)
-            k += int(lab.max())
-    return image, labels
+    return synthetic_mosaic(size, size, seed)
 
 
 def write_zarr(path: Path, size: int, chunk: int = 1024) -> Path:

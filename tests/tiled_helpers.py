@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.data import synthetic_sample
+from peft_export.data import synthetic_mosaic
 
 
 def ais_export_dir(tmp_path_factory) -> Path:
@@ -27,17 +27,7 @@ def ais_export_dir(tmp_path_factory) -> Path:
 def nuclei_mosaic(h: int, w: int, seed: int = 0, uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An h x w image of the demo's nuclei at native scale (256-px synthetic samples side by
     side) and its instance labels (unique over the mosaic)."""
-    image = np.zeros((h, w), np.uint16)
-    labels = np.zeros((h, w), np.int32)
-    k = 0
-    for i, y in enumerate(range(0, h, 256)):
-        for j, x in enumerate(range(0, w, 256)):
-            img, lab = synthetic_sample(256, seed=seed + 100 * i + j)
-            hh, ww = min(256, h - y), min(256, w - x)
-            image[y:y + hh, x:x + ww] = img[:hh, :ww]
-            lab = lab[:hh, :ww].astype(np.int32)
-            labels[y:y + hh, x:x + ww] = np.where(lab > 0, lab + k, 0)
-            k += int(lab.max())
+    image, labels = synthetic_mosaic(h, w, seed, row_seed_stride=100)
     if uint8:
         image = (image.astype(np.float64) / max(int(image.max()), 1) * 255).astype(np.uint8)
     return image, labels

@@ -30,7 +30,7 @@ from .prompts import (
     corrective_points,
     sample_positive_point,
 )
-from .synthetic import make_demo_data, synthetic_sample
+from .synthetic import make_demo_data, synthetic_mosaic, synthetic_sample
 
 __all__ = [
     "IMAGE_EXTENSIONS", "PADDING_POINT", "Pair", "PatchSampler", "Sample", "augment_pair", "box_from_mask",
@@ -38,5 +38,5 @@ __all__ = [
     "label_planes", "load_samples", "make_demo_data", "mask_of", "object_sizes", "objects_in_label",
     "plane_names", "read_array", "read_image_planes", "read_label_planes", "relabel_consecutive",
     "remove_small_objects", "sample_patch", "sample_positive_point", "semantic_to_instance", "split_by_file",
-    "synthetic_sample", "validate_pairs",
+    "synthetic_mosaic", "synthetic_sample", "validate_pairs",
 ]

@@ -124,3 +124,21 @@ def make_demo_data(out_dir: str | os.PathLike, n_images: int = 8, size: int = 25
             tifffile.imwrite(tmp, label)
         pairs.append(Pair(name, img_path, lab_path))
     return pairs
+
+
+def synthetic_mosaic(h: int, w: int, seed: int = 0, row_seed_stride: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """An h x w image of the demo's nuclei at native scale (256-px synthetic samples side by side,
+    sample (i, j) drawn with seed ``seed + row_seed_stride * i + j``) and its instance labels, unique
+    over the mosaic: a large image whose ground truth is known, for tiled segmentation."""
+    image = np.zeros((h, w), np.uint16)
+    labels = np.zeros((h, w), np.int32)
+    k = 0
+    for i, y in enumerate(range(0, h, 256)):
+        for j, x in enumerate(range(0, w, 256)):
+            img, lab = synthetic_sample(256, seed=seed + row_seed_stride * i + j)
+            hh, ww = min(256, h - y), min(256, w - x)
+            image[y:y + hh, x:x + ww] = img[:hh, :ww]
+            lab = lab[:hh, :ww].astype(np.int32)
+            labels[y:y + hh, x:x + ww] = np.where(lab > 0, lab + k, 0)
+            k += int(lab.max())
+    return image, labels
