@@ -202,3 +202,46 @@ def test_cli_on_an_existing_scheduler_leaves_it_running(export, tmp_path):
             assert len(client.scheduler_info()["workers"]) == 1
     ref, _ = SamSession(export).tiled(image, tile=128, halo=32).segment_instances(block=1024, halo=64)
     np.testing.assert_array_equal(_labels(tmp_path / "a_labels.zarr"), ref)
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, image_zarr, tmp_path):
+    """A worker process dies (SIGKILL) while the tiles run: Dask's nanny starts a new one, the lost
+    tasks run again, and the labels equal the in-process run's up to renumbering."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from peft_export.distributed import close, connect, run_jobs
+
+    path, _ = image_zarr
+    opts = dict(tile=64, halo=16, block=64)  # 90 tiles: the job is still running when the kill comes
+    run_large(plan_large(export, path, tmp_path / "one.zarr", **opts))
+    client = connect(workers=2)
+    try:
+        pids = client.run(os.getpid)
+        job = plan_large(export, path, tmp_path / "two.zarr", **opts)
+        n_tiles = stages(job)[0][2]
+        done_dir = _marker(job, "x").parent
+        at_kill = []
+
+        def kill_one_worker():  # after the first tiles are done, in the middle of the tile stage
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(done_dir.glob("tile_*")):
+                time.sleep(0.01)
+            at_kill.append(len(list(done_dir.glob("tile_*"))))
+            os.kill(next(iter(pids.values())), signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one_worker)
+        killer.start()
+        records = run_jobs(client, [job])
+        killer.join()
+        after = client.run(os.getpid)
+    finally:
+        close(client)
+    assert 0 < at_kill[0] < n_tiles  # the worker died mid-job
+    assert len(after) == 2 and set(after.values()) != set(pids.values())  # a new worker replaced it
+    a, b = _labels(tmp_path / "one.zarr"), _labels(tmp_path / "two.zarr")
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    assert pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))  # the same labels up to renumbering
+    assert records[0]["n_objects"] == a.max() > 5 and not (tmp_path / "two.zarr.partial").exists()
