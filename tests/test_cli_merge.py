@@ -90,6 +90,29 @@ def test_merge_cli_micro_sam(tmp_path):
     assert no_method.returncode == 2 and "--peft" in no_method.stderr
 
 
+def test_merge_cli_micro_sam_vit_t_needs_no_peft(tmp_path):
+    """micro-sam fine-tunes vit_t only fully, so its vit_t files load without --peft: the merged file is
+    the checkpoint's model_state (without 'sam.') and its decoder_state, tensor for tensor."""
+    from peft_export.models import random_instance_decoder
+
+    sam = random_sam("vit_t", 1024, seed=9)
+    with torch.no_grad():  # random non-zero everywhere, BatchNorm statistics included
+        for t in list(sam.parameters()) + [b for b in sam.buffers() if b.is_floating_point()]:
+            t.add_(torch.rand_like(t) * 0.01 + 0.001)
+    state = sam.state_dict()
+    decoder = random_instance_decoder(5).state_dict()
+    torch.save({"model_state": {"sam." + k: v for k, v in state.items()}, "decoder_state": decoder,
+                "optimizer_state": {}}, tmp_path / "vit_t_lm.pt")
+    out = run_cli("merge", "--micro-sam", tmp_path / "vit_t_lm.pt", "--model", "vit_t", "--out", tmp_path / "m.pth")
+    assert out.returncode == 0, out.stderr
+    merged = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert set(merged["model_state"]) == set(state) and set(merged["decoder_state"]) == set(decoder)
+    assert all(torch.equal(merged["model_state"][k], v) for k, v in state.items())
+    assert all(torch.equal(merged["decoder_state"][k], v) for k, v in decoder.items())
+    wrong = run_cli("merge", "--micro-sam", tmp_path / "vit_t_lm.pt", "--model", "vit_b", "--out", tmp_path / "b.pth")
+    assert wrong.returncode == 2 and "checkpoint is vit_t" in wrong.stderr and not (tmp_path / "b.pth").exists()
+
+
 @pytest.mark.parametrize(
     "setup,args,message",
     [

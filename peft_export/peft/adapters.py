@@ -290,14 +290,16 @@ def micro_sam_peft_config(
     blocks: str = "all",
     targets: str = "q,v",
     adaptformer_residual: bool = False,
-) -> PeftConfig:
+) -> PeftConfig | None:
     """The PEFT config a micro-sam checkpoint was trained with, from --peft and its options
-    (their files do not record it); an unknown method is reported before any file is read."""
+    (their files do not record it); an unknown method is reported before any file is read.
+    None without --peft: ``load_model_source`` then takes a vit_t file as fully fine-tuned
+    (micro-sam trains vit_t only that way) and refuses any other."""
     from .config import parse_targets
     from .registry import get_method
 
     if peft is None:
-        raise PeftExportError(f"{checkpoint}: micro-sam checkpoints do not record their PEFT method; pass --peft")
+        return None
     get_method(peft)
     return PeftConfig(
         method=peft,
@@ -363,9 +365,20 @@ def load_model_source(
         return load_adapter(adapter, checkpoint, force=force, image_size=image_size)
     if micro_sam is not None:
         if micro_sam_config is None:
-            raise PeftExportError(
-                f"{micro_sam}: micro-sam checkpoints do not record their PEFT method; pass --peft (and --rank, --blocks, ...)"
-            )
+            return _fully_finetuned_micro_sam(micro_sam, model_type, image_size)
         return import_micro_sam(micro_sam, micro_sam_config, model_type, image_size)
     sam, base, decoder = load_sam_and_decoder(model_type, merged, image_size)
     return AdaptedModel(sam, None, base, source=str(merged), instance_decoder=decoder)
+
+
+def _fully_finetuned_micro_sam(checkpoint: str | Path, model_type: str | None, image_size: int | None) -> AdaptedModel:
+    """A micro-sam file given without --peft: a vit_t one is fully fine-tuned (micro-sam refuses PEFT
+    for vit_t), so its ``model_state`` (+ ``decoder_state``) is the model; any other needs --peft."""
+    found = infer_model_type(sam_state_from_checkpoint(read_checkpoint(checkpoint), checkpoint), checkpoint)
+    if found != "vit_t":
+        raise PeftExportError(
+            f"{checkpoint}: micro-sam checkpoints do not record their PEFT method; pass --peft (and --rank, --blocks, ...)"
+            " (only vit_t files need none: micro-sam fine-tunes vit_t fully)"
+        )
+    sam, base, decoder = load_sam_and_decoder(model_type, checkpoint, image_size)
+    return AdaptedModel(sam.eval(), None, base, source=str(checkpoint), instance_decoder=decoder)
