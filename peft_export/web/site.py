@@ -10,6 +10,8 @@ The site (every path relative, so any static server or folder works)::
                                               shared-trunk adapters) ship their decoder_lowres / decoder
     images/<name>.png                         each image as the model sees it (intensity rule applied)
     embeddings/<name>.f32                     its image embedding, float32 little-endian, 1x256xgxg
+    encoder.onnx[.data] | encoder.int8.onnx   with the encoder in the browser (browser_encoder.py): the
+                                              export's graph; people open their own images (encoder.js)
     ort/                                      onnxruntime-web's wasm files + NOTICE.txt (see ortweb.py)
 
 Embeddings are computed here with the runtime (``SamSession.encode``), so the page only
@@ -36,6 +38,7 @@ from ..predict import read_image
 from ..predict.overlay import display_image, save_png
 from ..runtime import SamSession, read_manifest
 from ..runtime.split_decoder import CLICK_GRAPH, SPLIT_CONTEXT
+from .browser_encoder import browser_encoder_entry, write_browser_encoder
 from .decoder_check import INT8_MIN_IOU, compare_decoders
 from .ortweb import ORT_FILES, copy_ort_files, find_ort_files
 from .web_graph import CONTEXT_FILE, web_int8_recipe, write_web_click_decoder
@@ -43,7 +46,7 @@ from .web_graph import CONTEXT_FILE, web_int8_recipe, write_web_click_decoder
 SITE_FORMAT = "peftexport-web-site"
 SITE_FORMAT_VERSION = 1
 ASSETS = Path(__file__).resolve().parent / "assets"
-ASSET_FILES = ("index.html", "app.js", "sam.js", "style.css")
+ASSET_FILES = ("index.html", "app.js", "sam.js", "encoder.js", "style.css")
 DECODER_PRECISIONS = ("fp32", "int8")
 DECODER_FLAVOURS = (CLICK_GRAPH, "decoder_lowres", "decoder")  # the page's preference, in order
 
@@ -132,22 +135,30 @@ def build_site(
     adapter: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
+    encoder_in_browser: Optional[bool] = None,
 ) -> Dict[str, Any]:
     """Write the site into ``out`` (atomically) and return a summary (paths, sizes, checks).
 
     ``precision`` is the decoder's in the site (int8: dynamic quantisation of the fp32 decoder,
     refused unless its masks agree with fp32 at mean IoU >= 0.99 on these images);
-    ``encoder_precision`` picks the export's encoder that computes the embeddings.
+    ``encoder_precision`` picks the export's encoder that computes the embeddings (and, with
+    ``encoder_in_browser``, the one the page runs on the images people open; None: on for a small
+    vit_t encoder, see ``browser_encoder``). With the encoder in the browser ``images`` may be empty.
     """
     if precision not in DECODER_PRECISIONS:
         raise PeftExportError(f"--precision: the site's decoder is fp32 or int8, not {precision!r}")
-    if not images:
-        raise PeftExportError("IMAGES: give at least one image file")
     export_dir, out = Path(export_dir), Path(out)
+    if not images and encoder_in_browser is False:
+        raise PeftExportError("IMAGES: give at least one image file")
     _check_assets()
     find_ort_files()  # before any slow work: no npm files -> one line naming the fix
     session, adapter = _open_session(export_dir, encoder_precision, adapter)
     manifest = session.manifest
+    encoder_entry = browser_encoder_entry(export_dir, manifest, encoder_precision, adapter, encoder_in_browser)
+    if not images and encoder_entry is None:
+        raise PeftExportError("IMAGES: give at least one image file (or --encoder-in-browser: people open their own)")
+    if not images and precision == "int8":
+        raise PeftExportError("--precision int8: the int8 decoder is checked on the site's IMAGES; give at least one")
     flavour, decoder_path = decoder_source(export_dir, manifest, adapter)
     paths = [Path(p) for p in images]
     arrays = []
@@ -190,6 +201,7 @@ def build_site(
         "embedding_shape": [1, 256, g, g],
         "encoder_precision": encoder_precision,
         "images": records,
+        "encoder": None,
     }
     summary: Dict[str, Any] = {"out": str(out), "images": records}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -206,6 +218,8 @@ def build_site(
         for rec, image, emb in zip(records, arrays, embeddings):
             save_png(display_image(image, rule), tmp / rec["image"])
             (tmp / rec["embedding"]).write_bytes(np.ascontiguousarray(emb.embedding, dtype="<f4").tobytes())
+        if encoder_entry is not None:
+            site["encoder"] = write_browser_encoder(tmp, export_dir, encoder_entry, manifest, encoder_precision)
         copy_ort_files(tmp / "ort")
         (tmp / "site.json").write_text(json.dumps(site, indent=2))
         ort_bytes = sum((tmp / "ort" / n).stat().st_size for n in ORT_FILES)
@@ -217,6 +231,8 @@ def build_site(
                               if site["decoder"].get(k)),
             bytes_embeddings=_folder_bytes(tmp / "embeddings"),
             bytes_images=_folder_bytes(tmp / "images"),
+            encoder=site["encoder"],
+            bytes_encoder=site["encoder"]["bytes"] if site["encoder"] else 0,
         )
         summary["bytes_site_without_ort"] = summary["bytes_total"] - ort_bytes
     return summary

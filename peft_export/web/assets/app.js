@@ -1,9 +1,12 @@
 // app.js: the page. Pick an image; left click adds a positive point, right click a negative
 // one, a drag draws the box; every prompt runs the decoder with the previous mask's low-res
-// logits as mask_input (SamPredictor's iterative use) and redraws the overlay.
+// logits as mask_input (SamPredictor's iterative use) and redraws the overlay. A site with the
+// encoder in the browser (site.encoder) also lets a person open their own image (file picker or
+// drag and drop): encoder.js preprocesses it as the runtime does and runs the encoder here.
 //
 // window.peftexportWeb exposes the state for tests and scripts (snapshot(), ready, error).
 import * as ort from './ort/ort.wasm.min.mjs';
+import { BrowserEncoder, decodeImageFile } from './encoder.js';
 import { encodeRle, loadDecoder, maskFromLowRes } from './sam.js';
 
 const $ = (id) => document.getElementById(id);
@@ -16,17 +19,31 @@ const state = {
   image: null, picture: null, prepared: false,
   points: [], box: null, lowRes: null, mask: null, iou: null, index: null,
   decoderMs: null, postMs: null, version: 0, busy: false, pending: false, drag: null,
+  records: [], encoder: null, encoding: false, last: null, // images: the site's, then the opened ones
 };
+let selecting = Promise.resolve(); // one image at a time: picks and opens wait their turn
 
 const api = {
   ready: false,
   error: null,
   timings: [],
+  encodes: [], // per opened image: {name, preprocessMs, encoderMs, prepareMs}
+  encoderLoadMs: null,
+  /** The last opened image's 'embedding' or encoder 'input' (float32, little-endian) as base64. */
+  tensorBase64(name) {
+    const t = state.last && state.last[name];
+    if (!t) return null;
+    const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
+    let text = '';
+    for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return btoa(text);
+  },
   snapshot() {
     return {
       image: state.image && state.image.name, width: state.image && state.image.width,
       height: state.image && state.image.height, points: state.points, box: state.box,
-      index: state.index, iou: state.iou, version: state.version, busy: state.busy || state.pending,
+      index: state.index, iou: state.iou, version: state.version,
+      busy: state.busy || state.pending || state.encoding, inputSize: state.image && state.image.input_size,
       decoderMs: state.decoderMs, threads: state.threads, isolated: self.crossOriginIsolated,
       rle: state.mask ? encodeRle(state.mask) : null,
     };
@@ -60,15 +77,23 @@ function loadPicture(url) {
 }
 
 async function selectImage(i) {
-  const rec = state.site.images[i];
-  const [picture, buffer] = await Promise.all([
-    loadPicture(rec.image), fetchOk(rec.embedding).then((r) => r.arrayBuffer()),
-  ]);
-  const want = state.site.embedding_shape.reduce((a, b) => a * b, 1) * 4;
-  if (buffer.byteLength !== want) throw new Error(`${rec.embedding}: ${buffer.byteLength} bytes, expected ${want}`);
+  const rec = state.records[i];
+  let picture = rec.picture;
+  let embedding = rec.embedding;
+  if (!rec.opened) {
+    let buffer;
+    [picture, buffer] = await Promise.all([
+      loadPicture(rec.image), fetchOk(rec.embedding).then((r) => r.arrayBuffer()),
+    ]);
+    const want = state.site.embedding_shape.reduce((a, b) => a * b, 1) * 4;
+    if (buffer.byteLength !== want) throw new Error(`${rec.embedding}: ${buffer.byteLength} bytes, expected ${want}`);
+    embedding = new Float32Array(buffer);
+  }
   state.prepared = false;
   status(`${rec.name}: preparing the decoder ...`);
-  await state.decoder.prepare(new Float32Array(buffer)); // the click decoder's per-image session
+  const t0 = performance.now();
+  await state.decoder.prepare(embedding); // the click decoder's per-image session
+  rec.prepareMs = performance.now() - t0;
   Object.assign(state, { image: rec, picture, prepared: true });
   canvas.width = rec.width;
   canvas.height = rec.height;
@@ -80,7 +105,47 @@ function clearPrompts() {
   state.version++;
   $('export').disabled = true;
   draw();
-  status(`${state.image.name}: ${state.image.width}x${state.image.height}, ready (${threadText()})`);
+  const enc = state.image.encoderMs ? `, encoder ${state.image.encoderMs.toFixed(0)} ms` : '';
+  status(`${state.image.name}: ${state.image.width}x${state.image.height}${enc}, ready (${threadText()})`);
+}
+
+function uniqueName(fileName) {
+  const base = fileName.replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9._-]/g, '_') || 'image';
+  let name = base;
+  for (let k = 2; state.records.some((r) => r.name === name); k++) name = `${base}-${k}`;
+  return name;
+}
+
+// A file the person picked or dropped: decode, preprocess + encode here, then select it like a site image.
+async function openFile(file) {
+  state.encoding = true;
+  try {
+    status(`${file.name}: reading ...`);
+    const { rgb, width, height, picture } = await decodeImageFile(file);
+    if (!state.encoder) {
+      status('loading the encoder ...');
+      const t0 = performance.now();
+      state.encoder = await BrowserEncoder.load(ort, state.site);
+      api.encoderLoadMs = performance.now() - t0;
+    }
+    status(`${file.name}: running the encoder (${threadText()}) ...`);
+    const r = await state.encoder.encode(rgb, height, width);
+    const rec = { name: uniqueName(file.name), source: file.name, width, height, input_size: r.inputSize,
+      opened: true, picture, embedding: r.embedding, encoderMs: r.encoderMs };
+    state.last = { embedding: r.embedding, input: r.input };
+    state.records.push(rec);
+    const i = state.records.length - 1;
+    $('image').add(new Option(`${rec.name} (${width}x${height}, opened)`, String(i)));
+    $('image').value = String(i);
+    await selectImage(i);
+    api.encodes.push({ name: rec.name, preprocessMs: r.preprocessMs, encoderMs: r.encoderMs, prepareMs: rec.prepareMs });
+  } finally {
+    state.encoding = false;
+  }
+}
+
+function open(file) {
+  if (file) selecting = selecting.then(() => openFile(file)).catch(fail);
 }
 
 function threadText() {
@@ -121,6 +186,7 @@ async function update() {
 }
 
 function draw() {
+  if (!state.picture) return;
   const { width: w, height: h } = canvas;
   ctx.drawImage(state.picture, 0, 0, w, h);
   if (state.mask) {
@@ -228,9 +294,18 @@ async function main() {
   if (s.model_note) $('warning').textContent = s.model_note;  // what the weights are (site.py's model_note)
   state.decoder = await loadDecoder(ort, s);
   const select = $('image');
+  state.records = s.images.slice();
   s.images.forEach((rec, i) => select.add(new Option(`${rec.name} (${rec.width}x${rec.height})`, String(i))));
-  // One image at a time: a pick made while another image's decoder is prepared waits its turn.
-  let selecting = Promise.resolve();
+  if (s.encoder) {
+    $('open').hidden = false;
+    $('file').addEventListener('change', (e) => { open(e.target.files[0]); e.target.value = ''; });
+    // Drag and drop anywhere on the page (the browser would otherwise navigate to the file).
+    document.addEventListener('dragover', (e) => e.preventDefault());
+    document.addEventListener('drop', (e) => {
+      e.preventDefault();
+      open(e.dataTransfer && e.dataTransfer.files[0]);
+    });
+  }
   select.addEventListener('change', () => {
     selecting = selecting.then(() => selectImage(Number(select.value))).catch(fail);
   });
@@ -240,7 +315,9 @@ async function main() {
   canvas.addEventListener('contextmenu', (e) => e.preventDefault());
   $('clear').addEventListener('click', clearPrompts);
   $('export').addEventListener('click', exportMask);
-  await selectImage(0);
+  if (s.images.length) await selectImage(0);
+  else status(`open an image: the button above, or drop it on the page (encoder ${s.encoder.precision} `
+    + `in the browser, ${threadText()})`);
   api.ready = true;
 }
 
