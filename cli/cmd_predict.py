@@ -41,9 +41,9 @@ def predict(
     foreground_smoothing: float = typer.Option(1.0, "--foreground-smoothing", help="--instances: Gaussian sigma (0: off)."),
     distance_smoothing: float = typer.Option(1.6, "--distance-smoothing", help="--instances: Gaussian sigma (0: off)."),
     min_size: int = typer.Option(0, "--min-size", help="--instances: remove objects with fewer pixels."),
-    tile: Optional[int] = typer.Option(None, "--tile", help="--instances on large images: tile size in native "
-                                       "pixels, resized to the model input (default: the export's training scale, "
-                                       "else the model input). Labels go to zarr."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Large images (--instances, --everything or "
+                                       "prompts): tile size in native pixels, resized to the model input (default: "
+                                       "the export's training scale, else the model input). Results go to zarr."),
     halo: Optional[int] = typer.Option(None, "--halo", help="Tiles: context pixels per side (default tile/4)."),
     scale: Optional[float] = typer.Option(None, "--scale", help="Tiles: magnification into the model "
                                           "(model input / tile); instead of --tile."),
@@ -67,12 +67,15 @@ def predict(
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
+    opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
+    if use_large_path(images, out, tile, halo, scale, workers, scheduler) and not instances:
+        return _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale,
+                                      workers, scheduler, precision, multimask, adapter, overwrite)
     if use_large_path(images, out, tile, halo, scale, workers, scheduler):
         return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
                               halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet)
 
-    opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
@@ -108,9 +111,8 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     from peft_export.errors import PeftExportError
     from peft_export.predict.large import plan_large_images, run_large
 
-    if other_mode or not instances:
-        raise PeftExportError("--tile/--halo/--scale/--workers/--scheduler and zarr: the command line runs "
-                              "--instances on large images (prompts and segment-everything: SamSession.tiled)")
+    if other_mode:
+        raise PeftExportError("--instances: cannot be combined with --points/--box/--everything")
     if workers is not None and scheduler is not None:
         raise PeftExportError("--workers and --scheduler: give one (a local cluster, or an existing one)")
     if workers is not None and workers < 1:
@@ -138,4 +140,23 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     for r in records:
         echo(f"{r['image']}: {r['n_objects']} objects ({r['tiles']} tile(s) of {r['tile']} px, scale "
              f"{r['scale']:g}) -> {r['outputs']['labels']}")
+    echo(f"wrote {len(records)} result(s) to {out}")
+
+
+def _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale, workers,
+                           scheduler, precision, multimask, adapter, overwrite) -> None:
+    from peft_export.errors import PeftExportError
+    from peft_export.predict.large_prompts import predict_large_prompts
+
+    if workers is not None or scheduler is not None:
+        raise PeftExportError("--workers/--scheduler: run --instances on a cluster; prompts and --everything on "
+                              "large images run in this process")
+    records = predict_large_prompts(export_dir, images, out, points=points, box=box, everything=everything,
+                                    everything_options=opts, tile=tile, halo=halo, scale=scale, precision=precision,
+                                    multimask=multimask, adapter=adapter, overwrite=overwrite)
+    for r in records:
+        what = (f"{r['n_objects']} objects" if r["mode"] == "everything" else
+                f"mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, {r['mask_area']} px)")
+        echo(f"{r['image']}: {what} ({r['tiles']} tile(s) of {r['tile']} px, scale {r['scale']:g}) -> "
+             f"{r['outputs']['labels']}")
     echo(f"wrote {len(records)} result(s) to {out}")

@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(export, image_zarr, tmp_path):
         ((path, "--instances", "--tile", "96", "--halo", "48"), "--halo: 48 px must be >= 0 and less than half"),
         ((path, "--instances", "--tile", "256"), "--tile: 256 px is larger than the model input (128 px)"),
         ((path, "--instances", "--scheduler", "tcp://127.0.0.1:9"), "--scheduler tcp://127.0.0.1:9: no Dask scheduler"),
-        ((path, "--everything", "--tile", "96"), "the command line runs --instances on large images"),
+        ((path, "--instances", "--everything", "--tile", "96"), "--instances: cannot be combined with"),
     ]
     for args, says in cases:
         out = tmp_path / "o.zarr"

@@ -72,11 +72,18 @@ class TiledImage:
     def route(self, point_coords: Optional[np.ndarray], point_labels: Optional[np.ndarray],
               box: Optional[np.ndarray]) -> Tile:
         """The tile a prompt goes to; refuses prompts that do not fit in one tile."""
+        return self.route_on(self.grid, point_coords, point_labels, box)
+
+    @staticmethod
+    def route_on(grid: TileGrid, point_coords: Optional[np.ndarray], point_labels: Optional[np.ndarray],
+                 box: Optional[np.ndarray]) -> Tile:
+        """``route`` on a grid alone (inputs checked before any tile is encoded)."""
+        spec = grid.spec
         if box is not None:
             b = np.asarray(box, np.float64).reshape(-1)
             bw, bh = b[2] - b[0], b[3] - b[1]
-            if bw > self.spec.tile or bh > self.spec.tile:
-                raise PeftExportError(f"box: {bw:g}x{bh:g} px is larger than one tile ({self.spec.tile} px); "
+            if bw > spec.tile or bh > spec.tile:
+                raise PeftExportError(f"box: {bw:g}x{bh:g} px is larger than one tile ({spec.tile} px); "
                                       "use a larger tile or predict on a crop around the object")
             x, y = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
         elif point_coords is not None:
@@ -85,7 +92,7 @@ class TiledImage:
             x, y = pts[int(np.argmax(lbl == 1))] if (lbl == 1).any() else pts[0]
         else:
             raise PeftExportError("predict: give point_coords and/or box")
-        tile = self.grid.tile_at(x, y)
+        tile = grid.tile_at(x, y)
         y0, y1, x0, x1 = tile.outer
         pts = [] if point_coords is None else np.asarray(point_coords, np.float64).reshape(-1, 2).tolist()
         if box is not None:
@@ -93,7 +100,7 @@ class TiledImage:
         for px, py in pts:
             if not (x0 <= px <= x1 and y0 <= py <= y1):
                 raise PeftExportError(f"prompt: {px:g},{py:g} lies outside the tile that holds the prompt's centre "
-                                      f"(x {x0}..{x1}, y {y0}..{y1}; tile {self.spec.tile} px): prompts of one "
+                                      f"(x {x0}..{x1}, y {y0}..{y1}; tile {spec.tile} px): prompts of one "
                                       "object must fit in one tile")
         return tile
 
