@@ -40,6 +40,11 @@ def evaluate(
     points_per_side: int = typer.Option(32, "--points-per-side", help="Point grid of --everything."),
     ais: bool = typer.Option(False, "--ais", help="Also automatic instance segmentation with the models' instance "
                              "decoders (micro-sam's defaults), scored with mSA and SA50."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="--ais on large images (TIFF / zarr / OME-Zarr, labels "
+                                       "too): tile size in native pixels (default: the export's training scale); "
+                                       "only mSA/SA50 of the tiled AIS are evaluated, exports only."),
+    halo: Optional[int] = typer.Option(None, "--halo", help="Tiles: context pixels per side (default tile/4)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Tiles: model input / tile, instead of --tile."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Directory for evaluation.json (full results), evaluation.md (table) and "
         "evaluation.png (Dice per iteration, with iterative prompts)."),
@@ -74,6 +79,9 @@ def evaluate(
     if out is not None and "iterative" not in {p.strip() for p in prompts.split(",")}:
         files["plot"] = None  # the plot shows Dice per corrective iteration
 
+    if tile is not None or halo is not None or scale is not None:
+        return _evaluate_large(models, data, ais, everything, tile, halo, scale, backend, out, overwrite, quiet)
+
     micro = next((m.split("=", 1)[-1] for m in models if "micro-sam:" in m), None)
     cfg = micro_sam_config(Path(micro.split("micro-sam:", 1)[1]) if micro else None, peft, rank, blocks, targets,
                            adaptformer_residual)
@@ -107,3 +115,28 @@ def evaluate(
     for path in files.values():
         if path is not None and path.exists():
             echo(f"wrote {path}")
+
+
+def _evaluate_large(models, data, ais, everything, tile, halo, scale, backend, out, overwrite, quiet) -> None:
+    import json
+
+    from peft_export.errors import PeftExportError
+    from peft_export.evaluation.large import evaluate_large
+    from peft_export.fsutil import atomic_file, output_dir
+
+    if not ais or everything:
+        raise PeftExportError("--tile/--halo/--scale: large images are evaluated with --ais (mSA of the tiled "
+                              "instance segmentation), without --everything")
+    paths = [out / "evaluation.json", out / "evaluation.md"] if out is not None else []
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise PeftExportError(f"{path}: already exists (pass --overwrite to replace it)")
+    with output_dir(out):
+        report = evaluate_large(models, data, tile=tile, halo=halo, scale=scale, backend=backend,
+                                log=None if quiet else echo)
+        for path, text in zip(paths, (json.dumps(report, indent=1), report["table"] + "\n")):
+            with atomic_file(path, overwrite=overwrite) as tmp:
+                tmp.write_text(text)
+    echo(report["table"])
+    for path in paths:
+        echo(f"wrote {path}")
