@@ -1,5 +1,6 @@
-"""The int8 recipe with margin: start from the default recipe and, while the masks' agreement with
-fp32 is below the margin, return the next most sensitive weight MatMul to fp32.
+"""The int8 recipe with margin: start from the default recipe (GPTQ-rounded weights, ``gptq.py``) and,
+while the masks' agreement with fp32 is below the margin, return the next most sensitive weight
+MatMul to fp32.
 
 The gate (``verify.THRESHOLDS["int8"]``: prompt mask IoU mean >= 0.99, min >= 0.97 over 32 probe
 prompts) stays where it is; the search aims higher (``MARGIN``) so that a graph that passes does not
@@ -86,7 +87,13 @@ def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: I
     """Quantise ``src`` to ``dst`` from ``recipe``, returning layers to fp32 (most sensitive first)
     while ``measure(dst)`` (the gate's prompt agreement: ``mask_iou_mean``, ``mask_iou_min``) is below
     ``MARGIN``. Returns the applied recipe and the search record for the manifest."""
-    applied = quantize_int8(src, dst, recipe, calibration)
+    rounded = None
+    if recipe.rounding == "gptq":  # once: the rounding of a layer does not depend on which others stay fp32
+        from .gptq import gptq_weights
+
+        rounded = gptq_weights(src, calibration if calibration is not None and len(calibration)
+                               else hessian_images(image.shape[-1]))
+    applied = quantize_int8(src, dst, recipe, calibration, rounded)
     agreement = measure(Path(dst))
     steps = [{"fp32_layers": len(recipe.exclude), "mask_iou_mean": agreement["mask_iou_mean"],
               "mask_iou_min": agreement["mask_iou_min"]}]
@@ -98,7 +105,8 @@ def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: I
         if not below_margin(agreement):
             break
         added.append(name)
-        applied = quantize_int8(src, dst, replace(recipe, exclude=tuple(recipe.exclude) + tuple(added)), calibration)
+        applied = quantize_int8(src, dst, replace(recipe, exclude=tuple(recipe.exclude) + tuple(added)), calibration,
+                                rounded)
         agreement = measure(Path(dst))
         steps.append({"fp32_layers": len(applied.exclude), "added": name, "relative_error": round(error, 5),
                       "mask_iou_mean": agreement["mask_iou_mean"], "mask_iou_min": agreement["mask_iou_min"]})
@@ -111,6 +119,17 @@ def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: I
               "fp32_layers": list(applied.exclude), "weight_matmuls": len(weight_matmuls),
               "fp32_matmuls": len(kept), "int8_matmuls": len(weight_matmuls) - len(kept), "steps": steps}
     return applied, record
+
+
+HESSIAN_SEEDS = (1, 2)  # the probe image is seed 0: GPTQ never sees the image the gate measures on
+
+
+def hessian_images(size: int) -> list[np.ndarray]:
+    """Images for GPTQ's layer statistics when the user gave no calibration images: probe images of
+    other seeds than the gate's (same realistic statistics, other content)."""
+    from ..merge import probe_inputs
+
+    return [probe_inputs(size, seed)[0].numpy() for seed in HESSIAN_SEEDS]
 
 
 def matmul_weight_count(src: str | os.PathLike) -> list[str]:

@@ -19,8 +19,10 @@
     ONNX Runtime and OpenVINO fuse into int8 kernels.
 
   ``exclude`` leaves named nodes in fp32 (the sensitive ones: ``sensitive_nodes``).
+  ``rounding="gptq"`` (the default recipe's) keeps ONNX Runtime's grid and kernels but picks each
+  weight's int8 value to keep the layer's output on real activations (``gptq.py``).
   Whatever the recipe, merge-and-export refuses an int8 graph whose masks differ from the
-  fp32 model's (``agreement.GATES``) and writes nothing.
+  fp32 model's (``gates.THRESHOLDS``) and leaves it out (``refusals.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Int8Recipe:
     static: bool = False  # True: QDQ with activation ranges calibrated on images
     calibration_images: int = 0
     only: tuple[str, ...] = ()  # node names quantised (empty: every node of op_types not excluded)
+    # "nearest": each weight to its nearest int8 step (ONNX Runtime's own); "gptq": the same grid, values
+    # chosen to keep each layer's output on real activations (gptq.py; needs images, not the probe's)
+    rounding: str = "nearest"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,11 +109,28 @@ def quantize_int8(
     dst: str | os.PathLike,
     recipe: Int8Recipe = DEFAULT_INT8,
     calibration: Sequence[np.ndarray] | None = None,
+    rounded: dict | None = None,
 ) -> Int8Recipe:
     """Quantise ``src`` to ``dst`` with ``recipe``; static QDQ when ``calibration`` inputs are given.
 
-    Returns the recipe that was applied (``static`` and ``calibration_images`` filled in).
+    ``recipe.rounding == "gptq"`` rounds the weights with ``rounded`` (``gptq.gptq_weights``; computed
+    here from the calibration inputs when not given). Returns the recipe that was applied (``static``
+    and ``calibration_images`` filled in).
     """
+    if recipe.rounding not in ("nearest", "gptq"):
+        raise ValueError(f"int8 rounding {recipe.rounding!r}: use 'nearest' or 'gptq'")
+    if recipe.rounding == "gptq" and rounded is None and (calibration is None or not len(calibration)):
+        raise ValueError("int8 rounding 'gptq' needs images: pass calibration inputs or rounded weights")
+    applied = _quantize_int8(src, dst, recipe, calibration)
+    if recipe.rounding == "gptq":
+        from .gptq import apply_gptq, gptq_weights
+
+        apply_gptq(dst, rounded if rounded is not None else gptq_weights(src, calibration))
+    return applied
+
+
+def _quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, recipe: Int8Recipe,
+                   calibration: Sequence[np.ndarray] | None) -> Int8Recipe:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src, dst = Path(src), Path(dst)
@@ -198,5 +220,5 @@ def sensitive_nodes(path: str | os.PathLike, model_type: str) -> tuple[str, ...]
 
 
 def default_recipe(path: str | os.PathLike, model_type: str) -> Int8Recipe:
-    return Int8Recipe(exclude=sensitive_nodes(path, model_type))
+    return Int8Recipe(exclude=sensitive_nodes(path, model_type), rounding="gptq")
 
