@@ -8,11 +8,15 @@ run (late LoRA vs full finetuning).
 
 Random weights (no download; latency does not depend on them) with random non-zero adapters. Every
 timed path is first checked against eager fp32/bf16 SAM (merged vs unmerged, SDPA vs SAM's attention,
-compiled vs eager); a path that fails its check is reported as failed and not timed. Cases that do not
+compiled vs eager); a path that fails its check is reported as failed and not timed; a training run
+that raises is reported as failed under its name. Cases that do not
 fit ``--budget-s`` are listed as skipped with that reason. Writes OUTDIR/gpu_bench.json and .md.
 fp32 means fp32 (TF32 off); bf16 means bf16 encoder weights and activations, the decoder under bf16
 autocast (segment_anything's prompt encoder makes float32 coordinates). Exit code: 0, 1 when a check
-failed, 2 bad arguments, 3 no CUDA device.
+or a training run failed, 2 bad arguments, 3 no CUDA device.
+
+Longer than 400 lines because it is one self-contained script carried to GPU machines (plan, cases,
+training, report), run there without the rest of the benchmarks folder.
 """
 
 from __future__ import annotations
@@ -293,7 +297,12 @@ def run_training(args, device, workdir: Path) -> list[dict]:
                           precision="bf16", device=device.type, progress=False, seed=args.seed, lr=1e-5,
                           min_object_size=10)
         t0 = time.perf_counter()
-        summary = finetune(cfg)
+        try:
+            summary = finetune(cfg)
+        except Exception as exc:  # noqa: BLE001 - one failed run is reported by name; the other still runs
+            rows.append(failed_run(name, exc))
+            log(f"training {name}: FAILED {rows[-1]['reason']}")
+            continue
         steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         seconds = [s["seconds"] for s in steps if s.get("type") == "step"]
         timed = seconds[2:] or seconds
@@ -307,7 +316,16 @@ def run_training(args, device, workdir: Path) -> list[dict]:
     return rows
 
 
+def failed_run(name: str, exc: BaseException) -> dict:
+    return {"run": name, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+
 # ---- report ------------------------------------------------------------------------------------
+
+
+def exit_status(cases: list[dict], training: list[dict]) -> int:
+    """1 when a timed path failed its check or a training run failed (a budget skip is not a failure)."""
+    return 1 if any(c.get("status") == "failed" for c in [*cases, *training]) else 0
 
 
 def _median(cases: list[dict], name: str) -> float | None:
@@ -353,8 +371,9 @@ def format_markdown(result: dict) -> str:
         lines += ["", "| training (bf16, batch 1) | steps/s | median step ms | peak MB | trainable |",
                   "|---|---:|---:|---:|---:|"]
         for r in result["training"]:
-            if "steps_per_s" not in r:
-                lines.append(f"| {r['run']}: {r['status']} ({r['reason']}) | - | - | - | - |")
+            if r.get("status") != "ok":
+                status = "FAILED" if r.get("status") == "failed" else r.get("status")
+                lines.append(f"| {r['run']}: {status} ({r.get('reason', '')}) | - | - | - | - |")
                 continue
             lines.append(f"| {r['run']} | {_fmt(r['steps_per_s'], 3)} | {_fmt(r['median_step_ms'])} | "
                          f"{_fmt(r['peak_memory_mb'], 0)} | {r['trainable_parameters']:,} |")
@@ -443,7 +462,10 @@ def main(argv=None) -> int:
     (args.out / "gpu_bench.md").write_text(format_markdown(result))
     print(format_markdown(result))
     log(f"done in {result['seconds']} s; wrote {args.out}/gpu_bench.json and .md")
-    return 1 if any(c["status"] == "failed" for c in results) else 0
+    failed = [r["run"] for r in training if r.get("status") == "failed"]
+    if failed:
+        log(f"training FAILED: {', '.join(failed)}")
+    return exit_status(results, training)
 
 
 def _training(args, device, bf16_ok: bool, t_start: float) -> list[dict]:
@@ -457,8 +479,8 @@ def _training(args, device, bf16_ok: bool, t_start: float) -> list[dict]:
         try:
             return run_training(args, device, Path(tmp))
         except Exception as exc:  # noqa: BLE001 - report it with the latency results
-            log(f"training failed: {type(exc).__name__}: {exc}")
-            return [{"run": "training", "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}]
+            log(f"training failed: {type(exc).__name__}: {exc}")  # before any run (e.g. the data)
+            return [failed_run("training", exc)]
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@
 # Needs only this repository and a Python with torch (CUDA build), segment_anything, numpy and
 # safetensors. It installs nothing from the network: the repository runs from source through
 # PYTHONPATH, and GPU_CHECK_WHEELS=DIR installs wheels carried in DIR (pip --no-index). Tests that
-# need a missing optional package (tensorrt, bitsandbytes, onnxruntime-gpu) skip and say which.
+# need a missing optional package (tensorrt, bitsandbytes, onnxruntime-gpu) skip, and the check says
+# "pytest: NOT RUN" naming them (benchmarks/gpu_verdict.py reads pytest's skip summary).
 # Writes into OUTDIR: env.txt, pytest_gpu.txt, gpu_bench.{txt,json,md}, vit_t/gpu_bench.{txt,json,md}
 # (vit_t at 1024: eager fp32 / bf16, base / merged / unmerged, torch.compile, a training run), gpu_check.log.
-# Exit code: 0 all passed, 3 no CUDA, 4 a required package missing or torch too old, otherwise the
-# first failing step's code (124 = timeout).
+# Exit code: 0 every step ran and passed, 3 no CUDA, 4 a required package missing or torch too old,
+# otherwise the first failing step's code (124 = timeout, 5 = pytest collected no test); 6 = nothing
+# failed but some GPU tests did not run (a package such as tensorrt or bitsandbytes missing).
 set -u
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -121,15 +123,20 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 rc=0
+not_run=0
 if "$PY" -c "import pytest, typer" 2>/dev/null; then
     log "pytest -m \"$MARKS\" (timeout ${TEST_TIMEOUT}s)"
     timeout "$TEST_TIMEOUT" "$PY" -m pytest -m "$MARKS" -q -rs -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
     trc=$?
     tail -n 30 "$OUT/pytest_gpu.txt"
-    # 5 = no tests collected: not a failure of the code under test.
-    if [ $trc -ne 0 ] && [ $trc -ne 5 ]; then log "pytest -m \"$MARKS\": exit $trc"; rc=$trc; else log "pytest: ok"; fi
+    # ok only when every selected test ran and passed: none collected (5) fails, skips are "NOT RUN" (6)
+    verdict=$("$PY" benchmarks/gpu_verdict.py "$trc" "$OUT/pytest_gpu.txt")
+    vstatus=$?
+    log "$verdict"
+    if [ $vstatus -eq 6 ]; then not_run=1; elif [ $vstatus -ne 0 ]; then rc=$vstatus; fi
 else
-    log "skip pytest: pytest or typer is not importable"
+    log "pytest: NOT RUN: pytest or typer is not importable"
+    not_run=1
 fi
 
 log "benchmarks/gpu_bench.py (timeout ${BENCH_TIMEOUT}s, budget ${BENCH_BUDGET}s)"
@@ -143,5 +150,6 @@ timeout "$VIT_T_TIMEOUT" "$PY" benchmarks/gpu_bench.py "${VIT_T_ARGS[@]}" --out 
     2>&1 | tee "$OUT/vit_t/gpu_bench.txt"
 vrc=${PIPESTATUS[0]}
 if [ "$vrc" -ne 0 ]; then log "gpu_bench vit_t: exit $vrc"; [ $rc -eq 0 ] && rc=$vrc; else log "gpu_bench vit_t: ok"; fi
-log "done, exit $rc; outputs in $OUT"
+if [ $rc -eq 0 ] && [ $not_run -eq 1 ]; then rc=6; log "done, exit 6: nothing failed, but some GPU tests did not run (see above)"
+else log "done, exit $rc; outputs in $OUT"; fi
 exit $rc

@@ -307,8 +307,11 @@ def merge_and_export(
         manifest["instance_segmentation"] = ais if ais is None or graphs.get("ais_decoder") else None
         if target is not None:
             manifest["tensorrt"] = _tensorrt(target, tmp, graphs, [p for p in precisions if p in graphs["encoder"]],
-                                             size, reference, log)
+                                             size, reference, log, strict)
             manifest["versions"]["tensorrt"] = target.version
+            for entry in manifest["tensorrt"].pop("refused"):  # an engine that failed: the ONNX graphs stay
+                refused.append(entry)
+                log(f"refused: {refusal_line(entry)}")
         manifest["refused"] = refused
         write_manifest(tmp, manifest)
     log(format_parity_table(rows))
@@ -324,7 +327,8 @@ def _agreement(path: Path, reference_model: Sam, reference) -> dict:
     return verify_export(path, "encoder", reference_model, reference, "int8", "onnxruntime")["prompt_agreement"]
 
 
-def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: int, reference, log) -> dict:
+def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: int, reference, log,
+              strict: bool) -> dict:
     from .tensorrt import build_engines
 
     onnx_files: dict[str, dict[str, str]] = {"encoder": {}, "decoder_lowres": {"fp32": "decoder_lowres.onnx"}}
@@ -337,4 +341,4 @@ def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: 
         "encoder": {"image": reference.image.numpy()},
         "decoder_lowres": decoder_feeds(reference, reference.prompts[-1], "decoder_lowres"),
     }
-    return build_engines(target, tmp, onnx_files, size, feeds, log)
+    return build_engines(target, tmp, onnx_files, size, feeds, log, strict)

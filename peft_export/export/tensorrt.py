@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import PeftExportError
 from ..runtime.backends.trt import TensorRTEngine, check_status
+from .refusals import refusal_record
 
 TRT_GRAPHS = ("encoder", "decoder_lowres")
 TRT_PRECISIONS = ("fp32", "fp16")
@@ -188,32 +189,55 @@ def build_engines(
     image_size: int,
     feeds: dict[str, dict[str, np.ndarray]],
     log: Callable[[str], None] = print,
+    strict: bool = False,
+    builder: Callable[..., float] | None = None,
 ) -> dict:
     """Engines for every (graph, precision) in ``onnx_files`` ({graph: {precision: onnx filename}}).
 
-    Returns the manifest's ``tensorrt`` section; raises when an engine fails its check.
+    Returns the manifest's ``tensorrt`` section. An engine that fails to build (TensorRT reports it by a
+    None result or a RuntimeError) or differs from ONNX Runtime is left out and listed in the section's
+    ``refused`` (manifest ``refused`` entries, graph ``"<graph> engine"``): the ONNX graphs that passed
+    stay. ``strict``: raise instead. ``builder``: ``build_engine``'s stand-in (tests without TensorRT).
     """
+    build = builder or build_engine
     cache_path = export_dir / TIMING_CACHE
     engines: dict = {}
+    refused: list[dict] = []
     for graph, by_precision in onnx_files.items():
         for precision, onnx_name in by_precision.items():
             name = target.engine_name(graph, precision)
-            seconds = build_engine(target, export_dir / onnx_name, export_dir / name, graph, precision,
-                                   image_size, cache_path)
-            parity = verify_engine(target, export_dir / name, export_dir / onnx_name, graph, precision, feeds[graph])
+            try:
+                seconds = build(target, export_dir / onnx_name, export_dir / name, graph, precision,
+                                image_size, cache_path)
+                parity = verify_engine(target, export_dir / name, export_dir / onnx_name, graph, precision,
+                                       feeds[graph])
+            except (PeftExportError, RuntimeError) as exc:  # pybind11 turns TensorRT's C++ errors into RuntimeError
+                if strict:
+                    raise PeftExportError(f"{name}: TensorRT build failed: {exc} (--strict)") from None
+                (export_dir / name).unlink(missing_ok=True)
+                refused.append(refusal_record(f"{graph} engine", precision, "tensorrt", None, None,
+                                              f"build failed: {exc}"))
+                log(f"  tensorrt {graph} {precision}: FAILED to build ({exc})")
+                continue
             log(f"  tensorrt {graph} {precision}: built in {seconds:.1f} s, "
                 f"{'ok' if parity['passed'] else 'FAILED ' + '; '.join(parity['failures'])}")
             if not parity["passed"]:
-                raise PeftExportError(f"{name}: TensorRT engine differs from ONNX Runtime: {'; '.join(parity['failures'])}")
+                why = f"{name}: TensorRT engine differs from ONNX Runtime: {'; '.join(parity['failures'])}"
+                if strict:
+                    raise PeftExportError(why + " (--strict)")
+                (export_dir / name).unlink(missing_ok=True)
+                refused.append(refusal_record(f"{graph} engine", precision, "tensorrt", parity, None, why))
+                continue
             engines.setdefault(graph, {})[precision] = {
                 "path": name, "onnx": onnx_name, "build_seconds": round(seconds, 2), "parity_vs_onnxruntime": parity,
                 "profile": {k: [list(s) for s in v] for k, v in _profile_shapes(graph, image_size).items()},
             }
     return {
         "engines": engines,
-        "timing_cache": TIMING_CACHE,
+        "timing_cache": TIMING_CACHE if cache_path.exists() else None,  # no engine built: no cache written
         "tensorrt_version": target.version,
         "gpu": target.gpu_name,
         "compute_capability": f"sm{target.capability[0]}{target.capability[1]}",
         "strongly_typed": target.major >= 11,
+        "refused": refused,
     }
