@@ -170,6 +170,8 @@ def test_vit_t_site_carries_the_encoder_by_default(export, pictures, tmp_path):
         browser_encoder.AUTO_MAX_BYTES = small
     with pytest.raises(PeftExportError, match="IMAGES: give at least one image file"):
         build_site(export, [], tmp_path / "none", encoder_in_browser=False, progress=False)
+    with pytest.raises(PeftExportError, match="--precision int8: the int8 decoder is checked on the site's IMAGES"):
+        build_site(export, [], tmp_path / "none", precision="int8", progress=False)
     with_fp16 = dict(manifest, graphs=dict(manifest["graphs"], encoder={"fp32": entry, "fp16": entry}))
     with pytest.raises(PeftExportError, match="--encoder-in-browser: the page runs the fp32 or int8 encoder, not fp16"):
         browser_encoder.browser_encoder_entry(export, with_fp16, "fp16", None, True)
