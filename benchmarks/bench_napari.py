@@ -32,7 +32,8 @@ def _stats(ms: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir")
-    parser.add_argument("--image", help="image file (TIFF/PNG/...); default: synthetic nuclei 1024x1024")
+    parser.add_argument("--image", help="image file (TIFF/PNG/...) of at most the model input; default: "
+                        "synthetic nuclei of the model input's size (1024 px for vit_b)")
     parser.add_argument("--clicks", type=int, default=30)
     parser.add_argument("--second", action="store_true", help="also time a second point per object")
     parser.add_argument("--precision", default="fp32")
@@ -47,7 +48,12 @@ def main() -> None:
     from peft_export.data import synthetic_sample
     from peft_export.predict import read_image
 
-    image = read_image(args.image) if args.image else synthetic_sample(1024, seed=0)[0]
+    from peft_export.runtime import read_manifest
+
+    size = int(read_manifest(args.export_dir)["image_size"])
+    image = read_image(args.image) if args.image else synthetic_sample(size, seed=0)[0]
+    if max(image.shape[:2]) > size:  # the plugin then encodes tiles on demand: not one embedding to time
+        raise SystemExit(f"--image: {image.shape[1]}x{image.shape[0]} is larger than the model input ({size} px)")
     viewer = napari.Viewer(show=True)
     viewer.add_image(image, name="image", rgb=image.ndim == 3)
     _, widget = viewer.window.add_plugin_dock_widget("peftexport", "Segment with an export")

@@ -163,7 +163,7 @@ def test_sample_data_is_the_demos_synthetic_nuclei(make_napari_viewer):
 
 def test_clicks_and_boxes_match_session_predict(make_napari_viewer, qtbot, ais_export):
     viewer = make_napari_viewer()
-    image = nuclei(180, seed=4)[:, :150]  # portrait, 16-bit gray
+    image = nuclei(180, seed=4)[:128, :112]  # portrait, 16-bit gray, fits the model input: one embedding
     viewer.add_image(image, name="cells")
     widget = open_widget(viewer, qtbot, ais_export)
     session = SamSession(ais_export)
@@ -182,21 +182,21 @@ def test_clicks_and_boxes_match_session_predict(make_napari_viewer, qtbot, ais_e
 
     # A negative point (widget toggle): single mask, the previous low-res logits fed back.
     widget.negative_box.setChecked(True)
-    points.add([20.0, 130.0])
+    points.add([20.0, 100.0])
     assert points.features["positive"].tolist() == [True, False]
     np.testing.assert_allclose(points.face_color[1], [1, 0, 0, 1])  # red
-    m2, _, low2 = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]),
+    m2, _, low2 = session.predict(point_coords=np.array([[60.0, 70.0], [100.0, 20.0]]),
                                   point_labels=np.array([1, 0]), mask_input=low[best : best + 1],
                                   multimask_output=False, embedding=emb)
     np.testing.assert_array_equal(current_mask(viewer), m2[0])
-    fresh, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]),
+    fresh, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [100.0, 20.0]]),
                                   point_labels=np.array([1, 0]), multimask_output=False, embedding=emb)
     assert not np.array_equal(fresh[0], m2[0]), "the mask feedback must make a difference in this test"
 
     # A box added: points + box, single mask, feedback again.
     viewer.layers["box prompts"].add_rectangles(np.array([[[30.0, 20.0], [30.0, 110.0], [120.0, 110.0],
                                                            [120.0, 20.0]]]))
-    m3, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [130.0, 20.0]]), point_labels=np.array([1, 0]),
+    m3, _, _ = session.predict(point_coords=np.array([[60.0, 70.0], [100.0, 20.0]]), point_labels=np.array([1, 0]),
                                box=np.array([20.0, 30.0, 110.0, 120.0]), mask_input=low2, multimask_output=False,
                                embedding=emb)
     np.testing.assert_array_equal(current_mask(viewer), m3[0])
@@ -224,8 +224,7 @@ def test_commit_two_objects_with_button_and_key(make_napari_viewer, qtbot, ais_e
     image = nuclei(160, seed=5)
     viewer.add_image(image, name="cells")
     widget = open_widget(viewer, qtbot, ais_export)
-    session = SamSession(ais_export)
-    emb = session.encode(image)
+    tiled = SamSession(ais_export).tiled(image)  # larger than the 128 px input: prompts go to tiles
     points = viewer.layers["point prompts"]
     points.add([40.0, 40.0])
     settle(qtbot, widget)
@@ -235,8 +234,9 @@ def test_commit_two_objects_with_button_and_key(make_napari_viewer, qtbot, ais_e
 
     viewer.layers["box prompts"].add_rectangles(np.array([[[90.0, 95.0], [90.0, 150.0], [150.0, 150.0],
                                                            [150.0, 95.0]]]))
+    settle(qtbot, widget)  # the box's tile is encoded
     second = current_mask(viewer).copy()
-    masks, iou, _ = session.predict(box=np.array([95.0, 90.0, 150.0, 150.0]), embedding=emb)
+    masks, iou, _ = tiled.predict(box=np.array([95.0, 90.0, 150.0, 150.0]))
     np.testing.assert_array_equal(second, masks[int(np.argmax(iou))])
     press(qtbot, viewer, "C")  # the key binding
     objects = viewer.layers["cells objects"].data
@@ -332,6 +332,38 @@ def test_segment_all_on_a_large_image_uses_the_tiled_runtime(make_napari_viewer,
     assert "tiles" in widget.status.text()
 
 
+@pytest.mark.slow  # encodes two tiles
+def test_clicks_on_a_large_image_go_to_their_tile_at_full_resolution(make_napari_viewer, qtbot, ais_export):
+    viewer = make_napari_viewer()
+    image = nuclei(300, seed=9)[:, :280]  # larger than the export's 128 px input
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, qtbot, ais_export)
+    tiled = SamSession(ais_export).tiled(image)
+    points = viewer.layers["point prompts"]
+    points.add([200.0, 220.0])  # row, col: tiles are prepared, then this click's tile is encoded
+    settle(qtbot, widget)
+    settle(qtbot, widget)
+    masks, iou, low = tiled.predict(point_coords=np.array([[220.0, 200.0]]), point_labels=np.array([1]))
+    best = int(np.argmax(iou))
+    assert widget.decoder.tiled and current_mask(viewer).shape == image.shape and masks[best].any()
+    np.testing.assert_array_equal(current_mask(viewer), masks[best])  # the tile's window, full resolution
+    y0, y1, x0, x1 = tiled.predict_window(point_coords=np.array([[220.0, 200.0]]), point_labels=np.array([1]))[3]
+    assert not current_mask(viewer)[:y0].any() and not current_mask(viewer)[:, :x0].any() and y0 > 0 and x0 > 0
+    widget.negative_box.setChecked(True)
+    points.add([205.0, 240.0])  # same tile: single mask, the low-res logits fed back
+    m2, _, _ = tiled.predict(point_coords=np.array([[220.0, 200.0], [240.0, 205.0]]), point_labels=np.array([1, 0]),
+                             mask_input=low[best : best + 1], multimask_output=False)
+    np.testing.assert_array_equal(current_mask(viewer), m2[0])
+    points.add([10.0, 10.0])  # far away: not in the object's tile
+    assert "prompts of one object must fit in one tile" in widget.status.text()
+    widget.clear()
+    widget.negative_box.setChecked(False)
+    points.add([20.0, 30.0])  # another tile, encoded on demand
+    settle(qtbot, widget)
+    m3, iou3, _ = tiled.predict(point_coords=np.array([[30.0, 20.0]]), point_labels=np.array([1]))
+    np.testing.assert_array_equal(current_mask(viewer), m3[int(np.argmax(iou3))])
+
+
 def test_segment_all_without_instance_decoder_is_segment_everything(make_napari_viewer, qtbot, plain_export):
     viewer = make_napari_viewer()
     image = nuclei(150, seed=7)
@@ -389,7 +421,7 @@ def test_viewer_keeps_running_while_the_embedding_is_computed(make_napari_viewer
     from qtpy.QtCore import QTimer
 
     viewer = make_napari_viewer()
-    # A large 16-bit image: normalising and resizing it take the worker a while.
+    # A large 16-bit image: the whole-image intensity statistics take the worker a while.
     rng = np.random.default_rng(0)
     viewer.add_image(rng.integers(0, 60000, (3000, 3000), dtype=np.uint16), name="big")
     widget = open_widget(viewer, qtbot, ais_export)
@@ -407,7 +439,7 @@ def test_viewer_keeps_running_while_the_embedding_is_computed(make_napari_viewer
     finally:
         timer.stop()
     assert widget.decoder is not None and not widget.progress.isVisibleTo(widget)
-    seconds = widget.last_timing["computing the embedding"]
+    seconds = widget.last_timing["preparing the tiles"]  # larger than the model input: tiles, each on demand
     during = [t for t in ticks if returned < t]
     assert returned - clicked < 0.5 * seconds, (returned - clicked, seconds)
     assert len(during) >= 3, f"the GUI thread ran {len(during)} timer ticks during a {seconds:.2f} s embedding"

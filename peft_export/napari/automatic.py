@@ -92,11 +92,7 @@ def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
     if image is not None:
         runner, kwargs = session.tiled(image, adapter=adapter), {}
         tiles = len(runner.grid)
-    if ais:
-        labels, records = runner.segment_instances(**kwargs, **used)
-        n = len(records)
-    else:
-        labels, records = runner.segment_everything(**kwargs, **used)
-        n = int(labels.max()) if labels.size else 0
+    labels, records = (runner.segment_instances if ais else runner.segment_everything)(**kwargs, **used)
+    n = len(records) if ais else int(labels.max()) if labels.size else 0
     return {"labels": np.asarray(labels, np.int32), "mode": "instances" if ais else "everything",
             "n_objects": n, "params": used, "tiles": tiles}

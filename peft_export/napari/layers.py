@@ -12,7 +12,7 @@ coordinates are the image's pixel coordinates.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 from napari.layers import Labels, Points, Shapes
@@ -47,37 +47,35 @@ def _matches(layer: Any, image: Any, ndim: int, last: int = 0) -> bool:
             and np.allclose(layer.translate, place["translate"]))
 
 
-def points_layer(viewer: Any, image: Any) -> Points:
-    layer = _find(viewer, POINTS, Points)
-    if _matches(layer, image, image.ndim):
+def _reuse(viewer: Any, name: str, kind: type, fits: Callable[[Any], bool], make: Callable[[], Any]) -> Any:
+    """The layer ``name`` if it still fits the image, else a new one from ``make`` (the misfit removed)."""
+    layer = _find(viewer, name, kind)
+    if layer is not None and fits(layer):
         return layer
     if layer is not None:
         viewer.layers.remove(layer)
-    return viewer.add_points(
+    return make()
+
+
+def points_layer(viewer: Any, image: Any) -> Points:
+    return _reuse(viewer, POINTS, Points, lambda layer: _matches(layer, image, image.ndim), lambda: viewer.add_points(
         np.zeros((0, image.ndim)), name=POINTS, ndim=image.ndim, size=max(image_shape(image)[-2:]) / 60,
         features={"positive": np.zeros(0, bool)}, feature_defaults={"positive": True},
-        face_color="positive", face_color_cycle=POLARITY_COLORS, border_color="white", **_placement(image))
+        face_color="positive", face_color_cycle=POLARITY_COLORS, border_color="white", **_placement(image)))
 
 
 def boxes_layer(viewer: Any, image: Any) -> Shapes:
-    layer = _find(viewer, BOXES, Shapes)
-    if _matches(layer, image, image.ndim):
-        return layer
-    if layer is not None:
-        viewer.layers.remove(layer)
-    return viewer.add_shapes(ndim=image.ndim, name=BOXES, face_color="transparent", edge_color="yellow",
-                             edge_width=max(image_shape(image)[-2:]) / 300, **_placement(image))
+    return _reuse(viewer, BOXES, Shapes, lambda layer: _matches(layer, image, image.ndim), lambda: viewer.add_shapes(
+        ndim=image.ndim, name=BOXES, face_color="transparent", edge_color="yellow",
+        edge_width=max(image_shape(image)[-2:]) / 300, **_placement(image)))
 
 
 def current_layer(viewer: Any, image: Any) -> Labels:
     """2D: napari shows it on every slice; the widget clears it when the slice changes."""
     shape = image_shape(image)[-2:]
-    layer = _find(viewer, CURRENT, Labels)
-    if _matches(layer, image, 2, last=2) and layer.data.shape == shape:
-        return layer
-    if layer is not None:
-        viewer.layers.remove(layer)
-    return viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT, opacity=0.6, **_placement(image, 2))
+    return _reuse(viewer, CURRENT, Labels, lambda layer: _matches(layer, image, 2, last=2) and layer.data.shape == shape,
+                  lambda: viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT, opacity=0.6,
+                                            **_placement(image, 2)))
 
 
 def result_layer(viewer: Any, image: Any, kind: str, metadata: dict) -> Labels:

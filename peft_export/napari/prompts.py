@@ -9,7 +9,10 @@ Pure numpy (no Qt, no napari), so the widget, the tests and the benchmark share 
   more prompts give the single-mask output (SamPredictor's advice, the web page's rule);
 - the shown mask's low-res logits are fed back as ``mask_input`` when the new prompts extend
   the previous ones (a point or a box added); a prompt removed or moved starts afresh, so
-  a mask never keeps a hint from a prompt that is gone.
+  a mask never keeps a hint from a prompt that is gone;
+- an image larger than the model input is a ``TiledImage`` (``runtime.tiled``): the prompts go
+  to the tile whose inner area holds them, at full resolution (as ``TiledImage.predict``), and
+  the logits are fed back only while the object stays in the same tile.
 """
 
 from __future__ import annotations
@@ -109,21 +112,46 @@ class ClickDecoder:
         self._last: Optional[Prompts] = None
         self._low: Optional[np.ndarray] = None
 
+        self._tile: Any = None
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the embedding is a ``TiledImage`` (encoded tile by tile on demand)."""
+        return hasattr(self.embedding, "predict_window")
+
     def reset(self) -> None:
-        self._last, self._low = None, None
+        self._last, self._low, self._tile = None, None, None
+
+    @staticmethod
+    def _args(prompts: Prompts) -> dict:
+        has = len(prompts.coords) > 0
+        return {"point_coords": prompts.coords if has else None, "point_labels": prompts.labels if has else None,
+                "box": prompts.box}
+
+    def tile_for(self, prompts: Prompts) -> Any:
+        """The tile ``prompts`` go to (tiled images only; refuses prompts that do not fit one tile)."""
+        a = self._args(prompts)
+        return self.embedding.route(a["point_coords"], a["point_labels"], a["box"])
 
     def decode(self, prompts: Prompts) -> Optional[Decoded]:
         """The mask for ``prompts`` (None when there are none)."""
         if prompts.empty:
             self.reset()
             return None
-        mask_input = self._low if prompts.extends(self._last) else None
+        tile = self.tile_for(prompts) if self.tiled else None
+        mask_input = self._low if prompts.extends(self._last) and tile == self._tile else None
         multi = uses_multimask(prompts)
-        masks, iou, low = self.session.predict(
-            point_coords=prompts.coords if len(prompts.coords) else None,
-            point_labels=prompts.labels if len(prompts.coords) else None,
-            box=prompts.box, mask_input=mask_input, multimask_output=multi,
-            embedding=self.embedding, adapter=self.adapter)
+        if tile is not None:
+            masks, iou, low, (y0, y1, x0, x1) = self.embedding.predict_window(
+                **self._args(prompts), mask_input=mask_input, multimask_output=multi)
+        else:
+            masks, iou, low = self.session.predict(**self._args(prompts), mask_input=mask_input,
+                                                   multimask_output=multi, embedding=self.embedding,
+                                                   adapter=self.adapter)
         best = int(np.argmax(iou)) if multi else 0
-        self._last, self._low = prompts, low[best : best + 1]
-        return Decoded(masks[best], float(iou[best]), best + 1 if multi else 0, self._low)
+        self._last, self._low, self._tile = prompts, low[best : best + 1], tile
+        mask = masks[best]
+        if tile is not None:  # the tile's window placed in the whole image
+            mask = np.zeros(self.embedding.shape, bool)
+            mask[y0:y1, x0:x1] = masks[best]
+        return Decoded(mask, float(iou[best]), best + 1 if multi else 0, self._low)

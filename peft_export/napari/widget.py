@@ -170,9 +170,13 @@ class SegmentWidget(Panel):
             self._after_embedding.append(then)
         if any(getattr(w, "_peftexport_key", None) == key for w in self.workers):
             return None  # already running for this slice
-        adapters = [self.adapter] if self.adapter else None
-        worker = self._run("computing the embedding", self.session.encode, plane, adapters,
-                           then=lambda out: self._embedded(key, image, out))
+        if needs_tiles(self.session, plane.shape[:2]):  # tiles at full resolution, each encoded when prompted
+            worker = self._run("preparing the tiles", self.session.tiled, plane, adapter=self.adapter,
+                               then=lambda out: self._embedded(key, image, out))
+        else:
+            adapters = [self.adapter] if self.adapter else None
+            worker = self._run("computing the embedding", self.session.encode, plane, adapters,
+                               then=lambda out: self._embedded(key, image, out))
         worker._peftexport_key = key
         return worker
 
@@ -263,6 +267,8 @@ class SegmentWidget(Panel):
                 self.compute_embedding(then=self.update_mask)
             return
         try:
+            if self.decoder.tiled and self._encode_tile(self.decoder.tile_for(prompts)):
+                return  # decoded when the tile's embedding is ready
             decoded = self.decoder.decode(prompts)
         except PeftExportError as exc:
             self._fail(exc)
@@ -270,6 +276,18 @@ class SegmentWidget(Panel):
         current.data = decoded.mask.astype(np.uint8)
         self.last_decoded = decoded
         self._say(f"mask {decoded.index}: predicted IoU {decoded.iou:.3f}, {int(decoded.mask.sum())} px")
+
+    def _encode_tile(self, tile: Any) -> bool:
+        """Start encoding ``tile`` of a large image in a worker unless cached; True while it runs."""
+        tiled = self.decoder.embedding
+        if tiled.has_embedding(tile):
+            return False
+        key = (*self._key(), tile.index)
+        if not any(getattr(w, "_peftexport_key", None) == key for w in self.workers):
+            worker = self._run("computing the tile's embedding", tiled.embedding, tile,
+                               then=lambda out: self.update_mask())
+            worker._peftexport_key = key
+        return True
 
     def _clear_prompts(self) -> None:
         self._updating = True

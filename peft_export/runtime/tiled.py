@@ -46,6 +46,10 @@ class TiledImage:
         self._cache: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
         self._cache_size = cache
 
+    def has_embedding(self, tile: Tile) -> bool:
+        """Whether ``tile``'s embedding is cached (``embedding`` returns at once)."""
+        return ((-1, -1) if self.grid.single else tile.index) in self._cache
+
     def pixels(self, tile: Tile) -> np.ndarray:
         y0, y1, x0, x1 = tile.outer
         return np.asarray(self.image[y0:y1, x0:x1])
