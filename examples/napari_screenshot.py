@@ -1,7 +1,8 @@
 """A screenshot of napari with the plugin: synthetic nuclei, "Segment all" with an export, and one
 object segmented by a click, written as a PNG (docs/napari.png comes from this script).
 
-    xvfb-run -a python examples/napari_screenshot.py [--export EXPORT_DIR] [-o docs/napari.png]
+    xvfb-run -a python examples/napari_screenshot.py [--export EXPORT_DIR] [--image IMAGE.tif]
+        [--point Y,X] [-o docs/napari.png]
 
 Without ``--export`` it builds a tiny random-weight export with an instance decoder first (needs
 the ``[torch]`` extra; the plugin itself never does). Qt runs offscreen; napari's canvas needs an X
@@ -40,9 +41,52 @@ def tiny_export(out: Path) -> Path:
     return out
 
 
+def draw_canvas(viewer, size: int):
+    """The visible 2D layers composed from their data as napari shows them: the image through its
+    contrast limits and colormap, Labels in their colours at their opacity, points as discs."""
+    import numpy as np
+    from napari.layers import Image as ImageLayer, Labels, Points
+    from PIL import Image, ImageDraw
+
+    rgb = None
+    for layer in viewer.layers:
+        if not layer.visible:
+            continue
+        if isinstance(layer, ImageLayer):
+            lo, hi = layer.contrast_limits
+            norm = np.clip((np.asarray(layer.data, np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+            rgb = layer.colormap.map(norm.ravel())[:, :3].reshape(*norm.shape, 3)
+        elif isinstance(layer, Labels) and rgb is not None and np.asarray(layer.data).any():
+            data = np.asarray(layer.data)
+            colors = layer.colormap.map(data.ravel()).reshape(*data.shape, 4)
+            alpha = colors[..., 3:] * layer.opacity * (data[..., None] > 0)
+            rgb = rgb * (1 - alpha) + colors[..., :3] * alpha
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    picture = Image.fromarray((rgb * 255).astype(np.uint8)).resize((round(w * scale), round(h * scale)),
+                                                                    Image.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    for layer in viewer.layers:
+        if isinstance(layer, Points) and layer.visible:
+            for (y, x), color in zip(layer.data, layer.face_color):
+                r = max(4, layer.size[0] * scale / 2) if len(layer.size) else 6
+                cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(255 * c) for c in color[:3]),
+                             outline="white")
+    return picture
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", help="export dir (default: build a tiny one)")
+    parser.add_argument("--image", help="a 2D image file (default: the plugin's synthetic nuclei sample)")
+    parser.add_argument("--point", default="128,128", help="the clicked point 'y,x' in image pixels")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a Segment all parameter, e.g. pred_iou_thresh=0.2 (repeatable)")
+    parser.add_argument("--draw-canvas", action="store_true",
+                        help="draw the canvas from the layers' data (image by its contrast limits, labels in "
+                        "their colours, points) instead of vispy's render: some software OpenGL stacks "
+                        "(Mesa llvmpipe under Xvfb) render labels but no image layer")
     parser.add_argument("-o", "--out", default="napari.png")
     args = parser.parse_args()
 
@@ -51,8 +95,13 @@ def main() -> None:
 
     export = Path(args.export) if args.export else tiny_export(Path(tempfile.mkdtemp()) / "tiny_export")
     viewer = napari.Viewer(show=True)
-    viewer.open_sample("peftexport", "synthetic_nuclei")
     _, widget = viewer.window.add_plugin_dock_widget("peftexport", "Segment with an export")
+    if args.image:
+        import tifffile
+
+        viewer.add_image(tifffile.imread(args.image), name=Path(args.image).stem)
+    else:
+        viewer.open_sample("peftexport", "synthetic_nuclei")
     app = QApplication.instance()
 
     def settle() -> None:
@@ -64,9 +113,13 @@ def main() -> None:
 
     widget.load_export(export)
     settle()
+    for item in args.set:
+        name, value = item.split("=", 1)
+        form = widget.ais_form if name in widget.ais_form.boxes and widget.ais_form.isVisible() else widget.everything_form
+        form.set_values(**{name: int(value) if value.isdigit() else float(value)})
     widget.segment_all()
     settle()
-    viewer.layers["point prompts"].add([128.0, 128.0])
+    viewer.layers["point prompts"].add([float(v) for v in args.point.split(",")])
     settle()
     viewer.layers.selection.active = viewer.layers["point prompts"]
     for _ in range(20):
@@ -77,7 +130,10 @@ def main() -> None:
     # show an empty canvas on an offscreen platform.
     from PIL import Image
 
-    canvas = Image.fromarray(viewer.screenshot(canvas_only=True, size=(700, 700), flash=False)).convert("RGB")
+    if args.draw_canvas:
+        canvas = draw_canvas(viewer, 700)
+    else:
+        canvas = Image.fromarray(viewer.screenshot(canvas_only=True, size=(700, 700), flash=False)).convert("RGB")
     panel_png = Path(tempfile.mkdtemp()) / "panel.png"
     widget.grab().save(str(panel_png))
     panel = Image.open(panel_png).convert("RGB")
