@@ -36,6 +36,8 @@ from peft_export.bench.stats import device_info, library_versions  # noqa: E402
 from peft_export.errors import PeftExportError  # noqa: E402
 from peft_export.export import merge_and_export  # noqa: E402
 from peft_export.models import random_instance_decoder  # noqa: E402
+from peft_export.bench.load import load_between  # noqa: E402
+from peft_export.bench.load import snapshot as load_snapshot  # noqa: E402
 from peft_export.peft.adapters import load_model_source  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
@@ -124,6 +126,7 @@ def main() -> int:
     models = args.out / "models"
     models.mkdir(exist_ok=True)
     t0 = time.perf_counter()
+    load_before = load_snapshot()  # the machine's load over the whole run, named in the table's header
     machine = device_info()
     log(f"{machine['cpu']}, {machine['cpu_count_usable']} cores; vit_t at {sizes}, AIS at {args.ais_size}; "
         f"backends {backends}; every case in a fresh process")
@@ -180,6 +183,7 @@ def main() -> int:
                      "ais_size": args.ais_size, "warmup": args.warmup, "iterations": args.iterations,
                      "fresh_process": True, "backends": backends, "torch_threads": torch.get_num_threads(),
                      "weights": "random (seed 0), LoRA q,v r32 merged"},
+        "load": load_between(load_before, load_snapshot()),
         "targets": TARGETS, "refusals": refusals, "summary": lines,
         "elapsed_s": round(time.perf_counter() - t0, 1), "cases": results,
     }
