@@ -116,6 +116,19 @@ function uniqueName(fileName) {
   return name;
 }
 
+// The encoder's session, created once (at page load when the site has no precomputed image).
+let encoderLoading = null;
+function loadEncoder() {
+  if (!encoderLoading) {
+    const t0 = performance.now();
+    encoderLoading = BrowserEncoder.load(ort, state.site).then((encoder) => {
+      api.encoderLoadMs = performance.now() - t0;
+      return encoder;
+    });
+  }
+  return encoderLoading;
+}
+
 // A file the person picked or dropped: decode, preprocess + encode here, then select it like a site image.
 async function openFile(file) {
   state.encoding = true;
@@ -124,9 +137,7 @@ async function openFile(file) {
     const { rgb, width, height, picture } = await decodeImageFile(file);
     if (!state.encoder) {
       status('loading the encoder ...');
-      const t0 = performance.now();
-      state.encoder = await BrowserEncoder.load(ort, state.site);
-      api.encoderLoadMs = performance.now() - t0;
+      state.encoder = await loadEncoder();
     }
     status(`${file.name}: running the encoder (${threadText()}) ...`);
     const r = await state.encoder.encode(rgb, height, width);
@@ -315,9 +326,13 @@ async function main() {
   canvas.addEventListener('contextmenu', (e) => e.preventDefault());
   $('clear').addEventListener('click', clearPrompts);
   $('export').addEventListener('click', exportMask);
-  if (s.images.length) await selectImage(0);
-  else status(`open an image: the button above, or drop it on the page (encoder ${s.encoder.precision} `
-    + `in the browser, ${threadText()})`);
+  if (s.images.length) {
+    await selectImage(0);
+  } else { // a site without images has the encoder (site.py): load it ahead of the first image
+    loadEncoder().catch(() => {}); // an error shows when an image is opened
+    status(`open an image: the button above, or drop it on the page (encoder ${s.encoder.precision} `
+      + `in the browser, ${threadText()})`);
+  }
   api.ready = true;
 }
 
