@@ -74,7 +74,8 @@ def predict(
                                       workers, scheduler, precision, multimask, adapter, overwrite)
     if use_large_path(images, out, tile, halo, scale, workers, scheduler):
         return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
-                              halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet)
+                              halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet,
+                              adapter)
 
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
@@ -107,7 +108,7 @@ def use_large_path(images, out, tile, halo, scale, workers, scheduler) -> bool:
 
 
 def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
-                   instance_options, precision, overwrite, resume, quiet) -> None:
+                   instance_options, precision, overwrite, resume, quiet, adapter=None) -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large import plan_large_images, run_large
 
@@ -125,7 +126,7 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     try:
         jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
                                  instance_options=instance_options, precision=precision, overwrite=overwrite,
-                                 resume=resume)
+                                 resume=resume, adapter=adapter)
         if client is not None:
             from peft_export.distributed import run_jobs
 

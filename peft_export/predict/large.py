@@ -89,9 +89,11 @@ def _blocks(job: Dict[str, Any]) -> List[tuple]:
 def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
                tile: Optional[int] = None, halo: Optional[int] = None, scale: Optional[float] = None,
                instance_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
-               overwrite: bool = False, threads: Optional[int] = None, block: Optional[int] = None) -> Dict[str, Any]:
+               overwrite: bool = False, threads: Optional[int] = None, block: Optional[int] = None,
+               adapter: Optional[str] = None) -> Dict[str, Any]:
     """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
-    ``block``: the watershed's block (default ``WATERSHED_BLOCK``), rounded to whole tiles."""
+    ``block``: the watershed's block (default ``WATERSHED_BLOCK``), rounded to whole tiles.
+    ``adapter``: for an export of several, whose decoders and default tile (training scale) run."""
     from ..runtime import read_manifest
     from ..runtime.instances import check_ais_params, require_ais_packages
     from ..runtime.tiling import IntensityRange, TileGrid, tile_spec
@@ -105,7 +107,8 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
         raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none")
     require_ais_packages()
-    spec = tile_spec(manifest, tile, halo, scale)
+    adapter = large_adapter(export_dir, manifest, adapter)
+    spec = tile_spec(manifest, tile, halo, scale, adapter)
     array = open_image_array(image)
     shape = (int(array.shape[0]), int(array.shape[1]))
     grid = TileGrid(shape, spec)
@@ -118,7 +121,7 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
         raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
     settings = {"export_dir": str(Path(export_dir).resolve()), "image": str(Path(image).resolve()),
                 "shape": list(shape), "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
-                "params": params, "precision": precision, "block": block, "step": step}
+                "params": params, "precision": precision, "block": block, "step": step, "adapter": adapter}
     job = {**settings, "out": str(out), "partial": str(partial), "threads": threads}
     if (partial / "run.json").is_file() and not overwrite:
         before = json.loads((partial / "run.json").read_text())
@@ -142,6 +145,17 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     return {**job, "resumed": False}
 
 
+def large_adapter(export_dir: Any, manifest: Dict[str, Any], adapter: Optional[str]) -> Optional[str]:
+    """The one adapter a large-image run uses (``--adapter``; optional when the export has one)."""
+    from ..runtime.adapters import pick_adapter
+
+    try:
+        return pick_adapter(adapter, list(manifest.get("adapters") or {}))
+    except PeftExportError as e:  # the command-line spelling; "all" is not offered for large images
+        why = str(e).removeprefix("adapter: ").replace("pass adapter=NAME", "pass --adapter NAME")
+        raise PeftExportError(f"{export_dir}: --adapter: {why}") from None
+
+
 def tile_step(job: Dict[str, Any], k: int) -> None:
     """Encoder + instance decoder on tile ``k``; its inner area of the maps written."""
     from ..runtime.tiled import TiledImage
@@ -152,8 +166,8 @@ def tile_step(job: Dict[str, Any], k: int) -> None:
     if _done(job, name):
         return
     session = session_for(job)
-    tiled = TiledImage(session, open_image_array(job["image"]), TileSpec(**job["spec"]), cache=1,
-                       intensity=IntensityRange.from_record(job["intensity"]))
+    tiled = TiledImage(session, open_image_array(job["image"]), TileSpec(**job["spec"]), adapter=job.get("adapter"),
+                       cache=1, intensity=IntensityRange.from_record(job["intensity"]))
     tile = tiled.grid.tiles[k]
     y0, y1, x0, x1 = tile.inner
     _zarr(job, "_work/maps")[:, y0:y1, x0:x1] = tiled.tile_maps(tile)

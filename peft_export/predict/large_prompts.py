@@ -81,7 +81,7 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
     from ..runtime.tiling import TileGrid, tile_spec
     from .arrays import open_image_array
     from .images import EVERYTHING_DEFAULTS, _as_box, _as_points, check_everything_options, check_prompts_inside
-    from .large import expand_inputs
+    from .large import expand_inputs, large_adapter
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
@@ -96,7 +96,8 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
     if everything:
         check_everything_options(options)
     manifest = read_manifest(export_dir)
-    spec = tile_spec(manifest, tile, halo, scale)
+    adapter = large_adapter(export_dir, manifest, adapter)
+    spec = tile_spec(manifest, tile, halo, scale, adapter)
     files, out = expand_inputs(images), Path(out)
     targets = _targets(files, out, "labels" if everything else "mask")
     arrays = []

@@ -235,7 +235,7 @@ class SamSession(AutomaticSegmentation):
         from .tiled import TiledImage
         from .tiling import tile_spec
 
-        return TiledImage(self, image, tile_spec(self.manifest, tile, halo, scale), adapter)
+        return TiledImage(self, image, tile_spec(self.manifest, tile, halo, scale, adapter), adapter)
 
     def reset_image(self) -> None:
         with self._lock:

@@ -50,18 +50,27 @@ class TileSpec:
         return self.tile - 2 * self.halo
 
 
-def training_scale(manifest: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The export's record of how training crops met the encoder, or None."""
-    rec = manifest.get("training_scale")
-    if isinstance(rec, dict) and rec.get("crop_size") and rec.get("model_input"):
-        return rec
-    return None
+def _scale_record(rec: Any) -> Optional[Dict[str, Any]]:
+    return rec if isinstance(rec, dict) and rec.get("crop_size") and rec.get("model_input") else None
+
+
+def training_scale(manifest: Dict[str, Any], adapter: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The export's record of how training crops met the encoder, or None. An export of several
+    adapters records one per adapter (``manifest["adapters"][name]["training_scale"]``): that of
+    ``adapter``, or with none chosen the record all adapters share (None when they differ)."""
+    entries = manifest.get("adapters") or {}
+    if adapter is not None and adapter in entries:
+        return _scale_record(entries[adapter].get("training_scale"))
+    if entries:
+        recs = [_scale_record(e.get("training_scale")) for e in entries.values()]
+        return recs[0] if all(r == recs[0] for r in recs) else None
+    return _scale_record(manifest.get("training_scale"))
 
 
 def tile_spec(manifest: Dict[str, Any], tile: Optional[int] = None, halo: Optional[int] = None,
-              scale: Optional[float] = None) -> TileSpec:
-    """The tile of ``tile``/``halo``/``scale`` (each optional) for this export; bad values refused
-    with the option's name."""
+              scale: Optional[float] = None, adapter: Optional[str] = None) -> TileSpec:
+    """The tile of ``tile``/``halo``/``scale`` (each optional) for this export (default: the training
+    scale of ``adapter``, for exports of several); bad values refused with the option's name."""
     image_size = int(manifest["image_size"])
     for name, v in (("--tile", tile), ("--halo", halo)):
         if v is not None and (isinstance(v, bool) or int(v) != v):
@@ -74,7 +83,7 @@ def tile_spec(manifest: Dict[str, Any], tile: Optional[int] = None, halo: Option
     if tile is None and scale is not None:
         tile = int(round(image_size / scale))
     if tile is None:
-        rec = training_scale(manifest)
+        rec = training_scale(manifest, adapter)
         tile = int(round(image_size * int(rec["crop_size"]) / int(rec["model_input"]))) if rec else image_size
         tile = min(tile, image_size)
     tile = int(tile)
