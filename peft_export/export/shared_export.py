@@ -37,9 +37,9 @@ from . import onnx_graphs as og
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph, verify_click_decoder
 from . import trunk_graphs as tg
 from .manifest import build_manifest, graph_entry, graph_io, training_scale_record, write_manifest
-from .pipeline import _check_options, _check_out_dir, decoder_flavours, encoder_filename, export_source, merge_for_export
+from .pipeline import _check_options, _check_out_dir, encoder_filename, export_source, merge_for_export
 from .quantize import onnx_bytes, quantize_int8
-from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph, verify_split_decoder
+from .split_decoder import export_split_graph
 from .sharing import (
     check_adapter_name,
     check_same_base,
@@ -154,7 +154,6 @@ def merge_and_export_adapters(
     shared_trunk: bool | None = None,
     preprocess_in_graph: bool = False,
     attention: str = "plain",
-    meta_decoder: bool = True,
 ) -> dict:
     """Export several adapters ({name: AdaptedModel}) of one base into one directory; returns the manifest.
 
@@ -234,7 +233,7 @@ def merge_and_export_adapters(
                         w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("encoder", size))
                         entry["encoder_parity"][p] = parity
                 w.drop_fp32([key])
-            for flavour in decoder_flavours(meta_decoder, False):  # each adapter also has the family
+            for flavour in og.DECODER_FLAVOURS:
                 key = f"{flavour}_{name}"
                 t = time.perf_counter()
                 og.export_decoder_onnx(model, tmp / f"{key}.onnx", flavour, opset)
@@ -268,29 +267,20 @@ def merge_and_export_adapters(
 
 
 def _export_click(w: _Writer, model, name: str, size: int, reference) -> dict:
-    """The adapter's decoder family (split_image, split_prompts, split_masks: predict and segment-everything)
-    and the browser's click_decoder after the same split_image, from its decoder's weights, each verified
-    as a chain; returns the adapter entry's keys for them."""
-    keys = {g: f"{g}_{name}" for g in SPLIT_GRAPHS}
+    """The adapter's browser decoder: its own split_image and click_decoder (its decoder's weights),
+    verified as a chain; returns the adapter entry's keys for them."""
+    keys = {"split_image": f"split_image_{name}", CLICK_GRAPH: f"{CLICK_GRAPH}_{name}"}
     t = time.perf_counter()
-    for graph, key in keys.items():
-        export_split_graph(model, w.tmp / f"{key}.onnx", graph, w.opset)
+    export_split_graph(model, w.tmp / f"{keys['split_image']}.onnx", "split_image", w.opset)
+    export_click_graph(model, w.tmp / f"{keys[CLICK_GRAPH]}.onnx", w.opset)
     secs = time.perf_counter() - t
     t = time.perf_counter()
-    parity = verify_split_decoder(w.tmp, reference, "fp32", files={g: w.tmp / f"{k}.onnx" for g, k in keys.items()})
+    parity = verify_click_decoder(w.tmp / f"{keys[CLICK_GRAPH]}.onnx", reference, "fp32",
+                                  context=w.tmp / f"{keys['split_image']}.onnx")
     for graph, key in keys.items():
         w.add(key, "fp32", f"{key}.onnx", dict(parity), secs, time.perf_counter() - t, graph_io(graph, size),
-              extra={"note": SPLIT_NOTE})
-    click = f"{CLICK_GRAPH}_{name}"
-    t = time.perf_counter()
-    export_click_graph(model, w.tmp / f"{click}.onnx", w.opset)
-    secs = time.perf_counter() - t
-    t = time.perf_counter()
-    parity = verify_click_decoder(w.tmp / f"{click}.onnx", reference, "fp32",
-                                  context=w.tmp / f"{keys['split_image']}.onnx")
-    w.add(click, "fp32", f"{click}.onnx", parity, secs, time.perf_counter() - t, graph_io(CLICK_GRAPH, size),
-          extra={"note": CLICK_NOTE})
-    return {**keys, CLICK_GRAPH: click}
+              extra={"note": CLICK_NOTE})
+    return keys
 
 
 def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) -> dict:
