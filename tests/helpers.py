@@ -115,3 +115,16 @@ def fake_cv2():
         return n + 1, labels, stats, None
 
     return types.SimpleNamespace(connectedComponentsWithStats=connected)
+
+
+def import_blocker(blocked: tuple[str, ...], when: str = "True") -> str:
+    """Python source for the head of a subprocess script: while ``when`` holds, importing any of the
+    top-level packages ``blocked`` raises ImportError (the torch-free checks of runtime, napari, Dask)."""
+    return (f"import sys\nBLOCKED = {tuple(blocked)!r}\n"
+            f"if {when}:\n"
+            "    class _Block:\n"
+            "        def find_spec(self, name, path=None, target=None):\n"
+            "            if name.split('.')[0] in BLOCKED:\n"
+            "                raise ImportError(f'{name} is blocked')\n"
+            "            return None\n"
+            "    sys.meta_path.insert(0, _Block())\n")

@@ -16,6 +16,7 @@ from peft_export.errors import PeftExportError
 from peft_export.predict.arrays import open_image_array
 from peft_export.predict.large import _marker, plan_large, run_large, stages
 from peft_export.runtime import SamSession
+from helpers import import_blocker
 from tiled_helpers import ais_export_dir, nuclei_mosaic
 
 pytestmark = pytest.mark.slow  # a tiny export, a LocalCluster: about a minute in all
@@ -172,13 +173,7 @@ def test_tiles_and_large_jobs_run_with_torch_blocked(export, image_zarr, tmp_pat
     import sys
 
     path, _ = image_zarr
-    code = f"""
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "onnx"):
-            raise ImportError(f"{{name}} is blocked")
-sys.meta_path.insert(0, _Block())
+    code = import_blocker(("torch", "torchvision", "segment_anything", "onnx")) + f"""
 from peft_export.predict.large import plan_large, run_large
 import peft_export.distributed
 rec = run_large(plan_large({str(export)!r}, {str(path)!r}, {str(tmp_path / 'tf.zarr')!r}, tile=96, halo=24))

@@ -14,22 +14,15 @@ import pytest
 
 pytest.importorskip("napari", reason="napari is not installed (pip install '.[napari]')")
 
+from helpers import import_blocker  # noqa: E402
 from test_napari import build_ais_export, headless_display  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "segment_anything", "onnx")
 
 # Runs in a subprocess: importing any of BLOCKED raises ImportError (scipy stays: the [ais] extra has it).
-SCRIPT = r'''
+SCRIPT = import_blocker(HEAVY) + r'''
 import importlib.util, json, sys, time
-BLOCKED = ("torch", "torchvision", "segment_anything", "onnx")
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked")
-        return None
-sys.meta_path.insert(0, Block())
-
 import numpy as np
 import napari
 from qtpy.QtWidgets import QApplication

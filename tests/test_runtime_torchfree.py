@@ -15,23 +15,15 @@ import pytest
 
 from peft_export.runtime import SamSession
 from peft_export.bench.stats import current_rss_mb
+from helpers import import_blocker
 from test_predict import real_export
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "segment_anything", "onnx", "scipy")
 
 # Runs in a subprocess: with "--block", importing any of BLOCKED raises ImportError.
-SCRIPT = r'''
+SCRIPT = import_blocker(BLOCKED, when="'--block' in sys.argv") + r'''
 import importlib.util, json, sys
-BLOCKED = ("torch", "torchvision", "segment_anything", "onnx", "scipy")
-if "--block" in sys.argv:
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked")
-            return None
-    sys.meta_path.insert(0, Block())
-
 import numpy as np
 from peft_export.runtime import SamSession
 from peft_export.predict.overlay import render_overlay, save_png
