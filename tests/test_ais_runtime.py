@@ -133,11 +133,26 @@ def nuclei_image(h: int = 150, w: int = 110) -> np.ndarray:
     return np.ascontiguousarray(image[:h, :w])  # 16-bit gray, portrait
 
 
+def ais_maps_error(path: Path, decoder, image_size: int, seed: int = 4) -> tuple[float, float, float]:
+    """The graph vs the torch decoder on a random embedding (recomputed here, not the manifest's verdict):
+    max abs, mean abs, and the share of map pixels on the same side of 0.5."""
+    from peft_export.export.verify import graph_runner
+
+    emb = torch.randn(1, 256, image_size // 16, image_size // 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = decoder.eval()(emb).numpy()
+    got = next(iter(graph_runner(path)({"image_embeddings": emb.numpy()}).values()))
+    assert got.shape == want.shape and np.isfinite(got).all()
+    diff = np.abs(got.astype(np.float64) - want)
+    assert ((want > 0.5).mean() > 0.01) and ((want < 0.5).mean() > 0.01)  # maps on both sides of the threshold
+    return float(diff.max()), float(diff.mean()), float(((got > 0.5) == (want > 0.5)).mean())
+
+
 def test_export_writes_verified_ais_graphs(ais_export):
-    _, out, manifest = ais_export
+    adapted, out, manifest = ais_export
     graph = manifest["graphs"]["ais_decoder"]
     assert set(graph) == {"fp32"}  # no int8 AIS decoder (slower and inaccurate): int8 sessions use fp32
-    assert graph["fp32"]["parity"]["passed"] and graph["fp32"]["parity"]["maps_max_abs"] <= 1e-3
+    assert ais_maps_error(out / graph["fp32"]["path"], adapted.instance_decoder, 128)[0] <= 1e-3
     assert "not exported" in manifest["instance_segmentation"]["precision_notes"]["int8"]
     assert graph["fp32"]["inputs"][0]["shape"] == [1, 256, 8, 8]
     assert graph["fp32"]["outputs"] == [{"name": "instance_maps", "shape": [1, 3, 128, 128], "dtype": "float32"}]
@@ -178,7 +193,20 @@ def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
     image = nuclei_image()
     labels, _ = session.segment_instances(image)
     fp32, _ = SamSession(out).segment_instances(image)
-    assert mean_segmentation_accuracy(labels, fp32)[1][0.5] >= 0.5  # int8 embeddings, same decoder
+    assert fp32.max() >= 5
+    # The int8 encoder passed the export's gate (its embeddings decode prompt masks with IoU 0.99 on
+    # average to fp32's): decoded by the same AIS decoder, its instance maps must stay within the
+    # export's gate for a reduced-precision AIS decoder (fp16: maps mean abs <= 0.01; measured 0.008),
+    # almost every pixel on the same side of 0.5 ...
+    maps8 = session.instance_maps(session.encode(image))
+    ref = SamSession(out)
+    maps32 = ref.instance_maps(ref.encode(image))
+    assert np.abs(maps8 - maps32).mean() <= 0.01
+    assert ((maps8 > 0.5) == (maps32 > 0.5)).mean() >= 0.98
+    # ... and the watershed finds the same objects but for at most one seed that moved (measured: 10 of
+    # 11 objects matched at every IoU up to 0.8, one pair merged)
+    msa, sa = mean_segmentation_accuracy(labels, fp32)
+    assert abs(int(labels.max()) - int(fp32.max())) <= 1 and sa[0.5] >= 1 - 1.5 / fp32.max(), (msa, sa)
 
 
 def test_predict_instances_command(ais_export, tmp_path):
@@ -256,9 +284,11 @@ def test_fp16_ais_decoder_passes_its_parity_check(tmp_path):
 
     graph = onnx.load(str(tmp_path / "ais_decoder.fp16.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
+    _, mean_abs, agree = ais_maps_error(tmp_path / "ais_decoder.fp16.onnx", decoder, 64)
+    assert mean_abs <= 0.01 and agree > 0.95, (mean_abs, agree)
     parity = verify_ais_decoder(tmp_path / "ais_decoder.fp16.onnx", decoder, build_reference(random_sam("tiny", 64)),
                                 "fp16")
-    assert parity["passed"] and parity["maps_mean_abs"] <= 0.01 and parity["maps_threshold_agreement"] > 0.95
+    assert parity["passed"]  # and the export's own check agrees
 
 
 def test_bench_times_the_ais_component(ais_export):
@@ -271,7 +301,10 @@ def test_bench_times_the_ais_component(ais_export):
     ok = {c["case"]: c for c in result["cases"] if c["status"] == "ok"}
     assert {"unmerged torch fp32", "merged torch fp32", "export onnxruntime-cpu fp32"} <= set(ok), result["cases"]
     for case in ok.values():
-        assert case["components"]["ais"]["median_ms"] > 0
+        s = case["components"]["ais"]
+        assert set(case["components"]) == {"ais"}  # the component asked for, and only it
+        assert s["n"] == len(s["times_ms"]) == 1 and s["min_ms"] <= s["median_ms"] <= s["max_ms"]
+        assert s["median_ms"] == pytest.approx(np.median(s["times_ms"]), abs=1e-3)
 
 
 def test_export_of_several_adapters_carries_each_instance_decoder(ais_export, tmp_path):
@@ -285,7 +318,8 @@ def test_export_of_several_adapters_carries_each_instance_decoder(ais_export, tm
     manifest = merge_and_export_adapters({"nuclei": ais_adapted(), "plain": plain}, out, progress=False)
     assert manifest["adapters"]["nuclei"]["ais_decoder"] == "ais_decoder_nuclei"
     assert "ais_decoder" not in manifest["adapters"]["plain"]
-    assert manifest["graphs"]["ais_decoder_nuclei"]["fp32"]["parity"]["passed"]
+    assert ais_maps_error(out / manifest["graphs"]["ais_decoder_nuclei"]["fp32"]["path"],
+                          ais_adapted().instance_decoder, 128)[0] <= 1e-3
     image = nuclei_image()
     session = SamSession(out)
     assert session.has_instance_decoder and session.ais_adapters == ("nuclei",)

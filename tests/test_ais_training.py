@@ -40,12 +40,15 @@ ARGS = ["--model", "tiny", "--image-size", "128", "--patch-size", "128", "--peft
         "--val-fraction", "0.25", "--seed", "1", "-q", "--instance-decoder"]
 
 
+STEPS = 12  # enough for the instance loss to fall clearly from the decoder's random start
+
+
 @pytest.fixture(scope="module")
 def ais_run(demo, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("aisruns") / "run"
-    res = CliRunner().invoke(app, ["finetune", "--data", str(demo), "--out", str(out), "--iterations", "4",
-                                   "--val-every", "2", *ARGS])
+    res = CliRunner().invoke(app, ["finetune", "--data", str(demo), "--out", str(out), "--iterations", str(STEPS),
+                                   "--val-every", str(STEPS // 2), *ARGS])
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -55,9 +58,13 @@ def test_the_decoder_trains_with_the_adapter(ais_run):
     assert "AIS decoder 9,591,235" in output and "AIS mSA" in output
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if e["type"] == "step"]
-    assert len(steps) == 4 and all(np.isfinite(e["instance_loss"]) and 0 < e["instance_loss"] <= 3 for e in steps)
+    losses = [e["instance_loss"] for e in steps]
+    assert len(steps) == STEPS and all(np.isfinite(x) and 0 < x <= 3 for x in losses)
+    # it learns: the instance loss of the last third of the steps is well below that of the first third
+    third = STEPS // 3
+    assert np.mean(losses[-third:]) < 0.6 * np.mean(losses[:third]), losses  # measured 0.38; untrained ~1.0
     vals = [e for e in log if e["type"] == "val"]
-    assert [e["step"] for e in vals] == [0, 2, 4]
+    assert [e["step"] for e in vals] == [0, STEPS // 2, STEPS]
     for e in vals:
         m = e["metrics"]
         assert 0 <= m["ais_msa"] <= 1 and 0 <= m["ais_sa50"] <= 1
@@ -71,9 +78,11 @@ def test_the_decoder_trains_with_the_adapter(ais_run):
     best = meta["training"]["best_step"]
     # BatchNorm statistics are stored too: one training forward per step until the best step.
     assert int(dec["deconv1.block.2.num_batches_tracked"]) == best
-    if best > 0:
-        fresh = random_instance_decoder(1 + 3).state_dict()  # the seeded init the run started from
-        assert not torch.equal(dec["out_conv.weight"], fresh["out_conv.weight"])
+    # the last step's decoder (the checkpoint) moved away from the seeded init the run started from
+    fresh = random_instance_decoder(1 + 3).state_dict()
+    last = load_checkpoint(out)["instance_decoder"]
+    assert last["deconv1.block.2.num_batches_tracked"] == STEPS
+    assert not torch.equal(last["out_conv.weight"], fresh["out_conv.weight"])
     adapted = load_adapter(out)
     assert adapted.instance_decoder is not None
     assert all(torch.equal(v, dec[k]) for k, v in adapted.instance_decoder.state_dict().items())

@@ -26,6 +26,7 @@ from helpers import randomize_trainables
 from peft_export.cli.main import app
 from peft_export.errors import PeftExportError
 from peft_export.export import merge_and_export_adapters, read_manifest
+from peft_export.export.agreement import GATES, mask_agreement
 from peft_export.export.sharing import first_difference, head_state, prove_trunk, state_digest, trunk_state
 from peft_export.fsutil import sha256_file
 from peft_export.models import load_sam
@@ -128,15 +129,13 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
         # the browser page's pair, verified as a chain against this adapter's decoder
         assert a[name]["split_image"] == f"split_image_{name}" and a[name]["click_decoder"] == f"click_decoder_{name}"
         assert m["graphs"][f"click_decoder_{name}"]["fp32"]["parity"]["mask_index_agrees"]
-        for p in ("fp32", "int8"):
-            assert a[name]["encoder_parity"][p]["passed"]
+        assert set(a[name]["encoder_parity"]) == {"fp32", "int8"}  # what each graph computes: the tests below
     assert set(m["graphs"]["head_base"]["fp32"]["adapters"]) == {"dec", "dec2"}
     assert m["graphs"]["trunk"]["fp32"]["outputs"][0] == {"name": "trunk_features", "shape": [1, 16, 16, 64],
                                                           "dtype": "float32"}
     listed = {"manifest.json"}
     for graph, variants in m["graphs"].items():
         for entry in variants.values():
-            assert entry["parity"]["passed"], graph
             for f in entry["files"]:
                 assert f["sha256"] == sha256_file(multi / f["path"])
                 listed.add(f["path"])
@@ -153,6 +152,33 @@ def test_single_adapter_keeps_todays_layout(single):
     assert s.adapters == ()
     with pytest.raises(PeftExportError, match="holds one model, not named adapters"):
         SamSession(single).predict(box=BOXES[0], adapter="late", embedding=s.encode(np.zeros((64, 64), np.uint8)))
+
+
+def test_each_adapters_encoder_graphs_compute_its_merged_encoder(multi, runs):
+    """Recomputed here, not read from the manifest's verdict: trunk -> head (or the adapter's own
+    encoder) in fp32 equals the merged torch encoder, and in int8 decodes the masks the fp32 one does
+    within the export's int8 gate (mean / min mask IoU over the gate's 32 prompts)."""
+    from peft_export.export.verify import graph_runner
+    from peft_export.merge import probe_inputs
+
+    m = read_manifest(multi)
+    image, _ = probe_inputs(256, seed=5)
+    for name in ("late", "dec", "dec2", "stem"):
+        merged = merge_peft(load_adapter(runs[name]).model).eval()
+        with torch.no_grad():
+            want = merged.image_encoder(image)
+        for p in ("fp32", "int8"):
+            chain = [multi / m["graphs"][key][p]["path"] for key in m["adapters"][name]["encoder"]]
+            x = graph_runner(chain[0])({"image": image.numpy()})
+            emb = graph_runner(chain[1])({"trunk_features": x["trunk_features"]}) if len(chain) == 2 else x
+            emb = emb["image_embeddings"]
+            if p == "fp32":
+                rel = np.abs(emb - want.numpy()).max() / np.abs(want.numpy()).max()
+                assert rel < 1e-4, (name, rel)
+            else:
+                gate = mask_agreement(merged, want, emb, GATES["int8"]["prompts"])
+                assert gate["mask_iou_mean"] >= GATES["int8"]["mask_iou_mean"], (name, gate["mask_iou_mean"])
+                assert gate["mask_iou_min"] >= GATES["int8"]["mask_iou_min"], (name, gate["mask_iou_min"])
 
 
 def test_trunk_weights_bit_identical_to_base_and_every_adapter(multi, runs):
@@ -215,7 +241,7 @@ def test_each_adapter_matches_its_unmerged_torch_model(multi, runs, image):
     assert np.abs(a - b).max() > 1e-2
 
 
-def test_masks_identical_to_the_adapters_own_export(multi, single, image):
+def test_masks_identical_to_the_adapters_own_export(multi, single, runs, image):
     shared, own = SamSession(multi, adapters=["late"]), SamSession(single)
     got = shared.predict_batch(boxes=BOXES, embedding=shared.encode(image))
     want = own.predict_batch(boxes=BOXES, embedding=own.encode(image))
@@ -225,7 +251,20 @@ def test_masks_identical_to_the_adapters_own_export(multi, single, image):
     shared8 = SamSession(multi, precision="int8", adapters=["late"])
     assert shared8.describe()["graphs"]["trunk"]["precision"] == "int8"
     m8 = shared8.predict_batch(boxes=BOXES, embedding=shared8.encode(image))[0]
-    assert np.mean([_iou(m8[i, 0], want[0][i, 0]) for i in range(len(BOXES))]) >= 0.9
+    # The export's int8 gate, measured here on this image: the 32 gate prompts decoded (torch decoder)
+    # from the shared int8 trunk + head embedding vs the adapter's own fp32 export: mean 0.99, min 0.97.
+    shared8.set_image(image)
+    own.set_image(image)
+    merged = merge_peft(load_adapter(runs["late"]).model).eval()
+    gate = mask_agreement(merged, torch.from_numpy(own.get_image_embedding().copy()),
+                          shared8.get_image_embedding(), GATES["int8"]["prompts"])
+    assert gate["mask_iou_mean"] >= GATES["int8"]["mask_iou_mean"], gate["mask_iou_mean"]
+    assert gate["mask_iou_min"] >= GATES["int8"]["mask_iou_min"], gate["mask_iou_min"]
+    # And the runtime's box masks: non-empty, and on average as close as the gate's per-prompt floor
+    # (these masks cover 2-5 % of the image, where one boundary pixel row moves IoU by about 1 %).
+    ious = [_iou(m8[i, 0], want[0][i, 0]) for i in range(len(BOXES))]
+    assert all(want[0][i, 0].any() and m8[i, 0].any() for i in range(len(BOXES)))
+    assert np.mean(ious) >= GATES["int8"]["mask_iou_min"], ious
 
 
 def test_fused_attention_in_trunk_and_heads(runs, multi, image, tmp_path):
@@ -445,13 +484,17 @@ def test_evaluate_spec_picks_an_adapter(multi, single, image):
 def test_bench_times_trunk_and_each_head_in_a_fresh_process(multi, single):
     from peft_export.bench.shared_trunk import bench_shared_trunk, format_shared_table, mask_agreement
 
-    result = bench_shared_trunk(multi, iterations=1, warmup=0)
+    result = bench_shared_trunk(multi, iterations=3, warmup=0)
     case = result["cases"][0]
     assert case["kind"] == "shared" and case["adapters"] == ["late", "dec", "dec2", "stem"]
     assert set(case["median_s"]) == {"trunk", "head late", "head dec", "head dec2", "head stem", "encoder total",
                                      "end to end"}
-    parts = sum(v for k, v in case["median_s"].items() if k == "trunk" or k.startswith("head "))
-    assert case["median_s"]["encoder total"] >= parts * 0.99
+    # every part timed once per iteration asked, its median the median of those times, and each image's
+    # end-to-end time holds its encoders plus the decoding of one box per adapter (more than the encoders)
+    for part, times in case["times_s"].items():
+        assert len(times) == 3 and case["median_s"][part] == pytest.approx(np.median(times), abs=1e-4), part
+    for enc, e2e in zip(case["times_s"]["encoder total"], case["times_s"]["end to end"]):
+        assert e2e > enc
     assert 0 < case["rss_loaded_mb"] <= case["peak_rss_mb"] < 2000
     assert re.search(r"^shared +trunk +\d+\.\d{3}$", format_shared_table(result), re.M)
     assert mask_agreement(multi, {"late": single})["late"] >= 0.999
