@@ -58,6 +58,10 @@ def merge_and_export_cmd(
         "plain", "--attention", help="Encoder attention: plain, folded (rel-pos folded, SDPA) or fused (ONNX Runtime's MultiHeadAttention)."),
     calibration_data: Optional[Path] = typer.Option(
         None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
+    meta_decoder: bool = typer.Option(
+        True, "--meta-decoder/--no-meta-decoder",
+        help="Also write Meta's decoder.onnx (segment_anything's interface, for other tools) and decoder_lowres.onnx; "
+             "the runtime runs the decoder family (split_image, split_prompts, split_masks) either way."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     strict: bool = typer.Option(
         False, "--strict", help="All or nothing: any refused graph (e.g. int8) fails the export and writes nothing."),
@@ -91,15 +95,19 @@ def merge_and_export_cmd(
             manifest = merge_and_export_adapters(adapters, out, formats=split(formats), precisions=split(precisions),
                                                  opset=opset, overwrite=overwrite, progress=True, exporter=exporter,
                                                  shared_trunk=shared_trunk, preprocess_in_graph=preprocess_in_graph,
-                                                 attention=attention)
+                                                 attention=attention, meta_decoder=meta_decoder, strict=strict)
             echo(f"manifest: {out / 'manifest.json'} ({len(manifest['adapters'])} adapters, "
                  f"{len(manifest['graphs'])} graphs)")
+            if manifest.get("refused"):  # each one's 'refused:' line was printed as it happened
+                from peft_export.export.refusals import EXIT_REFUSED
+
+                raise typer.Exit(code=EXIT_REFUSED)
             return
         adapted = next(iter(adapters.values()))  # one adapter keeps the one-model layout
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
                                 exporter=exporter, calibration_data=calibration_data, attention=attention,
-                                strict=strict)
+                                strict=strict, meta_decoder=meta_decoder)
     if quiet:  # the parity table is a result, not progress
         from peft_export.export.verify import format_parity_table
 

@@ -39,8 +39,9 @@ CONTRACT_IO = {
         ["low_res_masks", "iou_predictions"],
     ),
     "split_image": (["image_embeddings"], ["image_keys", "layer0_k", "layer0_v", "layer0_q"]),
-    "split_prompts": (
-        ["image_keys", "layer0_k", "layer0_v", "layer0_q", "point_coords", "point_labels"],
+    "split_prompts": (  # the decoder family's prompt graph takes the mask input (predict's iterative loop)
+        ["image_keys", "layer0_k", "layer0_v", "layer0_q", "point_coords", "point_labels", "mask_input",
+         "has_mask_input"],
         ["iou_predictions", "mask_weights", "keys"],
     ),
     "split_masks": (["keys", "mask_weights"], ["low_res_masks"]),

@@ -120,13 +120,14 @@ def merge_and_export(
     int8_recipe: Int8Recipe | None = None,
     attention: str = "plain",
     strict: bool = False,
+    meta_decoder: bool = True,
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
-    Graphs: ``encoder`` (each precision), ``decoder`` (Meta's interface) and
-    ``decoder_lowres`` (batched, low-res) and the split decoder (``split_image``,
-    ``split_prompts``, ``split_masks``: segment-everything) and ``click_decoder`` (the browser page's
-    decoder, after ``split_image``) in fp32, plus ``encoder_preprocess`` with
+    Graphs: ``encoder`` (each precision), the decoder family (``split_image``, ``split_prompts``
+    with the mask input, ``split_masks``: predict, predict_batch and segment-everything), ``click_decoder``
+    (the browser page's decoder, after ``split_image``) and, with ``meta_decoder``, ``decoder``
+    (Meta's interface) and ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
     has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
@@ -137,6 +138,11 @@ def merge_and_export(
 
     ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
     ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
+
+    ``meta_decoder``: also write Meta's ``decoder`` (segment_anything's ONNX interface, for other
+    tools) and ``decoder_lowres``; the runtime runs the family (split_image, split_prompts with the
+    mask input, split_masks) and reads exports that have only these as before. ``decoder_lowres``
+    is written anyway for TensorRT (its engine is built from it).
 
     ``strict``: any refused graph fails the export (nothing written); by default an optional graph
     that fails its gate is left out and listed in ``manifest["refused"]`` (``refusal_line`` words it).
@@ -269,7 +275,7 @@ def merge_and_export(
             check("encoder_preprocess", "fp32", "encoder_preprocess.onnx", tmp, time.perf_counter() - t,
                   {"note": "input: the resized image HWC float32 0..255, h, w <= image_size (long side == "
                            "image_size); normalisation and bottom/right zero padding in the graph"})
-        for flavour in og.DECODER_FLAVOURS:
+        for flavour in decoder_flavours(meta_decoder, target is not None):
             t = time.perf_counter()
             og.export_decoder_onnx(model, tmp / f"{flavour}.onnx", flavour, opset)
             check(flavour, "fp32", f"{flavour}.onnx", tmp, time.perf_counter() - t)
@@ -288,6 +294,10 @@ def merge_and_export(
                            "left out with the split decoder chain it belongs to")
             refuse(tmp, CLICK_GRAPH, "fp32", None, "onnxruntime", None, None,
                    "not exported: it runs after split_image, which was refused")
+            if not set(og.DECODER_FLAVOURS) & set(graphs):  # no decoder left for prompts
+                raise PeftExportError(f"{out_dir}: the decoder family failed verification "
+                                      f"({'; '.join(refusal_line(r) for r in refused)}) and no Meta decoder was "
+                                      "asked for (--meta-decoder); nothing written")
         else:
             t = time.perf_counter()
             export_click_graph(model, tmp / f"{CLICK_GRAPH}.onnx", opset)
@@ -320,6 +330,11 @@ def merge_and_export(
     else:
         log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return manifest
+
+
+def decoder_flavours(meta_decoder: bool, tensorrt: bool) -> tuple[str, ...]:
+    """Which of Meta's decoder graphs an export writes besides the family."""
+    return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or (tensorrt and f == "decoder_lowres"))
 
 
 def _agreement(path: Path, reference_model: Sam, reference) -> dict:

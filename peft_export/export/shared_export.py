@@ -9,13 +9,17 @@ Layout (``manifest.json`` format 2; single-adapter exports stay format 1, unchan
   whose heads are bit-identical share one file (``head_base.onnx`` when it is the base's:
   decoder-only adapters share the whole encoder);
 * ``encoder_<NAME>.onnx`` for an adapter that cannot share (it trains the patch embedding);
-* ``decoder_<NAME>.onnx``, ``decoder_lowres_<NAME>.onnx``, ``split_image_<NAME>.onnx`` and
-  ``click_decoder_<NAME>.onnx`` (the browser page's pair) per adapter.
+* per adapter the decoder family (``split_image_<NAME>``, ``split_prompts_<NAME>``,
+  ``split_masks_<NAME>``: predict and segment-everything), ``click_decoder_<NAME>`` (the browser
+  page's, after the same split_image) and, with ``meta_decoder``, ``decoder_<NAME>`` and
+  ``decoder_lowres_<NAME>``.
 
 Every precision of every adapter is parity-checked as it runs: ``head(trunk(x))`` (or its own
 encoder) and its decoders against that adapter's unmerged torch model, with the thresholds of
 single exports. As for single exports, everything is written to a temporary directory that
-replaces ``out_dir`` only when every check passed.
+replaces ``out_dir`` at the end; an optional graph that fails its gate is left out and listed in
+``refused`` (``strict``: nothing written). Longer than 400 lines because the writer's refusal
+rules and the per-adapter graph chains read best together.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from . import onnx_graphs as og
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph, verify_click_decoder
 from . import trunk_graphs as tg
 from .manifest import build_manifest, graph_entry, graph_io, training_scale_record, write_manifest
-from .pipeline import _check_options, _check_out_dir, encoder_filename, export_source, merge_for_export
+from .pipeline import _check_options, _check_out_dir, decoder_flavours, encoder_filename, export_source, merge_for_export
 from .quantize import onnx_bytes, quantize_int8
-from .split_decoder import export_split_graph
+from .refusals import refusal_line, refusal_record
+from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph, verify_split_decoder
 from .sharing import (
     check_adapter_name,
     check_same_base,
@@ -67,10 +72,12 @@ class _Writer:
     """Exports graphs into the temporary directory, checks each, and collects manifest entries."""
 
     def __init__(self, tmp: Path, out_dir: Path, precisions: Sequence[str], opset: int, exporter: str,
-                 attention: str, log: Callable[[str], None]) -> None:
+                 attention: str, log: Callable[[str], None], strict: bool = False, meta_decoder: bool = True) -> None:
         self.tmp, self.out_dir, self.precisions = tmp, out_dir, precisions
         self.opset, self.exporter, self.attention, self.log = opset, exporter, attention, log
+        self.strict, self.meta_decoder = strict, meta_decoder
         self.graphs: dict[str, dict] = {}
+        self.refused: list[dict] = []  # manifest["refused"]: optional graphs that failed their gate
         self.rows: list[tuple[str, str, dict]] = []
         self.used_exporter = exporter
 
@@ -94,20 +101,47 @@ class _Writer:
             files["int8"] = (encoder_filename("int8", key), time.perf_counter() - t)
         return files
 
+    def required(self, key: str, precision: str) -> bool:
+        """fp32 encoder graphs and Meta's decoders are the reference (as for single exports); the
+        family too when it is the adapter's only decoder (no --meta-decoder)."""
+        kind = key.split("_")[0]
+        if precision != "fp32" or kind in ("click", "ais"):
+            return False
+        return kind in ("trunk", "head", "encoder", "decoder") or (kind == "split" and not self.meta_decoder)
+
     def add(self, key: str, precision: str, filename: str, parity: dict, seconds: float, verify_s: float,
-            io: tuple, extra: dict | None = None, row: str | None = None) -> None:
+            io: tuple, extra: dict | None = None, row: str | None = None) -> bool:
+        """Record a checked graph; False: an optional graph failed its gate and was left out (refused)."""
         parity.update(export_seconds=round(seconds, 2), verify_seconds=round(verify_s, 2))
         self.rows.append((row or key, precision, parity))
         self.log(f"  {row or key:<24} {precision:<5} exported {seconds:6.1f} s, verified {verify_s:5.1f} s, "
                  f"{onnx_bytes(self.tmp / filename) / 1e6:8.1f} MB  {'ok' if parity['passed'] else 'FAILED'}")
         if not parity["passed"]:
-            self.log(format_parity_table(self.rows))
-            raise PeftExportError(f"{self.out_dir}: {row or key} {precision} failed verification "
-                                  f"({'; '.join(parity['failures'])}); nothing written")
+            if self.strict or self.required(key, precision):
+                self.log(format_parity_table(self.rows))
+                raise PeftExportError(f"{self.out_dir}: {row or key} {precision} failed verification "
+                                      f"({'; '.join(parity['failures'])}); nothing written"
+                                      + ("" if self.required(key, precision) else " (--strict)"))
+            self.refuse(key, precision, filename, parity, extra)
+            return False
         if key.split("_")[0] in ("trunk", "head", "encoder") and precision != "fp16":
             extra = dict(extra or {}, attention=self.attention)
         if key not in self.graphs or precision not in self.graphs[key]:
             self.graphs.setdefault(key, {})[precision] = graph_entry(self.tmp, key, filename, 0, parity, extra, io)
+        return True
+
+    def refuse(self, key: str, precision: str, filename: str | None, parity: dict | None, extra: dict | None = None,
+               reason: str | None = None) -> None:
+        """Leave ``key`` at ``precision`` out: its files removed, a ``refused`` record and a log line."""
+        if filename:
+            for p in (self.tmp / filename, self.tmp / (filename + ".data")):
+                p.unlink(missing_ok=True)
+        self.graphs.get(key, {}).pop(precision, None)
+        if key in self.graphs and not self.graphs[key]:
+            del self.graphs[key]
+        entry = refusal_record(key, precision, "onnxruntime", parity, extra, reason)
+        self.refused.append(entry)
+        self.log(f"refused: {refusal_line(entry)}")
 
     def drop_fp32(self, keys: Sequence[str]) -> None:
         """fp32 graphs that were only made to quantise int8 from."""
@@ -154,6 +188,8 @@ def merge_and_export_adapters(
     shared_trunk: bool | None = None,
     preprocess_in_graph: bool = False,
     attention: str = "plain",
+    meta_decoder: bool = True,
+    strict: bool = False,
 ) -> dict:
     """Export several adapters ({name: AdaptedModel}) of one base into one directory; returns the manifest.
 
@@ -161,7 +197,12 @@ def merge_and_export_adapters(
     adapter trains the patch or positional embedding); None (default) shares among those
     that can; False gives each adapter its own whole encoder. ``attention``: how fp32 encoder
     graphs (trunk, heads, own encoders; and the int8 quantised from them) write attention,
-    ``plain``, ``folded`` or ``fused``, as for single exports.
+    ``plain``, ``folded`` or ``fused``, as for single exports. ``meta_decoder``: also Meta's
+    ``decoder``/``decoder_lowres`` per adapter (each adapter has the decoder family either way).
+
+    ``strict``: any refused graph fails the export (nothing written); by default an optional graph
+    (int8 / fp16 encoder graphs, the decoder family, click or AIS decoder) that fails its gate is left
+    out with what runs after it, and listed in ``manifest["refused"]``, as for single exports.
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
@@ -190,7 +231,7 @@ def merge_and_export_adapters(
     trunk_info: dict | None = None
     log(f"exporting {model_type} (image size {size}), {len(adapters)} adapters, to {out_dir}: {', '.join(precisions)}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        w = _Writer(tmp, out_dir, precisions, opset, exporter, attention, log)
+        w = _Writer(tmp, out_dir, precisions, opset, exporter, attention, log, strict, meta_decoder)
         trunk_ref: dict | None = None
         trunk_feats: dict[str, np.ndarray] = {}
         heads: dict[str, str] = {}  # digest of head weights -> graph key
@@ -230,10 +271,10 @@ def merge_and_export_adapters(
                     if p in precisions:
                         t = time.perf_counter()
                         parity = verify_export(tmp / filename, "encoder", adapted.model, reference, p)
-                        w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("encoder", size))
-                        entry["encoder_parity"][p] = parity
+                        if w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("encoder", size)):
+                            entry["encoder_parity"][p] = parity
                 w.drop_fp32([key])
-            for flavour in og.DECODER_FLAVOURS:
+            for flavour in decoder_flavours(meta_decoder, False):  # each adapter also has the family
                 key = f"{flavour}_{name}"
                 t = time.perf_counter()
                 og.export_decoder_onnx(model, tmp / f"{key}.onnx", flavour, opset)
@@ -244,7 +285,9 @@ def merge_and_export_adapters(
                 entry[flavour] = key
             entry.update(_export_click(w, model, name, size, reference))
             if adapted.instance_decoder is not None:  # micro-sam's AIS decoder: one per adapter
-                entry["ais_decoder"] = _export_ais(w, adapted, name, size, reference)
+                ais = _export_ais(w, adapted, name, size, reference)
+                if ais is not None:
+                    entry["ais_decoder"] = ais
             entries[name] = entry
             del model
         w.drop_fp32(["trunk"] + sorted(set(heads.values())))
@@ -260,27 +303,45 @@ def merge_and_export_adapters(
             "graph": "trunk", "split_block": plan.split, "output": tg.TRUNK_OUTPUT,
             "holds": holds(plan.split, depth, "trunk"), "adapters": plan.shared, "proof": trunk_info["proof"]}
         manifest["adapters"] = entries
+        manifest["refused"] = w.refused
         write_manifest(tmp, manifest)
     log(format_parity_table(w.rows))
-    log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
+    if w.refused:
+        log(f"export written in {time.perf_counter() - t0:.1f} s with {len(w.refused)} graph(s) refused: {out_dir}")
+    else:
+        log(f"export passed all checks in {time.perf_counter() - t0:.1f} s: {out_dir}")
     return manifest
 
 
 def _export_click(w: _Writer, model, name: str, size: int, reference) -> dict:
-    """The adapter's browser decoder: its own split_image and click_decoder (its decoder's weights),
-    verified as a chain; returns the adapter entry's keys for them."""
-    keys = {"split_image": f"split_image_{name}", CLICK_GRAPH: f"{CLICK_GRAPH}_{name}"}
+    """The adapter's decoder family (split_image, split_prompts, split_masks: predict and segment-everything)
+    and the browser's click_decoder after the same split_image, from its decoder's weights, each verified
+    as a chain; returns the adapter entry's keys for them."""
+    keys = {g: f"{g}_{name}" for g in SPLIT_GRAPHS}
     t = time.perf_counter()
-    export_split_graph(model, w.tmp / f"{keys['split_image']}.onnx", "split_image", w.opset)
-    export_click_graph(model, w.tmp / f"{keys[CLICK_GRAPH]}.onnx", w.opset)
+    for graph, key in keys.items():
+        export_split_graph(model, w.tmp / f"{key}.onnx", graph, w.opset)
     secs = time.perf_counter() - t
     t = time.perf_counter()
-    parity = verify_click_decoder(w.tmp / f"{keys[CLICK_GRAPH]}.onnx", reference, "fp32",
+    parity = verify_split_decoder(w.tmp, reference, "fp32", files={g: w.tmp / f"{k}.onnx" for g, k in keys.items()})
+    ok = True
+    for graph, key in keys.items():  # one chain, one verdict: all three kept or all refused
+        ok = w.add(key, "fp32", f"{key}.onnx", dict(parity), secs, time.perf_counter() - t, graph_io(graph, size),
+                   extra={"note": SPLIT_NOTE}) and ok
+    click = f"{CLICK_GRAPH}_{name}"
+    if not ok:
+        w.refuse(click, "fp32", None, None, reason="not exported: it runs after split_image, which was refused")
+        return {}
+    t = time.perf_counter()
+    export_click_graph(model, w.tmp / f"{click}.onnx", w.opset)
+    secs = time.perf_counter() - t
+    t = time.perf_counter()
+    parity = verify_click_decoder(w.tmp / f"{click}.onnx", reference, "fp32",
                                   context=w.tmp / f"{keys['split_image']}.onnx")
-    for graph, key in keys.items():
-        w.add(key, "fp32", f"{key}.onnx", dict(parity), secs, time.perf_counter() - t, graph_io(graph, size),
-              extra={"note": CLICK_NOTE})
-    return keys
+    if not w.add(click, "fp32", f"{click}.onnx", parity, secs, time.perf_counter() - t, graph_io(CLICK_GRAPH, size),
+                 extra={"note": CLICK_NOTE}):
+        return keys
+    return {**keys, CLICK_GRAPH: click}
 
 
 def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) -> dict:
@@ -294,9 +355,9 @@ def _export_trunk(w: _Writer, source, split: int, reference, trunk_feats: dict) 
             continue
         t = time.perf_counter()
         feats = _run(w.tmp / filename, {"image": reference.image.numpy()})
-        trunk_feats[p] = feats
-        w.add("trunk", p, filename, _features_parity(feats, torch_feats, p), secs, time.perf_counter() - t, io,
-              extra={"split_block": split})
+        if w.add("trunk", p, filename, _features_parity(feats, torch_feats, p), secs, time.perf_counter() - t, io,
+                 extra={"split_block": split}):
+            trunk_feats[p] = feats  # a refused trunk precision has no heads
     state = trunk_state(source, split)
     return {"proof": {
         "method": "merged torch weights compared bit for bit (raw bytes, dtype, shape) before export",
@@ -316,18 +377,22 @@ def _export_head(w: _Writer, model, adapted: AdaptedModel, name: str, key: str, 
     parities = {}
     for p in w.precisions:
         filename, secs = files[p]
+        if p not in trunk_feats or not (new or p in w.graphs.get(key, {})):  # refused trunk, or head refused before
+            if new:
+                w.refuse(key, p, filename, None, reason=f"not kept: it runs after trunk {p}, which was refused")
+            continue
         t = time.perf_counter()
         emb = _run(w.tmp / filename, {tg.TRUNK_OUTPUT: trunk_feats[p]})
         parity = _encoder_stats(emb, adapted.model, reference, p)
         parity["what"] = f"head(trunk(x)) vs adapter {name}, unmerged torch"
-        w.add(key, p, filename, parity, secs, time.perf_counter() - t, io, row=f"{key} ({name})",
-              extra={"split_block": split, "adapters": []})
-        w.graphs[key][p]["adapters"].append(name)
-        parities[p] = parity
+        if w.add(key, p, filename, parity, secs, time.perf_counter() - t, io, row=f"{key} ({name})",
+                 extra={"split_block": split, "adapters": []}):
+            w.graphs[key][p]["adapters"].append(name)
+            parities[p] = parity
     return parities
 
 
-def _export_ais(w: _Writer, adapted: AdaptedModel, name: str, size: int, reference) -> str:
+def _export_ais(w: _Writer, adapted: AdaptedModel, name: str, size: int, reference) -> str | None:
     """``ais_decoder_<name>`` in fp32 (and fp16 when asked; no int8, as for single exports), checked
     against the adapter's torch decoder on its probe embedding; returns the graph key."""
     from .ais import export_ais_decoder_onnx, verify_ais_decoder
@@ -340,6 +405,8 @@ def _export_ais(w: _Writer, adapted: AdaptedModel, name: str, size: int, referen
         secs = time.perf_counter() - t
         t = time.perf_counter()
         parity = verify_ais_decoder(w.tmp / filename, adapted.instance_decoder, reference, p)
-        w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("ais_decoder", size))
+        if not w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("ais_decoder", size)):
+            if p == "fp32":
+                return None  # refused: the adapter has no instance decoder
     return key
 

@@ -28,6 +28,7 @@ class AdapterRoute:
     decoder: Optional[str]
     decoder_lowres: Optional[str]
     ais_decoder: Optional[str] = None  # micro-sam's instance decoder, when the adapter has one
+    family: Optional[Tuple[str, str, str]] = None  # its split_image, split_prompts, split_masks keys
 
 
 def adapter_routes(manifest: Dict[str, Any]) -> Dict[str, AdapterRoute]:
@@ -37,7 +38,9 @@ def adapter_routes(manifest: Dict[str, Any]) -> Dict[str, AdapterRoute]:
         chain = tuple(entry.get("encoder") or ())
         if not chain:
             raise PeftExportError(f"manifest.json: adapter {name} lists no encoder graphs")
-        routes[name] = AdapterRoute(chain, entry.get("decoder"), entry.get("decoder_lowres"), entry.get("ais_decoder"))
+        family = tuple(entry.get(g) for g in ("split_image", "split_prompts", "split_masks"))
+        routes[name] = AdapterRoute(chain, entry.get("decoder"), entry.get("decoder_lowres"), entry.get("ais_decoder"),
+                                    family if all(family) else None)  # type: ignore[arg-type]
     return routes
 
 
@@ -68,7 +71,8 @@ def choose_adapter_graphs(
     for name, route in routes.items():
         keys = [(k, i == 0) for i, k in enumerate(route.encoder)]
         keys += [(k, False) for k in (route.decoder_lowres, route.decoder, route.ais_decoder) if k]
-        if not (route.decoder or route.decoder_lowres):
+        keys += [(k, False) for k in route.family or ()]
+        if not (route.decoder or route.decoder_lowres or route.family):
             raise PeftExportError(f"manifest.json: adapter {name} lists no decoder graph")
         for key, strict in keys:
             if key in chosen:

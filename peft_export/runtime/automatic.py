@@ -15,12 +15,11 @@ import numpy as np
 
 from ..errors import PeftExportError
 from .adapters import EncodedImage, pick_adapter
-from .backends import graph_kind, open_backend
 from .embedding import ImageEmbedding
 from .everything import LowResDecoder, MaskRecords
 from .everything import segment_everything as _segment_everything
 from .instances import AIS_DEFAULTS, check_ais_params, maps_to_image, require_ais_packages, segment_from_maps
-from .split_decoder import SplitDecoder, split_graph_files
+from .split_decoder import SPLIT_GRAPHS, SplitDecoder
 
 
 class AutomaticSegmentation:
@@ -42,10 +41,9 @@ class AutomaticSegmentation:
         """Automatic mask generation (SamAutomaticMaskGenerator, one crop) -> (int32 labels HxW, records).
 
         ``records.summary["removed"]`` counts the candidates each filter removed.
-        ``decoder``: "split" (the export's split decoder graphs: masks only for prompts that
-        pass the IoU filter), "lowres" (``decoder_lowres``, every mask), or "auto" (split
-        when the export has it; exports of several adapters run each adapter's
-        ``decoder_lowres``).
+        ``decoder``: "split" (the export's decoder family: masks only for prompts that pass the
+        IoU filter), "lowres" (every mask: ``decoder_lowres`` where the export has it, else the
+        family), or "auto" (split when the export has it, as every adapter of a current export does).
         """
         if embedding is None and getattr(self, "_tiled", None) is not None:
             return self._tiled.segment_everything(
@@ -70,21 +68,24 @@ class AutomaticSegmentation:
     def _everything_decoder(self, emb: ImageEmbedding, decoder: str):
         if decoder not in ("auto", "split", "lowres"):
             raise PeftExportError(f"decoder: unknown '{decoder}' (use auto, split or lowres)")
-        files = split_graph_files(self.manifest, self.export_dir) if graph_kind(self.backend_name) == "onnx" else None
-        if decoder == "split" and files is None:
-            raise PeftExportError(f"{self.export_dir}: this export has no split decoder graphs (export it again)")
-        if files is not None and decoder != "lowres":
-            with self._lock:
-                if self._split is None:
-                    self._split = open_backend(self.backend_name, files, self.device, self._intra_op_threads)
-            return SplitDecoder(self._split.run, emb.embedding)
+        keys = self._family_keys(emb.adapter)  # single exports and (since the family) every adapter
+        if decoder == "split" and keys is None:
+            raise PeftExportError(f"{self.export_dir}: this export has no split decoder graphs (an export made "
+                                  "before them, or a TensorRT backend; this version writes them)")
+        if keys is not None and decoder != "lowres":
+            family = self._family(emb)  # shares split_image's context with predict
+            names = dict(zip(SPLIT_GRAPHS, keys))
+            return SplitDecoder(lambda graph, feeds: self._backend.run(names[graph], feeds), emb.embedding,
+                                mask_input=family is not None,
+                                context=family.context(emb.embedding) if family is not None else None)
         s = self.low_res_size
 
         def decode(points_xy: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
             b = len(points_xy)
             coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
             lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
-            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32))
+            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32),
+                                       family_first=False)
 
         return LowResDecoder(decode)
 

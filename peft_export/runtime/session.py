@@ -34,6 +34,7 @@ from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts
+from .split_decoder import SPLIT_GRAPHS, FamilyDecoder, takes_mask_input
 
 
 class SamSession(AutomaticSegmentation):
@@ -86,7 +87,7 @@ class SamSession(AutomaticSegmentation):
         self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None
         self._tiled: Any = None  # a TiledImage after set_image(..., tile=...)
         self._intra_op_threads = intra_op_threads
-        self._split: Any = None  # the split decoder graphs, opened on the first segment_everything
+        self._families: Dict[Tuple[str, ...], FamilyDecoder] = {}  # per adapter (its split_image context)
 
     @property
     def adapters(self) -> Tuple[str, ...]:
@@ -112,12 +113,12 @@ class SamSession(AutomaticSegmentation):
             raise PeftExportError("precision: " + missing_precision_message(self.manifest, self.export_dir,
                                                                             self.precision, enc))
         self._chosen["encoder"] = (self.precision, self._graph_file(enc[self.precision], "encoder", verify))
-        for name in ("decoder_lowres", "decoder"):
+        for name in ("decoder_lowres", "decoder", *SPLIT_GRAPHS):
             variants = graphs.get(name) or {}
             prec = self.precision if self.precision in variants else "fp32"
             if prec in variants:
                 self._chosen[name] = (prec, self._graph_file(variants[prec], name, verify))
-        if "decoder_lowres" not in self._chosen and "decoder" not in self._chosen:
+        if not {"decoder_lowres", "decoder"} & set(self._chosen) and self._family_keys(None) is None:
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
         ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one
         prec = self.precision if self.precision in ais else "fp32"
@@ -163,7 +164,9 @@ class SamSession(AutomaticSegmentation):
             "providers": self.providers,
             "precision_asked": self.precision,
             "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
-            "decoder_used": "decoder_lowres" if any(k.startswith("decoder_lowres") for k in self._chosen) else "decoder",
+            "decoder_used": ("family" if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
+                                             for k in self._chosen) else "decoder_lowres"
+                             if any(k.startswith("decoder_lowres") for k in self._chosen) else "decoder"),
             "adapters": list(self.adapters),
             "split_block": (self.manifest.get("shared_trunk") or {}).get("split_block"),
             "intensity": self._intensity_rule,
@@ -261,6 +264,18 @@ class SamSession(AutomaticSegmentation):
             names = (route.decoder_lowres, route.decoder)
         return tuple(n if n in self._chosen else None for n in names)  # type: ignore[return-value]
 
+    def _family_keys(self, adapter: Optional[str]) -> Optional[Tuple[str, ...]]:  # its family, if loaded
+        keys = self._routes[adapter].family if adapter is not None else SPLIT_GRAPHS
+        return tuple(keys) if keys and all(k in self._chosen for k in keys) else None
+
+    def _family(self, emb: ImageEmbedding) -> Optional[FamilyDecoder]:
+        """The decoder family of ``emb``'s adapter when its split_prompts takes mask input (exports
+        from before that run ``decoder_lowres``/``decoder`` for prompts, as they always did)."""
+        keys = self._family_keys(emb.adapter)
+        if keys is None or not takes_mask_input(self.manifest["graphs"].get(keys[1])):
+            return None
+        return self._families.setdefault(keys, FamilyDecoder(self._backend.run, keys))  # type: ignore[arg-type]
+
     # ---- decoding --------------------------------------------------------------------------
 
     def _check_mask_input(self, mask_input: Optional[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -272,22 +287,16 @@ class SamSession(AutomaticSegmentation):
             return m.reshape(1, 1, s, s), np.ones((1,), np.float32)
         raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
 
-    def _decode_lowres(
-        self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray, has_mask: np.ndarray
-    ) -> Tuple[np.ndarray, np.ndarray]:
-        """(K,M,2),(K,M) decoder prompts -> low-res logits (K,4,4g,4g), iou (K,4)."""
+    def _decode_lowres(self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                       has_mask: np.ndarray, family_first: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """(K,M,2),(K,M) prompts -> low-res logits (K,4,4g,4g), iou (K,4); family_first=False: decoder_lowres if any."""
+        family = self._family(emb)
+        if family is not None and (family_first or self._decoder_graphs(emb) == (None, None)):
+            return family.decode(emb.embedding, coords, labels, mask, has_mask)
         lowres, _ = self._decoder_graphs(emb)
         if lowres is not None:
-            out = self._backend.run(
-                lowres,
-                {
-                    "image_embeddings": emb.embedding,
-                    "point_coords": coords,
-                    "point_labels": labels,
-                    "mask_input": mask,
-                    "has_mask_input": has_mask,
-                },
-            )
+            out = self._backend.run(lowres, {"image_embeddings": emb.embedding, "point_coords": coords,
+                                             "point_labels": labels, "mask_input": mask, "has_mask_input": has_mask})
             return (np.asarray(out["low_res_masks"], np.float32), np.asarray(out["iou_predictions"], np.float32))
         lows, ious = [], []
         for i in range(len(coords)):  # the Meta graph takes one prompt set per call
@@ -297,17 +306,9 @@ class SamSession(AutomaticSegmentation):
         return np.concatenate(lows).astype(np.float32), np.concatenate(ious).astype(np.float32)
 
     def _run_meta(self, emb, coords, labels, mask, has_mask) -> Dict[str, np.ndarray]:
-        return self._backend.run(
-            self._decoder_graphs(emb)[1],
-            {
-                "image_embeddings": emb.embedding,
-                "point_coords": coords,
-                "point_labels": labels,
-                "mask_input": mask,
-                "has_mask_input": has_mask,
-                "orig_im_size": np.asarray(emb.original_size, np.float32),
-            },
-        )
+        return self._backend.run(self._decoder_graphs(emb)[1], {
+            "image_embeddings": emb.embedding, "point_coords": coords, "point_labels": labels, "mask_input": mask,
+            "has_mask_input": has_mask, "orig_im_size": np.asarray(emb.original_size, np.float32)})
 
     def predict(
         self,
@@ -340,9 +341,8 @@ class SamSession(AutomaticSegmentation):
         coords, labels = encode_prompts(pts, lbl, boxes, emb.original_size, self.image_size)
         mask, has_mask = self._check_mask_input(mask_input, 1)
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        # Both graphs give low-res logits; the upsampling is always done here. The Meta
-        # graph's own "masks" output is not used: traced with torch.onnx's legacy exporter,
-        # its crop (int(prepadded_size)) is frozen to the dummy orig_im_size of the export.
+        # Every decoder gives low-res logits and the upsampling is done here (postprocess_masks,
+        # bit for bit SamPredictor's); the Meta graph's "masks" output (crop in-graph) is not used.
         low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
         low, iou = low[0, sel], iou[0, sel]
         masks = postprocess_masks(low, emb.input_size, emb.original_size, self.image_size)
