@@ -190,34 +190,34 @@ def build_engines(
     feeds: dict[str, dict[str, np.ndarray]],
     log: Callable[[str], None] = print,
     strict: bool = False,
-    builder: Callable[..., float] | None = None,
 ) -> dict:
     """Engines for every (graph, precision) in ``onnx_files`` ({graph: {precision: onnx filename}}).
 
     Returns the manifest's ``tensorrt`` section. An engine that fails to build (TensorRT reports it by a
     None result or a RuntimeError) or differs from ONNX Runtime is left out and listed in the section's
     ``refused`` (manifest ``refused`` entries, graph ``"<graph> engine"``): the ONNX graphs that passed
-    stay. ``strict``: raise instead. ``builder``: ``build_engine``'s stand-in (tests without TensorRT).
+    stay. ``strict``: raise instead.
     """
-    build = builder or build_engine
     cache_path = export_dir / TIMING_CACHE
     engines: dict = {}
     refused: list[dict] = []
     for graph, by_precision in onnx_files.items():
         for precision, onnx_name in by_precision.items():
             name = target.engine_name(graph, precision)
+            step = "build"
             try:
-                seconds = build(target, export_dir / onnx_name, export_dir / name, graph, precision,
-                                image_size, cache_path)
+                seconds = build_engine(target, export_dir / onnx_name, export_dir / name, graph, precision,
+                                       image_size, cache_path)
+                step = "check"
                 parity = verify_engine(target, export_dir / name, export_dir / onnx_name, graph, precision,
                                        feeds[graph])
             except (PeftExportError, RuntimeError) as exc:  # pybind11 turns TensorRT's C++ errors into RuntimeError
                 if strict:
-                    raise PeftExportError(f"{name}: TensorRT build failed: {exc} (--strict)") from None
+                    raise PeftExportError(f"{name}: TensorRT {step} failed: {exc} (--strict)") from None
                 (export_dir / name).unlink(missing_ok=True)
                 refused.append(refusal_record(f"{graph} engine", precision, "tensorrt", None, None,
-                                              f"build failed: {exc}"))
-                log(f"  tensorrt {graph} {precision}: FAILED to build ({exc})")
+                                              f"{step} failed: {exc}"))
+                log(f"  tensorrt {graph} {precision}: {step} FAILED ({exc})")
                 continue
             log(f"  tensorrt {graph} {precision}: built in {seconds:.1f} s, "
                 f"{'ok' if parity['passed'] else 'FAILED ' + '; '.join(parity['failures'])}")
