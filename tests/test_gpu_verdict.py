@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -42,6 +44,7 @@ def _pytest(tmp_path: Path, marks: str, broken: bool = False, skip: bool = True)
     return res.returncode, res.stdout + res.stderr
 
 
+@pytest.mark.slow  # six pytest processes
 def test_verdicts_on_real_pytest_runs(tmp_path):
     # every selected test ran and passed
     rc, out = _pytest(tmp_path, "gpu", skip=False)
