@@ -576,3 +576,25 @@ def test_runtime_imports_without_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
+
+
+def test_predict_without_masks_then_upsample_only_the_best(sessions):
+    # what the napari widget does per click: low-res logits of three masks, only the shown one upsampled
+    for sess in sessions:
+        for prompt in PROMPTS:
+            masks, iou, low = sess.predict(**prompt, return_logits=True)
+            none, iou2, low2 = sess.predict(**prompt, masks=False)
+            assert none is None
+            np.testing.assert_array_equal(iou2, iou)
+            np.testing.assert_array_equal(low2, low)
+            best = int(np.argmax(iou))
+            np.testing.assert_array_equal(sess.upsample_masks(low[best:best + 1])[0], masks[best])
+
+
+def test_postprocess_masks_one_at_a_time_equals_the_stack():
+    low = np.random.default_rng(5).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    out = postprocess_masks(low, (200, 150), (400, 300), 256)
+    assert out.shape == (2, 3, 400, 300)
+    # the whole stack through the same two resizes at once (what it computed before looping per mask)
+    whole = resize_bilinear(resize_bilinear(low, (256, 256), crop_hw=(200, 150)), (400, 300))
+    np.testing.assert_array_equal(out, whole)

@@ -144,14 +144,15 @@ class ClickDecoder:
         if tile is not None:
             masks, iou, low, (y0, y1, x0, x1) = self.embedding.predict_window(
                 **self._args(prompts), mask_input=mask_input, multimask_output=multi)
-        else:
-            masks, iou, low = self.session.predict(**self._args(prompts), mask_input=mask_input,
-                                                   multimask_output=multi, embedding=self.embedding,
-                                                   adapter=self.adapter)
+        else:  # low-res only: of the three masks of a click only the shown one is upsampled (below)
+            _, iou, low = self.session.predict(**self._args(prompts), mask_input=mask_input,
+                                               multimask_output=multi, embedding=self.embedding,
+                                               adapter=self.adapter, masks=False)
         best = int(np.argmax(iou)) if multi else 0
         self._last, self._low, self._tile = prompts, low[best : best + 1], tile
-        mask = masks[best]
         if tile is not None:  # the tile's window placed in the whole image
             mask = np.zeros(self.embedding.shape, bool)
             mask[y0:y1, x0:x1] = masks[best]
+        else:
+            mask = self.session.upsample_masks(self._low, embedding=self.embedding, adapter=self.adapter)[0] > 0.0
         return Decoded(mask, float(iou[best]), best + 1 if multi else 0, self._low)

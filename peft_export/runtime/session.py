@@ -164,9 +164,10 @@ class SamSession(AutomaticSegmentation):
             "providers": self.providers,
             "precision_asked": self.precision,
             "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
-            "decoder_used": ("family" if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
-                                             for k in self._chosen) else "decoder_lowres"
-                             if any(k.startswith("decoder_lowres") for k in self._chosen) else "decoder"),
+            # for one prompt (predict); predict_batch and segment-everything run the family where it exists
+            "decoder_used": ("decoder_lowres" if any(k.startswith("decoder_lowres") for k in self._chosen) else "family"
+                             if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
+                                    for k in self._chosen) else "decoder"),
             "adapters": list(self.adapters),
             "split_block": (self.manifest.get("shared_trunk") or {}).get("split_block"),
             "intensity": self._intensity_rule,
@@ -320,13 +321,16 @@ class SamSession(AutomaticSegmentation):
         return_logits: bool = False,
         embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
         adapter: Optional[str] = None,
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        masks: bool = True,
+    ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
         """SamPredictor.predict: (masks (C,H,W) bool or logits, iou (C,), low-res logits (C,4g,4g)).
 
         Coordinates are x,y pixels of the original image; box is XYXY; mask_input is the
         (1,4g,4g) low-res logits of an earlier call. C = 3 with multimask_output else 1.
         ``adapter`` names the adapter of an export of several (optional when it has one).
-        After ``set_image(..., tile=...)`` the prompt goes to one tile (``runtime.tiled``).
+        ``masks=False`` returns None for the masks: ``upsample_masks`` then makes only the ones
+        wanted (e.g. the best of three). After ``set_image(..., tile=...)`` the prompt goes to one
+        tile (``runtime.tiled``), which always returns its masks.
         """
         if embedding is None and self._tiled is not None:
             return self._tiled.predict(point_coords, point_labels, box, mask_input=mask_input,
@@ -343,12 +347,21 @@ class SamSession(AutomaticSegmentation):
         sel = slice(1, None) if multimask_output else slice(0, 1)
         # Every decoder gives low-res logits and the upsampling is done here (postprocess_masks,
         # bit for bit SamPredictor's); the Meta graph's "masks" output (crop in-graph) is not used.
-        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
+        # One prompt: decoder_lowres where the export has it (its folded attention decodes a click in
+        # about half the family's time: 19 vs 36 ms on vit_b at 1024, benchmarks/bench_decoder_family.py).
+        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask, family_first=False)
         low, iou = low[0, sel], iou[0, sel]
-        masks = postprocess_masks(low, emb.input_size, emb.original_size, self.image_size)
-        if not return_logits:
-            masks = masks > 0.0
-        return masks, iou, low
+        if not masks:
+            return None, iou, low
+        out = postprocess_masks(low, emb.input_size, emb.original_size, self.image_size)
+        return (out if return_logits else out > 0.0), iou, low
+
+    def upsample_masks(self, low_res: np.ndarray, embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
+                       adapter: Optional[str] = None) -> np.ndarray:
+        """Low-res logits (..., 4g, 4g) of ``predict``/``predict_batch`` -> logits (..., H, W) of the
+        image (SamPredictor's ``postprocess_masks``); ``> 0`` gives the masks."""
+        emb = self._snapshot(embedding, adapter)
+        return postprocess_masks(low_res, emb.input_size, emb.original_size, self.image_size)
 
     def predict_batch(
         self,
