@@ -333,8 +333,10 @@ def merge_and_export(
 
 
 def decoder_flavours(meta_decoder: bool, tensorrt: bool) -> tuple[str, ...]:
-    """Which of Meta's decoder graphs an export writes besides the family."""
-    return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or (tensorrt and f == "decoder_lowres"))
+    """Which of Meta's decoder graphs an export writes besides the family: ``decoder_lowres`` always
+    (one prompt decodes in about half the family's time through its folded attention, and TensorRT
+    needs it), Meta's ``decoder`` with ``meta_decoder`` only (other tools' interface)."""
+    return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or f == "decoder_lowres")
 
 
 def _agreement(path: Path, reference_model: Sam, reference) -> dict:
