@@ -25,7 +25,7 @@ from .options import (
 
 @command("merge-and-export", short="Merge exactly, export verified ONNX / TensorRT.", help="Merge an adapter exactly and export verified ONNX (and TensorRT) graphs.\n\n"
          "Exit status: 0 every graph written; 3 written, but some optional graphs (int8 / fp16 encoder, split, click "
-         "or AIS decoder) failed their gate and were left out (a 'refused:' line each, listed in manifest.json "
+         "or AIS decoder, TensorRT engine) failed their gate and were left out (a 'refused:' line each, listed in manifest.json "
          "'refused'); 2 bad input, or the fp32 reference failed: nothing written. --strict: any refusal is exit 2.")
 def merge_and_export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to create (manifest.json + graphs)."),
@@ -59,9 +59,10 @@ def merge_and_export_cmd(
     calibration_data: Optional[Path] = typer.Option(
         None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
     meta_decoder: bool = typer.Option(
-        True, "--meta-decoder/--no-meta-decoder",
-        help="Also write Meta's decoder.onnx (segment_anything's interface, for other tools) and decoder_lowres.onnx; "
-             "the runtime runs the decoder family (split_image, split_prompts, split_masks) either way."),
+        False, "--meta-decoder/--no-meta-decoder",
+        help="Also write Meta's decoder.onnx (segment_anything's interface, for other tools); peftexport itself "
+             "runs the decoder family (split_image, split_prompts, split_masks) and decoder_lowres where the export "
+             "has it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     strict: bool = typer.Option(
         False, "--strict", help="All or nothing: any refused graph (e.g. int8) fails the export and writes nothing."),
@@ -69,8 +70,9 @@ def merge_and_export_cmd(
 ) -> None:
     """Every graph is compared with the unmerged adapter model in ONNX Runtime (and OpenVINO).
     Exit status: 0 all written; 3 written, but some optional graphs (int8 / fp16 encoder, split,
-    click or AIS decoder) failed their gate and were left out (one 'refused:' line each, listed in
-    manifest.json's 'refused'); 2 bad input or a failed fp32 graph (the reference): nothing written.
+    click or AIS decoder, TensorRT engine) failed their gate and were left out (one 'refused:'
+    line each, listed in manifest.json's 'refused'); 2 bad input or a failed fp32 graph (the
+    reference): nothing written.
     --strict: any refusal exits 2 and writes nothing. Several --adapter / --micro-sam entries make
     one export whose adapters share the frozen early encoder blocks (trunk.onnx + head per adapter)."""
     from peft_export.errors import PeftExportError

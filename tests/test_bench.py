@@ -181,7 +181,7 @@ def _png_size(path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """An adapter run of the tiny model and its export."""
+    """An adapter run of the tiny model and its default export (the decoder family, no Meta decoders)."""
     root = tmp_path_factory.mktemp("bench")
     adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)  # small: the export dominates the time
     save_adapter(adapted, root / "run")
@@ -242,6 +242,10 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
         boxes = c["components"]["decoder_boxes_b3"]
         assert boxes["throughput_unit"] == "prompts/s"
         assert boxes["throughput_per_s"] == pytest.approx(3000.0 / boxes["median_ms"])
+        if name.startswith("export"):  # the decoders the runtime runs: predict_batch the family, predict one prompt
+            lowres = "decoder_lowres" in json.loads((export / "manifest.json").read_text())["graphs"]  # or lowres
+            assert c["details"]["decoder"] == {"one_prompt": "decoder_lowres" if lowres else "family", "batch": "family"}
+            assert {"split_image", "split_prompts", "split_masks"} <= set(c["details"]["graphs"])
     assert cases["base torch fp32"]["components"]["encoder"]["ratio_vs_reference"] == 1.0
     skipped = {n: c["reason"] for n, c in cases.items() if c["status"] == "skipped"}
     assert "only on CUDA" in skipped["merged torch-compile fp32"]
@@ -265,6 +269,58 @@ def test_bench_export_dir_only(tiny_run):
     ran = [c["case"] for c in result["cases"] if c["status"] == "ok"]
     assert "export onnxruntime-cpu int8" in ran
     assert result["reference"] in ran
+
+
+@pytest.mark.parametrize("component", ["decoder_point", "decoder_boxes_b3"])
+def test_bench_decoder_on_the_family_computes_what_the_runtime_does(tiny_run, component):
+    """The bench's family call (host, and the IO-binding chain it uses on CUDA, here bound in CPU memory)
+    gives the low-res logits and IoU of SamSession.predict_batch, which tests/test_export.py holds to
+    SamPredictor; split_image ran once, before the timed calls; one prompt runs decoder_lowres where
+    the export has it, as SamSession.predict does."""
+    import onnxruntime as ort
+
+    from peft_export.bench.family import BoundFamily
+    from peft_export.bench.runners import OrtRunner
+    from peft_export.runtime import SamSession
+    from peft_export.runtime.embedding import ImageEmbedding
+
+    _, export = tiny_run
+    inputs = BenchInputs(128, (3,), seed=0)
+    r = OrtRunner(CaseSpec("export", "onnxruntime", "fp32", "cpu", "cpu"), export, inputs, 1, end_to_end=False)
+    r.prepare()
+    assert r._family is not None and "decoder" not in r.sessions
+    lowres = "decoder_lowres" in json.loads((export / "manifest.json").read_text())["graphs"]
+    assert r.decoder_name == ("decoder_lowres" if lowres else None)
+    calls = []
+    run = r._family.decoder._run
+    r._family.decoder._run = lambda key, feeds: calls.append(key) or run(key, feeds)
+    r.ready(component)
+    r.run(component)
+    r.run(component)
+    n = 3 if component == "decoder_boxes_b3" else 1
+    family = component == "decoder_boxes_b3" or not lowres
+    assert calls == (["split_image"] + ["split_prompts", "split_masks"] * 2 if family else [])
+    coords, labels = inputs.decoder_prompts(component)
+    low, iou = r._family(r._embedding, coords, labels)
+
+    session = SamSession(export)
+    emb = ImageEmbedding(r._embedding, (128, 128), (128, 128))  # the S frame: prompts map to themselves
+    if component == "decoder_point":
+        _, want_iou, want_low = session.predict_batch(points=coords[:, :1], point_labels=labels[:, :1].astype(int),
+                                                      embedding=emb, multimask_output=True, masks=False)
+    else:
+        _, want_iou, want_low = session.predict_batch(boxes=coords.reshape(n, 4), embedding=emb,
+                                                      multimask_output=True, masks=False)
+    assert low.shape == (n, 4, 32, 32) and np.abs(low).max() > 0
+    np.testing.assert_allclose(low[:, 1:], want_low, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(iou[:, 1:], want_iou, rtol=0, atol=1e-6)
+    bound = BoundFamily(ort, r.sessions, r._family.context(r._embedding), coords, labels, 32, memory="cpu",
+                        max_batch=2)  # two chained runs for 3 boxes
+    bound()
+    got_low, got_iou = bound.outputs()
+    np.testing.assert_allclose(got_low, low, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_iou, iou, rtol=0, atol=1e-6)
+    r.close()
 
 
 def test_bench_user_errors(tiny_run):

@@ -267,7 +267,8 @@ def export(random_model, tmp_path_factory):
     from peft_export.export import merge_and_export
 
     out = tmp_path_factory.mktemp("everything") / "export"
-    merge_and_export(random_model, out, precisions=("fp32",), progress=False)
+    # --meta-decoder: decoder_lowres too, the path of older exports compared with the split graphs below
+    merge_and_export(random_model, out, precisions=("fp32",), progress=False, meta_decoder=True)
     return out
 
 

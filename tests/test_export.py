@@ -1,9 +1,11 @@
 """merge-and-export: every graph/precision exports and passes parity; the manifest contract;
-Meta's decoder against SamPredictor; batched low-res decoder; failures leave nothing."""
+Meta's decoder against SamPredictor; batched low-res decoder (--meta-decoder); the default export
+(the decoder family only) end to end; failures leave nothing."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +62,12 @@ def adapted_lora():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, adapted_lora) -> tuple[Path, dict]:
-    """One export shared by the module: all precisions and the preprocess-in-graph encoder."""
+    """One export shared by the module: all precisions, the preprocess-in-graph encoder and Meta's
+    decoders (``meta_decoder``: decoder + decoder_lowres, off by default)."""
     adapted = adapted_lora
     out = tmp_path_factory.mktemp("export") / "sam_onnx"
     manifest = merge_and_export(adapted, out, precisions=("fp32", "fp16", "int8"), preprocess_in_graph=True,
-                                progress=False)
+                                progress=False, meta_decoder=True)
     return out, manifest
 
 
@@ -264,9 +267,13 @@ def test_adaptformer_in_graph_through_the_cli(tmp_path):
     adapted = make_adapted(dict(method="adaptformer", blocks="all", bottleneck=16), image_size=192, seed=1)
     save_adapter(adapted, tmp_path / "run")
     out = tmp_path / "exp"
-    result = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out),
+                                      "--meta-decoder"])
     assert result.exit_code == 0, result.output
     assert "decoder_lowres" in result.output and "ok" in result.output
+    for flavour in ("decoder", "decoder_lowres"):  # --meta-decoder: Meta's graphs written and verified
+        assert (out / f"{flavour}.onnx").is_file()
+        assert re.search(rf"^\s+{flavour}\s+fp32\s.*\sok$", result.output, re.M), result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["merged"] is False and manifest["in_graph_adapters"] == ["adaptformer"]
     assert manifest["image_size"] == 192 and manifest["embedding_shape"] == [256, 12, 12]
@@ -282,6 +289,96 @@ def test_adaptformer_in_graph_through_the_cli(tmp_path):
     again = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+FAMILY = {"encoder", "split_image", "split_prompts", "split_masks", "click_decoder"}
+
+
+def test_default_export_has_no_meta_decoder_and_the_family_alone_runs_everything(tmp_path):
+    """The default export (CLI, no --meta-decoder) holds no Meta decoder.onnx, only the family, the click
+    decoder and what ``decoder_flavours`` adds without it (decoder_lowres, if the pipeline writes it by
+    default). On the family alone (that export without any Meta graph) SamSession.predict (with the mask
+    fed back) and predict_batch match SamPredictor on the merged model, and `predict` (box, --everything)
+    and `bench`'s decoder components run."""
+    import shutil
+
+    from peft_export.bench import run_bench
+    from peft_export.cli.main import app
+    from peft_export.predict import read_image
+    from peft_export.runtime import SamSession
+    from peft_export.runtime.intensity import normalize_intensity
+    from peft_export.runtime.preprocess import to_uint8
+
+    adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128, seed=4)
+    with torch.no_grad():  # masks that are not empty: the random tiny decoder's mask heads scaled up
+        for mlp in adapted.model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30.0)
+            mlp.layers[-1].bias.mul_(30.0)
+    save_adapter(adapted, tmp_path / "run")
+    out = tmp_path / "exp"
+    result = CliRunner().invoke(app, ["merge-and-export", "--adapter", str(tmp_path / "run"), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert set(manifest["graphs"]) == FAMILY | set(pipeline.decoder_flavours(False, False)) and not manifest["refused"]
+    assert "decoder" not in manifest["graphs"] and not (out / "decoder.onnx").exists()
+    if "decoder_lowres" in manifest["graphs"]:  # the family alone: the same export without it
+        out = Path(shutil.copytree(out, tmp_path / "family_only"))
+        del manifest["graphs"]["decoder_lowres"]
+        (out / "decoder_lowres.onnx").unlink()
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    assert set(read_manifest(out)["graphs"]) == FAMILY
+
+    session = SamSession(out)
+    assert session.describe()["decoder_used"] == "family"
+    rng = np.random.default_rng(3)
+    image = (rng.random((90, 120, 3)) * 255).astype(np.uint8)
+    predictor = SamPredictor(merge_peft(adapted.model).eval())
+    # what the runtime feeds the model: the export's intensity rule, then uint8 RGB
+    predictor.set_image(to_uint8(normalize_intensity(image, manifest["preprocessing"]["intensity"])))
+    session.set_image(image)
+
+    def close(ours, ref, iou, ref_iou):  # ONNX Runtime vs torch: float rounding only
+        assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max() and np.abs(iou - ref_iou).max() < 1e-3
+
+    for kwargs in (dict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([1])),
+                   dict(box=np.array([20.0, 15.0, 90.0, 70.0]))):
+        ref, ref_iou, ref_low = predictor.predict(**kwargs, return_logits=True)
+        logits, iou, low = session.predict(**kwargs, return_logits=True)
+        close(logits, ref, iou, ref_iou)
+        ref, ref_iou, _ = predictor.predict(**kwargs, mask_input=ref_low[:1], return_logits=True)
+        logits, iou, _ = session.predict(**kwargs, mask_input=low[:1], return_logits=True)
+        close(logits, ref, iou, ref_iou)
+    boxes = np.array([[20.0, 15.0, 90.0, 70.0], [5.0, 5.0, 60.0, 50.0]])
+    _, iou, low = session.predict_batch(boxes=boxes, masks=False)
+    for i, box in enumerate(boxes):
+        _, ref_iou, ref_low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+        close(low[i], ref_low, iou[i], ref_iou)
+
+    # The CLI's predict on the family-only export: the mask the session gives, and segment-everything.
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "img.tif"), "--box", "20,15,90,70",
+                                   "--single-mask", "--out", str(tmp_path / "pred"), "-q"])
+    assert res.exit_code == 0, res.output
+    masks, _, _ = session.predict(box=np.array([20.0, 15.0, 90.0, 70.0]), multimask_output=False)
+    written = read_image(tmp_path / "pred" / "img_mask.tif")
+    assert masks[0].any() and np.array_equal(written > 0, masks[0])
+    res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "img.tif"), "--everything",
+                                   "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0",
+                                   "--out", str(tmp_path / "all"), "-q"])
+    assert res.exit_code == 0, res.output
+    labels, records = session.segment_everything(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    assert len(records) > 0 and np.array_equal(read_image(tmp_path / "all" / "img_labels.tif"), labels)
+
+    # bench times the family (split_prompts + split_masks per call) on it, as the runtime runs it
+    bench = run_bench(export_dir=out, backends=["onnxruntime"], components=["decoder_point", "decoder_box",
+                      "decoder_boxes"], batch_sizes=(3,), iterations=2, warmup=1, intra_op_threads=1)
+    case = next(c for c in bench["cases"] if c["case"] == "export onnxruntime-cpu fp32")
+    assert case["status"] == "ok", case
+    assert set(case["components"]) == {"decoder_point", "decoder_box", "decoder_boxes_b3"}
+    assert case["details"]["decoder"] == {"one_prompt": "family", "batch": "family"}
+    assert {"split_image", "split_prompts", "split_masks"} <= set(case["details"]["graphs"])
 
 
 def test_bad_inputs_fail_before_writing(tmp_path):

@@ -124,8 +124,12 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
     assert a["stem"]["encoder"] == ["encoder_stem"] and "patch" in a["stem"]["own_encoder_because"]
     assert a["late"]["peft"]["method"] == "lora" and a["late"]["merged"] is True
     assert a["late"]["source"] == {"kind": "adapter", "adapter": str(Path(a["late"]["source"]["adapter"]))}
-    for name in a:
-        assert a[name]["decoder"] == f"decoder_{name}" and a[name]["decoder_lowres"] == f"decoder_lowres_{name}"
+    from peft_export.export.pipeline import decoder_flavours
+
+    for name in a:  # the decoder family per adapter; Meta's decoder.onnx only with --meta-decoder
+        assert {f for f in ("decoder", "decoder_lowres") if f in a[name]} == set(decoder_flavours(False, False))
+        assert all(a[name][f] == f"{f}_{name}" for f in decoder_flavours(False, False))
+        assert a[name]["split_prompts"] == f"split_prompts_{name}" and a[name]["split_masks"] == f"split_masks_{name}"
         # the browser page's pair, verified as a chain against this adapter's decoder
         assert a[name]["split_image"] == f"split_image_{name}" and a[name]["click_decoder"] == f"click_decoder_{name}"
         assert m["graphs"][f"click_decoder_{name}"]["fp32"]["parity"]["mask_index_agrees"]
@@ -146,8 +150,10 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
 def test_single_adapter_keeps_todays_layout(single):
     m = read_manifest(single)
     assert m["format_version"] == 1 and "adapters" not in m and "shared_trunk" not in m
-    assert set(m["graphs"]) == {"encoder", "decoder", "decoder_lowres", "split_image", "split_prompts", "split_masks",
-                                "click_decoder"}
+    from peft_export.export.pipeline import decoder_flavours
+
+    assert set(m["graphs"]) == {"encoder", "split_image", "split_prompts", "split_masks", "click_decoder",
+                                *decoder_flavours(False, False)}
     s = SamSession(single)
     assert s.adapters == ()
     with pytest.raises(PeftExportError, match="holds one model, not named adapters"):

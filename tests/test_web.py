@@ -146,10 +146,18 @@ def test_site_click_decoder_with_its_context_equals_the_export(site, export, ima
             assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def test_decoder_source_prefers_the_click_decoder_and_falls_back(export):
+def test_decoder_source_prefers_the_click_decoder_and_falls_back(export, tmp_path):
     """Exports made before the click decoder (no click_decoder, or no split_image) get decoder_lowres."""
     manifest = json.loads((export / "manifest.json").read_text())
     assert site_module.decoder_source(export, manifest) == ("click_decoder", export / "click_decoder.onnx")
+    if "decoder_lowres" not in manifest["graphs"]:  # written only with --meta-decoder (or TensorRT) now
+        from peft_export.export import export_decoder_onnx
+        from peft_export.peft import merge_peft
+        from test_predict import adapted_model
+
+        export = Path(shutil.copytree(export, tmp_path / "with_lowres"))
+        export_decoder_onnx(merge_peft(adapted_model().model), export / "decoder_lowres.onnx", "decoder_lowres")
+        manifest["graphs"]["decoder_lowres"] = {"fp32": {"path": "decoder_lowres.onnx"}}
     older = dict(manifest, graphs={k: v for k, v in manifest["graphs"].items() if k != "click_decoder"})
     assert site_module.decoder_source(export, older) == ("decoder_lowres", export / "decoder_lowres.onnx")
     no_context = dict(manifest, graphs={k: v for k, v in manifest["graphs"].items() if k != "split_image"})
@@ -482,7 +490,7 @@ def test_site_of_one_adapter_of_a_shared_trunk_export(images, tmp_path):
     late = dict(method="lora", rank=4, targets=("q", "v"), blocks="late")
     adapters = {"nuclei": make_adapted(late, seed=0), "cells": make_adapted(dict(late, rank=2), seed=0)}
     export = tmp_path / "multi"
-    manifest = merge_and_export_adapters(adapters, export, progress=False)
+    manifest = merge_and_export_adapters(adapters, export, progress=False, meta_decoder=True)  # + decoder_lowres
     assert manifest["shared_trunk"] is not None
     with pytest.raises(PeftExportError, match="--adapter: .*cells, nuclei|--adapter: .*nuclei, cells"):
         build_site(export, images, tmp_path / "none", progress=False)  # two adapters: which one?

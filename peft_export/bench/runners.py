@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import PeftExportError
 from .cases import BenchInputs, CaseSpec
+from .family import SPLIT_GRAPHS, BoundFamily, HostFamily, decoders_used, has_family, meta_graph, ort_run, pick, runs_family
 
 
 # ---- runners ------------------------------------------------------------------------------
@@ -147,18 +148,19 @@ def ort_session_options(device: str, intra_op_threads: int | None = None):
 
 
 def choose_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, str]]:
-    """{'encoder': (precision, path), 'decoder_lowres' or 'decoder': ...} as the runtime picks them."""
+    """{'encoder': (precision, path), then the decoders the runtime runs prompts through: the family
+    ('split_image', 'split_prompts', 'split_masks') when the export has it, and 'decoder_lowres' or
+    'decoder' when it has one}, each at the precision the runtime picks."""
     graphs = manifest.get("graphs") or {}
     enc = graphs.get("encoder") or {}
     if precision not in enc:
         raise PeftExportError(f"precision: the export has no {precision} encoder (has: {', '.join(sorted(enc)) or 'none'})")
     chosen = {"encoder": (precision, enc[precision]["path"])}
-    for name in ("decoder_lowres", "decoder"):
-        variants = graphs.get(name) or {}
-        prec = precision if precision in variants else "fp32"
-        if prec in variants:
-            chosen[name] = (prec, variants[prec]["path"])
-            break
+    meta = next((n for n in ("decoder_lowres", "decoder") if pick(graphs.get(n) or {}, precision)), None)
+    for name in (SPLIT_GRAPHS if has_family(graphs) else ()) + ((meta,) if meta else ()):
+        variants = graphs[name]
+        prec = pick(variants, precision)
+        chosen[name] = (prec, variants[prec]["path"])
     if len(chosen) < 2:
         raise PeftExportError("manifest.json lists no fp32 decoder graph")
     return chosen
@@ -192,7 +194,9 @@ class OrtRunner(Runner):
             if sess.get_providers()[0] != providers[0]:
                 raise PeftExportError(f"{rel}: onnxruntime could not start {providers[0]}")
             self.sessions[name] = sess
-        self.decoder_name = "decoder_lowres" if "decoder_lowres" in self.sessions else "decoder"
+        self.decoder_name = meta_graph(self.sessions)  # predict's graph for one prompt, where the export has it
+        self._family = (HostFamily(ort_run(self.sessions), 4 * (self.inputs.image_size // 16))
+                        if all(k in self.sessions for k in SPLIT_GRAPHS) else None)
         ais = (manifest.get("graphs") or {}).get("ais_decoder") or {}
         ais_prec = self.spec.precision if self.spec.precision in ais else "fp32"
         self._ais_session = (ort.InferenceSession(str(self.export_dir / ais[ais_prec]["path"]), sess_options=opts,
@@ -211,6 +215,8 @@ class OrtRunner(Runner):
             enc = self.sessions["encoder"]
             out = enc.run(None, self._cast(enc, {enc.get_inputs()[0].name: self.inputs.encoder_input}))
             self._embedding = np.asarray(out[0], np.float32)
+        if component.startswith("decoder") and runs_family(component, self._family is not None, self.decoder_name):
+            self._family.context(self._embedding)  # split_image: once per image, as the runtime does
 
     @staticmethod
     def _cast(sess, feeds: dict) -> dict:
@@ -228,6 +234,18 @@ class OrtRunner(Runner):
         return [{"image_embeddings": self._embedding, "point_coords": coords[i:i + 1], "point_labels": labels[i:i + 1],
                  "mask_input": np.zeros((1, 1, s, s), np.float32), "has_mask_input": np.zeros((1,), np.float32),
                  "orig_im_size": size} for i in range(k)]
+
+    def _run_family(self, component: str) -> None:
+        if component not in self._feeds:
+            self._feeds[component] = self.inputs.decoder_prompts(component)
+        coords, labels = self._feeds[component]
+        if not self._on_device:
+            self._family(self._embedding, coords, labels)
+            return
+        if component not in self._bindings:
+            self._bindings[component] = BoundFamily(self._ort, self.sessions, self._family.context(self._embedding),
+                                                    coords, labels, 4 * (self.inputs.image_size // 16))
+        self._bindings[component]()
 
     def _binding(self, name: str, feeds: dict):
         sess = self.sessions[name]
@@ -255,6 +273,9 @@ class OrtRunner(Runner):
             return
         if component == "encoder":
             name, feed_list = "encoder", [{self.sessions["encoder"].get_inputs()[0].name: self.inputs.encoder_input}]
+        elif runs_family(component, self._family is not None, self.decoder_name):
+            self._run_family(component)
+            return
         else:
             name = self.decoder_name
             if component not in self._feeds:
@@ -277,6 +298,7 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.sessions = {}
+        self._family = None
         self._ais_session = None
         self._bindings = {}
         self._feeds = {}
@@ -284,6 +306,7 @@ class OrtRunner(Runner):
 
     def describe(self) -> dict:
         return {"graphs": {k: {"precision": p, "path": path} for k, (p, path) in self.chosen.items()},
+                "decoder": decoders_used(SPLIT_GRAPHS[0] in self.chosen, getattr(self, "decoder_name", None)),
                 "providers": list(self.sessions["encoder"].get_providers()) if self.sessions else None}
 
 
@@ -303,13 +326,17 @@ class RuntimeRunner(Runner):
                                   intra_op_threads=self.intra_op_threads)
         self._backend = self.session._backend
         self.chosen = {k: (v["precision"], v["path"]) for k, v in self.session.describe()["graphs"].items()}
-        self._decoder = "decoder_lowres" if "decoder_lowres" in self.chosen else "decoder"
+        self._decoder = meta_graph(self.chosen)  # engines: encoder + decoder_lowres, no family
+        self._uses_family = has_family(self.session.manifest["graphs"]) and all(k in self.chosen for k in SPLIT_GRAPHS)
+        self._family = HostFamily(self._backend.run, 4 * (self.inputs.image_size // 16)) if self._uses_family else None
         self._embedding = None
 
     def ready(self, component: str) -> None:
         if component.startswith("decoder") and self._embedding is None:
             out = self._backend.run("encoder", {"image": self.inputs.encoder_input})
             self._embedding = np.asarray(out["image_embeddings"], np.float32)
+        if component.startswith("decoder") and runs_family(component, self._family is not None, self._decoder):
+            self._family.context(self._embedding)  # split_image: once per image, as the runtime does
 
     def run(self, component: str) -> None:
         if component == "end_to_end":
@@ -319,6 +346,9 @@ class RuntimeRunner(Runner):
             self._backend.run("encoder", {"image": self.inputs.encoder_input})
         else:
             coords, labels = self.inputs.decoder_prompts(component)
+            if runs_family(component, self._family is not None, self._decoder):
+                self._family(self._embedding, coords, labels)
+                return
             k, s = len(coords), 4 * (self.inputs.image_size // 16)
             feeds = {"image_embeddings": self._embedding, "point_coords": coords, "point_labels": labels,
                      "mask_input": np.zeros((k, 1, s, s), np.float32), "has_mask_input": np.zeros((k,), np.float32)}
@@ -331,10 +361,12 @@ class RuntimeRunner(Runner):
             self._backend.run(self._decoder, feeds)
 
     def close(self) -> None:
-        self.session = self._backend = None
+        self.session = self._backend = self._family = None
 
     def describe(self) -> dict:
-        return {"graphs": {k: {"precision": p, "path": path} for k, (p, path) in getattr(self, "chosen", {}).items()}}
+        chosen = getattr(self, "chosen", {})
+        return {"graphs": {k: {"precision": p, "path": path} for k, (p, path) in chosen.items()},
+                "decoder": decoders_used(getattr(self, "_uses_family", False), getattr(self, "_decoder", None))}
 
 
 def make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, threads, comps) -> Runner:

@@ -120,7 +120,7 @@ def merge_and_export(
     int8_recipe: Int8Recipe | None = None,
     attention: str = "plain",
     strict: bool = False,
-    meta_decoder: bool = True,
+    meta_decoder: bool = False,
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 

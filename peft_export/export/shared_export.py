@@ -72,7 +72,7 @@ class _Writer:
     """Exports graphs into the temporary directory, checks each, and collects manifest entries."""
 
     def __init__(self, tmp: Path, out_dir: Path, precisions: Sequence[str], opset: int, exporter: str,
-                 attention: str, log: Callable[[str], None], strict: bool = False, meta_decoder: bool = True) -> None:
+                 attention: str, log: Callable[[str], None], strict: bool = False, meta_decoder: bool = False) -> None:
         self.tmp, self.out_dir, self.precisions = tmp, out_dir, precisions
         self.opset, self.exporter, self.attention, self.log = opset, exporter, attention, log
         self.strict, self.meta_decoder = strict, meta_decoder
@@ -188,7 +188,7 @@ def merge_and_export_adapters(
     shared_trunk: bool | None = None,
     preprocess_in_graph: bool = False,
     attention: str = "plain",
-    meta_decoder: bool = True,
+    meta_decoder: bool = False,
     strict: bool = False,
 ) -> dict:
     """Export several adapters ({name: AdaptedModel}) of one base into one directory; returns the manifest.
