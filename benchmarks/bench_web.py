@@ -22,44 +22,24 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
 from peft_export.web import build_site, site as site_module  # noqa: E402
-from peft_export.web.serve import make_server  # noqa: E402
 from peft_export.bench.stats import device_info  # noqa: E402
+
+import web_common  # noqa: E402 (same folder)
+from web_common import load_average, log  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 DRIVER = ROOT / "tests" / "web" / "drive_page.mjs"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def make_export(out: Path, model_type: str, size: int) -> Path:
-    export = out / f"export_{model_type}_{size}"
-    if (export / "manifest.json").is_file():
-        return export
-    from peft_export.export import merge_and_export
-    from peft_export.peft import PeftConfig
-    from peft_export.peft.adapters import build_adapted_model
-
-    log(f"exporting a random {model_type} at {size} (freeze-encoder: no adapter to merge) ...")
-    adapted = build_adapted_model(PeftConfig(method="freeze-encoder"), model_type, None, size, seed=0)
-    merge_and_export(adapted, export, precisions=("fp32",), progress=False)
-    return export
 
 
 def make_image(out: Path, size: int) -> Path:
@@ -81,25 +61,9 @@ def object_steps(width: int, height: int, n_objects: int) -> list[dict]:
 
 
 def drive(site: Path, isolate: bool, steps: list, work: Path, tag: str, chromium: str) -> dict:
-    httpd = make_server(site, port=0, isolate=isolate, quiet=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        plan = {"url": f"http://127.0.0.1:{httpd.server_address[1]}/index.html", "chromium": chromium,
-                "userDataDir": str(work / f"profile-{tag}"), "screenshot": str(work / f"{tag}.png"),
-                "steps": steps, "timeoutMs": 300_000}
-        (work / f"{tag}.plan.json").write_text(json.dumps(plan))
-        t = time.perf_counter()
-        proc = subprocess.run(["node", str(DRIVER), str(work / f"{tag}.plan.json")], capture_output=True,
-                              text=True, cwd=ROOT, timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tag}: driver failed: {proc.stderr[-2000:]}")
-        result = json.loads(proc.stdout)
-        result["wall_s"] = round(time.perf_counter() - t, 1)
-        return result
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    plan = {"chromium": chromium, "userDataDir": str(work / f"profile-{tag}"), "screenshot": str(work / f"{tag}.png"),
+            "steps": steps, "timeoutMs": 300_000}
+    return web_common.drive(DRIVER, site, isolate, plan, work, tag, timeout_s=900)
 
 
 def summarize(timings: list[dict], skip: int) -> dict:
@@ -162,7 +126,8 @@ def main() -> int:
         print("error: needs chromium (apt-get install chromium), node and `npm ci`", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    export = args.export or make_export(args.out, args.model, args.image_size)
+    export = args.export or web_common.make_export(args.out, args.model, args.image_size, ("fp32",),
+                                                   "freeze-encoder: no adapter to merge")
     image = make_image(args.out, args.image_size)
     version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout.strip()
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": device_info()["cpu"], "cores": os.cpu_count(),

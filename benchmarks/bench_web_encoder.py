@@ -24,44 +24,28 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
 from peft_export.bench.stats import device_info  # noqa: E402
 from peft_export.web import build_site  # noqa: E402
-from peft_export.web.serve import make_server  # noqa: E402
+
+import web_common  # noqa: E402 (same folder)
+from web_common import load_average, log  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 DRIVER = ROOT / "tests" / "web" / "drive_encoder.mjs"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def make_export(out: Path, size: int, precisions: tuple[str, ...]) -> Path:
-    export = out / f"export_vit_t_{size}"
-    if (export / "manifest.json").is_file():
-        return export
-    from peft_export.export import merge_and_export
-    from peft_export.peft import PeftConfig
-    from peft_export.peft.adapters import build_adapted_model
-
-    log(f"exporting a random vit_t at {size} ({', '.join(precisions)}) ...")
-    adapted = build_adapted_model(PeftConfig(method="freeze-encoder"), "vit_t", None, size, seed=0)
-    merge_and_export(adapted, export, precisions=precisions, progress=False)
-    return export
+def make_vit_t_export(out: Path, size: int, precisions: tuple[str, ...]) -> Path:
+    return web_common.make_export(out, "vit_t", size, precisions, ", ".join(precisions))
 
 
 def make_png(out: Path, size: int) -> Path:
@@ -87,23 +71,8 @@ def prompt_steps(width: int, height: int, clicks: int, seed: int) -> list[dict]:
 
 
 def drive(site: Path, steps: list, work: Path, tag: str, chromium: str) -> dict:
-    httpd = make_server(site, port=0, isolate=True, quiet=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        plan = {"url": f"http://127.0.0.1:{httpd.server_address[1]}/index.html", "chromium": chromium,
-                "userDataDir": str(work / f"profile-{tag}"), "steps": steps, "timeoutMs": 600_000}
-        (work / f"{tag}.plan.json").write_text(json.dumps(plan))
-        t = time.perf_counter()
-        proc = subprocess.run(["node", str(DRIVER), str(work / f"{tag}.plan.json")], capture_output=True,
-                              text=True, cwd=ROOT, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tag}: driver failed: {proc.stderr[-2000:]}")
-        result = json.loads(proc.stdout)
-        result["wall_s"] = round(time.perf_counter() - t, 1)
-        return result
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    plan = {"chromium": chromium, "userDataDir": str(work / f"profile-{tag}"), "steps": steps, "timeoutMs": 600_000}
+    return web_common.drive(DRIVER, site, True, plan, work, tag, timeout_s=3600)
 
 
 def native_encoder_ms(export: Path, precision: str, threads: int, png: Path, n: int) -> float:
@@ -153,7 +122,7 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     precisions = tuple(p.strip() for p in args.precision.split(","))
-    export = args.export or make_export(args.out, args.image_size, tuple(dict.fromkeys(("fp32",) + precisions)))
+    export = args.export or make_vit_t_export(args.out, args.image_size, tuple(dict.fromkeys(("fp32",) + precisions)))
     manifest = json.loads((export / "manifest.json").read_text())
     size = int(manifest["image_size"])
     png = make_png(args.out, size)
