@@ -59,6 +59,19 @@ def check_everything_options(options: Dict[str, Any]) -> Dict[str, Any]:
             raise PeftExportError(f"{_OPTION_NAMES[key]}: expected a number in [0, 1], got {v!r}")
     return options
 
+def everything_settings(everything_options: Optional[Dict[str, Any]], check: bool) -> Dict[str, Any]:
+    """EVERYTHING_DEFAULTS with the given options laid over (None keeps the default); checked when `check`."""
+    options = dict(EVERYTHING_DEFAULTS)
+    for k, v in (everything_options or {}).items():
+        if k not in options:
+            raise PeftExportError(f"everything_options: unknown option {k!r} (known: {', '.join(options)})")
+        if v is not None:
+            options[k] = v
+    if check:
+        check_everything_options(options)
+    return options
+
+
 _POINTS_HELP = "expected 'x,y[,label];x,y[,label];...' with label 1 (positive) or 0 (negative)"
 
 
@@ -253,14 +266,7 @@ def predict_images(
     if not auto and coords is None and bx is None:
         raise PeftExportError("prompts: give --points and/or --box, or --everything / --instances")
     ais_options = check_ais_params(dict(instance_options or {})) if instances else None
-    options = dict(EVERYTHING_DEFAULTS)
-    for k, v in (everything_options or {}).items():
-        if k not in options:
-            raise PeftExportError(f"everything_options: unknown option {k!r} (known: {', '.join(options)})")
-        if v is not None:
-            options[k] = v
-    if everything:
-        check_everything_options(options)
+    options = everything_settings(everything_options, check=everything)
     if not images:
         raise PeftExportError("images: give at least one image file")
     manifest = read_manifest(export_dir)  # cheap checks first: export dir, format version

@@ -80,21 +80,14 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
     from ..runtime import SamSession, read_manifest
     from ..runtime.tiling import TileGrid, tile_spec
     from .arrays import open_image_array
-    from .images import EVERYTHING_DEFAULTS, _as_box, _as_points, check_everything_options, check_prompts_inside
+    from .images import _as_box, _as_points, check_prompts_inside, everything_settings
     from .large import expand_inputs, large_adapter
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
     if everything == (coords is not None or bx is not None):
         raise PeftExportError("prompts: give --points and/or --box, or --everything (not both)")
-    options = dict(EVERYTHING_DEFAULTS)
-    for k, v in (everything_options or {}).items():
-        if k not in options:
-            raise PeftExportError(f"everything_options: unknown option {k!r} (known: {', '.join(options)})")
-        if v is not None:
-            options[k] = v
-    if everything:
-        check_everything_options(options)
+    options = everything_settings(everything_options, check=everything)
     manifest = read_manifest(export_dir)
     adapter = large_adapter(export_dir, manifest, adapter)
     spec = tile_spec(manifest, tile, halo, scale, adapter)
