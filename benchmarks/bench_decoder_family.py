@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_REF = "6ddda2543cb600d2a8c1d71a98ccf26713cee2ab"  # the code before the family took the mask input
-MODEL_SIZES = {"vit_b": 512, "tiny": 256}
+MODEL_SIZES = {"vit_b": 1024, "tiny": 256}  # vit_b at its real size: the image side of the decoder is 64x64
 SIDES = ("before", "after")
 
 

@@ -13,6 +13,10 @@ thread-safe, so one session can be shared.
 Exports of several adapters (``session.adapters``): ``set_image`` runs the shared trunk once
 and each adapter's head on first use (``runtime.adapters.EncodedImage``); ``predict``,
 ``predict_batch`` and ``segment_everything`` take ``adapter=NAME`` (optional when there is one).
+
+Longer than 400 lines because it is the one public entry of the runtime: graph selection, images,
+prompts and the adapter / tile routing of every call meet here; the work itself lives in the modules
+it imports.
 """
 
 from __future__ import annotations
