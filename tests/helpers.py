@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import torch
 
 from peft_export.peft.adapters import AdaptedModel, build_adapted_model
@@ -24,6 +25,14 @@ MERGEABLE_CONFIGS = {
     "full": dict(method="full", blocks="late"),
     "freeze-encoder": dict(method="freeze-encoder"),
 }
+
+
+def striped_disk_image(seed: int = 10) -> np.ndarray:
+    """A 181x250 uint8 RGB image (odd, non-square size) with stripes, a bright disk and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:181, 0:250]
+    image = np.stack([(yy * 1.3) % 256, (xx * 0.9) % 256, ((yy - 90) ** 2 + (xx - 120) ** 2 < 50**2) * 200.0], -1)
+    return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
 
 
 def randomize_trainables(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:

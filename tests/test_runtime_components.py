@@ -22,7 +22,7 @@ from PIL import Image
 
 from peft_export.errors import PeftExportError
 from peft_export.fsutil import sha256_file
-from helpers import fake_cv2
+from helpers import fake_cv2, striped_disk_image
 from peft_export.runtime import everything as E
 from peft_export.runtime import regions as R
 from peft_export.runtime.postprocess import postprocess_masks, resize_bilinear
@@ -398,10 +398,7 @@ def tiny_export(tiny_sam, tmp_path_factory):
 def predictor_and_image(tiny_sam):
     from segment_anything import SamPredictor
 
-    rng = np.random.default_rng(10)
-    yy, xx = np.mgrid[0:181, 0:250]
-    image = np.stack([(yy * 1.3) % 256, (xx * 0.9) % 256, ((yy - 90) ** 2 + (xx - 120) ** 2 < 50**2) * 200.0], -1)
-    image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+    image = striped_disk_image()
     predictor = SamPredictor(tiny_sam)
     predictor.set_image(image)
     return predictor, image
