@@ -126,8 +126,8 @@ def merge_and_export(
 
     Graphs: ``encoder`` (each precision), the decoder family (``split_image``, ``split_prompts``
     with the mask input, ``split_masks``: predict, predict_batch and segment-everything), ``click_decoder``
-    (the browser page's decoder, after ``split_image``) and, with ``meta_decoder``, ``decoder``
-    (Meta's interface) and ``decoder_lowres`` (batched, low-res) in fp32, plus ``encoder_preprocess`` with
+    (the browser page's decoder, after ``split_image``), ``decoder_lowres`` (batched, low-res: one
+    prompt's fast path) and, with ``meta_decoder``, ``decoder`` (Meta's interface) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
     has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
@@ -140,9 +140,8 @@ def merge_and_export(
     ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
 
     ``meta_decoder``: also write Meta's ``decoder`` (segment_anything's ONNX interface, for other
-    tools) and ``decoder_lowres``; the runtime runs the family (split_image, split_prompts with the
-    mask input, split_masks) and reads exports that have only these as before. ``decoder_lowres``
-    is written anyway for TensorRT (its engine is built from it).
+    tools). The runtime runs the family (split_image, split_prompts with the mask input, split_masks)
+    for batches and segment-everything, and ``decoder_lowres`` for one prompt (``decoder_flavours``).
 
     ``strict``: any refused graph fails the export (nothing written); by default an optional graph
     that fails its gate is left out and listed in ``manifest["refused"]`` (``refusal_line`` words it).
