@@ -44,7 +44,17 @@ def export(model, tmp_path_factory):
     from peft_export.export import merge_and_export
 
     out = tmp_path_factory.mktemp("family") / "export"
-    merge_and_export(model, out, precisions=("fp32",), progress=False, meta_decoder=False)  # the family only
+    merge_and_export(model, out, precisions=("fp32",), progress=False, meta_decoder=False)
+    return family_only(out)
+
+
+def family_only(out: Path) -> Path:
+    """The export without decoder_lowres (which every export keeps for one-prompt speed and which
+    SamSession.predict prefers): what runs is the family alone."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in [g for g in manifest["graphs"] if g.startswith("decoder_lowres")]:
+        (out / manifest["graphs"].pop(name)["fp32"]["path"]).unlink()
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
@@ -230,5 +240,6 @@ def test_every_adapter_of_a_shared_trunk_export_has_the_family(tmp_path, predict
         assert np.abs(logits - ref).max() < 1e-3 and np.abs(iou - ref_iou).max() < 1e-4
         session.segment_everything(decoder="split", adapter=name, points_per_side=4, pred_iou_thresh=0.0,
                                    stability_score_thresh=0.0)
-        assert calls[f"split_image_{name}"] == 1 and calls[f"split_masks_{name}"] >= 2
-    assert not any(k.startswith(("decoder_lowres", "decoder_")) for k in calls)
+        assert calls[f"split_image_{name}"] == 1 and calls[f"split_masks_{name}"] >= 1  # segment-everything
+    # one prompt ran each adapter's decoder_lowres (kept for its speed), never Meta's decoder
+    assert not any(k.startswith("decoder_") and not k.startswith("decoder_lowres_") for k in calls)
