@@ -1,6 +1,6 @@
 """The decoder family, before vs after, in one run: export size and time, predict with mask_input, segment-everything.
 
-    python benchmarks/bench_decoder_family.py                                 # vit_b at 512 and tiny
+    python benchmarks/bench_decoder_family.py                                 # vit_b at 1024 and tiny
     python benchmarks/bench_decoder_family.py --models tiny --repeats 5 --points-per-side 8   # a quick look
 
 Each case runs in a fresh Python process (under ``flock LOCK`` with ``--lock``):
@@ -9,7 +9,8 @@ Each case runs in a fresh Python process (under ``flock LOCK`` with ``--lock``):
   (``decoder``, ``decoder_lowres``, the split graphs without mask input, ``click_decoder``), and its
   runtime on it: ``predict`` with a mask input runs ``decoder_lowres`` (the image side projected on
   every call), segment-everything the split graphs;
-- ``after``: this code, ``merge_and_export(meta_decoder=False)`` (the family + ``click_decoder``), and
+- ``after``: this code, ``merge_and_export(meta_decoder=False)`` without its ``decoder_lowres`` (the
+  family + ``click_decoder``: every export keeps ``decoder_lowres`` and ``predict`` would run it), and
   this runtime on it: ``split_image`` once per image, ``split_prompts`` (with the mask input) +
   ``split_masks`` per call.
 
@@ -25,27 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
-from io import BytesIO
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_everything import load, log, old_source  # noqa: E402  (stdlib only: safe before _use_source)
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_REF = "6ddda2543cb600d2a8c1d71a98ccf26713cee2ab"  # the code before the family took the mask input
 MODEL_SIZES = {"vit_b": 1024, "tiny": 256}  # vit_b at its real size: the image side of the decoder is 64x64
 SIDES = ("before", "after")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ---- children: one measurement in a fresh process -------------------------------------------------
@@ -74,9 +67,19 @@ def child_export(spec: dict) -> dict:
     merge_and_export(AdaptedModel(sam.eval(), None, base), spec["export"], precisions=("fp32",), overwrite=True,
                      progress=False, **kw)
     seconds = time.perf_counter() - t
+    if spec["side"] == "after":
+        _family_only(Path(spec["export"]))
     files = {p.name: p.stat().st_size for p in Path(spec["export"]).iterdir() if p.is_file()}
     return {"seconds": seconds, "bytes": sum(files.values()), "files": files, "load_before": before,
             "load_after": load()}
+
+
+def _family_only(export: Path) -> None:
+    """Drop decoder_lowres from an export, so that the runtime runs the family alone."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    for name in [g for g in manifest["graphs"] if g.startswith("decoder_lowres")]:
+        (export / manifest["graphs"].pop(name)["fp32"]["path"]).unlink()
+    (export / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def child_predict(spec: dict) -> dict:
@@ -122,17 +125,6 @@ CHILDREN = {"export": child_export, "predict": child_predict, "everything": chil
 
 
 # ---- parent -----------------------------------------------------------------------------------------
-
-
-def old_source(ref: str, work: Path) -> Path:
-    """``peft_export`` as of ``ref``, unpacked under work/old-<ref>."""
-    dest = work / f"old-{ref[:12]}"
-    if not (dest / "peft_export" / "runtime" / "session.py").is_file():
-        data = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "peft_export"], check=True,
-                              capture_output=True).stdout
-        with tarfile.open(fileobj=BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
-    return dest
 
 
 def run_child(kind: str, spec: dict, lock: str, timeout: float) -> dict:

@@ -108,7 +108,7 @@ def make_export(model: str, work: Path) -> Path:
 
     warnings.filterwarnings("ignore", message="no checkpoint given")
     sam, base = load_sam(model, None, MODEL_SIZES[model], seed=0, warn_random=False)
-    # meta_decoder: decoder_lowres too (the old runtime and the new-lowres case run it; off by default now)
+    # meta_decoder: Meta's decoder as well, as the old code's exports had it (decoder_lowres is always written)
     merge_and_export(AdaptedModel(sam.eval(), None, base), out, precisions=("fp32",), overwrite=True, progress=False,
                      meta_decoder=True)
     return out
