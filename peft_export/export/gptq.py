@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,26 +36,38 @@ def weight_matmul_nodes(model) -> list:
             if n.op_type == "MatMul" and len(n.input) > 1 and ranks.get(n.input[1]) == 2]
 
 
+@contextmanager
+def matmul_input_probe(model, nodes: Sequence, src: str | os.PathLike,
+                       input_name: str = "image") -> Iterator[Callable[[np.ndarray], dict]]:
+    """``model`` (loaded from ``src``) run with every node's first input as an extra output: yields
+    ``probe(image) -> {output name: array}``. Saving moves the initialisers to a scratch file next to
+    ``src``: read the weights of ``model`` before entering."""
+    import onnx
+
+    from .gates import graph_runner
+
+    known = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(n.input[0] for n in nodes):
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory(prefix=".probe.", dir=Path(src).resolve().parent) as scratch:
+        path = Path(scratch) / "probe.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
+        run = graph_runner(path)
+        yield lambda image: run({input_name: np.ascontiguousarray(image, np.float32)})
+
+
 def layer_hessians(src: str | os.PathLike, images: Sequence[np.ndarray],
                    input_name: str = "image") -> dict[str, np.ndarray]:
     """H = Σ XᵀX (float64) of every weight MatMul's input over ``images``, keyed by the weight's name."""
     import onnx
 
-    from .gates import graph_runner
-
     model = onnx.load(str(src))
     nodes = weight_matmul_nodes(model)
-    known = {o.name for o in model.graph.output}
-    for name in dict.fromkeys(n.input[0] for n in nodes):
-        if name not in known:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     hessians: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix=".gptq.", dir=Path(src).resolve().parent) as scratch:
-        path = Path(scratch) / "probe.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
-        run = graph_runner(path)
+    with matmul_input_probe(model, nodes, src, input_name) as probe:
         for image in images:
-            outs = run({input_name: np.ascontiguousarray(image, np.float32)})
+            outs = probe(image)
             for node in nodes:
                 x = outs[node.input[0]]
                 x = x.reshape(-1, x.shape[-1])

@@ -16,7 +16,6 @@ int8_variants.py --sensitivity`` measures the slow way, per block).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,22 +38,15 @@ def matmul_sensitivity(src: str | os.PathLike, image: np.ndarray, recipe: Int8Re
     import onnx
     from onnx import numpy_helper
 
-    from .gates import graph_runner
+    from .gptq import matmul_input_probe, weight_matmul_nodes
 
     model = onnx.load(str(src))
     weights = {t.name: t for t in model.graph.initializer}
     skip = set(batched_weight_matmuls(src)) | set(recipe.exclude)
-    nodes = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-             and n.input[1] in weights and n.name not in skip and len(weights[n.input[1]].dims) == 2]
-    arrays = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes}  # before the
-    known = {o.name for o in model.graph.output}  # save below moves the initialisers to the scratch file
-    for name in dict.fromkeys(n.input[0] for n in nodes):
-        if name not in known:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory(prefix=".sensitivity.", dir=Path(src).parent) as scratch:
-        path = Path(scratch) / "probe.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
-        outs = graph_runner(path)({input_name: np.ascontiguousarray(image, np.float32)})
+    nodes = [n for n in weight_matmul_nodes(model) if n.name not in skip]
+    arrays = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes}  # before the probe
+    with matmul_input_probe(model, nodes, src, input_name) as probe:  # moves the initialisers to its scratch file
+        outs = probe(image)
     rng = np.random.default_rng(0)
     qmax = 63 if recipe.reduce_range else 127
     ranked = []
