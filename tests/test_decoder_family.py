@@ -13,6 +13,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+from helpers import family_only
 from peft_export.runtime import SamSession
 
 pytestmark = pytest.mark.slow  # a real export of the tiny model (about half a minute)
@@ -46,16 +47,6 @@ def export(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("family") / "export"
     merge_and_export(model, out, precisions=("fp32",), progress=False, meta_decoder=False)
     return family_only(out)
-
-
-def family_only(out: Path) -> Path:
-    """The export without decoder_lowres (which every export keeps for one-prompt speed and which
-    SamSession.predict prefers): what runs is the family alone."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name in [g for g in manifest["graphs"] if g.startswith("decoder_lowres")]:
-        (out / manifest["graphs"].pop(name)["fp32"]["path"]).unlink()
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
 
 
 @pytest.fixture(scope="module")
