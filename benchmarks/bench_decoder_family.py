@@ -9,10 +9,9 @@ Each case runs in a fresh Python process (under ``flock LOCK`` with ``--lock``):
   (``decoder``, ``decoder_lowres``, the split graphs without mask input, ``click_decoder``), and its
   runtime on it: ``predict`` with a mask input runs ``decoder_lowres`` (the image side projected on
   every call), segment-everything the split graphs;
-- ``after``: this code, ``merge_and_export(meta_decoder=False)`` without its ``decoder_lowres`` (the
-  family + ``click_decoder``: every export keeps ``decoder_lowres`` and ``predict`` would run it), and
-  this runtime on it: ``split_image`` once per image, ``split_prompts`` (with the mask input) +
-  ``split_masks`` per call.
+- ``after``: this code, ``merge_and_export(meta_decoder=False)`` (the default export: the family +
+  ``click_decoder``, no Meta graph), and this runtime on it: ``split_image`` once per image,
+  ``split_prompts`` (with the mask input) + ``split_masks`` per call.
 
 Per model: export seconds and bytes (all files of the export directory), the median ms of one
 ``predict`` in SamPredictor's iterative loop (one point, the previous low-res logits fed back; the
@@ -67,19 +66,9 @@ def child_export(spec: dict) -> dict:
     merge_and_export(AdaptedModel(sam.eval(), None, base), spec["export"], precisions=("fp32",), overwrite=True,
                      progress=False, **kw)
     seconds = time.perf_counter() - t
-    if spec["side"] == "after":
-        _family_only(Path(spec["export"]))
     files = {p.name: p.stat().st_size for p in Path(spec["export"]).iterdir() if p.is_file()}
     return {"seconds": seconds, "bytes": sum(files.values()), "files": files, "load_before": before,
             "load_after": load()}
-
-
-def _family_only(export: Path) -> None:
-    """Drop decoder_lowres from an export, so that the runtime runs the family alone."""
-    manifest = json.loads((export / "manifest.json").read_text())
-    for name in [g for g in manifest["graphs"] if g.startswith("decoder_lowres")]:
-        (export / manifest["graphs"].pop(name)["fp32"]["path"]).unlink()
-    (export / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def child_predict(spec: dict) -> dict:

@@ -60,9 +60,9 @@ def merge_and_export_cmd(
         None, "--calibration-data", help="Directory of your images: int8 becomes static QDQ calibrated on them (recorded in the manifest)."),
     meta_decoder: bool = typer.Option(
         False, "--meta-decoder/--no-meta-decoder",
-        help="Also write Meta's decoder.onnx (segment_anything's interface, for other tools); peftexport itself "
-             "runs the decoder family (split_image, split_prompts, split_masks) and decoder_lowres where the export "
-             "has it."),
+        help="Also write Meta's decoder.onnx (segment_anything's interface) and decoder_lowres.onnx (its batched "
+             "low-res form), for other tools; peftexport itself runs the decoder family (split_image, split_prompts, "
+             "split_masks) for every prompt (--format tensorrt writes decoder_lowres for its engine)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     strict: bool = typer.Option(
         False, "--strict", help="All or nothing: any refused graph (e.g. int8) fails the export and writes nothing."),

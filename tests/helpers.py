@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,13 +137,3 @@ def import_blocker(blocked: tuple[str, ...], when: str = "True") -> str:
             "                raise ImportError(f'{name} is blocked')\n"
             "            return None\n"
             "    sys.meta_path.insert(0, _Block())\n")
-
-
-def family_only(export: Path) -> Path:
-    """``export`` without its decoder_lowres graphs (every export keeps them for one prompt's speed and
-    SamSession.predict prefers them): what runs then is the decoder family alone. Edits in place."""
-    manifest = json.loads((export / "manifest.json").read_text())
-    for name in [g for g in manifest["graphs"] if g.startswith("decoder_lowres")]:
-        (export / manifest["graphs"].pop(name)["fp32"]["path"]).unlink()
-    (export / "manifest.json").write_text(json.dumps(manifest))
-    return export

@@ -242,9 +242,8 @@ def test_bench_command_every_available_backend(tiny_run, one_thread):
         boxes = c["components"]["decoder_boxes_b3"]
         assert boxes["throughput_unit"] == "prompts/s"
         assert boxes["throughput_per_s"] == pytest.approx(3000.0 / boxes["median_ms"])
-        if name.startswith("export"):  # the decoders the runtime runs: predict_batch the family, predict one prompt
-            lowres = "decoder_lowres" in json.loads((export / "manifest.json").read_text())["graphs"]  # or lowres
-            assert c["details"]["decoder"] == {"one_prompt": "decoder_lowres" if lowres else "family", "batch": "family"}
+        if name.startswith("export"):  # the decoders the runtime runs: the family for predict and predict_batch
+            assert c["details"]["decoder"] == {"one_prompt": "family", "batch": "family"}
             assert {"split_image", "split_prompts", "split_masks"} <= set(c["details"]["graphs"])
     assert cases["base torch fp32"]["components"]["encoder"]["ratio_vs_reference"] == 1.0
     skipped = {n: c["reason"] for n, c in cases.items() if c["status"] == "skipped"}
@@ -275,8 +274,8 @@ def test_bench_export_dir_only(tiny_run):
 def test_bench_decoder_on_the_family_computes_what_the_runtime_does(tiny_run, component):
     """The bench's family call (host, and the IO-binding chain it uses on CUDA, here bound in CPU memory)
     gives the low-res logits and IoU of SamSession.predict_batch, which tests/test_export.py holds to
-    SamPredictor; split_image ran once, before the timed calls; one prompt runs decoder_lowres where
-    the export has it, as SamSession.predict does."""
+    SamPredictor; split_image ran once, before the timed calls; one prompt runs the family too, as
+    SamSession.predict does."""
     import onnxruntime as ort
 
     from peft_export.bench.family import BoundFamily
@@ -289,8 +288,7 @@ def test_bench_decoder_on_the_family_computes_what_the_runtime_does(tiny_run, co
     r = OrtRunner(CaseSpec("export", "onnxruntime", "fp32", "cpu", "cpu"), export, inputs, 1, end_to_end=False)
     r.prepare()
     assert r._family is not None and "decoder" not in r.sessions
-    lowres = "decoder_lowres" in json.loads((export / "manifest.json").read_text())["graphs"]
-    assert r.decoder_name == ("decoder_lowres" if lowres else None)
+    assert r.decoder_name is None and not any(k.startswith("decoder") for k in r.sessions)
     calls = []
     run = r._family.decoder._run
     r._family.decoder._run = lambda key, feeds: calls.append(key) or run(key, feeds)
@@ -298,8 +296,7 @@ def test_bench_decoder_on_the_family_computes_what_the_runtime_does(tiny_run, co
     r.run(component)
     r.run(component)
     n = 3 if component == "decoder_boxes_b3" else 1
-    family = component == "decoder_boxes_b3" or not lowres
-    assert calls == (["split_image"] + ["split_prompts", "split_masks"] * 2 if family else [])
+    assert calls == ["split_image"] + ["split_prompts", "split_masks"] * 2
     coords, labels = inputs.decoder_prompts(component)
     low, iou = r._family(r._embedding, coords, labels)
 

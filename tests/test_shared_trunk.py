@@ -126,7 +126,8 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
     assert a["late"]["source"] == {"kind": "adapter", "adapter": str(Path(a["late"]["source"]["adapter"]))}
     from peft_export.export.pipeline import decoder_flavours
 
-    for name in a:  # the decoder family per adapter; Meta's decoder.onnx only with --meta-decoder
+    assert decoder_flavours(False, False) == ()
+    for name in a:  # the decoder family per adapter; Meta's graphs only with --meta-decoder
         assert {f for f in ("decoder", "decoder_lowres") if f in a[name]} == set(decoder_flavours(False, False))
         assert all(a[name][f] == f"{f}_{name}" for f in decoder_flavours(False, False))
         assert a[name]["split_prompts"] == f"split_prompts_{name}" and a[name]["split_masks"] == f"split_masks_{name}"

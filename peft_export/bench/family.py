@@ -3,10 +3,9 @@
 ``split_image`` projects the image side once per image (``runtime.split_decoder.FamilyDecoder``
 keeps it for the embedding): the bench runs it with the embedding, untimed, as the encoder is.
 One timed call is then ``split_prompts`` (the component's prompts, "no mask" input, at most
-``MAX_BATCH`` prompts a run) + ``split_masks``. Which components run the family follows the
-runtime (``runs_family``): ``predict_batch``'s (decoder_boxes_bN) always, ``predict``'s (one prompt)
-only when the export has no ``decoder_lowres`` / Meta ``decoder``; exports without the family
-(made before it) are timed on those as before (``runners``).
+``MAX_BATCH`` prompts a run) + ``split_masks``. As in the runtime, every decoder
+component runs the family where the export has it; exports without it (made before it, or
+TensorRT engines) are timed on ``decoder_lowres`` / Meta's ``decoder`` (``runners``).
 """
 
 from __future__ import annotations
@@ -37,16 +36,10 @@ def meta_graph(chosen: Mapping[str, Any]) -> Optional[str]:
     return next((k for k in ("decoder_lowres", "decoder") if k in chosen), None)
 
 
-def runs_family(component: str, family: bool, meta: Optional[str]) -> bool:
-    """As ``SamSession`` decodes: ``predict`` (one prompt: decoder_point, decoder_box) through
-    ``decoder_lowres`` (or Meta's ``decoder``) where the export has one, ``predict_batch``
-    (decoder_boxes_bN) through the family where it has that."""
-    return family and (meta is None or component.startswith("decoder_boxes"))
-
-
 def decoders_used(family: bool, meta: Optional[str]) -> Dict[str, Optional[str]]:
     """What a runner's decoder components run, for the bench's details."""
-    return {"one_prompt": meta or (FAMILY if family else None), "batch": FAMILY if family else meta}
+    used = FAMILY if family else meta
+    return {"one_prompt": used, "batch": used}
 
 
 def no_mask(low_res_size: int) -> Tuple[np.ndarray, np.ndarray]:

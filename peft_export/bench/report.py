@@ -172,8 +172,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
 # What each component times, so the columns can be read against each other (bench.md's last line).
 COMPONENTS_LEGEND = (
     "encoder: the image encoder on a preprocessed input. decoder_point / decoder_box: prompt encoder + mask "
-    "decoder on a cached embedding, one prompt, three masks (exports: as SamSession.predict, decoder_lowres where the "
-    "export has it, else the decoder family). decoder_boxes_bN: N boxes in one call (exports: as predict_batch, the "
+    "decoder on a cached embedding, one prompt, three masks (exports: as SamSession.predict, the decoder family: "
+    "split_prompts + split_masks; decoder_lowres on TensorRT engines). decoder_boxes_bN: N boxes in one call (exports: as predict_batch, the "
     "family: split_prompts + split_masks, split_image once per image with the embedding). "
     "end_to_end: what a user waits for per image: preprocessing, encoder, one box, one mask upscaled to the "
     "image. Each is a median of its own calls, so end to end can come out a little under encoder + decoder.")

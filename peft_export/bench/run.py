@@ -7,7 +7,7 @@ engines). Each case is timed per *component*:
 - ``encoder``: the image encoder on a preprocessed 1x3xSxS input;
 - ``decoder_point`` / ``decoder_box``: prompt encoder + mask decoder on a fixed image
   embedding, one positive point / one box, low-resolution masks out (exports: as
-  ``SamSession.predict``, ``decoder_lowres`` where the export has it, else the family);
+  ``SamSession.predict``, the decoder family; ``decoder_lowres`` on TensorRT engines);
 - ``decoder_boxes_bN``: the same with a batch of N boxes in one call (exports: as
   ``predict_batch``, the decoder family: ``split_prompts`` + ``split_masks`` per call,
   ``split_image`` once per image with the embedding, untimed; ``bench.family``);

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PeftExportError
 from .cases import BenchInputs, CaseSpec
-from .family import SPLIT_GRAPHS, BoundFamily, HostFamily, decoders_used, has_family, meta_graph, ort_run, pick, runs_family
+from .family import SPLIT_GRAPHS, BoundFamily, HostFamily, decoders_used, has_family, meta_graph, ort_run, pick
 
 
 # ---- runners ------------------------------------------------------------------------------
@@ -140,24 +140,24 @@ def _ort_dtype(type_name: str):
             "tensor(int64)": np.int64, "tensor(int32)": np.int32}.get(type_name, np.float32)
 
 
-def ort_session_options(device: str, intra_op_threads: int | None = None):
-    """The options the runtime uses, so the bench times what users run."""
+def ort_session_options(device: str, intra_op_threads: int | None = None, graph: str = ""):
+    """The options the runtime uses for ``graph``, so the bench times what users run."""
     from ..runtime.backends.ort import session_options
 
-    return session_options(device, intra_op_threads)
+    return session_options(device, intra_op_threads, graph)
 
 
 def choose_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, str]]:
     """{'encoder': (precision, path), then the decoders the runtime runs prompts through: the family
-    ('split_image', 'split_prompts', 'split_masks') when the export has it, and 'decoder_lowres' or
-    'decoder' when it has one}, each at the precision the runtime picks."""
+    ('split_image', 'split_prompts', 'split_masks') when the export has it, else 'decoder_lowres' or
+    'decoder'}, each at the precision the runtime picks."""
     graphs = manifest.get("graphs") or {}
     enc = graphs.get("encoder") or {}
     if precision not in enc:
         raise PeftExportError(f"precision: the export has no {precision} encoder (has: {', '.join(sorted(enc)) or 'none'})")
     chosen = {"encoder": (precision, enc[precision]["path"])}
     meta = next((n for n in ("decoder_lowres", "decoder") if pick(graphs.get(n) or {}, precision)), None)
-    for name in (SPLIT_GRAPHS if has_family(graphs) else ()) + ((meta,) if meta else ()):
+    for name in SPLIT_GRAPHS if has_family(graphs) else ((meta,) if meta else ()):
         variants = graphs[name]
         prec = pick(variants, precision)
         chosen[name] = (prec, variants[prec]["path"])
@@ -190,11 +190,12 @@ class OrtRunner(Runner):
                      "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[prov]
         opts = ort_session_options(self.spec.device, self.intra_op_threads)
         for name, (_, rel) in self.chosen.items():
-            sess = ort.InferenceSession(str(self.export_dir / rel), sess_options=opts, providers=providers)
+            sess = ort.InferenceSession(str(self.export_dir / rel), providers=providers,
+                                        sess_options=ort_session_options(self.spec.device, self.intra_op_threads, name))
             if sess.get_providers()[0] != providers[0]:
                 raise PeftExportError(f"{rel}: onnxruntime could not start {providers[0]}")
             self.sessions[name] = sess
-        self.decoder_name = meta_graph(self.sessions)  # predict's graph for one prompt, where the export has it
+        self.decoder_name = meta_graph(self.sessions)  # exports without the family
         self._family = (HostFamily(ort_run(self.sessions), 4 * (self.inputs.image_size // 16))
                         if all(k in self.sessions for k in SPLIT_GRAPHS) else None)
         ais = (manifest.get("graphs") or {}).get("ais_decoder") or {}
@@ -215,7 +216,7 @@ class OrtRunner(Runner):
             enc = self.sessions["encoder"]
             out = enc.run(None, self._cast(enc, {enc.get_inputs()[0].name: self.inputs.encoder_input}))
             self._embedding = np.asarray(out[0], np.float32)
-        if component.startswith("decoder") and runs_family(component, self._family is not None, self.decoder_name):
+        if component.startswith("decoder") and self._family is not None:
             self._family.context(self._embedding)  # split_image: once per image, as the runtime does
 
     @staticmethod
@@ -273,7 +274,7 @@ class OrtRunner(Runner):
             return
         if component == "encoder":
             name, feed_list = "encoder", [{self.sessions["encoder"].get_inputs()[0].name: self.inputs.encoder_input}]
-        elif runs_family(component, self._family is not None, self.decoder_name):
+        elif self._family is not None:
             self._run_family(component)
             return
         else:
@@ -335,7 +336,7 @@ class RuntimeRunner(Runner):
         if component.startswith("decoder") and self._embedding is None:
             out = self._backend.run("encoder", {"image": self.inputs.encoder_input})
             self._embedding = np.asarray(out["image_embeddings"], np.float32)
-        if component.startswith("decoder") and runs_family(component, self._family is not None, self._decoder):
+        if component.startswith("decoder") and self._family is not None:
             self._family.context(self._embedding)  # split_image: once per image, as the runtime does
 
     def run(self, component: str) -> None:
@@ -346,7 +347,7 @@ class RuntimeRunner(Runner):
             self._backend.run("encoder", {"image": self.inputs.encoder_input})
         else:
             coords, labels = self.inputs.decoder_prompts(component)
-            if runs_family(component, self._family is not None, self._decoder):
+            if self._family is not None:
                 self._family(self._embedding, coords, labels)
                 return
             k, s = len(coords), 4 * (self.inputs.image_size // 16)

@@ -126,8 +126,8 @@ def merge_and_export(
 
     Graphs: ``encoder`` (each precision), the decoder family (``split_image``, ``split_prompts``
     with the mask input, ``split_masks``: predict, predict_batch and segment-everything), ``click_decoder``
-    (the browser page's decoder, after ``split_image``), ``decoder_lowres`` (batched, low-res: one
-    prompt's fast path) and, with ``meta_decoder``, ``decoder`` (Meta's interface) in fp32, plus ``encoder_preprocess`` with
+    (the browser page's decoder, after ``split_image``), and with ``meta_decoder`` Meta's ``decoder``
+    and ``decoder_lowres`` (batched, low-res; also for a TensorRT target) in fp32, plus ``encoder_preprocess`` with
     ``preprocess_in_graph``, and ``ais_decoder`` (fp32 and each precision) when the model
     has micro-sam's instance decoder. Returns the manifest; raises PeftExportError (nothing
     written) when a graph fails its parity check.
@@ -141,7 +141,7 @@ def merge_and_export(
 
     ``meta_decoder``: also write Meta's ``decoder`` (segment_anything's ONNX interface, for other
     tools). The runtime runs the family (split_image, split_prompts with the mask input, split_masks)
-    for batches and segment-everything, and ``decoder_lowres`` for one prompt (``decoder_flavours``).
+    for every prompt (``decoder_flavours``).
 
     ``strict``: any refused graph fails the export (nothing written); by default an optional graph
     that fails its gate is left out and listed in ``manifest["refused"]`` (``refusal_line`` words it).
@@ -332,10 +332,11 @@ def merge_and_export(
 
 
 def decoder_flavours(meta_decoder: bool, tensorrt: bool) -> tuple[str, ...]:
-    """Which of Meta's decoder graphs an export writes besides the family: ``decoder_lowres`` always
-    (one prompt decodes in about half the family's time through its folded attention, and TensorRT
-    needs it), Meta's ``decoder`` with ``meta_decoder`` only (other tools' interface)."""
-    return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or f == "decoder_lowres")
+    """Meta's decoder graphs an export writes besides the family (which serves every prompt path of
+    the runtime and the browser): with ``meta_decoder`` (other tools) ``decoder`` (Meta's interface)
+    and ``decoder_lowres`` (its batched low-res form); for TensorRT ``decoder_lowres`` (its decoder
+    engine is built from it). Neither by default."""
+    return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or (tensorrt and f == "decoder_lowres"))
 
 
 def _agreement(path: Path, reference_model: Sam, reference) -> dict:

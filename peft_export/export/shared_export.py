@@ -11,8 +11,7 @@ Layout (``manifest.json`` format 2; single-adapter exports stay format 1, unchan
 * ``encoder_<NAME>.onnx`` for an adapter that cannot share (it trains the patch embedding);
 * per adapter the decoder family (``split_image_<NAME>``, ``split_prompts_<NAME>``,
   ``split_masks_<NAME>``: predict and segment-everything), ``click_decoder_<NAME>`` (the browser
-  page's, after the same split_image), ``decoder_lowres_<NAME>`` (one prompt's fast path) and, with
-  ``meta_decoder``, ``decoder_<NAME>``.
+  page's, after the same split_image) and, with ``meta_decoder``, ``decoder_<NAME>``.
 
 Every precision of every adapter is parity-checked as it runs: ``head(trunk(x))`` (or its own
 encoder) and its decoders against that adapter's unmerged torch model, with the thresholds of
@@ -198,7 +197,7 @@ def merge_and_export_adapters(
     that can; False gives each adapter its own whole encoder. ``attention``: how fp32 encoder
     graphs (trunk, heads, own encoders; and the int8 quantised from them) write attention,
     ``plain``, ``folded`` or ``fused``, as for single exports. ``meta_decoder``: also Meta's
-    ``decoder`` per adapter (each adapter has the family and ``decoder_lowres`` either way).
+    ``decoder`` per adapter (each adapter has the family either way).
 
     ``strict``: any refused graph fails the export (nothing written); by default an optional graph
     (int8 / fp16 encoder graphs, the decoder family, click or AIS decoder) that fails its gate is left
@@ -274,7 +273,7 @@ def merge_and_export_adapters(
                         if w.add(key, p, filename, parity, secs, time.perf_counter() - t, graph_io("encoder", size)):
                             entry["encoder_parity"][p] = parity
                 w.drop_fp32([key])
-            for flavour in decoder_flavours(meta_decoder, False):  # each adapter also has the family
+            for flavour in decoder_flavours(meta_decoder, False):  # Meta's decoder, besides the family
                 key = f"{flavour}_{name}"
                 t = time.perf_counter()
                 og.export_decoder_onnx(model, tmp / f"{key}.onnx", flavour, opset)

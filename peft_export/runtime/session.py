@@ -168,10 +168,11 @@ class SamSession(AutomaticSegmentation):
             "providers": self.providers,
             "precision_asked": self.precision,
             "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
-            # for one prompt (predict); predict_batch and segment-everything run the family where it exists
-            "decoder_used": ("decoder_lowres" if any(k.startswith("decoder_lowres") for k in self._chosen) else "family"
-                             if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
-                                    for k in self._chosen) else "decoder"),
+            # what predict / predict_batch decode prompts with
+            "decoder_used": ("family" if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
+                                             for k in self._chosen)
+                             else "decoder_lowres" if any(k.startswith("decoder_lowres") for k in self._chosen)
+                             else "decoder"),
             "adapters": list(self.adapters),
             "split_block": (self.manifest.get("shared_trunk") or {}).get("split_block"),
             "intensity": self._intensity_rule,
@@ -293,10 +294,11 @@ class SamSession(AutomaticSegmentation):
         raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
 
     def _decode_lowres(self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray,
-                       has_mask: np.ndarray, family_first: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        """(K,M,2),(K,M) prompts -> low-res logits (K,4,4g,4g), iou (K,4); family_first=False: decoder_lowres if any."""
+                       has_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(K,M,2),(K,M) prompts -> low-res logits (K,4,4g,4g), iou (K,4): the family where the export
+        has it, else ``decoder_lowres`` (TensorRT engines, older exports), else Meta's ``decoder``."""
         family = self._family(emb)
-        if family is not None and (family_first or self._decoder_graphs(emb) == (None, None)):
+        if family is not None:
             return family.decode(emb.embedding, coords, labels, mask, has_mask)
         lowres, _ = self._decoder_graphs(emb)
         if lowres is not None:
@@ -351,9 +353,7 @@ class SamSession(AutomaticSegmentation):
         sel = slice(1, None) if multimask_output else slice(0, 1)
         # Every decoder gives low-res logits and the upsampling is done here (postprocess_masks,
         # bit for bit SamPredictor's); the Meta graph's "masks" output (crop in-graph) is not used.
-        # One prompt: decoder_lowres where the export has it (its folded attention decodes a click in
-        # about half the family's time: 19 vs 36 ms on vit_b at 1024, benchmarks/bench_decoder_family.py).
-        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask, family_first=False)
+        low, iou = self._decode_lowres(emb, coords, labels, mask, has_mask)
         low, iou = low[0, sel], iou[0, sel]
         if not masks:
             return None, iou, low
