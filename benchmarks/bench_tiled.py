@@ -1,7 +1,8 @@
 """Tiled segmentation of large images (issue 26): correctness, memory, throughput, cost per megapixel.
 
     python benchmarks/bench_tiled.py --export EXPORT_DIR --out bench_tiled/ \
-        [--mosaic 4096] [--sizes 2048,4096,8192,16384] [--rss-size 16384] [--workers 2] [--tile T --halo H]
+        [--mosaic 4096] [--sizes 2048,4096,8192,16384] [--rss-size 16384] [--workers 2] [--tile T --halo H] \
+        [--parts mosaic,cluster,rss,cost]
 
 EXPORT_DIR needs an instance decoder (AIS). Parts, each in its own line of bench_tiled.json / .md:
 
@@ -97,7 +98,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tile", type=int, default=None)
     ap.add_argument("--halo", type=int, default=None)
+    ap.add_argument("--parts", default="mosaic,cluster,rss,cost",
+                    help="which parts to run (comma list; cluster, rss and cost time things: run them on a quiet machine)")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
+    unknown = parts - {"mosaic", "cluster", "rss", "cost"}
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -135,7 +142,7 @@ def main() -> None:
 
     # cluster: same labels; throughput 1 vs N workers
     through = {"in_process_s": t_one_proc}
-    for n in (1, a.workers):
+    for n in (1, a.workers) if "cluster" in parts else ():
         client = connect(workers=n)
         try:
             job = plan_large(a.export, work / "mosaic.zarr", work / f"w{n}.zarr", **opts)
@@ -145,11 +152,21 @@ def main() -> None:
         finally:
             close(client)
         through[f"workers_{n}"] = {"seconds": dt, "tiles_per_s": rec["tiles"] / dt}
-    through["speedup"] = through["workers_1"]["seconds"] / through[f"workers_{a.workers}"]["seconds"]
-    res["throughput"] = through
-    res["cluster_same_labels"] = same_up_to_renumbering(tiled, labels_of(work / f"w{a.workers}.zarr"))
+    if "cluster" in parts:
+        through["speedup"] = through["workers_1"]["seconds"] / through[f"workers_{a.workers}"]["seconds"]
+        res["throughput"] = through
+        res["cluster_same_labels"] = same_up_to_renumbering(tiled, labels_of(work / f"w{a.workers}.zarr"))
+    if "rss" in parts:
+        res["rss"] = peak_rss(a, work)
+    res["cost"] = cost_per_mpx(a, work, opts) if "cost" in parts else []
+    (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
+    lines = report_lines(res, a.workers)
+    (out / "bench_tiled.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
-    # peak RSS in a fresh process on a large zarr
+
+def peak_rss(a, work: Path) -> dict:
+    """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out)."""
     write_zarr(work / "big.zarr", a.rss_size)
     code = ("import resource, sys; from peft_export.predict.large import plan_large, run_large; "
             f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
@@ -157,9 +174,11 @@ def main() -> None:
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     rss_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=ROOT).stdout.split()[-1])
-    res["rss"] = {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": rss_kb / 1024}
+    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": rss_kb / 1024}
 
-    # cost per megapixel
+
+def cost_per_mpx(a, work: Path, opts: dict) -> list[dict]:
+    """Seconds per megapixel, in-process, for each of --sizes."""
     cost = []
     for size in [int(s) for s in a.sizes.split(",")]:
         write_zarr(work / f"s{size}.zarr", size)
@@ -167,23 +186,27 @@ def main() -> None:
         run_large(plan_large(a.export, work / f"s{size}.zarr", work / f"s{size}_out.zarr", **opts))
         dt = time.perf_counter() - t
         cost.append({"size": size, "seconds": dt, "s_per_mpx": dt / (size * size / 1e6)})
-    res["cost"] = cost
+    return cost
 
-    (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
+
+def report_lines(res: dict, workers: int) -> list[str]:
     m = res["mosaic"]
     lines = [f"# Tiled segmentation ({res['host']['cpu']})", "",
              f"mosaic {m['size']}² ({m['tiles']} tiles of {m['tile']} px, scale {m['scale']:g}): mSA tiled "
              f"{m['msa_tiled']:.3f} vs untiled 256-px crops {m['msa_untiled_crops']:.3f}; objects split: "
-             f"{m['split_tiled']} tiled, {m['split_untiled_crops']} untiled crops",
-             f"in-process vs {a.workers}-worker LocalCluster: same labels up to renumbering: {res['cluster_same_labels']}",
-             f"peak RSS {res['rss']['size']}² uint16 ({res['rss']['image_mb']:.0f} MB of pixels): "
-             f"{res['rss']['peak_rss_mb']:.0f} MB",
-             f"throughput: 1 worker {through['workers_1']['tiles_per_s']:.2f} tiles/s, {a.workers} workers "
-             f"{through[f'workers_{a.workers}']['tiles_per_s']:.2f} tiles/s (x{through['speedup']:.2f})", "",
-             "| image | seconds | s / megapixel |", "|---|---|---|"]
-    lines += [f"| {c['size']}² | {c['seconds']:.1f} | {c['s_per_mpx']:.3f} |" for c in cost]
-    (out / "bench_tiled.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"{m['split_tiled']} tiled, {m['split_untiled_crops']} untiled crops"]
+    if "throughput" in res:
+        t = res["throughput"]
+        lines += [f"in-process vs {workers}-worker LocalCluster: same labels up to renumbering: {res['cluster_same_labels']}",
+                  f"throughput: 1 worker {t['workers_1']['tiles_per_s']:.2f} tiles/s, {workers} workers "
+                  f"{t[f'workers_{workers}']['tiles_per_s']:.2f} tiles/s (x{t['speedup']:.2f})"]
+    if "rss" in res:
+        r = res["rss"]
+        lines.append(f"peak RSS {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels): {r['peak_rss_mb']:.0f} MB")
+    if res["cost"]:
+        lines += ["", "| image | seconds | s / megapixel |", "|---|---|---|"]
+        lines += [f"| {c['size']}² | {c['seconds']:.1f} | {c['s_per_mpx']:.3f} |" for c in res["cost"]]
+    return lines
 
 
 if __name__ == "__main__":
