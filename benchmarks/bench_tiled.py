@@ -113,7 +113,20 @@ def main() -> None:
     res = {"host": {"cpu": cpu_name(), "python": platform.python_version()},
            "tile": a.tile, "halo": a.halo}
 
-    # mosaic correctness: tiled whole vs untiled samples
+    if parts & {"mosaic", "cluster"}:
+        res.update(mosaic_and_cluster(a, work, opts, parts))
+    if "rss" in parts:
+        res["rss"] = peak_rss(a, work)
+    res["cost"] = cost_per_mpx(a, work, opts) if "cost" in parts else []
+    (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
+    lines = report_lines(res, a.workers)
+    (out / "bench_tiled.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def mosaic_and_cluster(a, work: Path, opts: dict, parts: set) -> dict:
+    """mosaic: tiled AIS on the whole mosaic vs each 256-px sample alone; cluster: the same run on
+    LocalClusters of 1 and --workers processes (same labels? tiles per second)."""
     import zarr
 
     from peft_export.distributed import close, connect, run_jobs
@@ -135,6 +148,7 @@ def main() -> None:
             lab, _ = session.segment_instances(image=image[y:y + 256, x:x + 256])
             untiled[y:y + 256, x:x + 256] = np.where(lab > 0, lab + k, 0)
             k += int(lab.max())
+    res: dict = {}
     res["mosaic"] = {"size": a.mosaic, "tiles": rec["tiles"], "tile": rec["tile"], "scale": rec["scale"],
                      "msa_tiled": mean_segmentation_accuracy_large(tiled, gt)[0],
                      "msa_untiled_crops": mean_segmentation_accuracy_large(untiled, gt)[0],
@@ -156,13 +170,7 @@ def main() -> None:
         through["speedup"] = through["workers_1"]["seconds"] / through[f"workers_{a.workers}"]["seconds"]
         res["throughput"] = through
         res["cluster_same_labels"] = same_up_to_renumbering(tiled, labels_of(work / f"w{a.workers}.zarr"))
-    if "rss" in parts:
-        res["rss"] = peak_rss(a, work)
-    res["cost"] = cost_per_mpx(a, work, opts) if "cost" in parts else []
-    (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
-    lines = report_lines(res, a.workers)
-    (out / "bench_tiled.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return res
 
 
 def peak_rss(a, work: Path) -> dict:
@@ -190,11 +198,12 @@ def cost_per_mpx(a, work: Path, opts: dict) -> list[dict]:
 
 
 def report_lines(res: dict, workers: int) -> list[str]:
-    m = res["mosaic"]
-    lines = [f"# Tiled segmentation ({res['host']['cpu']})", "",
-             f"mosaic {m['size']}² ({m['tiles']} tiles of {m['tile']} px, scale {m['scale']:g}): mSA tiled "
-             f"{m['msa_tiled']:.3f} vs untiled 256-px crops {m['msa_untiled_crops']:.3f}; objects split: "
-             f"{m['split_tiled']} tiled, {m['split_untiled_crops']} untiled crops"]
+    lines = [f"# Tiled segmentation ({res['host']['cpu']})", ""]
+    if "mosaic" in res:
+        m = res["mosaic"]
+        lines.append(f"mosaic {m['size']}² ({m['tiles']} tiles of {m['tile']} px, scale {m['scale']:g}): mSA tiled "
+                     f"{m['msa_tiled']:.3f} vs untiled 256-px crops {m['msa_untiled_crops']:.3f}; objects split: "
+                     f"{m['split_tiled']} tiled, {m['split_untiled_crops']} untiled crops")
     if "throughput" in res:
         t = res["throughput"]
         lines += [f"in-process vs {workers}-worker LocalCluster: same labels up to renumbering: {res['cluster_same_labels']}",
