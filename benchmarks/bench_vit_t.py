@@ -5,7 +5,9 @@
 
 Cases (encoder medians; random weights, a LoRA r32 q,v merged in, as ``bench_cpu.py``):
 
-- vit_t torch eager fp32 at the main size, and its exports (fp32, int8) on ONNX Runtime and OpenVINO at
+- vit_t torch eager fp32 at the main size (our TinyViT module, as ``bench`` times models; and, when the
+  ``mobile_sam`` package is installed, MobileSAM's own encoder on the same weights, the issue's starting
+  point), and its exports (fp32, int8) on ONNX Runtime and OpenVINO at
   every size; an int8 graph the export gate refuses is left out and the refusal is printed;
 - vit_b's exports (fp32, int8) at the main size (``--vit-b-eager`` also times vit_b in torch eager);
 - AIS: a vit_t export at the AIS size (default 512) with micro-sam's instance decoder, timed
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
 import sys
 import time
 import warnings
@@ -61,6 +65,40 @@ def export_precisions(checkpoint: Path, out: Path, size: int, instance_decoder: 
         return out, {"int8": str(exc)}
 
 
+def mobile_sam_eager_child(checkpoint: str, size: int, warmup: int, iterations: int) -> dict:
+    """MobileSAM's own image encoder (``mobile_sam`` package) in torch eager on ``checkpoint``: median ms
+    and the process's peak RSS. Runs in a fresh process (``--child-mobile-sam``)."""
+    import resource
+
+    import numpy as np
+    from mobile_sam import sam_model_registry
+
+    sam = sam_model_registry["vit_t"]()
+    sam.load_state_dict(torch.load(checkpoint, weights_only=True))  # strict: MobileSAM's own keys
+    sam.eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + iterations):
+            t = time.perf_counter()
+            sam.image_encoder(x)
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - t))
+    return {"median_ms": float(np.median(times)), "times_ms": times, "threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def mobile_sam_eager(checkpoint: Path, size: int, warmup: int, iterations: int) -> dict | None:
+    """``mobile_sam_eager_child`` in a fresh process; None when the mobile_sam package is not installed."""
+    if importlib.util.find_spec("mobile_sam") is None:
+        return None
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-mobile-sam",
+                           json.dumps([str(checkpoint), size, warmup, iterations])], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _cases(export: Path, size: int, backends: list[str], tag: str, refused: dict) -> list[bench.FreshCase]:
     return [c for c in _export_cases(export, size, backends, tag) if c.spec.precision not in refused]
 
@@ -75,8 +113,10 @@ def best(results: list[dict], prefix: str, precision: str, size: int) -> dict | 
     return min(found, key=_median) if found else None
 
 
-def summary_lines(results: list[dict], main: int, sizes: list[int], ais_size: int, refusals: dict) -> list[str]:
+def summary_lines(results: list[dict], main: int, sizes: list[int], ais_size: int, refusals: dict,
+                  mobile_sam: dict | None = None) -> list[str]:
     by = {c["case"]: c for c in results}
+    ms_eager = (mobile_sam or {}).get("median_ms")
     eager = by.get(f"vit_t torch fp32 @{main}")
     lines = ["Summary (encoder medians of this run, each case in a fresh process):"]
     for precision in ("fp32", "int8"):
@@ -91,6 +131,8 @@ def summary_lines(results: list[dict], main: int, sizes: list[int], ais_size: in
             line += f"; vs vit_b best {_median(b):.0f} ms: {_median(b) / ms:.1f}x (target >= {TARGETS['vs_vit_b']:.0f})"
         if eager is not None and _median(eager):
             line += f"; vs vit_t eager {_median(eager):.0f} ms: {_median(eager) / ms:.2f}x (target >= {TARGETS['vs_eager']:.0f})"
+        if ms_eager:
+            line += f"; vs MobileSAM's own encoder in eager {ms_eager:.0f} ms: {ms_eager / ms:.2f}x"
         if precision == "fp32":
             line += f"; peak target <= {TARGETS['fp32_peak_mb']:.0f} MB"
         lines.append(line)
@@ -118,7 +160,11 @@ def main() -> int:
     ap.add_argument("--no-vit-b", action="store_true", help="skip vit_b (its export alone takes minutes)")
     ap.add_argument("--vit-b-eager", action="store_true", help="also time vit_b in torch eager (~17 s a call)")
     ap.add_argument("--out", type=Path, default=Path("bench_vit_t_out"))
+    ap.add_argument("--child-mobile-sam", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_mobile_sam:
+        print(json.dumps(mobile_sam_eager_child(*json.loads(args.child_mobile_sam))))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     main_size = sizes[0]
     backends = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
@@ -131,6 +177,7 @@ def main() -> int:
     log(f"{machine['cpu']}, {machine['cpu_count_usable']} cores; vit_t at {sizes}, AIS at {args.ais_size}; "
         f"backends {backends}; every case in a fresh process")
     results, refusals = [], {}
+    mobile_sam = None
 
     def run(cases: list[bench.FreshCase], size: int, components=("encoder",)) -> None:
         log(f"timing {len(cases)} case(s) at {size} px")
@@ -149,6 +196,10 @@ def main() -> int:
             spec = bench.CaseSpec("base", "torch", "fp32", "cpu", label=f"vit_t torch fp32 @{size}")
             cases.insert(0, bench.FreshCase(spec, None, str(models / f"vit_t_{size}.pt"), desc))
         run(cases, size)
+        if size == main_size == 1024:  # MobileSAM's own encoder runs at 1024 only (a fixed 64x64 grid)
+            log("timing MobileSAM's own encoder in torch eager (fresh process)")
+            mobile_sam = mobile_sam_eager(ckpt, size, args.warmup, args.iterations)
+            log(f"MobileSAM eager: {mobile_sam}")
 
     ckpt = build_merged_checkpoint(args.out, "vit_t", args.ais_size)
     log(f"exporting vit_t at {args.ais_size} with an instance decoder")
@@ -175,7 +226,7 @@ def main() -> int:
             cases.insert(0, bench.FreshCase(spec, None, str(models / f"vit_b_{main_size}.pt"), desc))
         run(cases, main_size)
 
-    lines = summary_lines(results, main_size, sizes, args.ais_size, refusals)
+    lines = summary_lines(results, main_size, sizes, args.ais_size, refusals, mobile_sam)
     result = {
         "format": bench.BENCH_FORMAT, "format_version": bench.BENCH_FORMAT_VERSION,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "versions": library_versions(),
@@ -184,7 +235,7 @@ def main() -> int:
                      "fresh_process": True, "backends": backends, "torch_threads": torch.get_num_threads(),
                      "weights": "random (seed 0), LoRA q,v r32 merged"},
         "load": load_between(load_before, load_snapshot()),
-        "targets": TARGETS, "refusals": refusals, "summary": lines,
+        "targets": TARGETS, "refusals": refusals, "summary": lines, "mobile_sam_eager": mobile_sam,
         "elapsed_s": round(time.perf_counter() - t0, 1), "cases": results,
     }
     print(bench.format_table(result) + "\n\n" + "\n".join(lines), flush=True)
