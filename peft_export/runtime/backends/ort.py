@@ -36,8 +36,10 @@ def _register_env_arena(ort) -> None:
 _SPINNING = {"allow": True}
 
 # Graphs that run back to back within one call (the decoder family: split_prompts then split_masks):
-# their pools do not spin after a run, or the spinning pool of one takes a core from the next.
-# One click on vit_b at 1024 (2 cores): 41 ms with spinning, 21 ms without; decoder_lowres 18 ms.
+# their pools stop spinning at the end of each run (they still spin within it), or the spinning pool
+# of one takes a core from the next. One click with a mask on vit_b's decoder at 1024, 2 cores:
+# 38 ms with spinning after the run, 23 ms without any spinning, 20 ms stopping at the end of a run
+# (decoder_lowres in one graph: 20 ms).
 CHAINED_GRAPHS = ("split_image", "split_prompts", "split_masks")
 
 
@@ -57,7 +59,8 @@ def set_thread_spinning(allow: bool) -> bool:
 
 def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None, graph: str = ""):
     """ONNX Runtime options used everywhere (runtime, export checks, bench); ``graph``: the export's
-    name of the graph the session runs (the decoder family's graphs never spin: ``CHAINED_GRAPHS``).
+    name of the graph the session runs (the decoder family's pools stop spinning at the end of each
+    run: ``CHAINED_GRAPHS``).
 
     On CPU every session allocates from one arena shared by the whole process, with ONNX
     Runtime's buffer reuse and memory patterns off: a freed intermediate goes back to the
@@ -77,8 +80,10 @@ def session_options(device: str = "cpu", intra_op_threads: Optional[int] = None,
         opts.enable_mem_reuse = False
     if intra_op_threads:
         opts.intra_op_num_threads = int(intra_op_threads)
-    if not _SPINNING["allow"] or graph.startswith(CHAINED_GRAPHS):
+    if not _SPINNING["allow"]:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif graph.startswith(CHAINED_GRAPHS):
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 
