@@ -174,15 +174,21 @@ def mosaic_and_cluster(a, work: Path, opts: dict, parts: set) -> dict:
 
 
 def peak_rss(a, work: Path) -> dict:
-    """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out)."""
+    """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out),
+    and its seconds (run alone on a quiet machine, also the cost per megapixel at that size)."""
     write_zarr(work / "big.zarr", a.rss_size)
-    code = ("import resource, sys; from peft_export.predict.large import plan_large, run_large; "
+    code = ("import resource, sys, time; from peft_export.predict.large import plan_large, run_large; "
+            "t = time.perf_counter(); "
             f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
             f"tile={a.tile!r}, halo={a.halo!r}, overwrite=True)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    rss_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                cwd=ROOT).stdout.split()[-1])
-    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": rss_kb / 1024}
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"rss: the predict process failed: {proc.stderr.strip().splitlines()[-1:]}")
+    seconds, rss_kb = proc.stdout.split()[-2:]
+    mpx = a.rss_size ** 2 / 1e6
+    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": int(rss_kb) / 1024,
+            "seconds": float(seconds), "s_per_mpx": float(seconds) / mpx}
 
 
 def cost_per_mpx(a, work: Path, opts: dict) -> list[dict]:
@@ -211,7 +217,8 @@ def report_lines(res: dict, workers: int) -> list[str]:
                   f"{t[f'workers_{workers}']['tiles_per_s']:.2f} tiles/s (x{t['speedup']:.2f})"]
     if "rss" in res:
         r = res["rss"]
-        lines.append(f"peak RSS {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels): {r['peak_rss_mb']:.0f} MB")
+        lines.append(f"peak RSS {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels): {r['peak_rss_mb']:.0f} MB; "
+                     f"{r['seconds']:.0f} s, {r['s_per_mpx']:.3f} s / megapixel")
     if res["cost"]:
         lines += ["", "| image | seconds | s / megapixel |", "|---|---|---|"]
         lines += [f"| {c['size']}² | {c['seconds']:.1f} | {c['s_per_mpx']:.3f} |" for c in res["cost"]]
