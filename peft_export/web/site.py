@@ -6,8 +6,8 @@ The site (every path relative, so any static server or folder works)::
     site.json                                 model, decoder and images (read by app.js)
     split_image.onnx                          per image: the context of the click decoder (see below)
     click_decoder[.int8].onnx                 per click: the shown mask (web_graph's rewrite of the export's)
-    decoder.onnx | decoder.int8.onnx          instead of both: exports without a click decoder (older ones,
-                                              shared-trunk adapters) ship their decoder_lowres / decoder
+    decoder.onnx | decoder.int8.onnx          instead of both: exports without a click decoder (made
+                                              before it) ship their decoder_lowres / decoder
     images/<name>.png                         each image as the model sees it (intensity rule applied)
     embeddings/<name>.f32                     its image embedding, float32 little-endian, 1x256xgxg
     encoder.onnx[.data] | encoder.int8.onnx   with the encoder in the browser (browser_encoder.py): the
