@@ -42,8 +42,8 @@ class AutomaticSegmentation:
 
         ``records.summary["removed"]`` counts the candidates each filter removed.
         ``decoder``: "split" (the export's decoder family: masks only for prompts that pass the
-        IoU filter), "lowres" (every candidate's mask decoded, as predict_batch does: the family,
-        or ``decoder_lowres`` / Meta's ``decoder`` on exports without it), or "auto" (split when the export has it, as every adapter of a current export does).
+        IoU filter), "lowres" (every candidate's mask decoded: ``decoder_lowres`` where the export
+        has it (``--meta-decoder``, TensorRT), else the family's whole chain), or "auto" (split when the export has it, as every adapter of a current export does).
         """
         if embedding is None and getattr(self, "_tiled", None) is not None:
             return self._tiled.segment_everything(
@@ -84,7 +84,8 @@ class AutomaticSegmentation:
             b = len(points_xy)
             coords = np.concatenate([points_xy, np.zeros((b, 1, 2), np.float32)], axis=1)
             lbl = np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1)
-            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32))
+            return self._decode_lowres(emb, coords, lbl, np.zeros((b, 1, s, s), np.float32), np.zeros((b,), np.float32),
+                                       prefer_lowres=True)
 
         return LowResDecoder(decode)
 

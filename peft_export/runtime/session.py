@@ -294,11 +294,12 @@ class SamSession(AutomaticSegmentation):
         raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
 
     def _decode_lowres(self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray,
-                       has_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+                       has_mask: np.ndarray, prefer_lowres: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """(K,M,2),(K,M) prompts -> low-res logits (K,4,4g,4g), iou (K,4): the family where the export
-        has it, else ``decoder_lowres`` (TensorRT engines, older exports), else Meta's ``decoder``."""
+        has it, else ``decoder_lowres`` (TensorRT engines, older exports), else Meta's ``decoder``;
+        ``prefer_lowres``: ``decoder_lowres`` first where the export has it (segment-everything's "lowres")."""
         family = self._family(emb)
-        if family is not None:
+        if family is not None and not (prefer_lowres and self._decoder_graphs(emb)[0] is not None):
             return family.decode(emb.embedding, coords, labels, mask, has_mask)
         lowres, _ = self._decoder_graphs(emb)
         if lowres is not None:
