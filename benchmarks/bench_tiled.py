@@ -2,7 +2,7 @@
 
     python benchmarks/bench_tiled.py --export EXPORT_DIR --out bench_tiled/ \
         [--mosaic 4096] [--sizes 2048,4096,8192,16384] [--rss-size 16384] [--workers 2] [--tile T --halo H] \
-        [--parts mosaic,cluster,rss,cost]
+        [--parts mosaic,cluster,rss,rss-workers,cost]
 
 EXPORT_DIR needs an instance decoder (AIS). Parts, each in its own line of bench_tiled.json / .md:
 
@@ -99,10 +99,11 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=None)
     ap.add_argument("--halo", type=int, default=None)
     ap.add_argument("--parts", default="mosaic,cluster,rss,cost",
-                    help="which parts to run (comma list; cluster, rss and cost time things: run them on a quiet machine)")
+                    help="which parts to run (comma list; cluster, rss and cost time things: run them on a quiet "
+                         "machine; rss-workers: the --rss-size² run on a --workers LocalCluster, each worker's peak RSS)")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
-    unknown = parts - {"mosaic", "cluster", "rss", "cost"}
+    unknown = parts - {"mosaic", "cluster", "rss", "rss-workers", "cost"}
     if unknown:
         ap.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     out = Path(a.out)
@@ -117,6 +118,8 @@ def main() -> None:
         res.update(mosaic_and_cluster(a, work, opts, parts))
     if "rss" in parts:
         res["rss"] = peak_rss(a, work)
+    if "rss-workers" in parts:
+        res["rss_workers"] = peak_rss_workers(a, work, opts)
     res["cost"] = cost_per_mpx(a, work, opts) if "cost" in parts else []
     (out / "bench_tiled.json").write_text(json.dumps(res, indent=1))
     lines = report_lines(res, a.workers)
@@ -191,6 +194,30 @@ def peak_rss(a, work: Path) -> dict:
             "seconds": float(seconds), "s_per_mpx": float(seconds) / mpx}
 
 
+def _worker_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_workers(a, work: Path, opts: dict) -> dict:
+    """The --rss-size² zarr on a LocalCluster of --workers fresh worker processes: each one's peak RSS."""
+    from peft_export.distributed import close, connect, run_jobs
+
+    if not (work / "big.zarr").exists():
+        write_zarr(work / "big.zarr", a.rss_size)
+    client = connect(workers=a.workers)
+    try:
+        t = time.perf_counter()
+        run_jobs(client, [plan_large(a.export, work / "big.zarr", work / "big_out_workers.zarr", **opts)])
+        seconds = time.perf_counter() - t
+        peaks = client.run(_worker_peak_rss_mb)
+    finally:
+        close(client)
+    return {"size": a.rss_size, "workers": a.workers, "seconds": seconds,
+            "peak_rss_mb_per_worker": sorted(peaks.values())}
+
+
 def cost_per_mpx(a, work: Path, opts: dict) -> list[dict]:
     """Seconds per megapixel, in-process, for each of --sizes."""
     cost = []
@@ -219,6 +246,10 @@ def report_lines(res: dict, workers: int) -> list[str]:
         r = res["rss"]
         lines.append(f"peak RSS {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels): {r['peak_rss_mb']:.0f} MB; "
                      f"{r['seconds']:.0f} s, {r['s_per_mpx']:.3f} s / megapixel")
+    if "rss_workers" in res:
+        r = res["rss_workers"]
+        lines.append(f"peak RSS per worker, {r['size']}² on {r['workers']} workers: "
+                     + ", ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_worker"]) + f" ({r['seconds']:.0f} s)")
     if res["cost"]:
         lines += ["", "| image | seconds | s / megapixel |", "|---|---|---|"]
         lines += [f"| {c['size']}² | {c['seconds']:.1f} | {c['s_per_mpx']:.3f} |" for c in res["cost"]]
