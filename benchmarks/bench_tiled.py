@@ -116,6 +116,8 @@ def main() -> None:
 
     if parts & {"mosaic", "cluster"}:
         res.update(mosaic_and_cluster(a, work, opts, parts))
+    if parts & {"rss", "rss-workers"}:
+        write_zarr(work / "big.zarr", a.rss_size)  # written here, so a size of an earlier run is never reused
     if "rss" in parts:
         res["rss"] = peak_rss(a, work)
     if "rss-workers" in parts:
@@ -179,7 +181,6 @@ def mosaic_and_cluster(a, work: Path, opts: dict, parts: set) -> dict:
 def peak_rss(a, work: Path) -> dict:
     """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out),
     and its seconds (run alone on a quiet machine, also the cost per megapixel at that size)."""
-    write_zarr(work / "big.zarr", a.rss_size)
     code = ("import resource, sys, time; from peft_export.predict.large import plan_large, run_large; "
             "t = time.perf_counter(); "
             f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
@@ -204,8 +205,6 @@ def peak_rss_workers(a, work: Path, opts: dict) -> dict:
     """The --rss-size² zarr on a LocalCluster of --workers fresh worker processes: each one's peak RSS."""
     from peft_export.distributed import close, connect, run_jobs
 
-    if not (work / "big.zarr").exists():
-        write_zarr(work / "big.zarr", a.rss_size)
     client = connect(workers=a.workers)
     try:
         t = time.perf_counter()

@@ -43,7 +43,8 @@ class AutomaticSegmentation:
         ``records.summary["removed"]`` counts the candidates each filter removed.
         ``decoder``: "split" (the export's decoder family: masks only for prompts that pass the
         IoU filter), "lowres" (every candidate's mask decoded: ``decoder_lowres`` where the export
-        has it (``--meta-decoder``, TensorRT), else the family's whole chain), or "auto" (split when the export has it, as every adapter of a current export does).
+        has it (``--meta-decoder``, TensorRT), else the family's whole chain), or "auto" (split when
+        the export has it, as every adapter of a current export does).
         """
         if embedding is None and getattr(self, "_tiled", None) is not None:
             return self._tiled.segment_everything(
