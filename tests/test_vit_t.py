@@ -142,3 +142,36 @@ def test_checkpoints_load_through_our_loaders(tmp_path):
     torch.save(state, plain)
     with pytest.raises(PeftExportError, match="1 missing"):
         load_sam(None, plain)
+
+
+@pytest.mark.parametrize("size,seed", [(320, 5), (256, 6)])
+def test_export_forms_give_the_eager_outputs(monkeypatch, size, seed):
+    """While exporting, channels_first/last and q, k, v take other op sequences (tiny_vit's module doc);
+    they must compute the same embeddings, also with padded windows (320 px: grids 80/40/20 pad to 7s/14s)."""
+    sam = random_sam("vit_t", size, seed=seed)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        eager = sam.image_encoder(x)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        exported_form = sam.image_encoder(x)
+    torch.testing.assert_close(exported_form, eager, rtol=1e-6, atol=1e-6 * eager.abs().max().item())
+
+
+def test_onnx_graph_has_no_4d_channel_transposes_and_three_qkv_products(tmp_path):
+    """What makes the vit_t export fast on OpenVINO and ONNX Runtime (tiny_vit's module doc): no 4-D
+    NHWC -> NCHW Transpose before a convolution, and q, k, v as three MatMuls on stored weights (which
+    int8 quantisation needs: a weight computed in the graph would stay fp32)."""
+    import onnx
+
+    from peft_export.export.onnx_graphs import export_encoder_onnx
+
+    sam = random_sam("vit_t", 256, seed=0)
+    export_encoder_onnx(sam, tmp_path / "encoder.onnx")
+    graph = onnx.load(str(tmp_path / "encoder.onnx"), load_external_data=False).graph
+    perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+    assert [0, 3, 1, 2] not in perms
+    stored = {i.name for i in graph.initializer}
+    weight_products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in stored]
+    assert len(weight_products) == 10 * 6  # per block: q, k, v, proj, fc1, fc2
+    for block in ("layers.1/blocks.0", "layers.2/blocks.5", "layers.3/blocks.1"):
+        assert sum(f"/{block}/attn/" in n for n in weight_products) == 4, block

@@ -16,6 +16,8 @@ import torch
 import torch.utils.checkpoint
 from segment_anything.modeling import Sam
 
+from .tiny_vit import channels_first
+
 
 def _is_tiny_vit(enc: torch.nn.Module) -> bool:
     return hasattr(enc, "run_blocks")
@@ -83,8 +85,8 @@ def trainable_tail(sam: Sam, h: torch.Tensor, first_trainable: int, grad_checkpo
     neck_trains = any(p.requires_grad for p in enc.neck.parameters())
     if first_trainable >= len(enc.blocks) and not neck_trains:
         with torch.no_grad():
-            return enc.neck(h.permute(0, 3, 1, 2))
-    return enc.neck(h.permute(0, 3, 1, 2))
+            return enc.neck(channels_first(h))
+    return enc.neck(channels_first(h))
 
 
 def encode_with_frozen_prefix(sam: Sam, x: torch.Tensor, first_trainable: int | None,

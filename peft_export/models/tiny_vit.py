@@ -21,6 +21,18 @@ Differences from MobileSAM that keep the outputs equal:
   never cached, so weights loaded or trained after ``.eval()`` are always the ones used;
 - BatchNorm always normalises with its stored statistics (as in eval mode): fine-tuning
   must not move base tensors that an adapter file does not store.
+
+While exporting to ONNX (``torch.onnx.is_in_onnx_export()``) two steps are written in another,
+equal form that runtimes execute faster (the same outputs, up to float rounding):
+
+- channels-last <-> channels-first around convolutions as flatten, 2-D transpose, unflatten
+  (``channels_first`` / ``channels_last``): OpenVINO then runs the convolution on the
+  channels-last data directly, where it runs a 4-D NHWC -> NCHW Transpose as a slow separate copy;
+- q, k and v as three matrix products with the per-head rows of ``qkv`` regrouped, instead of one
+  product and a 5-D transpose (``Attention.project_qkv``).
+
+docs/vit_t.md has the encoder's times before and after (``benchmarks/bench_vit_t.py``). In eager
+torch the plain forms are faster (views, no copies), so they stay the forward's.
 """
 
 from __future__ import annotations
@@ -47,6 +59,22 @@ class TinyViTConfig:
 
 
 VIT_T = TinyViTConfig()
+
+
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W); while exporting to ONNX as flatten, transpose, unflatten (module doc)."""
+    if not torch.onnx.is_in_onnx_export():
+        return x.permute(0, 3, 1, 2)
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C); the inverse of ``channels_first``."""
+    if not torch.onnx.is_in_onnx_export():
+        return x.permute(0, 2, 3, 1)
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).transpose(1, 2).reshape(b, h, w, c)
 
 
 class ConvBN(nn.Module):
@@ -97,11 +125,11 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(out_dim, out_dim)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-        if channels_last:
-            x = x.permute(0, 3, 1, 2)
+    def forward(self, x: torch.Tensor, nhwc_in: bool = True) -> torch.Tensor:
+        if nhwc_in:
+            x = channels_first(x)
         x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x.permute(0, 2, 3, 1)
+        return channels_last(x)
 
 
 class ConvStage(nn.Module):
@@ -115,7 +143,7 @@ class ConvStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             x = blk(x)
-        return self.downsample(x, channels_last=False)
+        return self.downsample(x, nhwc_in=False)
 
 
 def window_offset_index(window: int) -> torch.Tensor:
@@ -142,10 +170,25 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", window_offset_index(window), persistent=False)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised tokens (N, L, C) -> q, k, v, each (N, heads, L, head_dim)."""
+        n, length, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        if torch.onnx.is_in_onnx_export() and type(self.qkv) is nn.Linear:
+            # Three products on the regrouped rows: no 5-D transpose of the whole qkv output in the
+            # graph (module doc). Static sizes, so the exporter folds the regrouped weights into
+            # initializers (what int8 quantisation looks for). Adapters kept in the graph wrap qkv:
+            # they take the form below.
+            c = self.qkv.in_features
+            w = self.qkv.weight.view(heads, 3, hd, c).transpose(0, 1).reshape(3, heads * hd, c)
+            b = self.qkv.bias.view(heads, 3, hd).transpose(0, 1).reshape(3, heads * hd)
+            return tuple(F.linear(x, w[i], b[i]).view(n, length, heads, hd).transpose(1, 2) for i in range(3))
+        qkv = self.qkv(x).view(n, length, heads, 3, hd)
+        return qkv.permute(3, 0, 2, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, C) windows of tokens
         n, length, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(n, length, self.num_heads, 3, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (N, heads, L, head_dim)
+        q, k, v = self.project_qkv(self.norm(x))
         bias = self.attention_biases[:, self.attention_bias_idxs]  # gathered each time: never stale
         attn = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(n, length, -1))
@@ -191,7 +234,7 @@ class TinyViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.windowed_attention(x)
-        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = channels_last(self.local_conv(channels_first(x)))
         return x + self.mlp(x)
 
 
@@ -273,4 +316,4 @@ class TinyViTEncoder(nn.Module):
         x = self.stem(x)
         for stage in self.layers[1:]:
             x = stage(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+        return self.neck(channels_first(x))
