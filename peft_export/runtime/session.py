@@ -299,9 +299,9 @@ class SamSession(AutomaticSegmentation):
         has it, else ``decoder_lowres`` (TensorRT engines, older exports), else Meta's ``decoder``;
         ``prefer_lowres``: ``decoder_lowres`` first where the export has it (segment-everything's "lowres")."""
         family = self._family(emb)
-        if family is not None and not (prefer_lowres and self._decoder_graphs(emb)[0] is not None):
-            return family.decode(emb.embedding, coords, labels, mask, has_mask)
         lowres, _ = self._decoder_graphs(emb)
+        if family is not None and not (prefer_lowres and lowres is not None):
+            return family.decode(emb.embedding, coords, labels, mask, has_mask)
         if lowres is not None:
             out = self._backend.run(lowres, {"image_embeddings": emb.embedding, "point_coords": coords,
                                              "point_labels": labels, "mask_input": mask, "has_mask_input": has_mask})
