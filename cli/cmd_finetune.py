@@ -50,6 +50,10 @@ def finetune(
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip (0: off)."),
     objects_per_image: int = typer.Option(25, "--objects-per-image", help="Objects prompted per image and step."),
     sub_iterations: int = typer.Option(8, "--sub-iterations", help="Corrective prompting iterations per step."),
+    objects_per_pass: Optional[int] = typer.Option(
+        None, "--objects-per-pass",
+        help="Objects through the mask decoder at a time (gradients add up; the result is the same, "
+             "memory grows with it). Default: 2 on the CPU, all on a GPU."),
     patience: int = typer.Option(10, "--patience", help="Early stop after this many validations without gain."),
     lr_patience: int = typer.Option(3, "--lr-patience", help="ReduceLROnPlateau patience (validations)."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N steps (default: every epoch)."),
@@ -84,7 +88,8 @@ def finetune(
         bottleneck=bottleneck, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
         instance_decoder=instance_decoder,
         iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations, patience=patience,
+        grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations,
+        objects_per_pass=objects_per_pass, patience=patience,
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
         seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
         save_every=save_every, resume=resume, overwrite=overwrite, progress=not (quiet or no_progress),

@@ -22,6 +22,7 @@ from peft_export.peft import PEFT_METHODS, PeftConfig, apply_peft, merge_peft
 from peft_export.training import TrainConfig, encode_with_frozen_prefix, finetune, first_trainable_block
 from peft_export.training import losses
 from peft_export.training.checkpoint import load_checkpoint
+from peft_export.training.plots import read_log
 from peft_export.training import validate, validation_set
 
 # Each test exports or trains (tiny models, seconds to a minute): slow, still run in CI.
@@ -189,7 +190,7 @@ def test_resume_after_a_torn_log_line_drops_it_and_says_so(demo, tmp_path):
 def test_nan_loss_stops_and_keeps_best_adapter(demo, tmp_path, monkeypatch):
     real = losses.sam_loss
     calls = {"n": 0}
-    # 1 + sub_iterations = 2 loss calls per step and image: the 2nd step turns NaN.
+    # 1 + sub_iterations = 2 loss calls per step and image (all 4 objects in one decoder pass): the 2nd step turns NaN.
 
     def nan_on_step_2(*args):
         calls["n"] += 1
@@ -199,7 +200,7 @@ def test_nan_loss_stops_and_keeps_best_adapter(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "sam_loss", nan_on_step_2)
     out = tmp_path / "nan"
     with pytest.raises(PeftExportError, match="loss is nan at step 2"):
-        finetune(cfg(out, demo, val_every=1, iterations=5))
+        finetune(cfg(out, demo, val_every=1, iterations=5, objects_per_pass=4))
     meta = json.loads((out / "adapter.json").read_text())
     assert meta["training"]["step"] in (0, 1)
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter.safetensors")).values())
@@ -220,7 +221,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "sam_loss", interrupt_in_step_2)
     out = tmp_path / "int"
-    summary = finetune(cfg(out, demo, iterations=4, val_every=4, validate_at_start=False))
+    summary = finetune(cfg(out, demo, iterations=4, val_every=4, validate_at_start=False, objects_per_pass=4))
     assert summary["status"] == "interrupted" and summary["steps"] == 2
     assert load_checkpoint(out)["step"] == 2
     monkeypatch.setattr(losses, "sam_loss", real)
@@ -342,6 +343,21 @@ def test_frozen_trunk_cache_gives_the_same_result(demo, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     s3 = finetune(cfg(tmp_path / "c", demo, cache_frozen_trunk=True, **{**kw, "augment": True}))
     assert "not used" in s3["cache_frozen_trunk"]
+
+
+def test_objects_per_pass_changes_memory_not_the_training(demo, tmp_path):
+    kw = dict(augment=False, iterations=3, val_every=3, validate_at_start=False, peft="lora", blocks="late", rank=2,
+              objects_per_image=4, sub_iterations=2)
+    for k in (1, 3, 4):
+        finetune(cfg(tmp_path / str(k), demo, objects_per_pass=k, **kw))
+    states = {k: load_checkpoint(tmp_path / str(k))["trainables"] for k in (1, 3, 4)}
+    losses_ = {k: [e["loss"] for e in read_log(tmp_path / str(k) / "train_log.jsonl") if e["type"] == "step"]
+               for k in (1, 3, 4)}
+    # the LoRA B matrices start at zero: they have moved, so equal states say equal gradients
+    assert all(states[4][n].abs().max() > 0 for n in states[4] if "w_b" in n)
+    for k in (1, 3):  # passes of 1 and of 3 + 1 objects against all 4 at once: float summation order only
+        assert all(torch.allclose(states[k][n], states[4][n], atol=1e-4) for n in states[4])
+        assert losses_[k] == pytest.approx(losses_[4], rel=1e-4)
 
 
 @pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m != "qlora"])

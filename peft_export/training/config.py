@@ -16,7 +16,7 @@ LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "training.png"
 DEFAULT_EPOCHS = 20
 # Fields a resumed run may change; everything else comes from the run's own config.
-RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every")
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass")
 # Where the run lives and how it was started, not what it trains.
 _RUN_FIELDS = ("out", "resume", "overwrite", "explicit")
 _PATH_FIELDS = ("data", "val_data", "checkpoint")
@@ -63,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     objects_per_image: int = 25
     sub_iterations: int = 8
+    objects_per_pass: int | None = None  # objects per decoder pass (memory, not the result); None: 2 on the CPU, all on a GPU
     mask_input_prob: float = 0.5
     lr_patience: int = 3
     lr_factor: float = 0.9
@@ -110,6 +111,7 @@ def check_config(c: TrainConfig) -> None:
         (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
         (c.batch_size >= 1, f"--batch-size: must be >= 1, got {c.batch_size}"),
         (c.objects_per_image >= 1, f"--objects-per-image: must be >= 1, got {c.objects_per_image}"),
+        (c.objects_per_pass is None or c.objects_per_pass >= 1, f"--objects-per-pass: must be >= 1, got {c.objects_per_pass}"),
         (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
         (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
         (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),

@@ -65,11 +65,14 @@ from .distributed import (
     shutdown,
 )
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
+from .host_memory import keep_freed_memory
 from .ais import InstanceDecoderTraining
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
 from .validation import fit_patch_size, load_split, validate, validation_set
 
+# Objects per decoder pass on the CPU when --objects-per-pass is not given (Trainer._image_loss).
+CPU_OBJECTS_PER_PASS = 2
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -252,42 +255,60 @@ class Trainer:
 
     def _image_loss(self, emb: torch.Tensor, label: np.ndarray, input_size: tuple[int, int], use_box: bool,
                     rng: np.random.Generator, scale: float) -> tuple[float, float, float]:
-        """All prompting iterations for one image; backpropagates each iteration at once."""
+        """All prompting iterations for one image; backpropagates each iteration at once.
+
+        Objects go through the decoder ``objects_per_pass`` at a time, each pass backpropagated
+        before the next: the decoder treats objects independently and the loss is a mean over
+        them, so the gradient is the same sum, while only one pass's full-resolution masks
+        and activations are alive (~200 MB per object at 1024 px). On the CPU two objects a
+        pass cost ~2 % more time than five (``CPU_OBJECTS_PER_PASS``); a GPU takes all at once.
+        """
         c, sam, dev = self.config, self.sam, self.device
         H, W = label.shape
         transform = ResizeLongestSide(sam.image_encoder.img_size)
         objs = initial_prompts(label, c.objects_per_image, rng)
         gt_np = objs.masks
+        n_obj = len(gt_np)
         gt = torch.from_numpy(gt_np).to(dev).float().unsqueeze(1)
         n_iter = 1 + c.sub_iterations
-        pts = np.zeros((len(gt_np), 0, 2), np.float32) if use_box else objs.points
-        lbl = np.zeros((len(gt_np), 0), np.int64) if use_box else np.ones((len(gt_np), 1), np.int64)
+        pts = np.zeros((n_obj, 0, 2), np.float32) if use_box else objs.points
+        lbl = np.zeros((n_obj, 0), np.int64) if use_box else np.ones((n_obj, 1), np.int64)
         boxes = transform.apply_boxes_torch(torch.from_numpy(objs.boxes).to(dev), (H, W)) if use_box else None
         mask_input = None
         totals = np.zeros(3)
+        per_pass = c.objects_per_pass or (CPU_OBJECTS_PER_PASS if dev.type == "cpu" else max(n_obj, 1))
         for it in range(n_iter):
             multimask = it == 0 and not use_box
             coords = None
             if pts.shape[1]:
                 coords = (transform.apply_coords_torch(torch.from_numpy(pts).to(dev), (H, W)),
                           torch.from_numpy(lbl).to(dev))
-            with self._autocast():
-                low, iou_pred = self._decode(emb, *(coords or (None, None)), boxes, mask_input, multimask)
-            masks = sam.postprocess_masks(low.float(), input_size, (H, W))
-            loss, dice_l, iou_l, best = losses.sam_loss(masks, iou_pred, gt)
-            loss_scaled = loss * (scale / n_iter)
-            if loss_scaled.requires_grad:
-                self._backward(loss_scaled)
-            totals += [float(loss.detach()), float(dice_l.detach()), float(iou_l.detach())]
+            preds, prevs = [], []
+            for lo in range(0, n_obj, per_pass):
+                part = slice(lo, lo + per_pass)
+                share = len(gt_np[part]) / n_obj
+                with self._autocast():
+                    low, iou_pred = self._decode(
+                        emb, *((coords[0][part], coords[1][part]) if coords else (None, None)),
+                        boxes[part] if boxes is not None else None,
+                        mask_input[part] if mask_input is not None else None, multimask)
+                masks = losses.full_resolution_logits(low.float(), sam.image_encoder.img_size, input_size, (H, W))
+                loss, dice_l, iou_l, best = losses.sam_loss(masks, iou_pred, gt[part])
+                loss_scaled = loss * (share * scale / n_iter)
+                if loss_scaled.requires_grad:
+                    self._backward(loss_scaled)
+                totals += share * np.array([float(loss.detach()), float(dice_l.detach()), float(iou_l.detach())])
+                if it + 1 < n_iter:
+                    with torch.no_grad():
+                        idx = torch.arange(len(best), device=dev)
+                        preds.append((masks[idx, best] > 0).cpu().numpy())
+                        prevs.append(low[idx, best].detach().float().unsqueeze(1))
+                del masks, low, iou_pred, loss, loss_scaled
             if it + 1 < n_iter:
-                with torch.no_grad():
-                    idx = torch.arange(len(best), device=dev)
-                    pred = (masks[idx, best] > 0).cpu().numpy()
-                    prev = low[idx, best].detach().float().unsqueeze(1)
-                new_pts, new_lbl = corrective_points(pred, gt_np, rng)
+                new_pts, new_lbl = corrective_points(np.concatenate(preds), gt_np, rng)
                 pts = np.concatenate([pts, new_pts], axis=1)
                 lbl = np.concatenate([lbl, new_lbl], axis=1)
-                mask_input = prev if rng.random() < c.mask_input_prob else None
+                mask_input = torch.cat(prevs) if rng.random() < c.mask_input_prob else None
         return tuple(totals / n_iter)
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -484,7 +505,8 @@ class Trainer:
         use_cuda = device.type == "cuda"
         self.dist = init_distributed(use_cuda)
         try:
-            return self._run(c, train, val)
+            with keep_freed_memory(enabled=not use_cuda):  # CPU steps stop re-faulting their pages (host_memory)
+                return self._run(c, train, val)
         finally:
             shutdown(self.dist)
 

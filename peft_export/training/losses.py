@@ -16,6 +16,18 @@ def dice_loss_per_mask(probs: torch.Tensor, target: torch.Tensor, eps: float = 1
     return 1.0 - 2.0 * inter / denom.clamp_min(eps)
 
 
+def full_resolution_logits(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                           original_size: tuple[int, int]) -> torch.Tensor:
+    """``Sam.postprocess_masks``: resize to the model input, crop the image's area, resize to the
+    label; the last resize is left out when the crop already has the label's size (a bilinear
+    resize to the same size is the identity, and at full resolution it costs as much as the first)."""
+    masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    if tuple(masks.shape[-2:]) != tuple(original_size):
+        masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+    return masks
+
+
 @torch.no_grad()
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of the thresholded masks (logit > 0) with the target, (N, M)."""
