@@ -54,6 +54,7 @@ def _worker(args: argparse.Namespace) -> None:
             out=str(out), data=str(data), model_type=args.model, image_size=args.image_size, patch_size=patch,
             iterations=args.warmup + args.steps, val_fraction=0.0, validate_at_start=False, lr=1e-5,
             objects_per_image=args.objects, sub_iterations=args.sub_iterations, device=args.device,
+            objects_per_pass=args.objects_per_pass,
             precision=args.precision, progress=False, seed=0, **METHODS[args.worker][1]))
         steps = [e for e in read_log(out / "train_log.jsonl") if e["type"] == "step"][args.warmup:]
     print("RESULT " + json.dumps({
@@ -72,6 +73,8 @@ def _run_one(method: str, args: argparse.Namespace) -> dict:
            "--precision", args.precision, "--threads", str(args.threads)]
     if args.patch_size:
         cmd += ["--patch-size", str(args.patch_size)]
+    if args.objects_per_pass:
+        cmd += ["--objects-per-pass", str(args.objects_per_pass)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--objects", type=int, default=5, help="objects per image and step")
     p.add_argument("--sub-iterations", type=int, default=1)
+    p.add_argument("--objects-per-pass", type=int, default=None,
+                   help="objects per decoder pass (default: finetune's, 2 on the CPU, all on a GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys: " + ", ".join(METHODS))
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -125,7 +130,8 @@ def main() -> None:
         print(f"{m}: {r['seconds_per_step']:.2f} s/step, {r['peak_memory_mb']:.0f} MB", file=sys.stderr, flush=True)
         results.append(r)
     print(f"\n{args.model} at {args.image_size}px, patch {args.patch_size or args.image_size}, device {args.device}, "
-          f"{args.precision}, batch 1, {args.objects} objects, {args.sub_iterations} sub-iteration(s), "
+          f"{args.precision}, batch 1, {args.objects} objects ({args.objects_per_pass or 'default'} per decoder pass), "
+          f"{args.sub_iterations} sub-iteration(s), "
           f"mean of {args.steps} steps after {args.warmup} warm-up ({time.perf_counter() - t0:.0f} s total)\n")
     print(format_table(results, args))
     if args.json:
