@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--objects", type=int, default=5, help="objects per image and step")
     p.add_argument("--sub-iterations", type=int, default=1)
     p.add_argument("--objects-per-pass", type=int, default=None,
-                   help="objects per decoder pass (default: finetune's, 2 on the CPU, all on a GPU)")
+                   help="objects per decoder pass (default: finetune's; on the CPU 2 at 1024 px)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys: " + ", ".join(METHODS))
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")

@@ -53,7 +53,7 @@ def finetune(
     objects_per_pass: Optional[int] = typer.Option(
         None, "--objects-per-pass",
         help="Objects through the mask decoder at a time (gradients add up; the result is the same, "
-             "memory grows with it). Default: 2 on the CPU, all on a GPU."),
+             "memory grows with it). Default: all on a GPU; on the CPU 2 at 1024 px, 8 at 512 px, 32 at 256 px."),
     patience: int = typer.Option(10, "--patience", help="Early stop after this many validations without gain."),
     lr_patience: int = typer.Option(3, "--lr-patience", help="ReduceLROnPlateau patience (validations)."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N steps (default: every epoch)."),

@@ -345,6 +345,16 @@ def test_frozen_trunk_cache_gives_the_same_result(demo, tmp_path):
     assert "not used" in s3["cache_frozen_trunk"]
 
 
+def test_default_objects_per_pass_bounds_mask_pixels_on_the_cpu():
+    from peft_export.training.loop import default_objects_per_pass
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_objects_per_pass(cpu, (1024, 1024), 25) == 2
+    assert default_objects_per_pass(cpu, (512, 512), 25) == 8
+    assert default_objects_per_pass(cpu, (4096, 4096), 25) == 1
+    assert default_objects_per_pass(gpu, (1024, 1024), 25) == 25
+
+
 def test_objects_per_pass_changes_memory_not_the_training(demo, tmp_path):
     kw = dict(augment=False, iterations=3, val_every=3, validate_at_start=False, peft="lora", blocks="late", rank=2,
               objects_per_image=4, sub_iterations=2)

@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     objects_per_image: int = 25
     sub_iterations: int = 8
-    objects_per_pass: int | None = None  # objects per decoder pass (memory, not the result); None: 2 on the CPU, all on a GPU
+    objects_per_pass: int | None = None  # objects per decoder pass (memory, not the result); None: loop.default_objects_per_pass
     mask_input_prob: float = 0.5
     lr_patience: int = 3
     lr_factor: float = 0.9

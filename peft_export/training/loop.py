@@ -71,8 +71,16 @@ from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
 from .validation import fit_patch_size, load_split, validate, validation_set
 
-# Objects per decoder pass on the CPU when --objects-per-pass is not given (Trainer._image_loss).
-CPU_OBJECTS_PER_PASS = 2
+# Mask pixels per decoder pass on the CPU when --objects-per-pass is not given: 2 objects a pass at
+# 1024 x 1024, 8 at 512 x 512, 32 at 256 x 256 (Trainer._image_loss).
+CPU_PIXELS_PER_PASS = 2 * 1024 * 1024
+
+
+def default_objects_per_pass(device: torch.device, label_shape: tuple[int, int], n_objects: int) -> int:
+    """All objects at once on a GPU; on the CPU as many as make ``CPU_PIXELS_PER_PASS`` mask pixels."""
+    if device.type != "cpu":
+        return max(n_objects, 1)
+    return max(1, CPU_PIXELS_PER_PASS // (label_shape[0] * label_shape[1]))
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -261,7 +269,7 @@ class Trainer:
         before the next: the decoder treats objects independently and the loss is a mean over
         them, so the gradient is the same sum, while only one pass's full-resolution masks
         and activations are alive (~200 MB per object at 1024 px). On the CPU two objects a
-        pass cost ~2 % more time than five (``CPU_OBJECTS_PER_PASS``); a GPU takes all at once.
+        pass at 1024 px cost ~2 % more time than five (``default_objects_per_pass``).
         """
         c, sam, dev = self.config, self.sam, self.device
         H, W = label.shape
@@ -276,7 +284,7 @@ class Trainer:
         boxes = transform.apply_boxes_torch(torch.from_numpy(objs.boxes).to(dev), (H, W)) if use_box else None
         mask_input = None
         totals = np.zeros(3)
-        per_pass = c.objects_per_pass or (CPU_OBJECTS_PER_PASS if dev.type == "cpu" else max(n_obj, 1))
+        per_pass = c.objects_per_pass or default_objects_per_pass(dev, (H, W), n_obj)
         for it in range(n_iter):
             multimask = it == 0 and not use_box
             coords = None
