@@ -8,7 +8,8 @@ pages anew. On a 2-core VM that page-fault work was a third of an eager vit_t fo
 (1.2 s -> 0.74 s) and of a full fine-tuning step (see docs/vit_t.md, "Fine-tuning cost").
 
 ``keep_freed_memory`` turns both off for the duration of a run, so freed blocks are
-reused, and restores glibc's defaults afterwards (returning what is free to the kernel).
+reused, and afterwards sets the thresholds glibc's own rule reaches in such a process
+(returning what is free to the kernel).
 The process's peak is unchanged; what it holds between steps is its peak.
 """
 
@@ -21,9 +22,15 @@ import sys
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-_GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _GLIBC_DEFAULT_MMAP_MAX = 65536
+# Any mallopt call switches off glibc's dynamic thresholds for good (they start at 128 KB and rise as
+# large blocks are freed, up to 32 MB on 64-bit, trimming at twice that). Frozen at 128 KB, torch would
+# map and fault every tensor above it: vit_b at 256 px ran 25-30 % slower after a run. So the restore
+# sets where the dynamic rule ends in a process that works with large tensors.
+_MMAP_THRESHOLD_AFTER = 32 * 2**20
+_TRIM_THRESHOLD_AFTER = 2 * _MMAP_THRESHOLD_AFTER
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -58,5 +65,6 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
         yield applied
     finally:
         libc.mallopt(M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
+        libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
         libc.malloc_trim(0)
