@@ -4,6 +4,7 @@ without the identity resize, and glibc keeping freed blocks while a run lasts.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,10 +56,15 @@ print(json.dumps({"applied": applied, "plain": plain, "kept": kept, "after": aft
 """
 
 
+def _untuned_environment() -> dict[str, str]:
+    # Earlier tests may leave MALLOC_* in os.environ (dask's nanny sets one for its workers).
+    return {k: v for k, v in os.environ.items() if not user_tuned_malloc({k: v})}
+
+
 @pytest.mark.skipif(_glibc() is None, reason="glibc only")
-@pytest.mark.skipif(user_tuned_malloc(), reason="this process's malloc is tuned by its environment")
 def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back_after():
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
+                          env=_untuned_environment())
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["applied"]
     assert r["plain"] < 100  # glibc's default: a block this large goes back at once
@@ -69,9 +75,15 @@ def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back_after():
     assert min(r["faults"][1:]) < 1000, r["faults"]
 
 
-def test_keep_freed_memory_leaves_a_tuned_malloc_alone(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
-    with keep_freed_memory() as applied:
-        assert not applied
+@pytest.mark.skipif(_glibc() is None, reason="glibc only")
+def test_keep_freed_memory_leaves_a_malloc_tuned_at_start_alone(monkeypatch):
+    tuned = {**_untuned_environment(), "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}
+    probe = "from peft_export.training.host_memory import keep_freed_memory as k\nwith k() as a: print(a)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=tuned)
+    assert proc.stdout.split()[-1] == "False"
+    # set after the start, a variable tunes nothing (glibc read its environment at startup)
+    started_tuned = user_tuned_malloc()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert user_tuned_malloc() == started_tuned
     with keep_freed_memory(enabled=False) as applied:
         assert not applied

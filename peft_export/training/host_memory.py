@@ -5,7 +5,10 @@ kernel as soon as it is freed, and trims the top of the heap. A training step fr
 allocates the same large tensors again and again (TinyViT's first stage alone makes
 64 MB activations at 1024 px), so every step makes the kernel map and zero the same
 pages anew. On a 2-core VM that page-fault work was a third of an eager vit_t forward
-(1.2 s -> 0.74 s) and of a full fine-tuning step (see docs/vit_t.md, "Fine-tuning cost").
+(1.2 s -> 0.77 s: ``python benchmarks/bench_vit_t.py`` times MobileSAM's eager encoder both ways)
+and of a full vit_t fine-tuning step at 1024 px (7.2 s -> 4.3 s, ``python
+benchmarks/bench_training.py --model vit_t --image-size 1024``, before and after this module and
+objects in decoder passes).
 
 ``keep_freed_memory`` turns both off for the duration of a run, so freed blocks are
 reused, and afterwards sets the thresholds glibc's own rule reaches in such a process
@@ -44,9 +47,21 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def user_tuned_malloc() -> bool:
-    """Whether the environment already sets glibc's malloc (then it is left as the user set it)."""
-    return "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
+def _startup_environment() -> dict[str, str]:
+    """The environment this process started with: what glibc read (later os.environ changes, e.g. by
+    dask's nanny for the workers it spawns, do not tune this process's malloc)."""
+    try:
+        raw = open("/proc/self/environ", "rb").read()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def user_tuned_malloc(environ: dict[str, str] | None = None) -> bool:
+    """Whether the process started with glibc's malloc tuned (then it is left as the user set it)."""
+    env = _startup_environment() if environ is None else environ
+    return "malloc" in env.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in env)
 
 
 @contextlib.contextmanager
