@@ -45,12 +45,13 @@ from peft_export.models import random_instance_decoder  # noqa: E402
 from peft_export.bench.load import load_between  # noqa: E402
 from peft_export.bench.load import snapshot as load_snapshot  # noqa: E402
 from peft_export.peft.adapters import load_model_source  # noqa: E402
+from peft_export.training.host_memory import GLIBC_TUNABLES_KEEP  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
-# glibc's malloc set, for the whole process, as ``peft_export.training.host_memory`` sets it while training:
-# large freed blocks stay mapped and are reused instead of being faulted in again on every call.
-KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+# glibc's malloc set for the whole process as finetune sets it while training: large freed blocks stay
+# mapped and are reused instead of being faulted in again on every call.
+KEEP_FREED_MEMORY = GLIBC_TUNABLES_KEEP
 
 TARGETS = {"vs_vit_b": 12.0, "vs_eager": 3.0, "fp32_peak_mb": 600.0, "size_speedup": 3.0, "ais_ms": 1000.0}
 

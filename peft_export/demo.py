@@ -197,7 +197,6 @@ def run_demo(
             model_type=model_type, checkpoint=str(checkpoint) if checkpoint else None, image_size=p["image_size"],
             peft="lora", blocks="late", rank=p["rank"], targets=("q", "k", "v", "mlp"),
             iterations=p["iterations"], lr=p["lr"], objects_per_image=p["objects"],
-            objects_per_pass=p["objects"],  # small images: all objects in one decoder pass, as micro-sam
             sub_iterations=p["sub_iterations"], val_every=p["val_every"], val_objects=p["val_objects"],
             seed=seed, progress=progress, instance_decoder=instances,
         ))

@@ -23,11 +23,17 @@ import ctypes
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 _GLIBC_DEFAULT_MMAP_MAX = 65536
+# While a run lasts: no block is mapped on its own, and the heap is never trimmed (mallopt takes an int).
+_KEEP_MMAP_MAX = 0
+_KEEP_TRIM_THRESHOLD = 2**31 - 1
+# The same setting for a whole process, given at its start (benchmarks/bench_vit_t.py times eager torch so).
+GLIBC_TUNABLES_KEEP = f"glibc.malloc.mmap_max={_KEEP_MMAP_MAX}:glibc.malloc.trim_threshold={_KEEP_TRIM_THRESHOLD}"
 # Any mallopt call switches off glibc's dynamic thresholds for good (they start at 128 KB and rise as
 # large blocks are freed, up to 32 MB on 64-bit, trimming at twice that). Frozen at 128 KB, torch would
 # map and fault every tensor above it: vit_b at 256 px ran 25-30 % slower after a run. So the restore
@@ -51,7 +57,7 @@ def _startup_environment() -> dict[str, str]:
     """The environment this process started with: what glibc read (later os.environ changes, e.g. by
     dask's nanny for the workers it spawns, do not tune this process's malloc)."""
     try:
-        raw = open("/proc/self/environ", "rb").read()
+        raw = Path("/proc/self/environ").read_bytes()
     except OSError:
         return dict(os.environ)
     pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
@@ -75,7 +81,8 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    applied = (libc.mallopt(M_MMAP_MAX, _KEEP_MMAP_MAX) == 1
+               and libc.mallopt(M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1)
     try:
         yield applied
     finally:

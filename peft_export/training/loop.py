@@ -311,7 +311,7 @@ class Trainer:
                         idx = torch.arange(len(best), device=dev)
                         preds.append((masks[idx, best] > 0).cpu().numpy())
                         prevs.append(low[idx, best].detach().float().unsqueeze(1))
-                del masks, low, iou_pred, loss, loss_scaled
+                del masks, low, iou_pred, loss, loss_scaled  # not alive while the next pass allocates its own
             if it + 1 < n_iter:
                 new_pts, new_lbl = corrective_points(np.concatenate(preds), gt_np, rng)
                 pts = np.concatenate([pts, new_pts], axis=1)
