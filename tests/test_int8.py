@@ -106,6 +106,21 @@ def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp
     assert on_disk["graphs"]["encoder"]["int8"]["calibration"] == entry["calibration"]
 
 
+def test_static_int8_with_relative_paths(adapted, images, tmp_path, monkeypatch):
+    # `peftexport merge-and-export -o export --calibration-data images` from the folder that holds
+    # both: the calibrator works in a scratch folder of its own, the paths given must still be found.
+    good, _ = images
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").symlink_to(good, target_is_directory=True)
+    keep = tuple(f"/image_encoder/blocks.{b}/{part}/MatMul" for b in (0, 3)
+                 for part in ("attn/qkv", "attn/proj", "mlp/lin1", "mlp/lin2"))
+    manifest = merge_and_export(adapted, "export", precisions=["int8"], calibration_data="imgs", progress=False,
+                                int8_recipe=Int8Recipe(exclude=keep))
+    assert manifest["graphs"]["encoder"]["int8"]["int8_recipe"]["mode"] == "static QDQ, calibrated"
+    assert (tmp_path / "export" / manifest["graphs"]["encoder"]["int8"]["path"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "imgs"]  # no scratch folder left behind
+
+
 @pytest.mark.slow  # worker processes / full exports
 def test_a_bad_quantisation_is_refused_and_the_fp32_export_is_kept(adapted, images, tmp_path):
     # Calibrated on black images, the activation ranges are far too narrow for real ones: the real gate

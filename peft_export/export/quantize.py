@@ -133,7 +133,8 @@ def _quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, recipe: Int8R
                    calibration: Sequence[np.ndarray] | None) -> Int8Recipe:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    src, dst = Path(src), Path(dst)
+    # absolute: the calibrator below runs in a scratch folder of its own (os.chdir)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     external = onnx_bytes(src) // 4 > EXTERNAL_DATA_BYTES
     exclude = list(recipe.exclude) + [n for n in batched_weight_matmuls(src) if n not in recipe.exclude]
     common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
@@ -148,7 +149,7 @@ def _quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, recipe: Int8R
                 cwd = os.getcwd()
                 os.chdir(scratch)
                 try:
-                    quantize_static(str(src.resolve()), str(dst.resolve()), _Images(calibration),
+                    quantize_static(str(src), str(dst), _Images(calibration),
                                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8, **common,
                                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
