@@ -11,6 +11,9 @@ Cases (encoder medians; random weights, a LoRA r32 q,v merged in, as ``bench_cpu
   page-fault work away), and its exports (fp32, int8) on ONNX Runtime and OpenVINO at
   every size; an int8 graph the export gate refuses is left out and the refusal is printed;
 - vit_b's exports (fp32, int8) at the main size (``--vit-b-eager`` also times vit_b in torch eager);
+- ``--calibration``: int8 also as static QDQ (``merge-and-export --calibration-data``, the default
+  static recipe and its search) calibrated on 4 synthetic demo images, for both models at the main
+  size (``static`` in the case name); the int8 ratio then compares the best int8 of each model;
 - AIS: a vit_t export at the AIS size (default 512) with micro-sam's instance decoder, timed
   encoder + ``ais`` (instance decoder + post-processing) in one fresh process.
 
@@ -41,6 +44,7 @@ from peft_export import bench  # noqa: E402
 from peft_export.bench.stats import device_info, library_versions  # noqa: E402
 from peft_export.errors import PeftExportError  # noqa: E402
 from peft_export.export import merge_and_export  # noqa: E402
+from peft_export.data import make_demo_data  # noqa: E402
 from peft_export.models import random_instance_decoder  # noqa: E402
 from peft_export.bench.load import load_between  # noqa: E402
 from peft_export.bench.load import snapshot as load_snapshot  # noqa: E402
@@ -70,6 +74,38 @@ def export_precisions(checkpoint: Path, out: Path, size: int, instance_decoder: 
             raise
         merge_and_export(adapted, out, precisions=("fp32",), overwrite=True, progress=False)
         return out, {"int8": str(exc)}
+
+
+def export_static_int8(checkpoint: Path, out: Path, size: int, calibration: Path) -> tuple[Path | None, dict]:
+    """The int8 encoder as static QDQ calibrated on the images in ``calibration`` (default static recipe and
+    its search, as ``merge-and-export --calibration-data``). Returns (dir or None when refused, refusals)."""
+    adapted = load_model_source(merged=checkpoint, image_size=size)
+    try:
+        merge_and_export(adapted, out, precisions=("int8",), calibration_data=calibration, overwrite=True,
+                         progress=False)
+        return out, {}
+    except PeftExportError as exc:
+        return None, {"static int8": str(exc)}
+
+
+def calibration_images(out: Path, size: int) -> Path:
+    """4 synthetic demo images (not the gate's probe image) at ``size``, written once."""
+    root = out / f"calibration_{size}"
+    if not (root / "images").is_dir():
+        make_demo_data(root, n_images=4, size=size, seed=11, overwrite=True)
+    return root / "images"
+
+
+def static_cases(model_type: str, checkpoint: Path, out: Path, size: int, backends: list[str],
+                 refusals: dict) -> list[bench.FreshCase]:
+    log(f"exporting {model_type} static int8 at {size} (calibrated on demo images)")
+    export, refused = export_static_int8(checkpoint, out / f"{model_type}_{size}_static", size,
+                                         calibration_images(out, size))
+    refusals.update({f"{model_type} {p} @{size}": why for p, why in refused.items()})
+    if export is None:
+        return []
+    return [c for c in _export_cases(export, size, backends, f"{model_type} export static ")
+            if c.spec.precision == "int8"]
 
 
 def mobile_sam_eager_child(checkpoint: str, size: int, warmup: int, iterations: int) -> dict:
@@ -173,6 +209,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-vit-b", action="store_true", help="skip vit_b (its export alone takes minutes)")
     ap.add_argument("--vit-b-eager", action="store_true", help="also time vit_b in torch eager (~17 s a call)")
+    ap.add_argument("--calibration", action="store_true",
+                    help="also time int8 as static QDQ calibrated on demo images (both models, main size; minutes)")
     ap.add_argument("--out", type=Path, default=Path("bench_vit_t_out"))
     ap.add_argument("--child-mobile-sam", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,6 +242,8 @@ def main() -> int:
         export, refused = export_precisions(ckpt, args.out / f"vit_t_{size}", size)
         refusals.update({f"vit_t {p} @{size}": why for p, why in refused.items()})
         cases = _cases(export, size, backends, "vit_t export ", refused)
+        if size == main_size and args.calibration:
+            cases += static_cases("vit_t", ckpt, args.out, size, backends, refusals)
         if size == main_size:
             adapted = build("lora-qv", "vit_t", size)
             desc = bench.save_model(adapted, models / f"vit_t_{size}.pt")
@@ -235,6 +275,8 @@ def main() -> int:
         export, refused = export_precisions(ckpt, args.out / f"vit_b_{main_size}", main_size)
         refusals.update({f"vit_b {p} @{main_size}": why for p, why in refused.items()})
         cases = _cases(export, main_size, backends, "vit_b export ", refused)
+        if args.calibration:
+            cases += static_cases("vit_b", ckpt, args.out, main_size, backends, refusals)
         if args.vit_b_eager:
             adapted = build("lora-qv", "vit_b", main_size)
             desc = bench.save_model(adapted, models / f"vit_b_{main_size}.pt")
@@ -249,7 +291,8 @@ def main() -> int:
         "settings": {"device": "cpu", "model_type": "vit_t", "image_size": main_size, "sizes": sizes,
                      "ais_size": args.ais_size, "warmup": args.warmup, "iterations": args.iterations,
                      "fresh_process": True, "backends": backends, "torch_threads": torch.get_num_threads(),
-                     "weights": "random (seed 0), LoRA q,v r32 merged"},
+                     "weights": "random (seed 0), LoRA q,v r32 merged",
+                     "static_int8": "calibrated on 4 demo images (seed 11)" if args.calibration else None},
         "load": load_between(load_before, load_snapshot()),
         "targets": TARGETS, "refusals": refusals, "summary": lines, "mobile_sam_eager": mobile_sam,
         "mobile_sam_eager_keeping_freed_memory": {"GLIBC_TUNABLES": KEEP_FREED_MEMORY, **(mobile_sam_kept or {})},
