@@ -3,11 +3,13 @@
     python benchmarks/int8_variants.py --out /tmp/int8 --model vit_b             # ~10 min on 2 cores
     python benchmarks/int8_variants.py --out /tmp/int8 --sensitivity              # + leave-one-block-out sweep
     python benchmarks/int8_variants.py --out /tmp/int8 --calibration-data IMAGES  # + static QDQ on your images
+    python benchmarks/int8_variants.py --out /tmp/int8 --model vit_t --calibration-data demo  # static, demo images
 
 Variants (``peft_export.export.quantize.Int8Recipe``): per-tensor weights on every op type
 (samexporter's choice, but signed 7-bit), per-channel on every op type, per-channel MatMul only
 (the default), the default with 8-bit weights (saturates u8s8 kernels on CPUs without VNNI), and
-static QDQ calibrated on images when given. ``--sensitivity`` quantises all blocks but one, per
+static QDQ calibrated on images when given (``demo``: 4 synthetic demo images): MatMul only (what
+``--calibration-data`` starts its search from), and with the convolutions too, with 7- and 8-bit weights. ``--sensitivity`` quantises all blocks but one, per
 block, and ranks the blocks by how much agreement leaving them in fp32 buys: the measurement
 behind ``quantize.SENSITIVE_PARTS``. Every encoder is timed in its own process on ONNX Runtime
 (and OpenVINO if installed). Writes OUT/int8_variants.json and prints a table.
@@ -59,7 +61,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--sensitivity", action="store_true", help="leave-one-block-out sweep (agreement only)")
-    ap.add_argument("--calibration-data", type=Path, default=None)
+    ap.add_argument("--calibration-data", type=Path, default=None,
+                    help="a folder of images for the static variants, or 'demo' for synthetic demo images")
     ap.add_argument("--out", type=Path, default=Path("int8_variants_out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,17 @@ def main() -> int:
         from peft_export.export.calibration import calibration_inputs
         from peft_export.runtime.intensity import DEFAULT_INTENSITY_RULE
 
-        calibration, _ = calibration_inputs(args.calibration_data, args.image_size, dict(DEFAULT_INTENSITY_RULE))
+        images = args.calibration_data
+        if str(images) == "demo":
+            from peft_export.data import make_demo_data
+
+            make_demo_data(args.out / "calibration", n_images=4, size=args.image_size, seed=11, overwrite=True)
+            images = args.out / "calibration" / "images"
+        calibration, _ = calibration_inputs(images, args.image_size, dict(DEFAULT_INTENSITY_RULE))
         variants["static QDQ, calibrated"] = Int8Recipe()
+        variants["static QDQ, calibrated, Conv + MatMul"] = Int8Recipe(op_types=("Conv", "MatMul"))
+        variants["static QDQ, calibrated, Conv + MatMul, 8-bit"] = Int8Recipe(op_types=("Conv", "MatMul"),
+                                                                               reduce_range=False)
     backends = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     rows = []
     for i, (name, recipe) in enumerate(variants.items()):
@@ -110,11 +122,11 @@ def main() -> int:
             sweep.append({"block_in_fp32": b, **gate})
             log(f"block {b} in fp32: IoU mean {gate['mask_iou_mean']:.4f}, min {gate['mask_iou_min']:.4f}")
         sweep.sort(key=lambda r: -r["mask_iou_min"])
-    print(f"{'variant':<42}{'IoU mean':>9}{'IoU min':>9}{'cosine':>9}" + "".join(f"{b + ' s':>16}{'MB':>7}" for b in backends))
+    print(f"{'variant':<48}{'IoU mean':>9}{'IoU min':>9}{'cosine':>9}" + "".join(f"{b + ' s':>16}{'MB':>7}" for b in backends))
     for r in rows:
         cells = "".join(f"{r.get(b, {}).get('median_s', float('nan')):>16.2f}{r.get(b, {}).get('peak_rss_mb', float('nan')):>7.0f}"
                         for b in backends)
-        print(f"{r['variant']:<42}{r.get('mask_iou_mean', 1):>9.4f}{r.get('mask_iou_min', 1):>9.4f}"
+        print(f"{r['variant']:<48}{r.get('mask_iou_mean', 1):>9.4f}{r.get('mask_iou_min', 1):>9.4f}"
               f"{r.get('embedding_cosine', 1):>9.5f}{cells}")
     for s in sweep[:3]:
         print(f"most sensitive: block {s['block_in_fp32']} (left in fp32: IoU min {s['mask_iou_min']:.4f})")
