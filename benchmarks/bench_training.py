@@ -2,16 +2,19 @@
 
     python benchmarks/bench_training.py --model vit_b --image-size 512 --steps 3 --device cpu
     python benchmarks/bench_training.py --model vit_t --image-size 1024 --steps 3 --device cpu   # MobileSAM
+    python benchmarks/bench_training.py --model vit_t --image-size 1024 --steps 5 --encoder-only  # encoder's share
 
 Every method trains on the same synthetic data, model, patch size and prompts (the loop of
 ``peftexport finetune``, no validation). Peak memory is the process's peak RSS on the CPU or
 ``torch.cuda.max_memory_allocated`` on a GPU, read after the last step. Prints one markdown
-table with ratios to full finetuning (and ``--json`` writes the raw numbers).
+table with ratios to full finetuning (and ``--json`` writes the raw numbers). ``--encoder-only`` times
+the image encoder's forward + backward alone: the ratios a method would reach with a free decoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -66,6 +69,57 @@ def _worker(args: argparse.Namespace) -> None:
     }))
 
 
+def _encoder_worker(args: argparse.Namespace) -> None:
+    """``--encoder-only``: the image encoder's share of a step alone (the forward, without autograd through
+    the frozen prefix as finetune runs it, and the backward of a random gradient on the embedding): what a
+    method would cost if the mask decoder and the loss were free."""
+    warnings.simplefilter("ignore")
+    import resource
+
+    import torch
+
+    from peft_export.models import random_sam
+    from peft_export.models.encoder_split import encode_with_frozen_prefix, first_trainable_block
+    from peft_export.peft import PeftConfig
+    from peft_export.peft.apply import apply_peft, count_trainable_parameters
+    from peft_export.training.host_memory import keep_freed_memory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    options = dict(METHODS[args.worker][1])
+    sam = apply_peft(random_sam(args.model, args.image_size, seed=0), PeftConfig(options.pop("peft"), **options))
+    sam = sam.to(device)
+    first = first_trainable_block(sam)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, args.image_size, args.image_size, generator=g).to(device)
+    grad = None
+
+    def step() -> None:
+        nonlocal grad
+        emb = encode_with_frozen_prefix(sam, x, first)
+        if grad is None:
+            grad = torch.randn(emb.shape, generator=g).to(device)
+        if emb.requires_grad:
+            emb.backward(grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    with keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext():  # as finetune on the CPU
+        for i in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    counts = count_trainable_parameters(sam)
+    print("RESULT " + json.dumps({"method": args.worker, "seconds_per_step": sum(times) / len(times),
+                                  "peak_memory_mb": peak, "trainable_encoder": counts["image_encoder"],
+                                  "trainable_total": counts["total"]}))
+
+
 def _run_one(method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--model", args.model, "--image-size", str(args.image_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
@@ -75,6 +129,8 @@ def _run_one(method: str, args: argparse.Namespace) -> dict:
         cmd += ["--patch-size", str(args.patch_size)]
     if args.objects_per_pass:
         cmd += ["--objects-per-pass", str(args.objects_per_pass)]
+    if args.encoder_only:
+        cmd += ["--encoder-only"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -114,10 +170,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys: " + ", ".join(METHODS))
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="time only the image encoder's forward + backward (no decoder, no loss, no optimizer)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        _worker(args)
+        (_encoder_worker if args.encoder_only else _worker)(args)
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -129,10 +187,14 @@ def main() -> None:
         r = _run_one(m, args)
         print(f"{m}: {r['seconds_per_step']:.2f} s/step, {r['peak_memory_mb']:.0f} MB", file=sys.stderr, flush=True)
         results.append(r)
-    print(f"\n{args.model} at {args.image_size}px, patch {args.patch_size or args.image_size}, device {args.device}, "
-          f"{args.precision}, batch 1, {args.objects} objects ({args.objects_per_pass or 'default'} per decoder pass), "
-          f"{args.sub_iterations} sub-iteration(s), "
-          f"mean of {args.steps} steps after {args.warmup} warm-up ({time.perf_counter() - t0:.0f} s total)\n")
+    if args.encoder_only:
+        recipe = (f"image encoder only (forward + backward of a random embedding gradient; no decoder, loss or "
+                  f"optimizer), {args.model} at {args.image_size}px, device {args.device}, fp32, batch 1")
+    else:
+        recipe = (f"{args.model} at {args.image_size}px, patch {args.patch_size or args.image_size}, device {args.device}, "
+                  f"{args.precision}, batch 1, {args.objects} objects ({args.objects_per_pass or 'default'} per decoder "
+                  f"pass), {args.sub_iterations} sub-iteration(s)")
+    print(f"\n{recipe}, mean of {args.steps} steps after {args.warmup} warm-up ({time.perf_counter() - t0:.0f} s total)\n")
     print(format_table(results, args))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
