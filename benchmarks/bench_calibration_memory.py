@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ORDERS = ("ours", "onnxruntime")
 
 CHILD = r"""
-import contextlib, json, resource, sys, time
+import contextlib, json, sys, time
 import numpy as np
 import peft_export.export.quantize as quantize
+from peft_export.bench.stats import peak_rss_mb  # VmHWM: ru_maxrss would start at this script's own peak
 src, dst, n, order, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 if order == "onnxruntime":  # ONNX Runtime's own session: default execution order
     quantize._calibration_in_priority_order = contextlib.nullcontext
@@ -35,7 +36,7 @@ images = [rng.standard_normal((1, 3, size, size), dtype=np.float32) for _ in ran
 t = time.perf_counter()
 quantize.quantize_int8(src, dst, quantize.Int8Recipe(), images)
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 

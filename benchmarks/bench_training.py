@@ -74,10 +74,9 @@ def _encoder_worker(args: argparse.Namespace) -> None:
     the frozen prefix as finetune runs it, and the backward of a random gradient on the embedding): what a
     method would cost if the mask decoder and the loss were free."""
     warnings.simplefilter("ignore")
-    import resource
-
     import torch
 
+    from peft_export.bench.stats import peak_rss_mb
     from peft_export.models import random_sam
     from peft_export.models.encoder_split import encode_with_frozen_prefix, first_trainable_block
     from peft_export.peft import PeftConfig
@@ -113,7 +112,7 @@ def _encoder_worker(args: argparse.Namespace) -> None:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else peak_rss_mb())
     counts = count_trainable_parameters(sam)
     print("RESULT " + json.dumps({"method": args.worker, "seconds_per_step": sum(times) / len(times),
                                   "peak_memory_mb": peak, "trainable_encoder": counts["image_encoder"],

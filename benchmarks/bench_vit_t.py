@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from bench_cpu import _export_cases, build, build_merged_checkpoint, log  # noqa: E402
 from peft_export import bench  # noqa: E402
-from peft_export.bench.stats import device_info, library_versions  # noqa: E402
+from peft_export.bench.stats import device_info, library_versions, peak_rss_mb  # noqa: E402
 from peft_export.errors import PeftExportError  # noqa: E402
 from peft_export.export import merge_and_export  # noqa: E402
 from peft_export.data import make_demo_data  # noqa: E402
@@ -111,8 +111,6 @@ def static_cases(model_type: str, checkpoint: Path, out: Path, size: int, backen
 def mobile_sam_eager_child(checkpoint: str, size: int, warmup: int, iterations: int) -> dict:
     """MobileSAM's own image encoder (``mobile_sam`` package) in torch eager on ``checkpoint``: median ms
     and the process's peak RSS. Runs in a fresh process (``--child-mobile-sam``)."""
-    import resource
-
     import numpy as np
     from mobile_sam import sam_model_registry
 
@@ -128,7 +126,7 @@ def mobile_sam_eager_child(checkpoint: str, size: int, warmup: int, iterations: 
             if i >= warmup:
                 times.append(1e3 * (time.perf_counter() - t))
     return {"median_ms": float(np.median(times)), "times_ms": times, "threads": torch.get_num_threads(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}  # VmHWM: ru_maxrss would start at this script's peak
 
 
 def mobile_sam_eager(checkpoint: Path, size: int, warmup: int, iterations: int, malloc: str | None = None

@@ -122,16 +122,17 @@ def test_static_int8_with_relative_paths(adapted, images, tmp_path, monkeypatch)
 
 
 _CALIBRATION_PEAK = r"""
-import contextlib, json, resource, sys
+import contextlib, json, sys
 import numpy as np
 import onnxruntime.quantization  # noqa: F401 - imported before the baseline
 import peft_export.export.quantize as quantize
+from peft_export.bench.stats import peak_rss_mb  # VmHWM: ru_maxrss would start at pytest's own peak
 if sys.argv[4] == "onnxruntime-order":
     quantize._calibration_in_priority_order = contextlib.nullcontext
 x = np.load(sys.argv[3])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_mb()
 quantize.quantize_int8(sys.argv[1], sys.argv[2], quantize.Int8Recipe(), [x, np.ascontiguousarray(x[..., ::-1])])
-print(json.dumps({"growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+print(json.dumps({"growth_mb": peak_rss_mb() - before}))
 """
 
 
