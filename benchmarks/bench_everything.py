@@ -75,10 +75,10 @@ def child(spec: dict) -> dict:
     labels, records = session.segment_everything(embedding=emb, **options)
     seconds = time.perf_counter() - t
     np.save(spec["labels"], labels)
-    import resource
+    from peft_export.bench.stats import peak_rss_mb
 
     return {"seconds": seconds, "objects": len(records), "load_before": before, "load_after": load(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss would start at the parent's peak
             "summary": getattr(records, "summary", None)}
 
 

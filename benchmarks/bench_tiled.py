@@ -181,24 +181,25 @@ def mosaic_and_cluster(a, work: Path, opts: dict, parts: set) -> dict:
 def peak_rss(a, work: Path) -> dict:
     """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out),
     and its seconds (run alone on a quiet machine, also the cost per megapixel at that size)."""
-    code = ("import resource, sys, time; from peft_export.predict.large import plan_large, run_large; "
+    code = ("import sys, time; from peft_export.predict.large import plan_large, run_large; "
+            "from peft_export.bench.stats import peak_rss_mb; "
             "t = time.perf_counter(); "
             f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
             f"tile={a.tile!r}, halo={a.halo!r}, overwrite=True)); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(time.perf_counter() - t, peak_rss_mb())")  # VmHWM: ru_maxrss would start at this process's peak
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"rss: the predict process failed: {proc.stderr.strip().splitlines()[-1:]}")
-    seconds, rss_kb = proc.stdout.split()[-2:]
+    seconds, rss_mb = proc.stdout.split()[-2:]
     mpx = a.rss_size ** 2 / 1e6
-    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": int(rss_kb) / 1024,
+    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": float(rss_mb),
             "seconds": float(seconds), "s_per_mpx": float(seconds) / mpx}
 
 
 def _worker_peak_rss_mb() -> float:
-    import resource
+    from peft_export.bench.stats import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()  # VmHWM: a forked worker's ru_maxrss would start at its parent's peak
 
 
 def peak_rss_workers(a, work: Path, opts: dict) -> dict:
