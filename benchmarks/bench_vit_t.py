@@ -7,7 +7,7 @@ Cases (encoder medians; random weights, a LoRA r32 q,v merged in, as ``bench_cpu
 
 - vit_t torch eager fp32 at the main size (our TinyViT module, as ``bench`` times models; and, when the
   ``mobile_sam`` package is installed, MobileSAM's own encoder on the same weights, the issue's starting
-  point; once more with glibc keeping freed memory, ``KEEP_FREED_MEMORY``, which takes eager torch's
+  point; once more with glibc keeping freed memory, ``host_memory.GLIBC_TUNABLES_KEEP``, which takes eager torch's
   page-fault work away), and its exports (fp32, int8) on ONNX Runtime and OpenVINO at
   every size; an int8 graph the export gate refuses is left out and the refusal is printed;
 - vit_b's exports (fp32, int8) at the main size (``--vit-b-eager`` also times vit_b in torch eager);
@@ -52,10 +52,6 @@ from peft_export.peft.adapters import load_model_source  # noqa: E402
 from peft_export.training.host_memory import GLIBC_TUNABLES_KEEP  # noqa: E402
 
 warnings.filterwarnings("ignore", message="no checkpoint given")
-
-# glibc's malloc set for the whole process as finetune sets it while training: large freed blocks stay
-# mapped and are reused instead of being faulted in again on every call.
-KEEP_FREED_MEMORY = GLIBC_TUNABLES_KEEP
 
 TARGETS = {"vs_vit_b": 12.0, "vs_eager": 3.0, "fp32_peak_mb": 600.0, "size_speedup": 3.0, "ais_ms": 1000.0}
 
@@ -252,7 +248,9 @@ def main() -> int:
             log("timing MobileSAM's own encoder in torch eager (fresh process)")
             mobile_sam = mobile_sam_eager(ckpt, size, args.warmup, args.iterations)
             log(f"MobileSAM eager: {mobile_sam}")
-            mobile_sam_kept = mobile_sam_eager(ckpt, size, args.warmup, args.iterations, KEEP_FREED_MEMORY)
+            # glibc's malloc set for the whole process as finetune sets it while training: large freed
+            # blocks stay mapped and are reused instead of being faulted in again on every call
+            mobile_sam_kept = mobile_sam_eager(ckpt, size, args.warmup, args.iterations, GLIBC_TUNABLES_KEEP)
             log(f"MobileSAM eager, glibc keeping freed memory: {mobile_sam_kept}")
 
     ckpt = build_merged_checkpoint(args.out, "vit_t", args.ais_size)
@@ -293,7 +291,7 @@ def main() -> int:
                      "static_int8": "calibrated on 4 demo images (seed 11)" if args.calibration else None},
         "load": load_between(load_before, load_snapshot()),
         "targets": TARGETS, "refusals": refusals, "summary": lines, "mobile_sam_eager": mobile_sam,
-        "mobile_sam_eager_keeping_freed_memory": {"GLIBC_TUNABLES": KEEP_FREED_MEMORY, **(mobile_sam_kept or {})},
+        "mobile_sam_eager_keeping_freed_memory": {"GLIBC_TUNABLES": GLIBC_TUNABLES_KEEP, **(mobile_sam_kept or {})},
         "elapsed_s": round(time.perf_counter() - t0, 1), "cases": results,
     }
     print(bench.format_table(result) + "\n\n" + "\n".join(lines), flush=True)

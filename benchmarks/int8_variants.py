@@ -82,11 +82,10 @@ def main() -> int:
         from peft_export.runtime.intensity import DEFAULT_INTENSITY_RULE
 
         images = args.calibration_data
-        if str(images) == "demo":
-            from peft_export.data import make_demo_data
+        if str(images) == "demo":  # the demo images bench_vit_t.py --calibration uses
+            from bench_vit_t import calibration_images
 
-            make_demo_data(args.out / "calibration", n_images=4, size=args.image_size, seed=11, overwrite=True)
-            images = args.out / "calibration" / "images"
+            images = calibration_images(args.out, args.image_size)
         calibration, _ = calibration_inputs(images, args.image_size, dict(DEFAULT_INTENSITY_RULE))
         variants["static QDQ, calibrated"] = Int8Recipe()
         variants["static QDQ, calibrated, Conv + MatMul"] = Int8Recipe(op_types=("Conv", "MatMul"))
