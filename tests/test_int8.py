@@ -29,6 +29,12 @@ def adapted():
     return make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)
 
 
+# Static ranges fit the tiny random model a little worse than dynamic ones (mask IoU mean 0.989 on the
+# probe, refused); leaving its first and last block in fp32 passes the gate.
+STATIC_FP32_BLOCKS = tuple(f"/image_encoder/blocks.{b}/{part}/MatMul" for b in (0, 3)
+                           for part in ("attn/qkv", "attn/proj", "mlp/lin1", "mlp/lin2"))
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     from peft_export.data import synthetic_sample
@@ -86,10 +92,7 @@ def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp
     out = tmp_path / "cal"
     res = runner.invoke(app, ["merge-and-export", "--merged", "/nonexistent.pth", "--out", str(out)])
     assert res.exit_code == 2  # the option parses; a missing checkpoint is the error
-    # Static ranges fit this tiny random model a little worse than dynamic ones (mask IoU mean 0.989
-    # on the probe, refused); leaving its first and last block in fp32 passes the gate.
-    keep = tuple(f"/image_encoder/blocks.{b}/{part}/MatMul" for b in (0, 3)
-                 for part in ("attn/qkv", "attn/proj", "mlp/lin1", "mlp/lin2"))
+    keep = STATIC_FP32_BLOCKS
     manifest = merge_and_export(adapted, out, precisions=["int8"], calibration_data=good, progress=False,
                                 int8_recipe=Int8Recipe(exclude=keep))
     entry = manifest["graphs"]["encoder"]["int8"]
@@ -112,8 +115,7 @@ def test_static_int8_with_relative_paths(adapted, images, tmp_path, monkeypatch)
     good, _ = images
     monkeypatch.chdir(tmp_path)
     (tmp_path / "imgs").symlink_to(good, target_is_directory=True)
-    keep = tuple(f"/image_encoder/blocks.{b}/{part}/MatMul" for b in (0, 3)
-                 for part in ("attn/qkv", "attn/proj", "mlp/lin1", "mlp/lin2"))
+    keep = STATIC_FP32_BLOCKS
     manifest = merge_and_export(adapted, "export", precisions=["int8"], calibration_data="imgs", progress=False,
                                 int8_recipe=Int8Recipe(exclude=keep))
     assert manifest["graphs"]["encoder"]["int8"]["int8_recipe"]["mode"] == "static QDQ, calibrated"

@@ -29,11 +29,8 @@ def test_full_resolution_logits_equal_sam_postprocess_masks(input_size, original
 # glibc serves a large block from the heap's free space instead of mapping it, whatever the setting.
 _PROBE = """
 import gc, json, resource, torch
+from peft_export.bench.stats import current_rss_mb as rss
 from peft_export.training.host_memory import keep_freed_memory
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
 
 def touch_and_free():
     t = torch.ones(256 * 2**20 // 4)  # 256 MB, far above glibc's largest mmap threshold
