@@ -119,8 +119,8 @@ def open_widget(viewer, qtbot, export: Path):
 
 
 def settle(qtbot, widget, timeout: int = 60_000) -> None:
-    """Wait for the widget's worker threads (embedding, Segment all) to finish."""
-    qtbot.waitUntil(lambda: not widget.workers, timeout=timeout)
+    """Wait for the widget's worker threads (embedding, Segment all, save) to finish."""
+    qtbot.waitUntil(lambda: not len(widget.tasks), timeout=timeout)
     qtbot.wait(10)
 
 
@@ -131,8 +131,16 @@ def press(qtbot, viewer, key: str) -> None:
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, getattr(Qt, f"Key_{key}"), Qt.ShiftModifier)
 
 
-def current_mask(viewer) -> np.ndarray:
-    return viewer.layers["current object"].data.astype(bool)
+def current_mask(viewer, image: str = "cells") -> np.ndarray:
+    """The "current object" layer as a mask of the whole image (the layer covers only the window
+    the mask was decoded in, placed by its translation)."""
+    from peft_export.napari.layers import image_shape, shown_window
+
+    layer, image_layer = viewer.layers["current object"], viewer.layers[image]
+    full = np.zeros(image_shape(image_layer)[-2:], bool)
+    y0, y1, x0, x1 = shown_window(layer, image_layer)
+    full[y0:y1, x0:x1] = layer.data.astype(bool)
+    return full
 
 
 # ---- manifest and sample data ---------------------------------------------------------------------
@@ -278,7 +286,7 @@ def test_stack_segments_the_current_slice_and_caches_embeddings(make_napari_view
     settle(qtbot, widget)
     masks, iou, _ = session.predict(point_coords=np.array([[50.0, 64.0]]), point_labels=np.array([1]),
                                     embedding=session.encode(stack[2]))
-    np.testing.assert_array_equal(current_mask(viewer), masks[int(np.argmax(iou))])
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), masks[int(np.argmax(iou))])
     assert widget.commit() == 1
     objects = viewer.layers["stack objects"].data
     assert objects.shape == stack.shape and objects[2].any() and not objects[:2].any()
@@ -291,7 +299,80 @@ def test_stack_segments_the_current_slice_and_caches_embeddings(make_napari_view
     assert len(widget.cache) == 2
     # A point on another slice is not a prompt here.
     points.add([0.0, 30.0, 30.0])
-    assert not current_mask(viewer).any()
+    assert not current_mask(viewer, "stack").any()
+
+
+def best_mask(session: SamSession, plane: np.ndarray, yx) -> np.ndarray:
+    """SamSession.predict's best mask of one positive click at (row, col) on ``plane``."""
+    masks, iou, _ = session.predict(point_coords=np.array([[yx[1], yx[0]]], float), point_labels=np.array([1]),
+                                    embedding=session.encode(plane))
+    return masks[int(np.argmax(iou))]
+
+
+def test_results_of_another_export_slice_or_data_are_never_shown(make_napari_viewer, qtbot, ais_export,
+                                                                  plain_export):
+    """Workers finish after the user moved on: the mask shown always comes from the export loaded
+    now, on the slice and pixels shown now; stale results are dropped, not cached under a key
+    that a later request could hit."""
+    viewer = make_napari_viewer()
+    stack = np.stack([nuclei(128, seed=s) for s in (20, 21)])
+    layer = viewer.add_image(stack, name="stack")
+    widget = open_widget(viewer, qtbot, ais_export)
+    a, b = widget.session, SamSession(plain_export)
+    points = viewer.layers["point prompts"]
+    click = (64.0, 60.0)
+
+    # A click on slice 0 starts export A's embedding; its result can only arrive through the event
+    # loop, so it arrives after the switch to export B and to slice 1 below.
+    points.add([0.0, *click])
+    assert len(widget.tasks) == 1
+    widget.use_session(b)
+    viewer.dims.set_current_step(0, 1)
+    points.add([1.0, *click])
+    settle(qtbot, widget)
+    want = best_mask(b, stack[1], click)
+    assert not np.array_equal(want, best_mask(a, stack[1], click)), "the exports must differ in this test"
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), want)
+    assert all(t.session is b for t in widget.cache.targets())  # A's late result was dropped
+    # Back to slice 0: B's own embedding of slice 0 (A's embedding of it was never kept).
+    viewer.dims.set_current_step(0, 0)
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), best_mask(b, stack[0], click))
+
+    # The same folder loaded again is another session: nothing of the old one is reused.
+    widget.load_export(ais_export)
+    settle(qtbot, widget)
+    assert widget.session is not a and widget.session.export_dir == a.export_dir
+    assert all(t.session is widget.session for t in widget.cache.targets())
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), best_mask(a, stack[0], click))
+
+    # The layer's data replaced while its embedding is computed: the old pixels' result is dropped.
+    widget.use_session(SamSession(ais_export))  # nothing cached: the click on slice 0 is encoded again
+    assert len(widget.tasks) == 1
+    other = np.stack([nuclei(128, seed=s) for s in (22, 23)])
+    layer.data = other
+    settle(qtbot, widget)
+    assert [t.generation for t in widget.cache.targets()] == [1]
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), best_mask(widget.session, other[0], click))
+
+    # Cancel: the running work's result is dropped.
+    widget.clear()
+    viewer.dims.set_current_step(0, 1)
+    widget.compute_embedding()
+    widget.cancel()
+    settle(qtbot, widget)
+    assert widget.status.text() == "computing the embedding: cancelled" and len(widget.cache) == 1
+
+    # A removed layer's embeddings go with it; a new layer (napari may give it the same id()) starts afresh.
+    viewer.layers.remove(layer)
+    assert len(widget.cache) == 0
+    fresh = nuclei(128, seed=24)
+    viewer.add_image(fresh, name="stack")
+    widget.image_box.setCurrentText("stack")
+    points = viewer.layers["point prompts"]
+    points.add([*click])
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(current_mask(viewer, "stack"), best_mask(widget.session, fresh, click))
 
 
 # ---- Segment all ------------------------------------------------------------------------------------
@@ -345,9 +426,10 @@ def test_clicks_on_a_large_image_go_to_their_tile_at_full_resolution(make_napari
     settle(qtbot, widget)
     masks, iou, low = tiled.predict(point_coords=np.array([[220.0, 200.0]]), point_labels=np.array([1]))
     best = int(np.argmax(iou))
-    assert widget.decoder.tiled and current_mask(viewer).shape == image.shape and masks[best].any()
+    assert widget.decoder.tiled and masks[best].any()
     np.testing.assert_array_equal(current_mask(viewer), masks[best])  # the tile's window, full resolution
     y0, y1, x0, x1 = tiled.predict_window(point_coords=np.array([[220.0, 200.0]]), point_labels=np.array([1]))[3]
+    assert viewer.layers["current object"].data.shape == (y1 - y0, x1 - x0)  # the tile's window only
     assert not current_mask(viewer)[:y0].any() and not current_mask(viewer)[:, :x0].any() and y0 > 0 and x0 > 0
     widget.negative_box.setChecked(True)
     points.add([205.0, 240.0])  # same tile: single mask, the low-res logits fed back
@@ -395,8 +477,10 @@ def test_save_and_reload(make_napari_viewer, qtbot, ais_export, tmp_path):
     widget.commit()
     objects = viewer.layers["cells objects"]
     for name in ("cells.tif", "cells.zarr"):
-        path = widget.save(str(tmp_path / name))
-        data, record = read_labels(path)
+        widget.save(str(tmp_path / name))
+        settle(qtbot, widget)
+        assert widget.status.text() == f"saved cells objects to {tmp_path / name}"
+        data, record = read_labels(str(tmp_path / name))
         np.testing.assert_array_equal(data, objects.data)
         assert record["name"] == "cells objects"
         assert record["peftexport"]["export"] == ais_export.name
@@ -409,9 +493,18 @@ def test_save_and_reload(make_napari_viewer, qtbot, ais_export, tmp_path):
     reloaded = viewer.open(saved[0], layer_type="labels", plugin="napari")[0]
     np.testing.assert_array_equal(reloaded.data, objects.data)
     assert json.loads(__import__("tifffile").TiffFile(saved[0]).pages[0].description)["peftexport"]["precision"] == "fp32"
-    assert widget.save(str(tmp_path / "x.png")) is None
+    widget.save(str(tmp_path / "x.png"))
+    settle(qtbot, widget)
     assert widget.status.text() == f"error: {tmp_path / 'x.png'}: save labels as .tif, .tiff or .zarr"
     assert not (tmp_path / "x.png").exists()
+    # An OSError (here: a directory where the file should go) is one line in the status, nothing touched.
+    (tmp_path / "taken.tif").mkdir()
+    (tmp_path / "taken.tif" / "keep.txt").write_text("mine")
+    widget.save(str(tmp_path / "taken.tif"))
+    settle(qtbot, widget)
+    assert widget.status.text().startswith("error: IsADirectoryError: ") and "\n" not in widget.status.text()
+    assert (tmp_path / "taken.tif" / "keep.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ---- responsiveness and errors -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ app = QApplication.instance()
 
 def settle():
     end = time.time() + 120
-    while widget.workers and time.time() < end:
+    while len(widget.tasks) and time.time() < end:
         app.processEvents()
         time.sleep(0.01)
     app.processEvents()
@@ -48,7 +48,9 @@ area = int(viewer.layers["current object"].data.sum())
 committed = widget.commit()
 widget.segment_all()
 settle()
-saved = widget.save(out + ".tif")
+widget.save(out + ".tif")
+settle()
+saved = widget.status.text().rsplit(" to ", 1)[-1] if widget.status.text().startswith("saved ") else None
 result = {
     "status": widget.status.text(), "area": area, "committed": committed, "saved": saved,
     "automatic_max": int(viewer.layers["synthetic nuclei automatic"].data.max()),
@@ -73,7 +75,8 @@ def test_plugin_runs_with_torch_blocked(tmp_path, tmp_path_factory):
     assert got["loaded"] == [], got["loaded"]
     assert got["area"] > 0 and got["committed"] == 1 and got["automatic_max"] >= 1, got
     assert got["saved"] == str(tmp_path / "result.json.tif") and Path(got["saved"]).is_file()
-    for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images"):
+    for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images", "current",
+                 "pyramid"):
         assert f"peft_export.napari.{name}" in got["plugin_modules"]
 
 

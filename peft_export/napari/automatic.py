@@ -9,8 +9,14 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from ..errors import PeftExportError
 from ..predict import EVERYTHING_DEFAULTS
 from ..runtime import AIS_DEFAULTS
+
+# "Segment all" keeps the whole plane's results in memory (the instance decoder's three float32 maps
+# and the int32 labels: 16 bytes per pixel, 1 GiB at this size); larger planes go to the CLI, which
+# writes zarr block by block.
+SEGMENT_ALL_MAX_PIXELS = 8192 * 8192
 
 
 class Param(NamedTuple):
@@ -72,15 +78,25 @@ def needs_tiles(session: Any, shape: Tuple[int, ...]) -> bool:
     return max(shape[:2]) > int(session.image_size)
 
 
+def check_segment_all_size(shape: Tuple[int, ...]) -> None:
+    """Refuse "Segment all" on a plane too large to hold its results in memory, with the CLI to use."""
+    h, w = int(shape[0]), int(shape[1])
+    if h * w > SEGMENT_ALL_MAX_PIXELS:
+        raise PeftExportError(
+            f"Segment all: a {w}x{h} plane needs about {16 * h * w / 2**30:.1f} GiB here; segment it with "
+            "'peftexport predict EXPORT IMAGE.zarr --instances -o labels.zarr' (tile by tile, zarr out; "
+            "--everything without an instance decoder) and open labels.zarr in napari")
+
+
 def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
-                params: Optional[Dict[str, float]] = None, image: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                params: Optional[Dict[str, float]] = None, image: Any = None) -> Dict[str, Any]:
     """Labels (int32 H x W) of every object: {"labels", "mode" ("instances"/"everything"), "n_objects",
     "params", "tiles"}.
 
     ``params`` override the defaults of the mode that runs; names of the other mode are ignored.
-    With ``image`` (instead of ``embedding``) the runtime's tiles are used (``SamSession.tiled``,
-    default tile and halo of the export): each tile at full resolution, objects across tile borders
-    joined by the runtime.
+    With ``image`` (instead of ``embedding``; any array-like, read tile by tile) the runtime's tiles
+    are used (``SamSession.tiled``, default tile and halo of the export): each tile at full
+    resolution, objects across tile borders joined by the runtime.
     """
     params = params or {}
     ais = has_instance_decoder(session, adapter)

@@ -2,20 +2,26 @@
 
 - "point prompts" (Points): green = positive, red = negative (``positive`` feature);
 - "box prompts" (Shapes): rectangles; the last one on the slice is the object's box;
-- "current object" (Labels, 2D): the mask of the prompts being placed;
+- "current object" (Labels, 2D): the mask of the prompts being placed, covering only the window
+  it was decoded in (the whole image, or on a large image the prompts' tile), placed there by
+  its translation: a click never makes a full-size array;
 - "<image> objects" (Labels): committed objects, one id each;
 - "<image> automatic" (Labels): the result of "Segment all".
 
 Prompt and result layers share the image layer's scale and translation, so their data
-coordinates are the image's pixel coordinates.
+coordinates are the image's pixel coordinates. A result layer whose int32 array would be larger
+than ``pyramid.LARGE_LABELS_BYTES`` is a multiscale layer of chunked zarr arrays in memory
+(``pyramid``); ``paint`` and ``write_plane`` write either kind.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 from napari.layers import Labels, Points, Shapes
+
+from . import pyramid
 
 POINTS, BOXES, CURRENT = "point prompts", "box prompts", "current object"
 POLARITY_COLORS = {True: "limegreen", False: "red"}
@@ -72,18 +78,64 @@ def boxes_layer(viewer: Any, image: Any) -> Shapes:
 
 def current_layer(viewer: Any, image: Any) -> Labels:
     """2D: napari shows it on every slice; the widget clears it when the slice changes."""
-    shape = image_shape(image)[-2:]
-    return _reuse(viewer, CURRENT, Labels, lambda layer: _matches(layer, image, 2, last=2) and layer.data.shape == shape,
-                  lambda: viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT, opacity=0.6,
-                                            **_placement(image, 2)))
+    return _reuse(viewer, CURRENT, Labels, lambda layer: layer.ndim == 2 and np.allclose(
+        layer.scale, _placement(image, 2)["scale"]), lambda: viewer.add_labels(
+        np.zeros((1, 1), np.uint8), name=CURRENT, opacity=0.6, **_placement(image, 2)))
+
+
+def show_mask(layer: Labels, image: Any, mask: Optional[np.ndarray], window: Tuple[int, int, int, int]) -> None:
+    """Show ``mask`` (the window's rows and columns) at ``window`` (y0, y1, x0, x1) of the image;
+    None clears the layer."""
+    if mask is None:
+        if layer.data.any():
+            layer.data = np.zeros_like(layer.data)
+        return
+    place = _placement(image, 2)
+    translate = place["translate"] + np.array(window[::2], np.float64) * place["scale"]
+    if not np.allclose(layer.translate, translate):
+        layer.translate = translate
+    layer.data = mask.astype(np.uint8)
+
+
+def shown_window(layer: Labels, image: Any) -> Tuple[int, int, int, int]:
+    """The (y0, y1, x0, x1) window of the image that ``layer`` (the current object) covers."""
+    place = _placement(image, 2)
+    y0, x0 = np.round((np.asarray(layer.translate) - place["translate"]) / place["scale"]).astype(int)
+    h, w = layer.data.shape
+    return int(y0), int(y0) + h, int(x0), int(x0) + w
 
 
 def result_layer(viewer: Any, image: Any, kind: str, metadata: dict) -> Labels:
-    """The image's "objects" or "automatic" Labels layer (created empty, int32, full image shape)."""
+    """The image's "objects" or "automatic" Labels layer (created empty, int32, full image shape;
+    lazily backed when large)."""
     name = f"{image.name} {kind}"
+    shape = image_shape(image)
     layer = _find(viewer, name, Labels)
-    if _matches(layer, image, len(image_shape(image))) and layer.data.shape == image_shape(image):
+    if _matches(layer, image, len(shape)) and tuple(layer.data.shape) == shape:
         layer.metadata = {**layer.metadata, **metadata}
         return layer
-    return viewer.add_labels(np.zeros(image_shape(image), np.int32), name=name, metadata=dict(metadata),
-                             **_placement(image))
+    if pyramid.needs_pyramid(shape):
+        return viewer.add_labels(pyramid.empty_pyramid(shape), multiscale=True, name=name,
+                                 metadata=dict(metadata), **_placement(image))
+    return viewer.add_labels(np.zeros(shape, np.int32), name=name, metadata=dict(metadata), **_placement(image))
+
+
+def paint(layer: Labels, index: Tuple[int, ...], window: Tuple[int, int, int, int], mask: np.ndarray,
+          value: int) -> None:
+    """Label ``value`` where ``mask`` (the window's pixels) is set, over earlier labels."""
+    y0, y1, x0, x1 = window
+    if layer.multiscale:
+        pyramid.write_window(list(layer.data), tuple(index), window, np.full(mask.shape, value, np.int32), mask)
+    else:
+        layer.data[tuple(index) + (slice(y0, y1), slice(x0, x1))][mask] = value
+    layer.refresh()
+
+
+def write_plane(layer: Labels, index: Tuple[int, ...], labels: np.ndarray) -> None:
+    """Replace plane ``index`` of the layer by ``labels``."""
+    h, w = labels.shape
+    if layer.multiscale:
+        pyramid.write_window(list(layer.data), tuple(index), (0, h, 0, w), labels)
+    else:
+        layer.data[tuple(index)] = labels
+    layer.refresh()

@@ -17,7 +17,7 @@ BACKENDS = ("onnxruntime", "openvino")
 
 class Panel(QWidget):
     """The controls; subclasses provide load_export, compute_embedding, commit, clear,
-    toggle_polarity, segment_all, save, _on_adapter, _on_image and _on_polarity."""
+    toggle_polarity, segment_all, save, cancel, _on_adapter, _on_image and _on_polarity."""
 
     # ---- the form ------------------------------------------------------------------------------
 
@@ -92,18 +92,21 @@ class Panel(QWidget):
                                     "the export's name and version")
         self.save_button.clicked.connect(lambda: self.save())
         self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # busy indicator: the runtime reports no steps
+        self.progress.setRange(0, 0)  # busy indicator until a task reports steps
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the running work; results that arrive afterwards are dropped")
+        self.cancel_button.clicked.connect(lambda: self.cancel())
+        row = QHBoxLayout()
+        row.addWidget(self.progress)
+        row.addWidget(self.cancel_button)
         self.progress.hide()
+        self.cancel_button.hide()
         self.status = QLabel("Load an export to start.")
         self.status.setWordWrap(True)
-        for w in (self.save_button, self.progress, self.status):
-            outer.addWidget(w)
+        outer.addWidget(self.save_button)
+        outer.addLayout(row)
+        outer.addWidget(self.status)
         outer.addStretch()
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Export folder", self.path_edit.text())
-        if path:
-            self.path_edit.setText(path)
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Export folder", self.path_edit.text())
@@ -112,6 +115,13 @@ class Panel(QWidget):
 
     def _say(self, text: str) -> None:
         self.status.setText(text)
+
+    def _show_progress(self, busy: bool, done: int = 0, total: int = 0) -> None:
+        """The bar: hidden when idle, steps when the running task reports them, else a busy indicator."""
+        self.progress.setVisible(busy)
+        self.cancel_button.setVisible(busy)
+        self.progress.setRange(0, total if busy else 0)
+        self.progress.setValue(done)
 
 
 def _combo(items, tooltip: str) -> QComboBox:

@@ -12,7 +12,9 @@ Pure numpy (no Qt, no napari), so the widget, the tests and the benchmark share 
   a mask never keeps a hint from a prompt that is gone;
 - an image larger than the model input is a ``TiledImage`` (``runtime.tiled``): the prompts go
   to the tile whose inner area holds them, at full resolution (as ``TiledImage.predict``), and
-  the logits are fed back only while the object stays in the same tile.
+  the logits are fed back only while the object stays in the same tile. The caller passes that
+  tile's embedding (computed in a worker), so decoding never runs the encoder, and the mask
+  covers the tile's window only (``Decoded.window``), never the whole image.
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ def uses_multimask(prompts: Prompts) -> bool:
 
 @dataclass
 class Decoded:
-    """The shown mask (H, W) bool, its predicted IoU, which output it is, and its low-res logits."""
+    """The shown mask (of ``window`` (y0, y1, x0, x1) in image pixels, bool), its predicted IoU,
+    which output it is, and its low-res logits."""
 
     mask: np.ndarray
     iou: float
     index: int
     low_res: np.ndarray
+    window: Tuple[int, int, int, int]
 
 
 class ClickDecoder:
@@ -111,7 +115,6 @@ class ClickDecoder:
         self.session, self.embedding, self.adapter = session, embedding, adapter
         self._last: Optional[Prompts] = None
         self._low: Optional[np.ndarray] = None
-
         self._tile: Any = None
 
     @property
@@ -133,26 +136,33 @@ class ClickDecoder:
         a = self._args(prompts)
         return self.embedding.route(a["point_coords"], a["point_labels"], a["box"])
 
-    def decode(self, prompts: Prompts) -> Optional[Decoded]:
-        """The mask for ``prompts`` (None when there are none)."""
+    def decode(self, prompts: Prompts, tile_embedding: Any = None) -> Optional[Decoded]:
+        """The mask for ``prompts`` (None when there are none); on a tiled image ``tile_embedding``
+        is the embedding of ``tile_for(prompts)``."""
         if prompts.empty:
             self.reset()
             return None
-        tile = self.tile_for(prompts) if self.tiled else None
+        tile, embedding = None, self.embedding
+        if self.tiled:
+            tile, embedding = self.tile_for(prompts), tile_embedding
+            if embedding is None:
+                raise ValueError("decode: a tiled image needs the embedding of the prompts' tile")
+            window = tile.outer
+        else:
+            h, w = self.embedding.original_size
+            window = (0, int(h), 0, int(w))
+        y0, _, x0, _ = window
+        local = self._args(prompts)
+        if tile is not None:  # the tile's own pixel coordinates (TiledImage.predict_window does the same)
+            shift = np.array([x0, y0], np.float64)
+            local["point_coords"] = None if local["point_coords"] is None else local["point_coords"] - shift
+            local["box"] = None if local["box"] is None else local["box"] - np.tile(shift, 2)
         mask_input = self._low if prompts.extends(self._last) and tile == self._tile else None
         multi = uses_multimask(prompts)
-        if tile is not None:
-            masks, iou, low, (y0, y1, x0, x1) = self.embedding.predict_window(
-                **self._args(prompts), mask_input=mask_input, multimask_output=multi)
-        else:  # low-res only: of the three masks of a click only the shown one is upsampled (below)
-            _, iou, low = self.session.predict(**self._args(prompts), mask_input=mask_input,
-                                               multimask_output=multi, embedding=self.embedding,
-                                               adapter=self.adapter, masks=False)
+        # low-res only: of the three masks of a click only the shown one is upsampled (below)
+        _, iou, low = self.session.predict(**local, mask_input=mask_input, multimask_output=multi,
+                                           embedding=embedding, adapter=self.adapter, masks=False)
         best = int(np.argmax(iou)) if multi else 0
         self._last, self._low, self._tile = prompts, low[best : best + 1], tile
-        if tile is not None:  # the tile's window placed in the whole image
-            mask = np.zeros(self.embedding.shape, bool)
-            mask[y0:y1, x0:x1] = masks[best]
-        else:
-            mask = self.session.upsample_masks(self._low, embedding=self.embedding, adapter=self.adapter)[0] > 0.0
-        return Decoded(mask, float(iou[best]), best + 1 if multi else 0, self._low)
+        mask = self.session.upsample_masks(self._low, embedding=embedding, adapter=self.adapter)[0] > 0.0
+        return Decoded(mask, float(iou[best]), best + 1 if multi else 0, self._low, window)

@@ -4,12 +4,18 @@ worker thread, segment objects by clicking (points) and dragging (boxes), commit
 
 Keys (anywhere in the viewer): Shift-C commit the current object, Shift-X clear the prompts,
 Shift-N switch new points between positive (green) and negative (red).
+
+The GUI thread never reads a whole plane or makes a full-size array for a click: pixels are read
+in workers (``images.lazy_plane``), a click is decoded on its tile's embedding and shown in that
+tile's window, and results of very large images are lazily backed (``pyramid``). Every worker
+belongs to a ``current.Target``; ``_valid`` and ``_target`` here are the one rule for which
+results still apply (``worker.Tasks`` drops the others).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -18,12 +24,19 @@ from qtpy.QtWidgets import QFileDialog
 from ..errors import PeftExportError
 from ..runtime import SamSession
 from . import layers as L
-from .automatic import has_instance_decoder, needs_tiles, segment_all
+from .automatic import check_segment_all_size, has_instance_decoder, needs_tiles, segment_all
+from .current import LayerVersions, Target
+from .images import check_displayed, current_index, lazy_plane
 from .panel import Panel
-from .images import check_displayed, current_index, image_plane
-from .prompts import ClickDecoder, clip_to_image, slice_prompts
+from .prompts import ClickDecoder, Decoded, clip_to_image, slice_prompts
 from .save import KEY, export_metadata, write_labels
-from .worker import EmbeddingCache, start_worker
+from .worker import EmbeddingCache, Task, Tasks
+
+
+def one_line(exc: BaseException) -> str:
+    """``error: ...`` in one line (ONNX Runtime's messages may span several)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"error: {text}" if isinstance(exc, PeftExportError) else f"error: {type(exc).__name__}: {text}"
 
 
 class SegmentWidget(Panel):
@@ -33,24 +46,61 @@ class SegmentWidget(Panel):
         super().__init__()
         self.viewer = napari_viewer
         self.session: Optional[SamSession] = None
+        self.versions = LayerVersions()
         self.cache = EmbeddingCache()
+        self.tasks = Tasks(self._valid, self._tasks_changed, self._dropped)
         self.decoder: Optional[ClickDecoder] = None
-        self.workers: list = []  # running workers (kept referenced until they finish)
         self.last_timing: dict = {}
-        self.last_decoded = None  # the shown mask of the last decode (prompts.Decoded)
-        self._after_embedding: list = []
+        self.last_decoded: Optional[Decoded] = None  # the shown mask of the last decode
+        self._waiting: Dict[Target, List[Callable[[], None]]] = {}  # run when that target's embedding is ready
+        self._next_label: Dict[str, int] = {}  # lazily backed result layers: the next free id
         self._updating = False
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_images)
-        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._on_removed)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self._refresh_images()
         for key, action in (("Shift-C", self.commit), ("Shift-X", self.clear), ("Shift-N", self.toggle_polarity)):
             self.viewer.bind_key(key, lambda _viewer, action=action: action(), overwrite=True)
 
+    # ---- what is current -------------------------------------------------------------------------
+
+    def _target(self, image: Optional[Image] = None) -> Optional[Target]:
+        """The export, layer (and its data generation), slice and adapter the viewer shows now."""
+        image = image if image is not None else self.image_layer
+        if self.session is None or image is None:
+            return None
+        return Target(self.session, image.unique_id, self.versions.generation(image),
+                      current_index(image, self.viewer.dims.point), self.adapter)
+
+    def _valid(self, target: Target) -> bool:
+        """A result for ``target`` still applies: same export, its layer still there with the same data."""
+        return (target.session is self.session and self.versions.alive(target.layer)
+                and any(l.unique_id == target.layer and self.versions.generation(l) == target.generation
+                        for l in self.viewer.layers))
+
+    def _tasks_changed(self) -> None:
+        reporting = [t for t in self.tasks if t.progress[1]]
+        self._show_progress(bool(len(self.tasks)), *(reporting[-1].progress if reporting else (0, 0)))
+
+    def _dropped(self, task: Task, why: str) -> None:
+        for target in [t for t in self._waiting if not self._valid(t)]:
+            del self._waiting[target]
+        if why == "cancelled":
+            self._say(f"{task.what}: cancelled")
+
+    def cancel(self) -> None:
+        """Stop the running work (Cancel); results that arrive afterwards are dropped."""
+        n = self.tasks.cancel()
+        self._waiting.clear()
+        self._say(f"cancelling {n} task{'s' * (n != 1)} …" if n else "nothing to cancel")
+
     def _refresh_images(self, *_: Any) -> None:
         current = self.image_box.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        for layer in images:
+            self.versions.watch(layer, self._on_data)
+        names = [layer.name for layer in images]
         self.image_box.blockSignals(True)
         self.image_box.clear()
         self.image_box.addItems(names)
@@ -60,8 +110,25 @@ class SegmentWidget(Panel):
         if self.image_box.currentText() != current:
             self._on_image()
 
+    def _on_removed(self, event: Any) -> None:
+        layer = getattr(event, "value", None)
+        if isinstance(layer, Image):
+            self.versions.forget(layer)
+            self.cache.drop(lambda target: target.layer == layer.unique_id)
+        if isinstance(layer, Labels):
+            self._next_label.pop(layer.unique_id, None)
+        self._refresh_images()
+
+    def _on_data(self, layer: Image) -> None:
+        """The image's data was replaced: its embeddings are of other pixels."""
+        generation = self.versions.generation(layer)
+        self.cache.drop(lambda target: target.layer == layer.unique_id and target.generation != generation)
+        if layer is self.image_layer:
+            self._use_cached()
+            self.update_mask()
+
     def _fail(self, exc: BaseException) -> None:
-        self._say(f"error: {exc}" if isinstance(exc, PeftExportError) else f"error: {type(exc).__name__}: {exc}")
+        self._say(one_line(exc))
 
     # ---- export and embedding ------------------------------------------------------------------
 
@@ -74,31 +141,23 @@ class SegmentWidget(Panel):
     def adapter(self) -> Optional[str]:
         return self.adapter_box.currentText() or None
 
-    def _run(self, what: str, fn: Callable, *args: Any, then: Callable[[dict], None], **kwargs: Any) -> Any:
-        self.progress.show()
+    def _run(self, what: str, work: Callable[[Task], Any], then: Callable[[dict], None],
+             target: Optional[Target] = None, key: Any = None, replace: bool = False) -> Task:
         self._say(f"{what} …")
 
         def done(out: dict) -> None:
-            self._finish(worker)
             self.last_timing[what] = out["end"] - out["start"]
             then(out)
 
         def failed(exc: Exception) -> None:
-            self._finish(worker)
-            self._after_embedding.clear()
+            if target is not None:
+                self._waiting.pop(target, None)
             self._fail(exc)
 
-        worker = start_worker(fn, *args, on_done=done, on_error=failed, **kwargs)
-        self.workers.append(worker)
-        return worker
+        return self.tasks.start(what, work, on_done=done, on_error=failed, target=target, key=key, replace=replace)
 
-    def _finish(self, worker: Any) -> None:
-        if worker in self.workers:
-            self.workers.remove(worker)
-        self.progress.setVisible(bool(self.workers))
-
-    def load_export(self, path: Optional[str] = None) -> Any:
-        """Open the export (in a worker: a vit_h session takes seconds); returns the worker."""
+    def load_export(self, path: Optional[str] = None) -> Optional[Task]:
+        """Open the export (in a worker: a vit_h session takes seconds); returns the task."""
         if path is not None:
             self.path_edit.setText(str(path))
         folder = self.path_edit.text().strip()
@@ -106,13 +165,18 @@ class SegmentWidget(Panel):
             self._say("error: choose an export folder first")
             return None
         threads = self.threads_box.value() or None
-        return self._run("loading the export", SamSession, Path(folder), backend=self.backend_box.currentText(),
-                         precision=self.precision_box.currentText(), intra_op_threads=threads,
-                         then=lambda out: self._set_session(out["result"]))
+        backend, precision = self.backend_box.currentText(), self.precision_box.currentText()
+        return self._run("loading the export", lambda task: SamSession(
+            Path(folder), backend=backend, precision=precision, intra_op_threads=threads),
+            then=lambda out: self.use_session(out["result"]), key="export", replace=True)
 
-    def _set_session(self, session: SamSession) -> None:
+    def use_session(self, session: SamSession) -> None:
+        """Segment with ``session`` from now on (what Load export does once the export is open).
+        Work for the previous export is cancelled and its results dropped."""
         self.session, self.decoder = session, None
+        self.tasks.cancel(lambda task: task.target is not None and task.target.session is not session)
         self.cache.clear()
+        self._waiting.clear()
         self.adapter_box.blockSignals(True)
         self.adapter_box.clear()
         self.adapter_box.addItems(list(session.adapters))
@@ -123,6 +187,8 @@ class SegmentWidget(Panel):
         self._say(f"{session.export_dir.name}: {d['model_type']} {d['image_size']}px, {d['backend']} "
                   f"{d['graphs']['encoder']['precision'] if 'encoder' in d['graphs'] else session.precision}"
                   + (f", adapters {', '.join(session.adapters)}" if session.adapters else ""))
+        if self._layer(L.CURRENT) is not None:
+            self.update_mask()  # prompts already placed: decode them with this export
 
     def _on_adapter(self, *_: Any) -> None:
         ais = self.session is not None and has_instance_decoder(self.session, self.adapter)
@@ -130,16 +196,10 @@ class SegmentWidget(Panel):
         self.everything_form.setVisible(not ais and self.session is not None)
         self._use_cached()
 
-    def _key(self) -> Optional[tuple]:
-        image = self.image_layer
-        if image is None:
-            return None
-        return id(image), current_index(image, self.viewer.dims.point), self.adapter
-
     def _use_cached(self) -> bool:
-        """Point the decoder at the cached embedding of the current image/slice/adapter, if any."""
-        key = self._key()
-        emb = self.cache.get(key) if key is not None and self.session is not None else None
+        """Point the decoder at the cached embedding of the current target, if any."""
+        target = self._target()
+        emb = self.cache.get(target) if target is not None else None
         if emb is None:
             self.decoder = None
             return False
@@ -147,8 +207,10 @@ class SegmentWidget(Panel):
             self.decoder = ClickDecoder(self.session, emb, self.adapter)
         return True
 
-    def compute_embedding(self, then: Optional[Callable[[], None]] = None) -> Any:
-        """Encode the current slice in a worker (None when it is cached; ``then`` runs right away)."""
+    def compute_embedding(self, then: Optional[Callable[[], None]] = None) -> Optional[Task]:
+        """Encode the current slice in a worker (None when it is cached; ``then`` runs right away).
+        An image larger than the model input: the worker prepares its tiles (intensity statistics
+        from a strided sample); each tile is encoded when a prompt needs it."""
         try:
             if self.session is None:
                 raise PeftExportError("load an export first")
@@ -156,39 +218,34 @@ class SegmentWidget(Panel):
             if image is None:
                 raise PeftExportError("no image layer: open an image (or File > Open Sample > synthetic nuclei)")
             check_displayed(image, self.viewer)
-            key = self._key()
+            target = self._target(image)
             if self._use_cached():
                 self._say("embedding ready (cached)")
                 if then:
                     then()
                 return None
-            plane = image_plane(image, key[1])
+            plane = lazy_plane(image, target.index)  # read in the worker, not here
         except PeftExportError as exc:
             self._fail(exc)
             return None
-        if then:
-            self._after_embedding.append(then)
-        if any(getattr(w, "_peftexport_key", None) == key for w in self.workers):
-            return None  # already running for this slice
-        if needs_tiles(self.session, plane.shape[:2]):  # tiles at full resolution, each encoded when prompted
-            worker = self._run("preparing the tiles", self.session.tiled, plane, adapter=self.adapter,
-                               then=lambda out: self._embedded(key, image, out))
+        if then and then not in self._waiting.get(target, []):
+            self._waiting.setdefault(target, []).append(then)
+        session, adapter = self.session, self.adapter
+        if needs_tiles(session, plane.shape[:2]):
+            what, work = "preparing the tiles", lambda task: session.tiled(plane, adapter=adapter)
         else:
-            adapters = [self.adapter] if self.adapter else None
-            worker = self._run("computing the embedding", self.session.encode, plane, adapters,
-                               then=lambda out: self._embedded(key, image, out))
-        worker._peftexport_key = key
-        return worker
+            adapters = [adapter] if adapter else None
+            what, work = "computing the embedding", lambda task: session.encode(plane.read(), adapters)
+        return self._run(what, work, then=lambda out: self._embedded(target, out), target=target,
+                         key=("embedding", target))
 
-    def _embedded(self, key: tuple, image: Image, out: dict) -> None:
-        if not any(l is image for l in self.viewer.layers):
-            return
-        self.cache.put(key, out["result"])
-        image.events.data.connect(lambda _e, i=id(image): self.cache.drop_layer(i))
+    def _embedded(self, target: Target, out: dict) -> None:
+        self.cache.put(target, out["result"])
+        waiting = self._waiting.pop(target, [])
+        if target != self._target():
+            return  # kept for its slice; not what the viewer shows now
+        self._use_cached()
         self._say(f"embedding ready ({out['end'] - out['start']:.2f} s)")
-        if self._key() == key:
-            self._use_cached()
-        waiting, self._after_embedding = self._after_embedding, []
         for fn in waiting:
             fn()
 
@@ -248,46 +305,56 @@ class SegmentWidget(Panel):
                                 rects, index)
         return clip_to_image(prompts, L.image_shape(image)[-2:])
 
+    def _show(self, decoded: Optional[Decoded]) -> None:
+        current, image = self._layer(L.CURRENT), self.image_layer
+        self.last_decoded = decoded
+        if current is not None and image is not None:
+            L.show_mask(current, image, None if decoded is None else decoded.mask,
+                        (0, 0, 0, 0) if decoded is None else decoded.window)
+
     def update_mask(self) -> None:
         """Decode the current slice's prompts into the "current object" layer (computing the
-        embedding first when it is missing)."""
-        current = self._layer(L.CURRENT)
-        if self.image_layer is None or current is None:
+        embedding, or the prompts' tile's embedding, first when it is missing)."""
+        if self.image_layer is None or self._layer(L.CURRENT) is None:
             return
         prompts = self.current_prompts()
         if prompts.empty or self.session is None:
             if self.decoder is not None:
                 self.decoder.reset()
-            current.data = np.zeros_like(current.data)
+            self._show(None)
             if not prompts.empty:
                 self._say("error: load an export first")
             return
         if self.decoder is None and not self._use_cached():
-            if not any(getattr(w, "_peftexport_key", None) == self._key() for w in self.workers):
-                self.compute_embedding(then=self.update_mask)
+            self.compute_embedding(then=self.update_mask)  # one worker per target, however many prompts
             return
+        target = self._target()
         try:
-            if self.decoder.tiled and self._encode_tile(self.decoder.tile_for(prompts)):
-                return  # decoded when the tile's embedding is ready
-            decoded = self.decoder.decode(prompts)
-        except PeftExportError as exc:
+            tile_embedding = None
+            if self.decoder.tiled:
+                tile = self.decoder.tile_for(prompts)
+                tile_embedding = self.cache.get((target, tile.index))
+                if tile_embedding is None:
+                    self._encode_tile(target, tile)
+                    return  # decoded when the tile's embedding is ready
+            decoded = self.decoder.decode(prompts, tile_embedding)
+        except Exception as exc:  # an ONNX Runtime error too: the status line, not a traceback
             self._fail(exc)
             return
-        current.data = decoded.mask.astype(np.uint8)
-        self.last_decoded = decoded
+        self._show(decoded)
         self._say(f"mask {decoded.index}: predicted IoU {decoded.iou:.3f}, {int(decoded.mask.sum())} px")
 
-    def _encode_tile(self, tile: Any) -> bool:
-        """Start encoding ``tile`` of a large image in a worker unless cached; True while it runs."""
+    def _encode_tile(self, target: Target, tile: Any) -> None:
+        """Encode ``tile`` of the current large image in a worker (one tile at a time per image)."""
         tiled = self.decoder.embedding
-        if tiled.has_embedding(tile):
-            return False
-        key = (*self._key(), tile.index)
-        if not any(getattr(w, "_peftexport_key", None) == key for w in self.workers):
-            worker = self._run("computing the tile's embedding", tiled.embedding, tile,
-                               then=lambda out: self.update_mask())
-            worker._peftexport_key = key
-        return True
+
+        def encoded(out: dict) -> None:
+            self.cache.put((target, tile.index), out["result"])
+            if target == self._target():
+                self.update_mask()
+
+        self._run("computing the tile's embedding", lambda task: tiled.embedding(tile), then=encoded,
+                  target=target, key=("tile", target))
 
     def _clear_prompts(self) -> None:
         self._updating = True
@@ -300,65 +367,84 @@ class SegmentWidget(Panel):
             self._updating = False
         if self.decoder is not None:
             self.decoder.reset()
-        current = self._layer(L.CURRENT)
-        if current is not None:
-            current.data = np.zeros_like(current.data)
+        self._show(None)
 
     def clear(self) -> None:
         """Remove the prompts and the current object."""
         self._clear_prompts()
         self._say("cleared")
 
+    def _saving(self, layer: Labels) -> bool:
+        return any(t.key == ("save", layer.unique_id) for t in self.tasks)
+
+    def _new_label(self, layer: Labels) -> int:
+        """The next free id: above the layer's maximum (kept as a counter for a lazily backed layer,
+        whose maximum would mean reading it whole)."""
+        if not layer.multiscale:
+            return int(np.max(layer.data)) + 1
+        new = self._next_label.get(layer.unique_id, int(np.max(layer.data[-1])) + 1)
+        self._next_label[layer.unique_id] = new + 1
+        return new
+
     def commit(self) -> Optional[int]:
         """Write the current object into "<image> objects" as a new id; clears the prompts."""
-        image, current = self.image_layer, self._layer(L.CURRENT)
-        if image is None or current is None or not current.data.any() or self.session is None:
+        image, decoded = self.image_layer, self.last_decoded
+        if image is None or decoded is None or not decoded.mask.any() or self.session is None:
             self._say("nothing to commit: place prompts first")
             return None
         result = L.result_layer(self.viewer, image, "objects", {KEY: export_metadata(self.session, self.adapter)})
-        index = current_index(image, self.viewer.dims.point)
-        new_id = int(result.data.max()) + 1
-        plane = result.data[index] if index else result.data
-        plane[current.data.astype(bool)] = new_id  # a new object is drawn over earlier ones
-        result.refresh()
+        if self._saving(result):
+            self._say(f"wait: {result.name} is being saved (or press Cancel)")
+            return None
+        new_id = self._new_label(result)
+        L.paint(result, current_index(image, self.viewer.dims.point), decoded.window, decoded.mask, new_id)
         self._clear_prompts()
         self._say(f"committed object {new_id}")
         return new_id
 
     # ---- automatic and saving --------------------------------------------------------------------
 
-    def segment_all(self) -> Any:
+    def segment_all(self) -> Optional[Task]:
         """"Segment all" on the current slice, in a worker (after the embedding; an image larger than
-        the model input: tile by tile, ``runtime.tiled``); returns the worker."""
+        the model input: tile by tile, ``runtime.tiled``); returns the task."""
         image = self.image_layer
         if self.session is None or image is None:
             return self.compute_embedding()  # says what is missing
-        index = current_index(image, self.viewer.dims.point)
-        plane = None
-        if needs_tiles(self.session, L.image_shape(image)[-2:]):
-            plane = image_plane(image, index)
-        elif self.decoder is None:
+        try:
+            check_displayed(image, self.viewer)
+            target = self._target(image)
+            plane = lazy_plane(image, target.index)
+            check_segment_all_size(plane.shape)
+        except PeftExportError as exc:
+            self._fail(exc)
+            return None
+        tiled = needs_tiles(self.session, plane.shape[:2])
+        if not tiled and not self._use_cached():
             return self.compute_embedding(then=self.segment_all)
         form = self.ais_form if has_instance_decoder(self.session, self.adapter) else self.everything_form
-        emb = self.decoder.embedding if plane is None else None
-        return self._run("segmenting all objects", segment_all, self.session, emb, self.adapter, form.values(),
-                         image=plane,
-                         then=lambda out: self._segmented(image, index, out["result"], out["end"] - out["start"]))
+        session, adapter, params = self.session, self.adapter, form.values()
+        emb = None if tiled else self.decoder.embedding
+        return self._run("segmenting all objects", lambda task: segment_all(
+            session, emb, adapter, params, image=plane if tiled else None),
+            then=lambda out: self._segmented(image, target, out["result"], out["end"] - out["start"]),
+            target=target, key=("segment all", target))
 
-    def _segmented(self, image: Image, index: tuple, out: dict, seconds: float) -> None:
-        meta = {KEY: {**export_metadata(self.session, self.adapter), "mode": out["mode"], "params": out["params"],
-                      "tiles": out["tiles"]}}
+    def _segmented(self, image: Image, target: Target, out: dict, seconds: float) -> None:
+        """Written to the slice it was computed for (also when the viewer shows another slice now)."""
+        meta = {KEY: {**export_metadata(target.session, target.adapter), "mode": out["mode"],
+                      "params": out["params"], "tiles": out["tiles"]}}
         layer = L.result_layer(self.viewer, image, "automatic", meta)
-        if index:
-            layer.data[index] = out["labels"]
-        else:
-            layer.data[...] = out["labels"]
-        layer.refresh()
+        if self._saving(layer):
+            self._say(f"Segment all: dropped, {layer.name} was being saved; run it again")
+            return
+        L.write_plane(layer, target.index, out["labels"])
+        self._next_label.pop(layer.unique_id, None)
         tiles = f", {out['tiles']} tiles" if out["tiles"] else ""
         self._say(f"{out['mode']}: {out['n_objects']} objects ({seconds:.2f} s{tiles})")
 
-    def save(self, path: Optional[str] = None) -> Optional[str]:
-        """The selected Labels layer (else "<image> objects") to ``path`` (.tif/.tiff/.zarr; asks when None)."""
+    def save(self, path: Optional[str] = None) -> Optional[Task]:
+        """The selected Labels layer (else "<image> objects") to ``path`` (.tif/.tiff/.zarr; asks
+        when None), in a worker; returns the task. The status line says where it went."""
         layer = self.viewer.layers.selection.active
         if not isinstance(layer, Labels) or layer.name == L.CURRENT:
             layer = self._layer(f"{self.image_layer.name} objects") if self.image_layer is not None else None
@@ -369,11 +455,11 @@ class SegmentWidget(Panel):
             path, _ = QFileDialog.getSaveFileName(self, "Save labels", f"{layer.name}.tif", "TIFF (*.tif *.tiff);;zarr (*.zarr)")
             if not path:
                 return None
-        try:
-            written = write_labels(path, layer.data, {"name": layer.name, "metadata": layer.metadata})[0]
-        except PeftExportError as exc:
-            self._fail(exc)
-            return None
-        self._say(f"saved {layer.name} to {written}")
-        return written
-
+        # A plain layer is copied here (commits may follow at once); a lazily backed one is read
+        # block by block in the worker, and commits to it wait until the save is done.
+        data = list(layer.data) if layer.multiscale else np.array(layer.data)
+        attributes = {"name": layer.name, "metadata": dict(layer.metadata)}
+        name = layer.name
+        return self._run(f"saving {name}", lambda task: write_labels(path, data, attributes, progress=task.step)[0],
+                         then=lambda out: self._say(f"saved {name} to {out['result']}"),
+                         key=("save", layer.unique_id))
