@@ -1,6 +1,7 @@
 """The napari plugin without torch: the whole plugin (widget, sample data, a click, Segment all,
-save) runs in a process where importing torch fails, and ``pip install ".[napari]"`` resolves
-to no torch, torchvision or NVIDIA package."""
+save) runs in a process where importing torch fails, on the [napari] extra's Qt binding (PyQt6,
+without napari's PyQt5 deprecation warning), and ``pip install ".[napari]"`` resolves to no
+torch, torchvision or NVIDIA package, and to PyQt6 rather than PyQt5."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ SCRIPT = import_blocker(HEAVY) + r'''
 import importlib.util, json, sys, time
 import numpy as np
 import napari
+import qtpy
 from qtpy.QtWidgets import QApplication
 
 export_dir, out = sys.argv[1], sys.argv[2]
-viewer = napari.Viewer(show=False)
+viewer = napari.Viewer(show=True)  # napari warns about a deprecated binding when its window shows
 viewer.open_sample("peftexport", "synthetic_nuclei")
 _, widget = viewer.window.add_plugin_dock_widget("peftexport", "Segment with an export")
 app = QApplication.instance()
@@ -52,7 +54,7 @@ widget.save(out + ".tif")
 settle()
 saved = widget.status.text().rsplit(" to ", 1)[-1] if widget.status.text().startswith("saved ") else None
 result = {
-    "status": widget.status.text(), "area": area, "committed": committed, "saved": saved,
+    "qt": qtpy.API_NAME, "status": widget.status.text(), "area": area, "committed": committed, "saved": saved,
     "automatic_max": int(viewer.layers["synthetic nuclei automatic"].data.max()),
     "loaded": sorted(m for m in BLOCKED if m in sys.modules),
     "plugin_modules": sorted(m for m in sys.modules if m.startswith("peft_export.napari")),
@@ -73,6 +75,8 @@ def test_plugin_runs_with_torch_blocked(tmp_path, tmp_path_factory):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["loaded"] == [], got["loaded"]
+    assert got["qt"] == "PyQt6", f"napari ran on {got['qt']} (an environment from the old extra: pip uninstall pyqt5)"
+    assert "PyQt5 backend is deprecated" not in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
     assert got["area"] > 0 and got["committed"] == 1 and got["automatic_max"] >= 1, got
     assert got["saved"] == str(tmp_path / "result.json.tif") and Path(got["saved"]).is_file()
     for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images", "current",
@@ -100,5 +104,6 @@ def test_pip_install_napari_extra_adds_no_torch(tmp_path):
     heavy = sorted(n for n in names if n in ("torch", "torchvision", "segment-anything", "onnx", "triton")
                    or n.startswith("nvidia-"))
     assert not heavy, f'pip install ".[napari]" would install {heavy}'
-    for wanted in ("napari", "onnxruntime", "pyqt5", "magicgui", "scikit-image", "peftexport"):
+    for wanted in ("napari", "onnxruntime", "pyqt6", "magicgui", "scikit-image", "peftexport"):
         assert wanted in names, f"{wanted} missing from the resolution: {sorted(names)}"
+    assert "pyqt5" not in names, "napari 0.9 deprecates PyQt5: the extra installs PyQt6"

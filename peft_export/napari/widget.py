@@ -50,7 +50,8 @@ class SegmentWidget(Panel):
         self.cache = EmbeddingCache()
         self.tasks = Tasks(self._valid, self._tasks_changed, self._dropped)
         self.decoder: Optional[ClickDecoder] = None
-        self.last_timing: dict = {}
+        self.last_timing: dict = {}  # what -> seconds of its last run
+        self.last_span: dict = {}  # what -> (start, end) perf_counter seconds of its last run
         self.last_decoded: Optional[Decoded] = None  # the shown mask of the last decode
         self._waiting: Dict[Target, List[Callable[[], None]]] = {}  # run when that target's embedding is ready
         self._next_label: Dict[str, int] = {}  # lazily backed result layers: the next free id
@@ -147,6 +148,7 @@ class SegmentWidget(Panel):
 
         def done(out: dict) -> None:
             self.last_timing[what] = out["end"] - out["start"]
+            self.last_span[what] = (out["start"], out["end"])
             then(out)
 
         def failed(exc: Exception) -> None:
