@@ -3,9 +3,10 @@ layer (what napari's add mode does on a click) until the "current object" layer 
 mask and Qt has processed the redraw, for a given export. Also the decoder alone
 (``SamSession.predict`` on the same prompts) for comparison. Not run by the tests.
 
-    xvfb-run -a python benchmarks/bench_napari.py EXPORT_DIR [--image FILE] [--clicks 30] [--json out.json]
+    xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_napari.py EXPORT_DIR [--image FILE]
+        [--clicks 30] [--json out.json]
 
-(Without a display: xvfb-run, or an X server in DISPLAY; Qt runs offscreen either way.)
+(Without a display: xvfb-run, or an X server in DISPLAY, so that napari draws as on a screen.)
 Each click is a new object (one point: best of three masks); ``--second`` adds a second point to
 each object (single mask, low-res logits fed back).
 """
@@ -14,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import numpy as np
-
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 def _stats(ms: list) -> dict:
@@ -61,7 +59,7 @@ def main() -> None:
 
     def settle(limit: float = 600) -> None:
         end = time.time() + limit
-        while widget.workers and time.time() < end:
+        while len(widget.tasks) and time.time() < end:
             app.processEvents()
             time.sleep(0.005)
         app.processEvents()

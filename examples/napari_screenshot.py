@@ -1,23 +1,21 @@
 """A screenshot of napari with the plugin: synthetic nuclei, "Segment all" with an export, and one
 object segmented by a click, written as a PNG (docs/napari.png comes from this script).
 
-    xvfb-run -a python examples/napari_screenshot.py [--export EXPORT_DIR] [--image IMAGE.tif]
-        [--point Y,X] [-o docs/napari.png]
+    xvfb-run -a -s "-screen 0 1280x1024x24" python examples/napari_screenshot.py [--export EXPORT_DIR]
+        [--image IMAGE.tif] [--point Y,X] [-o docs/napari.png]
 
 Without ``--export`` it builds a tiny random-weight export with an instance decoder first (needs
-the ``[torch]`` extra; the plugin itself never does). Qt runs offscreen; napari's canvas needs an X
-display for OpenGL (xvfb-run gives one).
+the ``[torch]`` extra; the plugin itself never does). napari draws its canvas with OpenGL on an X
+display with GLX (xvfb-run gives one; Qt's default xcb platform, not ``offscreen``, which leaves
+image layers black).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 def tiny_export(out: Path) -> Path:
@@ -85,8 +83,8 @@ def main() -> None:
                         help="a Segment all parameter, e.g. pred_iou_thresh=0.2 (repeatable)")
     parser.add_argument("--draw-canvas", action="store_true",
                         help="draw the canvas from the layers' data (image by its contrast limits, labels in "
-                        "their colours, points) instead of vispy's render: some software OpenGL stacks "
-                        "(Mesa llvmpipe under Xvfb) render labels but no image layer")
+                        "their colours, points) instead of vispy's render, where no X display with GLX is "
+                        "available (Qt's offscreen platform draws image layers black)")
     parser.add_argument("-o", "--out", default="napari.png")
     args = parser.parse_args()
 
@@ -106,7 +104,7 @@ def main() -> None:
 
     def settle() -> None:
         end = time.time() + 600
-        while widget.workers and time.time() < end:
+        while len(widget.tasks) and time.time() < end:
             app.processEvents()
             time.sleep(0.01)
         app.processEvents()
@@ -126,8 +124,7 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.02)
     viewer.reset_view()
-    # The canvas (vispy renders it offscreen) beside the dock widget (Qt grabs it): a window grab would
-    # show an empty canvas on an offscreen platform.
+    # The canvas (vispy's render) beside the dock widget (Qt's grab of it).
     from PIL import Image
 
     if args.draw_canvas:

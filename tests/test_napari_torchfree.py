@@ -80,7 +80,7 @@ def test_plugin_runs_with_torch_blocked(tmp_path, tmp_path_factory):
     assert got["area"] > 0 and got["committed"] == 1 and got["automatic_max"] >= 1, got
     assert got["saved"] == str(tmp_path / "result.json.tif") and Path(got["saved"]).is_file()
     for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images", "current",
-                 "pyramid"):
+                 "pyramid", "results"):
         assert f"peft_export.napari.{name}" in got["plugin_modules"]
 
 
