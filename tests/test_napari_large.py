@@ -1,7 +1,8 @@
-"""The napari plugin on a whole-slide image: a 20000 x 20000 px uint16 zarr pyramid (an OME-Zarr's
-layout; only one patch of nuclei written, the rest reads as zeros) stays responsive while a real
-encoder run computes a tile, a click allocates tile-sized arrays only, the result layers are
-lazily backed and saved block by block, and "Segment all" says what to use instead."""
+"""The napari plugin on a whole-slide image: the plugin's "synthetic whole slide" sample, a
+20000 x 20000 px uint16 zarr pyramid (an OME-Zarr's layout; one patch of nuclei, the rest reads
+as zeros), stays responsive while a real encoder run computes a tile, a click allocates
+tile-sized arrays only, the result layers are lazily backed and saved block by block, and
+"Segment all" says what to use instead."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from peft_export.runtime import SamSession  # noqa: E402
 from test_napari import _qt_offscreen, current_mask, nuclei, open_widget, settle  # noqa: E402,F401
 
 SLIDE = 20000
-PATCH = (9600, 9700)  # row, col of the nuclei patch on level 0
-CLICK = (9850.0, 9950.0)  # row, col
+CLICK = (9850.0, 9950.0)  # row, col: in the sample's patch of nuclei (rows 9600.., cols 9700..)
 OTHER_CLICK = (9850.0, 10600.0)  # in another tile
 
 
@@ -39,22 +39,6 @@ def build_export_512(tmp_path_factory) -> Path:
     return out
 
 
-def slide_levels(folder: Path) -> list:
-    """A 5-level zarr pyramid of a 20000^2 uint16 slide, chunks of 1024^2, one 1024^2 patch of nuclei."""
-    import zarr
-
-    root = zarr.open_group(str(folder), mode="w")
-    patch = nuclei(1024, seed=30)
-    levels, size = [], SLIDE
-    for k in range(5):
-        level = root.create_array(str(k), shape=(size, size), chunks=(1024, 1024), dtype="uint16", fill_value=0)
-        f = 2**k
-        level[PATCH[0] // f:(PATCH[0] + 1024) // f, PATCH[1] // f:(PATCH[1] + 1024) // f] = patch[::f, ::f]
-        levels.append(level)
-        size = (size + 1) // 2
-    return levels
-
-
 def gaps(ticks: list, start: float, end: float) -> list:
     """Seconds between consecutive timer ticks within [start, end], the interval's ends included."""
     inside = [start] + [t for t in ticks if start < t < end] + [end]
@@ -66,9 +50,10 @@ def test_a_whole_slide_zarr_stays_responsive(make_napari_viewer, qtbot, tmp_path
     from qtpy.QtCore import QTimer
 
     export = build_export_512(tmp_path_factory)
-    levels = slide_levels(tmp_path / "slide.zarr")
     viewer = make_napari_viewer()
-    viewer.add_image(levels, multiscale=True, name="slide", contrast_limits=(0, 65535))
+    viewer.open_sample("peftexport", "synthetic_slide")
+    levels = viewer.layers["synthetic slide"].data
+    assert levels.shape == (SLIDE, SLIDE) and not isinstance(levels[0], np.ndarray)
     widget = open_widget(viewer, qtbot, export)
     points = viewer.layers["point prompts"]
 
@@ -92,7 +77,7 @@ def test_a_whole_slide_zarr_stays_responsive(make_napari_viewer, qtbot, tmp_path
     assert best.any() and widget.last_decoded.window == window
     np.testing.assert_array_equal(viewer.layers["current object"].data.astype(bool), best)
     y0, y1, x0, x1 = window
-    np.testing.assert_array_equal(current_mask(viewer, "slide")[y0:y1, x0:x1], best)
+    np.testing.assert_array_equal(current_mask(viewer, "synthetic slide")[y0:y1, x0:x1], best)
 
     # The GUI thread kept running during the tile's encoder run: ticks all along, no gap near the
     # run's length (relative, so that a loaded machine stretches both alike).
@@ -127,7 +112,7 @@ def test_a_whole_slide_zarr_stays_responsive(make_napari_viewer, qtbot, tmp_path
 
     # Commit: a lazily backed (zarr, multiscale) objects layer; save it block by block.
     assert widget.commit() == 1
-    objects = viewer.layers["slide objects"]
+    objects = viewer.layers["synthetic slide objects"]
     assert objects.multiscale and objects.data.shape == (SLIDE, SLIDE)
     level0 = objects.data[0]
     assert not isinstance(level0, np.ndarray)
@@ -138,7 +123,7 @@ def test_a_whole_slide_zarr_stays_responsive(make_napari_viewer, qtbot, tmp_path
     assert len(rows) and rows.min() >= y0 // f and rows.max() <= y1 / f and cols.min() >= x0 // f and cols.max() <= x1 / f
     widget.save(str(tmp_path / "objects.zarr"))
     settle(qtbot, widget, timeout=300_000)
-    assert widget.status.text() == f"saved slide objects to {tmp_path / 'objects.zarr'}"
+    assert widget.status.text() == f"saved synthetic slide objects to {tmp_path / 'objects.zarr'}"
     import zarr
 
     saved = zarr.open_array(str(tmp_path / "objects.zarr"), mode="r")
