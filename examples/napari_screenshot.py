@@ -120,17 +120,19 @@ def main() -> None:
     viewer.layers["point prompts"].add([float(v) for v in args.point.split(",")])
     settle()
     viewer.layers.selection.active = viewer.layers["point prompts"]
+    viewer.window._qt_viewer.canvas.native.setFixedSize(700, 700)  # the view fitted to the shot's size
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
     viewer.reset_view()
+    app.processEvents()
     # The canvas (vispy's render) beside the dock widget (Qt's grab of it).
     from PIL import Image
 
     if args.draw_canvas:
         canvas = draw_canvas(viewer, 700)
     else:
-        canvas = Image.fromarray(viewer.screenshot(canvas_only=True, size=(700, 700), flash=False)).convert("RGB")
+        canvas = Image.fromarray(viewer.screenshot(canvas_only=True, flash=False)).convert("RGB")
     panel_png = Path(tempfile.mkdtemp()) / "panel.png"
     widget.grab().save(str(panel_png))
     panel = Image.open(panel_png).convert("RGB")

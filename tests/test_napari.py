@@ -259,6 +259,8 @@ def test_commit_two_objects_with_button_and_key(make_napari_viewer, qtbot, ais_e
     press(qtbot, viewer, "C")  # the key binding
     objects = viewer.layers["cells objects"].data
     assert objects.dtype == np.int32 and objects.shape == image.shape
+    names = [layer.name for layer in viewer.layers]  # results are drawn below the prompts and the current object
+    assert names.index("cells objects") < min(names.index(n) for n in ("point prompts", "box prompts", "current object"))
     assert sorted(np.unique(objects)) == [0, 1, 2]
     np.testing.assert_array_equal(objects == 2, second)
     np.testing.assert_array_equal(objects == 1, first & ~second)  # the newer object is drawn over
@@ -319,6 +321,7 @@ def best_mask(session: SamSession, plane: np.ndarray, yx) -> np.ndarray:
     return masks[int(np.argmax(iou))]
 
 
+@pytest.mark.slow  # several embeddings of two exports
 def test_results_of_another_export_slice_or_data_are_never_shown(make_napari_viewer, qtbot, ais_export,
                                                                   plain_export):
     """Workers finish after the user moved on: the mask shown always comes from the export loaded
@@ -383,6 +386,12 @@ def test_results_of_another_export_slice_or_data_are_never_shown(make_napari_vie
     points.add([*click])
     settle(qtbot, widget)
     np.testing.assert_array_equal(current_mask(viewer, "stack"), best_mask(widget.session, fresh, click))
+
+    # Segment all still running when another export is loaded: its labels are never written.
+    assert widget.segment_all().what == "segmenting all objects"
+    widget.use_session(SamSession(plain_export))
+    settle(qtbot, widget)
+    assert "stack automatic" not in viewer.layers
 
 
 # ---- Segment all ------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def shown_window(layer: Labels, image: Any) -> Tuple[int, int, int, int]:
 
 def result_layer(viewer: Any, image: Any, kind: str, metadata: dict) -> Labels:
     """The image's "objects" or "automatic" Labels layer (created empty, int32, full image shape;
-    lazily backed when large)."""
+    lazily backed when large), kept below the prompt layers so that they stay visible."""
     name = f"{image.name} {kind}"
     shape = image_shape(image)
     layer = _find(viewer, name, Labels)
@@ -115,9 +115,14 @@ def result_layer(viewer: Any, image: Any, kind: str, metadata: dict) -> Labels:
         layer.metadata = {**layer.metadata, **metadata}
         return layer
     if pyramid.needs_pyramid(shape):
-        return viewer.add_labels(pyramid.empty_pyramid(shape), multiscale=True, name=name,
-                                 metadata=dict(metadata), **_placement(image))
-    return viewer.add_labels(np.zeros(shape, np.int32), name=name, metadata=dict(metadata), **_placement(image))
+        layer = viewer.add_labels(pyramid.empty_pyramid(shape), multiscale=True, name=name,
+                                  metadata=dict(metadata), **_placement(image))
+    else:
+        layer = viewer.add_labels(np.zeros(shape, np.int32), name=name, metadata=dict(metadata), **_placement(image))
+    prompts = [i for i, l in enumerate(viewer.layers) if l.name in (POINTS, BOXES, CURRENT)]
+    if prompts:
+        viewer.layers.move(viewer.layers.index(layer), min(prompts))
+    return layer
 
 
 def paint(layer: Labels, index: Tuple[int, ...], window: Tuple[int, int, int, int], mask: np.ndarray,

@@ -120,8 +120,14 @@ class Tasks:
                 on_done(out)
             self._on_change()
 
+        def finished() -> None:  # after ``returned``; alone only when the work raised a BaseException
+            if task in self._running:
+                self._running.remove(task)
+                self._on_change()
+
         task.worker = thread_worker(_timed, start_thread=False)(work, task)
         task.worker.returned.connect(returned)
+        task.worker.finished.connect(finished)
         self._running.append(task)
         task.worker.start()
         self._on_change()
