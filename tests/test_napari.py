@@ -1,7 +1,8 @@
-"""The napari plugin in a real viewer (napari's ``make_napari_viewer``, real Qt, offscreen): the
+"""The napari plugin in a real viewer (napari's ``make_napari_viewer``, real Qt on Xvfb): the
 manifest, sample data, clicks and boxes against ``SamSession.predict``, commit, z-stacks,
-"Segment all" (AIS and segment-everything), save and reload, and a viewer that keeps
-running while the embedding is computed.
+"Segment all" (AIS and segment-everything), save and reload, results of workers that finish
+after the export, slice or layer data changed, and errors as one status line (a whole slide:
+test_napari_large.py).
 
 Qt runs on an X display with its xcb platform: without ``DISPLAY`` the tests start their own
 ``Xvfb`` (GLX with Mesa's software OpenGL), kept for the whole test process. That is the headless
@@ -65,7 +66,7 @@ def headless_display() -> dict:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _qt_offscreen():
+def _qt_headless():
     # Session scope: runs before pytest-qt creates the QApplication (a session fixture too).
     saved = {k: os.environ.get(k) for k in ("QT_QPA_PLATFORM", "DISPLAY")}
     os.environ.update(headless_display())

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("napari", reason="napari is not installed (pip install '.[napari]')")
 
 from peft_export.runtime import SamSession  # noqa: E402
-from test_napari import _qt_offscreen, current_mask, nuclei, open_widget, settle  # noqa: E402,F401
+from test_napari import _qt_headless, current_mask, nuclei, open_widget, settle  # noqa: E402,F401
 
 SLIDE = 20000
 CLICK = (9850.0, 9950.0)  # row, col: in the sample's patch of nuclei (rows 9600.., cols 9700..)
