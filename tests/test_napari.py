@@ -303,13 +303,23 @@ def test_stack_segments_the_current_slice_and_caches_embeddings(make_napari_view
     assert widget.commit() == 1
     objects = viewer.layers["stack objects"].data
     assert objects.shape == stack.shape and objects[2].any() and not objects[:2].any()
+    # A mask shown on slice 2, then slice 1 (a prompt there, its embedding still computing): the
+    # mask of slice 2 is neither shown nor committed on slice 1.
+    points.add([2.0, 64.0, 50.0])
+    assert current_mask(viewer, "stack").any()
+    points.add([1.0, 40.0, 40.0])
+    viewer.dims.set_current_step(0, 1)
+    assert widget.commit() is None and not current_mask(viewer, "stack").any()
+    settle(qtbot, widget)
+    assert widget.last_decoded is not None  # slice 1's own mask, once its embedding is there
+    widget.clear()
     # Another slice: its own embedding; back to slice 2: cached, no worker.
     viewer.dims.set_current_step(0, 0)
     assert widget.compute_embedding() is not None
     settle(qtbot, widget)
     viewer.dims.set_current_step(0, 2)
     assert widget.compute_embedding() is None and "cached" in widget.status.text()
-    assert len(widget.cache) == 2
+    assert len(widget.cache) == 3
     # A point on another slice is not a prompt here.
     points.add([0.0, 30.0, 30.0])
     assert not current_mask(viewer, "stack").any()

@@ -328,6 +328,7 @@ class SegmentWidget(ResultActions, Panel):
                 self._say("error: load an export first")
             return
         if self.decoder is None and not self._use_cached():
+            self._show(None)  # nothing shown (or committed) from another slice while this one is encoded
             self.compute_embedding(then=self.update_mask)  # one worker per target, however many prompts
             return
         target = self._target()
@@ -337,6 +338,7 @@ class SegmentWidget(ResultActions, Panel):
                 tile = self.decoder.tile_for(prompts)
                 tile_embedding = self.cache.get((target, tile.index))
                 if tile_embedding is None:
+                    self._show(None)
                     self._encode_tile(target, tile)
                     return  # decoded when the tile's embedding is ready
             decoded = self.decoder.decode(prompts, tile_embedding)
