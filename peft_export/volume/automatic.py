@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import PeftExportError
 from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled
-from .merge import MERGE_DEFAULTS, check_merge_options, merge_instance_segmentation_3d
+from .merge import MERGE_DEFAULTS, check_merge_options, merge_instance_segmentation_3d, relabel_volume
 from .stacks import Stack, stack_from_array
 
 MODES = ("auto", "ais", "everything")
@@ -76,7 +76,7 @@ def segment_planes(volume: VolumeEmbeddings, out: Any, mode: str, options: Dict[
     for i, z in enumerate(planes):
         if cancelled(cancel):
             raise Cancelled("segment_volume: cancelled")
-        labels = segment_plane(volume, z, mode, options).astype(np.uint32)
+        labels = relabel_volume(segment_plane(volume, z, mode, options))  # ids 1..n: every id has pixels
         n = int(labels.max())
         out[z] = np.where(labels > 0, labels + np.uint32(offset), 0).astype(np.uint32)
         offset += n

@@ -24,7 +24,7 @@ loses its smallest id from the graph; here ``beta`` is used and every object is 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -87,19 +87,14 @@ def solve_merge(n_nodes: int, uv: np.ndarray, overlap: np.ndarray, beta: float =
     return labels
 
 
-def close_gaps_along_z(read_mask: Callable[[slice, slice], np.ndarray], write: Callable[[slice, slice, np.ndarray], None],
-                       shape_hw: Tuple[int, int], iterations: int, block: int = CLOSING_BLOCK) -> None:
-    """Binary closing along z only (``iterations`` times), yx block by yx block over all planes:
-    ``read_mask(ys, xs)`` gives Z x h x w bool, ``write(ys, xs, closed)`` takes the result."""
+def close_along_z(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary closing of a Z x h x w mask along z only (``iterations`` times); yx blocks of a stack
+    close independently, so a volume is closed block by block through all its planes."""
     from scipy.ndimage import binary_closing
 
     structure = np.zeros((3, 1, 1), bool)
     structure[:, 0, 0] = True
-    h, w = shape_hw
-    for y in range(0, h, block):
-        for x in range(0, w, block):
-            ys, xs = slice(y, min(y + block, h)), slice(x, min(x + block, w))
-            write(ys, xs, binary_closing(read_mask(ys, xs), structure=structure, iterations=int(iterations)))
+    return binary_closing(np.asarray(mask, bool), structure=structure, iterations=int(iterations))
 
 
 def closed_plane(labels: np.ndarray, closed: np.ndarray, offset: int) -> Tuple[np.ndarray, int]:
@@ -163,11 +158,11 @@ def merge_instance_segmentation_3d(slice_segmentation: np.ndarray, beta: float =
 
 def _close_in_memory(seg: np.ndarray, g: int) -> np.ndarray:
     closed = np.zeros(seg.shape, bool)
-
-    def write(ys, xs, block):
-        closed[:, ys, xs] = block
-
-    close_gaps_along_z(lambda ys, xs: seg[:, ys, xs] > 0, write, seg.shape[1:], g)
+    h, w = seg.shape[1:]
+    for y in range(0, h, CLOSING_BLOCK):
+        for x in range(0, w, CLOSING_BLOCK):
+            ys, xs = slice(y, y + CLOSING_BLOCK), slice(x, x + CLOSING_BLOCK)
+            closed[:, ys, xs] = close_along_z(seg[:, ys, xs] > 0, g)
     out = np.zeros_like(seg)
     offset = 1
     n = len(seg)
