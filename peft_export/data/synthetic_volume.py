@@ -253,7 +253,7 @@ def _write(out_dir, stem: str, n: int, overwrite: bool, axes: str, make) -> list
         img, lab = out_dir / "images" / f"{name}.tif", out_dir / "labels" / f"{name}.tif"
         for path, arr in ((img, image), (lab, label)):
             with atomic_file(path, overwrite) as tmp:
-                tifffile.imwrite(tmp, arr, metadata={"axes": axes})
+                tifffile.imwrite(tmp, arr, metadata={"axes": axes}, photometric="minisblack")
         if lineage is not None:
             write_ctc_tracks(out_dir / "labels" / f"{name}{CTC_TRACKS_SUFFIX}", lineage, overwrite)
         written.append((img, lab))

@@ -7,7 +7,8 @@ sample of planes), so a plane holding only background is not stretched into nois
 
 The zarr store (``store=PATH``) holds ``features`` (planes x tiles x 256 x g x g, float32), ``done``
 (one flag per plane, set after its features are written) and the identity of what made it (the
-encoder graphs' sha256, precision, adapter, tiles, plane shape, intensity statistics). Reopening a
+encoder graphs' sha256, precision, adapter, tiles, and the stack: its shape and a sha256 of a
+sample of its pixels, its intensity statistics). Reopening a
 store with the same export and stack runs no encoder for the planes it holds; a store made by
 another export, precision, tiling or stack is refused with what differs.
 
@@ -45,14 +46,28 @@ def cancelled(cancel: Cancel) -> bool:
     return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
 
 
-def stack_intensity(stack: Stack, rule: Optional[dict]) -> IntensityRange:
-    """The intensity rule with statistics of the whole stack (up to 16 planes, subsampled)."""
+def stack_sample(stack: Stack) -> np.ndarray:
+    """Up to 16 planes of the stack, evenly spaced and subsampled to ~4 M pixels, side by side."""
     n = stack.n_planes
     planes = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(n, INTENSITY_PLANES))})
     h, w = stack.plane_shape
     step = max(1, int(math.ceil(math.sqrt(len(planes) * h * w / INTENSITY_SAMPLE))))
-    sample = np.concatenate([stack.read(z, slice(None, None, step), slice(None, None, step)) for z in planes], axis=1)
-    return IntensityRange(sample, rule)
+    return np.concatenate([stack.read(z, slice(None, None, step), slice(None, None, step)) for z in planes], axis=1)
+
+
+def stack_intensity(stack: Stack, rule: Optional[dict], sample: Optional[np.ndarray] = None) -> IntensityRange:
+    """The intensity rule with statistics of the whole stack (``stack_sample``)."""
+    return IntensityRange(stack_sample(stack) if sample is None else sample, rule)
+
+
+def fingerprint(stack: Stack, sample: Optional[np.ndarray] = None) -> str:
+    """sha256 of the stack's shape, dtype and ``stack_sample`` pixels: which stack a store belongs to."""
+    import hashlib
+
+    sample = np.ascontiguousarray(stack_sample(stack) if sample is None else sample)
+    digest = hashlib.sha256(f"{stack.shape}{stack.dtype}".encode())
+    digest.update(sample.tobytes())
+    return digest.hexdigest()
 
 
 def plane_spec(manifest: Dict[str, Any], plane_shape: Tuple[int, int], tile: Optional[int] = None,
@@ -93,7 +108,9 @@ class VolumeEmbeddings:
         self.plane_shape = stack.plane_shape
         self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
         self.grid = TileGrid(self.plane_shape, self.spec)
-        self.intensity = intensity or stack_intensity(stack, session._intensity_rule)
+        sample = stack_sample(stack) if intensity is None or store is not None else None
+        self.intensity = intensity or stack_intensity(stack, session._intensity_rule, sample)
+        self.fingerprint = fingerprint(stack, sample) if store is not None else None
         self.encoder_runs = 0
         self.keep = keep or store is not None
         self._memory: Dict[Tuple[int, int], ImageEmbedding] = {}
@@ -109,7 +126,7 @@ class VolumeEmbeddings:
 
     def identity(self) -> Dict[str, Any]:
         return {"format": STORE_FORMAT, "encoder": encoder_identity(self.session, self.adapter),
-                "planes": self.stack.n_planes, "plane_shape": list(self.plane_shape),
+                "planes": self.stack.n_planes, "plane_shape": list(self.plane_shape), "stack": self.fingerprint,
                 "tiles": {"tile": self.spec.tile, "halo": self.spec.halo, "count": len(self.grid)},
                 "intensity": self.intensity.record()}
 

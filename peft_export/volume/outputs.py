@@ -73,7 +73,7 @@ def write_stack_labels(labels: np.ndarray, out: str | os.PathLike, kind: str, so
 
     dtype = np.uint16 if labels.size == 0 or labels.max() < 2**16 else np.uint32
     with atomic_file(out, overwrite=overwrite) as tmp:
-        tifffile.imwrite(tmp, labels.astype(dtype), metadata={"axes": kind.upper() + "YX"})
+        tifffile.imwrite(tmp, labels.astype(dtype), metadata={"axes": kind.upper() + "YX"}, photometric="minisblack")
     return out
 
 

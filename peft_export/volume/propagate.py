@@ -27,6 +27,15 @@ from .mask_prompts import mask_prompts, projection_prompts
 PROPAGATION_DEFAULTS = {"projection": "single_point", "iou_threshold": 0.5, "box_extension": 0.05}
 
 
+def check_propagation(projection: str = "single_point", iou_threshold: float = 0.5, box_extension: float = 0.0
+                      ) -> None:
+    projection_prompts(projection)
+    if not 0.0 <= float(iou_threshold) <= 1.0:
+        raise PeftExportError(f"iou_threshold: must be in [0, 1], got {iou_threshold}")
+    if float(box_extension) < 0:
+        raise PeftExportError(f"box_extension: must be >= 0, got {box_extension}")
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two masks, 0 when both are empty (micro-sam's ``compute_iou``)."""
     a, b = np.asarray(a) == 1, np.asarray(b) == 1
@@ -101,11 +110,7 @@ def segment_object_in_volume(
     after each plane; ``cancel`` (an Event or a callable) stops between planes and returns what is
     segmented so far.
     """
-    projection_prompts(projection)
-    if not 0.0 <= float(iou_threshold) <= 1.0:
-        raise PeftExportError(f"iou_threshold: must be in [0, 1], got {iou_threshold}")
-    if float(box_extension) < 0:
-        raise PeftExportError(f"box_extension: must be >= 0, got {box_extension}")
+    check_propagation(projection, iou_threshold, box_extension)
     n = volume.stack.n_planes
     seg, slices = _annotations(masks, n, volume.plane_shape)
     total = n - len(slices)

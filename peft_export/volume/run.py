@@ -128,9 +128,10 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
     """One object from prompts on one or a few planes, propagated through z (``propagate``); its
     mask (0/1) written as a stack."""
     from .embeddings import VolumeEmbeddings
-    from .propagate import masks_from_prompts, segment_object_in_volume
+    from .propagate import check_propagation, masks_from_prompts, segment_object_in_volume
     from .stacks import open_stack
 
+    check_propagation(**(propagation or {}))
     if not points and not box:
         raise PeftExportError("--propagate: give the object with --points 'z,y,x' and/or --box 'z,x0,y0,x1,y1'")
     stack = open_stack(image, "z", axes, channel)
