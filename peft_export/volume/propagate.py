@@ -124,6 +124,13 @@ def segment_object_in_volume(
     def segment(z: int, prompt: np.ndarray) -> np.ndarray:
         return segment_from_mask(volume, z, prompt, projection, box_extension)[0]
 
+    # A slice between two annotated ones is segmented from the OR of its neighbours; micro-sam
+    # derives every point there, also in single_point mode, and so does this.
+    joined = "points" if projection == "single_point" else projection
+
+    def segment_joined(z: int, prompt: np.ndarray) -> np.ndarray:
+        return segment_from_mask(volume, z, prompt, joined, box_extension)[0]
+
     def carry(z_start: int, z_stop: int, step: int, stop: Callable[[int, int], bool],
               threshold: Optional[float] = None) -> int:
         z = z_start + step
@@ -156,13 +163,13 @@ def segment_object_in_volume(
         elif b == z1 and stop_upper:
             carry(a, b, 1, np.greater_equal)
         elif gap == 2:
-            seg[a + 1] = segment(a + 1, (seg[a] == 1) | (seg[b] == 1))
+            seg[a + 1] = segment_joined(a + 1, (seg[a] == 1) | (seg[b] == 1))
             tick()
         else:
             carry(a, mid, 1, np.greater_equal if gap % 2 == 0 else np.greater)
             carry(b, mid, -1, np.less_equal)
             if gap % 2 == 0 and not cancelled(cancel):
-                seg[mid] = segment(mid, (seg[mid - 1] == 1) | (seg[mid + 1] == 1))
+                seg[mid] = segment_joined(mid, (seg[mid - 1] == 1) | (seg[mid + 1] == 1))
                 tick()
     return seg, (int(z_min), int(z_max))
 
