@@ -142,6 +142,7 @@ def test_merge_equals_micro_sam(options):
 # ---- embeddings: stored, reopened without an encoder, refused when made differently -----------
 
 
+@pytest.mark.slow
 def test_embeddings_store_reopens_without_encoder_and_refuses_a_mismatch(export, volume_tif, tmp_path):
     path, image, _ = volume_tif
     session = SamSession(export)
@@ -239,6 +240,7 @@ def test_slabs_on_a_local_cluster(export, volume_tif, tmp_path):
 # ---- tracking --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tracking_a_perfectly_segmented_movie_scores_tra_1(tmp_path):
     pytest.importorskip("laptrack", reason="laptrack is not installed")
     pytest.importorskip("traccuracy", reason="traccuracy is not installed")
@@ -319,6 +321,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
 # ---- without torch ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_volume_room_runs_with_torch_blocked(export, volume_tif, tmp_path):
     path, _, _ = volume_tif
     code = import_blocker(("torch", "torchvision", "segment_anything", "onnx")) + f"""
@@ -336,3 +339,19 @@ print(int(labels.max()), int(mask.sum()), tracks.n_tracks, 'torch' in sys.module
     assert res.returncode == 0, res.stderr[-2000:]
     n, voxels, n_tracks, torch_loaded = res.stdout.split()
     assert int(n) > 3 and int(voxels) > 0 and int(n_tracks) > 0 and torch_loaded == "False"
+
+
+def test_mask_prompt_resize_matches_torch_antialiased_bilinear():
+    """``resize_float`` (the mask prompt's resize) against torch's interpolate(antialias=True), down and up."""
+    import torch
+    import torch.nn.functional as F
+
+    from peft_export.runtime.preprocess import resize_float
+
+    rng = np.random.default_rng(3)
+    for h, w, out in [(300, 420, (183, 256)), (96, 120, (205, 256)), (700, 500, (256, 183)), (64, 64, (256, 256))]:
+        image = (rng.random((h, w)) > 0.7).astype(np.float32)
+        ref = F.interpolate(torch.from_numpy(image)[None, None], out, mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0].numpy()
+        got = resize_float(image, out)
+        assert got.shape == out and np.abs(got - ref).max() < 1e-5
