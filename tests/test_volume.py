@@ -354,4 +354,5 @@ def test_mask_prompt_resize_matches_torch_antialiased_bilinear():
         ref = F.interpolate(torch.from_numpy(image)[None, None], out, mode="bilinear", align_corners=False,
                             antialias=True)[0, 0].numpy()
         got = resize_float(image, out)
-        assert got.shape == out and np.abs(got - ref).max() < 1e-5
+        assert got.shape == out and np.abs(got - ref).max() < 1e-4  # float32 sums in another order
+        assert ((got > 0.5) == (ref > 0.5)).mean() > 0.9999  # the binary mask prompt
