@@ -355,4 +355,10 @@ def test_mask_prompt_resize_matches_torch_antialiased_bilinear():
                             antialias=True)[0, 0].numpy()
         got = resize_float(image, out)
         assert got.shape == out and np.abs(got - ref).max() < 1e-4  # float32 sums in another order
-        assert ((got > 0.5) == (ref > 0.5)).mean() > 0.9999  # the binary mask prompt
+        yy, xx = np.mgrid[0:h, 0:w]
+        blobs = np.zeros((h, w), np.float32)
+        for cy, cx, r in rng.uniform(0, 1, (4, 3)) * [h, w, min(h, w) / 4]:
+            blobs[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+        ref = F.interpolate(torch.from_numpy(blobs)[None, None], out, mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0].numpy()
+        np.testing.assert_array_equal(resize_float(blobs, out) > 0.5, ref > 0.5)  # the binary mask prompt
