@@ -33,7 +33,8 @@ DEBUG_ENV = "PEFTEXPORT_DEBUG"
 TORCH_SIDE = {"torch": "torch", "torchvision": "torch", "segment_anything": "torch", "safetensors": "torch",
               "onnx": "torch", "onnxscript": "torch", "scipy": "torch", "matplotlib": "torch",
               "onnxruntime": "cpu", "openvino": "openvino", "skimage": "ais", "zarr": "zarr",
-              "dask": "distributed", "distributed": "distributed"}
+              "dask": "distributed", "distributed": "distributed", "bioimage_cpp": "volume", "laptrack": "volume",
+              "traccuracy": "volume"}
 
 
 def unexpected_error_line(exc: BaseException) -> str:

@@ -68,6 +68,10 @@ def evaluate(
     adaptformer_residual: bool = AdaptformerLegacyOpt,
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
+    three_d: bool = typer.Option(False, "--3d", help="z-stacks (images/ and labels/ as ZYX): automatic 3D "
+                                 "segmentation of exports scored with 3D mSA, beside their per-plane mSA."),
+    track: bool = typer.Option(False, "--track", help="Movies (TYX; labels/NAME.tif tracked, NAME_track.txt the "
+                               "lineage): tracking of exports scored with TRA, DET (CTC) and division F1."),
 ) -> None:
     """Every model gets the same raw images and the same seeded prompts; each applies its
     own intensity rule. One row per model. Without -o only the table is printed."""
@@ -79,6 +83,8 @@ def evaluate(
     if out is not None and "iterative" not in {p.strip() for p in prompts.split(",")}:
         files["plot"] = None  # the plot shows Dice per corrective iteration
 
+    if three_d or track:
+        return _evaluate_stacks(models, data, three_d, track, out, overwrite, quiet)
     if tile is not None or halo is not None or scale is not None:
         return _evaluate_large(models, data, ais, everything, tile, halo, scale, backend, out, overwrite, quiet)
 
@@ -115,6 +121,36 @@ def evaluate(
     for path in files.values():
         if path is not None and path.exists():
             echo(f"wrote {path}")
+
+
+def _evaluate_stacks(models, data, three_d, track, out, overwrite, quiet) -> None:
+    from peft_export.errors import PeftExportError
+    from peft_export.evaluation import volume
+
+    if three_d and track:
+        raise PeftExportError("--3d and --track: evaluate volumes or movies, one at a time")
+    run = volume.evaluate_volumes if three_d else volume.evaluate_tracking
+    _write_report(lambda: run(models, data, log=None if quiet else echo), out, overwrite)
+
+
+def _write_report(make, out, overwrite) -> None:
+    import json
+
+    from peft_export.errors import PeftExportError
+    from peft_export.fsutil import atomic_file, output_dir
+
+    paths = [out / "evaluation.json", out / "evaluation.md"] if out is not None else []
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise PeftExportError(f"{path}: already exists (pass --overwrite to replace it)")
+    with output_dir(out):
+        report = make()
+        for path, text in zip(paths, (json.dumps(report, indent=1), report["table"] + "\n")):
+            with atomic_file(path, overwrite=overwrite) as tmp:
+                tmp.write_text(text)
+    echo(report["table"])
+    for path in paths:
+        echo(f"wrote {path}")
 
 
 def _evaluate_large(models, data, ais, everything, tile, halo, scale, backend, out, overwrite, quiet) -> None:

@@ -136,6 +136,12 @@ def make_demo_data(
     overwrite: bool = OverwriteOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the written pairs as JSON."),
     quiet: bool = QuietOpt,
+    volume: bool = typer.Option(False, "--volume", help="3D nuclei z-stacks (ellipsoids, z sampled 2x coarser) "
+                                "with 3D instance labels, for predict/evaluate --3d and finetune."),
+    movie: bool = typer.Option(False, "--movie", help="2D+t movies of moving, some dividing nuclei with tracked "
+                               "labels and the CTC lineage (labels/NAME_track.txt), for predict/evaluate --track."),
+    depth: int = typer.Option(32, "--depth", help="--volume: planes per stack."),
+    frames: int = typer.Option(20, "--frames", help="--movie: frames per movie."),
 ) -> None:
     from peft_export.data import make_demo_data as make
     from peft_export.errors import PeftExportError
@@ -153,6 +159,21 @@ def make_demo_data(
     if size < DEMO_MIN_SIZE:
         raise PeftExportError(f"--size: must be >= {DEMO_MIN_SIZE} (the largest nuclei are 40 px across), got {size}")
 
+    if volume or movie:
+        from peft_export.data import make_movie_data, make_volume_data
+
+        if volume and movie:
+            raise PeftExportError("--volume and --movie: give one")
+        if (depth if volume else frames) < 2:
+            raise PeftExportError(f"--{'depth' if volume else 'frames'}: must be >= 2")
+        written = (make_volume_data(out, n_images, (depth, size, size), seed, overwrite=overwrite) if volume else
+                   make_movie_data(out, n_images, frames, size, seed, overwrite=overwrite))
+        if as_json:
+            echo(json.dumps([{"image": str(i), "label": str(lab)} for i, lab in written], indent=2))
+            return
+        what = f"{depth}x{size}x{size} volume(s)" if volume else f"{frames}-frame {size}x{size} movie(s)"
+        echo(f"wrote {len(written)} {what} with labels to {out}/images and {out}/labels")
+        return
     pairs = make(out, n_images=n_images, size=size, seed=seed, overwrite=overwrite)
     if as_json:
         echo(json.dumps([{"name": p.name, "image": str(p.image), "label": str(p.label)} for p in pairs], indent=2))

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from . import cmd_volume as vol
 from .app import command, echo
 from .options import OverwriteOpt, QuietOpt
 
@@ -55,20 +56,39 @@ def predict(
                                 "written last, exists) and redo the rest: continues a stopped run over a folder."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
+    three_d: bool = vol.ThreeDOpt,
+    propagate: bool = vol.PropagateOpt,
+    track: bool = vol.TrackOpt,
+    axes: Optional[str] = vol.AxesOpt,
+    channel: Optional[int] = vol.ChannelOpt,
+    embeddings: Optional[Path] = vol.EmbeddingsOpt,
+    projection: str = vol.ProjectionOpt,
+    iou_threshold: float = vol.IouThresholdOpt,
+    box_extension: float = vol.BoxExtensionOpt,
+    gap_closing: Optional[int] = vol.GapClosingOpt,
+    min_z_extent: Optional[int] = vol.MinZExtentOpt,
+    max_distance: Optional[float] = vol.MaxDistanceOpt,
+    divisions: bool = vol.DivisionsOpt,
 ) -> None:
     """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything, --instances) and <stem>_scores.json per image.
-    --instances uses micro-sam's post-processing defaults."""
+    --instances uses micro-sam's post-processing defaults. Stacks (--3d, --propagate, --track): OUT is the labels
+    file, OUT.zarr or OUT.tif; prompts are z,y,x."""
     from peft_export.predict import predict_images
 
     instance_options = dict(center_distance_threshold=center_distance_threshold,
                             boundary_distance_threshold=boundary_distance_threshold,
                             foreground_threshold=foreground_threshold, foreground_smoothing=foreground_smoothing,
                             distance_smoothing=distance_smoothing, min_size=min_size)
+    opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
+    if three_d or propagate or track:
+        return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
+                                 instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
+                                 box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
-    opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
     if use_large_path(images, out, tile, halo, scale, workers, scheduler) and not instances:
         return _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale,
                                       workers, scheduler, precision, multimask, adapter, overwrite)

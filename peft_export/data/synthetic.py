@@ -81,10 +81,15 @@ def _draw(rng: np.random.Generator, size: int, n_objects: int | tuple[int, int] 
     gy, gx = rng.uniform(-40, 40, 2)
     background = 120.0 + gy * (yy / size - 0.5) + gx * (xx / size - 0.5)
     clean = background + profile * (1.0 + texture)
-    clean = ndimage.gaussian_filter(clean, 1.2)
+    return acquire(rng, clean, 1.2), label
+
+
+def acquire(rng: np.random.Generator, clean: np.ndarray, psf_sigma: float | tuple[float, ...]) -> np.ndarray:
+    """The microscope: the clean signal blurred (Gaussian PSF, sigma per axis), Poisson shot noise
+    and Gaussian read noise (offset 100, sd 8), as uint16."""
+    clean = ndimage.gaussian_filter(clean, psf_sigma)
     noisy = rng.poisson(np.clip(clean, 0, None)).astype(np.float64) + rng.normal(100.0, 8.0, clean.shape)
-    image = np.clip(np.round(noisy), 0, 65535).astype(np.uint16)
-    return image, label
+    return np.clip(np.round(noisy), 0, 65535).astype(np.uint16)
 
 
 def synthetic_sample(size: int = 256, seed: int | list[int] = 0, n_objects: int | tuple[int, int] | None = None,

@@ -62,9 +62,12 @@ def _gather(client: Any, futures: List[Any], desc: str, unit: str, progress: boo
     return client.gather(futures)
 
 
-def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False) -> List[Dict[str, Any]]:
+def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, stages: Any = stages,
+             finish: Any = finish_large) -> List[Dict[str, Any]]:
     """Every job's steps as Dask tasks, stage by stage over all jobs at once (so a folder of
-    images spreads over the workers); then each job finished here. Returns the jobs' records."""
+    images spreads over the workers); then each job finished here. Returns the jobs' records.
+    ``stages``/``finish``: another kind of job's steps (default: large images; volumes pass
+    ``volume.slabs.stages`` and ``finish_volume``)."""
     jobs = [{**job, "threads": 1} for job in jobs]  # one ONNX Runtime thread per worker thread
     if not jobs:
         return []
@@ -77,4 +80,4 @@ def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False) ->
             else:
                 futures += client.map(step, [job] * n, range(n), pure=False, retries=RETRIES)
         _gather(client, futures, name, "tile" if name == "tiles" else "step", progress)
-    return [finish_large(job) for job in jobs]
+    return [finish(job) for job in jobs]

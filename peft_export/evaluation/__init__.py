@@ -1,6 +1,6 @@
 """Stage 8, evaluation: the paper's protocol (Dice/IoU per prompt, mSA), model specs -> predictors, the report.
 
-May import: data, runtime, predict, models, peft, errors, fsutil (torch and segment_anything only inside specs' loaders; predict: large.py reads large arrays).
+May import: data, runtime, predict, volume, models, peft, errors, fsutil (torch and segment_anything only inside specs' loaders; predict: large.py reads large arrays; volume: --3d and --track).
 """
 
 from .metrics import DEFAULT_THRESHOLDS, dice, iou, matching, mean_segmentation_accuracy, segmentation_accuracy

@@ -51,8 +51,8 @@ def preprocess_shape(h: int, w: int, target_length: int) -> Tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def _coefficients(in_size: int, out_size: int, interpolation: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc: (xmin (out,), int weights (out, k))."""
+def _float_coefficients(in_size: int, out_size: int, interpolation: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Pillow's precompute_coeffs (also torch's ``interpolate(antialias=True)``): (xmin (out,), weights (out, k))."""
     filt, filter_support = _FILTERS[interpolation]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -71,6 +71,12 @@ def _coefficients(in_size: int, out_size: int, interpolation: str) -> Tuple[np.n
     for k in range(ksize):  # sequential sum, as in C
         total = total + w[:, k]
     w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    return xmin, w
+
+
+def _coefficients(in_size: int, out_size: int, interpolation: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc: (xmin (out,), int weights (out, k))."""
+    xmin, w = _float_coefficients(in_size, out_size, interpolation)
     scaled = w * (1 << _PRECISION_BITS)
     kk = np.where(scaled < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int64)
     return xmin, kk
@@ -102,6 +108,23 @@ def _resample_axis(img: np.ndarray, out_size: int, axis: int, interpolation: str
         else:
             out[:] = acc
     return np.moveaxis(out, 0, axis)
+
+
+def resize_float(image: np.ndarray, size_hw: Tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """A 2D float image resized with antialiasing, in float32 (torch's ``F.interpolate(..., antialias=True)``,
+    which SAM's ``ResizeLongestSide.apply_image_torch`` uses; Pillow's filters without 8-bit rounding)."""
+    out = np.asarray(image, np.float32)
+    for axis, size in ((1, size_hw[1]), (0, size_hw[0])):  # width first, as torch and Pillow do
+        if size == out.shape[axis]:
+            continue
+        xmin, w = _float_coefficients(out.shape[axis], size, interpolation)
+        src = np.moveaxis(out, axis, 0)
+        acc = np.zeros((size,) + src.shape[1:], np.float32)
+        for k in range(w.shape[1]):
+            weight = w[:, k].astype(np.float32).reshape((-1,) + (1,) * (src.ndim - 1))
+            acc += src[np.minimum(xmin + k, src.shape[0] - 1)] * weight
+        out = np.moveaxis(acc, 0, axis)
+    return np.ascontiguousarray(out)
 
 
 def pillow_available() -> bool:

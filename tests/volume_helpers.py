@@ -1,0 +1,45 @@
+"""Shared by the volume tests: stacks with known objects, per-plane segmentations to merge, and the
+check that two label images are the same up to renumbering."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from peft_export.data.synthetic_volume import synthetic_volume
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    """Every object of ``a`` is exactly one object of ``b`` and back (background 0 to 0)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if ((a == 0) != (b == 0)).any():
+        return False
+    pairs = np.unique(np.stack([a, b], 1), axis=0)
+    return len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
+
+
+def per_plane_segmentation(gt: np.ndarray, seed: int = 0, drop: float = 0.1, split: float = 0.1) -> np.ndarray:
+    """What a 2D segmenter gives on each plane of ``gt``: objects missed (``drop``) or cut in two
+    (``split``) at random, each plane numbered on its own, ids offset to be unique over the stack."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(gt.shape, np.uint32)
+    offset = 0
+    for z in range(len(gt)):
+        plane = gt[z].astype(np.int64)
+        for k in np.unique(plane)[1:]:
+            r = rng.random()
+            m = plane == k
+            if r < drop:
+                plane[m] = 0
+            elif r < drop + split:
+                xs = np.nonzero(m)[1]
+                plane[m & (np.arange(plane.shape[1])[None] < np.median(xs))] = plane.max() + 1
+        ids = np.unique(plane)[1:]
+        lut = np.zeros(plane.max() + 1, np.uint32)
+        lut[ids] = rng.permutation(len(ids)) + 1 + offset
+        out[z] = lut[plane]
+        offset += len(ids)
+    return out
+
+
+def small_volume(seed: int = 1, shape=(10, 96, 96)) -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_volume(shape, seed=seed, n_objects=(5, 7), radius=(6.0, 12.0))
