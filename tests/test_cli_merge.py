@@ -191,14 +191,13 @@ def test_a_model_option_contradicting_the_adapter_is_refused(tmp_path):
 
     adapted = build_adapted_model(PeftConfig("lora", rank=2, blocks="late"), "vit_t", None, 256, seed=0)
     save_adapter(adapted, tmp_path / "run")
-    for command in (["merge-and-export", "--precision", "fp32"], ["merge"]):
-        out_path = tmp_path / ("export" if command[0] != "merge" else "merged.pth")
-        for model in ("vit_b", "tiny"):
-            out = run_cli(*command, "--adapter", tmp_path / "run", "--model", model, "--out", out_path)
-            errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-            assert out.returncode == 2 and len(errors) == 1, out.stdout + out.stderr
-            assert f"adapter was trained on vit_t, --model {model} was asked" in errors[0]
-            assert "Traceback" not in out.stderr and not out_path.exists()
+    for command, model, out_path in ((["merge-and-export", "--precision", "fp32"], "vit_b", tmp_path / "export"),
+                                     (["merge"], "tiny", tmp_path / "merged.pth")):
+        out = run_cli(*command, "--adapter", tmp_path / "run", "--model", model, "--out", out_path)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert out.returncode == 2 and len(errors) == 1, out.stdout + out.stderr
+        assert f"adapter was trained on vit_t, --model {model} was asked" in errors[0]
+        assert "Traceback" not in out.stderr and not out_path.exists()
     # several adapters: each one is checked against the option
     out = run_cli("merge-and-export", "--adapter", f"a={tmp_path / 'run'}", "--adapter", f"b={tmp_path / 'run'}",
                   "--model", "vit_b", "--out", tmp_path / "multi")
