@@ -77,7 +77,7 @@ def use_free_cores(requested: int | None = None, log: Callable[[str], None] = pr
     """``choose_threads``, applied to torch and said in one line (once per process for one choice)."""
     global _chosen
     choice = choose_threads(requested, window_s)
-    if choice is _chosen:
+    if choice == _chosen:  # said already (the demo's choice, seen again by its finetune)
         return choice
     if choice.threads != torch.get_num_threads():
         torch.set_num_threads(choice.threads)
