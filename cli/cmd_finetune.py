@@ -60,6 +60,9 @@ def finetune(
     val_objects: int = typer.Option(25, "--val-objects", help="Objects per validation image (seeded choice)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (fp16: CUDA, with GradScaler)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="torch threads on the CPU (default: the cores other processes leave free, measured "
+                                "at the start; OMP_NUM_THREADS is respected)."),
     seed: int = SeedOpt,
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute adapted blocks in backward."),
     cache_frozen_trunk: bool = typer.Option(False, "--cache-frozen-trunk",
@@ -91,7 +94,7 @@ def finetune(
         grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations,
         objects_per_pass=objects_per_pass, patience=patience,
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
-        seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
+        threads=threads, seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
         save_every=save_every, resume=resume, overwrite=overwrite, progress=not (quiet or no_progress),
         explicit=_given_fields(ctx),
     )

@@ -84,8 +84,7 @@ def test_split_prompts_takes_the_mask_input(export):
     graphs = json.loads((export / "manifest.json").read_text())["graphs"]
     names = [i["name"] for i in graphs["split_prompts"]["fp32"]["inputs"]]
     assert names[-2:] == ["mask_input", "has_mask_input"]
-    parity = graphs["split_prompts"]["fp32"]["parity"]
-    assert parity["passed"] and parity["num_prompts"] >= 6  # the reference prompts with a mask input included
+    # what it computes with a mask input: test_predict_with_mask_input_matches_predictor_through_the_family
     assert SamSession(export).describe()["decoder_used"] == "family"
     assert not {"decoder", "decoder_lowres"} & set(graphs) and not (export / "decoder.onnx").exists()
 

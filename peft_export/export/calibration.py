@@ -25,11 +25,13 @@ def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
     files = sorted(p for p in directory.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise PeftExportError(f"--calibration-data: {directory} has no image files (TIFF, PNG, JPEG, NPY)")
-    inputs, used, digest = [], [], hashlib.sha256()
+    inputs, used, sources, digest = [], [], [], hashlib.sha256()
     for path in files:
-        for plane in read_image_planes(path):
+        planes = read_image_planes(path)
+        for i, plane in enumerate(planes):
             x, _, _ = prepare_image(plane, intensity, image_size, PIXEL_MEAN, PIXEL_STD, SAM_INTERPOLATION)
             inputs.append(x)
+            sources.append(path.name if len(planes) == 1 else f"{path.name}#{i}")
             digest.update(np.ascontiguousarray(plane).tobytes())
             if path.name not in used:
                 used.append(path.name)
@@ -38,5 +40,5 @@ def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
         if len(inputs) >= max_images:
             break
     record = {"directory": str(directory.resolve()), "files": used, "planes": len(inputs),
-              "sha256_of_pixels": digest.hexdigest()}
+              "plane_sources": sources, "sha256_of_pixels": digest.hexdigest()}
     return inputs, record

@@ -27,11 +27,13 @@ from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .refusals import is_required, refusal_line, refusal_record
+from .gptq import gptq_weights
+from .int8_data import GATE_PROMPT_SEED, SEARCH_IMAGES, SEARCH_PROMPT_SEED, Agreement, int8_verifier, split_int8_data
 from .int8_search import search_int8_recipe
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
-from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
+from .verify import ENCODER_MEASURES, build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
 
 FORMATS = ("onnx", "tensorrt")
 MAX_OPSET = 20  # the TorchScript exporter's newest
@@ -133,8 +135,9 @@ def merge_and_export(
     written) when a graph fails its parity check.
 
     int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
-    calibrated on them, else dynamic quantisation; ``int8_recipe`` overrides the default
-    (``quantize.default_recipe``). The manifest records the recipe and the calibration images.
+    calibrated on them (less a held-out part the gate verifies on, ``int8_data``), else dynamic
+    quantisation; ``int8_recipe`` overrides the default (``quantize.default_recipe``). The manifest
+    records the recipe, the calibration images and which data tuned and which verified the graph.
 
     ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
     ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
@@ -251,17 +254,24 @@ def merge_and_export(
         if "int8" in precisions:
             t = time.perf_counter()
             search = None
+            # tuned on some images and prompts, gated on others (with --calibration-data: a held-out part of them)
+            data = split_int8_data(size, calibration, calibration_record)
             if int8_recipe is not None:  # the user's recipe, as given
-                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe, calibration)
+                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe,
+                                        data.calibration, gptq_weights(tmp / "encoder.onnx", data.tuning)
+                                        if int8_recipe.rounding == "gptq" else None)
             else:  # the default recipe, with layers returned to fp32 until the masks agree with margin
+                tuned = Agreement(reference_model, data.tuning[:SEARCH_IMAGES], SEARCH_PROMPT_SEED)
                 applied, search = search_int8_recipe(
                     tmp / "encoder.onnx", tmp / encoder_filename("int8"), default_recipe(tmp / "encoder.onnx", model_type),
-                    reference.image.numpy(), lambda path: _agreement(path, reference_model, reference), calibration, log)
+                    data.tuning, tuned, data.calibration, log)
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
+            held_out = Agreement(reference_model, data.held_out, GATE_PROMPT_SEED) if data.held_out else None
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
                   {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
-                   "attention": attention,
-                   "int8_recipe": applied.to_dict(), "int8_search": search, "calibration": calibration_record})
+                   "attention": attention, "int8_recipe": applied.to_dict(), "int8_search": search,
+                   "int8_data": data.record, "calibration": calibration_record},
+                  verifier=int8_verifier(reference_model, held_out, ENCODER_MEASURES, verify_export))
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)
@@ -337,11 +347,6 @@ def decoder_flavours(meta_decoder: bool, tensorrt: bool) -> tuple[str, ...]:
     and ``decoder_lowres`` (its batched low-res form); for TensorRT ``decoder_lowres`` (its decoder
     engine is built from it). Neither by default."""
     return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or (tensorrt and f == "decoder_lowres"))
-
-
-def _agreement(path: Path, reference_model: Sam, reference) -> dict:
-    """The int8 gate's prompt agreement of one candidate graph (ONNX Runtime), for the recipe search."""
-    return verify_export(path, "encoder", reference_model, reference, "int8", "onnxruntime")["prompt_agreement"]
 
 
 def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: int, reference, log,

@@ -190,17 +190,25 @@ def load_adapter(
     checkpoint: str | Path | None = None,
     force: bool = False,
     image_size: int | None = None,
+    model_type: str | None = None,
 ) -> AdaptedModel:
     """Rebuild the adapted model of an adapter file / run directory on its base.
 
     The base is ``checkpoint`` if given, else the path recorded at training, else the
-    seeded random init recorded there. A base of another type or image size is refused;
-    another sha256 is refused unless ``force`` (then a warning).
+    seeded random init recorded there. A base of another type or image size is refused,
+    and so is a ``model_type`` (--model) other than the adapter's; another sha256 is
+    refused unless ``force`` (then a warning).
     """
     weights, meta_path = _adapter_paths(path)
     meta = read_adapter_meta(path)
     config = PeftConfig.from_dict(meta["peft"])
     base = meta["base"]
+    if model_type is not None and model_type != base["model_type"]:
+        check_model_type(model_type)  # an unknown name is named as such
+        raise PeftExportError(
+            f"{meta_path}: adapter was trained on {base['model_type']}, --model {model_type} was asked "
+            "(leave --model out: the adapter records its model)"
+        )
     if image_size is not None and image_size != base["image_size"]:
         raise PeftExportError(
             f"{meta_path}: adapter was trained at image size {base['image_size']}, --image-size {image_size} was asked"
@@ -362,7 +370,7 @@ def load_model_source(
     if len(given) != 1:
         raise PeftExportError("give exactly one of --adapter, --micro-sam, --merged")
     if adapter is not None:
-        return load_adapter(adapter, checkpoint, force=force, image_size=image_size)
+        return load_adapter(adapter, checkpoint, force=force, image_size=image_size, model_type=model_type)
     if micro_sam is not None:
         if micro_sam_config is None:
             return _fully_finetuned_micro_sam(micro_sam, model_type, image_size)

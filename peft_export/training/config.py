@@ -16,7 +16,7 @@ LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "training.png"
 DEFAULT_EPOCHS = 20
 # Fields a resumed run may change; everything else comes from the run's own config.
-RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass")
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass", "threads")
 # Where the run lives and how it was started, not what it trains.
 _RUN_FIELDS = ("out", "resume", "overwrite", "explicit")
 _PATH_FIELDS = ("data", "val_data", "checkpoint")
@@ -75,6 +75,7 @@ class TrainConfig:
     # execution
     precision: str = "fp32"
     device: str = "auto"
+    threads: int | None = None  # torch's CPU threads; None: the cores other processes leave free (training.threads)
     seed: int = 0
     grad_checkpointing: bool = False
     cache_frozen_trunk: bool = False
@@ -114,6 +115,7 @@ def check_config(c: TrainConfig) -> None:
         (c.objects_per_pass is None or c.objects_per_pass >= 1, f"--objects-per-pass: must be >= 1, got {c.objects_per_pass}"),
         (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
         (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
+        (c.threads is None or c.threads >= 1, f"--threads: must be >= 1, got {c.threads}"),
         (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),
         (c.epochs is None or c.epochs >= 1, f"--epochs: must be >= 1, got {c.epochs}"),
         (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),

@@ -66,6 +66,7 @@ from .distributed import (
 )
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .host_memory import keep_freed_memory
+from .threads import use_free_cores
 from .ais import InstanceDecoderTraining
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
@@ -512,6 +513,8 @@ class Trainer:
             require_qlora_device(device)
         use_cuda = device.type == "cuda"
         self.dist = init_distributed(use_cuda)
+        if not use_cuda and (c.threads is not None or self.dist.world_size == 1):
+            use_free_cores(c.threads, self._log)  # DDP ranks share the cores: torchrun sets OMP_NUM_THREADS
         try:
             with keep_freed_memory(enabled=not use_cuda):  # CPU steps stop re-faulting their pages (host_memory)
                 return self._run(c, train, val)
