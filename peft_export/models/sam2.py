@@ -223,3 +223,17 @@ def to_model_frame(xy: torch.Tensor, original_size: tuple[int, int], image_size:
     """(..., 2) x, y pixels of an (H, W) image -> the S x S frame (SAM2Transforms.transform_coords)."""
     h, w = original_size
     return xy / torch.tensor([w, h], dtype=xy.dtype, device=xy.device) * image_size  # sam2's order of operations
+
+
+def sam2_predictor(model: torch.nn.Module):
+    """``SAM2ImagePredictor`` of ``model`` at its own image size (the predictor assumes 1024's feature sizes)."""
+    import warnings
+
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    with warnings.catch_warnings():  # its transforms use torch.jit.script, which torch 2.14 calls deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        predictor = SAM2ImagePredictor(model)
+    g = int(model.image_size) // 16
+    predictor._bb_feat_sizes = [(4 * g, 4 * g), (2 * g, 2 * g), (g, g)]
+    return predictor
