@@ -20,6 +20,7 @@ from ..errors import PeftExportError
 from ..fsutil import atomic_dir
 from ..models.sam2 import SAM2_PIXEL_MEAN, SAM2_PIXEL_STD
 from ..peft.adapters import AdaptedModel
+from .prepare import check_out_dir, encoder_filename, export_source, merge_for_export
 from .manifest import build_manifest, file_entry, graph_entry, training_scale_record, write_manifest
 from .quantize import Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .refusals import refusal_line, refusal_record
@@ -73,7 +74,6 @@ def export_sam2(
     side's) whose entries join ``manifest["graphs"]`` and whose other keys join the manifest."""
     from .int8_search import search_int8_recipe
     from .gates import verify_backends
-    from .pipeline import _check_out_dir, encoder_filename, export_source, merge_for_export
 
     out_dir = Path(out_dir)
     precisions = tuple(dict.fromkeys(precisions))
@@ -82,7 +82,7 @@ def export_sam2(
         raise PeftExportError(f"--precision {bad[0] if bad else ''}: SAM 2 exports fp32 and int8")
     if calibration_data is not None and "int8" not in precisions:
         raise PeftExportError("--calibration-data: only int8 is calibrated; add int8 to --precision")
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     log: Callable[[str], None] = print if progress else (lambda _m: None)
     t0 = time.perf_counter()
     reference_model = adapted.model.eval()

@@ -239,12 +239,12 @@ def load_sam_and_decoder(
     if model_type is not None and found != model_type:
         raise PeftExportError(f"{checkpoint}: checkpoint is {describe_type(found)}, --model {model_type} was asked")
     if is_sam2_type(found):
-        from .sam2 import load_sam2_state, sam2_base_info
+        from .sam2 import load_sam2_state
 
         if decoder is not None:
             raise PeftExportError(f"{checkpoint}: an instance decoder (decoder_state) with a SAM 2 model is not supported")
         model = load_sam2_state(state, found, image_size, checkpoint)
-        return model, sam2_base_info(found, model.image_size, checkpoint), None
+        return model, BaseModelInfo(found, int(model.image_size), str(checkpoint), sha256_file(checkpoint)), None
     peft_keys = [k for k in state if ".qkv_proj." in k or ".mlp_layer." in k or ".layer." in k or ".mlp_proj." in k]
     if peft_keys:
         raise PeftExportError(
@@ -258,13 +258,13 @@ def load_sam_and_decoder(
 
 
 def _random_sam2(model_type: str, image_size: int | None, seed: int, warn_random: bool):
-    from .sam2 import random_sam2, sam2_base_info
+    from .sam2 import random_sam2
 
     if warn_random:
         warnings.warn(f"no checkpoint given: {model_type} is randomly initialised (seed {seed}); "
                       "results are only good for testing the pipeline", stacklevel=3)
     model = random_sam2(model_type, image_size, seed)
-    return model, sam2_base_info(model_type, model.image_size, None, seed)
+    return model, BaseModelInfo(model_type, int(model.image_size), None, RANDOM_INIT, seed)
 
 
 def describe_model(sam: Sam) -> str:

@@ -22,8 +22,6 @@ from typing import Mapping
 import torch
 
 from ..errors import PeftExportError
-from ..fsutil import sha256_file
-from .sam import RANDOM_INIT
 from .state import load_state_strict
 
 # (trunk embed dim, number of Hiera blocks) of each SAM 2.1 config: how a checkpoint's type is read.
@@ -136,15 +134,6 @@ def load_sam2_state(state: Mapping[str, torch.Tensor], model_type: str, image_si
     model = build_sam2_model(model_type, image_size)
     load_state_strict(model, state, path)
     return model.eval()
-
-
-def sam2_base_info(model_type: str, image_size: int | None, checkpoint: str | Path | None, seed: int = 0):
-    from .checkpoints import BaseModelInfo
-
-    size = image_size or SAM2_DEFAULT_IMAGE_SIZE
-    if checkpoint is None:
-        return BaseModelInfo(model_type, size, None, RANDOM_INIT, seed)
-    return BaseModelInfo(model_type, size, str(checkpoint), sha256_file(checkpoint))
 
 
 # ---- the image path in torch (SAM2ImagePredictor's) -----------------------------------------------
