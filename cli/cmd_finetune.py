@@ -27,7 +27,7 @@ def finetune(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90-degree rotations."),
     intensity_low: float = typer.Option(1.0, "--intensity-low", help="Percentile mapped to 0."),
     intensity_high: float = typer.Option(99.8, "--intensity-high", help="Percentile mapped to 255."),
-    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM) or tiny."),
+    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM), tiny, or SAM 2.1: sam2.1_hiera_t/s/b+/l."),
     checkpoint: Optional[Path] = CheckpointOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input size (default: the model's)."),
     peft: str = typer.Option("lora", "--peft", help="PEFT method (see `peftexport params`)."),

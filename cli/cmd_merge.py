@@ -63,7 +63,7 @@ def merge(
 
 @command("params", short="Trainable parameters of a model + PEFT method.", help="Count the trainable parameters of a model + PEFT method (encoder / decoder).")
 def params(
-    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM) or tiny."),
+    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM), tiny, or SAM 2.1: sam2.1_hiera_t/s/b+/l."),
     peft: str = typer.Option("lora", "--peft", help="PEFT method."),
     rank: Optional[int] = RankOpt,
     blocks: str = BlocksOpt,

@@ -12,7 +12,7 @@ AdapterOpt = typer.Option(None, "--adapter", help="Adapter run directory or adap
 MicroSamOpt = typer.Option(None, "--micro-sam", help="micro-sam training checkpoint (needs --peft and its options).")
 MergedOpt = typer.Option(None, "--merged", help="A merged or plain SAM checkpoint.")
 CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Base SAM checkpoint the adapter was trained on.")
-ModelOpt = typer.Option(None, "--model", "-m", help="Model type: vit_b, vit_l, vit_h, vit_t (MobileSAM) or tiny (inferred from checkpoints).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Model type: vit_b, vit_l, vit_h, vit_t (MobileSAM), tiny, or SAM 2.1 sam2.1_hiera_t/s/b+/l (inferred from checkpoints).")
 ForceOpt = typer.Option(False, "--force", help="Accept a base checkpoint whose sha256 differs from the adapter's.")
 PeftOpt = typer.Option(None, "--peft", help="PEFT method of a --micro-sam checkpoint (lora, fact, ssf, adaptformer, ...).")
 RankOpt = typer.Option(None, "--rank", help="LoRA/FacT rank (LoRA 32, FacT 16).")
