@@ -34,7 +34,11 @@ def finetune(
     blocks: str = typer.Option("late", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5."),
     rank: Optional[int] = RankOpt,
     alpha: float = typer.Option(1.0, "--alpha", help="LoRA scale."),
-    targets: str = typer.Option("q,k,v,mlp", "--targets", help="LoRA targets, any of q,k,v,mlp."),
+    targets: str = typer.Option("q,k,v,mlp", "--targets", help="LoRA's encoder targets (any of q,k,v,mlp) and mask-decoder "
+                                "layers for every method that fits (dec.all, dec.attn, dec.mlp, dec.hyper, ...; "
+                                "docs/peft_methods.md). Decoder-only: --blocks none --targets dec.all."),
+    decoder_peft: Optional[str] = typer.Option(None, "--decoder-peft", help="Method on the dec.* targets "
+                                               "(lora, ssf, fact, adaptformer; default: --peft's)."),
     dropout: float = typer.Option(0.1, "--dropout", help="FacT dropout."),
     bottleneck: int = typer.Option(64, "--bottleneck", help="AdaptFormer bottleneck."),
     freeze_decoder: bool = typer.Option(False, "--freeze-decoder", help="Keep the mask decoder frozen."),
@@ -85,7 +89,7 @@ def finetune(
         min_object_size=min_object_size, augment=augment, intensity=intensity, model_type=model,
         checkpoint=str(checkpoint) if checkpoint else None, image_size=image_size, peft=peft, blocks=blocks,
         rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t), dropout=dropout,
-        bottleneck=bottleneck, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
+        bottleneck=bottleneck, decoder_peft=decoder_peft, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
         instance_decoder=instance_decoder,
         iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations,

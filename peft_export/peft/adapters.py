@@ -62,6 +62,9 @@ class AdaptedModel:
     source: str = ""  # what the user passed, for reports
     meta: dict = field(default_factory=dict)
     instance_decoder: InstanceDecoder | None = None  # micro-sam's AIS decoder, when the model has one
+    # Tensors the adapter file holds although they do not train now: an earlier adapter's, frozen
+    # while a new part trains on top of it (``improve``). Loading copies them like any other.
+    carried: tuple[str, ...] = ()
 
 
 def build_adapted_model(
@@ -110,6 +113,9 @@ def save_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = trainable_state(adapted.model)
+    if adapted.carried:
+        own = dict(adapted.model.named_parameters())
+        tensors.update({n: own[n].detach().cpu().contiguous() for n in adapted.carried})
     n_adapter = len(tensors)
     if adapted.instance_decoder is not None:
         tensors.update(decoder_tensors(adapted.instance_decoder))
@@ -301,6 +307,9 @@ def micro_sam_peft_config(
     if peft is None:
         return None
     get_method(peft)
+    if any(t.strip().lower().startswith("dec.") for t in targets.split(",")):
+        raise PeftExportError(f"--targets {targets}: micro-sam has no mask-decoder PEFT (its checkpoints hold the "
+                              "decoder's own weights); give only encoder targets (q, k, v, mlp)")
     return PeftConfig(
         method=peft,
         blocks=blocks,

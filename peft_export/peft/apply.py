@@ -19,6 +19,7 @@ from .adaptformer import AdaptFormerMLP
 from .base import MergeableLayer, replace_module
 from .qlora import dequantize_4bit_linears
 from .config import PeftConfig, parse_targets, resolve_blocks
+from .decoder import apply_decoder_peft, check_decoder_config
 from .registry import get_method
 
 
@@ -27,8 +28,8 @@ def check_config(config: PeftConfig, depth: int) -> list[int]:
     method = get_method(config.method)
     if method.name in ("lora", "qlora", "fact") and (config.rank is None or config.rank <= 0):
         raise PeftExportError(f"--rank must be a positive integer for {method.name}, got {config.rank}")
-    if method.name in ("lora", "qlora"):
-        config.targets = parse_targets(config.targets)
+    config.targets = parse_targets(config.targets)  # encoder targets (LoRA's) and dec.* (every method that fits)
+    check_decoder_config(config)
     if method.name == "adaptformer" and config.bottleneck <= 0:
         raise PeftExportError(f"--bottleneck must be positive, got {config.bottleneck}")
     if config.adaptformer_scale != "learnable":
@@ -63,11 +64,13 @@ def apply_peft(sam: Sam, config: PeftConfig) -> Sam:
         p.requires_grad_(config.train_prompt_encoder)
     for p in sam.mask_decoder.parameters():
         p.requires_grad_(config.train_mask_decoder)
+    apply_decoder_peft(sam, config)  # dec.* targets: the decoder's own weights freeze, its adapter layers train
     sam.peft_config = config  # type: ignore[attr-defined]
     return sam
 
 
 def has_unmergeable_layers(sam: Sam) -> bool:
+    """Whether an AdaptFormer branch (encoder or decoder) is installed: it stays in exported graphs."""
     return any(isinstance(m, AdaptFormerMLP) for m in sam.modules())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import PeftExportError
 from ..peft import PeftConfig, parse_targets
+from ..peft.decoder_targets import decoder_targets
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -51,6 +52,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ("q", "k", "v", "mlp")
     dropout: float = 0.1
     bottleneck: int = 64
+    decoder_peft: str | None = None  # the method on dec.* targets (None: --peft's)
     freeze_decoder: bool = False
     freeze_prompt_encoder: bool = False
     instance_decoder: bool = False  # also train micro-sam's AIS decoder (training.ais)
@@ -87,9 +89,11 @@ class TrainConfig:
     explicit: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def peft_config(self) -> PeftConfig:
-        targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
+        targets = parse_targets(self.targets)
+        if self.peft not in ("lora", "qlora"):  # encoder targets are LoRA's; dec.* fit every decoder method
+            targets = ("q", "v") + decoder_targets(targets)
         return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
-                          dropout=self.dropout, bottleneck=self.bottleneck,
+                          decoder_method=self.decoder_peft, dropout=self.dropout, bottleneck=self.bottleneck,
                           train_prompt_encoder=not self.freeze_prompt_encoder,
                           train_mask_decoder=not self.freeze_decoder)
 
