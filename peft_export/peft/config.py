@@ -25,6 +25,7 @@ class PeftConfig:
     alpha: float = 1.0  # LoRA scale: delta = alpha * B @ A (no 1/r, as micro-sam)
     targets: tuple[str, ...] = ("q", "v")  # LoRA: any of q, k, v, mlp; every method: decoder layers dec.* (decoder_targets)
     decoder_method: str | None = None  # the method on the dec.* targets; None: ``method``
+    decoder_rank: int | None = None  # LoRA/FacT rank on the dec.* targets; None: ``rank``
     dropout: float = 0.1  # FacT dropout
     bottleneck: int = 64  # AdaptFormer
     adaptformer_scale: str | float = "learnable"
@@ -42,8 +43,9 @@ class PeftConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
-        if d["decoder_method"] is None:  # configs without decoder PEFT stay readable by older releases
-            del d["decoder_method"]
+        for key in ("decoder_method", "decoder_rank"):
+            if d[key] is None:  # configs without decoder PEFT stay readable by older releases
+                del d[key]
         return d
 
     @classmethod

@@ -23,7 +23,7 @@ from .ssf import apply_ssf_decoder
 
 
 def _lora(decoder, cfg: PeftConfig, targets: tuple[str, ...]) -> None:
-    apply_lora_decoder(decoder, cfg.rank or 8, targets, cfg.alpha)
+    apply_lora_decoder(decoder, cfg.decoder_rank or cfg.rank or 8, targets, cfg.alpha)
 
 
 def _ssf(decoder, cfg: PeftConfig, targets: tuple[str, ...]) -> None:
@@ -31,7 +31,7 @@ def _ssf(decoder, cfg: PeftConfig, targets: tuple[str, ...]) -> None:
 
 
 def _fact(decoder, cfg: PeftConfig, targets: tuple[str, ...]) -> None:
-    apply_fact_decoder(decoder, cfg.rank or 16, cfg.dropout, targets)
+    apply_fact_decoder(decoder, cfg.decoder_rank or cfg.rank or 16, cfg.dropout, targets)
 
 
 def _adaptformer(decoder, cfg: PeftConfig, targets: tuple[str, ...]) -> None:
@@ -74,8 +74,9 @@ def check_decoder_config(config: PeftConfig) -> tuple[str, ...]:
     bad = [t for t in targets if not fits(t)]
     if bad:
         raise PeftExportError(f"--targets: {method} on the mask decoder fits {where}, not {', '.join(bad)}")
-    if method in ("lora", "qlora", "fact") and config.rank is not None and config.rank <= 0:
-        raise PeftExportError(f"--rank must be a positive integer for {method}, got {config.rank}")
+    rank = config.decoder_rank if config.decoder_rank is not None else config.rank
+    if method in ("lora", "qlora", "fact") and rank is not None and rank <= 0:
+        raise PeftExportError(f"--decoder-rank must be a positive integer for {method}, got {rank}")
     return targets
 
 

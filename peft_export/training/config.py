@@ -17,7 +17,7 @@ LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "training.png"
 DEFAULT_EPOCHS = 20
 # Fields a resumed run may change; everything else comes from the run's own config.
-RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass")
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass", "embedding_store")
 # Where the run lives and how it was started, not what it trains.
 _RUN_FIELDS = ("out", "resume", "overwrite", "explicit")
 _PATH_FIELDS = ("data", "val_data", "checkpoint")
@@ -53,6 +53,7 @@ class TrainConfig:
     dropout: float = 0.1
     bottleneck: int = 64
     decoder_peft: str | None = None  # the method on dec.* targets (None: --peft's)
+    decoder_rank: int | None = None  # its rank (None: --rank)
     freeze_decoder: bool = False
     freeze_prompt_encoder: bool = False
     instance_decoder: bool = False  # also train micro-sam's AIS decoder (training.ais)
@@ -80,6 +81,8 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: bool = False
     cache_frozen_trunk: bool = False
+    cache_embeddings: bool = False  # encoder frozen: each training view encoded once (embedding_cache)
+    embedding_store: str | None = None  # also keep them on disk, one .npy per view (implies cache_embeddings)
     save_every: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -93,7 +96,7 @@ class TrainConfig:
         if self.peft not in ("lora", "qlora"):  # encoder targets are LoRA's; dec.* fit every decoder method
             targets = ("q", "v") + decoder_targets(targets)
         return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
-                          decoder_method=self.decoder_peft, dropout=self.dropout, bottleneck=self.bottleneck,
+                          decoder_method=self.decoder_peft, decoder_rank=self.decoder_rank, dropout=self.dropout, bottleneck=self.bottleneck,
                           train_prompt_encoder=not self.freeze_prompt_encoder,
                           train_mask_decoder=not self.freeze_decoder)
 
@@ -110,6 +113,8 @@ class TrainConfig:
 
 
 def check_config(c: TrainConfig) -> None:
+    if c.embedding_store:
+        c.cache_embeddings = True
     checks = [
         (c.precision in PRECISIONS, f"--precision: choose one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
         (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
@@ -123,6 +128,8 @@ def check_config(c: TrainConfig) -> None:
         (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),
         (0.0 <= c.mask_input_prob <= 1.0, f"mask_input_prob: must be in [0, 1], got {c.mask_input_prob}"),
         (not (c.iterations and c.epochs), "--iterations and --epochs: give one of them"),
+        (not (c.cache_embeddings and c.cache_frozen_trunk),
+         "--cache-embeddings and --cache-frozen-trunk: give one (whole embeddings, or the frozen blocks' output)"),
     ]
     for ok, msg in checks:
         if not ok:
