@@ -30,7 +30,8 @@ def with_decoder_lora(adapted: AdaptedModel, targets: str | tuple[str, ...] = "d
                             train_prompt_encoder=False, train_mask_decoder=False)
         apply_peft(sam, config)
         return replace(adapted, config=config, carried=(), meta={})
-    before = {id(p) for p in sam.parameters() if p.requires_grad}  # what the old adapter file holds
+    own = dict(sam.named_parameters())
+    before = {id(p) for p in sam.parameters() if p.requires_grad} | {id(own[n]) for n in adapted.carried}  # its file
     if decoder_targets(old.targets):  # decoder adapters already there: they train on
         config = old
         train = {id(p) for p in sam.mask_decoder.parameters() if p.requires_grad}

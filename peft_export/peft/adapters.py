@@ -257,6 +257,7 @@ def load_adapter(
                     f"{weights}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
                 )
             own[name].copy_(value)
+    adapted.carried = tuple(sorted(set(tensors) - trainable))  # frozen tensors the file holds: saved again with it
     adapted.intensity = meta.get("intensity", dict(DEFAULT_INTENSITY_RULE))
     adapted.source = str(path)
     adapted.meta = meta

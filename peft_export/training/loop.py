@@ -228,7 +228,6 @@ class Trainer:
     def _setup_cache(self, c: TrainConfig, train: Sequence[Sample]) -> None:
         self.cache: dict[int, torch.Tensor] | None = None
         if c.cache_embeddings:
-            check_encoder_frozen(self.sam)
             self.emb_cache = EmbeddingCache(self.sam, c.embedding_store)
             self.sam.image_encoder.eval()  # frozen: BatchNorm (TinyViT) keeps its running statistics
             self.cache_note = ("embeddings: each training view encoded once, kept in memory"
@@ -556,6 +555,8 @@ class Trainer:
                                                  augment=c.augment, seed=c.seed)
         self.val_set = validation_set(val, c.patch_size, c.min_object_size, c.seed)
         self._build_model(c)  # bad --rank / --blocks / checkpoint: refused before anything is written
+        if c.cache_embeddings:
+            check_encoder_frozen(self.sam)  # refused before anything is written too
         self._prepare_out_dir(c)
         out = Path(c.out)
         self.log_path = out / LOG_FILE
