@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from helpers import import_blocker, make_adapted
 from peft_export.data import make_demo_data
-from peft_export.errors import PeftExportError
 from peft_export.export import merge_and_export
 from peft_export.fsutil import sha256_file
 from peft_export.improve import improve_export

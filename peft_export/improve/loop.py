@@ -172,7 +172,9 @@ def improve_export(
 
 def _train(adapted, train: list[Sample], run_dir: Path, rule: dict, steps: int, lr: float, objects: int,
            sub_iterations: int, augment: bool, store, min_object_size: int, seed: int, progress: bool,
-           emit: Callable[[dict], None], should_stop) -> dict:
+           emit: Callable[[dict], None], should_stop, cache_embeddings: bool = True) -> dict:
+    """``finetune``'s loop on ``adapted`` as it is set (what trains and what not), without validation.
+    ``cache_embeddings=False``: the encoder runs every step (benchmarks/bench_improve.py's encoder case)."""
     from ..training import TrainConfig, Trainer
 
     cfg = adapted.config
@@ -182,7 +184,7 @@ def _train(adapted, train: list[Sample], run_dir: Path, rule: dict, steps: int, 
         peft=cfg.method, blocks=cfg.blocks, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
         decoder_peft=cfg.decoder_method, decoder_rank=cfg.decoder_rank, patch_size=size,
         min_object_size=min_object_size, augment=augment, iterations=steps, lr=lr, objects_per_image=objects,
-        sub_iterations=sub_iterations, val_every=steps, validate_at_start=False, cache_embeddings=True,
+        sub_iterations=sub_iterations, val_every=steps, validate_at_start=False, cache_embeddings=cache_embeddings,
         embedding_store=str(store) if store else None, seed=seed, progress=progress, device="cpu")
 
     def step_event(entry: dict) -> None:
