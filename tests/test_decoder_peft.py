@@ -145,3 +145,31 @@ def test_micro_sam_imports_refuse_decoder_targets_and_keep_their_config(tmp_path
         micro_sam_peft_config(tmp_path / "x.pt", "lora", 4, "all", "q,v,dec.all")
     cfg = micro_sam_peft_config(tmp_path / "x.pt", "lora", 4, "all", "q,v")
     assert cfg.targets == ("q", "v") and "decoder_method" not in cfg.to_dict()
+
+
+def test_decoder_lora_beside_an_encoder_adaptformer_is_folded_for_the_export_graphs():
+    """The decoder graphs read the projections' weights: a decoder LoRA must be folded even when an
+    AdaptFormer branch keeps the model from merging as a whole (it stays, in the graph)."""
+    from peft_export.export.click_decoder import ClickDecoderGraph
+    from peft_export.export.pipeline import merge_for_export
+    from peft_export.export.split_decoder import SplitImageGraph
+    from peft_export.export.verify import _torch_decode, meta_prompt
+    from peft_export.peft import has_unmergeable_layers, merge_peft
+
+    adapted = make_adapted(dict(method="adaptformer", bottleneck=8, blocks="late", decoder_method="lora", rank=3,
+                                targets=("dec.attn",)))
+    with pytest.raises(PeftExportError, match="non-linear"):
+        merge_peft(adapted.model)
+    folded, merged, in_graph, _ = merge_for_export(adapted, lambda line: None)  # what merge-and-export exports
+    assert not merged and in_graph == ["adaptformer"] and has_unmergeable_layers(folded)  # the branch stays
+    assert not any(".w_a_linear." in n for n, _ in folded.named_parameters())  # the decoder LoRA is folded
+    emb = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(4))
+    points, labels = torch.tensor([[[60.0, 90.0], [150.0, 40.0]]]), torch.tensor([[1, 0]])
+    want, iou = _torch_decode(adapted.model, emb, points, labels, None, None)
+    coords, labs = meta_prompt(points, labels, None)
+    with torch.no_grad():
+        context = SplitImageGraph(folded).eval()(emb)
+        low, _, index = ClickDecoderGraph(folded).eval()(*context, torch.from_numpy(coords), torch.from_numpy(labs),
+                                                          torch.zeros(1, 1, 64, 64), torch.zeros(1))
+    got, ref = low[0, 0], want[0, int(index[0])]
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -22,7 +22,7 @@ from ..peft.adapters import AdaptedModel
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
 from ..merge import merge_and_verify
-from ..peft import has_unmergeable_layers
+from ..peft import has_unmergeable_layers, merge_peft
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
@@ -109,7 +109,9 @@ def merge_for_export(adapted: AdaptedModel, log: Callable[[str], None]) -> tuple
         return reference_model, True, [], None
     if has_unmergeable_layers(reference_model):
         log(f"{adapted.config.method} cannot be folded: exporting it with its branch inside the graph")
-        return reference_model, False, [adapted.config.method], None
+        # The other PEFT layers (e.g. decoder LoRA beside an encoder AdaptFormer) are folded all the same.
+        in_graph = [m for m in (adapted.config.method, adapted.config.decoder_method) if m == "adaptformer"]
+        return merge_peft(reference_model, keep_unmergeable=True), False, in_graph or [adapted.config.method], None
     t0 = time.perf_counter()
     model, report = merge_and_verify(adapted)
     log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "

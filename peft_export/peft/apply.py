@@ -74,15 +74,18 @@ def has_unmergeable_layers(sam: Sam) -> bool:
     return any(isinstance(m, AdaptFormerMLP) for m in sam.modules())
 
 
-def merge_peft(sam: Sam) -> Sam:
+def merge_peft(sam: Sam, keep_unmergeable: bool = False) -> Sam:
     """A copy of ``sam`` with every PEFT layer folded into plain SAM modules.
 
     The result has exactly segment_anything's module structure and state-dict keys; every
     module keeps its device and dtype (a QLoRA model's 4-bit layers become plain Linears in
     the dtype they were quantised from).
-    Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight.
+    Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight, unless
+    ``keep_unmergeable``: then everything else is folded and the AdaptFormer branches stay (export:
+    the decoder graphs read the projections' weights, which a LoRA layer beside an AdaptFormer
+    branch must have folded in).
     """
-    if has_unmergeable_layers(sam):
+    if has_unmergeable_layers(sam) and not keep_unmergeable:
         raise PeftExportError(
             "adaptformer cannot be merged: its branch up(ReLU(down(x))) is non-linear in x, so no base "
             "weight can absorb it; use merge-and-export, which keeps the branch inside the graph"
