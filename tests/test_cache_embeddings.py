@@ -14,8 +14,6 @@ from peft_export.data import make_demo_data
 from peft_export.errors import PeftExportError
 from peft_export.training import TrainConfig, finetune
 
-pytestmark = pytest.mark.slow  # four short tiny-model runs
-
 
 def _config(tmp_path, name: str, **kw) -> TrainConfig:
     base = dict(out=str(tmp_path / name), data=str(tmp_path / "data"), model_type="tiny", image_size=128,
@@ -34,6 +32,7 @@ def _val(tmp_path, name: str) -> list[dict]:
     return [{k: v for k, v in e["metrics"].items() if k != "seconds"} for e in map(json.loads, lines) if e["type"] == "val"]
 
 
+@pytest.mark.slow  # four short tiny-model runs
 def test_cached_embeddings_train_like_encoding_every_step(tmp_path):
     make_demo_data(tmp_path / "data", n_images=5, size=96, seed=3)
     finetune(_config(tmp_path, "plain"))
@@ -66,3 +65,27 @@ def test_a_trainable_encoder_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(PeftExportError, match="--cache-embeddings: the image encoder trains.*--blocks none"):
         finetune(_config(tmp_path, "run", blocks="late", targets=("q", "v"), cache_embeddings=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_images_larger_than_the_patch_become_fixed_tiles_covering_them():
+    import numpy as np
+
+    from peft_export.data import Sample
+    from peft_export.training.embedding_cache import fixed_tiles
+
+    label = np.zeros((250, 170), np.int32)
+    label[5:25, 5:25] = 1  # top left
+    label[220:245, 140:165] = 2  # bottom right corner
+    image = np.random.default_rng(0).random((250, 170, 3)).astype(np.float32)
+    small = Sample("small", image[:80, :80], label[:80, :80])
+    tiles = fixed_tiles([Sample("big", image, label), small], patch_size=100, min_object_size=25)
+    assert tiles[-1] is small  # fits a patch: kept as it is
+    big = tiles[:-1]
+    assert all(t.label.shape == (100, 100) for t in big)
+    # Every object is whole in some tile; tiles without an object are left out; the same tiles every time.
+    for obj in (1, 2):
+        assert any((t.label == obj).sum() == (label == obj).sum() for t in big)
+    assert all(t.label.any() for t in big)
+    assert [t.name for t in big] == [t.name for t in fixed_tiles([Sample("big", image, label)], 100, 25)]
+    corner = next(t for t in big if t.name == "big@150,70")  # the last tile ends at the image's edge
+    assert np.array_equal(corner.image, image[150:250, 70:170])
