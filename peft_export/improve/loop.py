@@ -142,7 +142,7 @@ def improve_export(
         if summary["status"] == "interrupted":
             raise ImproveCancelled(f"{out_dir}: cancelled during training; nothing written, {export_dir} unchanged")
         stage("export", "merging and exporting (fp32 + int8 through the gate)")
-        trained = load_adapter(work / "run")
+        trained = load_adapter(work / "run", checkpoint)  # the base where it is now (--checkpoint)
         new = merge_and_export(trained, work / "export", precisions=precisions, progress=progress,
                                meta_decoder="decoder" in (manifest.get("graphs") or {}))
         stage("after", "scoring the new export on the held-out objects")
