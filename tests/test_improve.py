@@ -94,7 +94,7 @@ def test_improve_writes_a_new_export_and_keeps_the_old(setup):
 
 
 @pytest.mark.parametrize("case", ["no labels", "labels of another shape", "missing torch source",
-                                  "changed torch source", "out is the export"])
+                                  "changed torch source", "out is the export", "out inside the export"])
 def test_bad_input_is_one_message_and_writes_nothing(setup, tmp_path, case):
     v1 = setup / "exports" / "v1"
     export, images, labels, out = tmp_path / "v1", tmp_path / "images", tmp_path / "labels", tmp_path / "new"
@@ -116,9 +116,12 @@ def test_bad_input_is_one_message_and_writes_nothing(setup, tmp_path, case):
     elif case == "changed torch source":
         manifest["source"]["adapter_sha256"] = "0" * 64
         match = "not the 000000000000... the export was made from"
-    else:
+    elif case == "out is the export":
         out = export
-        match = "is the export being improved"
+        match = "is, holds or lies inside the export being improved"
+    else:
+        out = export / "v2"
+        match = "is, holds or lies inside the export being improved"
     (export / "manifest.json").write_text(json.dumps(manifest))
     before = _digests(export)
     from peft_export.cli.main import app
@@ -129,7 +132,7 @@ def test_bad_input_is_one_message_and_writes_nothing(setup, tmp_path, case):
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and __import__("re").search(match, res.output), res.output
     assert _digests(export) == before
-    assert (out == export) or not out.exists()
+    assert out == export or not out.exists()
     assert _hidden(tmp_path) == []
 
 

@@ -115,8 +115,10 @@ def improve_export(
         emit({"event": "stage", "stage": name, "message": message})
 
     manifest = read_manifest(export_dir)
-    if out_dir.resolve() == export_dir.resolve():
-        raise PeftExportError(f"-o {out_dir}: is the export being improved; give a new folder (the old one is kept)")
+    target, source_dir = out_dir.resolve(), export_dir.resolve()
+    if target == source_dir or source_dir in target.parents or target in source_dir.parents:
+        raise PeftExportError(f"-o {out_dir}: is, holds or lies inside the export being improved ({export_dir}); "
+                              "give a folder beside it (the old export is kept as it is)")
     _check_out_dir(out_dir, overwrite)
     if steps < 1:
         raise PeftExportError(f"--steps: must be >= 1, got {steps}")
