@@ -89,3 +89,16 @@ def test_images_larger_than_the_patch_become_fixed_tiles_covering_them():
     assert [t.name for t in big] == [t.name for t in fixed_tiles([Sample("big", image, label)], 100, 25)]
     corner = next(t for t in big if t.name == "big@150,70")  # the last tile ends at the image's edge
     assert np.array_equal(corner.image, image[150:250, 70:170])
+
+
+def test_the_cache_key_follows_every_encoder_weight_of_vit_t():
+    """TinyViT has BatchNorm (0-d step counters among its buffers) and is what the napari loop uses."""
+    from peft_export.models import random_sam
+    from peft_export.training.embedding_cache import encoder_digest
+
+    sam = random_sam("vit_t", 256, seed=0)
+    first = encoder_digest(sam)
+    assert encoder_digest(random_sam("vit_t", 256, seed=0)) == first
+    with torch.no_grad():
+        next(iter(sam.image_encoder.parameters())).view(-1)[0] += 1e-3
+    assert encoder_digest(sam) != first

@@ -40,7 +40,7 @@ def encoder_digest(sam: Sam) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(sam.image_encoder.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BatchNorm)
     h.update(str(sam.image_encoder.img_size).encode())
     return h.hexdigest()
 
