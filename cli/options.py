@@ -17,7 +17,8 @@ ForceOpt = typer.Option(False, "--force", help="Accept a base checkpoint whose s
 PeftOpt = typer.Option(None, "--peft", help="PEFT method of a --micro-sam checkpoint (lora, fact, ssf, adaptformer, ...).")
 RankOpt = typer.Option(None, "--rank", help="LoRA/FacT rank (LoRA 32, FacT 16).")
 BlocksOpt = typer.Option("all", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5.")
-TargetsOpt = typer.Option("q,v", "--targets", help="LoRA targets, any of q,k,v,mlp.")
+TargetsOpt = typer.Option("q,v", "--targets", help="LoRA targets, any of q,k,v,mlp; mask-decoder layers dec.* "
+                          "(dec.all, dec.attn, dec.mlp, dec.hyper, ...; docs/peft_methods.md).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or progress lines (results still print).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (everything random in this command derives from it).")

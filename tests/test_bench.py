@@ -488,7 +488,11 @@ def test_bench_export_dir_times_the_recorded_adapter_too(tiny_run, tmp_path):
 
     root, _ = tiny_run
     manifest = merge_and_export(load_adapter(root / "run"), tmp_path / "export", progress=False)
-    assert manifest["source"] == {"kind": "adapter", "adapter": str((root / "run").resolve())}
+    from peft_export.fsutil import sha256_file
+
+    assert manifest["source"] == {"kind": "adapter", "adapter": str((root / "run").resolve()),
+                                  "adapter_sha256": sha256_file(root / "run" / "adapter.safetensors"),
+                                  "checkpoint": None, "checkpoint_sha256": "random-init"}
     result = run_bench(export_dir=tmp_path / "export", backends=["torch"], components=["encoder"],
                        iterations=1, warmup=0)
     ok = {c["case"] for c in result["cases"] if c["status"] == "ok"}

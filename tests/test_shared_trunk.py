@@ -123,7 +123,9 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
     assert a["dec"]["holds"]["head_base"] == "blocks 2-3, neck"
     assert a["stem"]["encoder"] == ["encoder_stem"] and "patch" in a["stem"]["own_encoder_because"]
     assert a["late"]["peft"]["method"] == "lora" and a["late"]["merged"] is True
-    assert a["late"]["source"] == {"kind": "adapter", "adapter": str(Path(a["late"]["source"]["adapter"]))}
+    src = a["late"]["source"]
+    assert src["kind"] == "adapter" and Path(src["adapter"]).is_absolute()
+    assert src["adapter_sha256"] == sha256_file(Path(src["adapter"]) / "adapter.safetensors")
     from peft_export.export.pipeline import decoder_flavours
 
     assert decoder_flavours(False, False) == ()

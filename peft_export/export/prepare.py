@@ -14,7 +14,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..merge import merge_and_verify
-from ..peft import has_unmergeable_layers
+from ..peft import has_unmergeable_layers, merge_peft
 from ..peft.adapters import AdaptedModel
 
 
@@ -39,15 +39,27 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def export_source(adapted: AdaptedModel) -> dict:
-    """Where the exported weights came from, so `bench EXPORT_DIR` can also time the torch model."""
+    """Where the exported weights came from (the torch source): the adapter, micro-sam or merged file
+    with its sha256, and the base checkpoint with its sha256 (``random-init`` for a seeded random base).
+    ``bench EXPORT_DIR`` times the torch model from it; ``improve`` trains on from it. Manifests written
+    before the digests were recorded have only the paths; readers take both."""
     if not adapted.source:
         return {}
-    path = str(Path(adapted.source).resolve())
+    from ..fsutil import sha256_file
+    from ..peft.adapters import ADAPTER_WEIGHTS
+
+    path = Path(adapted.source).resolve()
+    base = adapted.base
+    checkpoint = {"checkpoint": str(Path(base.checkpoint).resolve()) if base.checkpoint else None,
+                  "checkpoint_sha256": base.sha256}
     if adapted.meta.get("format"):  # an adapter file / run directory
-        return {"kind": "adapter", "adapter": path}
+        weights = path / ADAPTER_WEIGHTS if path.is_dir() else path.with_name(ADAPTER_WEIGHTS)
+        digest = sha256_file(weights) if weights.is_file() else None
+        return {"kind": "adapter", "adapter": str(path), "adapter_sha256": digest, **checkpoint}
     if adapted.config is None:
-        return {"kind": "merged", "path": path}
-    return {"kind": "micro-sam", "micro_sam": path}  # needs its --peft options to load
+        return {"kind": "merged", "path": str(path), **checkpoint}
+    # micro-sam files do not record their PEFT method: the options it was read with are needed again
+    return {"kind": "micro-sam", "micro_sam": str(path), "peft": adapted.config.to_dict(), **checkpoint}
 
 
 def merge_for_export(adapted: AdaptedModel, log: Callable[[str], None]) -> tuple[Sam, bool, list[str], dict | None]:
@@ -61,7 +73,9 @@ def merge_for_export(adapted: AdaptedModel, log: Callable[[str], None]) -> tuple
         return reference_model, True, [], None
     if has_unmergeable_layers(reference_model):
         log(f"{adapted.config.method} cannot be folded: exporting it with its branch inside the graph")
-        return reference_model, False, [adapted.config.method], None
+        # The other PEFT layers (e.g. decoder LoRA beside an encoder AdaptFormer) are folded all the same.
+        in_graph = [m for m in (adapted.config.method, adapted.config.decoder_method) if m == "adaptformer"]
+        return merge_peft(reference_model, keep_unmergeable=True), False, in_graph or [adapted.config.method], None
     t0 = time.perf_counter()
     model, report = merge_and_verify(adapted)
     log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "

@@ -24,21 +24,9 @@ from .. import __version__
 from ..errors import PeftExportError
 from ..fsutil import atomic_file, sha256_file
 from ..models import (
-    RANDOM_INIT,
-    BaseModelInfo,
-    InstanceDecoder,
-    build_sam_architecture,
-    check_model_type,
-    decoder_from_state,
-    infer_model_type,
-    instance_decoder_from_checkpoint,
-    load_sam_and_decoder,
-    load_state_strict,
-    model_image_size,
-    random_instance_decoder,
-    read_checkpoint,
-    sam_state_from_checkpoint,
-    checkpoint_image_size,
+    RANDOM_INIT, BaseModelInfo, InstanceDecoder, build_sam_architecture, check_model_type, decoder_from_state,
+    infer_model_type, instance_decoder_from_checkpoint, load_sam_and_decoder, load_state_strict,
+    model_image_size, random_instance_decoder, read_checkpoint, sam_state_from_checkpoint, checkpoint_image_size,
 )
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE
 from .apply import apply_peft, trainable_state
@@ -63,6 +51,9 @@ class AdaptedModel:
     source: str = ""  # what the user passed, for reports
     meta: dict = field(default_factory=dict)
     instance_decoder: InstanceDecoder | None = None  # micro-sam's AIS decoder, when the model has one
+    # Tensors the adapter file holds although they do not train now: an earlier adapter's, frozen
+    # while a new part trains on top of it (``improve``). Loading copies them like any other.
+    carried: tuple[str, ...] = ()
 
 
 def build_adapted_model(
@@ -111,6 +102,9 @@ def save_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = trainable_state(adapted.model)
+    if adapted.carried:
+        own = dict(adapted.model.named_parameters())
+        tensors.update({n: own[n].detach().cpu().contiguous() for n in adapted.carried})
     n_adapter = len(tensors)
     if adapted.instance_decoder is not None:
         tensors.update(decoder_tensors(adapted.instance_decoder))
@@ -260,6 +254,7 @@ def load_adapter(
                     f"{weights}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
                 )
             own[name].copy_(value)
+    adapted.carried = tuple(sorted(set(tensors) - trainable))  # frozen tensors the file holds: saved again with it
     adapted.intensity = meta.get("intensity", dict(DEFAULT_INTENSITY_RULE))
     adapted.source = str(path)
     adapted.meta = meta
@@ -310,6 +305,9 @@ def micro_sam_peft_config(
     if peft is None:
         return None
     get_method(peft)
+    if any(t.strip().lower().startswith("dec.") for t in targets.split(",")):
+        raise PeftExportError(f"--targets {targets}: micro-sam has no mask-decoder PEFT (its checkpoints hold the "
+                              "decoder's own weights); give only encoder targets (q, k, v, mlp)")
     return PeftConfig(
         method=peft,
         blocks=blocks,

@@ -20,6 +20,7 @@ from .adaptformer import AdaptFormerMLP
 from .base import MergeableLayer, replace_module
 from .qlora import dequantize_4bit_linears
 from .config import PeftConfig, parse_targets, resolve_blocks
+from .decoder import apply_decoder_peft, check_decoder_config
 from .registry import get_method
 
 
@@ -29,8 +30,8 @@ def check_config(config: PeftConfig, depth: int, late_start: int | None = None) 
     method = get_method(config.method)
     if method.name in ("lora", "qlora", "fact") and (config.rank is None or config.rank <= 0):
         raise PeftExportError(f"--rank must be a positive integer for {method.name}, got {config.rank}")
-    if method.name in ("lora", "qlora"):
-        config.targets = parse_targets(config.targets)
+    config.targets = parse_targets(config.targets)  # encoder targets (LoRA's) and dec.* (every method that fits)
+    check_decoder_config(config)
     if method.name == "adaptformer" and config.bottleneck <= 0:
         raise PeftExportError(f"--bottleneck must be positive, got {config.bottleneck}")
     if config.adaptformer_scale != "learnable":
@@ -80,23 +81,28 @@ def apply_peft(sam: Sam, config: PeftConfig) -> Sam:
         p.requires_grad_(config.train_prompt_encoder)
     for p in parts["mask_decoder"].parameters():
         p.requires_grad_(config.train_mask_decoder)
+    apply_decoder_peft(sam, config)  # dec.* targets: the decoder's own weights freeze, its adapter layers train
     sam.peft_config = config  # type: ignore[attr-defined]
     return sam
 
 
 def has_unmergeable_layers(sam: Sam) -> bool:
+    """Whether an AdaptFormer branch (encoder or decoder) is installed: it stays in exported graphs."""
     return any(isinstance(m, AdaptFormerMLP) for m in sam.modules())
 
 
-def merge_peft(sam: Sam) -> Sam:
+def merge_peft(sam: Sam, keep_unmergeable: bool = False) -> Sam:
     """A copy of ``sam`` with every PEFT layer folded into plain SAM modules.
 
     The result has exactly segment_anything's module structure and state-dict keys; every
     module keeps its device and dtype (a QLoRA model's 4-bit layers become plain Linears in
     the dtype they were quantised from).
-    Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight.
+    Raises for AdaptFormer, whose ReLU branch cannot be folded into any weight, unless
+    ``keep_unmergeable``: then everything else is folded and the AdaptFormer branches stay (export:
+    the decoder graphs read the projections' weights, which a LoRA layer beside an AdaptFormer
+    branch must have folded in).
     """
-    if has_unmergeable_layers(sam):
+    if has_unmergeable_layers(sam) and not keep_unmergeable:
         raise PeftExportError(
             "adaptformer cannot be merged: its branch up(ReLU(down(x))) is non-linear in x, so no base "
             "weight can absorb it; use merge-and-export, which keeps the branch inside the graph"

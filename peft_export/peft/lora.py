@@ -145,6 +145,35 @@ class MLPLoRA(MergeableLayer):
         return mlp
 
 
+class LinearLoRA(MergeableLayer):
+    """One Linear with a low-rank update: ``linear(x) + alpha * B A x`` (the mask decoder's layers)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float = 1.0):
+        super().__init__()
+        self.linear = linear
+        self.rank = rank
+        self.alpha = alpha
+        self.w_a_linear, self.w_b_linear = _low_rank_pair(linear.in_features, linear.out_features, rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.alpha * self.w_b_linear(self.w_a_linear(x))
+
+    def merged(self) -> nn.Linear:
+        weight, bias = linear_weight_fp64(self.linear)
+        a, b = fp64(self.w_a_linear.weight, weight.device), fp64(self.w_b_linear.weight, weight.device)
+        return plain_linear(weight + self.alpha * (b @ a), bias, linear_dtype(self.linear))
+
+
+def apply_lora_decoder(decoder: nn.Module, rank: int, targets: tuple[str, ...], alpha: float) -> None:
+    """LoRA on every mask-decoder Linear the ``dec.*`` targets select (``decoder_targets``)."""
+    from .base import replace_module
+    from .decoder_targets import target_linears
+
+    for target in targets:
+        for name, linear in target_linears(decoder, target):
+            replace_module(decoder, name, LinearLoRA(linear, rank, alpha))
+
+
 def apply_lora(block: nn.Module, rank: int, targets: tuple[str, ...], alpha: float) -> None:
     """Wrap one encoder block's qkv (and MLP when ``mlp`` is a target) with LoRA."""
     attn_targets = tuple(t for t in targets if t in ("q", "k", "v"))

@@ -47,7 +47,7 @@ def _fact(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
 
 
 def _ssf(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
-    if cfg.ssf_patch_embed:
+    if cfg.ssf_patch_embed and blocks:  # --blocks none: no encoder SSF at all (decoder-only targets)
         apply_ssf_patch_embed(encoder_trunk(sam).patch_embed)
     for i in blocks:
         apply_ssf(encoder_trunk(sam).blocks[i])

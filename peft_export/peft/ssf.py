@@ -92,3 +92,13 @@ def apply_ssf_patch_embed(patch_embed: nn.Module) -> None:
         patch_embed.seq[2] = ScaleShift(patch_embed.seq[2], patch_embed.seq[2].bn.num_features)
         return
     patch_embed.proj = ScaleShift(patch_embed.proj, patch_embed.proj.out_channels)
+
+
+def apply_ssf_decoder(decoder: nn.Module, targets: tuple[str, ...]) -> None:
+    """SSF after every mask-decoder Linear the ``dec.*`` targets select (``decoder_targets``)."""
+    from .base import replace_module
+    from .decoder_targets import target_linears
+
+    for target in targets:
+        for name, linear in target_linears(decoder, target):
+            replace_module(decoder, name, ScaleShift(linear, linear.out_features))

@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .embedding_cache import EmbeddingCache, check_encoder_frozen, fixed_tiles
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .host_memory import keep_freed_memory
 from .threads import use_free_cores
@@ -134,9 +135,20 @@ class _StopFlag:
 class Trainer:
     """Holds the state of one run; ``run()`` trains and returns the summary."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, adapted: AdaptedModel | None = None,
+                 samples: tuple[list[Sample], list[Sample]] | None = None,
+                 on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+        """``adapted``: train this model instead of building one from the config (``improve``: an export's
+        model with new decoder layers); ``samples``: (training, validation) samples instead of the
+        config's files; ``on_event``: called with each log entry (steps and validations) as it is
+        written; ``should_stop``: polled after each step, True stops the run like Ctrl-C does."""
         self.config = config
         self.dist = DistInfo()
+        self.prebuilt = adapted
+        self.samples = samples
+        self.on_event = on_event
+        self.should_stop = should_stop
+        self.emb_cache: EmbeddingCache | None = None
         self.adapted: AdaptedModel | None = None
         self.ais: InstanceDecoderTraining | None = None  # --instance-decoder
         self.n_train_images: int | None = None
@@ -195,8 +207,8 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.dist.is_main:
                 warnings.simplefilter("ignore")
-            self.adapted = build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size, seed=c.seed,
-                                               instance_decoder=c.instance_decoder)
+            self.adapted = self.prebuilt or build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size,
+                                                                seed=c.seed, instance_decoder=c.instance_decoder)
         self.adapted.intensity = dict(c.intensity)
         self.sam = self.adapted.model.to(self.device).train()
         self.sam2 = is_sam2(self.sam)  # SAM 2's image path: training.sam2_path
@@ -224,6 +236,13 @@ class Trainer:
 
     def _setup_cache(self, c: TrainConfig, train: Sequence[Sample]) -> None:
         self.cache: dict[int, torch.Tensor] | None = None
+        if c.cache_embeddings:
+            self.emb_cache = EmbeddingCache(self.sam, c.embedding_store)
+            self.sam.image_encoder.eval()  # frozen: BatchNorm (TinyViT) keeps its running statistics
+            self.cache_note = ("embeddings: each training view encoded once, kept in memory"
+                               + (f" and in {c.embedding_store}" if c.embedding_store else ""))
+            self._log(self.cache_note)
+            return
         if not c.cache_frozen_trunk:
             self.cache_note = "off"
             return
@@ -363,12 +382,15 @@ class Trainer:
         patches, labels, keys = self._batch(step)
         rng = np.random.default_rng([c.seed, step, self.dist.rank, 11])
         use_box = step % 2 == 1
-        if self.sam2:
-            x, input_size = preprocess_sam2_patches(self.sam, patches, self.device), None
+        if self.emb_cache is not None:
+            emb, input_size = self.emb_cache.embed(self.sam, patches, self.device)
         else:
-            x, input_size = preprocess_patches(self.sam, patches, self.device)
-        with self._autocast():
-            emb = self._encode(x, keys)
+            if self.sam2:
+                x, input_size = preprocess_sam2_patches(self.sam, patches, self.device), None
+            else:
+                x, input_size = preprocess_patches(self.sam, patches, self.device)
+            with self._autocast():
+                emb = self._encode(x, keys)
         # The decoder iterations backpropagate into this leaf; the encoder backward runs once.
         emb_leaf = features_leaf(emb) if self.sam2 else emb.detach().requires_grad_(emb.requires_grad)
         totals = np.zeros(3)
@@ -410,6 +432,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.on_event is not None:
+                self.on_event(entry)
 
     def _truncate_log(self, step: int) -> None:
         """A resumed run drops log lines written after its checkpoint."""
@@ -484,7 +508,8 @@ class Trainer:
         metrics = None
         if self.dist.is_main and self.val_set:
             t0 = time.perf_counter()
-            metrics = validate(self.sam, self.val_set, c.seed, c.val_objects)
+            metrics = validate(self.sam, self.val_set, c.seed, c.val_objects,
+                               predictor=self.emb_cache.predictor(self.sam) if self.emb_cache is not None else None)
             if self.ais is not None:
                 metrics.update(self.ais.validate(self.sam, self.val_set, metrics))
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -530,7 +555,7 @@ class Trainer:
     def run(self) -> dict:
         c = self._resolve_config()
         self.config = c
-        train, val = load_split(c)  # all data problems before anything is written
+        train, val = self.samples if self.samples is not None else load_split(c)  # data problems before any write
         self.n_train_images = len(train)  # recorded in adapter.json (the web page says what the model saw)
         c = self.config = fit_patch_size(c, train, self._log)
         device = _resolve_device(c.device)
@@ -554,10 +579,14 @@ class Trainer:
         if c.precision == "fp16" and self.device.type != "cuda":
             raise PeftExportError("--precision fp16: needs CUDA (use fp32 or bf16 on the CPU)")
         torch.manual_seed(c.seed + self.dist.rank)
+        if c.cache_embeddings:  # fixed tiles instead of random crops: a tile's views are encoded once
+            train = fixed_tiles(train, c.patch_size, c.min_object_size)
         self.sampler = PatchSampler.from_samples(train, patch_size=c.patch_size, min_object_size=c.min_object_size,
                                                  augment=c.augment, seed=c.seed)
         self.val_set = validation_set(val, c.patch_size, c.min_object_size, c.seed)
         self._build_model(c)  # bad --rank / --blocks / checkpoint: refused before anything is written
+        if c.cache_embeddings:
+            check_encoder_frozen(self.sam)  # refused before anything is written too
         self._prepare_out_dir(c)
         out = Path(c.out)
         self.log_path = out / LOG_FILE
@@ -636,7 +665,7 @@ class Trainer:
                         if last_val_step != step:
                             self._save_last(step)
                         break
-                    if any_rank(stop.requested, self.dist):
+                    if any_rank(stop.requested or bool(self.should_stop and self.should_stop()), self.dist):
                         status = "interrupted"
                         if last_val_step != step:
                             self._save_last(step)
@@ -652,6 +681,8 @@ class Trainer:
             "best_step": self.best_step, "best_metric": self.best_metric, "best_validation": self.best_val,
             "effective_batch_size": per_step, "world_size": self.dist.world_size, "rank": self.dist.rank,
             "trainable_parameters": self.trainable_counts, "cache_frozen_trunk": self.cache_note,
+            "embeddings": ({"encoded": self.emb_cache.encoded, "reused": self.emb_cache.reused}
+                           if self.emb_cache is not None else None),
             "instance_decoder": self.ais is not None,
             "seconds": round(time.perf_counter() - t_start, 2), "device": str(self.device),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),

@@ -88,19 +88,19 @@ def predictor_for(model: Sam):
 
 
 def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], seed: int = 0,
-             max_objects: int | None = 25) -> dict:
+             max_objects: int | None = 25, predictor: SamPredictor | None = None) -> dict:
     """Point and box Dice of any SAM (adapted, merged, plain) on a validation set.
 
     Uses the evaluation protocol of ``peft_export.evaluate`` through SamPredictor, i.e. the
     same preprocessing as inference; ``mean_dice`` (the mean of point and box Dice) ranks
-    adapters.
+    adapters. ``predictor``: one over ``model`` that finds embeddings elsewhere (``CachedPredictor``).
     """
     from ..evaluation.protocol import evaluate_interactive
 
     was_training = model.training
     model.eval()
     try:
-        res = evaluate_interactive(predictor_for(model), val_set, prompts=("point", "box"), iterations=0,
+        res = evaluate_interactive(predictor or predictor_for(model), val_set, prompts=("point", "box"), iterations=0,
                                    seed=seed, max_objects_per_image=max_objects, progress=False)
     finally:
         model.train(was_training)
