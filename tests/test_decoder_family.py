@@ -234,7 +234,6 @@ def test_every_adapter_of_a_shared_trunk_export_has_the_family(tmp_path, predict
         entry = manifest["adapters"][name]
         assert [entry[g] for g in ("split_image", "split_prompts", "split_masks")] == [
             f"split_image_{name}", f"split_prompts_{name}", f"split_masks_{name}"]
-        assert manifest["graphs"][f"split_prompts_{name}"]["fp32"]["parity"]["passed"]
         predictor = SamPredictor(merge_peft(load_adapter(run).model).eval())
         predictor.set_image(image)
         ref, ref_iou, ref_low = predictor.predict(**PROMPTS[0], return_logits=True)
