@@ -1,0 +1,214 @@
+"""SAM 2 propagation: exported memory graphs + the torch-free tracker against sam2's SAM2VideoPredictor.
+
+The model is hiera_t with random weights at image_size 256 (config override ``++model.image_size=256``:
+every part of SAM 2 follows image_size; 16x16 lowest-level features keep the clip cheap on 2 cores).
+The clip: 8 non-square JPEG frames (96x128), read by the reference from disk and by the runtime from the
+same decoded pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+sam2 = pytest.importorskip(
+    "sam2", reason="sam2 is not installed (SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0)")
+torch = pytest.importorskip("torch")
+
+from peft_export.errors import PeftExportError  # noqa: E402
+from peft_export.runtime.sam2_video import Sam2Propagator  # noqa: E402
+from peft_export.runtime.sam2_video_memory import (  # noqa: E402
+    from_bfloat16_bits,
+    select_closest_cond_frames,
+    to_bfloat16_bits,
+)
+from peft_export.runtime.sam2_video_prompts import fill_holes, resize_antialias  # noqa: E402
+
+CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+SIZE, T, H, W = 256, 8, 96, 128
+
+
+def cpu_connected_components(mask):
+    """sam2.utils.misc.get_connected_components' contract (8-connected labels and each pixel's component
+    area, (N,1,H,W)) on the CPU: the installed sam2 is built without its CUDA kernel, so its hole filling
+    would be skipped."""
+    from skimage.measure import label
+
+    m = mask.to(torch.uint8).numpy()
+    labels, counts = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
+    for i in range(m.shape[0]):
+        lab = label(m[i, 0], connectivity=2)
+        areas = np.bincount(lab.ravel())
+        labels[i, 0], counts[i, 0] = lab, np.where(lab > 0, areas[lab], 0)
+    return torch.from_numpy(labels), torch.from_numpy(counts)
+
+
+def make_clip(folder):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:H, :W]
+    folder.mkdir()
+    for t in range(T):
+        img = (rng.random((H, W, 3)) * 60).astype(np.uint8)
+        img[(yy - 40 - 2 * t) ** 2 + (xx - 50 - 3 * t) ** 2 < 20 ** 2] = [200, 180, 90]
+        Image.fromarray(img).save(folder / f"{t}.jpg", quality=95)
+    return [np.asarray(Image.open(folder / f"{t}.jpg").convert("RGB")) for t in range(T)]
+
+
+def disk(cy, cx, r):
+    yy, xx = np.mgrid[:H, :W]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+
+
+# Object 1: a click, a box and a mask on three frames (more than the bank's 2 conditioning slots: SAM 2's
+# closest-frame choice); object 2: a foreground and a background click (two points: single-mask output
+# with the stability fallback). Every object is prompted on the first prompted frame (2): sam2 on a CPU
+# cannot run a frame whose memory has no object pointer (bfloat16 memories meet float32 weights).
+PROMPTS = {
+    1: {2: {"points": [[50, 44]], "labels": [1]}, 5: {"box": [30, 30, 90, 80]}, 7: {"mask": disk(50, 70, 18)}},
+    2: {2: {"points": [[20, 20], [60, 50]], "labels": [1, 0]}},
+}
+
+
+def reference_masks(predictor, folder):
+    """SAM2VideoPredictor's logits per (frame, reverse pass) and object, at the frames' size."""
+    state = predictor.init_state(str(folder))
+    for obj, frames in PROMPTS.items():
+        for frame, p in frames.items():
+            if "mask" in p:
+                predictor.add_new_mask(state, frame, obj, p["mask"])
+            elif "box" in p:
+                predictor.add_new_points_or_box(state, frame, obj, box=np.asarray(p["box"], np.float32))
+            else:
+                predictor.add_new_points_or_box(state, frame, obj, points=np.asarray(p["points"], np.float32),
+                                                labels=np.asarray(p["labels"], np.int32))
+    out = {}
+    for reverse in (False, True):
+        for frame, ids, masks in predictor.propagate_in_video(state, reverse=reverse):
+            out[(frame, reverse)] = {i: masks[k, 0].numpy() for k, i in enumerate(ids)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from peft_export.export.sam2_video import export_sam2_video
+
+    tmp = tmp_path_factory.mktemp("sam2video")
+    torch.manual_seed(0)
+    predictor = build_sam2_video_predictor(
+        CONFIG, None, device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={SIZE}", "++model.max_cond_frames_in_attn=2"])
+    frames = make_clip(tmp / "frames")
+    export = export_sam2_video(predictor, tmp / "export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sam2.utils.misc.get_connected_components", cpu_connected_components)
+        with torch.inference_mode():
+            reference = reference_masks(predictor, tmp / "frames")
+    return {"export": export, "frames": frames, "reference": reference, "predictor": predictor, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_propagation_equals_sam2_video_predictor(clip):
+    """Forward and backward passes, three prompt kinds, several conditioning frames, hole filling:
+    masks per frame and object IoU >= 0.99 (the issue's target) and the logits agree closely."""
+    session = Sam2Propagator(clip["export"])
+    # SAM 2's order: forward from the first prompted frame, then backward from it
+    order = [(f, False) for f in range(2, T)] + [(f, True) for f in (2, 1, 0)]
+    assert sorted(order) == sorted(clip["reference"])
+    got = list(session.propagate(clip["frames"], PROMPTS))
+    assert [f for f, _ in got] == [f for f, _ in order]
+    ours = {key: logits for key, (_, logits) in zip(order, got)}
+    areas = []
+    for key, ref in clip["reference"].items():
+        for obj, want in ref.items():
+            got = ours[key][obj]
+            assert got.shape == (H, W)
+            a, b = want > 0, got > 0
+            iou = (a & b).sum() / max((a | b).sum(), 1)
+            assert iou >= 0.99, (key, obj, iou)
+            assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), (key, obj)
+            areas.append(int(a.sum()))
+    assert min(areas) < H * W and max(areas) > 0 and len(set(areas)) > 3  # the masks are not trivial
+
+
+@pytest.mark.slow
+def test_export_records_a_padded_bank_equal_to_sam2s_attention(clip):
+    manifest = json.loads((clip["export"] / "manifest.json").read_text())
+    video = manifest["video"]
+    assert video["memory_slots"] == 2 + 6 and video["pointer_slots"] == 2 + 15
+    parity = video["graphs"]["memory_attention"]["fp32"]["parity"]
+    # the export's check ran sam2's MemoryAttention on the valid slots only: padding changes nothing
+    assert parity["vs_sam2_memory_attention_rel_err"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_forward_only_and_backward_only_visit_their_frames(clip):
+    session = Sam2Propagator(clip["export"])
+    prompts = {1: {3: {"points": [[50, 44]], "labels": [1]}}}
+    assert [f for f, _ in session.propagate(clip["frames"], prompts, direction="forward")] == [3, 4, 5, 6, 7]
+    assert [f for f, _ in session.propagate(clip["frames"], prompts, direction="backward")] == [3, 2, 1, 0]
+
+
+@pytest.mark.slow
+def test_export_without_memory_graphs_cannot_propagate(clip, tmp_path):
+    plain = tmp_path / "image_only"
+    shutil.copytree(clip["export"], plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["video"]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PeftExportError, match=str(plain) + ": this export has no memory graphs"):
+        Sam2Propagator(plain)
+
+
+def test_bad_prompts_are_refused(tmp_path):
+    from peft_export.runtime.sam2_video_prompts import check_prompts
+
+    with pytest.raises(PeftExportError, match="frame 9 is not in 0..7"):
+        check_prompts({1: {9: {"box": [0, 0, 5, 5]}}}, 8)
+    with pytest.raises(PeftExportError, match="cannot be combined"):
+        check_prompts({1: {0: {"box": [0, 0, 5, 5], "mask": np.ones((4, 4))}}}, 8)
+    with pytest.raises(PeftExportError, match="points and labels go together"):
+        check_prompts({1: {0: {"points": [[1, 2]]}}}, 8)
+
+
+@pytest.mark.parametrize("shape,size", [((96, 128), (256, 256)), ((300, 200), (256, 256)), ((256, 256), (64, 64)),
+                                        ((61, 250), (37, 90)), ((5, 3), (11, 2))])
+def test_resize_antialias_equals_torch(shape, size):
+    x = np.random.default_rng(1).random(shape).astype(np.float32) * 20 - 10
+    want = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], size=size, mode="bilinear",
+                                           align_corners=False, antialias=True)[0, 0].numpy()
+    np.testing.assert_allclose(resize_antialias(x, size), want, atol=1e-4)  # values in ±10
+
+
+def test_bfloat16_rounding_equals_torch():
+    x = np.random.default_rng(2).standard_normal(10000).astype(np.float32) * np.float32(30)
+    x[:4] = [0.0, -0.0, 1e-40, 3.0e38]
+    want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(from_bfloat16_bits(to_bfloat16_bits(x)), want)
+
+
+def test_fill_holes_equals_sam2(monkeypatch):
+    from sam2.utils.misc import fill_holes_in_mask_scores
+
+    monkeypatch.setattr("sam2.utils.misc.get_connected_components", cpu_connected_components)
+    rng = np.random.default_rng(3)
+    logits = (rng.random((64, 64)) > 0.15).astype(np.float32) * 4 - 1  # many small background holes
+    logits[20:30, 20:35] = -2.0  # and a large one
+    want = fill_holes_in_mask_scores(torch.from_numpy(logits)[None, None], 8)[0, 0].numpy()
+    assert not np.array_equal(want, logits)
+    np.testing.assert_array_equal(fill_holes(logits, 8), want)
+
+
+def test_closest_conditioning_frames_equal_sam2():
+    from sam2.modeling.sam2_utils import select_closest_cond_frames as reference
+
+    cond = {t: t for t in (0, 3, 4, 9, 15)}
+    for frame in range(0, 17):
+        for limit in (-1, 2, 3, 4):
+            assert select_closest_cond_frames(frame, cond, limit) == reference(frame, cond, limit)
