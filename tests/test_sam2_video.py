@@ -142,7 +142,7 @@ def test_export_records_a_padded_bank_equal_to_sam2s_attention(clip):
     manifest = json.loads((clip["export"] / "manifest.json").read_text())
     video = manifest["video"]
     assert video["memory_slots"] == 2 + 6 and video["pointer_slots"] == 2 + 15
-    parity = video["graphs"]["memory_attention"]["fp32"]["parity"]
+    parity = manifest["graphs"]["memory_attention"]["fp32"]["parity"]
     # the export's check ran sam2's MemoryAttention on the valid slots only: padding changes nothing
     assert parity["vs_sam2_memory_attention_rel_err"] <= 1e-5
 
@@ -155,15 +155,67 @@ def test_forward_only_and_backward_only_visit_their_frames(clip):
     assert [f for f, _ in session.propagate(clip["frames"], prompts, direction="backward")] == [3, 2, 1, 0]
 
 
+def image_only_copy(export, folder):
+    """The export as an image-only SAM 2 export: no ``video`` section, no memory graphs."""
+    shutil.copytree(export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["video"]
+    for name in ("memory_attention", "memory_encoder", "obj_ptr", "mask_downsample"):
+        del manifest["graphs"][name]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 @pytest.mark.slow
 def test_export_without_memory_graphs_cannot_propagate(clip, tmp_path):
-    plain = tmp_path / "image_only"
-    shutil.copytree(clip["export"], plain)
-    manifest = json.loads((plain / "manifest.json").read_text())
-    del manifest["video"]
-    (plain / "manifest.json").write_text(json.dumps(manifest))
+    import tifffile
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+
+    plain = image_only_copy(clip["export"], tmp_path / "image_only")
     with pytest.raises(PeftExportError, match=str(plain) + ": this export has no memory graphs"):
         Sam2Propagator(plain)
+    tifffile.imwrite(tmp_path / "movie.tif", np.stack(clip["frames"]))
+    (tmp_path / "prompts.json").write_text(json.dumps({"1": {"0": {"box": [10, 10, 60, 60]}}}))
+    res = CliRunner().invoke(app, ["propagate", str(plain), str(tmp_path / "movie.tif"), "-p",
+                                   str(tmp_path / "prompts.json"), "-o", str(tmp_path / "labels.tif")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [f"error: {plain}: this export has no memory graphs, so it cannot "
+                                               "propagate (export a SAM 2 model with its video graphs)"]
+    assert not (tmp_path / "labels.tif").exists()
+
+
+@pytest.mark.slow
+def test_propagate_command_writes_the_label_stack(clip, tmp_path):
+    """The CLI on a TIFF movie with the fidelity test's prompts in JSON (the mask from a file): each frame's
+    pixels go to the object whose SAM2VideoPredictor logit is highest and > 0."""
+    import tifffile
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+
+    tifffile.imwrite(tmp_path / "movie.tif", np.stack(clip["frames"]))
+    tifffile.imwrite(tmp_path / "m.tif", PROMPTS[1][7]["mask"].astype(np.uint8))
+    as_json = {str(o): {str(f): ({"mask": "m.tif"} if "mask" in p else p) for f, p in fr.items()}
+               for o, fr in PROMPTS.items()}
+    (tmp_path / "prompts.json").write_text(json.dumps(as_json))
+    args = ["propagate", str(clip["export"]), str(tmp_path / "movie.tif"), "-p", str(tmp_path / "prompts.json"),
+            "-o", str(tmp_path / "labels.tif")]
+    res = CliRunner().invoke(app, args + ["-q"])
+    assert res.exit_code == 0, res.output
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert labels.shape == (T, H, W) and labels.dtype == np.uint16
+    last = {f: ref for (f, _), ref in sorted(clip["reference"].items())}  # the backward pass wins
+    for f, ref in last.items():
+        stack = np.stack([ref[1], ref[2]])
+        want = np.where(stack.max(0) > 0, np.argmax(stack, 0) + 1, 0)
+        for obj in (1, 2):
+            a, b = want == obj, labels[f] == obj
+            assert (a & b).sum() >= 0.99 * max((a | b).sum(), 1), (f, obj)
+    assert "object 2 (label 2)" in res.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output  # an existing result is kept
 
 
 def test_bad_prompts_are_refused(tmp_path):

@@ -2,12 +2,12 @@
 
 ``export_video_graphs(model, export_dir)`` adds to an export directory (the image export's, or a new one):
 
-- ``sam2_memory_attention.onnx``, ``sam2_memory_encoder.onnx``, ``sam2_obj_ptr.onnx``,
-  ``sam2_mask_downsample.onnx`` (``sam2_video_graphs``), each checked with ONNX Runtime against its torch
+- ``memory_attention.onnx``, ``memory_encoder.onnx``, ``obj_ptr.onnx``, ``mask_downsample.onnx``
+  (``sam2_video_graphs``), each checked with ONNX Runtime against its torch
   module, and the memory attention also against sam2's own ``MemoryAttention`` on a bank with padded
   slots (the padding must change nothing);
-- ``sam2_constants.npz`` (``no_mem_embed``);
-- the manifest section ``video``: the graphs and every ``SAM2Base`` / ``SAM2VideoPredictor`` setting the
+- ``sam2_video_constants.npz`` (``no_mem_embed``, ``no_obj_ptr``);
+- the manifest section ``video``: every ``SAM2Base`` / ``SAM2VideoPredictor`` setting the
   torch-free tracker (``runtime.sam2_video``) follows.
 
 The memory bank has a fixed capacity: ``max_cond_frames`` conditioning slots plus ``num_maskmem - 1``
@@ -16,7 +16,9 @@ prompted frames than ``max_cond_frames`` the tracker chooses them as SAM 2 does 
 ``max_cond_frames_in_attn = max_cond_frames`` (the temporally closest, one before and one after first).
 
 ``export_sam2_video(model, out)`` writes a whole export (the image graphs of ``sam2_video_image`` plus the
-above) in one atomic step; the image export (``export/sam2_image*``) calls ``export_video_graphs`` instead.
+above) in one atomic step; the image export (``export/sam2_image*``) runs ``video_graphs_hook()`` inside
+its own temporary directory instead. Layout and names: /work/notes/sam2_interface.md (graphs ``encoder``,
+``decoder``, ``memory_attention``, ``memory_encoder``, ``obj_ptr``, ``mask_downsample`` in ``graphs``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
-from .manifest import FORMAT, FORMAT_VERSION, graph_entry, versions, write_manifest
+from .manifest import FORMAT, FORMAT_VERSION, file_entry, graph_entry, versions, write_manifest
 from .onnx_graphs import _export
 from .sam2_video_graphs import (
     MaskDownsampleGraph,
@@ -40,7 +42,7 @@ from .sam2_video_graphs import (
 )
 from .sam2_video_image import Sam2DecoderGraph, Sam2EncoderGraph
 
-CONSTANTS_FILE = "sam2_constants.npz"
+CONSTANTS_FILE = "sam2_video_constants.npz"  # the image export's own constants are sam2_constants.npz
 DEFAULT_MAX_COND_FRAMES = 2
 # ONNX Runtime vs torch on the same module, max |difference| / max |reference|
 PARITY_LIMIT = 1e-4
@@ -83,7 +85,10 @@ def video_settings(model: torch.nn.Module, max_cond_frames: int) -> dict:
         "memory_slots": int(max_cond_frames + model.num_maskmem - 1),
         "pointer_slots": (int(max_cond_frames + model.max_obj_ptrs_in_encoder - 1)
                           if model.use_obj_ptrs_in_encoder else 0),
-        "constants": CONSTANTS_FILE,
+        # SAM2VideoPredictor's frame loading (load_video_frames): PIL bicubic resize of the uint8 RGB frame
+        # to SxS, /255 in float64 -> float32, then (x - mean) / std in float32
+        "preprocessing": {"resize": "square", "interpolation": "bicubic", "input_scale": 255,
+                          "pixel_mean": [0.485, 0.456, 0.406], "pixel_std": [0.229, 0.224, 0.225]},
     })
     return settings
 
@@ -102,7 +107,7 @@ def graph_specs(model: torch.nn.Module, settings: dict) -> Dict[str, tuple]:
     valid = torch.ones(slots)
     valid[1:slots:2] = 0  # padding in the example: the checks see masked slots
     attn_in = [rand(1, c, g, g), rand(slots, m, g, g), torch.arange(slots) % model.num_maskmem, valid]
-    attn_specs = [_t("image_embed", [1, c, g, g]), _t("memory", [slots, m, g, g]),
+    attn_specs = [_t("image_embeddings", [1, c, g, g]), _t("memory", [slots, m, g, g]),
                   _t("memory_tpos", [slots], "int64"), _t("memory_valid", [slots])]
     if ptrs:
         pvalid = (torch.arange(ptrs) % 3 != 1).float()
@@ -113,7 +118,7 @@ def graph_specs(model: torch.nn.Module, settings: dict) -> Dict[str, tuple]:
     specs["memory_encoder"] = (
         MemoryEncoderGraph(model), [rand(1, c, g, g), rand(1, 1, 4 * g, 4 * g) * 8, torch.tensor([[1.5]]),
                                     torch.tensor([0.0])],
-        [_t("image_embed", [1, c, g, g]), _t("mask_logits", [1, 1, 4 * g, 4 * g]), _t("object_score_logits", [1, 1]),
+        [_t("image_embeddings", [1, c, g, g]), _t("mask_logits", [1, 1, 4 * g, 4 * g]), _t("object_score_logits", [1, 1]),
          _t("binarize", [1])], [_t("maskmem_features", [1, m, g, g])], False)
     specs["obj_ptr"] = (ObjPtrGraph(model), [rand(1, c), torch.tensor([[1.0]])],
                         [_t("sam_output_token", [1, c]), _t("is_obj_appearing", [1, 1])],
@@ -131,7 +136,7 @@ def image_graph_specs(model: torch.nn.Module) -> Dict[str, tuple]:
     g = s // model.backbone_stride
     gen = torch.Generator().manual_seed(1)
     feats = [_t("high_res_feats_0", [1, c // 8, 4 * g, 4 * g]), _t("high_res_feats_1", [1, c // 4, 2 * g, 2 * g]),
-             _t("image_embed", [1, c, g, g])]
+             _t("image_embeddings", [1, c, g, g])]
     dec_in = [torch.randn(1, c, g, g, generator=gen), torch.randn(1, c // 8, 4 * g, 4 * g, generator=gen),
               torch.randn(1, c // 4, 2 * g, 2 * g, generator=gen), torch.rand(1, 3, 2, generator=gen) * s,
               torch.tensor([[1.0, 0.0, -1.0]]), torch.randn(1, 1, 4 * g, 4 * g, generator=gen), torch.tensor([1.0])]
@@ -189,7 +194,7 @@ def _write_graph(name: str, spec: tuple, export_dir: Path, opset: int, model: to
     from .gates import ort_session
 
     module, example, in_specs, out_specs, external = spec
-    filename = f"sam2_{name}.onnx"
+    filename = f"{name}.onnx"
     in_names, out_names = [t["name"] for t in in_specs], [t["name"] for t in out_specs]
     dynamic = {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)} for t in in_specs}
     dynamic = {k: v for k, v in dynamic.items() if v} or None
@@ -216,10 +221,12 @@ def _write_graph(name: str, spec: tuple, export_dir: Path, opset: int, model: to
 
 def export_video_graphs(model: torch.nn.Module, export_dir: str | Path, max_cond_frames: Optional[int] = None,
                         opset: int = 17, progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Write the memory graphs + constants into ``export_dir``; returns the manifest's ``video`` section.
+    """Write the memory graphs + constants into ``export_dir``.
 
-    ``model``: a SAM2Base (merged adapters, eval). ``max_cond_frames``: conditioning slots of the bank
-    (default: the model's ``max_cond_frames_in_attn`` when set, else 2; at least 2, as SAM 2 requires).
+    Returns ``{"graphs": {name: {"fp32": entry}}, "video": settings}``: the entries go into the manifest's
+    ``graphs``, the settings become its ``video`` section. ``model``: a SAM2Base (merged adapters, eval).
+    ``max_cond_frames``: conditioning slots of the bank (default: the model's ``max_cond_frames_in_attn``
+    when set, else 2; at least 2, as SAM 2 requires).
     """
     check_video_model(model)
     if max_cond_frames is None:
@@ -233,33 +240,52 @@ def export_video_graphs(model: torch.nn.Module, export_dir: str | Path, max_cond
     graphs = {}
     for name, spec in graph_specs(model, settings).items():
         if progress:
-            progress(f"export + check sam2_{name}.onnx")
+            progress(f"export + check {name}.onnx")
         graphs[name] = {"fp32": _write_graph(name, spec, export_dir, opset, model)}
     constants = {"no_mem_embed": model.no_mem_embed.detach().float().reshape(-1).numpy()}
     if getattr(model, "no_obj_ptr", None) is not None:
         constants["no_obj_ptr"] = model.no_obj_ptr.detach().float().reshape(-1).numpy()
     with open(export_dir / CONSTANTS_FILE, "wb") as f:
         np.savez(f, **constants)
-    settings["graphs"] = graphs
-    return settings
+    settings["constants"] = file_entry(export_dir, CONSTANTS_FILE)
+    return {"graphs": graphs, "video": settings}
+
+
+def video_graphs_hook(max_cond_frames: Optional[int] = None) -> Callable[..., dict]:
+    """The image export's ``extra_graphs`` hook: ``hook(model, tmp_dir, opset, log) -> {"graphs", "video"}``."""
+
+    def hook(model: torch.nn.Module, export_dir: Path, opset: int, log: Optional[Callable[[str], None]] = None) -> dict:
+        return export_video_graphs(model, export_dir, max_cond_frames, opset, log)
+
+    return hook
 
 
 def export_sam2_video(model: torch.nn.Module, out: str | Path, max_cond_frames: Optional[int] = None,
-                      opset: int = 17, overwrite: bool = False, model_name: str = "sam2",
+                      opset: int = 17, overwrite: bool = False, model_type: str = "sam2",
                       progress: Optional[Callable[[str], None]] = None) -> Path:
     """A whole SAM 2 export for propagation (image graphs + memory graphs + manifest), written atomically."""
+    model = model.eval()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        image_graphs = {}
-        for name, spec in image_graph_specs(model.eval()).items():
+        graphs = {}
+        for name, spec in image_graph_specs(model).items():
             if progress:
-                progress(f"export + check sam2_{name}.onnx")
-            image_graphs[f"sam2_{name}"] = {"fp32": _write_graph(name, spec, tmp, opset, model)}
+                progress(f"export + check {name}.onnx")
+            graphs[name] = {"fp32": _write_graph(name, spec, tmp, opset, model)}
         video = export_video_graphs(model, tmp, max_cond_frames, opset, progress)
-        write_manifest(tmp, sam2_manifest(model, model_name, image_graphs, video, opset))
+        graphs.update(video["graphs"])
+        g = model.image_size // model.backbone_stride
+        with torch.no_grad():  # the image export's constants (interface notes)
+            pos = model.image_encoder.neck.position_encoding(torch.zeros(1, model.hidden_dim, g, g))
+        with open(tmp / "sam2_constants.npz", "wb") as f:
+            np.savez(f, no_mem_embed=model.no_mem_embed.detach().float().reshape(1, -1).numpy(),
+                     vision_pos_enc=pos.float().numpy())
+        manifest = sam2_manifest(model, model_type, graphs, video["video"], opset)
+        manifest["constants"] = file_entry(tmp, "sam2_constants.npz")
+        write_manifest(tmp, manifest)
     return Path(out)
 
 
-def sam2_manifest(model: torch.nn.Module, model_name: str, graphs: dict, video: Optional[dict], opset: int) -> dict:
+def sam2_manifest(model: torch.nn.Module, model_type: str, graphs: dict, video: Optional[dict], opset: int) -> dict:
     import datetime as _dt
 
     from .. import __version__
@@ -270,20 +296,12 @@ def sam2_manifest(model: torch.nn.Module, model_name: str, graphs: dict, video: 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "peftexport_version": __version__,
-        "model_family": "sam2",
-        "model_type": model_name,
+        "family": "sam2",
+        "model_type": model_type,
         "image_size": s,
         "embedding_shape": [model.hidden_dim, g, g],
         "low_res_size": 4 * g,
-        "preprocessing": {
-            # SAM2VideoPredictor: every frame resized to SxS (PIL bicubic on uint8 RGB), /255, then normalised
-            "resize": "square",
-            "interpolation": "bicubic",
-            "rescale": 255.0,
-            "pixel_mean": [0.485, 0.456, 0.406],
-            "pixel_std": [0.229, 0.224, 0.225],
-            "intensity": None,
-        },
+        "preprocessing": dict(video["preprocessing"], intensity=None) if video else {},
         "opset": opset,
         "graphs": graphs,
         "video": video,

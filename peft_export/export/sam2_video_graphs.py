@@ -114,7 +114,7 @@ def rope_attention(attn: nn.Module, rope: RopeTables, q: torch.Tensor, k: torch.
 class MemoryAttentionGraph(nn.Module):
     """Features of the current frame conditioned on a fixed-capacity memory bank (one object).
 
-    inputs  ``image_embed`` (1,C,g,g) (raw, no ``no_mem_embed``), ``memory`` (S,mem,g,g),
+    inputs  ``image_embeddings`` (1,C,g,g) (raw, no ``no_mem_embed``), ``memory`` (S,mem,g,g),
             ``memory_tpos`` (S,) int64, ``memory_valid`` (S,) float 0/1,
             [``obj_ptrs`` (P,C), ``obj_ptr_pos`` (P,) float, ``obj_ptr_valid`` (P,) float 0/1]
     output  ``pix_feat_with_mem`` (1,C,g,g)
@@ -142,11 +142,11 @@ class MemoryAttentionGraph(nn.Module):
         self.self_rope = nn.ModuleList(RopeTables(layer.self_attn, grid) for layer in self.layers)
         self.cross_rope = nn.ModuleList(RopeTables(layer.cross_attn_image, grid) for layer in self.layers)
 
-    def forward(self, image_embed: torch.Tensor, memory: torch.Tensor, memory_tpos: torch.Tensor,
+    def forward(self, image_embeddings: torch.Tensor, memory: torch.Tensor, memory_tpos: torch.Tensor,
                 memory_valid: torch.Tensor, obj_ptrs: torch.Tensor | None = None,
                 obj_ptr_pos: torch.Tensor | None = None, obj_ptr_valid: torch.Tensor | None = None) -> torch.Tensor:
         c, hw = self.hidden_dim, self.grid * self.grid
-        curr = image_embed.flatten(2).transpose(1, 2)  # (1, HW, C), batch first
+        curr = image_embeddings.flatten(2).transpose(1, 2)  # (1, HW, C), batch first
         curr_pos = self.curr_pos.unsqueeze(0)
         # spatial memories: slot-major tokens (S*HW, mem) and their encodings (spatial + temporal)
         mem = memory.flatten(2).transpose(1, 2).reshape(1, -1, self.mem_dim)
@@ -186,7 +186,7 @@ class MemoryAttentionGraph(nn.Module):
 class MemoryEncoderGraph(nn.Module):
     """``_encode_new_memory`` for one object.
 
-    inputs  ``image_embed`` (1,C,g,g) raw, ``mask_logits`` (1,1,4g,4g) low-res, ``object_score_logits`` (1,1),
+    inputs  ``image_embeddings`` (1,C,g,g) raw, ``mask_logits`` (1,1,4g,4g) low-res, ``object_score_logits`` (1,1),
             ``binarize`` (1,) float (1: masks from clicks with binarize_mask_from_pts_for_mem_enc)
     output  ``maskmem_features`` (1,mem,g,g)
     """
@@ -199,7 +199,7 @@ class MemoryEncoderGraph(nn.Module):
         self.scale, self.bias = model.sigmoid_scale_for_mem_enc, model.sigmoid_bias_for_mem_enc
         self.no_obj_embed_spatial = model.no_obj_embed_spatial
 
-    def forward(self, image_embed: torch.Tensor, mask_logits: torch.Tensor, object_score_logits: torch.Tensor,
+    def forward(self, image_embeddings: torch.Tensor, mask_logits: torch.Tensor, object_score_logits: torch.Tensor,
                 binarize: torch.Tensor) -> torch.Tensor:
         high_res = F.interpolate(mask_logits, size=(self.image_size, self.image_size), mode="bilinear",
                                  align_corners=False)
@@ -208,7 +208,7 @@ class MemoryEncoderGraph(nn.Module):
             mask = mask * self.scale
         if self.bias != 0.0:
             mask = mask + self.bias
-        features = self.memory_encoder(image_embed, mask, skip_mask_sigmoid=True)["vision_features"]
+        features = self.memory_encoder(image_embeddings, mask, skip_mask_sigmoid=True)["vision_features"]
         if self.no_obj_embed_spatial is not None:
             appearing = (object_score_logits > 0).float()
             features = features + (1 - appearing[..., None, None]) * self.no_obj_embed_spatial[..., None, None]

@@ -6,7 +6,7 @@ reads the same graph names whichever module wrote them.
 
 - ``Sam2EncoderGraph``: ``image`` (1,3,S,S) normalised -> ``high_res_feats_0`` (1,C/8,4g,4g),
   ``high_res_feats_1`` (1,C/4,2g,2g) (after the decoder's conv_s0 / conv_s1, as ``forward_image``),
-  ``image_embed`` (1,C,g,g) (the lowest FPN level, WITHOUT ``no_mem_embed``).
+  ``image_embeddings`` (1,C,g,g) (the lowest FPN level, WITHOUT ``no_mem_embed``).
 - ``Sam2DecoderGraph``: prompt encoder + mask decoder for one prompt set, all four tokens unselected:
   ``low_res_masks`` (1,4,4g,4g), ``iou_predictions`` (1,4), ``sam_output_tokens`` (1,4,C),
   ``object_score_logits`` (1,1). Points are in SxS pixels, boxes as points labelled 2 / 3, and the runtime
@@ -41,7 +41,7 @@ class Sam2DecoderGraph(nn.Module):
         self.prompt_encoder = model.sam_prompt_encoder
         self.mask_decoder = model.sam_mask_decoder
 
-    def forward(self, image_embed: torch.Tensor, high_res_feats_0: torch.Tensor, high_res_feats_1: torch.Tensor,
+    def forward(self, image_embeddings: torch.Tensor, high_res_feats_0: torch.Tensor, high_res_feats_1: torch.Tensor,
                 point_coords: torch.Tensor, point_labels: torch.Tensor, mask_input: torch.Tensor,
                 has_mask_input: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pe = self.prompt_encoder
@@ -49,7 +49,7 @@ class Sam2DecoderGraph(nn.Module):
         has = has_mask_input.reshape(-1, 1, 1, 1)
         dense = has * pe._embed_masks(mask_input) + (1 - has) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         masks, iou, tokens, scores = self.mask_decoder.predict_masks(
-            image_embeddings=image_embed,
+            image_embeddings=image_embeddings,
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from ..errors import PeftExportError
+from ..fsutil import sha256_file
 from .backends import check_backend, open_backend
 from .intensity import normalize_intensity
 from .manifest import read_manifest
@@ -47,7 +48,6 @@ from .sam2_video_prompts import (
 NO_OBJ_SCORE = -1024.0
 DIRECTIONS = ("both", "forward", "backward")
 VIDEO_GRAPHS = ("memory_attention", "memory_encoder", "obj_ptr", "mask_downsample")
-IMAGE_GRAPHS = {"encoder": "sam2_encoder", "decoder": "sam2_decoder"}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -58,45 +58,53 @@ class Sam2Propagator:
     """Torch-free SAM 2 video / volume propagation on an export with memory graphs."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 intra_op_threads: Optional[int] = None) -> None:
+                 intra_op_threads: Optional[int] = None, verify_checksums: bool = False) -> None:
         check_backend(backend)
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
-        video = manifest.get("video")
-        if not isinstance(video, dict) or not isinstance(video.get("graphs"), dict):
+        video, graphs = manifest.get("video"), manifest.get("graphs") or {}
+        if not isinstance(video, dict) or "memory_attention" not in graphs:
             raise PeftExportError(f"{self.export_dir}: this export has no memory graphs, so it cannot propagate "
                                   "(export a SAM 2 model with its video graphs)")
         self.settings = video
         self.image_size = int(manifest["image_size"])
         self.grid = self.image_size // 16
-        pre = manifest["preprocessing"]
+        pre = video.get("preprocessing") or {}
         self._mean = np.asarray(pre.get("pixel_mean", [0.485, 0.456, 0.406]), np.float32)
         self._std = np.asarray(pre.get("pixel_std", [0.229, 0.224, 0.225]), np.float32)
-        self._rescale = float(pre.get("rescale", 255.0))
+        self._scale = float(pre.get("input_scale", 255))
         self._interpolation = pre.get("interpolation", "bicubic")
-        self._intensity = pre.get("intensity")
-        paths = {}
-        for key, name in IMAGE_GRAPHS.items():
-            paths[key] = self._graph_path(manifest.get("graphs", {}), name)
-        for name in VIDEO_GRAPHS:
-            if name in video["graphs"] or name != "mask_downsample":
-                paths[name] = self._graph_path(video["graphs"], name)
-        constants = self.export_dir / str(video.get("constants", ""))
-        if not constants.is_file():
-            raise PeftExportError(f"{constants}: SAM 2 constants listed in manifest.json are missing")
-        with np.load(constants, allow_pickle=False) as data:
+        self._intensity = (manifest.get("preprocessing") or {}).get("intensity")
+        names = ["encoder", "decoder", *VIDEO_GRAPHS]
+        if not video.get("use_obj_ptrs_in_encoder"):
+            names.remove("mask_downsample")
+        paths = {name: self._graph_path(graphs, name, verify_checksums) for name in names}
+        constants = video.get("constants") or {}
+        path = self.export_dir / str(constants.get("path", ""))
+        if not constants.get("path") or not path.is_file():
+            raise PeftExportError(f"{path}: SAM 2 video constants listed in manifest.json are missing")
+        if verify_checksums and constants.get("sha256") and sha256_file(path) != constants["sha256"]:
+            raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
+        with np.load(path, allow_pickle=False) as data:
             self._no_mem_embed = data["no_mem_embed"].astype(np.float32).reshape(1, -1, 1, 1)
             self._no_obj_ptr = data["no_obj_ptr"].astype(np.float32) if "no_obj_ptr" in data else None
         self._backend = open_backend(backend, paths, device, intra_op_threads)
         self.providers = list(self._backend.providers)
 
-    def _graph_path(self, graphs: Dict[str, Any], name: str) -> Path:
+    @property
+    def intensity_rule(self) -> Optional[dict]:
+        """The export's intensity rule (manifest preprocessing), applied to each frame."""
+        return self._intensity
+
+    def _graph_path(self, graphs: Dict[str, Any], name: str, verify: bool) -> Path:
         entry = (graphs.get(name) or {}).get("fp32")
         if not isinstance(entry, dict) or "path" not in entry:
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 {name} graph")
         path = self.export_dir / entry["path"]
         if not path.is_file():
             raise PeftExportError(f"{path}: {name} graph listed in manifest.json is missing")
+        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
         return path
 
     # ---- one frame ---------------------------------------------------------------------
@@ -105,7 +113,7 @@ class Sam2Propagator:
         """One frame -> (1,3,S,S) float32 as SAM2VideoPredictor loads it (resize SxS, /255, normalise)."""
         rgb = to_uint8(normalize_intensity(frame, self._intensity))
         resized = resize_pil(rgb, (self.image_size, self.image_size), self._interpolation)
-        x = (resized.astype(np.float64) / self._rescale).astype(np.float32)
+        x = (resized.astype(np.float64) / self._scale).astype(np.float32)
         return ((x - self._mean) / self._std).transpose(2, 0, 1)[None].astype(np.float32)
 
     def encode(self, frame: np.ndarray) -> Dict[str, np.ndarray]:
@@ -118,7 +126,7 @@ class Sam2Propagator:
         low = 4 * self.grid
         coords, labels = with_padding_point(coords, labels)
         out = self._backend.run("decoder", {
-            "image_embed": embed, "high_res_feats_0": feats["high_res_feats_0"],
+            "image_embeddings": embed, "high_res_feats_0": feats["high_res_feats_0"],
             "high_res_feats_1": feats["high_res_feats_1"], "point_coords": coords, "point_labels": labels,
             "mask_input": mask if mask is not None else np.zeros((1, 1, low, low), np.float32),
             "has_mask_input": np.array([1.0 if mask is not None else 0.0], np.float32)})
@@ -166,7 +174,7 @@ class Sam2Propagator:
 
     def _memory(self, feats: Dict[str, np.ndarray], low_res: np.ndarray, score: float, binarize: bool) -> np.ndarray:
         out = self._backend.run("memory_encoder", {
-            "image_embed": feats["image_embed"], "mask_logits": low_res[None, None].astype(np.float32),
+            "image_embeddings": feats["image_embeddings"], "mask_logits": low_res[None, None].astype(np.float32),
             "object_score_logits": np.array([[score]], np.float32),
             "binarize": np.array([1.0 if binarize else 0.0], np.float32)})
         return to_bfloat16_bits(out["maskmem_features"][0])
@@ -188,7 +196,7 @@ class Sam2Propagator:
             if s["use_obj_ptrs_in_encoder"]:
                 down = self._backend.run("mask_downsample", {"mask": mask[None, None]})["mask_input"]
                 coords, labels = np.zeros((1, 1, 2), np.float32), -np.ones((1, 1), np.float32)
-                _, token, dec_score = self._decode(feats, feats["image_embed"], coords, labels, down, False)
+                _, token, dec_score = self._decode(feats, feats["image_embeddings"], coords, labels, down, False)
                 ptr = self._obj_ptr(token, self._appearing(dec_score))
                 if s["pred_obj_scores"]:  # _use_mask_as_output mixes again, by the mask's presence
                     no_obj = self._no_obj_ptr if self._no_obj_ptr is not None else np.zeros_like(ptr)
@@ -202,7 +210,7 @@ class Sam2Propagator:
                 raise PeftExportError("propagate: this SAM 2 model takes masks only as outputs "
                                       "(use_mask_input_as_output_without_sam is off); give points or a box")
             coords, labels = point_inputs(prompt, frame_hw, self.image_size)
-            embed = feats["image_embed"] + self._no_mem_embed if s["directly_add_no_mem_embed"] else None
+            embed = feats["image_embeddings"] + self._no_mem_embed if s["directly_add_no_mem_embed"] else None
             if embed is None:
                 raise PeftExportError("propagate: models without directly_add_no_mem_embed are not supported")
             low, token, score = self._decode(feats, embed.astype(np.float32), coords, labels, None,
@@ -218,7 +226,7 @@ class Sam2Propagator:
         """A frame without prompt: memory attention, decoder, memory encoder; (its memory, its low-res logits)."""
         choice = choose_memories(frame_idx, cond, non_cond, num_frames, reverse, self.settings)
         feeds = pack_bank(choice, self.settings, self.grid)
-        feeds["image_embed"] = feats["image_embed"]
+        feeds["image_embeddings"] = feats["image_embeddings"]
         embed = self._backend.run("memory_attention", feeds)["pix_feat_with_mem"]
         coords, labels = np.zeros((1, 1, 2), np.float32), -np.ones((1, 1), np.float32)
         low, token, score = self._decode(feats, embed, coords, labels, None, self._multimask(False, 0))
@@ -293,3 +301,28 @@ def _forget(memories: Dict[int, FrameMemory], frame_idx: int, reverse: bool, sta
             del memories[t]
         elif not reverse and t < frame_idx - window and not (start <= t <= start + window):
             del memories[t]
+
+
+def propagate_labels(session: Sam2Propagator, frames: Sequence[np.ndarray] | np.ndarray, prompts: Prompts,
+                     direction: str = "both", fill_hole_area: Optional[int] = None,
+                     progress: Optional[Callable[[int], None]] = None) -> Tuple[np.ndarray, Dict[Any, int]]:
+    """Propagate and combine the objects into one label stack (T, H, W) uint16.
+
+    Returns (labels, {object id: label}): integer ids >= 1 are their own labels, other ids are numbered
+    1.. in order. A pixel belongs to the object with the highest logit among those > 0 (sam2's
+    non-overlap rule); frames the passes did not reach stay 0.
+    """
+    objects = list(prompts)
+    numeric = all(isinstance(o, (int, np.integer)) and 0 < int(o) < 65536 for o in objects)
+    ids = {obj: (int(obj) if numeric else i + 1) for i, obj in enumerate(objects)}
+    if len(ids) > 65535:
+        raise PeftExportError("propagate: more than 65535 objects")
+    first = np.asarray(frames[0])
+    labels = np.zeros((len(frames), *first.shape[:2]), np.uint16)
+    lut = np.array([0] + [ids[o] for o in objects], np.uint16)
+    for frame_idx, logits in session.propagate(frames, prompts, direction, fill_hole_area, progress):
+        stack = np.stack([logits[o] for o in objects])
+        best = np.argmax(stack, axis=0)
+        inside = np.take_along_axis(stack, best[None], 0)[0] > 0
+        labels[frame_idx] = np.where(inside, lut[best + 1], 0)
+    return labels, ids
