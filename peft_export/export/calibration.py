@@ -16,9 +16,10 @@ MAX_CALIBRATION_IMAGES = 16  # activation ranges settle after a few images; each
 
 
 def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
-                       max_images: int = MAX_CALIBRATION_IMAGES) -> tuple[list[np.ndarray], dict]:
+                       max_images: int = MAX_CALIBRATION_IMAGES, prepare=None) -> tuple[list[np.ndarray], dict]:
     """Encoder inputs (1,3,S,S) of up to ``max_images`` 2D planes of the images in ``directory``
-    (sorted by name), and a record of what was used for the manifest."""
+    (sorted by name), and a record of what was used for the manifest. ``prepare(plane, intensity, S)``
+    makes one input (default SAM's ``prepare_image``; SAM 2 passes its own)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PeftExportError(f"--calibration-data: {directory} is not a directory")
@@ -28,7 +29,10 @@ def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
     inputs, used, digest = [], [], hashlib.sha256()
     for path in files:
         for plane in read_image_planes(path):
-            x, _, _ = prepare_image(plane, intensity, image_size, PIXEL_MEAN, PIXEL_STD, SAM_INTERPOLATION)
+            if prepare is not None:
+                x = prepare(plane, intensity, image_size)
+            else:
+                x, _, _ = prepare_image(plane, intensity, image_size, PIXEL_MEAN, PIXEL_STD, SAM_INTERPOLATION)
             inputs.append(x)
             digest.update(np.ascontiguousarray(plane).tobytes())
             if path.name not in used:

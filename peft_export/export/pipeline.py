@@ -22,6 +22,7 @@ from ..peft.adapters import AdaptedModel
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
 from ..merge import merge_and_verify
+from ..models.family import is_sam2
 from ..peft import has_unmergeable_layers
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
@@ -148,6 +149,16 @@ def merge_and_export(
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
+    if is_sam2(adapted.model):  # SAM 2: its own graphs (sam2_image); the SAM-only options are refused by name
+        from .sam2_image import export_sam2
+
+        asked = [name for name, on in (("--format tensorrt", "tensorrt" in formats), ("--precision fp16", "fp16" in precisions),
+                                       ("--preprocess-in-graph", preprocess_in_graph), ("--meta-decoder", meta_decoder),
+                                       ("--attention " + attention, attention != "plain"),
+                                       ("--exporter dynamo", exporter != "torchscript")) if on]
+        if asked:
+            raise PeftExportError(f"{asked[0]}: not available for SAM 2 exports (ONNX fp32 / int8, TorchScript exporter)")
+        return export_sam2(adapted, out_dir, precisions, opset, overwrite, progress, calibration_data, int8_recipe, strict)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     if calibration_data is not None and "int8" not in precisions:

@@ -34,6 +34,7 @@ from ..models import (
     instance_decoder_from_checkpoint,
     load_sam_and_decoder,
     load_state_strict,
+    model_image_size,
     random_instance_decoder,
     read_checkpoint,
     sam_state_from_checkpoint,
@@ -131,7 +132,7 @@ def save_adapter(
     meta.update(extra or {})
     patch = ((extra or {}).get("training") or {}).get("patch_size")
     if patch:  # how training crops met the encoder: the tiled runtime's default tile reproduces it
-        meta["training_scale"] = {"crop_size": int(patch), "model_input": int(adapted.model.image_encoder.img_size)}
+        meta["training_scale"] = {"crop_size": int(patch), "model_input": model_image_size(adapted.model)}
     with atomic_file(out_dir / ADAPTER_WEIGHTS, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
         # Each file is renamed into place on its own: a crash between the two renames, or files copied

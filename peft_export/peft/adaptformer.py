@@ -21,7 +21,7 @@ class AdaptFormerMLP(nn.Module):
     def __init__(self, mlp: nn.Module, bottleneck: int = 64, scale: str | float = "learnable", residual: bool = False):
         super().__init__()
         self.mlp_proj = mlp
-        dim = getattr(mlp, mlp_linears(mlp)[0]).in_features
+        dim = mlp.get_submodule(mlp_linears(mlp)[0]).in_features
         self.down_proj = nn.Linear(dim, bottleneck)
         self.non_linear_func = nn.ReLU()
         self.up_proj = nn.Linear(bottleneck, dim)

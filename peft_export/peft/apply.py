@@ -15,6 +15,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
+from ..models.family import encoder_trunk, model_parts
 from .adaptformer import AdaptFormerMLP
 from .base import MergeableLayer, replace_module
 from .qlora import dequantize_4bit_linears
@@ -22,8 +23,9 @@ from .config import PeftConfig, parse_targets, resolve_blocks
 from .registry import get_method
 
 
-def check_config(config: PeftConfig, depth: int) -> list[int]:
-    """Validate a config against an encoder depth; returns the resolved blocks."""
+def check_config(config: PeftConfig, depth: int, late_start: int | None = None) -> list[int]:
+    """Validate a config against an encoder depth; returns the resolved blocks (``late_start``: where
+    ``--blocks late`` begins when not at depth // 2, see ``late_blocks_start``)."""
     method = get_method(config.method)
     if method.name in ("lora", "qlora", "fact") and (config.rank is None or config.rank <= 0):
         raise PeftExportError(f"--rank must be a positive integer for {method.name}, got {config.rank}")
@@ -40,14 +42,29 @@ def check_config(config: PeftConfig, depth: int) -> list[int]:
             ) from None
     if not 0.0 <= config.dropout < 1.0:
         raise PeftExportError(f"--dropout must be in [0, 1), got {config.dropout}")
-    return resolve_blocks(config.blocks, depth)
+    return resolve_blocks(config.blocks, depth, late_start)
+
+
+def late_blocks_start(trunk: torch.nn.Module) -> int | None:
+    """Hiera (SAM 2): ``late`` is the last whole stages that hold at least half of the blocks (stages 3
+    and 4 in every SAM 2.1 config: blocks 3-11 of hiera_t); None for SAM's plain ViT (the last half)."""
+    stage_ends = getattr(trunk, "stage_ends", None)
+    if not stage_ends:
+        return None
+    depth = len(trunk.blocks)
+    starts = [0] + [e + 1 for e in stage_ends[:-1]]
+    return max(s for s in starts if depth - s >= depth - depth // 2)
 
 
 def apply_peft(sam: Sam, config: PeftConfig) -> Sam:
-    """Install the PEFT method in place and set which tensors train; returns ``sam``."""
-    blocks = check_config(config, len(sam.image_encoder.blocks))
+    """Install the PEFT method in place and set which tensors train; returns ``sam``.
+
+    Only the image path trains: SAM 2's memory modules stay frozen (and out of adapter files)."""
+    trunk = encoder_trunk(sam)
+    blocks = check_config(config, len(trunk.blocks), late_blocks_start(trunk))
     method = get_method(config.method)
-    for p in sam.image_encoder.parameters():
+    parts = model_parts(sam)
+    for p in sam.parameters():
         p.requires_grad_(False)
     method.apply(sam, config, blocks)
     # New adapter layers are created trainable; base tensors inside them stay frozen.
@@ -59,9 +76,9 @@ def apply_peft(sam: Sam, config: PeftConfig) -> Sam:
                 if child_name not in ("qkv_proj", "mlp_layer", "layer", "mlp_proj"):
                     for p in child.parameters():
                         p.requires_grad_(True)
-    for p in sam.prompt_encoder.parameters():
+    for p in parts["prompt_encoder"].parameters():
         p.requires_grad_(config.train_prompt_encoder)
-    for p in sam.mask_decoder.parameters():
+    for p in parts["mask_decoder"].parameters():
         p.requires_grad_(config.train_mask_decoder)
     sam.peft_config = config  # type: ignore[attr-defined]
     return sam
@@ -100,9 +117,8 @@ def merge_peft(sam: Sam) -> Sam:
 
 def count_trainable_parameters(sam: Sam) -> dict[str, int]:
     """Trainable parameters split by image encoder / prompt encoder / mask decoder."""
-    counts = {}
-    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
-        counts[part] = sum(p.numel() for p in getattr(sam, part).parameters() if p.requires_grad)
+    counts = {part: sum(p.numel() for p in module.parameters() if p.requires_grad)
+              for part, module in model_parts(sam).items()}
     counts["total"] = sum(counts.values())
     return counts
 

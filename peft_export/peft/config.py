@@ -15,7 +15,8 @@ class PeftConfig:
     """Everything needed to rebuild an adapted model from its base.
 
     ``blocks`` is a placement spec: ``all``, ``late`` (the last half of the encoder
-    blocks, the paper's recipe), a range ``6-11``, or a list ``0,3,5``.
+    blocks, the paper's recipe; on SAM 2's Hiera the last whole stages holding at least half
+    of them), a range ``6-11``, or a list ``0,3,5``.
     """
 
     method: str
@@ -51,8 +52,9 @@ class PeftConfig:
         return cls(**d)
 
 
-def resolve_blocks(spec: str | list[int] | tuple[int, ...], depth: int) -> list[int]:
-    """Block indices of a placement spec, checked against the encoder depth."""
+def resolve_blocks(spec: str | list[int] | tuple[int, ...], depth: int, late_start: int | None = None) -> list[int]:
+    """Block indices of a placement spec, checked against the encoder depth (``late``: from
+    ``late_start``, by default the last half)."""
     if isinstance(spec, (list, tuple)):
         blocks = [int(b) for b in spec]
     else:
@@ -60,7 +62,7 @@ def resolve_blocks(spec: str | list[int] | tuple[int, ...], depth: int) -> list[
         if text == "all":
             return list(range(depth))
         if text == "late":
-            return list(range(depth // 2, depth))
+            return list(range(depth // 2 if late_start is None else late_start, depth))
         if text in ("none", ""):
             return []
         blocks = []

@@ -123,6 +123,10 @@ def check_config(c: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise PeftExportError(msg)
+    from ..models.family import is_sam2_type
+
+    if c.instance_decoder and is_sam2_type(c.model_type):
+        raise PeftExportError(f"--instance-decoder: micro-sam's instance decoder is for SAM; not available with {c.model_type}")
     if c.instance_decoder:  # validation scores AIS with the runtime's post-processing
         from ..runtime.instances import AIS_EXTRA_HINT, require_ais_packages
 

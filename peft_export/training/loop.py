@@ -37,6 +37,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from ..data import PatchSampler, Sample
 from ..errors import PeftExportError
 from ..fsutil import atomic_file
+from ..models.family import is_sam2, model_image_size
 from ..peft import count_trainable_parameters
 from ..peft.adapters import AdaptedModel, build_adapted_model, save_adapter
 from ..runtime.preprocess import to_uint8  # rounding shared with evaluation and inference
@@ -69,6 +70,7 @@ from .host_memory import keep_freed_memory
 from .ais import InstanceDecoderTraining
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
+from .sam2_path import Sam2Frame, backward_features, features_leaf, preprocess_sam2_patches, sam2_full_resolution
 from .validation import fit_patch_size, load_split, validate, validation_set
 
 # Mask pixels per decoder pass on the CPU when --objects-per-pass is not given: 2 objects a pass at
@@ -196,6 +198,7 @@ class Trainer:
                                                instance_decoder=c.instance_decoder)
         self.adapted.intensity = dict(c.intensity)
         self.sam = self.adapted.model.to(self.device).train()
+        self.sam2 = is_sam2(self.sam)  # SAM 2's image path: training.sam2_path
         self.params = [p for p in self.sam.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.sam.named_parameters() if p.requires_grad]
         self.clip_groups = [list(self.params)]
@@ -206,7 +209,12 @@ class Trainer:
             self.clip_groups.append(self.ais.parameters())
         if not self.params:
             raise PeftExportError(f"--peft {c.peft}: nothing to train (encoder, prompt encoder and decoder frozen)")
-        self.first_trainable = first_trainable_block(self.sam)
+        if self.sam2:
+            from .sam2_path import first_trainable_hiera_block
+
+            self.first_trainable = first_trainable_hiera_block(self.sam)
+        else:
+            self.first_trainable = first_trainable_block(self.sam)
         self.trainable_counts = count_trainable_parameters(self.sam)
         if self.ais is not None:
             n = sum(p.numel() for p in self.ais.parameters())
@@ -219,7 +227,9 @@ class Trainer:
             self.cache_note = "off"
             return
         why = None
-        if c.augment:
+        if self.sam2:
+            why = "SAM 2 runs its frozen Hiera blocks without autograd instead"
+        elif c.augment:
             why = "random flips/rotations change every patch (use --no-augment)"
         elif any(max(s.label.shape) > c.patch_size for s in train):
             why = "images larger than the patch are cropped at random positions"
@@ -243,6 +253,10 @@ class Trainer:
 
     def _encode(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
         c = self.config
+        if self.sam2:
+            from .sam2_path import encode_sam2
+
+            return encode_sam2(self.sam, x, self.first_trainable)
         if self.cache is None:
             return encode_with_frozen_prefix(self.sam, x, self.first_trainable, c.grad_checkpointing)
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
@@ -255,6 +269,10 @@ class Trainer:
 
     def _decode(self, emb: torch.Tensor, coords, labels, boxes, mask_input, multimask: bool):
         sam = self.sam
+        if self.sam2:
+            from ..models.sam2 import decode
+
+            return decode(sam, emb, coords, labels, boxes, mask_input, multimask)
         points = (coords, labels) if coords is not None else None
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -273,7 +291,7 @@ class Trainer:
         """
         c, sam, dev = self.config, self.sam, self.device
         H, W = label.shape
-        transform = ResizeLongestSide(sam.image_encoder.img_size)
+        transform = Sam2Frame(model_image_size(sam)) if self.sam2 else ResizeLongestSide(sam.image_encoder.img_size)
         objs = initial_prompts(label, c.objects_per_image, rng)
         gt_np = objs.masks
         n_obj = len(gt_np)
@@ -300,7 +318,10 @@ class Trainer:
                         emb, *((coords[0][part], coords[1][part]) if coords else (None, None)),
                         boxes[part] if boxes is not None else None,
                         mask_input[part] if mask_input is not None else None, multimask)
-                masks = losses.full_resolution_logits(low.float(), sam.image_encoder.img_size, input_size, (H, W))
+                if self.sam2:
+                    masks = sam2_full_resolution(low.float(), (H, W))
+                else:
+                    masks = losses.full_resolution_logits(low.float(), sam.image_encoder.img_size, input_size, (H, W))
                 loss, dice_l, iou_l, best = losses.sam_loss(masks, iou_pred, gt[part])
                 loss_scaled = loss * (share * scale / n_iter)
                 if loss_scaled.requires_grad:
@@ -341,19 +362,25 @@ class Trainer:
         patches, labels, keys = self._batch(step)
         rng = np.random.default_rng([c.seed, step, self.dist.rank, 11])
         use_box = step % 2 == 1
-        x, input_size = preprocess_patches(self.sam, patches, self.device)
+        if self.sam2:
+            x, input_size = preprocess_sam2_patches(self.sam, patches, self.device), None
+        else:
+            x, input_size = preprocess_patches(self.sam, patches, self.device)
         with self._autocast():
             emb = self._encode(x, keys)
         # The decoder iterations backpropagate into this leaf; the encoder backward runs once.
-        emb_leaf = emb.detach().requires_grad_(emb.requires_grad)
+        emb_leaf = features_leaf(emb) if self.sam2 else emb.detach().requires_grad_(emb.requires_grad)
         totals = np.zeros(3)
         for i, label in enumerate(labels):
-            totals += self._image_loss(emb_leaf[i:i + 1], label, input_size, use_box, rng, 1.0 / len(labels))
+            totals += self._image_loss(emb_leaf.select(i) if self.sam2 else emb_leaf[i:i + 1], label, input_size,
+                                       use_box, rng, 1.0 / len(labels))
         totals /= len(labels)
         if self.ais is not None:  # AIS decoder on the same embedding, into the same leaf
             with self._autocast():
                 totals = np.append(totals, self.ais.step_loss(emb_leaf, labels, input_size, self._backward))
-        if emb.requires_grad and emb_leaf.grad is not None:
+        if self.sam2:
+            backward_features(emb, emb_leaf)
+        elif emb.requires_grad and emb_leaf.grad is not None:
             emb.backward(emb_leaf.grad)
         stats = all_reduce_mean(torch.tensor(totals, dtype=torch.float64), self.dist)
         loss, dice_l, iou_l = (float(v) for v in stats[:3])
@@ -554,7 +581,7 @@ class Trainer:
             self.log_path.unlink()
         if self.dist.is_main:
             counts = self.trainable_counts
-            self._log(f"training {c.model_type} ({self.sam.image_encoder.img_size}px) with {c.peft}: "
+            self._log(f"training {c.model_type} ({model_image_size(self.sam)}px) with {c.peft}: "
                       f"{counts['total']:,} trainable parameters (encoder {counts['image_encoder']:,}"
                       + (f", AIS decoder {counts['instance_decoder']:,}" if self.ais is not None else "") + "); "
                       f"{len(train)} training / {len(self.val_set)} validation images; {total} steps; "
