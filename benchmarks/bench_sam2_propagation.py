@@ -6,7 +6,7 @@
 hiera_t (sam2.1) with random weights (seeded), one object clicked on frame 0 of a synthetic clip, propagated
 forward over ``--frames`` frames. Each case runs in a fresh process (``--worker``), one case at a time:
 
-- ``export``: ``Sam2Propagator`` (ONNX Runtime, CPU) on the export of the same weights;
+- ``export``: ``Sam2Propagator`` (ONNX Runtime, CPU) on ``merge-and-export --video`` of the same weights;
 - ``torch``: sam2's ``SAM2VideoPredictor`` in torch eager, fp32 (``--quick`` leaves it out).
 
 Reported per case: the first (prompted) frame, and the median wall time per frame AFTER the first
@@ -50,15 +50,28 @@ def clip(frames: int, size: int = 480):
 
 
 def build(size: int):
-    import torch
+    """SAM2VideoPredictor holding the benchmark's weights (``random_sam2``, seed 0): the export's too."""
     from sam2.build_sam import build_sam2_video_predictor
 
-    torch.manual_seed(0)
-    return build_sam2_video_predictor(CONFIG, None, device="cpu",
-                                      hydra_overrides_extra=[f"++model.image_size={size}"])
+    from peft_export.models.sam2 import random_sam2, sam2_overrides
+
+    predictor = build_sam2_video_predictor(CONFIG, None, device="cpu", hydra_overrides_extra=sam2_overrides(size))
+    predictor.load_state_dict(random_sam2("sam2.1_hiera_t", size, seed=0).state_dict())
+    return predictor
 
 
-def worker(kind: str, size: int, frames: int, export: str, out: str) -> None:
+def export(size: int, out: Path) -> None:
+    """``merge-and-export --video`` of the benchmark's weights."""
+    from peft_export.export import merge_and_export
+    from peft_export.models.sam2 import random_sam2, sam2_base_info
+    from peft_export.peft.adapters import AdaptedModel
+
+    model = random_sam2("sam2.1_hiera_t", size, seed=0)
+    adapted = AdaptedModel(model, None, sam2_base_info("sam2.1_hiera_t", size, None))
+    merge_and_export(adapted, out, overwrite=True, progress=False, video=True)
+
+
+def worker(kind: str, size: int, frames: int, export_dir: str, out: str) -> None:
     """One case in this process; writes {"frame_s": [...], "graphs_s": {...}} to ``out``."""
     frames_rgb = clip(frames)
     h, w = frames_rgb[0].shape[:2]
@@ -68,7 +81,7 @@ def worker(kind: str, size: int, frames: int, export: str, out: str) -> None:
     if kind == "export":
         from peft_export.runtime.sam2_video import Sam2Propagator
 
-        session = Sam2Propagator(export)
+        session = Sam2Propagator(export_dir)
         run = session._backend.run
 
         def timed(name, feeds):  # per graph wall time
@@ -105,7 +118,7 @@ def worker(kind: str, size: int, frames: int, export: str, out: str) -> None:
     Path(out).write_text(json.dumps({"frame_s": frame_s, "graphs_s": per_graph}))
 
 
-def run_case(kind: str, size: int, frames: int, export: Path, out_dir: Path, threads: int | None) -> dict:
+def run_case(kind: str, size: int, frames: int, export_dir: Path, out_dir: Path, threads: int | None) -> dict:
     from peft_export.bench.load import describe_load, load_between, snapshot
 
     result = out_dir / f"{kind}_{size}.json"
@@ -114,7 +127,8 @@ def run_case(kind: str, size: int, frames: int, export: Path, out_dir: Path, thr
         env["OMP_NUM_THREADS"] = str(threads)
     before = snapshot()
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--sizes", str(size), "--frames", str(frames),
-                           "--export", str(export), "--result", str(result)], env=env, capture_output=True, text=True)
+                           "--export", str(export_dir), "--result", str(result)],
+                          env=env, capture_output=True, text=True)
     load = load_between(before, snapshot())
     if proc.returncode:
         return {"kind": kind, "size": size, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -143,7 +157,6 @@ def main() -> None:
         return
 
     from peft_export.bench.stats import device_info, library_versions
-    from peft_export.export.sam2_video import export_sam2_video
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = device_info()
@@ -152,11 +165,11 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     for size in sizes:
-        export = args.out / f"export_{size}"
-        if not (export / "manifest.json").is_file():
-            export_sam2_video(build(size), export, overwrite=True, model_type="sam2.1_hiera_t")
+        export_dir = args.out / f"export_{size}"
+        if not (export_dir / "manifest.json").is_file():
+            export(size, export_dir)
         for kind in ("export",) + (() if args.quick else ("torch",)):
-            row = run_case(kind, size, args.frames, export, args.out, args.threads)
+            row = run_case(kind, size, args.frames, export_dir, args.out, args.threads)
             rows.append(row)
             if "error" in row:
                 print(f"{size:5d} {kind:6s} failed: {row['error']}")

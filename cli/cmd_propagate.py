@@ -31,16 +31,10 @@ def propagate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Writes OUT (labels per frame) and prints each object's voxel count."""
-    from tqdm import tqdm
-
     from peft_export.predict.propagate import propagate_files
 
-    bar = tqdm(desc="propagate", unit="frame", disable=quiet)
-    try:
-        record = propagate_files(export_dir, frames, prompts, out, direction=direction, overwrite=overwrite,
-                                 fill_hole_area=fill_hole_area, threads=threads, progress=lambda _: bar.update())
-    finally:
-        bar.close()
+    record = propagate_files(export_dir, frames, prompts, out, direction=direction, overwrite=overwrite,
+                             fill_hole_area=fill_hole_area, threads=threads, progress=not quiet)
     for obj, label in record["objects"].items():
         echo(f"object {obj} (label {label}): {record['voxels'][obj]} voxels")
     echo(f"{record['frames']} frames -> {record['labels']}")

@@ -1,7 +1,7 @@
 """SAM 2 propagation: exported memory graphs + the torch-free tracker against sam2's SAM2VideoPredictor.
 
-The model is hiera_t with random weights at image_size 256 (config override ``++model.image_size=256``:
-every part of SAM 2 follows image_size; 16x16 lowest-level features keep the clip cheap on 2 cores).
+The model is hiera_t with random weights at image_size 256 (``models.sam2.sam2_overrides``: every part of
+SAM 2 follows image_size; 16x16 lowest-level features keep the clip cheap on 2 cores).
 The clip: 8 non-square JPEG frames (96x128), read by the reference from disk and by the runtime from the
 same decoded pixels.
 """
@@ -95,22 +95,30 @@ def reference_masks(predictor, folder):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
+    """A random hiera_t saved as a checkpoint, exported by ``merge-and-export --video``, and sam2's
+    SAM2VideoPredictor on the same weights run on the clip."""
     from sam2.build_sam import build_sam2_video_predictor
+    from typer.testing import CliRunner
 
-    from peft_export.export.sam2_video import export_sam2_video
+    from peft_export.cli.main import app
+    from peft_export.models.sam2 import random_sam2, sam2_overrides
 
     tmp = tmp_path_factory.mktemp("sam2video")
-    torch.manual_seed(0)
+    model = random_sam2("sam2.1_hiera_t", SIZE, seed=0)
+    torch.save({"model": model.state_dict()}, tmp / "sam2_random.pt")
+    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(tmp / "sam2_random.pt"), "--image-size",
+                                   str(SIZE), "--video", "-o", str(tmp / "export"), "-q"])
+    assert res.exit_code == 0, res.output
+    # the reference: the bank's 2 conditioning slots are sam2's max_cond_frames_in_attn=2
     predictor = build_sam2_video_predictor(
-        CONFIG, None, device="cpu",
-        hydra_overrides_extra=[f"++model.image_size={SIZE}", "++model.max_cond_frames_in_attn=2"])
+        CONFIG, None, device="cpu", hydra_overrides_extra=sam2_overrides(SIZE) + ["++model.max_cond_frames_in_attn=2"])
+    predictor.load_state_dict(model.state_dict())
     frames = make_clip(tmp / "frames")
-    export = export_sam2_video(predictor, tmp / "export")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sam2.utils.misc.get_connected_components", cpu_connected_components)
         with torch.inference_mode():
             reference = reference_masks(predictor, tmp / "frames")
-    return {"export": export, "frames": frames, "reference": reference, "predictor": predictor, "tmp": tmp}
+    return {"export": tmp / "export", "frames": frames, "reference": reference, "tmp": tmp}
 
 
 @pytest.mark.slow
@@ -151,12 +159,16 @@ def test_export_records_a_padded_bank_equal_to_sam2s_attention(clip):
 def test_forward_only_and_backward_only_visit_their_frames(clip):
     session = Sam2Propagator(clip["export"])
     prompts = {1: {3: {"points": [[50, 44]], "labels": [1]}}}
-    assert [f for f, _ in session.propagate(clip["frames"], prompts, direction="forward")] == [3, 4, 5, 6, 7]
-    assert [f for f, _ in session.propagate(clip["frames"], prompts, direction="backward")] == [3, 2, 1, 0]
+    frames = clip["frames"][:5]
+    assert [f for f, _ in session.propagate(frames, prompts, direction="forward")] == [3, 4]
+    assert [f for f, _ in session.propagate(frames, prompts, direction="backward")] == [3, 2, 1, 0]
+    with pytest.raises(PeftExportError, match="direction must be one of both, forward, backward"):
+        next(session.propagate(frames, prompts, direction="up"))
 
 
 def image_only_copy(export, folder):
-    """The export as an image-only SAM 2 export: no ``video`` section, no memory graphs."""
+    """The export as ``merge-and-export`` writes it without ``--video``: the hook's graphs and ``video``
+    section are all it adds."""
     shutil.copytree(export, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["video"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -100,8 +100,10 @@ def read_prompts(path: str | Path) -> Dict[Any, Dict[int, dict]]:
 def propagate_files(export_dir: str | Path, inputs: Sequence[str | Path], prompts: str | Path | dict,
                     out: str | Path, direction: str = "both", overwrite: bool = False,
                     fill_hole_area: Optional[int] = None, threads: Optional[int] = None,
-                    progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Propagate prompts through the frames of ``inputs``; write the label stack ``out`` (TIFF)."""
+                    progress: bool = False) -> dict:
+    """Propagate prompts through the frames of ``inputs``; write the label stack ``out`` (TIFF).
+
+    ``progress``: a progress bar over the frames visited (shown once the inputs are checked)."""
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise PeftExportError(f"{out}: the label stack is written as TIFF (.tif)")
@@ -110,8 +112,14 @@ def propagate_files(export_dir: str | Path, inputs: Sequence[str | Path], prompt
     frames = stack_to_uint8(read_frames(inputs), (session.intensity_rule or None))
     if not isinstance(prompts, dict):
         prompts = read_prompts(prompts)
-    labels, ids = propagate_labels(session, frames, prompts, direction=direction, fill_hole_area=fill_hole_area,
-                                   progress=progress)
+    from tqdm import tqdm
+
+    start = min((int(f) for p in prompts.values() for f in p), default=0)
+    forward, backward = len(frames) - start, (start + 1 if start > 0 else 0)
+    visits = {"both": forward + backward, "forward": forward, "backward": backward}.get(direction)
+    with tqdm(total=visits, desc="propagate", unit="frame", disable=not progress) as bar:
+        labels, ids = propagate_labels(session, frames, prompts, direction=direction,
+                                       fill_hole_area=fill_hole_area, progress=lambda _: bar.update())
     import tifffile
 
     with atomic_file(out, overwrite) as tmp:

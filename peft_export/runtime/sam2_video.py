@@ -33,6 +33,7 @@ from .intensity import normalize_intensity
 from .manifest import read_manifest
 from .postprocess import resize_bilinear
 from .preprocess import resize_pil, to_uint8
+from .sam2_masks import select_masks
 from .sam2_video_memory import FrameMemory, choose_memories, needed_window, pack_bank, to_bfloat16_bits
 from .sam2_video_prompts import (
     FramePrompt,
@@ -58,7 +59,8 @@ class Sam2Propagator:
     """Torch-free SAM 2 video / volume propagation on an export with memory graphs."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 intra_op_threads: Optional[int] = None, verify_checksums: bool = False) -> None:
+                 intra_op_threads: Optional[int] = None, verify_checksums: bool = False,
+                 precision: str = "fp32") -> None:
         check_backend(backend)
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
@@ -75,19 +77,19 @@ class Sam2Propagator:
         self._scale = float(pre.get("input_scale", 255))
         self._interpolation = pre.get("interpolation", "bicubic")
         self._intensity = (manifest.get("preprocessing") or {}).get("intensity")
-        names = ["encoder", "decoder", *VIDEO_GRAPHS]
+        if precision not in (graphs.get("encoder") or {}):
+            raise PeftExportError(f"{self.export_dir}: no {precision} encoder (available: "
+                                  f"{', '.join(sorted(graphs.get('encoder') or {})) or 'none'})")
+        names = ["decoder", *VIDEO_GRAPHS]
         if not video.get("use_obj_ptrs_in_encoder"):
             names.remove("mask_downsample")
-        paths = {name: self._graph_path(graphs, name, verify_checksums) for name in names}
-        constants = video.get("constants") or {}
-        path = self.export_dir / str(constants.get("path", ""))
-        if not constants.get("path") or not path.is_file():
-            raise PeftExportError(f"{path}: SAM 2 video constants listed in manifest.json are missing")
-        if verify_checksums and constants.get("sha256") and sha256_file(path) != constants["sha256"]:
-            raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
-        with np.load(path, allow_pickle=False) as data:
-            self._no_mem_embed = data["no_mem_embed"].astype(np.float32).reshape(1, -1, 1, 1)
-            self._no_obj_ptr = data["no_obj_ptr"].astype(np.float32) if "no_obj_ptr" in data else None
+        paths = {"encoder": self._graph_path(graphs, "encoder", verify_checksums, precision)}
+        paths.update({name: self._graph_path(graphs, name, verify_checksums) for name in names})
+        self._selection = manifest.get("decoder_selection")  # sam2's dynamic multimask fallback (sam2_masks)
+        image_constants = self._load_constants(manifest.get("constants"), verify_checksums)
+        video_constants = self._load_constants(video.get("constants"), verify_checksums)
+        self._no_mem_embed = image_constants["no_mem_embed"].astype(np.float32).reshape(1, -1, 1, 1)
+        self._no_obj_ptr = video_constants["no_obj_ptr"].astype(np.float32) if "no_obj_ptr" in video_constants else None
         self._backend = open_backend(backend, paths, device, intra_op_threads)
         self.providers = list(self._backend.providers)
 
@@ -96,16 +98,25 @@ class Sam2Propagator:
         """The export's intensity rule (manifest preprocessing), applied to each frame."""
         return self._intensity
 
-    def _graph_path(self, graphs: Dict[str, Any], name: str, verify: bool) -> Path:
-        entry = (graphs.get(name) or {}).get("fp32")
+    def _graph_path(self, graphs: Dict[str, Any], name: str, verify: bool, precision: str = "fp32") -> Path:
+        entry = (graphs.get(name) or {}).get(precision)
         if not isinstance(entry, dict) or "path" not in entry:
-            raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 {name} graph")
+            raise PeftExportError(f"{self.export_dir}: manifest.json lists no {precision} {name} graph")
         path = self.export_dir / entry["path"]
         if not path.is_file():
             raise PeftExportError(f"{path}: {name} graph listed in manifest.json is missing")
         if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
         return path
+
+    def _load_constants(self, entry: Any, verify: bool) -> Dict[str, np.ndarray]:
+        path = self.export_dir / str((entry or {}).get("path", ""))
+        if not isinstance(entry, dict) or not entry.get("path") or not path.is_file():
+            raise PeftExportError(f"{path}: SAM 2 constants listed in manifest.json are missing")
+        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise PeftExportError(f"{path}: sha256 does not match manifest.json (file changed or truncated)")
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
 
     # ---- one frame ---------------------------------------------------------------------
 
@@ -130,15 +141,9 @@ class Sam2Propagator:
             "high_res_feats_1": feats["high_res_feats_1"], "point_coords": coords, "point_labels": labels,
             "mask_input": mask if mask is not None else np.zeros((1, 1, low, low), np.float32),
             "has_mask_input": np.array([1.0 if mask is not None else 0.0], np.float32)})
-        masks, ious, tokens = out["low_res_masks"][0], out["iou_predictions"][0], out["sam_output_tokens"][0]
+        masks, ious = select_masks(out["low_res_masks"], out["iou_predictions"], multimask, self._selection)
+        masks, ious, tokens = masks[0], ious[0], out["sam_output_tokens"][0]
         score = float(out["object_score_logits"].reshape(-1)[0])
-        # MaskDecoder.forward's choice of masks and tokens
-        if multimask:
-            masks, ious = masks[1:], ious[1:]
-        elif s["dynamic_multimask_via_stability"]:
-            masks, ious = self._dynamic_multimask(masks, ious)
-        else:
-            masks, ious = masks[:1], ious[:1]
         tokens = tokens[1:] if multimask and s["use_multimask_token_for_obj_ptr"] else tokens[:1]
         # SAM2Base._forward_sam_heads
         if s["pred_obj_scores"] and not score > 0:
@@ -150,17 +155,6 @@ class Sam2Propagator:
             if len(tokens) > 1:
                 token = tokens[best]
         return masks[0], token, score
-
-    def _dynamic_multimask(self, masks: np.ndarray, ious: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        s = self.settings
-        best = 1 + int(np.argmax(ious[1:]))
-        delta = np.float32(s["dynamic_multimask_stability_delta"])
-        area_i = np.count_nonzero(masks[0] > delta)
-        area_u = np.count_nonzero(masks[0] > -delta)
-        stability = np.float32(area_i) / np.float32(area_u) if area_u > 0 else np.float32(1.0)
-        if stability >= np.float32(s["dynamic_multimask_stability_thresh"]):
-            return masks[:1], ious[:1]
-        return masks[best:best + 1], ious[best:best + 1]
 
     def _obj_ptr(self, token: np.ndarray, appearing: float) -> np.ndarray:
         out = self._backend.run("obj_ptr", {"sam_output_token": token.reshape(1, -1).astype(np.float32),
