@@ -276,3 +276,34 @@ def test_closest_conditioning_frames_equal_sam2():
     for frame in range(0, 17):
         for limit in (-1, 2, 3, 4):
             assert select_closest_cond_frames(frame, cond, limit) == reference(frame, cond, limit)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_dropped_memories_are_never_read(stride):
+    """Over a long clip (forward, then backward from the first prompted frame), the bank chosen for every
+    frame is the same whether memories no later frame reads are dropped or all are kept."""
+    from peft_export.runtime.sam2_video_memory import (
+        FrameMemory,
+        choose_memories,
+        forget_unreachable,
+        needed_window,
+    )
+
+    settings = {"num_maskmem": 7, "memory_temporal_stride_for_eval": stride, "max_obj_ptrs_in_encoder": 16,
+                "use_obj_ptrs_in_encoder": True, "only_obj_ptrs_in_the_past_for_eval": True,
+                "use_signed_tpos_enc_to_obj_ptrs": True, "max_cond_frames": 2, "max_cond_frames_in_attn": -1}
+    num_frames, start = 90, 25
+    cond = {t: FrameMemory(np.zeros(1, np.uint16), np.full(1, t, np.float32), 1.0) for t in (start, 50, 70)}
+    kept, pruned = {}, {}
+    window = needed_window(settings)
+    for reverse, order in ((False, range(start, num_frames)), (True, range(start, -1, -1))):
+        for f in order:
+            if f in cond:
+                continue
+            a = choose_memories(f, cond, kept, num_frames, reverse, settings)
+            b = choose_memories(f, cond, pruned, num_frames, reverse, settings)
+            assert [(t, id(m)) for t, m in a.memories] == [(t, id(m)) for t, m in b.memories], (reverse, f)
+            assert [(d, float(p[0])) for d, p in a.pointers] == [(d, float(p[0])) for d, p in b.pointers]
+            kept[f] = pruned[f] = FrameMemory(np.zeros(1, np.uint16), np.full(1, f, np.float32), 1.0)
+            forget_unreachable(pruned, f, reverse, start, window)
+    assert len(pruned) < len(kept) / 2  # memory is really freed

@@ -34,7 +34,14 @@ from .manifest import read_manifest
 from .postprocess import resize_bilinear
 from .preprocess import resize_pil, to_uint8
 from .sam2_masks import select_masks
-from .sam2_video_memory import FrameMemory, choose_memories, needed_window, pack_bank, to_bfloat16_bits
+from .sam2_video_memory import (
+    FrameMemory,
+    choose_memories,
+    forget_unreachable,
+    needed_window,
+    pack_bank,
+    to_bfloat16_bits,
+)
 from .sam2_video_prompts import (
     FramePrompt,
     Prompts,
@@ -281,20 +288,10 @@ class Sam2Propagator:
                         non_cond[obj][frame_idx] = memory
                         low = fill_holes(low, fill)
                     logits[obj] = resize_bilinear(low, sizes[frame_idx])
-                    _forget(non_cond[obj], frame_idx, reverse, start, window)
+                    forget_unreachable(non_cond[obj], frame_idx, reverse, start, window)
                 if progress:
                     progress(frame_idx)
                 yield frame_idx, logits
-
-
-def _forget(memories: Dict[int, FrameMemory], frame_idx: int, reverse: bool, start: int, window: int) -> None:
-    """Drop memories no later frame reads: behind the current frame by more than ``window`` and, in the
-    forward pass, not within ``window`` after ``start`` (the backward pass reads those)."""
-    for t in list(memories):
-        if reverse and t > frame_idx + window:
-            del memories[t]
-        elif not reverse and t < frame_idx - window and not (start <= t <= start + window):
-            del memories[t]
 
 
 def propagate_labels(session: Sam2Propagator, frames: Sequence[np.ndarray] | np.ndarray, prompts: Prompts,

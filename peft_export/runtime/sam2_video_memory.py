@@ -140,3 +140,15 @@ def needed_window(settings: dict) -> int:
     stride = int(settings["memory_temporal_stride_for_eval"])
     recent = int(settings["num_maskmem"]) * stride + 1
     return max(recent, int(settings["max_obj_ptrs_in_encoder"]))
+
+
+def forget_unreachable(memories: Dict[int, FrameMemory], frame_idx: int, reverse: bool, start: int,
+                       window: int) -> None:
+    """Drop the memories no later frame reads (``window``: ``needed_window``): those behind the current
+    frame by more than ``window`` and, in the forward pass, not within ``window`` after ``start`` (the
+    backward pass from ``start`` reads those)."""
+    for t in list(memories):
+        if reverse and t > frame_idx + window:
+            del memories[t]
+        elif not reverse and t < frame_idx - window and not (start <= t <= start + window):
+            del memories[t]
