@@ -200,9 +200,14 @@ def test_export_without_memory_graphs_cannot_propagate(clip, tmp_path):
 
 @pytest.mark.slow
 def test_propagate_command_writes_the_label_stack(clip, tmp_path):
-    """The CLI on a TIFF movie with the fidelity test's prompts in JSON (the mask from a file): each frame's
-    pixels go to the object whose SAM2VideoPredictor logit is highest and > 0."""
+    """The CLI on a TIFF movie with the fidelity test's prompts in JSON (the mask from a file), in a process
+    where torch and sam2 cannot be imported: each frame's pixels go to the object whose SAM2VideoPredictor
+    logit is highest and > 0."""
+    import subprocess
+    import sys
+
     import tifffile
+    from helpers import import_blocker
     from typer.testing import CliRunner
 
     from peft_export.cli.main import app
@@ -214,8 +219,10 @@ def test_propagate_command_writes_the_label_stack(clip, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(as_json))
     args = ["propagate", str(clip["export"]), str(tmp_path / "movie.tif"), "-p", str(tmp_path / "prompts.json"),
             "-o", str(tmp_path / "labels.tif")]
-    res = CliRunner().invoke(app, args + ["-q"])
-    assert res.exit_code == 0, res.output
+    script = import_blocker(("torch", "torchvision", "sam2", "onnx")) + (
+        f"sys.argv = ['peftexport'] + {args + ['-q']!r}\nfrom peft_export.cli.main import main\nmain()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     labels = tifffile.imread(tmp_path / "labels.tif")
     assert labels.shape == (T, H, W) and labels.dtype == np.uint16
     last = {f: ref for (f, _), ref in sorted(clip["reference"].items())}  # the backward pass wins
@@ -225,7 +232,7 @@ def test_propagate_command_writes_the_label_stack(clip, tmp_path):
         for obj in (1, 2):
             a, b = want == obj, labels[f] == obj
             assert (a & b).sum() >= 0.99 * max((a | b).sum(), 1), (f, obj)
-    assert "object 2 (label 2)" in res.output
+    assert "object 2 (label 2)" in res.stdout
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output  # an existing result is kept
 
