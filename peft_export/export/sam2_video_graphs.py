@@ -72,18 +72,22 @@ class RopeTables(nn.Module):
     def __init__(self, attention: nn.Module, grid: int) -> None:
         super().__init__()
         cis = attention.compute_cis(end_x=grid, end_y=grid)  # complex (g*g, head_dim/2)
-        self.register_buffer("cos", cis.real.float().contiguous(), persistent=False)
-        self.register_buffer("sin", cis.imag.float().contiguous(), persistent=False)
+        # persistent buffers: the exporter writes them once as initializers (non-persistent ones are inlined
+        # as a constant at every use)
+        self.register_buffer("cos", cis.real.float().contiguous())
+        self.register_buffer("sin", cis.imag.float().contiguous())
 
     def rotate(self, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:
-        """x (B, heads, N, D), N = repeat * g*g: pairs (x0, x1) times (cos + i sin), as apply_rotary_enc."""
-        cos, sin = self.cos, self.sin
-        if repeat > 1:  # key slot s, token l uses the frequencies of token l (apply_rotary_enc's expand)
-            cos, sin = cos.repeat(repeat, 1), sin.repeat(repeat, 1)
+        """x (B, heads, N, D), N = repeat * g*g: pairs (x0, x1) times (cos + i sin), as apply_rotary_enc.
+        Key slot s, token l uses the frequencies of token l (apply_rotary_enc's expand): the slots become
+        a dimension the tables broadcast over (a repeated table would be a large constant in the graph)."""
+        shape = x.shape
+        if repeat > 1:
+            x = x.reshape(shape[0], shape[1], repeat, -1, shape[-1])
         pairs = x.reshape(*x.shape[:-1], -1, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
-        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-        return out.flatten(-2)
+        out = torch.stack([x0 * self.cos - x1 * self.sin, x0 * self.sin + x1 * self.cos], dim=-1)
+        return out.reshape(shape)
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -105,7 +109,10 @@ def rope_attention(attn: nn.Module, rope: RopeTables, q: torch.Tensor, k: torch.
         k = torch.cat([rope.rotate(k[:, :, :num_k_rope], repeat), k[:, :, num_k_rope:]], dim=2)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     if key_valid is not None:
-        scores = torch.where(key_valid, scores, torch.full_like(scores, float("-inf")))
+        # an additive (1,1,1,K) bias of 0 / -inf: a mask the size of the scores would be folded into a
+        # constant by the exporter (4 x 538 MB at 1024)
+        bias = torch.where(key_valid, torch.tensor(0.0), torch.tensor(float("-inf")))
+        scores = scores + bias
     out = torch.softmax(scores, dim=-1) @ v
     b, h, n, d = out.shape
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -137,10 +144,20 @@ class MemoryAttentionGraph(nn.Module):
             curr_pos = model.image_encoder.neck.position_encoding(torch.zeros(1, model.hidden_dim, grid, grid))
             mem_pos = model.memory_encoder.position_encoding(torch.zeros(1, model.mem_dim, grid, grid))
         # (HW, C) and (HW, mem): sam2's (HW)BC layout with B = 1 dropped
-        self.register_buffer("curr_pos", curr_pos.flatten(2)[0].t().contiguous().float(), persistent=False)
-        self.register_buffer("memory_pos", mem_pos.flatten(2)[0].t().contiguous().float(), persistent=False)
-        self.self_rope = nn.ModuleList(RopeTables(layer.self_attn, grid) for layer in self.layers)
-        self.cross_rope = nn.ModuleList(RopeTables(layer.cross_attn_image, grid) for layer in self.layers)
+        self.register_buffer("curr_pos", curr_pos.flatten(2)[0].t().contiguous().float())
+        self.register_buffer("memory_pos", mem_pos.flatten(2)[0].t().contiguous().float())
+        # one table per distinct (head dim, theta): the graph holds each once
+        tables: dict = {}
+
+        def rope(attn: nn.Module) -> RopeTables:
+            key = tuple(sorted(attn.compute_cis.keywords.items()))
+            if key not in tables:
+                tables[key] = RopeTables(attn, grid)
+            return tables[key]
+
+        self.self_rope = [rope(layer.self_attn) for layer in self.layers]
+        self.cross_rope = [rope(layer.cross_attn_image) for layer in self.layers]
+        self.rope_tables = nn.ModuleList(tables.values())  # registered once, for .to() / export
 
     def forward(self, image_embeddings: torch.Tensor, memory: torch.Tensor, memory_tpos: torch.Tensor,
                 memory_valid: torch.Tensor, obj_ptrs: torch.Tensor | None = None,
