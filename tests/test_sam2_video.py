@@ -153,6 +153,13 @@ def test_export_records_a_padded_bank_equal_to_sam2s_attention(clip):
     parity = manifest["graphs"]["memory_attention"]["fp32"]["parity"]
     # the export's check ran sam2's MemoryAttention on the valid slots only: padding changes nothing
     assert parity["vs_sam2_memory_attention_rel_err"] <= 1e-5
+    # the graph's size does not grow with the bank x the image: no scores-sized mask, no repeated or
+    # inlined RoPE tables (at 1024 these made the graph exceed protobuf's 2 GB)
+    import onnx
+
+    graph = onnx.load(str(clip["export"] / "memory_attention.onnx")).graph
+    constants = [int(np.prod(n.attribute[0].t.dims)) for n in graph.node if n.op_type == "Constant"]
+    assert max(constants) < 100_000 and 4 * sum(constants) < 1_000_000
 
 
 @pytest.mark.slow
