@@ -90,6 +90,9 @@ class RopeTables(nn.Module):
         return out.reshape(shape)
 
 
+QUERY_BLOCK = 512  # queries per attention block (see rope_attention)
+
+
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     b, n, c = x.shape
     return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
@@ -107,13 +110,19 @@ def rope_attention(attn: nn.Module, rope: RopeTables, q: torch.Tensor, k: torch.
         k = rope.rotate(k, repeat)
     else:  # the object pointer tokens at the end have no RoPE
         k = torch.cat([rope.rotate(k[:, :, :num_k_rope], repeat), k[:, :, num_k_rope:]], dim=2)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    if key_valid is not None:
-        # an additive (1,1,1,K) bias of 0 / -inf: a mask the size of the scores would be folded into a
-        # constant by the exporter (4 x 538 MB at 1024)
-        bias = torch.where(key_valid, torch.tensor(0.0), torch.tensor(float("-inf")))
-        scores = scores + bias
-    out = torch.softmax(scores, dim=-1) @ v
+    # an additive (1,1,1,K) bias of 0 / -inf: a mask the size of the scores would be folded into a
+    # constant by the exporter (4 x 538 MB at 1024)
+    bias = None if key_valid is None else torch.where(key_valid, torch.tensor(0.0), torch.tensor(float("-inf")))
+    kt, scale = k.transpose(-2, -1), 1.0 / math.sqrt(q.shape[-1])
+    chunks = []
+    # queries in blocks: each row's softmax is its own, so the result is the same, and a block's
+    # (QUERY_BLOCK x keys) scores are all that is alive at once (the whole 4096 x 32836 matrix is 538 MB)
+    for q_block in q.split(QUERY_BLOCK, dim=2):
+        scores = (q_block @ kt) * scale
+        if bias is not None:
+            scores = scores + bias
+        chunks.append(torch.softmax(scores, dim=-1) @ v)
+    out = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
     b, h, n, d = out.shape
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
