@@ -63,6 +63,9 @@ def merge_and_export_cmd(
         help="Also write Meta's decoder.onnx (segment_anything's interface) and decoder_lowres.onnx (its batched "
              "low-res form), for other tools; peftexport itself runs the decoder family (split_image, split_prompts, "
              "split_masks) for every prompt (--format tensorrt writes decoder_lowres for its engine)."),
+    video: bool = typer.Option(
+        False, "--video", help="SAM 2: also the memory graphs, so the export propagates prompts through movies and "
+        "volumes (peftexport propagate)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export directory."),
     strict: bool = typer.Option(
         False, "--strict", help="All or nothing: any refused graph (e.g. int8) fails the export and writes nothing."),
@@ -91,6 +94,8 @@ def merge_and_export_cmd(
         adapters = load_named_sources(adapter, micro_sam, checkpoint, options, model_type=model,
                                       image_size=image_size, force=force)
         if len(adapters) > 1 or shared_trunk is not None:
+            if video:
+                raise PeftExportError("--video: exports of several adapters have no memory graphs; export one model")
             if calibration_data is not None:
                 raise PeftExportError("--calibration-data applies to single-adapter exports; "
                                       "several adapters export with dynamic int8")
@@ -109,7 +114,7 @@ def merge_and_export_cmd(
     manifest = merge_and_export(adapted, out, formats=split(formats), precisions=split(precisions), opset=opset,
                                 preprocess_in_graph=preprocess_in_graph, overwrite=overwrite, progress=not quiet,
                                 exporter=exporter, calibration_data=calibration_data, attention=attention,
-                                strict=strict, meta_decoder=meta_decoder)
+                                strict=strict, meta_decoder=meta_decoder, video=video)
     if quiet:  # the parity table is a result, not progress
         from peft_export.export.verify import format_parity_table
 

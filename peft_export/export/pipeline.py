@@ -72,6 +72,7 @@ def merge_and_export(
     attention: str = "plain",
     strict: bool = False,
     meta_decoder: bool = False,
+    video: bool = False,
 ) -> dict:
     """Merge exactly (or keep AdaptFormer in the graph), export, verify every graph, write the manifest.
 
@@ -97,6 +98,8 @@ def merge_and_export(
 
     ``strict``: any refused graph fails the export (nothing written); by default an optional graph
     that fails its gate is left out and listed in ``manifest["refused"]`` (``refusal_line`` words it).
+
+    ``video`` (SAM 2 only): also the memory graphs for propagation (``sam2_video``).
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
@@ -109,7 +112,12 @@ def merge_and_export(
                                        ("--exporter dynamo", exporter != "torchscript")) if on]
         if asked:
             raise PeftExportError(f"{asked[0]}: not available for SAM 2 exports (ONNX fp32 / int8, TorchScript exporter)")
-        return export_sam2(adapted, out_dir, precisions, opset, overwrite, progress, calibration_data, int8_recipe, strict)
+        from .sam2_video import video_graphs_hook
+
+        return export_sam2(adapted, out_dir, precisions, opset, overwrite, progress, calibration_data, int8_recipe,
+                           strict, extra_graphs=video_graphs_hook() if video else None)
+    if video:
+        raise PeftExportError("--video: only SAM 2 models have memory graphs (--model sam2.1_hiera_t ...)")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     if calibration_data is not None and "int8" not in precisions:
