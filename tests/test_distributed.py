@@ -63,6 +63,32 @@ def test_reading_large_formats(tmp_path, image_zarr):
     assert view.shape == (40, 50, 3) and np.array_equal(view[2:4, 5:7], np.moveaxis(rgb[:, 2:4, 5:7], 0, -1))
 
 
+def test_npy_is_memory_mapped_and_png_is_decoded_once_or_refused_with_the_zarr_command(tmp_path):
+    import shlex
+    import subprocess
+
+    from PIL import Image
+
+    from peft_export.predict import arrays
+
+    image, _ = nuclei_mosaic(120, 100, seed=2, uint8=True)
+    np.save(tmp_path / "a.npy", image)
+    npy = open_image_array(tmp_path / "a.npy")
+    assert isinstance(npy, np.memmap) and np.array_equal(npy[10:20, 5:9], image[10:20, 5:9])
+    Image.fromarray(image).save(tmp_path / "a.png")
+    png = open_image_array(tmp_path / "a.png")
+    assert open_image_array(tmp_path / "a.png") is png and np.array_equal(png, image)  # decoded once per process
+    side = int(arrays.MAX_DECODED_PIXELS ** 0.5) + 1
+    Image.new("L", (side, side)).save(tmp_path / "huge.png")  # over the limit: refused from its header
+    with pytest.raises(PeftExportError, match=rf"huge.png: {side}x{side} px is too large to decode whole") as err:
+        open_image_array(tmp_path / "huge.png")
+    # the command the message shows converts a PNG into a zarr the large-image path reads tile by tile
+    command = str(err.value).split("tile by tile: ")[1].replace(str(tmp_path / "huge"), str(tmp_path / "a"))
+    subprocess.run(shlex.split(command), check=True, cwd=tmp_path)
+    converted = open_image_array(tmp_path / "a.zarr")
+    assert converted.shape == image.shape and np.array_equal(converted[:], image)
+
+
 def test_cli_tiled_instances_zarr_in_ome_zarr_out(export, image_zarr, tmp_path):
     path, image = image_zarr
     out = tmp_path / "labels.zarr"
@@ -517,3 +543,33 @@ def test_a_run_killed_anywhere_in_its_end_is_finished_by_running_it_again(export
         if res.returncode == 0:
             break  # the end ran through: every point before it was tried
     assert kill_at >= 8
+
+
+def test_ctrl_c_says_where_the_partial_is_and_the_rerun_says_it_resumes(export, small_tif, tmp_path):
+    """Ctrl-C (SIGINT) in the middle of the tiles: one line naming the partial output and how to go
+    on, exit 130; the same command again says in one line that it resumes, and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, image = small_tif
+    out = tmp_path / "o.zarr"
+    args = [str(export), str(path), "--instances", "--tile", "96", "--halo", "24", "-o", str(out), "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "predict", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    done = tmp_path / "o.zarr.partial" / "_work" / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any(done.glob("tile_*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: the finished steps are kept in {out}.partial; run the same "
+                                            "command again to resume"), err
+    code, output = _run(*args)
+    assert code == 0, output
+    first = output.splitlines()[0]
+    assert first.startswith(f"{path}: resuming the stopped run in {out}.partial (") and "steps done)" in first
+    ref, _ = SamSession(export).tiled(image, tile=96, halo=24).segment_instances(block=1008)
+    np.testing.assert_array_equal(_labels(out), ref)

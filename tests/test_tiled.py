@@ -183,3 +183,19 @@ def test_tile_merge_drops_duplicates_and_edge_cut_masks():
         x, y, bw, bh = r["bbox"]
         ys, xs = np.nonzero(labels == k)
         assert (xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()) == (x, y, bw, bh)
+
+
+def test_tile_merge_keeps_what_no_tile_holds_whole_from_the_whole_image_layer():
+    from peft_export.runtime.tiled import merge_tile_masks
+
+    a, b, image = (0, 100, 0, 100), (0, 100, 60, 160), (0, 100, 0, 160)
+    big = [_disc_record(80, 50, 30, a, 0.9), _disc_record(80, 50, 30, b, 0.9)]  # wider than the overlap: cut in both
+    small_tile = _disc_record(20, 80, 5, a, 0.5)
+    coarse = [_disc_record(80, 50, 30, image, 0.6), _disc_record(20, 80, 5, image, 0.99)]  # the whole image's masks
+    labels, recs = merge_tile_masks([(a, [big[0], small_tile]), (b, [big[1]])], (100, 160), 0.7, 4, coarse=coarse)
+    assert recs.summary == {"tiles": 2, "edge": 2, "nms": 1, "coarse": 1, "objects": 2}
+    kept = sorted((r["predicted_iou"], r["area"]) for r in recs)
+    assert kept == [(0.5, small_tile["area"]), (0.6, coarse[0]["area"])]  # the tile's small one, the coarse big one
+    whole = _disc_record(80, 50, 30, image, 0.6)["segmentation"]
+    assert (labels[whole] > 0).all() and len(np.unique(labels[whole])) == 1  # whole: one label across the border
+    assert labels[80, 20] > 0 and labels[80, 20] != labels[50, 80]

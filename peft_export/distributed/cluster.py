@@ -76,9 +76,14 @@ def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
     import numpy as np
 
     from ..predict.arrays import open_image_array
+    from ..predict.large import check_device
     from ..predict.large_state import manifest_sha256
 
     for job in jobs:
+        try:
+            check_device(job.get("device", "cpu"))
+        except PeftExportError as e:
+            return str(e)
         try:
             if manifest_sha256(job["export_dir"]) != job["manifest_sha256"]:
                 return f"sees another export at {job['export_dir']} (its manifest.json differs from the client's)"

@@ -95,8 +95,6 @@ def _blocks(job: Dict[str, Any]) -> List[tuple]:
     return blocks(tuple(job["shape"]), job["block"])
 
 
-NO_AIS_HINT = ("train one with `peftexport finetune --instance-decoder` (or try `peftexport demo --instances`, "
-               "whose export has one) and export it, or export a micro-sam model that has one")
 IMAGE_OUTPUT_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 
 
@@ -108,9 +106,23 @@ def check_zarr_output(out: Path) -> None:
 
 
 def require_instance_decoder(export_dir: Any, manifest: Dict[str, Any]) -> None:
+    from .images import NO_AIS_HINT
+
     if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
         raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none: "
                               + NO_AIS_HINT)
+
+
+def check_device(device: str) -> None:
+    """``--device`` checked before any output is laid out (and on each worker by its probe)."""
+    if device not in ("cpu", "cuda"):
+        raise PeftExportError(f"--device: unknown '{device}' (use cpu or cuda)")
+    if device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise PeftExportError("--device cuda: this onnxruntime has no CUDAExecutionProvider; install "
+                                  "onnxruntime-gpu (and uninstall onnxruntime, they share one module), or use cpu")
 
 
 def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
@@ -135,8 +147,7 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     check_zarr_output(out)
     if out.suffix != ".zarr":
         raise PeftExportError(f"{out}: a large image's labels go to a zarr store; name it OUT.zarr")
-    if device not in ("cpu", "cuda"):
-        raise PeftExportError(f"--device: unknown '{device}' (use cpu or cuda)")
+    check_device(device)
     params = check_ais_params(dict(instance_options or {}))
     manifest = read_manifest(export_dir)
     require_instance_decoder(export_dir, manifest)
@@ -290,7 +301,7 @@ def _record(job: Dict[str, Any]) -> Dict[str, Any]:
     return {"image": job["image"], "shape": job["shape"], "mode": "instances", "tiled": True,
             "tile": job["spec"]["tile"], "halo": job["spec"]["halo"],
             "scale": job["spec"]["image_size"] / job["spec"]["tile"], "tiles": len(_grid(job)),
-            "options": job["params"], "n_objects": n, "outputs": {"labels": job["out"]},
+            "options": job["params"], "device": job["device"], "n_objects": n, "outputs": {"labels": job["out"]},
             "watershed": {"block": job["block"], "largest_context": max(w["context"] for w in ws),
                           "blocks_at_context_limit": sum(not w["whole"] for w in ws)}}
 
