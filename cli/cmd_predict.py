@@ -174,6 +174,10 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     for r in records:
         echo(f"{r['image']}: {r['n_objects']} objects ({r['tiles']} tile(s) of {r['tile']} px, scale "
              f"{r['scale']:g}) -> {r['outputs']['labels']}")
+        cut = (r.get("watershed") or {}).get("blocks_at_context_limit")
+        if cut:
+            echo(f"  warning: in {cut} watershed block(s) an object reached the {r['watershed']['largest_context']}-px "
+                 "context limit: objects wider than that may be cut at block borders there")
     echo(f"wrote {len(records)} result(s) to {out}")
 
 

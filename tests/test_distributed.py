@@ -74,7 +74,7 @@ def test_npy_is_memory_mapped_and_png_is_decoded_once_or_refused_with_the_zarr_c
     image, _ = nuclei_mosaic(120, 100, seed=2, uint8=True)
     np.save(tmp_path / "a.npy", image)
     npy = open_image_array(tmp_path / "a.npy")
-    assert isinstance(npy, np.memmap) and np.array_equal(npy[10:20, 5:9], image[10:20, 5:9])
+    assert isinstance(npy, arrays.NpyWindows) and np.array_equal(npy[10:20, 5:9], image[10:20, 5:9])
     Image.fromarray(image).save(tmp_path / "a.png")
     png = open_image_array(tmp_path / "a.png")
     assert open_image_array(tmp_path / "a.png") is png and np.array_equal(png, image)  # decoded once per process

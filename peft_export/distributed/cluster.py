@@ -76,7 +76,7 @@ def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
     import numpy as np
 
     from ..predict.arrays import open_image_array
-    from ..predict.large import check_device
+    from ..predict.large_checks import check_device
     from ..predict.large_state import manifest_sha256
 
     for job in jobs:

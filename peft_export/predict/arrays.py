@@ -143,10 +143,23 @@ def open_image_array(path: str | os.PathLike) -> Any:
     return decoded_image(path)
 
 
-def open_npy_image(path: Path) -> Any:
-    """A ``.npy`` file memory-mapped: only the windows read are loaded."""
-    try:
+class NpyWindows:
+    """A ``.npy`` file read one window at a time: each read memory-maps the file, copies the window
+    out and unmaps it again, so the pages a read touched do not stay resident (one map kept for
+    the whole run would hold every page any read ever touched)."""
+
+    def __init__(self, path: Path) -> None:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.path, self.shape, self.dtype = path, tuple(arr.shape), arr.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[key])
+
+
+def open_npy_image(path: Path) -> Any:
+    """A ``.npy`` file read by window through memory maps (``NpyWindows``): never loaded whole."""
+    try:
+        arr = NpyWindows(path)
     except (ValueError, OSError) as exc:
         raise PeftExportError(f"{path}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
     return _image_of(arr, str(path))

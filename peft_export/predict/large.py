@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import PeftExportError
+from .large_checks import check_device, check_zarr_output, large_adapter, require_instance_decoder
 from .large_state import is_done as _done
 from .large_state import mark as _mark
 from .large_state import marker as _marker  # noqa: F401 - the steps' markers, for callers
@@ -93,36 +94,6 @@ def _blocks(job: Dict[str, Any]) -> List[tuple]:
     from ..runtime.blockwise import blocks
 
     return blocks(tuple(job["shape"]), job["block"])
-
-
-IMAGE_OUTPUT_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
-
-
-def check_zarr_output(out: Path) -> None:
-    """The large-image path writes OME-Zarr: an output named like an image file is refused."""
-    if out.suffix.lower() in IMAGE_OUTPUT_SUFFIXES:
-        raise PeftExportError(f"{out}: large images' results are written as OME-Zarr, not {out.suffix}; name the "
-                              f"output {out.with_suffix('.zarr').name} (or a folder for several images)")
-
-
-def require_instance_decoder(export_dir: Any, manifest: Dict[str, Any]) -> None:
-    from .images import NO_AIS_HINT
-
-    if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
-        raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none: "
-                              + NO_AIS_HINT)
-
-
-def check_device(device: str) -> None:
-    """``--device`` checked before any output is laid out (and on each worker by its probe)."""
-    if device not in ("cpu", "cuda"):
-        raise PeftExportError(f"--device: unknown '{device}' (use cpu or cuda)")
-    if device == "cuda":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise PeftExportError("--device cuda: this onnxruntime has no CUDAExecutionProvider; install "
-                                  "onnxruntime-gpu (and uninstall onnxruntime, they share one module), or use cpu")
 
 
 def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
@@ -186,26 +157,19 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
                run_id=new_run_id())
     import zarr
 
-    create_labels_group(partial, shape, block, out.stem, str(image))
-    work = zarr.open_group(str(partial / "_work"), mode="w", zarr_format=2)
+    for stale in out.parent.glob(f".{out.name}.partial.tmp*"):  # a layout a kill cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    layout = out.with_name(f".{out.name}.partial.tmp{os.getpid()}")  # laid out whole, then renamed
+    create_labels_group(layout, shape, block, out.stem, str(image))
+    work = zarr.open_group(str(layout / "_work"), mode="w", zarr_format=2)
     mchunk = (1, step, step)
     work.create_array("maps", shape=(3, *shape), chunks=mchunk, dtype="float32", fill_value=0)
     work.create_array("seeds", shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
     work.create_array("ws", shape=shape, chunks=(block, block), dtype="uint32", fill_value=0)
-    (partial / "_work" / "done").mkdir()
-    write_json_atomic(partial / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
+    (layout / "_work" / "done").mkdir()
+    write_json_atomic(layout / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
+    os.replace(layout, partial)
     return {**job, "resumed": False, "finished": False}
-
-
-def large_adapter(export_dir: Any, manifest: Dict[str, Any], adapter: Optional[str]) -> Optional[str]:
-    """The one adapter a large-image run uses (``--adapter``; optional when the export has one)."""
-    from ..runtime.adapters import pick_adapter
-
-    try:
-        return pick_adapter(adapter, list(manifest.get("adapters") or {}))
-    except PeftExportError as e:  # the command-line spelling; "all" is not offered for large images
-        why = str(e).removeprefix("adapter: ").replace("pass adapter=NAME", "pass --adapter NAME")
-        raise PeftExportError(f"{export_dir}: --adapter: {why}") from None
 
 
 def tile_step(job: Dict[str, Any], k: int) -> None:

@@ -36,7 +36,7 @@ CHUNK = 1024  # px: the output's zarr chunks
 
 def _targets(files: List[Path], out: Path, suffix: str) -> List[Path]:
     from ..data.io import file_stem
-    from .large import check_zarr_output
+    from .large_checks import check_zarr_output
 
     check_zarr_output(out)
     if out.suffix == ".zarr" and len(files) != 1:
@@ -89,7 +89,8 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
     from ..runtime.tiling import TileGrid, tile_spec
     from .arrays import open_image_array
     from .images import _as_box, _as_points, check_prompts_inside, everything_settings
-    from .large import expand_inputs, large_adapter
+    from .large import expand_inputs
+    from .large_checks import large_adapter
 
     coords, labels = _as_points(points)
     bx = _as_box(box)

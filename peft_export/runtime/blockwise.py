@@ -35,9 +35,10 @@ import numpy as np
 from .instances import gaussian_smoothing, require_ais_packages
 
 Window = Tuple[int, int, int, int]  # y0, y1, x0, x1
-# px: the most context a block's watershed grows to (a 1024-px block's window: 3072 px square,
-# ~0.4 GB of maps and scratch); objects up to about this size come out whole.
-MAX_CONTEXT = 1024
+# px: the most context a block's watershed grows to: objects up to about this size come out
+# whole. A 1024-px block's window is then 2048 px square (~0.25 GB of maps and scratch; at 1024 px
+# it would be 3072 px square and more than twice that).
+MAX_CONTEXT = 512
 
 
 def blocks(shape_hw: Tuple[int, int], block: int) -> List[Window]:

@@ -31,6 +31,7 @@ from .preprocess import preprocess_shape, resize_pil
 
 DEFAULT_HALO_FRACTION = 0.25  # micro-sam 2: 512-px tiles with a 128-px halo
 INTENSITY_SAMPLE = 4_000_000  # pixels used for the whole image's percentiles
+SAMPLE_BAND_ROWS = 256  # sampled rows read at a time
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ class IntensityRange:
         elif not self.keep:
             h, w = image.shape[:2]
             stride = max(1, int(math.ceil(math.sqrt(h * w / INTENSITY_SAMPLE))))
-            sample = _to_channels(np.asarray(image[::stride, ::stride])).astype(np.float64)
+            band = stride * SAMPLE_BAND_ROWS  # read in bands: a strided read of a whole zarr or memory map
+            sample = np.concatenate([_to_channels(np.asarray(image[y:y + band:stride, ::stride]))  # holds all of it
+                                     for y in range(0, h, band)]).astype(np.float64)
             values = sample[np.isfinite(sample)]
             if values.size:
                 lo, hi = np.percentile(values, [self.rule["low"], self.rule["high"]])
