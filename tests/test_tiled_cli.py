@@ -100,13 +100,16 @@ def test_cli_tiled_prompt_bad_input_is_one_line_and_leaves_nothing(export, big, 
         assert not list(tmp_path.iterdir())
 
 
-def test_large_path_options_it_cannot_honour_are_refused_and_device_is_honoured(export, big, tmp_path):
+def test_large_path_options_it_cannot_honour_are_refused_and_device_is_honoured(export, big, tmp_path,
+                                                                                monkeypatch):
     """--overlay and --all-masks are not written on the large-image path, and an output named like
-    an image file does not silently become a folder of zarr: one line each, nothing written.
-    --device reaches the session (without CUDA here: its refusal, as for ordinary images)."""
+    an image file (or a URL) does not silently become a local folder of zarr: one line each,
+    nothing written. --device reaches the session (without CUDA here: its refusal, as for
+    ordinary images)."""
     import onnxruntime
 
     path, _ = big
+    monkeypatch.chdir(tmp_path)
     cases = [
         (("--points", "250,210", "--overlay"), "--overlay: not written for large images"),
         (("--everything", "--overlay"), "--overlay: not written for large images"),
@@ -117,6 +120,7 @@ def test_large_path_options_it_cannot_honour_are_refused_and_device_is_honoured(
         cases.append(((*mode, "-o", tmp_path / "labels.tif"),
                       "labels.tif: large images' results are written as OME-Zarr, not .tif; name the output "
                       "labels.zarr"))
+    cases.append((("--instances", "-o", "s3://bucket/labels.zarr"), "URL outputs are not written"))
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         cases += [((mode, "--device", "cuda"), "device cuda: this onnxruntime has no CUDAExecutionProvider")
                   for mode in ("--everything", "--instances")]
