@@ -113,9 +113,9 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     from .large_state import (check_same_run, image_identity, leftover_of_finished_run, manifest_sha256, new_run_id,
                               read_json, replaced_name, write_json_atomic)
 
+    check_zarr_output(Path(out))
     out = Path(os.path.abspath(out))  # workers get absolute paths: their own directory is not the client's
     export_dir, image = Path(os.path.abspath(export_dir)), Path(os.path.abspath(image))
-    check_zarr_output(out)
     if out.suffix != ".zarr":
         raise PeftExportError(f"{out}: a large image's labels go to a zarr store; name it OUT.zarr")
     check_device(device)
