@@ -2,7 +2,7 @@
 
     python benchmarks/bench_tiled.py --export EXPORT_DIR --out bench_tiled/ \
         [--mosaic 4096] [--sizes 2048,4096,8192,16384] [--rss-size 16384] [--workers 2] [--tile T --halo H] \
-        [--parts mosaic,cluster,rss,rss-workers,cost]
+        [--parts mosaic,cluster,rss,rss-npy,rss-workers,cost] [--rss-tiles K]
 
 EXPORT_DIR needs an instance decoder (AIS). Parts, each in its own line of bench_tiled.json / .md:
 
@@ -12,7 +12,11 @@ EXPORT_DIR needs an instance decoder (AIS). Parts, each in its own line of bench
   into two or more objects (each piece >= 20 % of the object), tiled vs untiled.
 - cluster: the mosaic in-process vs on a LocalCluster of --workers processes: same labels up to renumbering.
 - rss: peak RSS of `predict IMAGE.zarr --instances` in a fresh process on a --rss-size² uint16 zarr
-  (zarr in and out; the process's own ru_maxrss).
+  (zarr in and out; the process's own peak, VmHWM).
+- rss-npy: the same on a --rss-size² uint16 `.npy` (memory-mapped: its pages are read per tile;
+  before issue 36 the whole file was loaded), with a 2048² `.npy` beside it for comparison.
+  --rss-tiles K runs only K tiles spread over the image (all watershed blocks still run): memory
+  comes from one tile and one block at a time, so K tiles show the peak in minutes instead of hours.
 - throughput: tiles per second of the mosaic with 1 and with --workers workers (LocalCluster).
 - cost: seconds per megapixel, in-process, for each of --sizes (synthetic zarr images).
 Timings are wall clock on this machine; run it on a quiet machine and name the CPU.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -67,6 +72,22 @@ def write_zarr(path: Path, size: int, chunk: int = 1024) -> Path:
     return path
 
 
+def write_npy(path: Path, size: int, chunk: int = 1024) -> Path:
+    """A size² uint16 .npy of the same nuclei as ``write_zarr``, written through a memory map (the
+    benchmark never holds the image)."""
+    pool = [synthetic_sample(256, seed=s)[0] for s in range(16)]
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(size, size))
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            hh, ww = min(chunk, size - y), min(chunk, size - x)
+            block = np.block([[pool[(y // 256 + a + x // 256 + b) % 16] for b in range(-(-ww // 256))]
+                              for a in range(-(-hh // 256))])
+            out[y:y + hh, x:x + ww] = block[:hh, :ww]
+    out.flush()
+    del out
+    return path
+
+
 def split_objects(pred: np.ndarray, gt: np.ndarray, frac: float = 0.2) -> int:
     """Ground-truth objects cut into >= 2 predicted objects, each piece >= ``frac`` of the object."""
     keep = (gt > 0) & (pred > 0)
@@ -98,12 +119,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tile", type=int, default=None)
     ap.add_argument("--halo", type=int, default=None)
+    ap.add_argument("--rss-tiles", type=int, default=None,
+                    help="rss, rss-npy: run only this many tiles, spread over the image (default: all)")
     ap.add_argument("--parts", default="mosaic,cluster,rss,cost",
                     help="which parts to run (comma list; cluster, rss and cost time things: run them on a quiet "
                          "machine; rss-workers: the --rss-size² run on a --workers LocalCluster, each worker's peak RSS)")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
-    unknown = parts - {"mosaic", "cluster", "rss", "rss-workers", "cost"}
+    unknown = parts - {"mosaic", "cluster", "rss", "rss-npy", "rss-workers", "cost"}
     if unknown:
         ap.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     out = Path(a.out)
@@ -111,7 +134,7 @@ def main() -> None:
     work = out / "work"
     work.mkdir(exist_ok=True)
     opts = dict(tile=a.tile, halo=a.halo, overwrite=True)
-    res = {"host": {"cpu": cpu_name(), "python": platform.python_version()},
+    res = {"host": {"cpu": cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
            "tile": a.tile, "halo": a.halo}
 
     if parts & {"mosaic", "cluster"}:
@@ -119,7 +142,12 @@ def main() -> None:
     if parts & {"rss", "rss-workers"}:
         write_zarr(work / "big.zarr", a.rss_size)  # written here, so a size of an earlier run is never reused
     if "rss" in parts:
-        res["rss"] = peak_rss(a, work)
+        res["rss"] = peak_rss(a, work, work / "big.zarr", a.rss_size)
+    if "rss-npy" in parts:
+        res["rss_npy"] = []
+        for size in sorted({2048, a.rss_size}):
+            write_npy(work / f"big{size}.npy", size)
+            res["rss_npy"].append(peak_rss(a, work, work / f"big{size}.npy", size))
     if "rss-workers" in parts:
         res["rss_workers"] = peak_rss_workers(a, work, opts)
     res["cost"] = cost_per_mpx(a, work, opts) if "cost" in parts else []
@@ -178,22 +206,39 @@ def mosaic_and_cluster(a, work: Path, opts: dict, parts: set) -> dict:
     return res
 
 
-def peak_rss(a, work: Path) -> dict:
-    """Peak RSS of a fresh process running predict --instances on a --rss-size² zarr (zarr in and out),
-    and its seconds (run alone on a quiet machine, also the cost per megapixel at that size)."""
-    code = ("import sys, time; from peft_export.predict.large import plan_large, run_large; "
-            "from peft_export.bench.stats import peak_rss_mb; "
-            "t = time.perf_counter(); "
-            f"run_large(plan_large({a.export!r}, {str(work / 'big.zarr')!r}, {str(work / 'big_out.zarr')!r}, "
-            f"tile={a.tile!r}, halo={a.halo!r}, overwrite=True)); "
-            "print(time.perf_counter() - t, peak_rss_mb())")  # VmHWM: ru_maxrss would start at this process's peak
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+RSS_RUN = """
+import sys, time
+import numpy as np
+from peft_export.bench.stats import peak_rss_mb
+from peft_export.predict.large import finish_large, plan_large, stages
+export, image, out, tile, halo, k = sys.argv[1:7]
+t = time.perf_counter()
+job = plan_large(export, image, out, tile=None if tile == "None" else int(tile),
+                 halo=None if halo == "None" else int(halo), overwrite=True)
+for name, step, n in stages(job):
+    ks = range(n) if n else [None]
+    if name == "tiles" and k != "None":  # a sample of tiles spread over the image
+        ks = sorted(set(np.linspace(0, n - 1, min(int(k), n)).round().astype(int).tolist()))
+    for i in ks:
+        step(job) if i is None else step(job, i)
+finish_large(job)
+print(time.perf_counter() - t, peak_rss_mb())
+"""
+
+
+def peak_rss(a, work: Path, image: Path, size: int) -> dict:
+    """Peak RSS (VmHWM) of a fresh process running the --instances steps on ``image`` (output
+    zarr), and its seconds (run alone on a quiet machine, also the cost per megapixel at that size;
+    not with --rss-tiles)."""
+    out = work / f"{image.stem}_out.zarr"
+    proc = subprocess.run([sys.executable, "-c", RSS_RUN, a.export, str(image), str(out), str(a.tile), str(a.halo),
+                           str(a.rss_tiles)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"rss: the predict process failed: {proc.stderr.strip().splitlines()[-1:]}")
     seconds, rss_mb = proc.stdout.split()[-2:]
-    mpx = a.rss_size ** 2 / 1e6
-    return {"size": a.rss_size, "image_mb": a.rss_size ** 2 * 2 / 1e6, "peak_rss_mb": float(rss_mb),
-            "seconds": float(seconds), "s_per_mpx": float(seconds) / mpx}
+    mpx = size ** 2 / 1e6
+    return {"image": image.name, "size": size, "image_mb": size ** 2 * 2 / 1e6, "peak_rss_mb": float(rss_mb),
+            "seconds": float(seconds), "s_per_mpx": float(seconds) / mpx, "tiles_run": a.rss_tiles or "all"}
 
 
 def _worker_peak_rss_mb() -> float:
@@ -231,7 +276,8 @@ def cost_per_mpx(a, work: Path, opts: dict) -> list[dict]:
 
 
 def report_lines(res: dict, workers: int) -> list[str]:
-    lines = [f"# Tiled segmentation ({res['host']['cpu']})", ""]
+    load = ", ".join(f"{v:.1f}" for v in res["host"]["load_average"])
+    lines = [f"# Tiled segmentation ({res['host']['cpu']}; load average {load} at the start)", ""]
     if "mosaic" in res:
         m = res["mosaic"]
         lines.append(f"mosaic {m['size']}² ({m['tiles']} tiles of {m['tile']} px, scale {m['scale']:g}): mSA tiled "
@@ -242,10 +288,10 @@ def report_lines(res: dict, workers: int) -> list[str]:
         lines += [f"in-process vs {workers}-worker LocalCluster: same labels up to renumbering: {res['cluster_same_labels']}",
                   f"throughput: 1 worker {t['workers_1']['tiles_per_s']:.2f} tiles/s, {workers} workers "
                   f"{t[f'workers_{workers}']['tiles_per_s']:.2f} tiles/s (x{t['speedup']:.2f})"]
-    if "rss" in res:
-        r = res["rss"]
-        lines.append(f"peak RSS {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels): {r['peak_rss_mb']:.0f} MB; "
-                     f"{r['seconds']:.0f} s, {r['s_per_mpx']:.3f} s / megapixel")
+    for r in ([res["rss"]] if "rss" in res else []) + res.get("rss_npy", []):
+        lines.append(f"peak RSS {r['image']} {r['size']}² uint16 ({r['image_mb']:.0f} MB of pixels, tiles run: "
+                     f"{r['tiles_run']}): {r['peak_rss_mb']:.0f} MB; {r['seconds']:.0f} s, {r['s_per_mpx']:.3f} s / "
+                     "megapixel")
     if "rss_workers" in res:
         r = res["rss_workers"]
         lines.append(f"peak RSS per worker, {r['size']}² on {r['workers']} workers: "

@@ -53,7 +53,8 @@ def predict(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its "
                                             "scheduler address, e.g. tcp://host:8786."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are complete (their _scores.json, "
-                                "written last, exists) and redo the rest: continues a stopped run over a folder."),
+                                "written last, exists; a large image's .zarr) and redo the rest: continues a stopped "
+                                "run over a folder. A stopped --instances run on a large image resumes without it."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
     three_d: bool = vol.ThreeDOpt,
@@ -89,13 +90,15 @@ def predict(
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
-    if use_large_path(images, out, tile, halo, scale, workers, scheduler) and not instances:
-        return _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale,
-                                      workers, scheduler, precision, multimask, adapter, overwrite)
     if use_large_path(images, out, tile, halo, scale, workers, scheduler):
+        refuse_on_large_path(overlay=overlay, all_masks=all_masks)
+        if not instances:
+            return _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale,
+                                          workers, scheduler, precision, multimask, adapter, overwrite, device,
+                                          resume, quiet)
         return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
                               halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet,
-                              adapter)
+                              adapter, device)
 
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
                              overlay=overlay, precision=precision, device=device, multimask=multimask,
@@ -127,10 +130,30 @@ def use_large_path(images, out, tile, halo, scale, workers, scheduler) -> bool:
             or any(is_zarr(Path(p)) for p in images))
 
 
-def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
-                   instance_options, precision, overwrite, resume, quiet, adapter=None) -> None:
+def refuse_on_large_path(overlay: bool, all_masks: bool) -> None:
+    """Options of ordinary images that the large-image path (OME-Zarr labels) does not write."""
     from peft_export.errors import PeftExportError
-    from peft_export.predict.large import plan_large_images, run_large
+
+    why = "large images (--tile/--halo/--scale/--workers/--scheduler, zarr in or out) give OME-Zarr labels only"
+    if overlay:
+        raise PeftExportError(f"--overlay: not written for {why}; open the labels over the image in napari")
+    if all_masks:
+        raise PeftExportError(f"--all-masks: not written for {why} (the best mask of the prompt's tile)")
+
+
+def interrupted(where: str, how: str):
+    """Ctrl-C: one line saying what is kept and how to go on; exit 130."""
+    import sys
+
+    print(f"interrupted: {where}; {how}", file=sys.stderr)
+    return typer.Exit(130)
+
+
+def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
+                   instance_options, precision, overwrite, resume, quiet, adapter=None, device="cpu") -> None:
+    from peft_export.errors import PeftExportError
+    from peft_export.predict.large import plan_large_images, run_large, total_steps
+    from peft_export.predict.large_state import steps_done
 
     if other_mode:
         raise PeftExportError("--instances: cannot be combined with --points/--box/--everything")
@@ -146,13 +169,23 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     try:
         jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
                                  instance_options=instance_options, precision=precision, overwrite=overwrite,
-                                 resume=resume, adapter=adapter)
-        if client is not None:
-            from peft_export.distributed import run_jobs
+                                 resume=resume, adapter=adapter, device=device)
+        for job in (j for j in jobs if j["resumed"]):
+            echo(f"{job['image']}: finishing the stopped run's last steps ({job['out']})" if job["finished"] else
+                 f"{job['image']}: resuming the stopped run in {job['partial']} ({steps_done(job)} of "
+                 f"{total_steps(job)} steps done)")
+        try:
+            if client is not None:
+                from peft_export.distributed import run_jobs
 
-            records = run_jobs(client, jobs, progress=not quiet)
-        else:
-            records = [run_large(job, progress=not quiet) for job in jobs]
+                records = run_jobs(client, jobs, progress=not quiet)
+            else:
+                records = [run_large(job, progress=not quiet) for job in jobs]
+        except KeyboardInterrupt:
+            kept = [j["partial"] for j in jobs if Path(j["partial"]).is_dir()]
+            where = (f"the finished steps are kept in {kept[0]}" if len(kept) == 1 else
+                     f"the finished steps of {len(kept)} images are kept in their .zarr.partial folders in {out}")
+            raise interrupted(where, "run the same command again to resume") from None
     finally:
         if client is not None:
             from peft_export.distributed import close
@@ -161,20 +194,37 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     for r in records:
         echo(f"{r['image']}: {r['n_objects']} objects ({r['tiles']} tile(s) of {r['tile']} px, scale "
              f"{r['scale']:g}) -> {r['outputs']['labels']}")
+        cut = (r.get("watershed") or {}).get("blocks_at_context_limit")
+        if cut:
+            echo(f"  warning: in {cut} watershed block(s) an object reached the {r['watershed']['largest_context']}-px "
+                 "context limit: objects wider than that may be cut at block borders there")
     echo(f"wrote {len(records)} result(s) to {out}")
 
 
 def _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale, workers,
-                           scheduler, precision, multimask, adapter, overwrite) -> None:
+                           scheduler, precision, multimask, adapter, overwrite, device="cpu", resume=False,
+                           quiet=False) -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large_prompts import predict_large_prompts
 
     if workers is not None or scheduler is not None:
         raise PeftExportError("--workers/--scheduler: run --instances on a cluster; prompts and --everything on "
                               "large images run in this process")
-    records = predict_large_prompts(export_dir, images, out, points=points, box=box, everything=everything,
-                                    everything_options=opts, tile=tile, halo=halo, scale=scale, precision=precision,
-                                    multimask=multimask, adapter=adapter, overwrite=overwrite)
+    try:
+        records = predict_large_prompts(export_dir, images, out, points=points, box=box, everything=everything,
+                                        everything_options=opts, tile=tile, halo=halo, scale=scale,
+                                        precision=precision, multimask=multimask, adapter=adapter,
+                                        overwrite=overwrite, device=device, resume=resume, progress=not quiet)
+    except KeyboardInterrupt:
+        if str(out).endswith(".zarr"):
+            raise interrupted("nothing was written (an image's result appears only when complete)",
+                              "run the command again") from None
+        raise interrupted(f"the images finished so far are in {out}",
+                          "run the same command with --resume to skip them") from None
+    skipped = [r for r in records if r.get("skipped")]
+    if skipped:
+        echo(f"skipped {len(skipped)} image(s) whose outputs are complete (--resume)")
+    records = [r for r in records if not r.get("skipped")]
     for r in records:
         what = (f"{r['n_objects']} objects" if r["mode"] == "everything" else
                 f"mask {r['best']} (predicted IoU {r['scores'][r['best']]:.3f}, {r['mask_area']} px)")

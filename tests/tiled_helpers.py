@@ -31,3 +31,30 @@ def nuclei_mosaic(h: int, w: int, seed: int = 0, uint8: bool = False) -> tuple[n
     if uint8:
         image = (image.astype(np.float64) / max(int(image.max()), 1) * 255).astype(np.uint8)
     return image, labels
+
+
+def reexport_other_decoder(export_dir: Path, shift: float = 1.5) -> None:
+    """Stand-in for a re-export of another model into the same folder: the instance decoder's
+    output bias moved (foreground and centre-distance logits shifted), its file rewritten and the
+    manifest's sha256 / bytes updated, as merge_and_export would write them."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from peft_export.fsutil import sha256_file
+
+    manifest_path = export_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["graphs"]["ais_decoder"]["fp32"]
+    graph_path = export_dir / entry["path"]
+    model = onnx.load(str(graph_path))
+    for init in model.graph.initializer:
+        if init.name == "out_conv.bias":
+            bias = numpy_helper.to_array(init).copy()
+            bias[:2] += np.float32(shift)
+            init.CopyFrom(numpy_helper.from_array(bias, init.name))
+    onnx.save(model, str(graph_path))
+    digest, size = sha256_file(graph_path), graph_path.stat().st_size
+    entry.update(sha256=digest, bytes=size, files=[{"path": entry["path"], "sha256": digest, "bytes": size}])
+    manifest_path.write_text(json.dumps(manifest, indent=1))

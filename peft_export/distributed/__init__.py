@@ -4,6 +4,6 @@
 May import: runtime, predict, data, errors, fsutil (and dask, distributed, zarr lazily).
 """
 
-from .cluster import close, connect, run_jobs
+from .cluster import close, connect, probe_workers, run_jobs, run_steps
 
-__all__ = ["close", "connect", "run_jobs"]
+__all__ = ["close", "connect", "probe_workers", "run_jobs", "run_steps"]

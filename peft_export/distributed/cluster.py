@@ -3,10 +3,14 @@ thread each, or an existing scheduler.
 
 Every step of every job is one task (tiles, then seeds, the merge, the watershed and the
 relabelling, block by block); each writes its own window straight into the job's zarr store, so
-the store must be on a filesystem every worker sees. Workers open the export once (a session
-per process, kept for the worker's life: ``predict.large.session_for``), not per tile. A task
-whose worker dies is retried on another (``retries``); a run stopped altogether resumes from the
-steps' markers when the same command is run again. The client shows the progress bar.
+the store must be on a filesystem every worker sees, under the same path (the job's paths are
+absolute). Before any task is submitted, one probe per worker (``probe_workers``) checks that it
+reads the export (the same content: manifest hash) and the image and writes into the output;
+a worker that cannot is named with the path, and nothing is left behind. Workers open the export
+once (a session per process, kept while the export's content stays the same:
+``predict.large.session_for``), not per tile. A task whose worker dies is retried on another
+(``retries``); a run stopped altogether resumes from the steps' markers when the same command is
+run again. The client shows the progress bar.
 """
 
 from __future__ import annotations
@@ -62,15 +66,61 @@ def _gather(client: Any, futures: List[Any], desc: str, unit: str, progress: boo
     return client.gather(futures)
 
 
-def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, stages: Any = stages,
-             finish: Any = finish_large) -> List[Dict[str, Any]]:
+def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
+    """On a worker: None if it reads each job's export and image and writes into its output,
+    else what it cannot do, naming the path."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..predict.arrays import open_image_array
+    from ..predict.large_checks import check_device
+    from ..predict.large_state import manifest_sha256
+
+    for job in jobs:
+        try:
+            check_device(job.get("device", "cpu"))
+        except PeftExportError as e:
+            return str(e)
+        try:
+            if manifest_sha256(job["export_dir"]) != job["manifest_sha256"]:
+                return f"sees another export at {job['export_dir']} (its manifest.json differs from the client's)"
+        except OSError as e:
+            return f"cannot read the export {job['export_dir']} ({e.strerror or type(e).__name__})"
+        try:
+            np.asarray(open_image_array(job["image"])[:1, :1])
+        except (OSError, PeftExportError) as e:
+            why = str(e).removeprefix(f"{job['image']}: ") if isinstance(e, PeftExportError) else e.strerror
+            return f"cannot read the image {job['image']} ({why or type(e).__name__})"
+        probe = Path(job["partial"]) / "_work" / "done" / f".probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            os.remove(probe)
+        except OSError as e:
+            return f"cannot write into {job['partial']} ({e.strerror or type(e).__name__})"
+    return None
+
+
+def probe_workers(client: Any, jobs: List[Dict[str, Any]]) -> None:
+    """One probe task per worker (``_probe``); refuse, naming the first worker that failed and
+    the path, when any did."""
+    found = {w: why for w, why in client.run(_probe, jobs).items() if why}
+    if found:
+        worker, why = sorted(found.items())[0]
+        more = f" (and {len(found) - 1} other worker(s))" if len(found) > 1 else ""
+        raise PeftExportError(f"worker {worker}{more}: {why}; a cluster's workers need the export, the image and "
+                              "the output under the same paths as this machine (a shared filesystem)")
+
+
+def run_steps(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, stages: Any = stages) -> None:
     """Every job's steps as Dask tasks, stage by stage over all jobs at once (so a folder of
-    images spreads over the workers); then each job finished here. Returns the jobs' records.
-    ``stages``/``finish``: another kind of job's steps (default: large images; volumes pass
-    ``volume.slabs.stages`` and ``finish_volume``)."""
-    jobs = [{**job, "threads": 1} for job in jobs]  # one ONNX Runtime thread per worker thread
+    images spreads over the workers); steps a stopped run finished return at once. ``stages``:
+    another kind of job's steps (default: large images; volumes pass ``volume.slabs.stages``)."""
+    jobs = [{**job, "threads": 1} for job in jobs if not job.get("finished")]  # one ORT thread per worker thread
     if not jobs:
-        return []
+        return
     for i, (name, _, _) in enumerate(stages(jobs[0])):
         futures = []
         for job in jobs:
@@ -80,4 +130,21 @@ def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, st
             else:
                 futures += client.map(step, [job] * n, range(n), pure=False, retries=RETRIES)
         _gather(client, futures, name, "tile" if name == "tiles" else "step", progress)
+
+
+def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, stages: Any = stages,
+             finish: Any = finish_large) -> List[Dict[str, Any]]:
+    """Probe the workers, run every job's steps (``run_steps``), then finish each job here.
+    Returns the jobs' records. A failed probe removes the partial outputs this run laid out.
+    ``stages``/``finish``: another kind of job's (volumes pass ``volume.slabs.stages`` and ``finish_volume``)."""
+    import shutil
+
+    try:
+        probe_workers(client, [job for job in jobs if not job.get("finished")])
+    except PeftExportError:
+        for job in jobs:
+            if not job.get("resumed"):
+                shutil.rmtree(job["partial"], ignore_errors=True)
+        raise
+    run_steps(client, jobs, progress, stages)
     return [finish(job) for job in jobs]

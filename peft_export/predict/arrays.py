@@ -1,6 +1,10 @@
 """Large images as arrays that read one window at a time: TIFF (memory-mapped when the file is
-uncompressed and contiguous, else through tifffile's zarr view), zarr and OME-Zarr; and labels
-written to OME-Zarr chunk by chunk.
+uncompressed and contiguous, else through tifffile's zarr view), ``.npy`` (memory-mapped), zarr
+and OME-Zarr; and labels written to OME-Zarr chunk by chunk.
+
+PNG and JPEG cannot be read by window: they are decoded whole, once per process (the last one
+decoded is kept, so a worker's tiles of one image share it), and refused above
+``MAX_DECODED_PIXELS`` with the command that converts them to zarr.
 
 OME-Zarr follows OME-NGFF 0.4 (zarr format 2): a group whose ``multiscales`` attribute lists its
 datasets (level 0 = full resolution) and ``axes``; labels are written as such a group with one
@@ -10,6 +14,7 @@ level, plus ``image-label`` metadata, so napari / ome-zarr-py read them.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Sequence, Tuple
 
@@ -19,6 +24,13 @@ from ..errors import PeftExportError
 
 NGFF_VERSION = "0.4"
 LARGE_SUFFIXES = (".zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff")
+# PNG / JPEG are decoded whole: 64 Mpx is 192 MB of RGB per process holding it (and below
+# Pillow's decompression-bomb warning at 89 Mpx).
+MAX_DECODED_PIXELS = 64_000_000
+TO_ZARR = ('python -c "import sys, numpy as np, zarr; from PIL import Image; Image.MAX_IMAGE_PIXELS = None; '
+           'a = np.asarray(Image.open(sys.argv[1])); zarr.create_array(sys.argv[2], data=a, '
+           'chunks=(1024, 1024) + a.shape[2:])" {src} {dst}')
+_DECODED: dict = {}  # (path, mtime_ns, bytes) -> the one decoded PNG/JPEG this process keeps
 
 
 def is_zarr(path: Path) -> bool:
@@ -126,9 +138,57 @@ def open_image_array(path: str | os.PathLike) -> Any:
         raise PeftExportError(f"{path}: no such file")
     if path.suffix.lower() in (".tif", ".tiff"):
         return open_tiff_image(path)
+    if path.suffix.lower() == ".npy":
+        return open_npy_image(path)
+    return decoded_image(path)
+
+
+class NpyWindows:
+    """A ``.npy`` file read one window at a time: each read memory-maps the file, copies the window
+    out and unmaps it again, so the pages a read touched do not stay resident (one map kept for
+    the whole run would hold every page any read ever touched)."""
+
+    def __init__(self, path: Path) -> None:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.path, self.shape, self.dtype = path, tuple(arr.shape), arr.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[key])
+
+
+def open_npy_image(path: Path) -> Any:
+    """A ``.npy`` file read by window through memory maps (``NpyWindows``): never loaded whole."""
+    try:
+        arr = NpyWindows(path)
+    except (ValueError, OSError) as exc:
+        raise PeftExportError(f"{path}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
+    return _image_of(arr, str(path))
+
+
+def decoded_image(path: Path) -> np.ndarray:
+    """A PNG / JPEG (or other whole-file format) decoded once per process; refused above
+    ``MAX_DECODED_PIXELS`` (read from the header, before decoding) with the zarr hint."""
+    from PIL import Image, UnidentifiedImageError
+
     from .images import read_image
 
-    return read_image(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _DECODED:
+        return _DECODED[key]
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError):
+        w = h = 0  # read_image says what is wrong with it
+    if w * h > MAX_DECODED_PIXELS:
+        raise PeftExportError(f"{path}: {w}x{h} px is too large to decode whole on every worker (at most "
+                              f"{MAX_DECODED_PIXELS // 1_000_000} Mpx for {path.suffix}); convert it once to zarr, "
+                              "which is read tile by tile: " + TO_ZARR.format(
+                                  src=shlex.quote(str(path)), dst=shlex.quote(str(path.with_suffix(".zarr")))))
+    _DECODED.clear()
+    _DECODED[key] = read_image(path)
+    return _DECODED[key]
 
 
 def labels_metadata(name: str, source: str) -> dict:

@@ -32,6 +32,8 @@ EVERYTHING_DEFAULTS = {
 EVERYTHING_OPTIONS = {"pred_iou": "--pred-iou-thresh", "stability": "--stability-thresh",
                       "nms": "--box-nms-thresh", "small_regions": "--min-area"}
 FEW_OBJECTS = 10
+NO_AIS_HINT = ("train one with `peftexport finetune --instance-decoder` (or try `peftexport demo --instances`, "
+               "whose export has one) and export it, or export a micro-sam model that has one")
 # The grid has n*n prompts, each a decoder run: 256 (65,536 prompts) is far past SAM's 32 and the
 # largest grid that finishes in minutes; beyond it the candidate masks alone exhaust memory.
 MAX_POINTS_PER_SIDE = 256
@@ -282,8 +284,8 @@ def predict_images(
             raise PeftExportError(f"{export_dir}: --adapter: {why}") from None
     if instances:
         if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
-            raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none "
-                                  "(export a model trained with --instance-decoder, or a micro-sam model with one)")
+            raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none: "
+                                  + NO_AIS_HINT)
         require_ais_packages()
 
     from ..data.io import file_stem

@@ -1,71 +1,81 @@
 """Automatic instance segmentation of one large image into OME-Zarr, as small resumable steps.
 
 ``plan_large`` checks every input and lays out ``OUT.zarr.partial/``: the labels array "0",
-``_work/`` (the assembled AIS maps, seeds, watershed labels) and ``run.json`` (the settings).
-Each step is a function of (job, index) that reads and writes only its own window, so the same
-steps run in this process (``run_large``) or as Dask tasks (``peft_export.distributed``):
+``_work/`` (the assembled AIS maps, seeds, watershed labels) and ``run.json`` (the settings and
+the run's identity: ``predict.large_state``). Each step is a function of (job, index) that
+reads and writes only its own window, so the same steps run in this process (``run_large``) or
+as Dask tasks (``peft_export.distributed``):
 
 1. ``tile_step``: encoder + instance decoder on one tile; its inner area of the maps written;
 2. ``seed_step`` / ``merge_step`` / ``watershed_step`` / ``relabel_step``: the block-wise seeded
    watershed of ``runtime.blockwise``, blocks aligned with the tiles' chunks;
 3. ``finish_large``: OME-NGFF metadata written, ``_work`` removed, ``OUT.zarr.partial`` renamed
-   to ``OUT.zarr`` (only a finished run has that name).
+   to ``OUT.zarr`` (only a finished run has that name), in the kill-safe order of ``large_state``.
 
 Resume: a step ends by writing its marker in ``_work/done/`` (a file renamed into place after
 its data is written), and a rerun of the same command skips every step whose marker exists; a
 step cut midway has none and is redone whole (its window is rewritten). Every step is idempotent:
 it reads only the outputs of earlier stages, never its own.
+
+Paths travel as absolute paths (a worker resolves nothing in its own directory). What a process
+keeps between steps (the export's session, the merge map, the size table) is keyed by the run's
+id and the export's manifest hash, so a worker that outlives a run never serves it to another.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..errors import PeftExportError
+from .large_checks import check_device, check_zarr_output, large_adapter, require_instance_decoder
+from .large_state import is_done as _done
+from .large_state import mark as _mark
+from .large_state import marker as _marker  # noqa: F401 - the steps' markers, for callers
+from .large_state import read_mark as _read_mark
+from .large_state import work_dir as _work
 
-WATERSHED_HALO = 64  # px of context around each watershed block
+WATERSHED_HALO = 64  # px: the watershed's first context around a block (grown to fit the objects)
 WATERSHED_BLOCK = 1024  # px, rounded to whole tiles
-_SESSIONS: Dict[tuple, Any] = {}  # one session per export per process: a worker loads the export once
-_MERGE: Dict[str, Any] = {}
+# What a process keeps between steps. Sessions: one per export per process (a worker loads the
+# export once), replaced when the export's content changes. Merge maps and size tables: per run.
+_SESSIONS: Dict[tuple, Any] = {}
+_MERGE: "OrderedDict[tuple, Any]" = OrderedDict()
+_MERGE_RUNS = 8  # runs whose tables a process keeps (a folder's images run stage by stage together)
 
 
 def session_for(job: Dict[str, Any]) -> Any:
-    """This process's session of the job's export (opened on first use)."""
+    """This process's session of the job's export, opened on first use and again when the
+    export's content (its manifest's sha256) is not what the run was planned with."""
     from ..runtime import SamSession
+    from .large_state import manifest_sha256
 
-    key = (job["export_dir"], job["precision"], job.get("threads"))
-    if key not in _SESSIONS:
-        _SESSIONS[key] = SamSession(job["export_dir"], precision=job["precision"], intra_op_threads=job.get("threads"))
-    return _SESSIONS[key]
-
-
-def _work(job: Dict[str, Any]) -> Path:
-    return Path(job["partial"]) / "_work"
-
-
-def _marker(job: Dict[str, Any], name: str) -> Path:
-    return _work(job) / "done" / name
-
-
-def _done(job: Dict[str, Any], name: str) -> bool:
-    return _marker(job, name).is_file()
+    key = (job["export_dir"], job["precision"], job.get("threads"), job.get("device", "cpu"))
+    digest, session = _SESSIONS.get(key, (None, None))
+    if digest != job["manifest_sha256"]:
+        if manifest_sha256(job["export_dir"]) != job["manifest_sha256"]:
+            raise PeftExportError(f"{job['export_dir']}: manifest.json changed while this run was going on "
+                                  "(re-exported?); run the command again with --overwrite")
+        session = SamSession(job["export_dir"], device=job.get("device", "cpu"), precision=job["precision"],
+                             intra_op_threads=job.get("threads"))
+        _SESSIONS[key] = (job["manifest_sha256"], session)
+    return session
 
 
-def _mark(job: Dict[str, Any], name: str, payload: Any = None) -> None:
-    path = _marker(job, name)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
-def _read_mark(job: Dict[str, Any], name: str) -> Any:
-    return json.loads(_marker(job, name).read_text())
+def _run_cache(job: Dict[str, Any], what: str, make: Any) -> Any:
+    """``make()`` once per run and process (keyed by the run's id, not its path)."""
+    key = (job["partial"], job["run_id"], what)
+    if key not in _MERGE:
+        _MERGE[key] = make()
+        while len({k[:2] for k in _MERGE}) > _MERGE_RUNS:
+            _MERGE.popitem(last=False)
+    _MERGE.move_to_end(key)
+    return _MERGE[key]
 
 
 def _zarr(job: Dict[str, Any], name: str) -> Any:
@@ -90,22 +100,28 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
                tile: Optional[int] = None, halo: Optional[int] = None, scale: Optional[float] = None,
                instance_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
                overwrite: bool = False, threads: Optional[int] = None, block: Optional[int] = None,
-               adapter: Optional[str] = None) -> Dict[str, Any]:
+               adapter: Optional[str] = None, device: str = "cpu") -> Dict[str, Any]:
     """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
     ``block``: the watershed's block (default ``WATERSHED_BLOCK``), rounded to whole tiles.
-    ``adapter``: for an export of several, whose decoders and default tile (training scale) run."""
+    ``adapter``: for an export of several, whose decoders and default tile (training scale) run.
+    The job's ``resumed``: a stopped run goes on; ``finished``: its labels are complete and only
+    the end (``finish_large``) remains."""
     from ..runtime import read_manifest
     from ..runtime.instances import check_ais_params, require_ais_packages
     from ..runtime.tiling import IntensityRange, TileGrid, tile_spec
     from .arrays import create_labels_group, open_image_array
+    from .large_state import (check_same_run, image_identity, leftover_of_finished_run, manifest_sha256, new_run_id,
+                              read_json, replaced_name, write_json_atomic)
 
-    out = Path(out)
+    check_zarr_output(Path(out))
+    out = Path(os.path.abspath(out))  # workers get absolute paths: their own directory is not the client's
+    export_dir, image = Path(os.path.abspath(export_dir)), Path(os.path.abspath(image))
     if out.suffix != ".zarr":
         raise PeftExportError(f"{out}: a large image's labels go to a zarr store; name it OUT.zarr")
+    check_device(device)
     params = check_ais_params(dict(instance_options or {}))
     manifest = read_manifest(export_dir)
-    if not any(k == "ais_decoder" or k.startswith("ais_decoder_") for k in manifest["graphs"]):
-        raise PeftExportError(f"{export_dir}: --instances needs an instance decoder, and this export has none")
+    require_instance_decoder(export_dir, manifest)
     require_ais_packages()
     adapter = large_adapter(export_dir, manifest, adapter)
     spec = tile_spec(manifest, tile, halo, scale, adapter)
@@ -117,43 +133,43 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not (partial / "run.json").is_file():
         raise PeftExportError(f"{partial}: exists and is not a stopped run of peftexport; move it away")
-    if out.exists() and not overwrite:
-        raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
-    settings = {"export_dir": str(Path(export_dir).resolve()), "image": str(Path(image).resolve()),
-                "shape": list(shape), "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
-                "params": params, "precision": precision, "block": block, "step": step, "adapter": adapter}
-    job = {**settings, "out": str(out), "partial": str(partial), "threads": threads}
-    if (partial / "run.json").is_file() and not overwrite:
-        before = json.loads((partial / "run.json").read_text())
-        if {k: before.get(k) for k in settings} != settings:
-            raise PeftExportError(f"{partial}: a stopped run with other settings (image, tile, options); delete it or "
-                                  "pass --overwrite to start again")
-        return {**job, "intensity": before["intensity"], "resumed": True}
+    settings = {"export_dir": str(export_dir), "image": str(image), "shape": list(shape),
+                "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
+                "params": params, "precision": precision, "block": block, "step": step, "adapter": adapter,
+                "manifest_sha256": manifest_sha256(export_dir), "image_identity": image_identity(image)}
+    job = {**settings, "out": str(out), "partial": str(partial), "threads": threads, "device": device}
+    if not overwrite:
+        if (partial / "run.json").is_file():
+            before = read_json(partial / "run.json")
+            check_same_run(partial, before, settings)
+            return {**job, "intensity": before["intensity"], "run_id": before["run_id"], "resumed": True,
+                    "finished": bool(before.get("finished"))}
+        leftover = leftover_of_finished_run(out)
+        if leftover is not None:  # stopped in the last clean-up steps: the result is complete
+            return {**job, "intensity": leftover["intensity"], "run_id": leftover["run_id"], "resumed": True,
+                    "finished": True}
+        if out.exists():
+            raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
     if partial.exists():
         shutil.rmtree(partial)
-    job["intensity"] = IntensityRange(array, manifest["preprocessing"].get("intensity")).record()
+    shutil.rmtree(replaced_name(out), ignore_errors=True)  # an earlier replacement's leftover
+    job.update(intensity=IntensityRange(array, manifest["preprocessing"].get("intensity")).record(),
+               run_id=new_run_id())
     import zarr
 
-    create_labels_group(partial, shape, block, out.stem, str(image))
-    work = zarr.open_group(str(partial / "_work"), mode="w", zarr_format=2)
+    for stale in out.parent.glob(f".{out.name}.partial.tmp*"):  # a layout a kill cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    layout = out.with_name(f".{out.name}.partial.tmp{os.getpid()}")  # laid out whole, then renamed
+    create_labels_group(layout, shape, block, out.stem, str(image))
+    work = zarr.open_group(str(layout / "_work"), mode="w", zarr_format=2)
     mchunk = (1, step, step)
     work.create_array("maps", shape=(3, *shape), chunks=mchunk, dtype="float32", fill_value=0)
     work.create_array("seeds", shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
     work.create_array("ws", shape=shape, chunks=(block, block), dtype="uint32", fill_value=0)
-    (partial / "_work" / "done").mkdir()
-    (partial / "run.json").write_text(json.dumps({k: job[k] for k in (*settings, "intensity")}, indent=1))
-    return {**job, "resumed": False}
-
-
-def large_adapter(export_dir: Any, manifest: Dict[str, Any], adapter: Optional[str]) -> Optional[str]:
-    """The one adapter a large-image run uses (``--adapter``; optional when the export has one)."""
-    from ..runtime.adapters import pick_adapter
-
-    try:
-        return pick_adapter(adapter, list(manifest.get("adapters") or {}))
-    except PeftExportError as e:  # the command-line spelling; "all" is not offered for large images
-        why = str(e).removeprefix("adapter: ").replace("pass adapter=NAME", "pass --adapter NAME")
-        raise PeftExportError(f"{export_dir}: --adapter: {why}") from None
+    (layout / "_work" / "done").mkdir()
+    write_json_atomic(layout / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
+    os.replace(layout, partial)
+    return {**job, "resumed": False, "finished": False}
 
 
 def tile_step(job: Dict[str, Any], k: int) -> None:
@@ -202,11 +218,11 @@ def merge_step(job: Dict[str, Any]) -> None:
 
 
 def _merge_map(job: Dict[str, Any]):
-    key = job["partial"]
-    if key not in _MERGE:
+    def load():
         with np.load(_work(job) / "merge.npz") as f:
-            _MERGE[key] = (f["keys"], f["merged"])
-    return _MERGE[key]
+            return f["keys"], f["merged"]
+
+    return _run_cache(job, "merge", load)
 
 
 def watershed_step(job: Dict[str, Any], k: int) -> None:
@@ -216,9 +232,14 @@ def watershed_step(job: Dict[str, Any], k: int) -> None:
     if _done(job, name):
         return
     keys, merged = _merge_map(job)
-    counts = watershed_block(_zarr(job, "_work/maps"), _zarr(job, "_work/seeds"), _zarr(job, "_work/ws"),
-                             _blocks(job)[k], WATERSHED_HALO, job["params"], keys, merged)
-    _mark(job, name, counts.tolist())
+    counts, context, whole = watershed_block(_zarr(job, "_work/maps"), _zarr(job, "_work/seeds"),
+                                             _zarr(job, "_work/ws"), _blocks(job)[k], WATERSHED_HALO, job["params"],
+                                             keys, merged)
+    _mark(job, name, {"counts": counts.tolist(), "context": int(context), "whole": bool(whole)})
+
+
+def _ws_counts(job: Dict[str, Any], i: int) -> np.ndarray:
+    return np.asarray(_read_mark(job, f"ws_{i}")["counts"], np.int64).reshape(2, -1)
 
 
 def relabel_step(job: Dict[str, Any], k: int) -> int:
@@ -227,12 +248,8 @@ def relabel_step(job: Dict[str, Any], k: int) -> int:
 
     name = f"relabel_{k}"
     if not _done(job, name):
-        key = job["partial"] + ":sizes"
-        if key not in _MERGE:
-            counts = [np.asarray(_read_mark(job, f"ws_{i}"), np.int64).reshape(2, -1)
-                      for i in range(len(_blocks(job)))]
-            _MERGE[key] = size_filter(counts, int(job["params"]["min_size"]))
-        new_ids = _MERGE[key]
+        new_ids = _run_cache(job, "sizes", lambda: size_filter(
+            [_ws_counts(job, i) for i in range(len(_blocks(job)))], int(job["params"]["min_size"])))
         y0, y1, x0, x1 = _blocks(job)[k]
         lab = new_ids[np.asarray(_zarr(job, "_work/ws")[y0:y1, x0:x1]).astype(np.int64)]
         _zarr(job, "0")[y0:y1, x0:x1] = lab.astype(np.uint32)
@@ -240,36 +257,42 @@ def relabel_step(job: Dict[str, Any], k: int) -> int:
     return int(_read_mark(job, name))
 
 
+def _record(job: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's record, from the steps' markers."""
+    nb = len(_blocks(job))
+    n = max((int(_read_mark(job, f"relabel_{k}")) for k in range(nb)), default=0)
+    ws = [_read_mark(job, f"ws_{k}") for k in range(nb)]
+    return {"image": job["image"], "shape": job["shape"], "mode": "instances", "tiled": True,
+            "tile": job["spec"]["tile"], "halo": job["spec"]["halo"],
+            "scale": job["spec"]["image_size"] / job["spec"]["tile"], "tiles": len(_grid(job)),
+            "options": job["params"], "device": job["device"], "n_objects": n, "outputs": {"labels": job["out"]},
+            "watershed": {"block": job["block"], "largest_context": max(w["context"] for w in ws),
+                          "blocks_at_context_limit": sum(not w["whole"] for w in ws)}}
+
+
 def finish_large(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Metadata, scratch removed, ``OUT.zarr.partial`` renamed to ``OUT.zarr``; the run's record."""
-    import zarr
+    """Metadata, scratch removed, ``OUT.zarr.partial`` renamed to ``OUT.zarr`` (in the order of
+    ``large_state.finish``, which a rerun completes from wherever a stop cut it); the run's record."""
+    from .large_state import finish
 
-    from .arrays import finish_labels
-
-    n = max((int(_read_mark(job, f"relabel_{k}")) for k in range(len(_blocks(job)))), default=0)
-    partial, out = Path(job["partial"]), Path(job["out"])
-    group = zarr.open_group(str(partial), mode="r+")
-    finish_labels(group, out.stem, job["image"])
-    record = {"image": job["image"], "shape": job["shape"], "mode": "instances", "tiled": True,
-              "tile": job["spec"]["tile"], "halo": job["spec"]["halo"],
-              "scale": job["spec"]["image_size"] / job["spec"]["tile"], "tiles": len(_grid(job)),
-              "options": job["params"], "n_objects": n, "outputs": {"labels": str(out)}}
-    group.attrs["peftexport"] = record
-    shutil.rmtree(partial / "_work")
-    (partial / "run.json").unlink()
-    if out.exists():  # --overwrite: the old result goes only now that the new one is complete
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    for key in [k for k in _MERGE if k.startswith(job["partial"])]:
+    record = finish(job, lambda: _record(job))
+    for key in [k for k in _MERGE if k[0] == job["partial"]]:
         del _MERGE[key]
     return record
 
 
 def stages(job: Dict[str, Any]) -> List[tuple]:
-    """(name, step function, number of indices) in order; ``merge`` runs once."""
+    """(name, step function, number of indices) in order; ``merge`` runs once. None for a run
+    whose labels are complete (``finished``: only its end remains)."""
+    if job.get("finished"):
+        return []
     nb = len(_blocks(job))
     return [("tiles", tile_step, len(_grid(job))), ("seeds", seed_step, nb), ("merge", merge_step, 0),
             ("watershed", watershed_step, nb), ("labels", relabel_step, nb)]
+
+
+def total_steps(job: Dict[str, Any]) -> int:
+    return sum(max(n, 1) for _, _, n in stages(job))
 
 
 def run_large(job: Dict[str, Any], progress: bool = False) -> Dict[str, Any]:
@@ -313,6 +336,7 @@ def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathL
 
     resume = bool(options.pop("resume", False))
     files, out = expand_inputs(images), Path(out)
+    check_zarr_output(out)
     if out.suffix == ".zarr" and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's labels; give an output folder for "
                               f"{len(files)} images")
@@ -323,13 +347,15 @@ def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathL
     if out.suffix != ".zarr" and out.exists() and not out.is_dir():
         raise PeftExportError(f"{out}: exists and is not a directory")
     from .arrays import open_image_array
+    from .large_state import leftover_of_finished_run
 
     todo = []
     for f, t in zip(files, targets):  # every input checked (opens as an image, output free) first
         open_image_array(f)
-        if t.exists() and resume and not options.get("overwrite"):
+        complete = t.exists() and leftover_of_finished_run(t) is None  # else plan_large finishes its clean-up
+        if complete and resume and not options.get("overwrite"):
             continue  # finished: only a complete run has the final name
-        if t.exists() and not options.get("overwrite"):
+        if complete and not options.get("overwrite"):
             raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it, or --resume to skip "
                                   "finished images)")
         todo.append((f, t))

@@ -8,13 +8,16 @@ it to ``OUT.zarr`` when complete (as ``predict.large`` does for ``--instances``)
 - prompts: the prompt goes to the tile whose inner area holds its centre (``TiledImage.route``);
   the best mask (highest predicted IoU) is written as object 1 into that tile's window, the rest
   of the array stays 0 (zarr stores no empty chunks), so the output costs what the window costs;
-- everything: each tile's masks, those touching an inner tile edge dropped, box NMS across tiles
-  (SAM's crop-layer merge). The labels of the whole image are held in memory once (int32), and
-  every tile's candidate masks until the merge: for slides far larger than a few tiles, use
-  ``--instances``, whose steps write straight into zarr and resume.
+- everything: each tile's masks, those touching an inner tile edge dropped, plus the whole image
+  at the model input as SAM's crop layer 0 (it keeps the objects no tile holds whole), box NMS
+  across all (``TiledImage.segment_everything``); a halo below ``min_everything_halo`` is
+  refused. The labels of the whole image are held in memory once (int32), and every tile's kept
+  masks (as runs) until the merge: for slides far larger than a few tiles, use ``--instances``,
+  whose steps write straight into zarr and resume.
 
 Both run in this process (no Dask: one prompt touches one tile; segment-everything's merge
-needs every tile's masks in one place).
+needs every tile's masks in one place). Over a folder, ``resume`` skips the images whose output
+is complete.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ CHUNK = 1024  # px: the output's zarr chunks
 
 def _targets(files: List[Path], out: Path, suffix: str) -> List[Path]:
     from ..data.io import file_stem
+    from .large_checks import check_zarr_output
 
+    check_zarr_output(out)
     if out.suffix == ".zarr" and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's result; give an output folder for "
                               f"{len(files)} images")
@@ -72,16 +77,20 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
                           everything_options: Optional[Dict[str, Any]] = None, tile: Optional[int] = None,
                           halo: Optional[int] = None, scale: Optional[float] = None, precision: str = "fp32",
                           multimask: bool = True, adapter: Optional[str] = None, overwrite: bool = False,
-                          threads: Optional[int] = None) -> List[Dict[str, Any]]:
+                          threads: Optional[int] = None, device: str = "cpu", resume: bool = False,
+                          progress: bool = False) -> List[Dict[str, Any]]:
     """Prompts (``points``/``box`` in image pixels, as ``predict_images``) or ``everything`` on each
     image through its tiles; ``out`` is OUT.zarr for one image, else a folder that gets
     ``<stem>_mask.zarr`` (prompts) or ``<stem>_labels.zarr`` (everything). Returns one record per
-    image (also stored in the output's ``peftexport`` attribute)."""
+    image (also stored in the output's ``peftexport`` attribute). ``resume``: images whose output
+    exists (only a complete result has its name) are skipped, their record read back with
+    ``"skipped": True``. Images are opened one at a time (a decoded PNG is not kept for the next)."""
     from ..runtime import SamSession, read_manifest
     from ..runtime.tiling import TileGrid, tile_spec
     from .arrays import open_image_array
     from .images import _as_box, _as_points, check_prompts_inside, everything_settings
-    from .large import expand_inputs, large_adapter
+    from .large import expand_inputs
+    from .large_checks import large_adapter
 
     coords, labels = _as_points(points)
     bx = _as_box(box)
@@ -93,27 +102,38 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
     spec = tile_spec(manifest, tile, halo, scale, adapter)
     files, out = expand_inputs(images), Path(out)
     targets = _targets(files, out, "labels" if everything else "mask")
-    arrays = []
+    if everything:
+        check_everything_halo(spec)
+    todo, records = [], []
     for f, t in zip(files, targets):  # every input checked before anything is written
         array = open_image_array(f)
         shape = (int(array.shape[0]), int(array.shape[1]))
+        del array
         check_prompts_inside(str(f), shape, coords, bx)
         if not everything:
             from ..runtime.tiled import TiledImage
 
             TiledImage.route_on(TileGrid(shape, spec), coords, labels, bx)  # refused here, not after others ran
+        if t.exists() and resume and not overwrite:
+            records.append({**_finished_record(t), "skipped": True})
+            continue
         if t.exists() and not overwrite:
-            raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it)")
-        arrays.append(array)
+            raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it"
+                                  f"{', or --resume to skip finished images' if len(files) > 1 else ''})")
+        todo.append((f, t))
     if out.suffix != ".zarr":
         out.mkdir(parents=True, exist_ok=True)
-    session = SamSession(export_dir, precision=precision, intra_op_threads=threads)
-    records = []
-    for f, t, array in zip(files, targets, arrays):
-        tiled = session.tiled(array, tile=spec.tile, halo=spec.halo, adapter=adapter)
+    if not todo:
+        return records
+    session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=threads)
+    from tqdm import tqdm
+
+    for f, t in tqdm(todo, desc="predict", unit="image", disable=not progress or len(todo) < 2):
+        tiled = session.tiled(open_image_array(f), tile=spec.tile, halo=spec.halo, adapter=adapter)
         record: Dict[str, Any] = {"image": str(f), "shape": list(tiled.shape), "export_dir": str(export_dir),
-                                  "precision": precision, "tiled": True, "tile": spec.tile, "halo": spec.halo,
-                                  "scale": spec.scale, "tiles": len(tiled.grid), "outputs": {"labels": str(t)}}
+                                  "precision": precision, "device": device, "tiled": True, "tile": spec.tile,
+                                  "halo": spec.halo, "scale": spec.scale, "tiles": len(tiled.grid),
+                                  "outputs": {"labels": str(t)}}
         if adapter is not None:
             record["adapter"] = adapter
         if everything:
@@ -136,6 +156,24 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
         _write(t, tiled.shape, fill, record, str(f))
         records.append(record)
     return records
+
+
+def _finished_record(target: Path) -> Dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(str(target), mode="r").attrs["peftexport"])
+
+
+def check_everything_halo(spec: Any) -> None:
+    """Segment-everything keeps a tile's masks away from its inner edges: without a halo no tile
+    sees an object that crosses a border whole."""
+    from ..runtime.tiled import min_everything_halo
+
+    need = min_everything_halo(spec.tile)
+    if spec.halo < need:
+        raise PeftExportError(f"--halo: {spec.halo} px is too small for --everything on {spec.tile}-px tiles: an "
+                              f"object crossing a tile border is whole in a neighbouring tile only within the halo (use "
+                              f"--halo {need} or more; the default is tile / 4)")
 
 
 def _fill_blocks(z: Any, labels: np.ndarray) -> None:

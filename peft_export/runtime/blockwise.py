@@ -10,25 +10,35 @@ code; ``maps``, ``seeds`` and ``labels`` are any arrays that slice: numpy, zarr,
 2. ``merge_seeds``: seeds that touch across a block face (8-connected, corners included) are
    one seed: connected components over the touching pairs give each merged seed one id, numbered
    in the order of its smallest block id (one block: ids in raster order, as untiled);
-3. ``watershed_block``: the seeded watershed of the block plus ``halo`` with the merged ids,
-   its inner area written out, its pixel counts returned;
+3. ``watershed_block``: the seeded watershed of the block plus a context with the merged ids,
+   its inner area written out, its pixel counts returned. The context is derived from the
+   objects: it starts at ``halo`` and doubles until every object with pixels in the block lies
+   inside the window, clear of the window's edge by the smoothing's reach, and no foreground of
+   the block is left unlabelled for want of a seed beyond the window (``objects_inside``); at
+   most ``max_context`` (default ``MAX_CONTEXT``, or the block's size if larger);
 4. ``relabel_block``: objects under ``min_size`` removed and ids made consecutive, as
    ``filter_small_objects`` does for the whole image.
 
-With one block this is ``instances_from_maps`` exactly. With several, a pixel can differ only
-where the watershed flood from a seed more than ``halo`` away would have reached it first.
+With one block this is ``instances_from_maps`` exactly. With several, a block's window holds
+the whole of every object it contributes to, with the same smoothed values and seeds as the
+whole image, so its labels are the whole image's; only a block that reached ``max_context``
+(an object wider than about a block) may differ, and the pass says so (``whole`` False).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .instances import gaussian_smoothing, require_ais_packages
 
 Window = Tuple[int, int, int, int]  # y0, y1, x0, x1
+# px: the most context a block's watershed grows to: objects up to about this size come out
+# whole. A 1024-px block's window is then 2048 px square (~0.25 GB of maps and scratch; at 1024 px
+# it would be 3072 px square and more than twice that).
+MAX_CONTEXT = 512
 
 
 def blocks(shape_hw: Tuple[int, int], block: int) -> List[Window]:
@@ -133,20 +143,69 @@ def _relabel(values: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarra
     return out
 
 
+def _edge_ring(outer: Window, shape_hw: Tuple[int, int], width: int) -> np.ndarray:
+    """The window's pixels within ``width`` of an edge that is not the image's edge."""
+    y0, y1, x0, x1 = outer
+    ring = np.zeros((y1 - y0, x1 - x0), bool)
+    if y0 > 0:
+        ring[:width] = True
+    if y1 < shape_hw[0]:
+        ring[-width:] = True
+    if x0 > 0:
+        ring[:, :width] = True
+    if x1 < shape_hw[1]:
+        ring[:, -width:] = True
+    return ring
+
+
+def objects_inside(lab: np.ndarray, fg_mask: np.ndarray, inner: Window, outer: Window, shape_hw: Tuple[int, int],
+                   margin: int) -> bool:
+    """Whether the window's watershed ``lab`` is final in the block: no object with pixels in the
+    block reaches the window's edge ring (``margin`` wide: there the smoothing lacks context, and
+    beyond it the object may go on), and no unlabelled foreground of the block reaches it (its
+    seed may lie outside)."""
+    ndimage, _ = require_ais_packages()
+    ring = _edge_ring(outer, shape_hw, margin)
+    if not ring.any():
+        return True  # the window is the whole image
+    ins = _inner_of(inner, outer)
+    in_block = np.unique(lab[ins])
+    if np.isin(np.unique(lab[ring]), in_block[in_block > 0]).any():
+        return False
+    orphans = fg_mask & (lab == 0)
+    if not orphans[ins].any():
+        return True
+    comps, _ = ndimage.label(orphans)  # the watershed floods 4-connected, as this labels
+    reach = np.unique(comps[ins])
+    return not np.isin(np.unique(comps[ring]), reach[reach > 0]).any()
+
+
 def watershed_block(maps: Any, seeds: Any, labels: Any, inner: Window, halo: int, params: Dict[str, Any],
-                    keys: np.ndarray, merged: np.ndarray) -> np.ndarray:
-    """Pass 3: watershed of the block plus halo with merged seed ids; write the inner area into
-    ``labels``; return (2, K): the ids in the block and their pixel counts."""
+                    keys: np.ndarray, merged: np.ndarray, max_context: Optional[int] = None
+                    ) -> Tuple[np.ndarray, int, bool]:
+    """Pass 3: watershed of the block plus a context that grows from ``halo`` until the objects
+    fit (module docstring) with merged seed ids; write the inner area into ``labels``; return
+    ((2, K): the ids in the block and their pixel counts, the context used, whether the objects
+    fit within ``max_context``)."""
     _, watershed = require_ais_packages()
     shape = tuple(maps.shape[1:])
-    outer = _outer(inner, max(halo, min_halo(params)), shape)
-    fg_mask, _, bdist = _smoothed(maps, outer, params)
-    y0, y1, x0, x1 = outer
-    markers = _relabel(np.asarray(seeds[y0:y1, x0:x1]), keys, merged)
-    lab = np.asarray(watershed(bdist, markers=markers, mask=fg_mask))[_inner_of(inner, outer)]
+    margin = min_halo(params)
+    context = max(int(halo), 2 * margin)
+    limit = max(context, int(max_context or max(MAX_CONTEXT, inner[1] - inner[0], inner[3] - inner[2])))
+    while True:
+        outer = _outer(inner, context, shape)
+        fg_mask, _, bdist = _smoothed(maps, outer, params)
+        y0, y1, x0, x1 = outer
+        markers = _relabel(np.asarray(seeds[y0:y1, x0:x1]), keys, merged)
+        lab = np.asarray(watershed(bdist, markers=markers, mask=fg_mask))
+        whole = objects_inside(lab, fg_mask, inner, outer, shape, margin)
+        if whole or context >= limit:
+            break
+        context = min(2 * context, limit)
+    lab = lab[_inner_of(inner, outer)]
     labels[inner[0]:inner[1], inner[2]:inner[3]] = lab.astype(labels.dtype)
     ids, counts = np.unique(lab[lab > 0].astype(np.int64), return_counts=True)
-    return np.stack([ids, counts])  # sparse: a block holds few of the image's objects
+    return np.stack([ids, counts]), context, whole  # sparse: a block holds few of the image's objects
 
 
 def size_filter(counts: Sequence[np.ndarray], min_size: int) -> np.ndarray:
@@ -182,7 +241,7 @@ def instances_blockwise(maps: Any, params: Dict[str, Any], block: int = 1024, ha
     grid = blocks(shape, block)
     counts = [seed_block(maps, seeds, win, i, block, halo, params) for i, win in enumerate(grid)]
     keys, merged = merge_seeds(counts, block, face_pairs(seeds, shape, block))
-    sizes = [watershed_block(maps, seeds, labels, win, halo, params, keys, merged) for win in grid]
+    sizes = [watershed_block(maps, seeds, labels, win, halo, params, keys, merged)[0] for win in grid]
     new_ids = size_filter(sizes, int(params["min_size"]))
     for win in grid:
         relabel_block(labels, win, new_ids)

@@ -148,7 +148,7 @@ def segment_everything(
     min_mask_region_area: int = 0,
     stability_score_offset: float = 1.0,
     mask_threshold: float = 0.0,
-    return_masks: bool = False,
+    return_masks: bool | str = False,
     to_model_frame: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Tuple[np.ndarray, MaskRecords]:
     """Automatic instance segmentation of one image.
@@ -157,7 +157,8 @@ def segment_everything(
     (low-res logits (B,4,4g,4g), IoU (B,4)). Returns (labels int32 HxW, records).
     ``records[i]`` describes label ``i + 1`` and has "area", "bbox" (XYWH as SAM),
     "predicted_iou", "stability_score", "point_coords" ([[x, y]] in image coordinates), and
-    with ``return_masks`` "segmentation" (HxW bool), in SamAutomaticMaskGenerator's order.
+    with ``return_masks`` "segmentation" (HxW bool; ``return_masks="runs"``: a ``MaskRuns``, which
+    costs the mask's outline, not the image), in SamAutomaticMaskGenerator's order.
     ``records.summary`` counts the candidates each filter removed. Masks are painted
     largest first, so a smaller mask lying on a larger one stays visible; a mask fully
     covered by smaller ones keeps its record but has no pixels in ``labels``.
@@ -226,7 +227,9 @@ def segment_everything(
             "stability_score": float(stabs[i]),
             "point_coords": [[float(pts[i][0]), float(pts[i][1])]],
         }
-        if return_masks:
+        if return_masks == "runs":
+            rec["segmentation"] = runs[i]
+        elif return_masks:
             rec["segmentation"] = runs[i].to_mask((h, w))
         records.append(rec)
     records.summary = {

@@ -8,8 +8,12 @@ resized whole. Made by ``SamSession.tiled(image, tile=, halo=, scale=)`` or ``se
 - ``instance_maps`` writes each tile's inner area of the decoder's three maps into a (3, H, W)
   array (numpy, or a zarr/memmap given as ``out``); ``segment_instances`` then runs the seeded
   watershed block by block (``runtime.blockwise``) so objects crossing tile borders come out whole.
-- ``segment_everything`` treats tiles as SAM's crop layers do: masks touching a tile's edge
-  that is not the image's edge are dropped, then box NMS over all tiles removes duplicates.
+- ``segment_everything`` treats tiles as SAM's crop layers do, with the whole image as layer 0:
+  the whole image at the model input (``prepare_whole``, masks upsampled to full resolution)
+  gives the objects no tile holds whole; in each tile, masks touching an edge that is not the
+  image's edge are dropped (a neighbour sees them whole, up to about the halo across the border);
+  box NMS over all layers removes duplicates, preferring a tile's mask to the coarse layer's (SAM
+  prefers the smaller crop). The halo must be at least ``min_everything_halo(tile)``.
 
 An image that fits in one tile is encoded whole, exactly as without tiling.
 Embeddings are computed on demand, the last few kept (``cache``): memory does not grow with the image.
@@ -27,9 +31,17 @@ from .blockwise import instances_blockwise
 from .embedding import MAX_BATCH_MASK_BYTES
 from .everything import MaskRecords, box_nms
 from .instances import check_ais_params, object_records, require_ais_packages
-from .tiling import IntensityRange, Tile, TileGrid, TileSpec, prepare_tile
+from .mask_runs import MaskRuns, paint_runs
+from .tiling import IntensityRange, Tile, TileGrid, TileSpec, prepare_tile, prepare_whole
 
 EDGE_TOLERANCE = 20  # px: SAM's is_box_near_crop_edge atol (crops much larger than tiles)
+
+
+def min_everything_halo(tile: int) -> int:
+    """The least halo segment-everything works with: a tile keeps the objects crossing its border
+    that end within the halo less the edge tolerance; 1/16 of the tile (at least 8 px) leaves room
+    for the small objects tiles are for (the coarse layer has the large ones)."""
+    return max(8, tile // 16)
 
 
 class TiledImage:
@@ -165,27 +177,49 @@ class TiledImage:
 
     # ---- segment-everything ------------------------------------------------------------------
 
+    def coarse_embedding(self) -> Any:
+        """The whole image as one picture at the model input (SAM's crop layer 0)."""
+        return self.session.encode_prepared(*prepare_whole(
+            self.image, self.intensity, self.spec.image_size, self.session._pixel_mean, self.session._pixel_std,
+            self.session._interpolation))
+
     def segment_everything(self, **options: Any) -> Tuple[np.ndarray, MaskRecords]:
-        """``SamSession.segment_everything`` per tile, then SAM's crop-layer merge: masks touching
-        an inner tile edge dropped, box NMS (``box_nms_thresh``) across tiles."""
+        """``SamSession.segment_everything`` per tile and on the whole image, then SAM's crop-layer
+        merge (module docstring): masks touching an inner tile edge dropped, box NMS
+        (``box_nms_thresh``) across layers, tiles preferred."""
         if self.grid.single:
             return self.session.segment_everything(embedding=self.embedding(self.grid.tiles[0]), adapter=self.adapter,
                                                    **options)
-        options = {**options, "return_masks": True}
+        if self.spec.halo < min_everything_halo(self.spec.tile):
+            raise PeftExportError(f"halo: {self.spec.halo} px is too small for segment-everything on "
+                                  f"{self.spec.tile}-px tiles (at least {min_everything_halo(self.spec.tile)})")
+        options = {**options, "return_masks": "runs"}
         per_tile = []
         for tile in self.grid:
             _, recs = self.session.segment_everything(embedding=self.embedding(tile), adapter=self.adapter, **options)
             per_tile.append((tile.outer, list(recs)))
+        _, coarse = self.session.segment_everything(embedding=self.coarse_embedding(), adapter=self.adapter,
+                                                    **options)
         return merge_tile_masks(per_tile, self.shape, float(options.get("box_nms_thresh", 0.7)),
-                                min(EDGE_TOLERANCE, max(1, self.spec.halo // 4)))
+                                min(EDGE_TOLERANCE, max(1, self.spec.halo // 4)), coarse=list(coarse))
+
+
+def _mask_runs(r: Dict[str, Any], y0: int, x0: int) -> MaskRuns:
+    """A record's mask (bool array of its window, or runs in the window) as runs in image pixels."""
+    m = r.pop("segmentation")
+    runs = m if isinstance(m, MaskRuns) else MaskRuns.from_mask(np.asarray(m, bool))
+    return MaskRuns(runs.rows + y0, runs.starts + x0, runs.ends + x0)
 
 
 def merge_tile_masks(per_tile: List[Tuple[Tuple[int, int, int, int], List[Dict[str, Any]]]],
-                     shape: Tuple[int, int], nms: float, edge_tolerance: int = EDGE_TOLERANCE
-                     ) -> Tuple[np.ndarray, MaskRecords]:
+                     shape: Tuple[int, int], nms: float, edge_tolerance: int = EDGE_TOLERANCE,
+                     coarse: Optional[List[Dict[str, Any]]] = None) -> Tuple[np.ndarray, MaskRecords]:
     """SAM's crop-layer merge of per-tile records (each with "segmentation" in its tile's window
-    ``outer``): masks within ``edge_tolerance`` px of a tile edge that is not the image's edge
-    are dropped (another tile sees them whole; tiles use min(20, halo / 4)), then box NMS by predicted IoU across tiles; labels painted largest first."""
+    ``outer``: a bool array or ``MaskRuns``) and of the whole image's (``coarse``, in image pixels):
+    tile masks within ``edge_tolerance`` px of a tile edge that is not the image's edge are
+    dropped (another tile sees them whole; tiles use min(20, halo / 4)), then box NMS across all:
+    a tile's mask wins over the coarse layer's (SAM keeps the smaller crop's), else the higher
+    predicted IoU; labels painted largest first."""
     h, w = shape
     found, summary = [], {"tiles": len(per_tile), "edge": 0}
     for (y0, y1, x0, x1), recs in per_tile:
@@ -198,19 +232,24 @@ def merge_tile_masks(per_tile: List[Tuple[Tuple[int, int, int, int], List[Dict[s
             if any(near):
                 summary["edge"] += 1
                 continue
-            found.append((box, dict(r), (y0, x0)))
-    keep = box_nms(np.stack([f[0] for f in found]), np.array([f[1]["predicted_iou"] for f in found], np.float32),
-                   nms) if found else np.zeros(0, int)
+            found.append((box, dict(r), (y0, x0), 1.0))
+    for r in coarse or []:
+        bx, by, bw, bh = r["bbox"]
+        found.append((np.array([bx, by, bx + bw, by + bh], np.float64), dict(r), (0, 0), 0.0))
+    scores = np.array([f[3] + f[1]["predicted_iou"] for f in found], np.float32)
+    keep = box_nms(np.stack([f[0] for f in found]), scores, nms) if found else np.zeros(0, int)
     summary["nms"] = len(found) - len(keep)
     kept = sorted((found[i] for i in keep), key=lambda f: -f[1]["area"])  # largest painted first
-    labels = np.zeros(shape, np.int32)
+    if coarse is not None:
+        summary["coarse"] = sum(1 for f in kept if f[3] == 0.0)
+    labels = np.zeros(h * w, np.int32)
     records = MaskRecords()
-    for k, (box, r, (y0, x0)) in enumerate(kept, start=1):
-        m = np.asarray(r.pop("segmentation"), bool)
-        labels[y0:y0 + m.shape[0], x0:x0 + m.shape[1]][m] = k
+    for k, (box, r, (y0, x0), _) in enumerate(kept, start=1):
+        m = _mask_runs(r, y0, x0)
+        paint_runs(labels, m.rows * w + m.starts, m.ends - m.starts, k)
         r["bbox"] = [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])]
         r["point_coords"] = [[p[0] + x0, p[1] + y0] for p in r["point_coords"]]
         records.append(r)
     summary["objects"] = len(records)
     records.summary = summary
-    return labels, records
+    return labels.reshape(shape), records

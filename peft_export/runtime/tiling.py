@@ -31,6 +31,7 @@ from .preprocess import preprocess_shape, resize_pil
 
 DEFAULT_HALO_FRACTION = 0.25  # micro-sam 2: 512-px tiles with a 128-px halo
 INTENSITY_SAMPLE = 4_000_000  # pixels used for the whole image's percentiles
+SAMPLE_BAND_ROWS = 256  # sampled rows read at a time
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ class IntensityRange:
         elif not self.keep:
             h, w = image.shape[:2]
             stride = max(1, int(math.ceil(math.sqrt(h * w / INTENSITY_SAMPLE))))
-            sample = _to_channels(np.asarray(image[::stride, ::stride])).astype(np.float64)
+            band = stride * SAMPLE_BAND_ROWS  # read in bands: a strided read of a whole zarr or memory map
+            sample = np.concatenate([_to_channels(np.asarray(image[y:y + band:stride, ::stride]))  # holds all of it
+                                     for y in range(0, h, band)]).astype(np.float64)
             values = sample[np.isfinite(sample)]
             if values.size:
                 lo, hi = np.percentile(values, [self.rule["low"], self.rule["high"]])
@@ -209,6 +212,29 @@ class IntensityRange:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _encoder_input(rgb: np.ndarray, new: Tuple[int, int], size: int, pixel_mean: Sequence[float],
+                   pixel_std: Sequence[float], interpolation: str) -> np.ndarray:
+    """uint8 HxWx3 resized to ``new``, normalised and padded into the 1x3xSxS encoder input."""
+    resized = rgb if new == rgb.shape[:2] else resize_pil(rgb, new, interpolation)
+    x = np.zeros((1, 3, size, size), np.float32)
+    mean, std = np.asarray(pixel_mean, np.float32), np.asarray(pixel_std, np.float32)
+    x[0, :, : new[0], : new[1]] = ((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    return x
+
+
+def prepare_whole(image: Any, intensity: IntensityRange, image_size: int, pixel_mean: Sequence[float],
+                  pixel_std: Sequence[float], interpolation: str
+                  ) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
+    """The whole image as the encoder sees an ordinary image (longest side resized to the model
+    input), read with a stride that keeps at least twice the model input per side: the encoder
+    input, original_size (the full image, so masks come back at full resolution), input_size."""
+    h, w = (int(v) for v in image.shape[:2])
+    stride = max(1, max(h, w) // (2 * image_size))
+    rgb = intensity.to_uint8(np.asarray(image[::stride, ::stride]))
+    new = preprocess_shape(h, w, image_size)
+    return _encoder_input(rgb, new, image_size, pixel_mean, pixel_std, interpolation), (h, w), new
+
+
 def prepare_tile(pixels: np.ndarray, intensity: IntensityRange, spec: TileSpec, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], interpolation: str) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
     """One tile's native pixels -> (encoder input 1x3xSxS, original_size, input_size).
@@ -222,8 +248,5 @@ def prepare_tile(pixels: np.ndarray, intensity: IntensityRange, spec: TileSpec, 
     size = spec.image_size
     # a tile narrower than spec.tile on both sides only occurs when the image is: scale it as a full tile
     new = preprocess_shape(h, w, size) if max(h, w) == spec.tile else (round(h * spec.scale), round(w * spec.scale))
-    resized = rgb if new == (h, w) else resize_pil(rgb, new, interpolation)
-    x = np.zeros((1, 3, size, size), np.float32)
-    mean, std = np.asarray(pixel_mean, np.float32), np.asarray(pixel_std, np.float32)
-    x[0, :, : new[0], : new[1]] = ((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    x = _encoder_input(rgb, (int(new[0]), int(new[1])), size, pixel_mean, pixel_std, interpolation)
     return x, (h, w), (int(new[0]), int(new[1]))
