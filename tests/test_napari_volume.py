@@ -36,6 +36,7 @@ def best_click(session, embedding, zyx=None, box=None) -> np.ndarray:
     return masks[int(np.argmax(iou))].astype(np.uint8)
 
 
+@pytest.mark.slow  # embeds 8 planes twice (widget and reference) and propagates four times
 def test_segment_object_in_volume_equals_the_volume_room(make_napari_viewer, qtbot, ais_export):
     viewer = make_napari_viewer()
     stack, truth = synthetic_volume((8, 112, 112), seed=1, n_objects=3)
@@ -162,6 +163,14 @@ def test_volume_tools_refuse_what_is_not_a_stack(make_napari_viewer, qtbot, ais_
     widget.image_box.setCurrentText("tz")
     assert not widget.volume_group.isVisibleTo(widget) and widget.segment_all_3d() is None
     assert "it has 2 (split it" in widget.status.text()
+    import dask.array as da
+
+    viewer.add_image(da.zeros((3, 8192, 8192), dtype=np.uint16, chunks=(1, 1024, 1024)), name="big",
+                     contrast_limits=(0, 1))
+    widget.image_box.setCurrentText("big")
+    assert widget.segment_all_3d() is None and not len(widget.tasks)
+    assert widget.status.text().startswith("error: Segment all (3D): a 3x8192x8192 stack needs about 3.0 GiB here; "
+                                           "run 'peftexport predict EXPORT stack.zarr --3d -o labels.zarr'")
     viewer.add_image(np.stack([nuclei(96, seed=s) for s in (1, 2)]), name="stack")
     widget.image_box.setCurrentText("stack")
     assert widget.volume_group.isVisibleTo(widget)

@@ -88,6 +88,16 @@ def check_segment_all_size(shape: Tuple[int, ...]) -> None:
             "--everything without an instance decoder) and open labels.zarr in napari")
 
 
+def check_stack_size(shape: Tuple[int, ...], what: str, option: str) -> None:
+    """Refuse "Segment all (3D)" / "Track" on a stack whose labels (per-plane, merged, the layer's)
+    would not fit in memory here, with the CLI that runs it slab by slab into zarr."""
+    n, h, w = (int(s) for s in shape[:3])
+    if n * h * w > SEGMENT_ALL_MAX_PIXELS:
+        raise PeftExportError(
+            f"{what}: a {n}x{h}x{w} stack needs about {16 * n * h * w / 2**30:.1f} GiB here; run 'peftexport "
+            f"predict EXPORT stack.zarr {option} -o labels.zarr' and open labels.zarr in napari")
+
+
 def mode_params(session: Any, adapter: Optional[str], params: Optional[Dict[str, float]] = None
                 ) -> Tuple[bool, Dict[str, Any]]:
     """(AIS or not, the full parameters of that mode): ``params`` over the defaults, names of the

@@ -28,7 +28,7 @@ from napari.layers import Image, Labels, Tracks
 from .. import volume as V
 from ..errors import PeftExportError
 from . import layers as L
-from .automatic import Param, mode_params
+from .automatic import Param, check_stack_size, mode_params
 from .current import Target
 from .images import check_displayed, leading_axes
 from .prompts import ClickDecoder, Decoded, Prompts, clip_to_image, prompted_slices, same_prompts, slice_prompts
@@ -273,6 +273,7 @@ class VolumeActions:
         """Every plane's instances merged across z, into "<image> automatic 3D" (after embedding)."""
         try:
             key = self._volume_key()
+            check_stack_size(L.image_shape(self.image_layer), "Segment all (3D)", "--3d")
         except PeftExportError as exc:
             self._fail(exc)
             return None
@@ -299,6 +300,7 @@ class VolumeActions:
         "<image> tracks" (after embedding)."""
         try:
             key = self._volume_key()
+            check_stack_size(L.image_shape(self.image_layer), "Track", "--track")
         except PeftExportError as exc:
             self._fail(exc)
             return None
