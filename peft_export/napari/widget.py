@@ -389,6 +389,7 @@ class SegmentWidget(VolumeActions, ResultActions, Panel):
             self._updating = False
         if self.decoder is not None:
             self.decoder.reset()
+        self._shown_masks.clear()  # every slice's prompts are gone
         self._show(None)
 
     def clear(self) -> None:
