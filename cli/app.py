@@ -21,7 +21,7 @@ except ImportError:  # older typer: click itself
 # here (added later) follow in the order they were registered.
 PIPELINE_ORDER = (
     "make-demo-data", "params", "finetune", "merge", "merge-and-export", "predict", "web",
-    "evaluate", "bench", "bench-compare", "demo",
+    "evaluate", "improve", "bench", "bench-compare", "demo",
 )
 
 

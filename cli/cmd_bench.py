@@ -43,7 +43,11 @@ def bench(
     export_dir_opt: Optional[Path] = typer.Option(
         None, "--export-dir", help="With --adapter: the export to time in ONNX Runtime (else a temporary one is made)."),
     backend: str = typer.Option("torch,torch-compile,onnxruntime,openvino,tensorrt", "--backend",
-                                help="Comma list of torch, torch-compile, onnxruntime, openvino, tensorrt."),
+                                help="Comma list of torch, torch-compile, onnxruntime, openvino, tensorrt. torch is also "
+                                     "timed at its best: on the CPU once more with glibc keeping freed memory, and "
+                                     "torch-compile where it runs (on the CPU it needs a C++ compiler; compiling, in the "
+                                     "untimed warm-up, takes minutes for vit_b). Every ratio is against the fastest torch "
+                                     "case of the run, per component."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="Comma list of fp32, bf16, fp16, int8 (default: torch fp32 (+bf16 on CUDA), every exported precision)."),

@@ -27,6 +27,9 @@ def demo(
              "(AIS) beside the point grid (needs peftexport[ais]; each step costs ~7x more: ~13 min for tiny)."),
     iterations: Optional[int] = typer.Option(
         None, "--iterations", help="Training steps (default: the model's preset, 300 for tiny, 200 with --fast)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="torch threads (default: the cores other processes leave free, measured at the start "
+                                "and printed; OMP_NUM_THREADS is respected)."),
 ) -> None:
     """make data -> finetune late LoRA -> merge -> export ONNX fp32+int8 -> bench -> evaluate -> predict
     (with --instances also the instance decoder, and AIS beside the point grid), then a
@@ -36,5 +39,5 @@ def demo(
     from peft_export.demo import format_summary, run_demo
 
     result = run_demo(out, model, checkpoint, overwrite=overwrite, seed=seed, progress=not quiet, log=echo,
-                      fast=fast, instances=instances, iterations=iterations)
+                      fast=fast, instances=instances, iterations=iterations, threads=threads)
     echo(format_summary(result))

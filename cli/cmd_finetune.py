@@ -27,14 +27,20 @@ def finetune(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90-degree rotations."),
     intensity_low: float = typer.Option(1.0, "--intensity-low", help="Percentile mapped to 0."),
     intensity_high: float = typer.Option(99.8, "--intensity-high", help="Percentile mapped to 255."),
-    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM) or tiny."),
+    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM), tiny, or SAM 2.1: sam2.1_hiera_t/s/b+/l."),
     checkpoint: Optional[Path] = CheckpointOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input size (default: the model's)."),
     peft: str = typer.Option("lora", "--peft", help="PEFT method (see `peftexport params`)."),
     blocks: str = typer.Option("late", "--blocks", help="Encoder blocks: all, late, a range 6-11 or a list 0,3,5."),
     rank: Optional[int] = RankOpt,
     alpha: float = typer.Option(1.0, "--alpha", help="LoRA scale."),
-    targets: str = typer.Option("q,k,v,mlp", "--targets", help="LoRA targets, any of q,k,v,mlp."),
+    targets: str = typer.Option("q,k,v,mlp", "--targets", help="LoRA's encoder targets (any of q,k,v,mlp) and mask-decoder "
+                                "layers for every method that fits (dec.all, dec.attn, dec.mlp, dec.hyper, ...; "
+                                "docs/peft_methods.md). Decoder-only: --blocks none --targets dec.all."),
+    decoder_peft: Optional[str] = typer.Option(None, "--decoder-peft", help="Method on the dec.* targets "
+                                               "(lora, ssf, fact, adaptformer; default: --peft's)."),
+    decoder_rank: Optional[int] = typer.Option(None, "--decoder-rank", help="LoRA/FacT rank on the dec.* targets "
+                                               "(default: --rank)."),
     dropout: float = typer.Option(0.1, "--dropout", help="FacT dropout."),
     bottleneck: int = typer.Option(64, "--bottleneck", help="AdaptFormer bottleneck."),
     freeze_decoder: bool = typer.Option(False, "--freeze-decoder", help="Keep the mask decoder frozen."),
@@ -60,10 +66,21 @@ def finetune(
     val_objects: int = typer.Option(25, "--val-objects", help="Objects per validation image (seeded choice)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (fp16: CUDA, with GradScaler)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="torch threads on the CPU (default: the cores other processes leave free, measured "
+                                "at the start; OMP_NUM_THREADS is respected)."),
     seed: int = SeedOpt,
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute adapted blocks in backward."),
     cache_frozen_trunk: bool = typer.Option(False, "--cache-frozen-trunk",
                                             help="Cache the frozen blocks' output per image (needs fixed patches)."),
+    cache_embeddings: bool = typer.Option(
+        False, "--cache-embeddings",
+        help="Image encoder frozen (decoder targets only, or --peft freeze-encoder): encode each training view once "
+             "and train the decoder on the kept embeddings (flips/rotations: each view encoded the first time it "
+             "is drawn; images larger than --patch-size: fixed tiles instead of random crops)."),
+    embedding_store: Optional[Path] = typer.Option(
+        None, "--embedding-store", help="Also keep the cached embeddings in this folder (one .npy per view; "
+                                        "a resumed or repeated run reuses them). Implies --cache-embeddings."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write last/ every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
@@ -85,13 +102,15 @@ def finetune(
         min_object_size=min_object_size, augment=augment, intensity=intensity, model_type=model,
         checkpoint=str(checkpoint) if checkpoint else None, image_size=image_size, peft=peft, blocks=blocks,
         rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t), dropout=dropout,
-        bottleneck=bottleneck, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
+        bottleneck=bottleneck, decoder_peft=decoder_peft, decoder_rank=decoder_rank, freeze_decoder=freeze_decoder, freeze_prompt_encoder=freeze_prompt_encoder,
         instance_decoder=instance_decoder,
         iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         grad_clip=grad_clip, objects_per_image=objects_per_image, sub_iterations=sub_iterations,
         objects_per_pass=objects_per_pass, patience=patience,
         lr_patience=lr_patience, val_every=val_every, val_objects=val_objects, precision=precision, device=device,
-        seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
+        threads=threads, seed=seed, grad_checkpointing=grad_checkpointing, cache_frozen_trunk=cache_frozen_trunk,
+        cache_embeddings=cache_embeddings or embedding_store is not None,
+        embedding_store=str(embedding_store) if embedding_store else None,
         save_every=save_every, resume=resume, overwrite=overwrite, progress=not (quiet or no_progress),
         explicit=_given_fields(ctx),
     )
@@ -105,6 +124,9 @@ def finetune(
         ais = f", AIS mSA {best['ais_msa']:.4f}" if best.get("ais_msa") is not None else ""
         echo(f"best validation (step {summary['best_step']}): point Dice {best['point_dice']:.4f}, "
              f"box Dice {best['box_dice']:.4f}{ais}")
+    if summary.get("embeddings"):
+        e = summary["embeddings"]
+        echo(f"embeddings: {e['encoded']} encoder passes, {e['reused']} reused")
     echo(f"adapter: {Path(summary['out']) / 'adapter.safetensors'}")
     if summary["status"] == "interrupted":
         echo(f"resume with: peftexport finetune --out {summary['out']} --resume")

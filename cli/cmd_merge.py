@@ -63,12 +63,14 @@ def merge(
 
 @command("params", short="Trainable parameters of a model + PEFT method.", help="Count the trainable parameters of a model + PEFT method (encoder / decoder).")
 def params(
-    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM) or tiny."),
+    model: str = typer.Option("vit_b", "--model", "-m", help="vit_b, vit_l, vit_h, vit_t (MobileSAM), tiny, or SAM 2.1: sam2.1_hiera_t/s/b+/l."),
     peft: str = typer.Option("lora", "--peft", help="PEFT method."),
     rank: Optional[int] = RankOpt,
     blocks: str = BlocksOpt,
     targets: str = TargetsOpt,
     bottleneck: int = typer.Option(64, "--bottleneck", help="AdaptFormer bottleneck."),
+    decoder_peft: Optional[str] = typer.Option(None, "--decoder-peft", help="Method on the dec.* targets (default: --peft's)."),
+    decoder_rank: Optional[int] = typer.Option(None, "--decoder-rank", help="Rank on the dec.* targets (default: --rank)."),
     train_decoder: bool = typer.Option(True, "--train-decoder/--freeze-decoder", help="Mask decoder trains."),
     train_prompt_encoder: bool = typer.Option(True, "--train-prompt-encoder/--freeze-prompt-encoder"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -78,7 +80,7 @@ def params(
     from peft_export.peft.params import count_for_config
 
     cfg = PeftConfig(peft, blocks=blocks, rank=rank, targets=parse_targets(targets), bottleneck=bottleneck,
-                     train_mask_decoder=train_decoder, train_prompt_encoder=train_prompt_encoder)
+                     decoder_method=decoder_peft, decoder_rank=decoder_rank, train_mask_decoder=train_decoder, train_prompt_encoder=train_prompt_encoder)
     counts = count_for_config(model, cfg)
     if as_json:
         echo(json.dumps(counts, indent=2))

@@ -8,7 +8,8 @@ The folders are the pipeline, in order; a stage imports only the stages its
     merge.py     adapter -> plain checkpoint, verified  export/   ONNX / TensorRT graphs, parity, manifest
     runtime/     torch-free inference (numpy + ORT)     predict/  the runtime on image files
     evaluation/  protocol, model specs, report          bench/    latency and memory, side by side
-    demo.py      the whole pipeline in one call         cli/      the thin command line (peft_export.cli)
+    improve/     an export's decoder re-trained on       demo.py   the whole pipeline in one call
+                 corrected objects, exported anew       cli/      the thin command line (peft_export.cli)
 
 This top-level module imports nothing heavy on purpose: ``peft_export.runtime``
 must stay importable in an environment without torch.

@@ -53,6 +53,7 @@ FAST = {
     "vit_t": dict(n_train=4, n_test=2, iterations=6, val_every=3, bench_iterations=1, eval_iterations=1),
 }
 BEFORE_AFTER = "before_after.png"
+INCOMPLETE = "INCOMPLETE"  # in the demo's folder until the demo finished (a rerun may then replace it)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class DemoResult:
     numbers: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)  # name -> seconds, load, table/lines
     notes: list[str] = field(default_factory=list)
+    threads: str = ""  # torch's thread choice, as printed (training.threads)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -71,7 +73,7 @@ class DemoResult:
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "model_type": self.model_type, "random_init": self.random_init,
-                "artefacts": self.artefacts, "numbers": self.numbers, "stages": self.stages, "notes": self.notes}
+                "artefacts": self.artefacts, "numbers": self.numbers, "stages": self.stages, "notes": self.notes, "threads": self.threads}
 
 
 def machine_load() -> tuple[float, int]:
@@ -140,12 +142,17 @@ def run_demo(
     fast: bool = False,
     instances: bool = False,
     iterations: int | None = None,
+    threads: int | None = None,
 ) -> DemoResult:
     """Run every step into ``out_dir`` and return what was made and the key numbers.
 
     ``instances`` trains micro-sam's instance decoder with the adapter and adds the AIS step
     (off by default: on the tiny model it makes each training step ~7x slower). ``iterations``
-    overrides the preset's training steps.
+    overrides the preset's training steps. ``threads``: torch's CPU threads (default: the cores
+    other processes leave free, ``training.threads``; OMP_NUM_THREADS is respected).
+
+    A folder left by a demo that stopped midway (it holds ``INCOMPLETE``) is replaced by the rerun
+    without ``overwrite``; any other non-empty folder needs ``overwrite``.
     """
     from .bench.run import run_and_write
     from .data import make_demo_data
@@ -155,6 +162,7 @@ def run_demo(
     from .peft.adapters import load_adapter
     from .predict.images import predict_images
     from .training import TrainConfig, finetune
+    from .training.threads import use_free_cores
 
     if model_type not in PRESETS:
         raise PeftExportError(f"--model {model_type!r}: the demo runs tiny, vit_t or vit_b")
@@ -164,15 +172,12 @@ def run_demo(
             raise PeftExportError(f"--iterations: must be >= 1, got {iterations}")
         p["iterations"] = iterations
         p["val_every"] = min(p["val_every"], iterations)
+    if threads is not None and threads < 1:
+        raise PeftExportError(f"--threads: must be >= 1, got {threads}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PeftExportError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _start_folder(out, overwrite, log)
     result = DemoResult(out, model_type, checkpoint is None)
+    result.threads = use_free_cores(threads, log).line()
     if checkpoint is None:
         log(
             "!! No --checkpoint: the demo starts from a RANDOMLY INITIALISED SAM and fine-tunes it on synthetic "
@@ -336,7 +341,29 @@ def run_demo(
     with atomic_file(out / "summary.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.artefacts["summary"] = str(out / "summary.json")
+    (out / INCOMPLETE).unlink()  # last: only a demo that reached its summary is complete
     return result
+
+
+def _start_folder(out: Path, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Make ``out`` empty and mark it ``INCOMPLETE`` until the demo finishes.
+
+    The demo's files refer to each other by path (the export's manifest names the adapter, the
+    evaluation the run), so it writes in place rather than in a folder renamed at the end; the
+    mark lets a rerun replace what a stopped demo left, and nothing else, without --overwrite.
+    """
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise PeftExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if (out / INCOMPLETE).is_file():
+            log(f"{out}: an earlier demo stopped before its end ({INCOMPLETE}); starting it again")
+        elif not overwrite:
+            raise PeftExportError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE).write_text("peftexport demo: this folder is being written; a rerun of the demo replaces it\n")
 
 
 def _ais_step(result: DemoResult, out: Path, export_dir: Path, image_path: Path, p: dict,
@@ -443,4 +470,6 @@ def format_summary(result: DemoResult) -> str:
             for name, s in result.stages.items() if s.get("seconds") is not None]
     total = sum(r["seconds"] for r in rows)
     lines += ["", "timings:"] + [f"    {ln}" for ln in _table(rows)] + [f"    total {total:.0f} s"]
+    if result.threads:
+        lines.append(f"    {result.threads}")
     return "\n".join(lines)

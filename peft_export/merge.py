@@ -1,7 +1,8 @@
 """``peftexport merge``: fold an adapter into a plain SAM checkpoint, verified.
 
 The merged file is a plain state dict, so ``segment_anything.sam_model_registry[t](checkpoint=...)``
-loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``).
+loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``); a SAM 2
+model is written as sam2's ``{"model": state_dict}``, which ``sam2.build_sam.build_sam2`` loads strictly.
 A model with micro-sam's instance decoder (AIS) is written in micro-sam's own format instead,
 ``{"model_state": SAM state dict, "decoder_state": decoder}``, which micro-sam's
 ``get_predictor_and_decoder`` and every peftexport command read.
@@ -26,6 +27,7 @@ from . import __version__
 from .peft.adapters import AdaptedModel
 from .errors import PeftExportError
 from .fsutil import atomic_file, check_can_write
+from .models.family import is_sam2, model_image_size
 from .peft import merge_peft
 
 MERGE_RTOL = 1e-4  # relative to the largest magnitude of the reference output, fp32
@@ -76,6 +78,8 @@ def run_probe(sam: Sam, image: torch.Tensor, prompts: list[dict]) -> ProbeOutput
 
 
 def _probe(sam: Sam, image: torch.Tensor, prompts: list[dict], device: torch.device) -> ProbeOutputs:
+    if is_sam2(sam):
+        return _probe_sam2(sam, image, prompts, device)
     emb = sam.image_encoder(image)
     masks, ious = [], []
     for p in prompts:
@@ -92,6 +96,23 @@ def _probe(sam: Sam, image: torch.Tensor, prompts: list[dict], device: torch.dev
         masks.append(low.float().cpu())
         ious.append(iou.float().cpu())
     return ProbeOutputs(emb.float().cpu(), torch.cat(masks), torch.cat(ious))
+
+
+def _probe_sam2(model: torch.nn.Module, image: torch.Tensor, prompts: list[dict], device: torch.device) -> ProbeOutputs:
+    """The probe on SAM 2's image path (``models.sam2``): embedding + high-resolution maps, then the decoder."""
+    from .models.sam2 import decode, encode_image
+
+    with torch.autocast(device.type, enabled=False):  # a 16-bit SAM 2 runs in its own dtype (see decode)
+        feats = encode_image(model, image)
+    masks, ious = [], []
+    for p in prompts:
+        coords = p["points"].float().to(device) if p["points"] is not None else None
+        labels = p["labels"].to(device) if p["points"] is not None else None
+        box = p["box"].float().to(device) if p["box"] is not None else None
+        low, iou = decode(model, feats, coords, labels, box, None, multimask=True)
+        masks.append(low.float().cpu())
+        ious.append(iou.float().cpu())
+    return ProbeOutputs(feats.image_embed.float().cpu(), torch.cat(masks), torch.cat(ious))
 
 
 def error_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
@@ -166,7 +187,7 @@ def merge_and_verify(adapted: AdaptedModel, rtol: float = MERGE_RTOL) -> tuple[S
     t0 = time.perf_counter()
     merged = merge_peft(model)
     merge_s = time.perf_counter() - t0
-    image_size = model.image_encoder.img_size
+    image_size = model_image_size(model)
     errors = compare_models(model, merged, image_size, instance_decoder=adapted.instance_decoder)
     ok = errors["embeddings"]["max_rel"] <= rtol and errors["mask_logits"]["max_rel"] <= rtol
     report = {
@@ -206,7 +227,10 @@ def merge_to_checkpoint(
     report["output"] = str(out)
     report["num_tensors"] = len(state)
     payload: dict = state
-    if adapted.instance_decoder is not None:
+    if is_sam2(merged):  # sam2's own checkpoint layout: build_sam2(config, out) loads it strictly
+        payload = {"model": state}
+        report["format"] = "sam2 checkpoint ({'model': state dict})"
+    elif adapted.instance_decoder is not None:
         decoder_state = {k: v.detach().cpu().contiguous() for k, v in adapted.instance_decoder.state_dict().items()}
         check_finite(decoder_state, str(out))
         payload = {"model_state": state, "decoder_state": decoder_state}

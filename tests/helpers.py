@@ -63,15 +63,36 @@ def hand_merge(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
 
     Works on state-dict keys only (micro-sam's layout), never on our PEFT modules, so it is an
     independent reference for every merge test: LoRA W + alpha B A on the q/k/v slices and
-    lin1/lin2; FacT W_q + V S_q U, W_v + V S_v U; SSF W * s (per output channel), b * s + t;
+    lin1/lin2, and on each mask-decoder Linear; FacT W_q + V S_q U, W_v + V S_v U (encoder qkv, and the
+    q/k/v projections of a decoder attention); SSF W * s (per output channel), b * s + t;
     plain tensors (selective methods, decoder, untouched blocks) as they are.
     """
     s = {k: v.double() for k, v in state.items()}
     alpha = float(config.get("alpha", 1.0))
     out: dict[str, torch.Tensor] = {}
     for key, value in s.items():
-        if re.search(r"\.(w_[ab]_linear_\w+|FacT[uv]|[qv]_FacTs)\.weight$|\.(scale|shift)$", key):
+        if re.search(r"\.(w_[ab]_linear(_\w+)?|FacT[uv]|[qkv]_FacTs)\.weight$|\.(scale|shift)$", key):
             continue  # adapter tensors: folded into the base keys below
+        m = re.match(r"(.*)\.linear\.(weight|bias)$", key)
+        if m and f"{m.group(1)}.w_a_linear.weight" in s:  # LoRA on one mask-decoder Linear: W + alpha B A
+            prefix, kind = m.groups()
+            w = value.clone()
+            if kind == "weight":
+                w += alpha * (s[f"{prefix}.w_b_linear.weight"] @ s[f"{prefix}.w_a_linear.weight"])
+            out[f"{prefix}.{kind}"] = w
+            continue
+        m = re.match(r"(.*)\.attn\.([qkv])_proj\.linear\.(weight|bias)$", key)
+        if m and f"{m.group(1)}.FacTu.weight" in s:  # FacT on a mask-decoder attention: W_p + V S_p U
+            prefix, proj, kind = m.groups()
+            w = value.clone()
+            if kind == "weight":
+                w += s[f"{prefix}.FacTv.weight"] @ s[f"{prefix}.{proj}_FacTs.weight"] @ s[f"{prefix}.FacTu.weight"]
+            out[f"{prefix}.{proj}_proj.{kind}"] = w
+            continue
+        m = re.match(r"(.*)\.attn\.((?:q|k|v|out)_proj\.(?:weight|bias))$", key)
+        if m and f"{m.group(1)}.FacTu.weight" in s:  # the attention's other projections, unwrapped
+            out[f"{m.group(1)}.{m.group(2)}"] = value
+            continue
         m = re.match(r"(.*)\.attn\.qkv\.qkv_proj\.(weight|bias)$", key)
         if m:
             prefix, kind = m.groups()

@@ -36,7 +36,7 @@ def test_each_case_runs_in_its_own_process_and_records_load(tiny, tmp_path):
                        label="quiet-run")
     ok = [c for c in result["cases"] if c["status"] == "ok"]
     assert {c["case"] for c in ok} == {"base torch fp32", "unmerged torch fp32", "merged torch fp32",
-                                       "export onnxruntime-cpu fp32"}
+                                       "merged torch fp32 (freed memory kept)", "export onnxruntime-cpu fp32"}
     assert result["settings"]["fresh_process"] is True and result["label"] == "quiet-run"
     pids = {c["process"]["pid"] for c in ok}
     assert len(pids) == len(ok) and os.getpid() not in pids  # one new process per case

@@ -182,3 +182,26 @@ def test_vit_b_merge_loads_with_segment_anything_registry(tmp_path):
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     base = random_sam("vit_b", seed=0).state_dict()
     assert not all(torch.equal(loaded[k], base[k]) for k in base)  # the adapter changed the weights
+
+
+def test_a_model_option_contradicting_the_adapter_is_refused(tmp_path):
+    # `merge-and-export --adapter <vit_t run> --model vit_b` once exported vit_t and exited 0.
+    from peft_export.peft import PeftConfig
+    from peft_export.peft.adapters import build_adapted_model
+
+    adapted = build_adapted_model(PeftConfig("lora", rank=2, blocks="late"), "vit_t", None, 256, seed=0)
+    save_adapter(adapted, tmp_path / "run")
+    for command, model, out_path in ((["merge-and-export", "--precision", "fp32"], "vit_b", tmp_path / "export"),
+                                     (["merge"], "tiny", tmp_path / "merged.pth")):
+        out = run_cli(*command, "--adapter", tmp_path / "run", "--model", model, "--out", out_path)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert out.returncode == 2 and len(errors) == 1, out.stdout + out.stderr
+        assert f"adapter was trained on vit_t, --model {model} was asked" in errors[0]
+        assert "Traceback" not in out.stderr and not out_path.exists()
+    # several adapters: each one is checked against the option
+    out = run_cli("merge-and-export", "--adapter", f"a={tmp_path / 'run'}", "--adapter", f"b={tmp_path / 'run'}",
+                  "--model", "vit_b", "--out", tmp_path / "multi")
+    assert out.returncode == 2 and "--model vit_b was asked" in out.stderr and not (tmp_path / "multi").exists()
+    # the option that agrees (or none) is accepted
+    out = run_cli("merge", "--adapter", tmp_path / "run", "--model", "vit_t", "--out", tmp_path / "merged.pth")
+    assert out.returncode == 0, out.stderr

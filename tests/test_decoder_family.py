@@ -84,8 +84,7 @@ def test_split_prompts_takes_the_mask_input(export):
     graphs = json.loads((export / "manifest.json").read_text())["graphs"]
     names = [i["name"] for i in graphs["split_prompts"]["fp32"]["inputs"]]
     assert names[-2:] == ["mask_input", "has_mask_input"]
-    parity = graphs["split_prompts"]["fp32"]["parity"]
-    assert parity["passed"] and parity["num_prompts"] >= 6  # the reference prompts with a mask input included
+    # what it computes with a mask input: test_predict_with_mask_input_matches_predictor_through_the_family
     assert SamSession(export).describe()["decoder_used"] == "family"
     assert not {"decoder", "decoder_lowres"} & set(graphs) and not (export / "decoder.onnx").exists()
 
@@ -235,7 +234,6 @@ def test_every_adapter_of_a_shared_trunk_export_has_the_family(tmp_path, predict
         entry = manifest["adapters"][name]
         assert [entry[g] for g in ("split_image", "split_prompts", "split_masks")] == [
             f"split_image_{name}", f"split_prompts_{name}", f"split_masks_{name}"]
-        assert manifest["graphs"][f"split_prompts_{name}"]["fp32"]["parity"]["passed"]
         predictor = SamPredictor(merge_peft(load_adapter(run).model).eval())
         predictor.set_image(image)
         ref, ref_iou, ref_low = predictor.predict(**PROMPTS[0], return_logits=True)

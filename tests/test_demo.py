@@ -75,6 +75,8 @@ def test_demo_announces_and_makes_every_artefact(demo_run):
     out, proc = demo_run
     assert "RANDOMLY INITIALISED" in proc.stdout  # said loudly
     assert "== demo summary: tiny SAM, randomly initialised ==" in proc.stdout
+    assert proc.stdout.count("torch threads: ") == 2  # the choice, said at the start and in the timings
+    assert not (out / "INCOMPLETE").exists()  # finished
     summary = json.loads((out / "summary.json").read_text())
     for name, path in summary["artefacts"].items():
         assert Path(path).exists(), name
@@ -143,6 +145,39 @@ def test_demo_refuses_non_empty_out(demo_run):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "summary.json").exists()
+
+
+def _wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 240.0) -> None:
+    end = time.time() + timeout
+    while not done():
+        assert proc.poll() is None, f"the demo ended before {what}: {proc.communicate()}"
+        assert time.time() < end, f"no {what} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_demo_stopped_midway_does_not_block_the_rerun(tmp_path):
+    import signal
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", "--fast"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(first, lambda: (out / "run").exists(), "training")  # stopped inside its training
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    first.communicate(timeout=120)
+    assert (out / "INCOMPLETE").is_file() and (out / "data" / "train").is_dir()
+    # the rerun, without --overwrite, starts again in the same folder instead of refusing it
+    again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(again, lambda: (out / "INCOMPLETE").is_file() and not (out / "run").exists(), "a fresh start")
+    again.kill()
+    stdout, stderr = again.communicate(timeout=60)
+    assert "an earlier demo stopped before its end (INCOMPLETE); starting it again" in stdout, stdout + stderr
+    # a folder the demo did not leave is still refused
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(other), "-q"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "not empty" in refused.stderr and (other / "notes.txt").exists()
 
 
 def test_demo_with_instances_shows_automatic_instance_segmentation(tmp_path):

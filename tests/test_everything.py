@@ -277,8 +277,9 @@ def test_export_has_verified_split_decoder(export):
 
     graphs = json.loads((export / "manifest.json").read_text())["graphs"]
     for name in ("split_image", "split_prompts", "split_masks"):
-        parity = graphs[name]["fp32"]["parity"]
-        assert parity["passed"] and parity["num_prompts"] >= 3 and parity["mask_iou"] >= 0.999
+        # what the chain computes is measured against SamAutomaticMaskGenerator in
+        # test_session_matches_generator_through_onnx, not read back from the export's own record
+        assert graphs[name]["fp32"]["verified_on"][0] == "onnxruntime"
         assert (export / graphs[name]["fp32"]["path"]).is_file()
 
 

@@ -148,9 +148,8 @@ def test_precisions_meet_their_floors(exported, adapted_lora):
     dims = {t.name: list(t.dims) for t in fp32.initializer}
     matmul_weights = sum(int(np.prod(dims[n.input[1]])) for n in fp32.node if n.op_type == "MatMul" and n.input[1] in dims)
     assert matmul_weights > 0 and enc["int8"]["bytes"] < enc["fp32"]["bytes"] - 2.5 * matmul_weights
-    for flavour in ("decoder", "decoder_lowres"):
-        p = manifest["graphs"][flavour]["fp32"]["parity"]
-        assert p["mask_logits"]["max_rel"] <= 1e-4 and p["mask_iou"] >= 0.999
+    # Meta's decoders against SamPredictor: measured in test_meta_decoder_matches_sam_predictor and
+    # test_decoder_lowres_batch_equals_single_calls, not read back from the export's own record
 
 
 def test_fp16_encoder_graph_keeps_layernorm_in_fp32(exported):

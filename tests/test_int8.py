@@ -76,14 +76,30 @@ def test_mask_agreement_is_one_for_the_same_embedding_and_drops_for_noise(adapte
     assert bad["mask_iou_min"] < GATES["int8"]["mask_iou_min"] and bad["per_prompt"][bad["worst_prompt"]] == pytest.approx(bad["mask_iou_min"], abs=1e-5)
 
 
+def _agreement_of(path, sam, image: np.ndarray, prompt_seed: int = 0) -> dict:
+    """The written graph's masks against the torch model's on one image, measured here (not read back)."""
+    with torch.no_grad():
+        reference = sam.image_encoder(torch.from_numpy(np.ascontiguousarray(image, np.float32)))
+    emb = graph_runner(path)({"image": np.ascontiguousarray(image, np.float32)})["image_embeddings"]
+    return mask_agreement(sam, reference, emb, 32, prompt_seed)
+
+
 def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tmp_path):
+    from peft_export.merge import probe_inputs
+
     manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
     entry = manifest["graphs"]["encoder"]["int8"]
     assert entry["int8_recipe"]["mode"] == "dynamic" and entry["int8_recipe"]["per_channel"] is True
     assert entry["calibration"] is None
-    gate = entry["parity"]["prompt_agreement"]
-    assert gate["prompts"] == 32 and gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
     assert entry["parity"]["thresholds"]["prompt_mask_iou_min"] == 0.97
+    # tuned on probe images of seeds 1, 2 with prompts of seed 1; gated on seed 0's image and prompts
+    data = entry["int8_data"]
+    assert data["tuning"]["images"] == ["probe image, seed 1", "probe image, seed 2"]
+    assert data["gate"]["images"] == ["probe image, seed 0"] and "seed 0" in data["gate"]["prompts"]
+    # the gate holds for the written graph, measured again on the gate's image and prompts
+    gate = _agreement_of(tmp_path / "e" / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
+    assert gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
+    assert gate["mask_iou_mean"] == pytest.approx(entry["parity"]["prompt_agreement"]["mask_iou_mean"], abs=2e-3)
 
 
 @pytest.mark.slow  # worker processes / full exports
@@ -96,10 +112,21 @@ def test_calibrated_static_int8_is_recorded_in_the_manifest(adapted, images, tmp
     manifest = merge_and_export(adapted, out, precisions=["int8"], calibration_data=good, progress=False,
                                 int8_recipe=Int8Recipe(exclude=keep))
     entry = manifest["graphs"]["encoder"]["int8"]
-    assert entry["int8_recipe"]["mode"] == "static QDQ, calibrated" and entry["int8_recipe"]["calibration_images"] == 3
+    # one of the three images is held out: calibrated on two, the gate also measures on the third
+    assert entry["int8_recipe"]["mode"] == "static QDQ, calibrated" and entry["int8_recipe"]["calibration_images"] == 2
     assert entry["int8_recipe"]["exclude"] == list(keep)
     assert entry["calibration"]["files"] == ["im0.tif", "im1.tif", "im2.tif"] and entry["calibration"]["planes"] == 3
     assert len(entry["calibration"]["sha256_of_pixels"]) == 64
+    assert entry["int8_data"]["tuning"]["images"] == ["im0.tif", "im2.tif"]
+    assert entry["int8_data"]["gate"]["images"] == ["probe image, seed 0", "im1.tif"]
+    # the held-out image's agreement, measured again here from the written graph and the file itself
+    from peft_export.export.calibration import calibration_inputs
+
+    held = calibration_inputs(good, 128, dict(adapted.intensity))[0][1]
+    again = _agreement_of(out / entry["path"], adapted.model, held)
+    recorded = entry["parity"]["held_out_agreement"]
+    assert recorded["images"] == 1 and again["mask_iou_mean"] == pytest.approx(recorded["mask_iou_mean"], abs=2e-3)
+    assert again["mask_iou_mean"] >= 0.99 and again["mask_iou_min"] >= 0.97
     import onnx
 
     nodes = onnx.load(str(out / entry["path"])).graph.node
@@ -217,6 +244,44 @@ def test_a_bad_quantisation_is_refused_and_the_fp32_export_is_kept(adapted, imag
     assert not strict.exists()
 
 
+def test_the_gate_judges_the_held_out_images(adapted, images, tmp_path, monkeypatch):
+    # A limit on the held-out images this int8 cannot meet: refused, and the refusal names the held-out
+    # measure (the probe image alone would have passed).
+    from peft_export.export import gates
+
+    good, _ = images
+    monkeypatch.setitem(gates.THRESHOLDS["int8"], "held_out_prompt_mask_iou_min", 0.99999)
+    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], calibration_data=good,
+                                progress=False, int8_recipe=Int8Recipe(exclude=STATIC_FP32_BLOCKS))
+    (entry,) = manifest["refused"]
+    assert [f["measure"] for f in entry["failed"]] == ["held_out_prompt_mask_iou_min"], entry["failed"]
+    assert entry["int8_data"]["gate"]["images"] == ["probe image, seed 0", "im1.tif"]
+    assert "held_out_prompt_mask_iou_min" in entry["line"] and "int8" not in manifest["graphs"]["encoder"]
+
+
+def test_tuning_and_gate_data_never_meet():
+    from peft_export.export.agreement import gate_prompts
+    from peft_export.export.int8_data import GATE_PROMPT_SEED, SEARCH_PROMPT_SEED, split_int8_data
+    from peft_export.export.verify import build_reference
+    from peft_export.models import random_sam
+
+    probe = build_reference(random_sam("tiny", 128, seed=0)).image.numpy()  # the image the gate measures on
+    data = split_int8_data(128)
+    assert data.calibration is None and data.held_out == [] and len(data.tuning) == 2
+    assert all(not np.allclose(x, probe) for x in data.tuning)
+    assert not torch.equal(gate_prompts(128, 32, SEARCH_PROMPT_SEED)[0], gate_prompts(128, 32, GATE_PROMPT_SEED)[0])
+    planes = [np.full((1, 3, 128, 128), i, np.float32) for i in range(9)]
+    record = {"plane_sources": [f"im{i}.tif" for i in range(9)]}
+    data = split_int8_data(128, planes, record)
+    held = [int(x[0, 0, 0, 0]) for x in data.held_out]
+    tuned = [int(x[0, 0, 0, 0]) for x in data.tuning]
+    assert len(held) == 2 and sorted(held + tuned) == list(range(9)) and data.calibration == data.tuning
+    assert data.record["gate"]["images"][1:] == [f"im{i}.tif" for i in held]
+    assert data.record["tuning"]["images"] == [f"im{i}.tif" for i in tuned]
+    one = split_int8_data(128, planes[:1], {"plane_sources": ["only.tif"]})
+    assert one.held_out == [] and one.tuning == one.calibration and "probe image only" in one.record["gate"]["note"]
+
+
 def test_calibration_errors(adapted, tmp_path):
     with pytest.raises(PeftExportError, match="only int8 is calibrated"):
         merge_and_export(adapted, tmp_path / "x", precisions=["fp32"], calibration_data=tmp_path, progress=False)
@@ -277,10 +342,14 @@ def test_recipe_search_returns_the_most_sensitive_layers_to_fp32_until_the_margi
     nodes = onnx.load(str(tmp_path / "e" / entry["path"])).graph.node
     assert set(search["fp32_by_search"]) <= {n.name for n in nodes if n.op_type == "MatMul"}
     assert sum(n.op_type == "MatMulInteger" for n in nodes) == search["int8_matmuls"] == n - n // 4
-    # ...and its gate measure is the last step's
-    gate = entry["parity"]["prompt_agreement"]
-    assert gate["mask_iou_mean"] == pytest.approx(search["steps"][-1]["mask_iou_mean"], abs=1e-9)
-    assert gate["mask_iou_mean"] >= 0.99  # the gate itself did not move
+    # ...and its last step's agreement is the tuning images' (seeds 1, 2, prompts of seed 1), measured
+    # again here; the gate itself (seed 0) did not move
+    from peft_export.merge import probe_inputs
+
+    path = tmp_path / "e" / entry["path"]
+    tuned = [_agreement_of(path, adapted.model, probe_inputs(128, seed)[0].numpy(), 1) for seed in (1, 2)]
+    assert np.mean([a["per_prompt"] for a in tuned]) == pytest.approx(search["steps"][-1]["mask_iou_mean"], abs=2e-3)
+    assert _agreement_of(path, adapted.model, probe_inputs(128, 0)[0].numpy())["mask_iou_mean"] >= 0.99
 
 
 def test_default_recipe_clears_the_margin_on_the_tiny_model(adapted, tmp_path):
@@ -289,12 +358,9 @@ def test_default_recipe_clears_the_margin_on_the_tiny_model(adapted, tmp_path):
     manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
     entry = manifest["graphs"]["encoder"]["int8"]
     assert entry["int8_search"]["reached"] is True and not manifest["refused"]
-    # measured again here, not read back: the written int8 against the torch model over the gate's prompts
+    # measured again here, not read back: the written int8 against the torch model over the gate's image and
+    # prompts, which the recipe never saw (it was tuned on seeds 1, 2): the margin holds there too
     from peft_export.merge import probe_inputs
 
-    image, _ = probe_inputs(128)
-    with torch.no_grad():
-        reference = adapted.model.image_encoder(image)
-    emb = graph_runner(tmp_path / "e" / entry["path"])({"image": image.numpy()})["image_embeddings"]
-    gate = mask_agreement(adapted.model, reference, emb, 32)
+    gate = _agreement_of(tmp_path / "e" / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
     assert gate["mask_iou_mean"] >= MARGIN["prompt_mask_iou_mean"] and gate["mask_iou_min"] >= MARGIN["prompt_mask_iou_min"]

@@ -82,6 +82,30 @@ def test_apply_gptq_leaves_other_grids_alone(tmp_path):
     np.testing.assert_array_equal(stored["w_quantized"], rounded["w"][0])
 
 
+def test_gptq_is_recorded_only_when_it_changed_weights(tmp_path):
+    # A "gptq" recipe whose rounding equals ONNX Runtime's nearest one writes the same graph: the
+    # applied recipe says "nearest" (and how many matrices GPTQ changed), not "gptq".
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    nearest = quantize_int8(src, tmp_path / "nearest.onnx", Int8Recipe())
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "nearest.onnx")).graph.initializer}
+    same = quantize_int8(src, tmp_path / "same.onnx", Int8Recipe(rounding="gptq"),
+                         rounded={"w": (stored["w_quantized"], stored["w_scale"])})
+    assert (nearest.rounding, nearest.gptq_changed) == ("nearest", None)
+    assert (same.rounding, same.gptq_changed) == ("nearest", 0) and same.to_dict()["rounding"] == "nearest"
+    x = np.random.default_rng(1).normal(size=(64, 8))
+    moved = quantize_int8(src, tmp_path / "moved.onnx", Int8Recipe(rounding="gptq"), rounded={"w": gptq_round(w, x.T @ x)})
+    assert (moved.rounding, moved.gptq_changed) == ("gptq", 1)
+
+
 def test_gptq_recipe_without_images_is_refused(tmp_path):
     with pytest.raises(ValueError, match="gptq"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", Int8Recipe(rounding="gptq"))

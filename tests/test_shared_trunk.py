@@ -123,7 +123,9 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
     assert a["dec"]["holds"]["head_base"] == "blocks 2-3, neck"
     assert a["stem"]["encoder"] == ["encoder_stem"] and "patch" in a["stem"]["own_encoder_because"]
     assert a["late"]["peft"]["method"] == "lora" and a["late"]["merged"] is True
-    assert a["late"]["source"] == {"kind": "adapter", "adapter": str(Path(a["late"]["source"]["adapter"]))}
+    src = a["late"]["source"]
+    assert src["kind"] == "adapter" and Path(src["adapter"]).is_absolute()
+    assert src["adapter_sha256"] == sha256_file(Path(src["adapter"]) / "adapter.safetensors")
     from peft_export.export.pipeline import decoder_flavours
 
     assert decoder_flavours(False, False) == ()
@@ -133,7 +135,9 @@ def test_manifest_lists_adapters_split_and_what_each_graph_holds(multi):
         assert a[name]["split_prompts"] == f"split_prompts_{name}" and a[name]["split_masks"] == f"split_masks_{name}"
         # the browser page's pair, verified as a chain against this adapter's decoder
         assert a[name]["split_image"] == f"split_image_{name}" and a[name]["click_decoder"] == f"click_decoder_{name}"
-        assert m["graphs"][f"click_decoder_{name}"]["fp32"]["parity"]["mask_index_agrees"]
+        # what each click decoder computes is measured against the merged torch model, not read back from
+        # the manifest: test_decoder_export.py::test_shared_trunk_export_gives_each_adapter_its_merged_decoder
+        assert f"click_decoder_{name}" in m["graphs"]
         assert set(a[name]["encoder_parity"]) == {"fp32", "int8"}  # what each graph computes: the tests below
     assert set(m["graphs"]["head_base"]["fp32"]["adapters"]) == {"dec", "dec2"}
     assert m["graphs"]["trunk"]["fp32"]["outputs"][0] == {"name": "trunk_features", "shape": [1, 16, 16, 64],

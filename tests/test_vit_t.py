@@ -64,6 +64,12 @@ def test_outputs_equal_mobile_sam_at_1024(reference):
             sparse, dense = m.prompt_encoder(points=pts, boxes=None, masks=None)
             outs.append(m.mask_decoder(emb, m.prompt_encoder.get_dense_pe(), sparse, dense, True)[0])
         assert (outs[0] - outs[1]).abs().max() <= 1e-4 * max(1.0, outs[1].abs().max())
+    # the size-generic MobileSAM of the other sizes' test is MobileSAM's own here: its one changed line
+    # (the 64 x 64 grid) changes nothing at 1024
+    generic = mobile_sam_at(1024)
+    generic.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(generic.eval().image_encoder(x), b)
 
 
 @pytest.mark.slow
@@ -86,19 +92,71 @@ def test_weights_loaded_after_eval_are_used(reference):
     assert torch.equal(theirs.image_encoder.layers[1].blocks[0].attn.ab, stale)
 
 
+def mobile_sam_at(size: int):
+    """MobileSAM's own model for ``size``: its own classes with ``build_sam_vit_t``'s arguments, which fix
+    1024 (copied here, the image size changed). Its ``TinyViT.forward_features`` also reshapes the last
+    stage's tokens to a hard-coded 64 x 64 grid; that one constant becomes the grid TinyViT itself gives
+    that stage (``layers[-1].input_resolution``, 64 x 64 at 1024), and nothing else of its forward changes."""
+    import types
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("mobile_sam")
+        from mobile_sam.modeling import MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
+    encoder = TinyViT(img_size=size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+                      depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
+                      drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+                      local_conv_size=3, layer_lr_decay=0.8)
+
+    def forward_features(self, x):  # MobileSAM's, with its grid from the last stage instead of 64 x 64
+        x = self.patch_embed(x)
+        x = self.layers[0](x)
+        for i in range(1, len(self.layers)):
+            x = self.layers[i](x)
+        b, _, c = x.size()
+        h, w = self.layers[-1].input_resolution
+        x = x.view(b, h, w, c)
+        x = x.permute(0, 3, 1, 2)
+        return self.neck(x)
+
+    encoder.forward_features = types.MethodType(forward_features, encoder)
+    grid = size // 16
+    sam = Sam(image_encoder=encoder,
+              prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                           input_image_size=(size, size), mask_in_chans=16),
+              mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+                  depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256,
+                  iou_head_depth=3, iou_head_hidden_dim=256),
+              pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    return sam
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [256, 512])
-def test_other_image_sizes(size):
-    sam = random_sam("vit_t", size, seed=0)
+def test_outputs_equal_mobile_sam_at_other_sizes(size):
+    # Not only finite shapes: the numbers of MobileSAM's own modules at this size, from the same weights.
+    ours = random_sam("vit_t", size, seed=6)
+    theirs = mobile_sam_at(size)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()  # MobileSAM caches its attention bias here, from the weights just loaded
+    assert ours.image_encoder.layers[2].blocks[0].attn.attention_biases.abs().min() > 0  # random, non-zero
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    pts = (torch.tensor([[[size / 2, size / 3], [size / 5, size * 0.8]]]), torch.tensor([[1, 0]]))
+    box = torch.tensor([[0.1 * size, 0.2 * size, 0.6 * size, 0.7 * size]])
     with torch.no_grad():
-        emb = sam.image_encoder(x)
-        sparse, dense = sam.prompt_encoder(points=(torch.tensor([[[size / 2, size / 3]]]), torch.tensor([[1]])),
-                                           boxes=None, masks=None)
-        masks, iou = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
-    assert emb.shape == (1, 256, size // 16, size // 16) and torch.isfinite(emb).all()
-    assert masks.shape == (1, 3, size // 4, size // 4) and torch.isfinite(masks).all()
+        a, b = ours.image_encoder(x), theirs.image_encoder(x)
+        assert a.shape == (1, 256, size // 16, size // 16)
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max())
+        outs = []
+        for m, emb in ((ours, a), (theirs, b)):
+            sparse, dense = m.prompt_encoder(points=pts, boxes=box, masks=None)
+            outs.append(m.mask_decoder(emb, m.prompt_encoder.get_dense_pe(), sparse, dense, True))
+    (mine, my_iou), (mobile, mobile_iou) = outs
+    assert mine.shape == (1, 3, size // 4, size // 4)
+    assert (mine - mobile).abs().max() <= 1e-4 * max(1.0, mobile.abs().max())
+    assert (my_iou - mobile_iou).abs().max() <= 1e-4
     # Same weights at another size: the state dict is size-independent.
-    assert {k: v.shape for k, v in sam.state_dict().items()} == {
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in build_sam_architecture("vit_t", 1024).state_dict().items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,33 @@ def test_cli_web_prints_sizes_and_how_to_serve(export, images, tmp_path):
     assert f"python -m http.server -d {out}" in result.output
     again = CliRunner().invoke(app, ["web", str(export), str(images[0]), "--out", str(out), "-q"])
     assert again.exit_code == 2 and "error:" in again.output and "--overwrite" in again.output
+
+
+def test_web_progress_bar_counts_the_sites_steps(export, images, tmp_path):
+    # `peftexport web` once showed a bar over the embeddings only (empty with no IMAGES) and then sat
+    # silent while the decoder, pictures and onnxruntime-web were written.
+    _needs_ort_web()
+    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "web", str(export), *map(str, images),
+                           "--out", str(tmp_path / "site")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = 2 * len(images) + 2  # embedding + picture per image, the decoder, onnxruntime-web
+    shown = [int(n) for n in re.findall(rf"\| *(\d+)/{steps} \[", proc.stderr)]
+    assert shown and shown[-1] == steps, proc.stderr[-2000:]
+
+
+def test_banner_calls_the_validation_dice_what_it_is(tmp_path):
+    # The page's note on a random-base model quotes the adapter's validation Dice: the images that picked
+    # the best training step, so not a held-out figure.
+    from helpers import MERGEABLE_CONFIGS, make_adapted
+    from peft_export.peft.adapters import save_adapter
+
+    save_adapter(make_adapted(MERGEABLE_CONFIGS["lora"]), tmp_path / "run",
+                 extra={"training": {"train_images": 8},
+                        "validation": {"metrics": {"box_dice": 0.71, "point_dice": 0.52}, "files": ["a.tif", "b.tif"]}})
+    manifest = {"base": {"sha256": "random-init"}, "source": {"kind": "adapter", "adapter": str(tmp_path / "run")}}
+    note = site_module.model_note(manifest)
+    assert "fine-tuned on 8 images; validation box Dice 0.71, point Dice 0.52 on 2 images" in note
+    assert "held-out box Dice" not in note and "not a held-out test" in note
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Stage 9, bench: latency and memory of every way to run one model (cases, runners, measurement, report).
 
-May import: export, peft, models, runtime, errors, fsutil (torch, onnxruntime, openvino, tensorrt only inside runners and workers).
+May import: export, peft, models, runtime, cpu_load, training.host_memory (the malloc setting of torch cases), errors, fsutil (torch, onnxruntime, openvino, tensorrt only inside runners and workers).
 """
 
 from .cases import (

@@ -96,7 +96,8 @@ def _worker(job_path: str, out_path: str) -> int:
     result = measure([runner], job["components"], job["warmup"], job["iterations"], False, log)[0]
     result["process"] = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_at_start_mb": round(rss_start, 1),
                          "rss_at_end_mb": round(current_rss_mb(), 1), "pid": os.getpid(),
-                         "torch_imported": "torch" in sys.modules}
+                         "torch_imported": "torch" in sys.modules,
+                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     Path(out_path).write_text(json.dumps(result, default=str))
     return 0
 
@@ -137,7 +138,7 @@ def measure_fresh(
             before = snapshot()
             try:
                 proc = subprocess.run([sys.executable, "-m", "peft_export.bench.fresh", str(job_path), str(out_path)],
-                                      capture_output=True, text=True, timeout=timeout_s, env=_worker_env())
+                                      capture_output=True, text=True, timeout=timeout_s, env=_worker_env(case.spec))
                 code, err = proc.returncode, proc.stderr
             except subprocess.TimeoutExpired as exc:
                 code, err = None, f"timed out after {exc.timeout:.0f} s"
@@ -155,9 +156,14 @@ def measure_fresh(
     return results
 
 
-def _worker_env() -> dict:
-    """The parent's environment, with this package importable from wherever the parent found it."""
+def _worker_env(spec: CaseSpec | None = None) -> dict:
+    """The parent's environment, with this package importable from wherever the parent found it (and,
+    for a ``malloc="keep"`` case, glibc told to keep freed memory from the worker's start)."""
     env = dict(os.environ)
+    if spec is not None and spec.malloc == "keep":
+        from ..training.host_memory import GLIBC_TUNABLES_KEEP
+
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), GLIBC_TUNABLES_KEEP) if t)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env

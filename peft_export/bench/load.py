@@ -16,16 +16,15 @@ Linux only (/proc); elsewhere the fields are None and ``busy`` is None (unknown)
 
 from __future__ import annotations
 
-import os
-import resource
 import time
 from dataclasses import dataclass
+
+from ..cpu_load import HZ, cpu_jiffies, own_cpu_seconds
 
 # A case is flagged when other processes used more than this share of the CPUs, or the
 # hypervisor stole more than this share: either shifts a 2-core timing by tens of percent.
 BUSY_OTHERS_FRACTION = 0.10
 BUSY_STEAL_FRACTION = 0.05
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -47,30 +46,11 @@ def _loadavg() -> tuple[float, float, float] | None:
         return None
 
 
-def _cpu_jiffies() -> tuple[int, int, int] | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    v = [int(x) for x in fields[1:]] + [0] * 10
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    busy = user + nice + system + irq + softirq
-    return busy, steal, busy + idle + iowait + steal
-
-
-def _own_cpu_s() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def snapshot() -> LoadSnapshot:
     """The machine's CPU counters and this process's own CPU time, now."""
-    j = _cpu_jiffies()
+    j = cpu_jiffies()
     return LoadSnapshot(time.time(), _loadavg(), j[0] if j else None, j[1] if j else None,
-                        j[2] if j else None, _own_cpu_s())
+                        j[2] if j else None, own_cpu_seconds())
 
 
 def load_between(before: LoadSnapshot, after: LoadSnapshot) -> dict:
@@ -89,7 +69,7 @@ def load_between(before: LoadSnapshot, after: LoadSnapshot) -> dict:
     if total <= 0:
         return out
     steal = (after.steal_jiffies - before.steal_jiffies) / total
-    own_jiffies = (after.own_cpu_s - before.own_cpu_s) * _HZ
+    own_jiffies = (after.own_cpu_s - before.own_cpu_s) * HZ
     others = max(0.0, (after.busy_jiffies - before.busy_jiffies) - own_jiffies) / total
     out["steal_fraction"] = round(steal, 4)
     out["others_cpu_fraction"] = round(min(others, 1.0), 4)

@@ -19,20 +19,53 @@ from .load import describe_load
 # ---- aggregation ----------------------------------------------------------------------------
 
 
-def pick_reference(cases: Sequence[dict]) -> str | None:
-    """The case every ratio is against: base torch fp32, else the first case that ran."""
+TORCH_BACKENDS = ("torch", "torch-compile")
+
+
+def pick_reference(cases: Sequence[dict]) -> dict[str, str]:
+    """The case each component's ratios are against: the fastest torch case that timed it (eager or
+    compiled, any model and precision, freed memory kept or not), so that no ratio is against a torch
+    slower than torch can be on this machine; a component no torch case timed is against the first
+    case that timed it. {component: case name}; empty when nothing ran."""
     ok = [c for c in cases if c.get("status") == "ok" and c.get("components")]
-    for c in ok:
-        if c["model"] == "base" and c["backend"] == "torch" and c["precision"] == "fp32":
-            return c["case"]
-    return ok[0]["case"] if ok else None
+    reference: dict[str, str] = {}
+    for comp in dict.fromkeys(k for c in ok for k in c["components"]):
+        timed = [c for c in ok if c["components"].get(comp, {}).get("median_ms")]
+        torch = [c for c in timed if c["backend"] in TORCH_BACKENDS]
+        if torch or timed:
+            reference[comp] = min(torch, key=lambda c: c["components"][comp]["median_ms"])["case"] if torch \
+                else timed[0]["case"]
+    return reference
 
 
-def add_ratios(cases: list[dict], reference: str | None) -> list[dict]:
-    """Set ``ratio_vs_reference`` (median / reference median, same component) on every timed component."""
-    ref = next((c for c in cases if c["case"] == reference), None)
+def reference_of(reference: str | dict | None, component: str) -> str | None:
+    """The reference case of one component (bench format 2: per component; 1: one case for all)."""
+    return reference.get(component) if isinstance(reference, dict) else reference
+
+
+def describe_reference(result: dict) -> str:
+    """'ratio = median / median of merged torch fp32 (freed memory kept) (encoder, end_to_end); ...'."""
+    reference = result.get("reference")
+    if not reference:
+        return "no case ran, so no ratios"
+    if not isinstance(reference, dict):
+        return f"ratio = median / median of '{reference}'"
+    by_case: dict[str, list[str]] = {}
+    for comp, case in reference.items():
+        by_case.setdefault(case, []).append(comp)
+    torch = {c["case"] for c in result.get("cases", []) if c.get("backend") in TORCH_BACKENDS}
+    parts = [f"'{case}' ({', '.join(comps)})" for case, comps in by_case.items()]
+    what = "the fastest torch case timed here" if set(by_case) <= torch else "the fastest torch case (else the first case)"
+    return f"ratio = median / median of {what}: {'; '.join(parts)}"
+
+
+def add_ratios(cases: list[dict], reference: str | dict | None) -> list[dict]:
+    """Set ``ratio_vs_reference`` (median / reference median, same component) on every timed component;
+    ``reference``: one case for every component, or {component: case} (``pick_reference``)."""
+    by_name = {c["case"]: c for c in cases}
     for c in cases:
         for comp, stats in c.get("components", {}).items():
+            ref = by_name.get(reference_of(reference, comp))
             base = (ref or {}).get("components", {}).get(comp)
             if base and base.get("median_ms"):
                 stats["ratio_vs_reference"] = round(stats["median_ms"] / base["median_ms"], 4)
@@ -158,8 +191,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
             f"model {st.get('model_type')} at {st.get('image_size')}px, device {st.get('device')}, "
             f"warm-up {st.get('warmup')}, iterations {st.get('iterations')}{mode}; "
             f"machine load during the run: {describe_load(result.get('load'))}; "
-            + (f"ratio = median / median of '{result['reference']}'; " if result.get("reference")
-               else "no case ran, so no ratios; ")
+            + f"{describe_reference(result)}; "
             + ", ".join(f"{k} {v}" for k, v in ver.items() if v))
     table = format_rows(table_rows(result), markdown=markdown)
     warnings = busy_warnings(result)
@@ -219,7 +251,7 @@ def compare_results(paths: Sequence[str | Path], markdown: bool = False, labels:
         label = _run_label(res, p, labels[i] if labels else None)
         st = res.get("settings", {})
         notes.append(f"{label}: {res.get('date', '?')}, {describe_machine(res)}, {st.get('model_type')} at "
-                     f"{st.get('image_size')}px, device {st.get('device')}, ratio vs '{res.get('reference')}', "
+                     f"{st.get('image_size')}px, device {st.get('device')}, {describe_reference(res)}, "
                      f"machine load {describe_load(res.get('load'))}")
         rows.extend(table_rows(res, run_label=label))
     head = "\n".join(("- " if markdown else "") + n for n in notes)
@@ -256,7 +288,7 @@ def write_plot(path: str | Path, result: dict, overwrite: bool = True) -> Path:
         med = [c["components"][comp]["median_ms"] for c in ok if comp in c["components"]]
         p90 = [c["components"][comp]["p90_ms"] for c in ok if comp in c["components"]]
         y = np.arange(len(names))
-        colors = ["tab:gray" if n == result.get("reference") else "tab:blue" for n in names]
+        colors = ["tab:gray" if n == reference_of(result.get("reference"), comp) else "tab:blue" for n in names]
         ax.barh(y, med, color=colors, xerr=[np.zeros(len(med)), np.maximum(np.subtract(p90, med), 0)], capsize=2)
         ax.set_yticks(y)
         ax.set_yticklabels(names, fontsize=8)
@@ -271,7 +303,7 @@ def write_plot(path: str | Path, result: dict, overwrite: bool = True) -> Path:
         ax.set_xlim(0, float(max(ends)) * 1.22)
     st = result.get("settings", {})
     fig.suptitle(f"{st.get('model_type')} {st.get('image_size')}px on {describe_machine(result)}; "
-                 f"grey: the reference ({result.get('reference')})", fontsize=9)
+                 "grey: each component's reference (the fastest torch case)", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, overwrite=overwrite) as tmp:
         fig.savefig(str(tmp), dpi=110, format="png")

@@ -2,7 +2,9 @@
 
 A *case* is one way to run the model (base SAM in torch, the adapter model unmerged,
 the merged model, torch.compile, each exported precision in ONNX Runtime, TensorRT
-engines). Each case is timed per *component*:
+engines). torch is also timed at its best (on the CPU with freed memory kept, and compiled
+where torch.compile runs), and every ratio is against the fastest torch case of the same
+run, per component (``report.pick_reference``). Each case is timed per *component*:
 
 - ``encoder``: the image encoder on a preprocessed 1x3xSxS input;
 - ``decoder_point`` / ``decoder_box``: prompt encoder + mask decoder on a fixed image
@@ -199,7 +201,7 @@ def run_bench(
             backends, device, precisions, available, torch_models, unmergeable,
             _export_precisions(manifest) if manifest else [],
             _engine_precisions(manifest) if manifest else [], no_export_reason,
-            export_refused=_refused_encoders(manifest) if manifest else {})
+            export_refused=_refused_encoders(manifest) if manifest else {}, fresh_process=fresh_process)
         inputs = BenchInputs(image_size, batch_sizes, seed)
         t0 = time.time()
         before = snapshot()

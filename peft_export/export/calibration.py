@@ -16,20 +16,26 @@ MAX_CALIBRATION_IMAGES = 16  # activation ranges settle after a few images; each
 
 
 def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
-                       max_images: int = MAX_CALIBRATION_IMAGES) -> tuple[list[np.ndarray], dict]:
+                       max_images: int = MAX_CALIBRATION_IMAGES, prepare=None) -> tuple[list[np.ndarray], dict]:
     """Encoder inputs (1,3,S,S) of up to ``max_images`` 2D planes of the images in ``directory``
-    (sorted by name), and a record of what was used for the manifest."""
+    (sorted by name), and a record of what was used for the manifest. ``prepare(plane, intensity, S)``
+    makes one input (default SAM's ``prepare_image``; SAM 2 passes its own)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PeftExportError(f"--calibration-data: {directory} is not a directory")
     files = sorted(p for p in directory.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise PeftExportError(f"--calibration-data: {directory} has no image files (TIFF, PNG, JPEG, NPY)")
-    inputs, used, digest = [], [], hashlib.sha256()
+    inputs, used, sources, digest = [], [], [], hashlib.sha256()
     for path in files:
-        for plane in read_image_planes(path):
-            x, _, _ = prepare_image(plane, intensity, image_size, PIXEL_MEAN, PIXEL_STD, SAM_INTERPOLATION)
+        planes = read_image_planes(path)
+        for i, plane in enumerate(planes):
+            if prepare is not None:
+                x = prepare(plane, intensity, image_size)
+            else:
+                x, _, _ = prepare_image(plane, intensity, image_size, PIXEL_MEAN, PIXEL_STD, SAM_INTERPOLATION)
             inputs.append(x)
+            sources.append(path.name if len(planes) == 1 else f"{path.name}#{i}")
             digest.update(np.ascontiguousarray(plane).tobytes())
             if path.name not in used:
                 used.append(path.name)
@@ -38,5 +44,5 @@ def calibration_inputs(directory: str | Path, image_size: int, intensity: dict,
         if len(inputs) >= max_images:
             break
     record = {"directory": str(directory.resolve()), "files": used, "planes": len(inputs),
-              "sha256_of_pixels": digest.hexdigest()}
+              "plane_sources": sources, "sha256_of_pixels": digest.hexdigest()}
     return inputs, record

@@ -118,7 +118,7 @@ def apply_gptq(dst: str | os.PathLike, rounded: dict[str, tuple[np.ndarray, np.n
 
     Only weights that ONNX Runtime quantised on the same grid (symmetric, 7-bit, per output channel:
     ``<w>_quantized``, ``<w>_scale``, zero point 0) are replaced; the rest (fp32 layers, other grids)
-    stay as they are. Returns how many weights were replaced."""
+    stay as they are. Returns how many weight matrices now hold other values than ONNX Runtime's."""
     import onnx
     from onnx import numpy_helper
 
@@ -133,6 +133,8 @@ def apply_gptq(dst: str | os.PathLike, rounded: dict[str, tuple[np.ndarray, np.n
         if (old_q.dtype != np.int8 or old_q.shape != q.shape or old_s.shape != scale.shape or np.any(zero != 0)
                 or int(np.abs(old_q).max()) > QMAX or not np.allclose(old_s, scale, rtol=1e-5)):
             continue  # another grid than the one GPTQ rounded for
+        if np.array_equal(old_q, q):
+            continue
         qt.CopyFrom(numpy_helper.from_array(q, qt.name))
         replaced += 1
     external = any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL

@@ -4,9 +4,11 @@ MatMul to fp32.
 
 The gate (``verify.THRESHOLDS["int8"]``: prompt mask IoU mean >= 0.99, min >= 0.97 over 32 probe
 prompts) stays where it is; the search aims higher (``MARGIN``) so that a graph that passes does not
-sit at the gate's edge, where noise (another machine, another seed) flips it.
+sit at the gate's edge, where noise (another machine, another seed) flips it. Everything here runs
+on the tuning images and prompts (``int8_data``), never on the gate's: the margin the search reaches
+is the tuning data's, the gate then measures on data the recipe never saw.
 
-Sensitivity (model-agnostic: no layer names): one fp32 run of the encoder on the probe image records
+Sensitivity (model-agnostic: no layer names): one fp32 run of the encoder on a tuning image records
 the input of every weight MatMul; each layer's relative output error under the quantisation the
 recipe applies (activations uint8 per tensor as dynamic quantisation does, weights int8/int7 per
 channel) ranks it. One run and numpy, instead of one quantisation per layer (``benchmarks/
@@ -72,19 +74,21 @@ def below_margin(agreement: dict) -> bool:
             or agreement["mask_iou_min"] < MARGIN["prompt_mask_iou_min"])
 
 
-def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: Int8Recipe, image: np.ndarray,
-                       measure: Callable[[Path], dict], calibration: Sequence[np.ndarray] | None = None,
+def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: Int8Recipe,
+                       tuning: Sequence[np.ndarray], measure: Callable[[Path], dict],
+                       calibration: Sequence[np.ndarray] | None = None,
                        log: Callable[[str], None] = lambda _m: None,
                        max_extra: int = MAX_EXTRA_FP32) -> tuple[Int8Recipe, dict]:
     """Quantise ``src`` to ``dst`` from ``recipe``, returning layers to fp32 (most sensitive first)
-    while ``measure(dst)`` (the gate's prompt agreement: ``mask_iou_mean``, ``mask_iou_min``) is below
-    ``MARGIN``. Returns the applied recipe and the search record for the manifest."""
+    while ``measure(dst)`` (prompt agreement on the tuning images: ``mask_iou_mean``, ``mask_iou_min``)
+    is below ``MARGIN``. ``tuning``: GPTQ's images (the first also ranks the layers); ``calibration``:
+    static QDQ ranges (None: dynamic). Returns the applied recipe and the search record for the manifest."""
     rounded = None
     if recipe.rounding == "gptq":  # once: the rounding of a layer does not depend on which others stay fp32
         from .gptq import gptq_weights
 
-        rounded = gptq_weights(src, calibration if calibration is not None and len(calibration)
-                               else hessian_images(image.shape[-1]))
+        rounded = gptq_weights(src, tuning)
+    image = tuning[0]
     applied = quantize_int8(src, dst, recipe, calibration, rounded)
     agreement = measure(Path(dst))
     steps = [{"fp32_layers": len(recipe.exclude), "mask_iou_mean": agreement["mask_iou_mean"],
@@ -107,21 +111,11 @@ def search_int8_recipe(src: str | os.PathLike, dst: str | os.PathLike, recipe: I
     weight_matmuls = matmul_weight_count(src)
     kept = [n for n in weight_matmuls if n in set(applied.exclude)]
     # The speed cost, counted: weight MatMuls left in fp32 of all that int8 could take.
-    record = {"margin": dict(MARGIN), "reached": not below_margin(agreement), "fp32_by_search": added,
+    record = {"margin": dict(MARGIN), "measured_on": "the tuning images and prompts (int8_data), not the gate's",
+              "reached": not below_margin(agreement), "fp32_by_search": added,
               "fp32_layers": list(applied.exclude), "weight_matmuls": len(weight_matmuls),
               "fp32_matmuls": len(kept), "int8_matmuls": len(weight_matmuls) - len(kept), "steps": steps}
     return applied, record
-
-
-HESSIAN_SEEDS = (1, 2)  # the probe image is seed 0: GPTQ never sees the image the gate measures on
-
-
-def hessian_images(size: int) -> list[np.ndarray]:
-    """Images for GPTQ's layer statistics when the user gave no calibration images: probe images of
-    other seeds than the gate's (same realistic statistics, other content)."""
-    from ..merge import probe_inputs
-
-    return [probe_inputs(size, seed)[0].numpy() for seed in HESSIAN_SEEDS]
 
 
 def matmul_weight_count(src: str | os.PathLike) -> list[str]:

@@ -21,25 +21,23 @@ from segment_anything.modeling import Sam
 from ..peft.adapters import AdaptedModel
 from ..errors import PeftExportError
 from ..fsutil import atomic_dir
-from ..merge import merge_and_verify
-from ..peft import has_unmergeable_layers
+from ..models.family import is_sam2
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .refusals import is_required, refusal_line, refusal_record
+from .gptq import gptq_weights
+from .int8_data import GATE_PROMPT_SEED, SEARCH_IMAGES, SEARCH_PROMPT_SEED, Agreement, int8_verifier, split_int8_data
 from .int8_search import search_int8_recipe
 from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
-from .verify import build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
+from .verify import ENCODER_MEASURES, build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
+# What every export does before its graphs (SAM 2's pipeline, sam2_image, uses them too).
+from .prepare import check_out_dir as _check_out_dir, encoder_filename, export_source, merge_for_export  # noqa: F401
 
 FORMATS = ("onnx", "tensorrt")
 MAX_OPSET = 20  # the TorchScript exporter's newest
-
-
-def encoder_filename(precision: str, stem: str = "encoder") -> str:
-    """``encoder.onnx`` for fp32, ``encoder.int8.onnx`` etc. (``stem`` names other encoder graphs)."""
-    return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
 
 
 def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int, exporter: str,
@@ -57,53 +55,6 @@ def _check_options(formats: Sequence[str], precisions: Sequence[str], opset: int
     og.check_exporter(exporter, opset)
     if attention not in ATTENTION_FORMS:
         raise PeftExportError(f"--attention: unknown {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """The checks atomic_dir makes, and a file in the way, before any slow work."""
-    for parent in out_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise PeftExportError(f"{out_dir}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise PeftExportError(f"{out_dir}: {parent} is not writable")
-            break
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PeftExportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise PeftExportError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
-
-
-def export_source(adapted: AdaptedModel) -> dict:
-    """Where the exported weights came from, so `bench EXPORT_DIR` can also time the torch model."""
-    if not adapted.source:
-        return {}
-    path = str(Path(adapted.source).resolve())
-    if adapted.meta.get("format"):  # an adapter file / run directory
-        return {"kind": "adapter", "adapter": path}
-    if adapted.config is None:
-        return {"kind": "merged", "path": path}
-    return {"kind": "micro-sam", "micro_sam": path}  # needs its --peft options to load
-
-
-def merge_for_export(adapted: AdaptedModel, log: Callable[[str], None]) -> tuple[Sam, bool, list[str], dict | None]:
-    """The model to export: (model, merged, adapters left in the graph, merge report).
-
-    Mergeable methods are folded and verified (``merge_and_verify``); AdaptFormer keeps its
-    branch in the graph; a plain model (no config) is exported as it is.
-    """
-    reference_model = adapted.model.eval()
-    if adapted.config is None:
-        return reference_model, True, [], None
-    if has_unmergeable_layers(reference_model):
-        log(f"{adapted.config.method} cannot be folded: exporting it with its branch inside the graph")
-        return reference_model, False, [adapted.config.method], None
-    t0 = time.perf_counter()
-    model, report = merge_and_verify(adapted)
-    log(f"merged {adapted.config.method} in {time.perf_counter() - t0:.1f} s "
-        f"(embeddings max rel {report['errors']['embeddings']['max_rel']:.1e})")
-    # A QLoRA model lives on its GPU; the merged copy is exported and checked on the CPU.
-    return model.eval().cpu(), True, [], {"errors": report["errors"], "tolerance_rel": report["tolerance_rel"]}
 
 
 def merge_and_export(
@@ -133,8 +84,9 @@ def merge_and_export(
     written) when a graph fails its parity check.
 
     int8: ``calibration_data`` (a directory of the user's images) makes a static QDQ graph
-    calibrated on them, else dynamic quantisation; ``int8_recipe`` overrides the default
-    (``quantize.default_recipe``). The manifest records the recipe and the calibration images.
+    calibrated on them (less a held-out part the gate verifies on, ``int8_data``), else dynamic
+    quantisation; ``int8_recipe`` overrides the default (``quantize.default_recipe``). The manifest
+    records the recipe, the calibration images and which data tuned and which verified the graph.
 
     ``attention``: how the fp32 encoder (and the int8 one quantised from it) writes attention:
     ``plain`` (SAM's ops), ``folded`` or ``fused`` (``fused_attention``), parity-gated like any graph.
@@ -148,6 +100,16 @@ def merge_and_export(
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
+    if is_sam2(adapted.model):  # SAM 2: its own graphs (sam2_image); the SAM-only options are refused by name
+        from .sam2_image import export_sam2
+
+        asked = [name for name, on in (("--format tensorrt", "tensorrt" in formats), ("--precision fp16", "fp16" in precisions),
+                                       ("--preprocess-in-graph", preprocess_in_graph), ("--meta-decoder", meta_decoder),
+                                       ("--attention " + attention, attention != "plain"),
+                                       ("--exporter dynamo", exporter != "torchscript")) if on]
+        if asked:
+            raise PeftExportError(f"{asked[0]}: not available for SAM 2 exports (ONNX fp32 / int8, TorchScript exporter)")
+        return export_sam2(adapted, out_dir, precisions, opset, overwrite, progress, calibration_data, int8_recipe, strict)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     if calibration_data is not None and "int8" not in precisions:
@@ -251,17 +213,24 @@ def merge_and_export(
         if "int8" in precisions:
             t = time.perf_counter()
             search = None
+            # tuned on some images and prompts, gated on others (with --calibration-data: a held-out part of them)
+            data = split_int8_data(size, calibration, calibration_record)
             if int8_recipe is not None:  # the user's recipe, as given
-                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe, calibration)
+                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe,
+                                        data.calibration, gptq_weights(tmp / "encoder.onnx", data.tuning)
+                                        if int8_recipe.rounding == "gptq" else None)
             else:  # the default recipe, with layers returned to fp32 until the masks agree with margin
+                tuned = Agreement(reference_model, data.tuning[:SEARCH_IMAGES], SEARCH_PROMPT_SEED)
                 applied, search = search_int8_recipe(
                     tmp / "encoder.onnx", tmp / encoder_filename("int8"), default_recipe(tmp / "encoder.onnx", model_type),
-                    reference.image.numpy(), lambda path: _agreement(path, reference_model, reference), calibration, log)
+                    data.tuning, tuned, data.calibration, log)
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
+            held_out = Agreement(reference_model, data.held_out, GATE_PROMPT_SEED) if data.held_out else None
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,
                   {"note": f"onnxruntime quantisation ({how}), QInt8 weights, from the fp32 graph",
-                   "attention": attention,
-                   "int8_recipe": applied.to_dict(), "int8_search": search, "calibration": calibration_record})
+                   "attention": attention, "int8_recipe": applied.to_dict(), "int8_search": search,
+                   "int8_data": data.record, "calibration": calibration_record},
+                  verifier=int8_verifier(reference_model, held_out, ENCODER_MEASURES, verify_export))
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)
@@ -337,11 +306,6 @@ def decoder_flavours(meta_decoder: bool, tensorrt: bool) -> tuple[str, ...]:
     and ``decoder_lowres`` (its batched low-res form); for TensorRT ``decoder_lowres`` (its decoder
     engine is built from it). Neither by default."""
     return tuple(f for f in og.DECODER_FLAVOURS if meta_decoder or (tensorrt and f == "decoder_lowres"))
-
-
-def _agreement(path: Path, reference_model: Sam, reference) -> dict:
-    """The int8 gate's prompt agreement of one candidate graph (ONNX Runtime), for the recipe search."""
-    return verify_export(path, "encoder", reference_model, reference, "int8", "onnxruntime")["prompt_agreement"]
 
 
 def _tensorrt(target, tmp: Path, graphs: dict, precisions: Sequence[str], size: int, reference, log,

@@ -56,6 +56,9 @@ class Int8Recipe:
     # "nearest": each weight to its nearest int8 step (ONNX Runtime's own); "gptq": the same grid, values
     # chosen to keep each layer's output on real activations (gptq.py; needs images, not the probe's)
     rounding: str = "nearest"
+    # filled in by quantize_int8: weight matrices whose int8 values GPTQ changed (None: GPTQ not run). A
+    # "gptq" recipe that changed none is recorded as "nearest": that is what the graph holds.
+    gptq_changed: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -144,8 +147,9 @@ def quantize_int8(
     """Quantise ``src`` to ``dst`` with ``recipe``; static QDQ when ``calibration`` inputs are given.
 
     ``recipe.rounding == "gptq"`` rounds the weights with ``rounded`` (``gptq.gptq_weights``; computed
-    here from the calibration inputs when not given). Returns the recipe that was applied (``static``
-    and ``calibration_images`` filled in).
+    here from the calibration inputs when not given). Returns the recipe that was applied (``static``,
+    ``calibration_images`` and ``gptq_changed`` filled in; ``rounding`` is "gptq" only when GPTQ
+    changed some weight's value).
     """
     if recipe.rounding not in ("nearest", "gptq"):
         raise ValueError(f"int8 rounding {recipe.rounding!r}: use 'nearest' or 'gptq'")
@@ -155,7 +159,8 @@ def quantize_int8(
     if recipe.rounding == "gptq":
         from .gptq import apply_gptq, gptq_weights
 
-        apply_gptq(dst, rounded if rounded is not None else gptq_weights(src, calibration))
+        changed = apply_gptq(dst, rounded if rounded is not None else gptq_weights(src, calibration))
+        applied = replace(applied, gptq_changed=changed, rounding="gptq" if changed else "nearest")
     return applied
 
 

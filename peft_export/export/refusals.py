@@ -35,7 +35,7 @@ def refusal_record(graph: str, precision: str, backend: str, parity: dict | None
         entry["failures"] = list(parity.get("failures", []))
     if reason:
         entry["reason"] = reason
-    for key in ("int8_recipe", "int8_search"):
+    for key in ("int8_recipe", "int8_search", "int8_data"):
         if extra and extra.get(key) is not None:
             entry[key] = extra[key]
     entry["line"] = refusal_line(entry)  # the runtime words a request for it with this (it reads no export code)

@@ -104,7 +104,8 @@ def load_named_sources(
     out: dict[str, AdaptedModel] = {}
     for name, option, path, opts in plans:
         if opts is None:
-            out[name] = load_model_source(adapter=path, checkpoint=checkpoint, image_size=image_size, force=force)
+            out[name] = load_model_source(adapter=path, checkpoint=checkpoint, image_size=image_size, force=force,
+                                          model_type=model_type)
         else:
             cfg = micro_sam_peft_config(path, opts.get("peft"), opts.get("rank") or None, opts.get("blocks") or "all",
                                         opts.get("targets") or "q,v", opts["adaptformer-residual"])

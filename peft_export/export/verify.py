@@ -28,6 +28,10 @@ from .split_decoder import SPLIT_GRAPHS, verify_split_decoder
 from .gates import (THRESHOLDS, cosine as _cosine, graph_runner, judge as _judge, mask_iou as _mask_iou,  # noqa: F401
                     nonfinite as _nonfinite, ort_session, verify_backends)
 
+# What an encoder graph is judged on (each precision's THRESHOLDS that name them).
+ENCODER_MEASURES = ("embeddings_max_rel", "embeddings_cosine", "mask_iou", "prompt_mask_iou_mean", "prompt_mask_iou_min")
+
+
 @dataclass
 class Prompt:
     coords: np.ndarray  # (B, N, 2) float32, Meta layout: box corners as labels 2/3, padding point if no box
@@ -143,8 +147,7 @@ def _encoder_stats(emb: np.ndarray, sam: Sam, reference: Reference, precision: s
         gate = mask_agreement(sam, reference.embeddings, emb, int(GATES[precision]["prompts"]))
         stats["prompt_agreement"] = gate
         stats["prompt_mask_iou_mean"], stats["prompt_mask_iou_min"] = gate["mask_iou_mean"], gate["mask_iou_min"]
-    return _judge(stats, precision, ("embeddings_max_rel", "embeddings_cosine", "mask_iou",
-                                     "prompt_mask_iou_mean", "prompt_mask_iou_min"))
+    return _judge(stats, precision, ENCODER_MEASURES)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Stage 1, models: build SAM (vit_b / vit_l / vit_h / tiny, and MobileSAM vit_t with our TinyViT encoder;
-any image size), load checkpoints, micro-sam's
+any image size) and SAM 2.1 (Hiera t / s / b+ / l, from the sam2 package; ``family`` tells them apart),
+load checkpoints, micro-sam's
 instance decoder (AIS), and an exact rel-pos-folded attention for export and fused kernels.
 
-May import: errors, fsutil (and torch, segment_anything).
+May import: errors, fsutil (and torch, segment_anything, sam2 lazily).
 """
 
 from .checkpoints import (
@@ -10,6 +11,7 @@ from .checkpoints import (
     checkpoint_image_size,
     decoder_state_from_checkpoint,
     describe_model,
+    describe_type,
     infer_model_type,
     instance_decoder_from_checkpoint,
     is_micro_sam_checkpoint,
@@ -20,6 +22,7 @@ from .checkpoints import (
     resize_positional_state,
     sam_state_from_checkpoint,
 )
+from .family import encoder_trunk, is_sam2, is_sam2_type, model_image_size, model_parts
 from .encoder_split import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, trainable_tail
 from .instance_decoder import (
     MAP_NAMES,
@@ -46,6 +49,7 @@ from .sam import (
 )
 
 __all__ = [
+    "describe_type", "encoder_trunk", "is_sam2", "is_sam2_type", "model_image_size", "model_parts",
     "ARCHITECTURES", "BaseModelInfo", "FoldedAttention", "folded_attention", "folded_rel_pos_attention", "MODEL_TYPES", "PATCH_SIZE", "PIXEL_MEAN", "PIXEL_STD", "PROMPT_EMBED_DIM",
     "RANDOM_INIT", "SamArch", "build_sam_architecture", "check_image_size", "check_model_type",
     "checkpoint_image_size", "decoder_from_state", "decoder_state_from_checkpoint", "describe_model",

@@ -20,6 +20,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
+from .family import is_sam2_type
 from .instance_decoder import InstanceDecoder, decoder_from_state
 from .state import load_state_strict
 from .sam import (
@@ -62,6 +63,11 @@ def sam_state_from_checkpoint(obj: Mapping, path: str | Path = "checkpoint") -> 
     micro-sam stores ``{"model_state": {"sam." + key: tensor}, ...}``; its PEFT keys
     (``attn.qkv.qkv_proj.*`` etc.) are returned as they are, for ``peft.micro_sam`` to map.
     """
+    from .sam2 import sam2_state_from_checkpoint
+
+    sam2_state = sam2_state_from_checkpoint(obj, path)
+    if sam2_state is not None:  # sam2's {"model": state} (or a plain SAM 2 state dict)
+        return sam2_state
     if is_micro_sam_checkpoint(obj):
         model_state = obj["model_state"]
         state = {k[len("sam.") :]: v for k, v in model_state.items() if k.startswith("sam.")}
@@ -98,7 +104,11 @@ TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # MobileSAM's first C
 
 
 def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
-    """Model type from the encoder width and depth of a state dict."""
+    """Model type from the encoder width and depth of a state dict (SAM 2: Hiera's)."""
+    from .sam2 import infer_sam2_type, is_sam2_state
+
+    if is_sam2_state(state):
+        return infer_sam2_type(state, path)
     if TINY_VIT_KEY in state:
         return "vit_t"
     key = "image_encoder.patch_embed.proj.weight"
@@ -114,8 +124,23 @@ def infer_model_type(state: Mapping[str, torch.Tensor], path: str | Path = "chec
     raise PeftExportError(f"{path}: unknown SAM encoder ({dim}-dim, {depth} blocks)")
 
 
+def describe_type(model_type: str) -> str:
+    """``vit_b (SAM, 768-dim)``, ``sam2.1_hiera_t (SAM 2, Hiera 96-dim, 12 blocks)``: for mismatch errors."""
+    if is_sam2_type(model_type):
+        from .sam2 import describe_sam2_type
+
+        return f"{model_type} ({describe_sam2_type(model_type)})"
+    arch = ARCHITECTURES[model_type]
+    return f"{model_type} (SAM, {arch.embed_dim}-dim)"
+
+
 def checkpoint_image_size(state: Mapping[str, torch.Tensor]) -> int:
-    """The image size a checkpoint was trained at (TinyViT has no positional embedding: 1024, MobileSAM's)."""
+    """The image size a checkpoint was trained at (TinyViT has no positional embedding: 1024, MobileSAM's;
+    SAM 2 interpolates Hiera's: its default 1024)."""
+    from .sam2 import SAM2_DEFAULT_IMAGE_SIZE, is_sam2_state
+
+    if is_sam2_state(state):
+        return SAM2_DEFAULT_IMAGE_SIZE
     if "image_encoder.pos_embed" not in state:
         return ARCHITECTURES["vit_t"].default_image_size
     return state["image_encoder.pos_embed"].shape[1] * PATCH_SIZE
@@ -193,6 +218,8 @@ def load_sam_and_decoder(
     if checkpoint is None:
         if model_type is None:
             raise PeftExportError("--model is required when no checkpoint is given")
+        if is_sam2_type(model_type):
+            return (*_random_sam2(model_type, image_size, seed, warn_random), None)
         arch = check_model_type(model_type)
         if warn_random:
             warnings.warn(
@@ -210,8 +237,14 @@ def load_sam_and_decoder(
     del obj
     found = infer_model_type(state, checkpoint)
     if model_type is not None and found != model_type:
-        dim = ARCHITECTURES[found].embed_dim
-        raise PeftExportError(f"{checkpoint}: checkpoint is {found} ({dim}-dim), --model {model_type} was asked")
+        raise PeftExportError(f"{checkpoint}: checkpoint is {describe_type(found)}, --model {model_type} was asked")
+    if is_sam2_type(found):
+        from .sam2 import load_sam2_state
+
+        if decoder is not None:
+            raise PeftExportError(f"{checkpoint}: an instance decoder (decoder_state) with a SAM 2 model is not supported")
+        model = load_sam2_state(state, found, image_size, checkpoint)
+        return model, BaseModelInfo(found, int(model.image_size), str(checkpoint), sha256_file(checkpoint)), None
     peft_keys = [k for k in state if ".qkv_proj." in k or ".mlp_layer." in k or ".layer." in k or ".mlp_proj." in k]
     if peft_keys:
         raise PeftExportError(
@@ -224,7 +257,22 @@ def load_sam_and_decoder(
     return sam, BaseModelInfo(found, image_size, str(checkpoint), sha256_file(checkpoint)), decoder
 
 
+def _random_sam2(model_type: str, image_size: int | None, seed: int, warn_random: bool):
+    from .sam2 import random_sam2
+
+    if warn_random:
+        warnings.warn(f"no checkpoint given: {model_type} is randomly initialised (seed {seed}); "
+                      "results are only good for testing the pipeline", stacklevel=3)
+    model = random_sam2(model_type, image_size, seed)
+    return model, BaseModelInfo(model_type, int(model.image_size), None, RANDOM_INIT, seed)
+
+
 def describe_model(sam: Sam) -> str:
+    from .family import is_sam2
+
+    if is_sam2(sam):
+        trunk = sam.image_encoder.trunk
+        return f"SAM 2 Hiera, {len(trunk.blocks)} blocks, {trunk.patch_embed.proj.out_channels}-dim, image size {sam.image_size}"
     enc = sam.image_encoder
     if not hasattr(enc, "patch_embed") or not hasattr(enc.patch_embed, "proj"):
         return f"TinyViT, {len(enc.blocks)} blocks, image size {enc.img_size}"

@@ -24,20 +24,9 @@ from .. import __version__
 from ..errors import PeftExportError
 from ..fsutil import atomic_file, sha256_file
 from ..models import (
-    RANDOM_INIT,
-    BaseModelInfo,
-    InstanceDecoder,
-    build_sam_architecture,
-    check_model_type,
-    decoder_from_state,
-    infer_model_type,
-    instance_decoder_from_checkpoint,
-    load_sam_and_decoder,
-    load_state_strict,
-    random_instance_decoder,
-    read_checkpoint,
-    sam_state_from_checkpoint,
-    checkpoint_image_size,
+    RANDOM_INIT, BaseModelInfo, InstanceDecoder, build_sam_architecture, check_model_type, decoder_from_state,
+    infer_model_type, instance_decoder_from_checkpoint, load_sam_and_decoder, load_state_strict,
+    model_image_size, random_instance_decoder, read_checkpoint, sam_state_from_checkpoint, checkpoint_image_size,
 )
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE
 from .apply import apply_peft, trainable_state
@@ -62,6 +51,9 @@ class AdaptedModel:
     source: str = ""  # what the user passed, for reports
     meta: dict = field(default_factory=dict)
     instance_decoder: InstanceDecoder | None = None  # micro-sam's AIS decoder, when the model has one
+    # Tensors the adapter file holds although they do not train now: an earlier adapter's, frozen
+    # while a new part trains on top of it (``improve``). Loading copies them like any other.
+    carried: tuple[str, ...] = ()
 
 
 def build_adapted_model(
@@ -110,6 +102,9 @@ def save_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = trainable_state(adapted.model)
+    if adapted.carried:
+        own = dict(adapted.model.named_parameters())
+        tensors.update({n: own[n].detach().cpu().contiguous() for n in adapted.carried})
     n_adapter = len(tensors)
     if adapted.instance_decoder is not None:
         tensors.update(decoder_tensors(adapted.instance_decoder))
@@ -131,7 +126,7 @@ def save_adapter(
     meta.update(extra or {})
     patch = ((extra or {}).get("training") or {}).get("patch_size")
     if patch:  # how training crops met the encoder: the tiled runtime's default tile reproduces it
-        meta["training_scale"] = {"crop_size": int(patch), "model_input": int(adapted.model.image_encoder.img_size)}
+        meta["training_scale"] = {"crop_size": int(patch), "model_input": model_image_size(adapted.model)}
     with atomic_file(out_dir / ADAPTER_WEIGHTS, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
         # Each file is renamed into place on its own: a crash between the two renames, or files copied
@@ -190,17 +185,25 @@ def load_adapter(
     checkpoint: str | Path | None = None,
     force: bool = False,
     image_size: int | None = None,
+    model_type: str | None = None,
 ) -> AdaptedModel:
     """Rebuild the adapted model of an adapter file / run directory on its base.
 
     The base is ``checkpoint`` if given, else the path recorded at training, else the
-    seeded random init recorded there. A base of another type or image size is refused;
-    another sha256 is refused unless ``force`` (then a warning).
+    seeded random init recorded there. A base of another type or image size is refused,
+    and so is a ``model_type`` (--model) other than the adapter's; another sha256 is
+    refused unless ``force`` (then a warning).
     """
     weights, meta_path = _adapter_paths(path)
     meta = read_adapter_meta(path)
     config = PeftConfig.from_dict(meta["peft"])
     base = meta["base"]
+    if model_type is not None and model_type != base["model_type"]:
+        check_model_type(model_type)  # an unknown name is named as such
+        raise PeftExportError(
+            f"{meta_path}: adapter was trained on {base['model_type']}, --model {model_type} was asked "
+            "(leave --model out: the adapter records its model)"
+        )
     if image_size is not None and image_size != base["image_size"]:
         raise PeftExportError(
             f"{meta_path}: adapter was trained at image size {base['image_size']}, --image-size {image_size} was asked"
@@ -251,6 +254,7 @@ def load_adapter(
                     f"{weights}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
                 )
             own[name].copy_(value)
+    adapted.carried = tuple(sorted(set(tensors) - trainable))  # frozen tensors the file holds: saved again with it
     adapted.intensity = meta.get("intensity", dict(DEFAULT_INTENSITY_RULE))
     adapted.source = str(path)
     adapted.meta = meta
@@ -301,6 +305,9 @@ def micro_sam_peft_config(
     if peft is None:
         return None
     get_method(peft)
+    if any(t.strip().lower().startswith("dec.") for t in targets.split(",")):
+        raise PeftExportError(f"--targets {targets}: micro-sam has no mask-decoder PEFT (its checkpoints hold the "
+                              "decoder's own weights); give only encoder targets (q, k, v, mlp)")
     return PeftConfig(
         method=peft,
         blocks=blocks,
@@ -362,7 +369,7 @@ def load_model_source(
     if len(given) != 1:
         raise PeftExportError("give exactly one of --adapter, --micro-sam, --merged")
     if adapter is not None:
-        return load_adapter(adapter, checkpoint, force=force, image_size=image_size)
+        return load_adapter(adapter, checkpoint, force=force, image_size=image_size, model_type=model_type)
     if micro_sam is not None:
         if micro_sam_config is None:
             return _fully_finetuned_micro_sam(micro_sam, model_type, image_size)

@@ -14,14 +14,14 @@ import math
 import torch
 from torch import nn
 
-from .lora import mlp_input, mlp_linears
+from .lora import mlp_input
 
 
 class AdaptFormerMLP(nn.Module):
     def __init__(self, mlp: nn.Module, bottleneck: int = 64, scale: str | float = "learnable", residual: bool = False):
         super().__init__()
         self.mlp_proj = mlp
-        dim = getattr(mlp, mlp_linears(mlp)[0]).in_features
+        dim = next(m for m in mlp.modules() if isinstance(m, nn.Linear)).in_features  # its first Linear's input
         self.down_proj = nn.Linear(dim, bottleneck)
         self.non_linear_func = nn.ReLU()
         self.up_proj = nn.Linear(bottleneck, dim)
@@ -44,3 +44,14 @@ class AdaptFormerMLP(nn.Module):
 
 def apply_adaptformer(block: nn.Module, bottleneck: int, scale: str | float, residual: bool) -> None:
     block.mlp = AdaptFormerMLP(block.mlp, bottleneck, scale, residual)
+
+
+def apply_adaptformer_decoder(decoder: nn.Module, bottleneck: int, scale: str | float, residual: bool,
+                              targets: tuple[str, ...]) -> None:
+    """The branch beside each two-way block's MLP (``dec.mlp``): the only MLP of the decoder that is one
+    residual step (the hypernetwork and IoU heads end in their outputs, with no input to add to)."""
+    from .base import replace_module
+    from .decoder_targets import target_mlps
+
+    for name, mlp in target_mlps(decoder, "dec.mlp") if "dec.mlp" in targets else []:
+        replace_module(decoder, name, AdaptFormerMLP(mlp, bottleneck, scale, residual))

@@ -7,7 +7,9 @@ checkpoints load without renaming: ``attn.qkv.qkv_proj.*``,
 (alpha defaults to 1, no division by the rank).
 
 SAM's ``qkv`` output is [q | k | v]; TinyViT's (vit_t) is per head, [q_h, k_h, v_h] for
-each head h (``qkv_heads(attn)``): the q, k and v updates go to those channels.
+each head h (``qkv_heads(attn)``): the q, k and v updates go to those channels. SAM 2's Hiera
+blocks are SAM's layout ([q | k | v]; in a stage's first block qkv maps dim to 3 x dim_out),
+their MLP is sam2's ``MLP`` with ``layers.0`` / ``layers.1``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear
+from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear, replace_module
 
 
 def _low_rank_pair(in_features: int, out_features: int, rank: int) -> tuple[nn.Linear, nn.Linear]:
@@ -95,8 +97,15 @@ class QKVLoRA(MergeableLayer):
 
 
 def mlp_linears(mlp: nn.Module) -> tuple[str, str]:
-    """Names of an MLP's two Linears: SAM's ``lin1``/``lin2``, TinyViT's ``fc1``/``fc2``."""
-    return ("lin1", "lin2") if hasattr(mlp, "lin1") else ("fc1", "fc2")
+    """Names of an MLP's two Linears: SAM's ``lin1``/``lin2``, TinyViT's ``fc1``/``fc2``, sam2's
+    ``layers.0``/``layers.1`` (read them with ``get_submodule``)."""
+    if hasattr(mlp, "lin1"):
+        return ("lin1", "lin2")
+    if hasattr(mlp, "layers"):
+        if len(mlp.layers) != 2 or getattr(mlp, "sigmoid_output", False):
+            raise ValueError("only two-layer MLPs without output sigmoid (Hiera's) take MLP adapters")
+        return ("layers.0", "layers.1")
+    return ("fc1", "fc2")
 
 
 def mlp_input(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +122,13 @@ class MLPLoRA(MergeableLayer):
         self.mlp_layer = mlp
         self.rank = rank
         self.alpha = alpha
-        first, second = (getattr(mlp, n) for n in mlp_linears(mlp))
+        first, second = (mlp.get_submodule(n) for n in mlp_linears(mlp))
         self.w_a_linear_1, self.w_b_linear_1 = _low_rank_pair(first.in_features, first.out_features, rank)
         self.w_a_linear_2, self.w_b_linear_2 = _low_rank_pair(second.in_features, second.out_features, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp_layer
-        first, second = (getattr(mlp, n) for n in mlp_linears(mlp))
+        first, second = (mlp.get_submodule(n) for n in mlp_linears(mlp))
         x = mlp_input(mlp, x)
         x = first(x) + self.alpha * self.w_b_linear_1(self.w_a_linear_1(x))
         x = mlp.act(x)
@@ -129,11 +138,40 @@ class MLPLoRA(MergeableLayer):
         mlp = self.mlp_layer
         first, second = mlp_linears(mlp)
         for name, a, b in ((first, self.w_a_linear_1, self.w_b_linear_1), (second, self.w_a_linear_2, self.w_b_linear_2)):
-            layer = getattr(mlp, name)
+            layer = mlp.get_submodule(name)
             weight, bias = linear_weight_fp64(layer)
             weight += self.alpha * (fp64(b.weight, weight.device) @ fp64(a.weight, weight.device))
-            setattr(mlp, name, plain_linear(weight, bias, linear_dtype(layer)))
+            replace_module(mlp, name, plain_linear(weight, bias, linear_dtype(layer)))
         return mlp
+
+
+class LinearLoRA(MergeableLayer):
+    """One Linear with a low-rank update: ``linear(x) + alpha * B A x`` (the mask decoder's layers)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float = 1.0):
+        super().__init__()
+        self.linear = linear
+        self.rank = rank
+        self.alpha = alpha
+        self.w_a_linear, self.w_b_linear = _low_rank_pair(linear.in_features, linear.out_features, rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.alpha * self.w_b_linear(self.w_a_linear(x))
+
+    def merged(self) -> nn.Linear:
+        weight, bias = linear_weight_fp64(self.linear)
+        a, b = fp64(self.w_a_linear.weight, weight.device), fp64(self.w_b_linear.weight, weight.device)
+        return plain_linear(weight + self.alpha * (b @ a), bias, linear_dtype(self.linear))
+
+
+def apply_lora_decoder(decoder: nn.Module, rank: int, targets: tuple[str, ...], alpha: float) -> None:
+    """LoRA on every mask-decoder Linear the ``dec.*`` targets select (``decoder_targets``)."""
+    from .base import replace_module
+    from .decoder_targets import target_linears
+
+    for target in targets:
+        for name, linear in target_linears(decoder, target):
+            replace_module(decoder, name, LinearLoRA(linear, rank, alpha))
 
 
 def apply_lora(block: nn.Module, rank: int, targets: tuple[str, ...], alpha: float) -> None:

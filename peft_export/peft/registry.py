@@ -8,6 +8,7 @@ from typing import Callable
 from segment_anything.modeling import Sam
 
 from ..errors import PeftExportError
+from ..models.family import encoder_trunk
 from .adaptformer import apply_adaptformer
 from .config import PeftConfig
 from .fact import apply_fact
@@ -22,14 +23,15 @@ class PeftMethod:
     name: str
     description: str
     mergeable: bool
-    # Installs the method on the chosen encoder blocks; parameters it creates or
-    # unfreezes end up with requires_grad=True, everything else in the encoder frozen.
+    # Installs the method on the chosen encoder blocks (of ``encoder_trunk``: SAM's image encoder,
+    # SAM 2's Hiera); parameters it creates or unfreezes end up with requires_grad=True, everything
+    # else in the encoder frozen.
     apply: Callable[[Sam, PeftConfig, list[int]], None]
 
 
 def _lora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     for i in blocks:
-        apply_lora(sam.image_encoder.blocks[i], cfg.rank, cfg.targets, cfg.alpha)
+        apply_lora(encoder_trunk(sam).blocks[i], cfg.rank, cfg.targets, cfg.alpha)
 
 
 def _qlora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
@@ -41,25 +43,25 @@ def _qlora(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
 
 def _fact(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     for i in blocks:
-        apply_fact(sam.image_encoder.blocks[i], cfg.rank, cfg.dropout)
+        apply_fact(encoder_trunk(sam).blocks[i], cfg.rank, cfg.dropout)
 
 
 def _ssf(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
-    if cfg.ssf_patch_embed:
-        apply_ssf_patch_embed(sam.image_encoder.patch_embed)
+    if cfg.ssf_patch_embed and blocks:  # --blocks none: no encoder SSF at all (decoder-only targets)
+        apply_ssf_patch_embed(encoder_trunk(sam).patch_embed)
     for i in blocks:
-        apply_ssf(sam.image_encoder.blocks[i])
+        apply_ssf(encoder_trunk(sam).blocks[i])
 
 
 def _adaptformer(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     for i in blocks:
-        apply_adaptformer(sam.image_encoder.blocks[i], cfg.bottleneck, cfg.adaptformer_scale, cfg.adaptformer_residual)
+        apply_adaptformer(encoder_trunk(sam).blocks[i], cfg.bottleneck, cfg.adaptformer_scale, cfg.adaptformer_residual)
 
 
 def _selective(method: str) -> Callable[[Sam, PeftConfig, list[int]], None]:
     def apply(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
         for i in blocks:
-            unfreeze_block(sam.image_encoder.blocks[i], method)
+            unfreeze_block(encoder_trunk(sam).blocks[i], method)
 
     return apply
 
@@ -67,7 +69,7 @@ def _selective(method: str) -> Callable[[Sam, PeftConfig, list[int]], None]:
 def _full(sam: Sam, cfg: PeftConfig, blocks: list[int]) -> None:
     # Full finetuning of every block means the whole encoder, as in the paper (89.67M for
     # vit_b): patch embedding, pos_embed and neck too. "Late ft" unfreezes only its blocks.
-    if len(blocks) == len(sam.image_encoder.blocks):
+    if len(blocks) == len(encoder_trunk(sam).blocks):
         for name, p in sam.image_encoder.named_parameters():
             # TinyViT's classifier (norm_head, head) is kept for checkpoints but never runs in SAM.
             p.requires_grad_(not name.startswith(("norm_head.", "head.")))

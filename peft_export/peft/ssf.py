@@ -4,7 +4,8 @@ Wraps qkv, proj, lin1, lin2, norm1, norm2 of the chosen blocks and the patch
 embedding conv, with micro-sam's key layout (``*.layer.*``, ``*.scale``, ``*.shift``).
 On TinyViT (vit_t): qkv, proj, fc1, fc2, the attention's and the MLP's own LayerNorms, the
 depthwise ``local_conv``, and the patch embedding's last conv; a conv with BatchNorm folds
-into the BatchNorm's weight and bias.
+into the BatchNorm's weight and bias. On SAM 2's Hiera: qkv, proj, the MLP's ``layers.0``/``layers.1``,
+norm1, norm2, the skip projection ``proj`` of a stage's first block, and the patch embedding conv.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear
+from .base import MergeableLayer, fp64, linear_dtype, linear_weight_fp64, plain_linear, replace_module
+from .lora import mlp_linears
 
 
 class ScaleShift(MergeableLayer):
@@ -67,8 +69,11 @@ def apply_ssf(block: nn.Module) -> None:
         return
     block.attn.qkv = ScaleShift(block.attn.qkv, block.attn.qkv.out_features)
     block.attn.proj = ScaleShift(block.attn.proj, block.attn.proj.out_features)
-    block.mlp.lin1 = ScaleShift(block.mlp.lin1, block.mlp.lin1.out_features)
-    block.mlp.lin2 = ScaleShift(block.mlp.lin2, block.mlp.lin2.out_features)
+    for name in mlp_linears(block.mlp):
+        layer = block.mlp.get_submodule(name)
+        replace_module(block.mlp, name, ScaleShift(layer, layer.out_features))
+    if isinstance(getattr(block, "proj", None), nn.Linear):  # Hiera: skip projection where the width changes
+        block.proj = ScaleShift(block.proj, block.proj.out_features)
     block.norm1 = ScaleShift(block.norm1, block.norm1.normalized_shape[0])
     block.norm2 = ScaleShift(block.norm2, block.norm2.normalized_shape[0])
 
@@ -87,3 +92,13 @@ def apply_ssf_patch_embed(patch_embed: nn.Module) -> None:
         patch_embed.seq[2] = ScaleShift(patch_embed.seq[2], patch_embed.seq[2].bn.num_features)
         return
     patch_embed.proj = ScaleShift(patch_embed.proj, patch_embed.proj.out_channels)
+
+
+def apply_ssf_decoder(decoder: nn.Module, targets: tuple[str, ...]) -> None:
+    """SSF after every mask-decoder Linear the ``dec.*`` targets select (``decoder_targets``)."""
+    from .base import replace_module
+    from .decoder_targets import target_linears
+
+    for target in targets:
+        for name, linear in target_linears(decoder, target):
+            replace_module(decoder, name, ScaleShift(linear, linear.out_features))

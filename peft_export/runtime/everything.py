@@ -149,6 +149,7 @@ def segment_everything(
     stability_score_offset: float = 1.0,
     mask_threshold: float = 0.0,
     return_masks: bool = False,
+    to_model_frame: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Tuple[np.ndarray, MaskRecords]:
     """Automatic instance segmentation of one image.
 
@@ -175,7 +176,10 @@ def segment_everything(
     pts: List[np.ndarray] = []
     for b0 in range(0, len(points), points_per_batch):
         batch = points[b0 : b0 + points_per_batch]
-        coords = transform_coords(batch, (h, w), image_size)[:, None, :]  # float64, as the generator passes them
+        if to_model_frame is not None:
+            coords = to_model_frame(batch)[:, None, :]
+        else:
+            coords = transform_coords(batch, (h, w), image_size)[:, None, :]  # float64, as the generator passes them
         iou, state = decoder.prompts(coords, np.ones((len(batch), 1), np.float32))
         iou = _check_batch(iou, len(batch))[:, 1:]  # multimask_output=True keeps mask tokens 1..3
         keep = iou > np.float32(pred_iou_thresh) if pred_iou_thresh > 0.0 else np.ones(iou.shape, bool)

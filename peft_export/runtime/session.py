@@ -42,7 +42,17 @@ from .split_decoder import SPLIT_GRAPHS, FamilyDecoder, takes_mask_input
 
 
 class SamSession(AutomaticSegmentation):
-    """Prompted and automatic SAM segmentation from an export dir, without torch."""
+    """Prompted and automatic SAM segmentation from an export dir, without torch.
+
+    On a SAM 2 export (manifest ``family`` "sam2") ``SamSession(...)`` returns a ``Sam2Session``
+    (``runtime.sam2_session``): the same calls, SAM 2's graphs and conventions."""
+
+    def __new__(cls, export_dir: str | Path, *args: Any, **kwargs: Any):
+        if cls is SamSession and Path(export_dir).is_dir() and read_manifest(export_dir).get("family") == "sam2":
+            from .sam2_session import Sam2Session
+
+            return Sam2Session(export_dir, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Stage 4, training: micro-sam's prompts and loss on a PEFT-adapted SAM, resumable, DDP-ready.
 
-May import: models, peft, data, evaluation.protocol (validation), runtime, errors, fsutil (and torch).
+May import: models, peft, data, evaluation.protocol (validation), runtime, cpu_load, errors, fsutil (and torch).
 
     from peft_export.training import TrainConfig, finetune
     summary = finetune(TrainConfig(out="run", data="data", model_type="vit_b", checkpoint="sam_vit_b.pth"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import PeftExportError
 from ..peft import PeftConfig, parse_targets
+from ..peft.decoder_targets import decoder_targets
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -16,7 +17,8 @@ LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "training.png"
 DEFAULT_EPOCHS = 20
 # Fields a resumed run may change; everything else comes from the run's own config.
-RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass")
+RESUME_OVERRIDES = ("iterations", "epochs", "device", "progress", "save_every", "objects_per_pass", "threads",
+                    "embedding_store")
 # Where the run lives and how it was started, not what it trains.
 _RUN_FIELDS = ("out", "resume", "overwrite", "explicit")
 _PATH_FIELDS = ("data", "val_data", "checkpoint")
@@ -51,6 +53,8 @@ class TrainConfig:
     targets: tuple[str, ...] = ("q", "k", "v", "mlp")
     dropout: float = 0.1
     bottleneck: int = 64
+    decoder_peft: str | None = None  # the method on dec.* targets (None: --peft's)
+    decoder_rank: int | None = None  # its rank (None: --rank)
     freeze_decoder: bool = False
     freeze_prompt_encoder: bool = False
     instance_decoder: bool = False  # also train micro-sam's AIS decoder (training.ais)
@@ -75,9 +79,12 @@ class TrainConfig:
     # execution
     precision: str = "fp32"
     device: str = "auto"
+    threads: int | None = None  # torch's CPU threads; None: the cores other processes leave free (training.threads)
     seed: int = 0
     grad_checkpointing: bool = False
     cache_frozen_trunk: bool = False
+    cache_embeddings: bool = False  # encoder frozen: each training view encoded once (embedding_cache)
+    embedding_store: str | None = None  # also keep them on disk, one .npy per view (implies cache_embeddings)
     save_every: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -87,9 +94,11 @@ class TrainConfig:
     explicit: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def peft_config(self) -> PeftConfig:
-        targets = parse_targets(self.targets) if self.peft in ("lora", "qlora") else ("q", "v")
+        targets = parse_targets(self.targets)
+        if self.peft not in ("lora", "qlora"):  # encoder targets are LoRA's; dec.* fit every decoder method
+            targets = ("q", "v") + decoder_targets(targets)
         return PeftConfig(self.peft, blocks=self.blocks, rank=self.rank, alpha=self.alpha, targets=targets,
-                          dropout=self.dropout, bottleneck=self.bottleneck,
+                          decoder_method=self.decoder_peft, decoder_rank=self.decoder_rank, dropout=self.dropout, bottleneck=self.bottleneck,
                           train_prompt_encoder=not self.freeze_prompt_encoder,
                           train_mask_decoder=not self.freeze_decoder)
 
@@ -106,6 +115,8 @@ class TrainConfig:
 
 
 def check_config(c: TrainConfig) -> None:
+    if c.embedding_store:
+        c.cache_embeddings = True
     checks = [
         (c.precision in PRECISIONS, f"--precision: choose one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
         (c.patch_size >= 16, f"--patch-size: must be >= 16, got {c.patch_size}"),
@@ -114,15 +125,25 @@ def check_config(c: TrainConfig) -> None:
         (c.objects_per_pass is None or c.objects_per_pass >= 1, f"--objects-per-pass: must be >= 1, got {c.objects_per_pass}"),
         (c.sub_iterations >= 0, f"--sub-iterations: must be >= 0, got {c.sub_iterations}"),
         (c.lr > 0, f"--lr: must be positive, got {c.lr}"),
+        (c.threads is None or c.threads >= 1, f"--threads: must be >= 1, got {c.threads}"),
         (c.iterations is None or c.iterations >= 1, f"--iterations: must be >= 1, got {c.iterations}"),
         (c.epochs is None or c.epochs >= 1, f"--epochs: must be >= 1, got {c.epochs}"),
         (c.val_every is None or c.val_every >= 1, f"--val-every: must be >= 1, got {c.val_every}"),
         (0.0 <= c.mask_input_prob <= 1.0, f"mask_input_prob: must be in [0, 1], got {c.mask_input_prob}"),
         (not (c.iterations and c.epochs), "--iterations and --epochs: give one of them"),
+        (not (c.cache_embeddings and c.cache_frozen_trunk),
+         "--cache-embeddings and --cache-frozen-trunk: give one (whole embeddings, or the frozen blocks' output)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise PeftExportError(msg)
+    from ..models.family import is_sam2_type
+
+    if c.instance_decoder and is_sam2_type(c.model_type):
+        raise PeftExportError(f"--instance-decoder: micro-sam's instance decoder is for SAM; not available with {c.model_type}")
+    if c.cache_embeddings and is_sam2_type(c.model_type):
+        raise PeftExportError(f"--cache-embeddings: not available with {c.model_type} yet (SAM 2's decoder also "
+                              "reads the encoder's high-resolution features, which the cache does not keep)")
     if c.instance_decoder:  # validation scores AIS with the runtime's post-processing
         from ..runtime.instances import AIS_EXTRA_HINT, require_ais_packages
 

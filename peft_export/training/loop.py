@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from ..data import PatchSampler, Sample
 from ..errors import PeftExportError
 from ..fsutil import atomic_file
+from ..models.family import is_sam2, model_image_size
 from ..peft import count_trainable_parameters
 from ..peft.adapters import AdaptedModel, build_adapted_model, save_adapter
 from ..runtime.preprocess import to_uint8  # rounding shared with evaluation and inference
@@ -64,11 +65,14 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .embedding_cache import EmbeddingCache, check_encoder_frozen, fixed_tiles
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .host_memory import keep_freed_memory
+from .threads import use_free_cores
 from .ais import InstanceDecoderTraining
 from .plots import plot_training
 from .prompting import corrective_points, initial_prompts
+from .sam2_path import Sam2Frame, backward_features, features_leaf, preprocess_sam2_patches, sam2_full_resolution
 from .validation import fit_patch_size, load_split, validate, validation_set
 
 # Mask pixels per decoder pass on the CPU when --objects-per-pass is not given: 2 objects a pass at
@@ -131,9 +135,20 @@ class _StopFlag:
 class Trainer:
     """Holds the state of one run; ``run()`` trains and returns the summary."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, adapted: AdaptedModel | None = None,
+                 samples: tuple[list[Sample], list[Sample]] | None = None,
+                 on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+        """``adapted``: train this model instead of building one from the config (``improve``: an export's
+        model with new decoder layers); ``samples``: (training, validation) samples instead of the
+        config's files; ``on_event``: called with each log entry (steps and validations) as it is
+        written; ``should_stop``: polled after each step, True stops the run like Ctrl-C does."""
         self.config = config
         self.dist = DistInfo()
+        self.prebuilt = adapted
+        self.samples = samples
+        self.on_event = on_event
+        self.should_stop = should_stop
+        self.emb_cache: EmbeddingCache | None = None
         self.adapted: AdaptedModel | None = None
         self.ais: InstanceDecoderTraining | None = None  # --instance-decoder
         self.n_train_images: int | None = None
@@ -192,10 +207,11 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.dist.is_main:
                 warnings.simplefilter("ignore")
-            self.adapted = build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size, seed=c.seed,
-                                               instance_decoder=c.instance_decoder)
+            self.adapted = self.prebuilt or build_adapted_model(peft_cfg, c.model_type, c.checkpoint, c.image_size,
+                                                                seed=c.seed, instance_decoder=c.instance_decoder)
         self.adapted.intensity = dict(c.intensity)
         self.sam = self.adapted.model.to(self.device).train()
+        self.sam2 = is_sam2(self.sam)  # SAM 2's image path: training.sam2_path
         self.params = [p for p in self.sam.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.sam.named_parameters() if p.requires_grad]
         self.clip_groups = [list(self.params)]
@@ -206,7 +222,12 @@ class Trainer:
             self.clip_groups.append(self.ais.parameters())
         if not self.params:
             raise PeftExportError(f"--peft {c.peft}: nothing to train (encoder, prompt encoder and decoder frozen)")
-        self.first_trainable = first_trainable_block(self.sam)
+        if self.sam2:
+            from .sam2_path import first_trainable_hiera_block
+
+            self.first_trainable = first_trainable_hiera_block(self.sam)
+        else:
+            self.first_trainable = first_trainable_block(self.sam)
         self.trainable_counts = count_trainable_parameters(self.sam)
         if self.ais is not None:
             n = sum(p.numel() for p in self.ais.parameters())
@@ -215,11 +236,20 @@ class Trainer:
 
     def _setup_cache(self, c: TrainConfig, train: Sequence[Sample]) -> None:
         self.cache: dict[int, torch.Tensor] | None = None
+        if c.cache_embeddings:
+            self.emb_cache = EmbeddingCache(self.sam, c.embedding_store)
+            self.sam.image_encoder.eval()  # frozen: BatchNorm (TinyViT) keeps its running statistics
+            self.cache_note = ("embeddings: each training view encoded once, kept in memory"
+                               + (f" and in {c.embedding_store}" if c.embedding_store else ""))
+            self._log(self.cache_note)
+            return
         if not c.cache_frozen_trunk:
             self.cache_note = "off"
             return
         why = None
-        if c.augment:
+        if self.sam2:
+            why = "SAM 2 runs its frozen Hiera blocks without autograd instead"
+        elif c.augment:
             why = "random flips/rotations change every patch (use --no-augment)"
         elif any(max(s.label.shape) > c.patch_size for s in train):
             why = "images larger than the patch are cropped at random positions"
@@ -243,6 +273,10 @@ class Trainer:
 
     def _encode(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
         c = self.config
+        if self.sam2:
+            from .sam2_path import encode_sam2
+
+            return encode_sam2(self.sam, x, self.first_trainable)
         if self.cache is None:
             return encode_with_frozen_prefix(self.sam, x, self.first_trainable, c.grad_checkpointing)
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
@@ -255,6 +289,10 @@ class Trainer:
 
     def _decode(self, emb: torch.Tensor, coords, labels, boxes, mask_input, multimask: bool):
         sam = self.sam
+        if self.sam2:
+            from ..models.sam2 import decode
+
+            return decode(sam, emb, coords, labels, boxes, mask_input, multimask)
         points = (coords, labels) if coords is not None else None
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -273,7 +311,7 @@ class Trainer:
         """
         c, sam, dev = self.config, self.sam, self.device
         H, W = label.shape
-        transform = ResizeLongestSide(sam.image_encoder.img_size)
+        transform = Sam2Frame(model_image_size(sam)) if self.sam2 else ResizeLongestSide(sam.image_encoder.img_size)
         objs = initial_prompts(label, c.objects_per_image, rng)
         gt_np = objs.masks
         n_obj = len(gt_np)
@@ -300,7 +338,10 @@ class Trainer:
                         emb, *((coords[0][part], coords[1][part]) if coords else (None, None)),
                         boxes[part] if boxes is not None else None,
                         mask_input[part] if mask_input is not None else None, multimask)
-                masks = losses.full_resolution_logits(low.float(), sam.image_encoder.img_size, input_size, (H, W))
+                if self.sam2:
+                    masks = sam2_full_resolution(low.float(), (H, W))
+                else:
+                    masks = losses.full_resolution_logits(low.float(), sam.image_encoder.img_size, input_size, (H, W))
                 loss, dice_l, iou_l, best = losses.sam_loss(masks, iou_pred, gt[part])
                 loss_scaled = loss * (share * scale / n_iter)
                 if loss_scaled.requires_grad:
@@ -341,19 +382,28 @@ class Trainer:
         patches, labels, keys = self._batch(step)
         rng = np.random.default_rng([c.seed, step, self.dist.rank, 11])
         use_box = step % 2 == 1
-        x, input_size = preprocess_patches(self.sam, patches, self.device)
-        with self._autocast():
-            emb = self._encode(x, keys)
+        if self.emb_cache is not None:
+            emb, input_size = self.emb_cache.embed(self.sam, patches, self.device)
+        else:
+            if self.sam2:
+                x, input_size = preprocess_sam2_patches(self.sam, patches, self.device), None
+            else:
+                x, input_size = preprocess_patches(self.sam, patches, self.device)
+            with self._autocast():
+                emb = self._encode(x, keys)
         # The decoder iterations backpropagate into this leaf; the encoder backward runs once.
-        emb_leaf = emb.detach().requires_grad_(emb.requires_grad)
+        emb_leaf = features_leaf(emb) if self.sam2 else emb.detach().requires_grad_(emb.requires_grad)
         totals = np.zeros(3)
         for i, label in enumerate(labels):
-            totals += self._image_loss(emb_leaf[i:i + 1], label, input_size, use_box, rng, 1.0 / len(labels))
+            totals += self._image_loss(emb_leaf.select(i) if self.sam2 else emb_leaf[i:i + 1], label, input_size,
+                                       use_box, rng, 1.0 / len(labels))
         totals /= len(labels)
         if self.ais is not None:  # AIS decoder on the same embedding, into the same leaf
             with self._autocast():
                 totals = np.append(totals, self.ais.step_loss(emb_leaf, labels, input_size, self._backward))
-        if emb.requires_grad and emb_leaf.grad is not None:
+        if self.sam2:
+            backward_features(emb, emb_leaf)
+        elif emb.requires_grad and emb_leaf.grad is not None:
             emb.backward(emb_leaf.grad)
         stats = all_reduce_mean(torch.tensor(totals, dtype=torch.float64), self.dist)
         loss, dice_l, iou_l = (float(v) for v in stats[:3])
@@ -382,6 +432,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.on_event is not None:
+                self.on_event(entry)
 
     def _truncate_log(self, step: int) -> None:
         """A resumed run drops log lines written after its checkpoint."""
@@ -456,7 +508,8 @@ class Trainer:
         metrics = None
         if self.dist.is_main and self.val_set:
             t0 = time.perf_counter()
-            metrics = validate(self.sam, self.val_set, c.seed, c.val_objects)
+            metrics = validate(self.sam, self.val_set, c.seed, c.val_objects,
+                               predictor=self.emb_cache.predictor(self.sam) if self.emb_cache is not None else None)
             if self.ais is not None:
                 metrics.update(self.ais.validate(self.sam, self.val_set, metrics))
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -502,7 +555,7 @@ class Trainer:
     def run(self) -> dict:
         c = self._resolve_config()
         self.config = c
-        train, val = load_split(c)  # all data problems before anything is written
+        train, val = self.samples if self.samples is not None else load_split(c)  # data problems before any write
         self.n_train_images = len(train)  # recorded in adapter.json (the web page says what the model saw)
         c = self.config = fit_patch_size(c, train, self._log)
         device = _resolve_device(c.device)
@@ -512,6 +565,8 @@ class Trainer:
             require_qlora_device(device)
         use_cuda = device.type == "cuda"
         self.dist = init_distributed(use_cuda)
+        if not use_cuda and (c.threads is not None or self.dist.world_size == 1):
+            use_free_cores(c.threads, self._log)  # DDP ranks share the cores: torchrun sets OMP_NUM_THREADS
         try:
             with keep_freed_memory(enabled=not use_cuda):  # CPU steps stop re-faulting their pages (host_memory)
                 return self._run(c, train, val)
@@ -524,10 +579,14 @@ class Trainer:
         if c.precision == "fp16" and self.device.type != "cuda":
             raise PeftExportError("--precision fp16: needs CUDA (use fp32 or bf16 on the CPU)")
         torch.manual_seed(c.seed + self.dist.rank)
+        if c.cache_embeddings:  # fixed tiles instead of random crops: a tile's views are encoded once
+            train = fixed_tiles(train, c.patch_size, c.min_object_size)
         self.sampler = PatchSampler.from_samples(train, patch_size=c.patch_size, min_object_size=c.min_object_size,
                                                  augment=c.augment, seed=c.seed)
         self.val_set = validation_set(val, c.patch_size, c.min_object_size, c.seed)
         self._build_model(c)  # bad --rank / --blocks / checkpoint: refused before anything is written
+        if c.cache_embeddings:
+            check_encoder_frozen(self.sam)  # refused before anything is written too
         self._prepare_out_dir(c)
         out = Path(c.out)
         self.log_path = out / LOG_FILE
@@ -554,7 +613,7 @@ class Trainer:
             self.log_path.unlink()
         if self.dist.is_main:
             counts = self.trainable_counts
-            self._log(f"training {c.model_type} ({self.sam.image_encoder.img_size}px) with {c.peft}: "
+            self._log(f"training {c.model_type} ({model_image_size(self.sam)}px) with {c.peft}: "
                       f"{counts['total']:,} trainable parameters (encoder {counts['image_encoder']:,}"
                       + (f", AIS decoder {counts['instance_decoder']:,}" if self.ais is not None else "") + "); "
                       f"{len(train)} training / {len(self.val_set)} validation images; {total} steps; "
@@ -606,7 +665,7 @@ class Trainer:
                         if last_val_step != step:
                             self._save_last(step)
                         break
-                    if any_rank(stop.requested, self.dist):
+                    if any_rank(stop.requested or bool(self.should_stop and self.should_stop()), self.dist):
                         status = "interrupted"
                         if last_val_step != step:
                             self._save_last(step)
@@ -622,6 +681,8 @@ class Trainer:
             "best_step": self.best_step, "best_metric": self.best_metric, "best_validation": self.best_val,
             "effective_batch_size": per_step, "world_size": self.dist.world_size, "rank": self.dist.rank,
             "trainable_parameters": self.trainable_counts, "cache_frozen_trunk": self.cache_note,
+            "embeddings": ({"encoded": self.emb_cache.encoded, "reused": self.emb_cache.reused}
+                           if self.emb_cache is not None else None),
             "instance_decoder": self.ais is not None,
             "seconds": round(time.perf_counter() - t_start, 2), "device": str(self.device),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),

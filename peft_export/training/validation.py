@@ -76,20 +76,31 @@ def validation_set(samples: Sequence[Sample], patch_size: int, min_object_size: 
     return out
 
 
+def predictor_for(model: Sam):
+    """SamPredictor, or for a SAM 2 model SAM2ImagePredictor (the conventions inference uses)."""
+    from ..models.family import is_sam2
+
+    if is_sam2(model):
+        from ..models.sam2 import sam2_predictor
+
+        return sam2_predictor(model)
+    return SamPredictor(model)
+
+
 def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], seed: int = 0,
-             max_objects: int | None = 25) -> dict:
+             max_objects: int | None = 25, predictor: SamPredictor | None = None) -> dict:
     """Point and box Dice of any SAM (adapted, merged, plain) on a validation set.
 
     Uses the evaluation protocol of ``peft_export.evaluate`` through SamPredictor, i.e. the
     same preprocessing as inference; ``mean_dice`` (the mean of point and box Dice) ranks
-    adapters.
+    adapters. ``predictor``: one over ``model`` that finds embeddings elsewhere (``CachedPredictor``).
     """
     from ..evaluation.protocol import evaluate_interactive
 
     was_training = model.training
     model.eval()
     try:
-        res = evaluate_interactive(SamPredictor(model), val_set, prompts=("point", "box"), iterations=0,
+        res = evaluate_interactive(predictor or predictor_for(model), val_set, prompts=("point", "box"), iterations=0,
                                    seed=seed, max_objects_per_image=max_objects, progress=False)
     finally:
         model.train(was_training)

@@ -171,9 +171,14 @@ def build_site(
 
     from tqdm import tqdm
 
+    # One bar over everything the site takes: each image's embedding and picture, the decoder (its int8
+    # check), the browser encoder's copy and onnxruntime-web's files; never an empty bar when the page
+    # encodes its own images.
+    bar = tqdm(total=2 * len(paths) + 2 + (encoder_entry is not None), unit="step", desc="site",
+               disable=not progress)
     embeddings, records = [], []
-    for name, path, image in tqdm(list(zip(names, paths, arrays)), desc="embeddings", unit="image",
-                                  disable=not progress):
+    for name, path, image in zip(names, paths, arrays):
+        bar.set_description(f"embedding {path.name}")
         emb = session.encode(image)
         if adapter is not None:  # trunk + this adapter's head
             emb = emb.embedding(adapter)
@@ -184,6 +189,7 @@ def build_site(
             "input_size": list(emb.input_size),
             "image": f"images/{name}.png", "embedding": f"embeddings/{name}.f32",
         })
+        bar.update()
 
     g = session.image_size // 16
     base = manifest.get("base") or {}
@@ -204,23 +210,32 @@ def build_site(
         "encoder": None,
     }
     summary: Dict[str, Any] = {"out": str(out), "images": records}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with bar, atomic_dir(out, overwrite=overwrite) as tmp:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a site is meant to be served
         for name in ASSET_FILES:
             shutil.copyfile(ASSETS / name, tmp / name)
         context = context_source(export_dir, manifest, adapter) if flavour == CLICK_GRAPH else None
+        bar.set_description(f"decoder {precision}" + (" (quantised and checked)" if precision == "int8" else ""))
         site["decoder"] = _write_decoder(tmp, flavour, decoder_path, context, precision, embeddings,
                                          session.image_size, summary)
+        bar.update()
         (tmp / "images").mkdir()
         (tmp / "embeddings").mkdir()
         for rec, image, emb in zip(records, arrays, embeddings):
+            bar.set_description(f"writing {rec['image']}")
             save_png(display_image(image, rule), tmp / rec["image"])
             (tmp / rec["embedding"]).write_bytes(np.ascontiguousarray(emb.embedding, dtype="<f4").tobytes())
+            bar.update()
         if encoder_entry is not None:
+            bar.set_description("encoder for the browser")
             site["encoder"] = write_browser_encoder(tmp, export_dir, encoder_entry, manifest, encoder_precision)
+            bar.update()
+        bar.set_description("onnxruntime-web")
         copy_ort_files(tmp / "ort")
+        bar.update()
+        bar.set_description("site")
         (tmp / "site.json").write_text(json.dumps(site, indent=2))
         ort_bytes = sum((tmp / "ort" / n).stat().st_size for n in ORT_FILES)
         summary.update(
@@ -240,7 +255,9 @@ def build_site(
 
 def model_note(manifest: Dict[str, Any], adapter: Optional[str] = None) -> Optional[str]:
     """What the page says about the weights when the base is random (None otherwise): whether and on
-    how many images it was fine-tuned, and its held-out Dice, as the adapter's adapter.json records them."""
+    how many images it was fine-tuned, and its validation Dice, as the adapter's adapter.json records
+    them. Validation images chose the best training step, so their Dice is not a held-out figure and
+    the page does not call it one (``peftexport evaluate`` on other images gives that)."""
     if (manifest.get("base") or {}).get("sha256") != "random-init":
         return None
     entry = (manifest.get("adapters") or {}).get(adapter, {}) if adapter else manifest
@@ -256,14 +273,15 @@ def model_note(manifest: Dict[str, Any], adapter: Optional[str] = None) -> Optio
     n_train = training.get("train_images")
     seen = f" on {n_train} image{'s' * (n_train != 1)}" if n_train else ""
     metrics = validation.get("metrics") or {}
-    held_out = ""
+    scores = ""
     if metrics.get("box_dice") is not None:
         n_val = metrics.get("n_images") or len(validation.get("files") or [])
-        held_out = (f"; held-out box Dice {metrics['box_dice']:.2f}, point Dice {metrics['point_dice']:.2f}"
-                    f"{f' on {n_val} image' + 's' * (n_val != 1) if n_val else ''}")
+        on = f" on {n_val} image{'s' * (n_val != 1)}" if n_val else ""
+        scores = (f"; validation box Dice {metrics['box_dice']:.2f}, point Dice {metrics['point_dice']:.2f}{on} "
+                  "(the images that picked the best training step, not a held-out test)")
     elif not meta:
-        held_out = f" (its adapter.json was not found at {source['adapter']})"
-    return (f"The base model has random weights (no checkpoint) and was fine-tuned{seen}{held_out}: "
+        scores = f" (its adapter.json was not found at {source['adapter']})"
+    return (f"The base model has random weights (no checkpoint) and was fine-tuned{seen}{scores}: "
             "its masks show what this small run learned, not what a pretrained SAM would give.")
 
 

@@ -1,0 +1,209 @@
+"""Decoder-only LoRA on cached embeddings (``peftexport improve``) vs late encoder LoRA, same images and steps.
+
+    python benchmarks/bench_improve.py --out OUT                      # tiny at 256 and vit_t at 512
+    python benchmarks/bench_improve.py --out OUT --models tiny --quick   # smoke test (minutes)
+
+Per model: a starting export is made once (kept in OUT/<model>/start: late LoRA r8 trained on the demo
+data from random weights with the demo's recipe, merged and exported fp32), then 8 new demo images of
+other nuclei, darkened by a gamma of 1.6 so that the starting model misses, are labelled "corrected".
+The same objects are held out (``--holdout``, seeded) and both cases train on the rest for ``--steps``
+steps with the same prompts, loss and learning rate, each in a fresh process:
+
+* ``decoder``: ``improve_export`` (LoRA r8 on every decoder layer, the rest frozen, each image view
+  encoded once), merged and exported fp32;
+* ``encoder``: the starting adapter's own recipe trained on (late LoRA on the encoder, the prompt
+  encoder and the whole decoder; the encoder runs every step), merged and exported fp32.
+
+Each case scores its export on the held-out objects (box Dice, the runtime's graphs) and the
+starting export is scored the same way. Printed: Dice before / after, the gain, training and total
+seconds, and the ratios the targets name (decoder gain / encoder gain >= 0.8, decoder time / encoder
+time <= 0.1, on training time and on the whole run), with the CPU model and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+MODELS = {"tiny": dict(image_size=256, lr=1e-3), "vit_t": dict(image_size=512, lr=1e-3)}
+GAMMA = 1.6
+
+
+def _darken(folder: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    for path in sorted(folder.glob("*.tif")):
+        image = tifffile.imread(path).astype(np.float64)
+        top = image.max()
+        tifffile.imwrite(path, (top * (image / top) ** GAMMA).astype(np.uint16))
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """The starting export and the new data (once per model)."""
+    from peft_export.data import make_demo_data
+    from peft_export.export import merge_and_export
+    from peft_export.peft.adapters import load_adapter
+    from peft_export.training import TrainConfig, finetune
+
+    root = args.out / args.model
+    size = MODELS[args.model]["image_size"]
+    if not (root / "start" / "export" / "manifest.json").is_file():
+        make_demo_data(root / "start" / "data", n_images=args.start_images, size=size, seed=0)
+        finetune(TrainConfig(out=str(root / "start" / "run"), data=str(root / "start" / "data"), model_type=args.model,
+                             image_size=size, patch_size=size, peft="lora", blocks="late", rank=8,
+                             targets=("q", "k", "v", "mlp"), iterations=args.start_steps, lr=MODELS[args.model]["lr"],
+                             objects_per_image=5, sub_iterations=1, val_fraction=0.0, validate_at_start=False,
+                             progress=False, device="cpu", overwrite=True))
+        merge_and_export(load_adapter(root / "start" / "run"), root / "start" / "export", precisions=("fp32",),
+                         progress=False, overwrite=True)
+    if not (root / "new" / "labels").is_dir():
+        make_demo_data(root / "new", n_images=args.new_images, size=size, seed=11)
+        _darken(root / "new" / "images")
+
+
+def _case(args: argparse.Namespace) -> None:
+    """One case in this (fresh) process; prints RESULT {...}."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from peft_export.export import merge_and_export
+    from peft_export.improve import heldout_dice, improve_export
+    from peft_export.improve.holdout import hold_out_objects
+    from peft_export.improve.loop import _read_data, _train
+    from peft_export.improve.source import load_torch_source
+    from peft_export.peft.adapters import load_adapter
+    from peft_export.runtime import read_manifest
+    from peft_export.runtime.intensity import normalize_intensity
+    from peft_export.data import Sample
+    from peft_export.evaluation.report import RawSample
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = args.out / args.model
+    export0, new = root / "start" / "export", root / "new"
+    out = root / args.case
+    shutil.rmtree(out, ignore_errors=True)
+    lr = MODELS[args.model]["lr"]
+    t0 = time.perf_counter()
+    if args.case == "decoder":
+        result = improve_export(export0, new / "images", new / "labels", out, steps=args.steps, lr=lr, rank=8,
+                                holdout=args.holdout, objects_per_image=args.objects, sub_iterations=1,
+                                precisions=("fp32",), progress=False, seed=0)
+        total = time.perf_counter() - t0
+        record = {"before": result["before"]["fp32"]["box_dice"], "after": result["after"]["fp32"]["box_dice"],
+                  "train_s": result["training"]["seconds"], "total_s": total,
+                  "trainable": result["training"]["trainable_parameters"]["total"],
+                  "encoded": (result["training"]["embeddings"] or {}).get("encoded"),
+                  "held_out": result["held_out"]["held_out"]}
+    else:
+        manifest = read_manifest(export0)
+        rule = manifest["preprocessing"]["intensity"]
+        raw = _read_data(new / "images", new / "labels")
+        hold = hold_out_objects([Sample(s.name, normalize_intensity(s.image, rule), s.label) for s in raw],
+                                args.holdout, 0, 25)  # the split improve_export makes (same seed)
+        check = [RawSample(c.name, next(r.image for r in raw if r.name == c.name), c.label) for c in hold.check]
+        adapted = load_torch_source(export0, manifest)  # late LoRA + prompt encoder + decoder train, as finetune
+        work = Path(tempfile.mkdtemp(dir=root))
+        try:
+            summary = _train(adapted, hold.train, work / "run", rule, args.steps, lr, args.objects, 1, True, None,
+                             25, 0, False, lambda e: None, None, cache_embeddings=False)
+            merge_and_export(load_adapter(work / "run"), out, precisions=("fp32",), progress=False)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        before = heldout_dice(export0, check, ["fp32"], 0)["fp32"]["box_dice"]
+        after = heldout_dice(out, check, ["fp32"], 0)["fp32"]["box_dice"]
+        total = time.perf_counter() - t0
+        record = {"before": before, "after": after, "train_s": summary["seconds"], "total_s": total,
+                  "trainable": summary["trainable_parameters"]["total"], "encoded": None,
+                  "held_out": hold.record["held_out"]}
+    print("RESULT " + json.dumps({"model": args.model, "case": args.case, **record}), flush=True)
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> dict | None:
+    cmd = [sys.executable, __file__, "--out", str(args.out), "--model-worker", args.model_now, *extra,
+           "--steps", str(args.steps), "--objects", str(args.objects), "--holdout", str(args.holdout),
+           "--start-steps", str(args.start_steps), "--start-images", str(args.start_images),
+           "--new-images", str(args.new_images), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="working folder (the starting exports are kept there)")
+    p.add_argument("--models", default="tiny,vit_t", help="comma-separated: tiny (256 px), vit_t (512 px)")
+    p.add_argument("--steps", type=int, default=60, help="training steps of both cases")
+    p.add_argument("--objects", type=int, default=8, help="objects per step")
+    p.add_argument("--holdout", type=float, default=0.25)
+    p.add_argument("--start-steps", type=int, default=300, help="steps of the starting adapter (made once)")
+    p.add_argument("--start-images", type=int, default=10)
+    p.add_argument("--new-images", type=int, default=8, help="'corrected' images (the issue's napari loop: 8)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 4 steps, a 20-step start, 4 + 4 images")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument("--model-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.start_steps, args.start_images, args.new_images = 4, 20, 4, 4
+    if args.model_worker:
+        warnings.simplefilter("ignore")
+        args.model = args.model_worker
+        (_prepare if args.prepare else _case)(args)
+        return
+    from peft_export.bench.stats import device_info
+
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    results = []
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+        args.model_now = model
+        print(f"{model}: preparing the starting export and the new data ...", file=sys.stderr, flush=True)
+        _run(args, ["--prepare"])
+        for case in ("decoder", "encoder"):
+            r = _run(args, ["--case", case])
+            print(f"{model} {case}: box Dice {r['before']:.4f} -> {r['after']:.4f}, train {r['train_s']:.1f} s, "
+                  f"total {r['total_s']:.1f} s", file=sys.stderr, flush=True)
+            results.append(r)
+    load1 = os.getloadavg()
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {device_info()['cpu']}, {os.cpu_count()} CPUs, load average "
+          f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {time.perf_counter() - t0:.0f} s in all")
+    print(f"command: python benchmarks/bench_improve.py {' '.join(sys.argv[1:])}")
+    print(f"{args.steps} steps, {args.objects} objects per step, {args.new_images} new images (gamma {GAMMA}), "
+          f"held out {args.holdout:.0%} of their objects; box Dice of the fp32 exports on them\n")
+    print("| model | case | trainable | box Dice before | after | gain | train s | total s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['model']} | {r['case']} | {r['trainable']:,} | {r['before']:.4f} | {r['after']:.4f} | "
+              f"{r['after'] - r['before']:+.4f} | {r['train_s']:.1f} | {r['total_s']:.1f} |")
+    print("\n| model | decoder gain / encoder gain (target >= 0.80) | train time ratio (target <= 0.10) | total time ratio |")
+    print("|---|---:|---:|---:|")
+    for model in dict.fromkeys(r["model"] for r in results):
+        dec, enc = (next(r for r in results if r["model"] == model and r["case"] == c) for c in ("decoder", "encoder"))
+        g_dec, g_enc = dec["after"] - dec["before"], enc["after"] - enc["before"]
+        gain = f"{g_dec / g_enc:.2f}" if g_enc > 0 else f"- (encoder gain {g_enc:+.4f})"
+        print(f"| {model} | {gain} | {dec['train_s'] / enc['train_s']:.3f} | {dec['total_s'] / enc['total_s']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The model-family seam: SAM (segment_anything's ``Sam``, with our vit_t / tiny) or SAM 2
+(the ``sam2`` package's ``SAM2Base``), told apart by model type or by the model object.
+
+Everything that walks a model's parts asks here instead of reading attribute names: the
+encoder trunk with ``blocks`` and ``patch_embed`` (SAM's image encoder, SAM 2's Hiera
+``image_encoder.trunk``), the prompt encoder and mask decoder (``prompt_encoder`` /
+``sam_prompt_encoder``, ...) and the input image size. ``sam2`` is imported lazily: SAM 1
+users need not install it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+SAM2_PREFIX = "sam2"
+
+
+def is_sam2_type(model_type: str | None) -> bool:
+    """Whether a --model name is a SAM 2 model (``sam2.1_hiera_t`` ...)."""
+    return bool(model_type) and str(model_type).startswith(SAM2_PREFIX)
+
+
+def is_sam2(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``sam2`` SAM2Base (checked by class, without importing sam2)."""
+    return any(c.__module__.startswith("sam2.") and c.__name__ == "SAM2Base" for c in type(model).__mro__)
+
+
+def encoder_trunk(model: nn.Module) -> nn.Module:
+    """The module holding the encoder's ``blocks`` (and ``patch_embed``): where PEFT goes."""
+    return model.image_encoder.trunk if is_sam2(model) else model.image_encoder
+
+
+def model_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """image_encoder / prompt_encoder / mask_decoder of either family (SAM 2's memory modules are not parts
+    of the image path: they never train here)."""
+    if is_sam2(model):
+        return {"image_encoder": model.image_encoder, "prompt_encoder": model.sam_prompt_encoder,
+                "mask_decoder": model.sam_mask_decoder}
+    return {"image_encoder": model.image_encoder, "prompt_encoder": model.prompt_encoder,
+            "mask_decoder": model.mask_decoder}
+
+
+def model_image_size(model: nn.Module) -> int:
+    """The square input size the model was built for."""
+    return int(model.image_size) if is_sam2(model) else int(model.image_encoder.img_size)
