@@ -95,16 +95,7 @@ class Panel(QWidget):
         self.save_button.setToolTip("The selected Labels layer (else the image's objects) to .tif or .zarr, with "
                                     "the export's name and version")
         self.save_button.clicked.connect(lambda: self.save())
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # busy indicator until a task reports steps
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop the running work; results that arrive afterwards are dropped")
-        self.cancel_button.clicked.connect(lambda: self.cancel())
-        row = QHBoxLayout()
-        row.addWidget(self.progress)
-        row.addWidget(self.cancel_button)
-        self.progress.hide()
-        self.cancel_button.hide()
+        self.progress, self.cancel_button, row = progress_row(lambda: self.cancel())
         self.status = QLabel("Load an export to start.")
         self.status.setWordWrap(True)
         outer.addWidget(self.save_button)
@@ -158,11 +149,30 @@ class Panel(QWidget):
         self.status.setText(text)
 
     def _show_progress(self, busy: bool, done: int = 0, total: int = 0) -> None:
-        """The bar: hidden when idle, steps when the running task reports them, else a busy indicator."""
-        self.progress.setVisible(busy)
-        self.cancel_button.setVisible(busy)
-        self.progress.setRange(0, total if busy else 0)
-        self.progress.setValue(done)
+        show_progress(self.progress, self.cancel_button, busy, done, total)
+
+
+def progress_row(cancel) -> tuple:
+    """A progress bar and a Cancel button (hidden until work runs) in one row: (bar, button, row)."""
+    progress = QProgressBar()
+    progress.setRange(0, 0)  # busy indicator until a task reports steps
+    button = QPushButton("Cancel")
+    button.setToolTip("Stop the running work; results that arrive afterwards are dropped")
+    button.clicked.connect(lambda: cancel())
+    row = QHBoxLayout()
+    row.addWidget(progress)
+    row.addWidget(button)
+    progress.hide()
+    button.hide()
+    return progress, button, row
+
+
+def show_progress(progress: QProgressBar, button: QPushButton, busy: bool, done: int = 0, total: int = 0) -> None:
+    """The bar: hidden when idle, steps when the running task reports them, else a busy indicator."""
+    progress.setVisible(busy)
+    button.setVisible(busy)
+    progress.setRange(0, total if busy else 0)
+    progress.setValue(done)
 
 
 def _combo(items, tooltip: str) -> QComboBox:
