@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ pytest.importorskip("napari", reason="napari is not installed (pip install '.[na
 
 from peft_export.fsutil import sha256_file  # noqa: E402
 from test_napari import _qt_headless, open_widget, settle  # noqa: E402,F401
+from test_napari_large import ticking  # noqa: E402
 
 pytestmark = pytest.mark.slow  # exports a tiny model and trains it in subprocesses
 
@@ -75,8 +75,6 @@ def open_improve(viewer, qtbot, export: Path):
 
 
 def test_improve_loop_end_to_end(make_napari_viewer, qtbot, improvable, tmp_path):
-    from qtpy.QtCore import QTimer
-
     # The export moved to another folder, its torch source (the adapter run) moved too.
     export, run = tmp_path / "exports" / "v1", tmp_path / "elsewhere" / "run"
     shutil.copytree(improvable / "v1", export)
@@ -106,15 +104,9 @@ def test_improve_loop_end_to_end(make_napari_viewer, qtbot, improvable, tmp_path
     widget.source_edit.setText(str(run / "adapter.safetensors"))
     seen: list = []
     widget.progress.valueChanged.connect(lambda v: seen.append((v, widget.progress.maximum())))
-    ticks: list = []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(5)
-    try:
+    with ticking() as ticks:
         widget.improve()
         settle(qtbot, widget, timeout=600_000)
-    finally:
-        timer.stop()
     assert widget.status.text().startswith(f"new export {out} ("), widget.status.text()
     assert widget.status.text().endswith("loaded into the segment widget")
     settle(qtbot, segment)

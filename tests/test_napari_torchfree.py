@@ -1,5 +1,5 @@
 """The napari plugin without torch: the whole plugin (widget, sample data, a click, Segment all,
-save, Segment all (3D) on a stack) runs in a process where importing torch fails, on the [napari] extra's Qt binding (PyQt6,
+save, Segment all (3D) on a stack, the Improve widget saying it needs torch) runs in a process where importing torch fails, on the [napari] extra's Qt binding (PyQt6,
 without napari's PyQt5 deprecation warning), and ``pip install ".[napari]"`` resolves to no
 torch, torchvision or NVIDIA package, and to PyQt6 rather than PyQt5."""
 
@@ -59,10 +59,15 @@ viewer.add_image(np.stack([viewer.layers["synthetic nuclei"].data[:128, :128]] *
 widget.image_box.setCurrentText("stack")
 widget.segment_all_3d()
 settle()
+# "Improve the model" opens, and says that it needs the [torch] extra (blocked here).
+_, improve = viewer.window.add_plugin_dock_widget("peftexport", "Improve the model")
+improve_said, improve_enabled = improve.status.text(), improve.improve_button.isEnabled()
+improve.improve()
 result = {
     "qt": qtpy.API_NAME, "status": status, "status_3d": widget.status.text(), "area": area, "committed": committed, "saved": saved,
     "automatic_max": int(viewer.layers["synthetic nuclei automatic"].data.max()),
     "automatic_3d_max": int(viewer.layers["stack automatic 3D"].data.max()),
+    "improve_said": improve_said, "improve_enabled": improve_enabled, "improve_pressed": improve.status.text(),
     "loaded": sorted(m for m in BLOCKED if m in sys.modules),
     "plugin_modules": sorted(m for m in sys.modules if m.startswith("peft_export.napari")),
 }
@@ -86,9 +91,13 @@ def test_plugin_runs_with_torch_blocked(tmp_path, tmp_path_factory):
     assert "PyQt5 backend is deprecated" not in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
     assert got["area"] > 0 and got["committed"] == 1 and got["automatic_max"] >= 1, got
     assert got["automatic_3d_max"] >= 1 and got["status_3d"].endswith("objects in 3D"), got
+    assert got["improve_said"].startswith("error: Improve the model trains in a separate process and needs the "
+                                          "[torch] extra (torch, segment_anything, onnx missing here): "
+                                          "pip install 'peftexport[torch]'."), got["improve_said"]
+    assert not got["improve_enabled"] and got["improve_pressed"] == got["improve_said"]
     assert got["saved"] == str(tmp_path / "result.json.tif") and Path(got["saved"]).is_file()
     for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images", "current",
-                 "pyramid", "results", "volume"):
+                 "pyramid", "results", "volume", "improve", "improve_data"):
         assert f"peft_export.napari.{name}" in got["plugin_modules"]
 
 

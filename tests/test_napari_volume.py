@@ -6,7 +6,6 @@ same export, and bad input as one status line."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from peft_export import volume as V  # noqa: E402
 from peft_export.data.synthetic_volume import synthetic_movie, synthetic_volume  # noqa: E402
 from peft_export.runtime import SamSession  # noqa: E402
 from test_napari import _qt_headless, ais_export, current_mask, nuclei, open_widget, press, settle  # noqa: E402,F401
-from test_napari_large import build_export_512, gaps  # noqa: E402
+from test_napari_large import build_export_512, gaps, ticking  # noqa: E402
 
 
 def progress_seen(widget) -> list:
@@ -182,8 +181,6 @@ def test_volume_tools_refuse_what_is_not_a_stack(make_napari_viewer, qtbot, ais_
 @pytest.mark.slow  # a 512 px export (~25 s, shared with test_napari_large) and 10 planes of 512^2
 def test_embedding_a_stack_is_cancellable_resumable_stored_and_responsive(make_napari_viewer, qtbot, tmp_path,
                                                                          tmp_path_factory):
-    from qtpy.QtCore import QTimer
-
     export = build_export_512(tmp_path_factory)
     viewer = make_napari_viewer()
     stack = np.stack([nuclei(512, seed=s) for s in range(10)])
@@ -204,15 +201,9 @@ def test_embedding_a_stack_is_cancellable_resumable_stored_and_responsive(make_n
     assert 2 <= done < 10 and volume.encoder_runs == done
 
     # Again: only the missing planes, while a 5 ms QTimer keeps ticking on the GUI thread.
-    ticks: list = []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(5)
-    try:
+    with ticking() as ticks:
         widget.embed_volume()
         settle(qtbot, widget, timeout=300_000)
-    finally:
-        timer.stop()
     assert volume.n_embedded == 10 and volume.encoder_runs == 10, "a plane was encoded twice"
     start, end = widget.last_span["embedding 10 planes"]
     per_plane = (end - start) / (10 - done)
