@@ -15,6 +15,8 @@ missing. When the export's recorded torch source is not on this machine, the wid
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -44,6 +46,7 @@ IMPROVE_PARAMS = (
     Param("lr", "learning rate", 1e-3, 1e-5, 1.0, 1e-4, "AdamW learning rate. CLI --lr."),
 )
 SEGMENT_WIDGET = "Segment with an export"
+NICE = 10  # the training process's niceness (its threads start later and inherit it)
 
 
 class ImproveWidget(QWidget):
@@ -207,6 +210,9 @@ class ImproveWidget(QWidget):
             write_dataset(pairs, data)
             task.step(0, 0)
             proc = self._process = ImproveProcess(export, data / "images", data / "labels", out, args)
+            if hasattr(os, "setpriority"):  # the viewer first; training takes the CPU it leaves
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, proc.proc.pid, NICE)
             result, error, stopped = None, None, False
             for event in proc.events():
                 self.events.append((time.perf_counter(), event))
