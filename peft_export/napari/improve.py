@@ -84,7 +84,7 @@ class ImproveWidget(QWidget):
         self.source_row = [form.labelForField(self.source_edit.parent()), self.source_edit.parent()]
         outer.addWidget(box)
 
-        box = QGroupBox("Training data: committed labels of each image")
+        box = QGroupBox("Training data (committed labels)")
         self.pairs_form = QFormLayout(box)
         self.pair_boxes: Dict[str, QComboBox] = {}
         outer.addWidget(box)
