@@ -74,6 +74,24 @@ def draw_canvas(viewer, size: int):
     return picture
 
 
+def shoot(viewer, widget, out: str, draw: bool = False, size: int = 700) -> None:
+    """The canvas (vispy's render, or ``draw_canvas``) beside the dock widget (Qt's grab of it), as a PNG."""
+    from PIL import Image
+
+    if draw:
+        canvas = draw_canvas(viewer, size)
+    else:
+        canvas = Image.fromarray(viewer.screenshot(canvas_only=True, flash=False)).convert("RGB")
+    panel_png = Path(tempfile.mkdtemp()) / "panel.png"
+    widget.grab().save(str(panel_png))
+    panel = Image.open(panel_png).convert("RGB")
+    height = max(canvas.height, panel.height)
+    picture = Image.new("RGB", (canvas.width + panel.width, height), (38, 41, 48))
+    picture.paste(canvas, (0, 0))
+    picture.paste(panel, (canvas.width, 0))
+    picture.save(out, optimize=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", help="export dir (default: build a tiny one)")
@@ -126,21 +144,7 @@ def main() -> None:
         time.sleep(0.02)
     viewer.reset_view()
     app.processEvents()
-    # The canvas (vispy's render) beside the dock widget (Qt's grab of it).
-    from PIL import Image
-
-    if args.draw_canvas:
-        canvas = draw_canvas(viewer, 700)
-    else:
-        canvas = Image.fromarray(viewer.screenshot(canvas_only=True, flash=False)).convert("RGB")
-    panel_png = Path(tempfile.mkdtemp()) / "panel.png"
-    widget.grab().save(str(panel_png))
-    panel = Image.open(panel_png).convert("RGB")
-    height = max(canvas.height, panel.height)
-    picture = Image.new("RGB", (canvas.width + panel.width, height), (38, 41, 48))
-    picture.paste(canvas, (0, 0))
-    picture.paste(panel, (canvas.width, 0))
-    picture.save(args.out, optimize=True)
+    shoot(viewer, widget, args.out, draw=args.draw_canvas)
     print(f"wrote {args.out} ({widget.status.text()})")
     viewer.close()
 

@@ -154,7 +154,7 @@ def test_manifest_validates_and_imports():
     from npe2 import PluginManifest
 
     manifest = PluginManifest.from_file(ROOT / "peft_export" / "napari" / "napari.yaml")
-    assert [w.display_name for w in manifest.contributions.widgets] == [WIDGET]
+    assert [w.display_name for w in manifest.contributions.widgets] == [WIDGET, "Improve the model"]
     assert [s.key for s in manifest.contributions.sample_data] == ["synthetic_nuclei", "synthetic_slide"]
     assert manifest.contributions.writers[0].layer_types == ["labels"]
 

@@ -6,6 +6,7 @@ tile-sized arrays only, the result layers are lazily backed and saved block by b
 
 from __future__ import annotations
 
+import contextlib
 import time
 import tracemalloc
 from pathlib import Path
@@ -37,6 +38,21 @@ def build_export_512(tmp_path_factory) -> Path:
         merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=512), out, precisions=("fp32",),
                          progress=False)
     return out
+
+
+@contextlib.contextmanager
+def ticking(interval_ms: int = 5):
+    """A QTimer on the GUI thread while the block runs; yields the list of its ticks (perf_counter seconds)."""
+    from qtpy.QtCore import QTimer
+
+    ticks: list = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(interval_ms)
+    try:
+        yield ticks
+    finally:
+        timer.stop()
 
 
 def gaps(ticks: list, start: float, end: float) -> list:

@@ -1,5 +1,5 @@
 """The napari plugin without torch: the whole plugin (widget, sample data, a click, Segment all,
-save) runs in a process where importing torch fails, on the [napari] extra's Qt binding (PyQt6,
+save, Segment all (3D) on a stack, the Improve widget saying it needs torch) runs in a process where importing torch fails, on the [napari] extra's Qt binding (PyQt6,
 without napari's PyQt5 deprecation warning), and ``pip install ".[napari]"`` resolves to no
 torch, torchvision or NVIDIA package, and to PyQt6 rather than PyQt5."""
 
@@ -53,9 +53,21 @@ settle()
 widget.save(out + ".tif")
 settle()
 saved = widget.status.text().rsplit(" to ", 1)[-1] if widget.status.text().startswith("saved ") else None
+status = widget.status.text()
+# A z-stack: every plane embedded, then Segment all (3D) (the multicut of bioimage-cpp), torch-free too.
+viewer.add_image(np.stack([viewer.layers["synthetic nuclei"].data[:128, :128]] * 3), name="stack")
+widget.image_box.setCurrentText("stack")
+widget.segment_all_3d()
+settle()
+# "Improve the model" opens, and says that it needs the [torch] extra (blocked here).
+_, improve = viewer.window.add_plugin_dock_widget("peftexport", "Improve the model")
+improve_said, improve_enabled = improve.status.text(), improve.improve_button.isEnabled()
+improve.improve()
 result = {
-    "qt": qtpy.API_NAME, "status": widget.status.text(), "area": area, "committed": committed, "saved": saved,
+    "qt": qtpy.API_NAME, "status": status, "status_3d": widget.status.text(), "area": area, "committed": committed, "saved": saved,
     "automatic_max": int(viewer.layers["synthetic nuclei automatic"].data.max()),
+    "automatic_3d_max": int(viewer.layers["stack automatic 3D"].data.max()),
+    "improve_said": improve_said, "improve_enabled": improve_enabled, "improve_pressed": improve.status.text(),
     "loaded": sorted(m for m in BLOCKED if m in sys.modules),
     "plugin_modules": sorted(m for m in sys.modules if m.startswith("peft_export.napari")),
 }
@@ -78,9 +90,14 @@ def test_plugin_runs_with_torch_blocked(tmp_path, tmp_path_factory):
     assert got["qt"] == "PyQt6", f"napari ran on {got['qt']} (an environment from the old extra: pip uninstall pyqt5)"
     assert "PyQt5 backend is deprecated" not in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
     assert got["area"] > 0 and got["committed"] == 1 and got["automatic_max"] >= 1, got
+    assert got["automatic_3d_max"] >= 1 and got["status_3d"].endswith("objects in 3D"), got
+    assert got["improve_said"].startswith("error: Improve the model trains in a separate process and needs the "
+                                          "[torch] extra (torch, segment_anything, onnx missing here): "
+                                          "pip install 'peftexport[torch]'."), got["improve_said"]
+    assert not got["improve_enabled"] and got["improve_pressed"] == got["improve_said"]
     assert got["saved"] == str(tmp_path / "result.json.tif") and Path(got["saved"]).is_file()
     for name in ("widget", "prompts", "worker", "automatic", "save", "sample", "layers", "images", "current",
-                 "pyramid", "results"):
+                 "pyramid", "results", "volume", "improve", "improve_data"):
         assert f"peft_export.napari.{name}" in got["plugin_modules"]
 
 
@@ -104,6 +121,6 @@ def test_pip_install_napari_extra_adds_no_torch(tmp_path):
     heavy = sorted(n for n in names if n in ("torch", "torchvision", "segment-anything", "onnx", "triton")
                    or n.startswith("nvidia-"))
     assert not heavy, f'pip install ".[napari]" would install {heavy}'
-    for wanted in ("napari", "onnxruntime", "pyqt6", "magicgui", "scikit-image", "peftexport"):
+    for wanted in ("napari", "onnxruntime", "pyqt6", "magicgui", "scikit-image", "bioimage-cpp", "laptrack", "peftexport"):
         assert wanted in names, f"{wanted} missing from the resolution: {sorted(names)}"
     assert "pyqt5" not in names, "napari 0.9 deprecates PyQt5: the extra installs PyQt6"

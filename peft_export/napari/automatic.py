@@ -88,6 +88,27 @@ def check_segment_all_size(shape: Tuple[int, ...]) -> None:
             "--everything without an instance decoder) and open labels.zarr in napari")
 
 
+def check_stack_size(shape: Tuple[int, ...], what: str, option: str) -> None:
+    """Refuse "Segment all (3D)" / "Track" on a stack whose labels (per-plane, merged, the layer's)
+    would not fit in memory here, with the CLI that runs it slab by slab into zarr."""
+    n, h, w = (int(s) for s in shape[:3])
+    if n * h * w > SEGMENT_ALL_MAX_PIXELS:
+        raise PeftExportError(
+            f"{what}: a {n}x{h}x{w} stack needs about {16 * n * h * w / 2**30:.1f} GiB here; run 'peftexport "
+            f"predict EXPORT stack.zarr {option} -o labels.zarr' and open labels.zarr in napari")
+
+
+def mode_params(session: Any, adapter: Optional[str], params: Optional[Dict[str, float]] = None
+                ) -> Tuple[bool, Dict[str, Any]]:
+    """(AIS or not, the full parameters of that mode): ``params`` over the defaults, names of the
+    other mode ignored, whole numbers as int."""
+    params = params or {}
+    ais = has_instance_decoder(session, adapter)
+    spec = AIS_PARAMS if ais else EVERYTHING_PARAMS
+    return ais, {p.name: (int(params.get(p.name, p.default)) if p.whole else float(params.get(p.name, p.default)))
+                 for p in spec}
+
+
 def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
                 params: Optional[Dict[str, float]] = None, image: Any = None) -> Dict[str, Any]:
     """Labels (int32 H x W) of every object: {"labels", "mode" ("instances"/"everything"), "n_objects",
@@ -98,11 +119,7 @@ def segment_all(session: Any, embedding: Any, adapter: Optional[str] = None,
     are used (``SamSession.tiled``, default tile and halo of the export): each tile at full
     resolution, objects across tile borders joined by the runtime.
     """
-    params = params or {}
-    ais = has_instance_decoder(session, adapter)
-    spec = AIS_PARAMS if ais else EVERYTHING_PARAMS
-    used = {p.name: (int(params.get(p.name, p.default)) if p.whole else float(params.get(p.name, p.default)))
-            for p in spec}
+    ais, used = mode_params(session, adapter, params)
     runner, tiles = session, 0
     kwargs: Dict[str, Any] = {"embedding": embedding, "adapter": adapter}
     if image is not None:

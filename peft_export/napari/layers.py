@@ -144,3 +144,14 @@ def write_plane(layer: Labels, index: Tuple[int, ...], labels: np.ndarray) -> No
     else:
         layer.data[tuple(index)] = labels
     layer.refresh()
+
+
+def write_stack(layer: Labels, labels: np.ndarray) -> None:
+    """Replace every plane of the layer by ``labels`` (N x H x W)."""
+    if layer.multiscale:
+        h, w = labels.shape[-2:]
+        for z in range(len(labels)):
+            pyramid.write_window(list(layer.data), (z,), (0, h, 0, w), labels[z])
+    else:
+        layer.data[...] = labels
+    layer.refresh()

@@ -9,15 +9,18 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..runtime.manifest import PRECISIONS
+from ..volume import PROJECTIONS, PROPAGATION_DEFAULTS
 from .automatic import AIS_PARAMS, EVERYTHING_PARAMS
 from .form import ParamForm
+from .volume import MERGE_PARAMS, PROPAGATION_PARAMS, TRACK_PARAMS
 
 BACKENDS = ("onnxruntime", "openvino")
 
 
 class Panel(QWidget):
     """The controls; subclasses provide load_export, compute_embedding, commit, clear,
-    toggle_polarity, segment_all, save, cancel, _on_adapter, _on_image and _on_polarity."""
+    toggle_polarity, segment_all, embed_volume, segment_object_in_volume, segment_all_3d,
+    track_objects, save, cancel, _on_adapter, _on_image and _on_polarity."""
 
     # ---- the form ------------------------------------------------------------------------------
 
@@ -86,27 +89,56 @@ class Panel(QWidget):
         for w in (self.ais_form, self.everything_form, self.all_button):
             col.addWidget(w)
         outer.addWidget(box)
+        outer.addWidget(self._build_volume())
 
         self.save_button = QPushButton("Save labels…")
         self.save_button.setToolTip("The selected Labels layer (else the image's objects) to .tif or .zarr, with "
                                     "the export's name and version")
         self.save_button.clicked.connect(lambda: self.save())
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # busy indicator until a task reports steps
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop the running work; results that arrive afterwards are dropped")
-        self.cancel_button.clicked.connect(lambda: self.cancel())
-        row = QHBoxLayout()
-        row.addWidget(self.progress)
-        row.addWidget(self.cancel_button)
-        self.progress.hide()
-        self.cancel_button.hide()
+        self.progress, self.cancel_button, row = progress_row(lambda: self.cancel())
         self.status = QLabel("Load an export to start.")
         self.status.setWordWrap(True)
         outer.addWidget(self.save_button)
         outer.addLayout(row)
         outer.addWidget(self.status)
         outer.addStretch()
+
+    def _build_volume(self) -> QGroupBox:
+        """z-stack or movie: shown only for an image layer with one axis before rows and columns."""
+        box = self.volume_group = QGroupBox("Volume / movie")
+        col = QVBoxLayout(box)
+        self.store_edit = QLineEdit()
+        self.store_edit.setPlaceholderText("embeddings: in memory, or a folder .zarr to keep them")
+        self.store_edit.setToolTip("A zarr store of every plane's embeddings, written on the first run and reopened "
+                                   "later without an encoder run (refused if another export or stack made it). "
+                                   "CLI --embeddings.")
+        self.embed_volume_button = _button("Embed all planes", lambda: self.embed_volume(),
+                                           "Encode every plane once (in a worker; Cancel keeps the planes done)")
+        self.projection_box = _combo(PROJECTIONS, "Prompts carried from plane to plane (micro-sam's projection "
+                                     "modes). CLI --projection.")
+        self.projection_box.setCurrentText(PROPAGATION_DEFAULTS["projection"])
+        self.propagation_form = ParamForm(PROPAGATION_PARAMS)
+        self.propagation_form.layout().insertRow(0, "projection", self.projection_box)
+        self.propagate_button = _button("Segment object in volume", lambda: self.segment_object_in_volume(),
+                                        "Carry the object prompted on one or a few slices through the stack; between "
+                                        "two prompted slices it is filled in from both; Commit adds it")
+        self.merge_form = ParamForm(MERGE_PARAMS)
+        self.all_3d_button = _button("Segment all (3D)", lambda: self.segment_all_3d(),
+                                     "Every plane segmented as Segment all does (its parameters above), the objects "
+                                     "merged across z (multicut)")
+        self.track_form = ParamForm(TRACK_PARAMS)
+        self.divisions_box = QCheckBox("divisions")
+        self.divisions_box.setChecked(True)
+        self.divisions_box.setToolTip("Link a track's end to two new tracks (dividing cells). CLI --divisions.")
+        self.track_form.layout().addRow("", self.divisions_box)
+        self.track_button = _button("Track", lambda: self.track_objects(),
+                                    "Every frame segmented as Segment all does, the objects linked over time: "
+                                    "tracked labels and a Tracks layer")
+        for w in (self.store_edit, self.embed_volume_button, self.propagation_form, self.propagate_button,
+                  self.merge_form, self.all_3d_button, self.track_form, self.track_button):
+            col.addWidget(w)
+        box.hide()
+        return box
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Export folder", self.path_edit.text())
@@ -117,11 +149,30 @@ class Panel(QWidget):
         self.status.setText(text)
 
     def _show_progress(self, busy: bool, done: int = 0, total: int = 0) -> None:
-        """The bar: hidden when idle, steps when the running task reports them, else a busy indicator."""
-        self.progress.setVisible(busy)
-        self.cancel_button.setVisible(busy)
-        self.progress.setRange(0, total if busy else 0)
-        self.progress.setValue(done)
+        show_progress(self.progress, self.cancel_button, busy, done, total)
+
+
+def progress_row(cancel) -> tuple:
+    """A progress bar and a Cancel button (hidden until work runs) in one row: (bar, button, row)."""
+    progress = QProgressBar()
+    progress.setRange(0, 0)  # busy indicator until a task reports steps
+    button = QPushButton("Cancel")
+    button.setToolTip("Stop the running work; results that arrive afterwards are dropped")
+    button.clicked.connect(lambda: cancel())
+    row = QHBoxLayout()
+    row.addWidget(progress)
+    row.addWidget(button)
+    progress.hide()
+    button.hide()
+    return progress, button, row
+
+
+def show_progress(progress: QProgressBar, button: QPushButton, busy: bool, done: int = 0, total: int = 0) -> None:
+    """The bar: hidden when idle, steps when the running task reports them, else a busy indicator."""
+    progress.setVisible(busy)
+    button.setVisible(busy)
+    progress.setRange(0, total if busy else 0)
+    progress.setValue(done)
 
 
 def _combo(items, tooltip: str) -> QComboBox:
@@ -129,3 +180,10 @@ def _combo(items, tooltip: str) -> QComboBox:
     box.addItems(list(items))
     box.setToolTip(tooltip)
     return box
+
+
+def _button(text: str, slot, tooltip: str) -> QPushButton:
+    button = QPushButton(text)
+    button.setToolTip(tooltip)
+    button.clicked.connect(lambda _=False: slot())
+    return button

@@ -76,6 +76,26 @@ def slice_prompts(points: np.ndarray, positive: Sequence[bool], rectangles: Sequ
     return Prompts(coords, labels, box)
 
 
+def prompted_slices(points: np.ndarray, rectangles: Sequence[np.ndarray], n_leading: int) -> list:
+    """The leading indices (sorted tuples) of every slice holding a point or a rectangle."""
+    found = {tuple(int(v) for v in row) for row in np.round(np.asarray(points, np.float64).reshape(
+        -1, n_leading + 2)[:, :n_leading])}
+    for rect in rectangles:
+        rect = np.asarray(rect, dtype=np.float64)
+        if rect.ndim == 2 and rect.shape[1] == n_leading + 2:
+            found.add(tuple(int(v) for v in np.round(rect[0, :n_leading])))
+    return sorted(found)
+
+
+def same_prompts(a: Optional[Prompts], b: Optional[Prompts]) -> bool:
+    """The same points (in order, same polarity) and the same box."""
+    if a is None or b is None:
+        return False
+    boxes = (a.box is None and b.box is None) or (a.box is not None and b.box is not None
+                                                   and np.array_equal(a.box, b.box))
+    return boxes and np.array_equal(a.coords, b.coords) and np.array_equal(a.labels, b.labels)
+
+
 def clip_to_image(prompts: Prompts, shape: Tuple[int, int]) -> Prompts:
     """Points outside the image are dropped and a box is clipped to it (napari lets a click land
     anywhere on the canvas; SamSession refuses coordinates outside the image)."""

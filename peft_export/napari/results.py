@@ -7,7 +7,7 @@ Labels layers (``layers.result_layer``: lazily backed when large).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -40,19 +40,31 @@ class ResultActions:
         return new
 
     def commit(self) -> Optional[int]:
-        """Write the current object into "<image> objects" as a new id; clears the prompts."""
+        """Write the current object into "<image> objects" as a new id; clears the prompts. After
+        "Segment object in volume" (prompts unchanged since), the object through its planes."""
+        if self._volume_object is not None:
+            return self._commit_volume_object()
         image, decoded = self.image_layer, self.last_decoded
         if image is None or decoded is None or not decoded.mask.any() or self.session is None:
             self._say("nothing to commit: place prompts first")
             return None
+        new_id = self._paint_object(image, [(current_index(image, self.viewer.dims.point), decoded.window,
+                                             decoded.mask)])
+        if new_id is not None:
+            self._say(f"committed object {new_id}")
+        return new_id
+
+    def _paint_object(self, image: Image, pieces: List[Tuple[tuple, tuple, np.ndarray]]) -> Optional[int]:
+        """One new id in "<image> objects" where each (plane index, window, mask) piece is set; clears
+        the prompts. None while that layer is being saved."""
         result = L.result_layer(self.viewer, image, "objects", {KEY: export_metadata(self.session, self.adapter)})
         if self._saving(result):
             self._say(f"wait: {result.name} is being saved (or press Cancel)")
             return None
         new_id = self._new_label(result)
-        L.paint(result, current_index(image, self.viewer.dims.point), decoded.window, decoded.mask, new_id)
+        for index, window, mask in pieces:
+            L.paint(result, index, window, mask, new_id)
         self._clear_prompts()
-        self._say(f"committed object {new_id}")
         return new_id
 
     # ---- automatic and saving --------------------------------------------------------------------

@@ -26,10 +26,11 @@ from ..runtime import SamSession
 from . import layers as L
 from .automatic import has_instance_decoder, needs_tiles
 from .current import LayerVersions, Target
-from .images import check_displayed, current_index, lazy_plane
+from .images import check_displayed, current_index, lazy_plane, leading_axes
 from .panel import Panel
 from .prompts import ClickDecoder, Decoded, clip_to_image, slice_prompts
 from .results import ResultActions
+from .volume import VolumeActions
 from .worker import EmbeddingCache, Task, Tasks
 
 
@@ -39,7 +40,7 @@ def one_line(exc: BaseException) -> str:
     return f"error: {text}" if isinstance(exc, PeftExportError) else f"error: {type(exc).__name__}: {text}"
 
 
-class SegmentWidget(ResultActions, Panel):
+class SegmentWidget(VolumeActions, ResultActions, Panel):
     """napari dock widget; every button has a method tests and scripts can call."""
 
     def __init__(self, napari_viewer: Any) -> None:
@@ -56,6 +57,7 @@ class SegmentWidget(ResultActions, Panel):
         self._waiting: Dict[Target, List[Callable[[], None]]] = {}  # run when that target's embedding is ready
         self._next_label: Dict[str, int] = {}  # lazily backed result layers: the next free id
         self._updating = False
+        self._init_volumes()
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._on_removed)
@@ -87,6 +89,8 @@ class SegmentWidget(ResultActions, Panel):
     def _dropped(self, task: Task, why: str) -> None:
         for target in [t for t in self._waiting if not self._valid(t)]:
             del self._waiting[target]
+        if isinstance(task.key, tuple) and task.key[0] == "volume":
+            self._volume_waiting.pop(task.key[1], None)
         if why == "cancelled":
             self._say(f"{task.what}: cancelled")
 
@@ -94,6 +98,7 @@ class SegmentWidget(ResultActions, Panel):
         """Stop the running work (Cancel); results that arrive afterwards are dropped."""
         n = self.tasks.cancel()
         self._waiting.clear()
+        self._volume_waiting.clear()
         self._say(f"cancelling {n} task{'s' * (n != 1)} …" if n else "nothing to cancel")
 
     def _refresh_images(self, *_: Any) -> None:
@@ -116,6 +121,7 @@ class SegmentWidget(ResultActions, Panel):
         if isinstance(layer, Image):
             self.versions.forget(layer)
             self.cache.drop(lambda target: target.layer == layer.unique_id)
+            self._forget_volumes(lambda target: target.layer == layer.unique_id)
         if isinstance(layer, Labels):
             self._next_label.pop(layer.unique_id, None)
         self._refresh_images()
@@ -124,6 +130,7 @@ class SegmentWidget(ResultActions, Panel):
         """The image's data was replaced: its embeddings are of other pixels."""
         generation = self.versions.generation(layer)
         self.cache.drop(lambda target: target.layer == layer.unique_id and target.generation != generation)
+        self._forget_volumes(lambda target: target.layer == layer.unique_id and target.generation != generation)
         if layer is self.image_layer:
             self._use_cached()
             self.update_mask()
@@ -154,6 +161,8 @@ class SegmentWidget(ResultActions, Panel):
         def failed(exc: Exception) -> None:
             if target is not None:
                 self._waiting.pop(target, None)
+            if isinstance(key, tuple) and key[0] == "volume":
+                self._volume_waiting.pop(key[1], None)
             self._fail(exc)
 
         return self.tasks.start(what, work, on_done=done, on_error=failed, target=target, key=key, replace=replace)
@@ -179,6 +188,7 @@ class SegmentWidget(ResultActions, Panel):
         self.tasks.cancel(lambda task: task.target is not None and task.target.session is not session)
         self.cache.clear()
         self._waiting.clear()
+        self._forget_volumes(lambda target: target.session is not session)
         self.adapter_box.blockSignals(True)
         self.adapter_box.clear()
         self.adapter_box.addItems(list(session.adapters))
@@ -202,6 +212,10 @@ class SegmentWidget(ResultActions, Panel):
         """Point the decoder at the cached embedding of the current target, if any."""
         target = self._target()
         emb = self.cache.get(target) if target is not None else None
+        volume = self._volume_of(target) if emb is None and target is not None else None
+        if volume is not None:  # embedded with the whole stack: used for clicks too
+            emb = volume.embedding(target.index[0])
+            self.cache.put(target, emb)
         if emb is None:
             self.decoder = None
             return False
@@ -256,6 +270,7 @@ class SegmentWidget(ResultActions, Panel):
     def _on_image(self) -> None:
         self.decoder = None
         image = self.image_layer
+        self.volume_group.setVisible(image is not None and leading_axes(image) == 1)
         if image is None:
             return
         self._prompt_layers(image)
@@ -289,6 +304,8 @@ class SegmentWidget(ResultActions, Panel):
     def _on_prompts(self, event: Any) -> None:
         if self._updating or str(getattr(event, "action", "")).endswith("ing"):
             return  # napari announces "adding"/"removing" before the change
+        if self._volume_object is not None:
+            self._drop_volume_object()  # made from the prompts as they were
         self.update_mask()
 
     def _on_step(self, *_: Any) -> None:
@@ -346,6 +363,7 @@ class SegmentWidget(ResultActions, Panel):
             self._fail(exc)
             return
         self._show(decoded)
+        self._record_shown(target, prompts, decoded)
         self._say(f"mask {decoded.index}: predicted IoU {decoded.iou:.3f}, {int(decoded.mask.sum())} px")
 
     def _encode_tile(self, target: Target, tile: Any) -> None:
@@ -371,6 +389,7 @@ class SegmentWidget(ResultActions, Panel):
             self._updating = False
         if self.decoder is not None:
             self.decoder.reset()
+        self._shown_masks.clear()  # every slice's prompts are gone
         self._show(None)
 
     def clear(self) -> None:
