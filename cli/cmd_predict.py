@@ -63,6 +63,7 @@ def predict(
     axes: Optional[str] = vol.AxesOpt,
     channel: Optional[int] = vol.ChannelOpt,
     embeddings: Optional[Path] = vol.EmbeddingsOpt,
+    propagation: str = vol.PropagationOpt,
     projection: str = vol.ProjectionOpt,
     iou_threshold: float = vol.IouThresholdOpt,
     box_extension: float = vol.BoxExtensionOpt,
@@ -86,7 +87,7 @@ def predict(
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
-                                 tile, halo, scale, workers, scheduler, overwrite, quiet)
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)

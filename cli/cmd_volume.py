@@ -24,6 +24,10 @@ AxesOpt = typer.Option(None, "--axes", help="Stacks: the input's axes when the f
 ChannelOpt = typer.Option(None, "--channel", help="Stacks with a channel axis: which channel to segment.")
 EmbeddingsOpt = typer.Option(None, "--embeddings", help="--3d: a zarr store of the planes' embeddings, written on "
                              "the first run and reused after (no encoder run); refused if made by another export.")
+PropagationOpt = typer.Option("auto", "--propagation", help="--propagate: how the object is carried through z. "
+                              "prompts: micro-sam's (each plane's mask becomes the next plane's prompts; SAM "
+                              "exports); sam2: SAM 2's memory (the annotated planes are its conditioning frames; a "
+                              "SAM 2 export made with --video); auto (default): the one the export offers.")
 ProjectionOpt = typer.Option("single_point", "--projection", help="--propagate: prompts carried from plane to "
                              "plane: box, mask, points, points_and_mask or single_point.")
 IouThresholdOpt = typer.Option(0.5, "--iou-threshold", help="--propagate: stop where a plane's mask overlaps the "
@@ -43,7 +47,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   box_extension: float, gap_closing: Optional[int], min_z_extent: Optional[int],
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
-                  scheduler: Optional[str], overwrite: bool, quiet: bool) -> None:
+                  scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.volume import run
 
@@ -69,12 +73,16 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
              f"{r['outputs']['labels']}, {r['outputs']['ctc']}, {r['outputs']['tracks']}")
         return
     merge = {"gap_closing": gap_closing, "min_z_extent": min_z_extent}
+    if propagation != "auto" and not (points or box):
+        raise PeftExportError("--propagation: chooses how --propagate carries an object given with --points/--box")
     if points or box:
         r = run.predict_object(export_dir, image, out, points, box, propagate, embeddings=embeddings,
                                propagation={"projection": projection, "iou_threshold": iou_threshold,
-                                            "box_extension": box_extension}, progress=not quiet, **common)
+                                            "box_extension": box_extension}, progress=not quiet,
+                               method=propagation, **common)
+        how = f", propagation {r['propagation']}" if propagate else ""
         echo(f"{image}: object on planes {r['planes'][0]}..{r['planes'][1]} ({r['voxels']} voxels, annotated "
-             f"{', '.join(map(str, r['annotated_planes']))}) -> {r['outputs']['labels']}")
+             f"{', '.join(map(str, r['annotated_planes']))}{how}) -> {r['outputs']['labels']}")
         return
     if propagate:
         raise PeftExportError("--propagate: give the object with --points 'z,y,x' and/or --box 'z,x0,y0,x1,y1'")

@@ -9,6 +9,11 @@ tokens are chosen as sam2's decoder does (``sam2_masks``), masks are the low-res
 to the image, and the returned low-res logits are clipped to [-32, 32] as the predictor returns them.
 Segment-everything is ``SAM2AutomaticMaskGenerator`` (one crop) with its defaults, through the same
 numpy steps as SAM's (``everything``).
+
+``propagate(frames or volume, prompts on some frames)`` is SAM 2's video propagation
+(``SAM2VideoPredictor``), run by ``sam2_video.Sam2Propagator`` on the export's memory graphs (opened on
+the first call, with this session's backend, device, threads and encoder precision); an export without
+them (no ``merge-and-export --video``) is refused with one line.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +34,8 @@ from .postprocess import resize_bilinear
 from .prompts import check_boxes, check_points
 from .sam2_masks import select_masks
 from .sam2_preprocess import prepare_sam2_image, to_sam2_frame
+from .sam2_video import Sam2Propagator, has_memory_graphs, no_memory_graphs_message
+from .sam2_video_prompts import Prompts
 
 ENCODER_OUTPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1")
 LOW_RES_CLAMP = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns
@@ -60,6 +67,8 @@ class Sam2Session:
         if self.manifest.get("family") != "sam2":
             raise PeftExportError(f"{self.export_dir}: not a SAM 2 export (use SamSession)")
         self.backend_name, self.device, self.precision = backend, device, precision
+        self._threads, self._verify = intra_op_threads, verify_checksums
+        self._propagator: Optional[Sam2Propagator] = None
         self.image_size = int(self.manifest["image_size"])
         self.low_res_size = int(self.manifest["low_res_size"])
         pre = self.manifest["preprocessing"]
@@ -255,6 +264,37 @@ class Sam2Session:
             stability_score_thresh=stability_score_thresh, box_nms_thresh=box_nms_thresh,
             min_mask_region_area=min_mask_region_area, return_masks=return_masks,
             to_model_frame=lambda xy: to_sam2_frame(xy, size, self.image_size, np.float64))
+
+    # ---- propagation (video, volumes) ------------------------------------------------------
+
+    @property
+    def has_memory_graphs(self) -> bool:
+        """Whether this export can ``propagate`` (it was exported with its memory graphs)."""
+        return has_memory_graphs(self.manifest)
+
+    def propagator(self) -> Sam2Propagator:
+        """The export's memory graphs, opened once (the one-line error where the export has none)."""
+        with self._lock:
+            if self._propagator is None:
+                if not self.has_memory_graphs:
+                    raise PeftExportError(no_memory_graphs_message(self.export_dir))
+                self._propagator = Sam2Propagator(self.export_dir, self.backend_name, self.device, self._threads,
+                                                  self._verify, precision=self.precision)
+            return self._propagator
+
+    def propagate(self, frames: Sequence[np.ndarray] | np.ndarray, prompts: Prompts, direction: str = "both",
+                  fill_hole_area: Optional[int] = None, progress: Optional[Callable[[int], None]] = None
+                  ) -> Iterator[Tuple[int, Dict[Any, np.ndarray]]]:
+        """SAM 2's propagation of prompts on some frames through a movie or a volume's slices.
+
+        Yields ``(frame index, {object id: logits (H, W) float32})``, > 0 inside the object, in SAM 2's
+        order (forward from the first prompted frame, then backward from it; ``direction`` "forward" /
+        "backward" runs one pass). ``frames``: HxW / HxWxC images, a (T, H, W[, C]) array, or a sequence
+        with a ``plane_shape``. ``prompts``: {object id: {frame index: dict(points=, labels=, box=, mask=)}}
+        in the frames' pixels (``Sam2Propagator.propagate``). The error for an export without memory
+        graphs comes at this call, not at the first frame.
+        """
+        return self.propagator().propagate(frames, prompts, direction, fill_hole_area, progress)
 
     def segment_instances(self, *args: Any, **kwargs: Any):
         raise PeftExportError(f"{self.export_dir}: this SAM 2 export has no instance decoder (AIS); use "

@@ -58,6 +58,16 @@ DIRECTIONS = ("both", "forward", "backward")
 VIDEO_GRAPHS = ("memory_attention", "memory_encoder", "obj_ptr", "mask_downsample")
 
 
+def has_memory_graphs(manifest: Dict[str, Any]) -> bool:
+    """Whether an export's manifest lists the memory graphs propagation needs (``merge-and-export --video``)."""
+    return isinstance(manifest.get("video"), dict) and "memory_attention" in (manifest.get("graphs") or {})
+
+
+def no_memory_graphs_message(export_dir: str | Path) -> str:
+    return (f"{export_dir}: this export has no memory graphs, so it cannot propagate "
+            "(export a SAM 2 model with its video graphs)")
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))).astype(np.float32)
 
@@ -72,9 +82,8 @@ class Sam2Propagator:
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
         video, graphs = manifest.get("video"), manifest.get("graphs") or {}
-        if not isinstance(video, dict) or "memory_attention" not in graphs:
-            raise PeftExportError(f"{self.export_dir}: this export has no memory graphs, so it cannot propagate "
-                                  "(export a SAM 2 model with its video graphs)")
+        if not has_memory_graphs(manifest):
+            raise PeftExportError(no_memory_graphs_message(self.export_dir))
         self.settings = video
         self.image_size = int(manifest["image_size"])
         self.grid = self.image_size // 16
@@ -243,7 +252,8 @@ class Sam2Propagator:
         """Yield (frame index, {object id: logits (H, W) float32}) over the clip; > 0 is the object.
 
         ``frames``: a sequence of HxW / HxWxC images or a (T, H, W[, C]) array (a volume: slices are
-        frames). ``prompts``: {object id: {frame index: FramePrompt or dict(points=, labels=, box=, mask=)}}.
+        frames); a sequence with a ``plane_shape`` (a stack's planes, read when encoded) gives every frame
+        that size. ``prompts``: {object id: {frame index: FramePrompt or dict(points=, labels=, box=, mask=)}}.
         ``fill_hole_area``: SAM2VideoPredictor's hole filling of low-res masks (default: the export's, 8).
         ``progress`` is called with each frame index done.
         """
@@ -254,7 +264,9 @@ class Sam2Propagator:
             raise PeftExportError("propagate: no frames")
         prompts = check_prompts(prompts, num_frames)
         fill = int(self.settings["fill_hole_area"] if fill_hole_area is None else fill_hole_area)
-        sizes = [tuple(np.shape(frames[i])[:2]) for i in range(num_frames)]
+        plane_shape = getattr(frames, "plane_shape", None)  # a stack's planes share one shape: none is read for it
+        sizes = ([tuple(plane_shape)] * num_frames if plane_shape is not None
+                 else [tuple(np.shape(frames[i])[:2]) for i in range(num_frames)])
         cache: Dict[str, Any] = {"index": None}
 
         def features(i: int) -> Dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Stage 7c, volume: z-stacks and time-lapses, torch-free. Stack I/O (multi-page TIFF, zarr,
 OME-Zarr; ZYX, TYX, CZYX), every plane embedded once (in memory or a zarr store; background,
-progress, cancel), one object propagated through z (micro-sam's ``segment_mask_in_volume``),
+progress, cancel), one object propagated through z (micro-sam's ``segment_mask_in_volume``, or on
+SAM 2 exports SAM 2's memory: ``sam2_propagate``),
 automatic 3D instances (per-plane AIS / segment-everything, then the multicut merge across z),
 tracking with divisions (laptrack) with napari and Cell Tracking Challenge outputs, and slab by
 slab processing of volumes larger than memory (Dask).
@@ -21,12 +22,14 @@ from .embeddings import EmbeddingJob, PlaneTiles, VolumeEmbeddings, stack_intens
 from .mask_prompts import PROJECTIONS
 from .merge import MERGE_DEFAULTS, merge_instance_segmentation_3d
 from .propagate import PROPAGATION_DEFAULTS, masks_from_prompts, segment_object_in_volume
+from .sam2_propagate import PROPAGATION_METHODS, propagation_methods, segment_object_with_sam2
 from .stacks import Stack, open_stack, stack_from_array
 from .tracking import TrackingResult, link_frames, track, write_ctc
 
 __all__ = [
-    "Cancelled", "EmbeddingJob", "MERGE_DEFAULTS", "MODES", "PROJECTIONS", "PROPAGATION_DEFAULTS", "PlaneTiles",
-    "Stack", "TrackingResult", "VolumeEmbeddings", "link_frames", "masks_from_prompts",
-    "merge_instance_segmentation_3d", "open_stack", "segment_frames", "segment_object_in_volume", "segment_planes",
-    "segment_volume", "stack_from_array", "stack_intensity", "track", "write_ctc",
+    "Cancelled", "EmbeddingJob", "MERGE_DEFAULTS", "MODES", "PROJECTIONS", "PROPAGATION_DEFAULTS",
+    "PROPAGATION_METHODS", "PlaneTiles", "Stack", "TrackingResult", "VolumeEmbeddings", "link_frames",
+    "masks_from_prompts", "merge_instance_segmentation_3d", "open_stack", "propagation_methods", "segment_frames",
+    "segment_object_in_volume", "segment_object_with_sam2", "segment_planes", "segment_volume", "stack_from_array",
+    "stack_intensity", "track", "write_ctc",
 ]

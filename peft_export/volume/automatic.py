@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import PeftExportError
-from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled
+from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled, require_plane_embeddings
 from .merge import MERGE_DEFAULTS, check_merge_options, merge_instance_segmentation_3d, relabel_volume
 from .stacks import Stack, stack_from_array
 
@@ -27,6 +27,7 @@ class Cancelled(PeftExportError):
 
 def resolve_mode(session: Any, mode: str, adapter: Optional[str]) -> str:
     """"ais" or "everything": "auto" is AIS where the export (adapter) has the instance decoder."""
+    require_plane_embeddings(session)
     if mode not in MODES:
         raise PeftExportError(f"mode: unknown {mode!r} (use {', '.join(MODES)})")
     if mode != "auto":

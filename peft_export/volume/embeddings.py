@@ -15,6 +15,10 @@ another export, precision, tiling or stack is refused with what differs.
 ``compute(progress=, cancel=)`` embeds the missing planes (a progress callback ``(done, total)``, a
 cancel flag: a ``threading.Event`` or a callable); ``start()`` does it in a background thread.
 Planes asked for before they are embedded (``embedding(z)``) are encoded on demand.
+
+On a SAM 2 session it holds the stack and its intensity statistics only, for SAM 2's propagation
+(``sam2_propagate``), which encodes each plane as it reaches it; a plane embedding, a store or tiles
+are refused with one line.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ INTENSITY_PLANES = 16  # planes sampled for the stack's intensity statistics
 
 Progress = Optional[Callable[[int, int], None]]
 Cancel = Optional[Any]  # threading.Event, or a callable returning True to stop
+
+
+def is_sam2(session: Any) -> bool:
+    """A session on a SAM 2 export: it propagates with its memory and has no plane embeddings here."""
+    return (getattr(session, "manifest", None) or {}).get("family") == "sam2"
+
+
+def require_plane_embeddings(session: Any) -> None:
+    """Automatic 3D, tracking and the prompts propagation run on plane embeddings: SAM exports only."""
+    if is_sam2(session):
+        raise PeftExportError(f"{session.export_dir}: a SAM 2 export has no plane embeddings; automatic 3D, "
+                              "tracking and the prompts propagation run on SAM exports. SAM 2 propagates one "
+                              "object with its memory (predict --propagate; segment_object_in_volume(..., "
+                              "method=\"sam2\"))")
 
 
 def cancelled(cancel: Cancel) -> bool:
@@ -106,7 +124,16 @@ class VolumeEmbeddings:
         self.session, self.stack = session, stack
         self.adapter = pick_adapter(adapter, session.adapters)
         self.plane_shape = stack.plane_shape
-        self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
+        if is_sam2(session):  # the stack and its intensity for SAM 2's propagation; no embeddings
+            if store is not None:
+                raise PeftExportError(f"{store}: a SAM 2 export keeps no plane embeddings (its propagation encodes "
+                                      "each plane as it reaches it)")
+            if tile is not None or halo is not None or scale is not None:
+                raise PeftExportError("--tile/--halo/--scale: a SAM 2 export resizes each whole plane to its input; "
+                                      "tiled planes are not available for SAM 2 yet")
+            self.spec = TileSpec(max(self.plane_shape), 0, int(session.image_size))
+        else:
+            self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
         self.grid = TileGrid(self.plane_shape, self.spec)
         sample = stack_sample(stack) if intensity is None or store is not None else None
         self.intensity = intensity or stack_intensity(stack, session._intensity_rule, sample)
@@ -190,6 +217,7 @@ class VolumeEmbeddings:
         return (h, w), (int(new[0]), int(new[1]))
 
     def _encode(self, z: int, k: int) -> ImageEmbedding:
+        require_plane_embeddings(self.session)
         tile = self.grid.tiles[k]
         y0, y1, x0, x1 = tile.outer
         s = self.session

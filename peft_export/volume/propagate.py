@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import PeftExportError
 from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled
 from .mask_prompts import mask_prompts, projection_prompts
+from .sam2_propagate import resolve_method, segment_object_with_sam2
 
 PROPAGATION_DEFAULTS = {"projection": "single_point", "iou_threshold": 0.5, "box_extension": 0.05}
 
@@ -34,6 +35,16 @@ def check_propagation(projection: str = "single_point", iou_threshold: float = 0
         raise PeftExportError(f"iou_threshold: must be in [0, 1], got {iou_threshold}")
     if float(box_extension) < 0:
         raise PeftExportError(f"box_extension: must be >= 0, got {box_extension}")
+
+
+def check_sam2_options(projection: str, iou_threshold: float, box_extension: float) -> None:
+    """The prompts method's options left at their defaults: SAM 2 neither projects masks into prompts
+    nor stops at an IoU."""
+    given = {"projection": projection, "iou_threshold": iou_threshold, "box_extension": box_extension}
+    changed = [k for k, v in given.items() if v != PROPAGATION_DEFAULTS[k]]
+    if changed:
+        raise PeftExportError(f"{', '.join('--' + k.replace('_', '-') for k in changed)}: an option of "
+                              "--propagation prompts; SAM 2 carries the object with its memory")
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,6 +112,7 @@ def segment_object_in_volume(
     stop_upper: bool = False,
     progress: Progress = None,
     cancel: Cancel = None,
+    method: str = "auto",
 ) -> Tuple[np.ndarray, Tuple[int, int]]:
     """One object through the volume: (Z x H x W uint8 mask, (first, last) plane of the object).
 
@@ -108,9 +120,15 @@ def segment_object_in_volume(
     (its non-empty planes are the annotated ones). ``projection``: box, mask, points,
     points_and_mask or single_point (micro-sam's annotator default). ``progress(done, total)``
     after each plane; ``cancel`` (an Event or a callable) stops between planes and returns what is
-    segmented so far.
+    segmented so far. ``method``: "prompts" (this module's, on the plane embeddings), "sam2" (SAM 2's
+    memory, ``sam2_propagate``: the volume's session is a ``Sam2Session`` with memory graphs; the
+    projection, IoU threshold and box extension do not apply), "auto" (the one the export offers).
     """
     check_propagation(projection, iou_threshold, box_extension)
+    if resolve_method(volume.session, method) == "sam2":
+        check_sam2_options(projection, iou_threshold, box_extension)
+        return segment_object_with_sam2(volume.session, volume.stack, masks, volume.intensity, stop_lower, stop_upper,
+                                        progress=progress, cancel=cancel)
     n = volume.stack.n_planes
     seg, slices = _annotations(masks, n, volume.plane_shape)
     total = n - len(slices)

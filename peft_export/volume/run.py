@@ -100,12 +100,13 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
     """Automatic 3D segmentation in memory (labels to TIFF or OME-Zarr); ``embeddings``: a store to
     reuse (or fill). Volumes larger than memory: ``slabs.plan_volume`` + ``run_volume``."""
     from .automatic import segment_volume
-    from .embeddings import VolumeEmbeddings
+    from .embeddings import VolumeEmbeddings, require_plane_embeddings
     from .stacks import open_stack
 
     stack = open_stack(image, "z", axes, channel)
     out = check_labels_path(out, overwrite)
     session = _session(export_dir, precision)
+    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter,
                            keep=embeddings is not None)
     bar, update = _bar(progress, "planes")
@@ -124,11 +125,14 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
                    propagation: Optional[Dict[str, Any]] = None, embeddings: Optional[Any] = None,
                    precision: str = "fp32", adapter: Optional[str] = None, tile: Optional[int] = None,
                    halo: Optional[int] = None, scale: Optional[float] = None, overwrite: bool = False,
-                   progress: bool = False) -> Dict[str, Any]:
+                   progress: bool = False, method: str = "auto") -> Dict[str, Any]:
     """One object from prompts on one or a few planes, propagated through z (``propagate``); its
-    mask (0/1) written as a stack."""
+    mask (0/1) written as a stack. ``method``: "prompts" (micro-sam's, on plane embeddings), "sam2"
+    (SAM 2's memory: the prompts are its conditioning frames), "auto" (the one the export offers)."""
     from .embeddings import VolumeEmbeddings
-    from .propagate import check_propagation, masks_from_prompts, segment_object_in_volume
+    from .propagate import (PROPAGATION_DEFAULTS, check_propagation, check_sam2_options, masks_from_prompts,
+                            segment_object_in_volume)
+    from .sam2_propagate import is_sam2, resolve_method
     from .stacks import open_stack
 
     check_propagation(**(propagation or {}))
@@ -138,6 +142,13 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
     prompts = parse_prompts_3d(points, box, (stack.n_planes, *stack.plane_shape))
     out = check_labels_path(out, overwrite)
     session = _session(export_dir, precision)
+    if is_sam2(session) and not propagate:
+        raise PeftExportError(f"{export_dir}: on a SAM 2 export --points/--box segment the object through the volume; "
+                              "add --propagate")
+    if resolve_method(session, method) == "sam2":  # before any encoder run: an export without memory graphs
+        check_sam2_options(**{**PROPAGATION_DEFAULTS, **(propagation or {})})
+        return _predict_object_sam2(session, stack, prompts, image, out, embeddings, tile, halo, scale, overwrite,
+                                    progress)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter)
     for p in prompts.values():  # a prompt must fit one tile of a tiled plane: checked before any encoder run
         vol.plane(0).route(p.get("points"), p.get("labels"), p.get("box"))
@@ -153,7 +164,26 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
         for z, m in masks.items():
             seg[z] = m
     record = {"image": str(image), "annotated_planes": sorted(masks), "planes": [int(span[0]), int(span[1])],
-              "voxels": int(seg.sum()), "encoder_runs": vol.encoder_runs, "outputs": {"labels": str(out)}}
+              "voxels": int(seg.sum()), "propagation": "prompts", "encoder_runs": vol.encoder_runs,
+              "outputs": {"labels": str(out)}}
+    write_stack_labels(seg, out, "z", str(image), overwrite, record)
+    return record
+
+
+def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, Any]], image: Any, out: Path,
+                         embeddings: Optional[Any], tile: Optional[int], halo: Optional[int], scale: Optional[float],
+                         overwrite: bool, progress: bool) -> Dict[str, Any]:
+    """``predict_object`` with SAM 2's propagation: the prompts are its conditioning planes."""
+    from .embeddings import VolumeEmbeddings
+    from .sam2_propagate import segment_object_with_sam2
+
+    vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale)  # refuses both
+    bar, update = _bar(progress, "propagate")
+    seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, progress=update)
+    if bar is not None:
+        bar.close()
+    record = {"image": str(image), "annotated_planes": sorted(prompts), "planes": [int(span[0]), int(span[1])],
+              "voxels": int(seg.sum()), "propagation": "sam2", "outputs": {"labels": str(out)}}
     write_stack_labels(seg, out, "z", str(image), overwrite, record)
     return record
 
@@ -172,7 +202,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
                   progress: bool = False) -> Dict[str, Any]:
     """Every frame segmented, objects linked into tracks with divisions; writes the tracked labels,
     the Cell Tracking Challenge result (``OUT_ctc/``) and napari's Tracks data (``OUT_tracks.csv``)."""
-    from .embeddings import VolumeEmbeddings
+    from .embeddings import VolumeEmbeddings, require_plane_embeddings
     from .stacks import open_stack
     from .tracking import track, write_ctc
 
@@ -182,6 +212,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
         if paths[key].exists() and not overwrite:
             raise PeftExportError(f"{paths[key]}: already exists (pass --overwrite to replace it)")
     session = _session(export_dir, precision)
+    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, tile=tile, halo=halo, scale=scale, adapter=adapter, keep=False)
     bar, update = _bar(progress, "frames")
     result = track(session, vol, mode, instance_options, everything_options, progress=update, **(tracking or {}))
