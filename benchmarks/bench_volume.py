@@ -160,10 +160,15 @@ def run_child(args: list, rss: bool = False) -> dict:
                 "import time\nhwm = 0\nwhile p.poll() is None:\n"
                 "    try:\n        s = open(f'/proc/{p.pid}/status').read()\n"
                 "        hwm = max(hwm, int(next(l for l in s.splitlines() if l.startswith('VmHWM')).split()[1]))\n"
-                "    except Exception:\n        pass\n    time.sleep(0.2)\nprint(json.dumps({'peak_rss_mb': hwm / 1024}))")
+                "    except Exception:\n        pass\n    time.sleep(0.2)\n"
+                "print(json.dumps({'peak_rss_mb': hwm / 1024, 'returncode': p.returncode}))")
         out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "peft_export.cli", *map(str, args)],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        answer = json.loads(out.stdout.strip().splitlines()[-1])
+        if answer.pop("returncode") != 0:  # a failed run's peak says nothing about the run
+            lines = out.stderr.strip().splitlines()
+            return {"error": lines[-1] if lines else "predict failed"}
+        return answer
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         return {"error": proc.stderr.strip()[-800:]}
