@@ -10,6 +10,7 @@ import typer
 from . import cmd_volume as vol
 from .app import command, echo
 from .options import OverwriteOpt, QuietOpt
+from .stopped_runs import interrupted, say_resuming
 
 
 @command("predict", short="Segment images: prompts, everything or AIS.", help="Segment images with an export: point/box prompts, segment-everything, or automatic instance segmentation (--instances).")
@@ -141,26 +142,13 @@ def refuse_on_large_path(overlay: bool, all_masks: bool) -> None:
         raise PeftExportError(f"--all-masks: not written for {why} (the best mask of the prompt's tile)")
 
 
-def interrupted(where: str, how: str):
-    """Ctrl-C: one line saying what is kept and how to go on; exit 130."""
-    import sys
-
-    print(f"interrupted: {where}; {how}", file=sys.stderr)
-    return typer.Exit(130)
-
-
 def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
                    instance_options, precision, overwrite, resume, quiet, adapter=None, device="cpu") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large import plan_large_images, run_large, total_steps
-    from peft_export.predict.large_state import steps_done
 
     if other_mode:
         raise PeftExportError("--instances: cannot be combined with --points/--box/--everything")
-    if workers is not None and scheduler is not None:
-        raise PeftExportError("--workers and --scheduler: give one (a local cluster, or an existing one)")
-    if workers is not None and workers < 1:
-        raise PeftExportError(f"--workers: must be >= 1, got {workers}")
     client = None
     if workers is not None or scheduler is not None:
         from peft_export.distributed import connect
@@ -170,10 +158,7 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
         jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
                                  instance_options=instance_options, precision=precision, overwrite=overwrite,
                                  resume=resume, adapter=adapter, device=device)
-        for job in (j for j in jobs if j["resumed"]):
-            echo(f"{job['image']}: finishing the stopped run's last steps ({job['out']})" if job["finished"] else
-                 f"{job['image']}: resuming the stopped run in {job['partial']} ({steps_done(job)} of "
-                 f"{total_steps(job)} steps done)")
+        say_resuming(jobs, total_steps)
         try:
             if client is not None:
                 from peft_export.distributed import run_jobs

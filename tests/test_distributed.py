@@ -276,24 +276,6 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, im
 
 
 @pytest.fixture(scope="module")
-def elsewhere_cluster(tmp_path_factory):
-    """One LocalCluster (one worker process) kept for the module, its worker started in another
-    working directory than the tests' client runs in (as a worker on another host would be)."""
-    import os
-
-    from dask.distributed import LocalCluster
-
-    before = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("worker_cwd"))
-    try:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-    finally:
-        os.chdir(before)
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
 def small_tif(tmp_path_factory):
     image = nuclei_mosaic(150, 140, seed=30)[0]  # tiles of 96 px with a 24-px halo: 4 x 3 tiles
     path = tmp_path_factory.mktemp("small") / "a.tif"
