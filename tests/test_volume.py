@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,11 +442,14 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
         ((path, "--propagate"), "give the object with --points"),
         ((path, "--3d", "--projection", "blob", "--points", "2,20,20", "--propagate"), "projection: unknown"),
     ]
+    cases += [((path, "--3d", "-o", "s3://bucket/o.zarr"), "URL outputs are not written"),  # as on the large path
+              ((path, "--3d", "-o", tmp_path / "o.png"), "name it o.zarr or o.tif"),
+              ((path, "--3d", "--workers", "1", "-o", tmp_path / "o.tif"), "run automatic --3d into OUT.zarr")]
     for args, says in cases:
-        code, output = _cli("predict", export, *args, "-o", out)
+        code, output = _cli("predict", export, *args, *(("-o", out) if "-o" not in args else ()))
         assert code == 2 and says in output and len(output.strip().splitlines()) == 1, (args, output)
-        assert not out.exists() and not (tmp_path / "o.zarr.partial").exists()
-        assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o*"))
+        assert not out.exists() and not (tmp_path / "o.zarr.partial").exists() and not Path("s3:").exists()
+        assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o*")) and not list(tmp_path.glob("o.*"))
 
 
 # ---- without torch ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def check_labels_path(out: str | os.PathLike, overwrite: bool = False) -> Path:
     out = Path(out)
     check_not_url(out)
     if out.suffix.lower() not in LABEL_SUFFIXES:
-        raise PeftExportError(f"{out}: a stack's labels go to OUT.zarr (OME-Zarr) or OUT.tif; name it so")
+        raise PeftExportError(f"{out}: a stack's labels go to OUT.zarr (OME-Zarr) or OUT.tif; name it "
+                              f"{out.with_suffix('.zarr').name} or {out.with_suffix('.tif').name}")
     if out.exists() and not overwrite:
         raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
