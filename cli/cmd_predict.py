@@ -54,8 +54,9 @@ def predict(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its "
                                             "scheduler address, e.g. tcp://host:8786."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are complete (their _scores.json, "
-                                "written last, exists; a large image's .zarr) and redo the rest: continues a stopped "
-                                "run over a folder. A stopped --instances run on a large image resumes without it."),
+                                "written last, exists; a large image's .zarr; a stack's OUT) and redo the rest: "
+                                "continues a stopped run over a folder. A stopped --instances run on a large image, or "
+                                "--3d run into OUT.zarr, resumes without it."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
     three_d: bool = vol.ThreeDOpt,
@@ -87,7 +88,7 @@ def predict(
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
-                                 tile, halo, scale, workers, scheduler, overwrite, quiet)
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet, resume)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)

@@ -44,11 +44,14 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   box_extension: float, gap_closing: Optional[int], min_z_extent: Optional[int],
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
-                  scheduler: Optional[str], overwrite: bool, quiet: bool) -> None:
+                  scheduler: Optional[str], overwrite: bool, quiet: bool, resume: bool = False) -> None:
     from peft_export.errors import PeftExportError
     from peft_export.volume import run
 
     image = run.stack_paths(images)
+    if resume and not overwrite and out.exists() and not (out / "run.json").is_file():  # else: unfinished
+        echo(f"{image}: skipped, {out} is complete (--resume)")
+        return
     if three_d and track:
         raise PeftExportError("--3d and --track: a stack is a volume or a movie; give one")
     if (points or box) and (track or everything or instances):

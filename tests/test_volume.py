@@ -366,6 +366,10 @@ def test_ctrl_c_in_a_volume_run_says_where_the_partial_is_and_the_rerun_resumes(
     assert first.startswith(f"{path}: resuming the stopped run in {out}.partial (") and "steps done)" in first, output
     ref = segment_volume(SamSession(export), open_stack(path))
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
+    code, output = _cli("predict", *args)  # finished: refused as every existing output is, or skipped
+    assert code == 2 and "already exists (pass --overwrite" in output, output
+    code, output = _cli("predict", *args, "--resume")
+    assert code == 0 and output.strip() == f"{path}: skipped, {out} is complete (--resume)", output
 
 
 # ---- tracking --------------------------------------------------------------------------------
@@ -444,7 +448,9 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
     ]
     cases += [((path, "--3d", "-o", "s3://bucket/o.zarr"), "URL outputs are not written"),  # as on the large path
               ((path, "--3d", "-o", tmp_path / "o.png"), "name it o.zarr or o.tif"),
-              ((path, "--3d", "--workers", "1", "-o", tmp_path / "o.tif"), "run automatic --3d into OUT.zarr")]
+              ((path, "--3d", "--workers", "1", "-o", tmp_path / "o.tif"), "run automatic --3d into OUT.zarr"),
+              ((path, "--3d", "--workers", "1", "--scheduler", "tcp://127.0.0.1:9"), "--workers and --scheduler: give one"),
+              ((path, "--3d", "--workers", "0"), "--workers: must be >= 1, got 0")]
     for args, says in cases:
         code, output = _cli("predict", export, *args, *(("-o", out) if "-o" not in args else ()))
         assert code == 2 and says in output and len(output.strip().splitlines()) == 1, (args, output)

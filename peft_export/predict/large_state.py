@@ -1,6 +1,7 @@
-"""The on-disk state of a large-image run (``predict.large``): what it is, how far it got, and
-how it ends, so that a run stopped at any point (Ctrl-C, a crash, a killed node) is resumed or
-finished by running the same command again.
+"""The on-disk state of a large-image run (``predict.large``; a volume's slab-by-slab run,
+``volume.slabs``, uses the same): what it is, how far it got, and how it ends, so that a run
+stopped at any point (Ctrl-C, a crash, a killed node) is resumed or finished by running the same
+command again.
 
 Identity: ``run.json`` records the run's id (a new one per started run: workers key their
 caches by it), the export's content (sha256 of its ``manifest.json``, which lists every graph's

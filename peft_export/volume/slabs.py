@@ -78,7 +78,8 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
     hash and the volume's identity in ``run.json`` (a stopped run of another export, volume or
     settings is refused), ``resumed`` / ``finished`` (only the end remains) in the job."""
     from ..predict.large_checks import check_zarr_output
-    from ..predict.large_state import image_identity, manifest_sha256, new_layout, new_run_id, stopped_run, write_json_atomic
+    from ..predict.large_state import (image_identity, manifest_sha256, new_layout, new_run_id, stopped_run,
+                                       write_json_atomic)
     from ..runtime import SamSession
     from ..runtime.adapters import pick_adapter
     from .automatic import plane_options, resolve_mode
