@@ -343,21 +343,13 @@ def test_a_worker_that_cannot_read_the_volume_is_named_and_nothing_is_left(expor
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_volume_run_says_where_the_partial_is_and_the_rerun_resumes(export, volume_tif, tmp_path):
-    import signal
-    import time
+    from tiled_helpers import interrupt_predict
 
     path, _, _ = volume_tif
     out = tmp_path / "o.zarr"
     args = [str(export), str(path), "--instances", "--3d", "-o", str(out), "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "predict", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    done = tmp_path / "o.zarr.partial" / "_work" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not any(done.glob("planes_*")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = interrupt_predict(args, tmp_path / "o.zarr.partial", "planes")
+    assert code == 130, err
     assert err.strip().splitlines()[-1] == (f"interrupted: the finished steps are kept in {out}.partial; run the same "
                                             "command again to resume"), err
     code, output = _cli("predict", *args)
