@@ -10,6 +10,7 @@ import typer
 from . import cmd_volume as vol
 from .app import command, echo
 from .options import OverwriteOpt, QuietOpt
+from .stopped_runs import interrupted, say_resuming
 
 
 @command("predict", short="Segment images: prompts, everything or AIS.", help="Segment images with an export: point/box prompts, segment-everything, or automatic instance segmentation (--instances).")
@@ -53,8 +54,9 @@ def predict(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: its "
                                             "scheduler address, e.g. tcp://host:8786."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are complete (their _scores.json, "
-                                "written last, exists; a large image's .zarr) and redo the rest: continues a stopped "
-                                "run over a folder. A stopped --instances run on a large image resumes without it."),
+                                "written last, exists; a large image's .zarr; a stack's OUT) and redo the rest: "
+                                "continues a stopped run over a folder. A stopped --instances run on a large image, or "
+                                "--3d run into OUT.zarr, resumes without it."),
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
     three_d: bool = vol.ThreeDOpt,
@@ -87,7 +89,7 @@ def predict(
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
-                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation)
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
@@ -142,26 +144,13 @@ def refuse_on_large_path(overlay: bool, all_masks: bool) -> None:
         raise PeftExportError(f"--all-masks: not written for {why} (the best mask of the prompt's tile)")
 
 
-def interrupted(where: str, how: str):
-    """Ctrl-C: one line saying what is kept and how to go on; exit 130."""
-    import sys
-
-    print(f"interrupted: {where}; {how}", file=sys.stderr)
-    return typer.Exit(130)
-
-
 def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
                    instance_options, precision, overwrite, resume, quiet, adapter=None, device="cpu") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large import plan_large_images, run_large, total_steps
-    from peft_export.predict.large_state import steps_done
 
     if other_mode:
         raise PeftExportError("--instances: cannot be combined with --points/--box/--everything")
-    if workers is not None and scheduler is not None:
-        raise PeftExportError("--workers and --scheduler: give one (a local cluster, or an existing one)")
-    if workers is not None and workers < 1:
-        raise PeftExportError(f"--workers: must be >= 1, got {workers}")
     client = None
     if workers is not None or scheduler is not None:
         from peft_export.distributed import connect
@@ -171,10 +160,7 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
         jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
                                  instance_options=instance_options, precision=precision, overwrite=overwrite,
                                  resume=resume, adapter=adapter, device=device)
-        for job in (j for j in jobs if j["resumed"]):
-            echo(f"{job['image']}: finishing the stopped run's last steps ({job['out']})" if job["finished"] else
-                 f"{job['image']}: resuming the stopped run in {job['partial']} ({steps_done(job)} of "
-                 f"{total_steps(job)} steps done)")
+        say_resuming(jobs, total_steps)
         try:
             if client is not None:
                 from peft_export.distributed import run_jobs

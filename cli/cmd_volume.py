@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import typer
 
 from .app import echo
+from .stopped_runs import interrupted, say_resuming
 
 # Options of `predict` that only stacks use (added to its signature).
 ThreeDOpt = typer.Option(False, "--3d", help="The input is a z-stack: automatic 3D instances (per-plane AIS or "
@@ -47,11 +48,15 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   box_extension: float, gap_closing: Optional[int], min_z_extent: Optional[int],
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
-                  scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto") -> None:
+                  scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto",
+                  resume: bool = False) -> None:
     from peft_export.errors import PeftExportError
     from peft_export.volume import run
 
     image = run.stack_paths(images)
+    if resume and not overwrite and out.exists() and not (out / "run.json").is_file():  # else: unfinished
+        echo(f"{image}: skipped, {out} is complete (--resume)")
+        return
     if three_d and track:
         raise PeftExportError("--3d and --track: a stack is a volume or a movie; give one")
     if (points or box) and (track or everything or instances):
@@ -98,7 +103,8 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
 
 def _volume_slabs(export_dir, image, out, mode, instance_options, everything_options, merge, common, workers,
                   scheduler, quiet) -> Dict[str, Any]:
-    from peft_export.volume.slabs import finish_volume, plan_volume, run_volume, stages
+    """Slab by slab into OUT.zarr, here or on a Dask cluster, resumable as a large image's run is."""
+    from peft_export.volume.slabs import finish_volume, plan_volume, read_volume_corner, run_volume, stages, total_steps
 
     client = None
     if workers is not None or scheduler is not None:
@@ -107,11 +113,20 @@ def _volume_slabs(export_dir, image, out, mode, instance_options, everything_opt
         client = connect(workers, scheduler)  # before any output: an address that does not answer stops here
     try:
         job = plan_volume(export_dir, image, out, mode, instance_options, everything_options, merge, **common)
-        if client is None:
-            return run_volume(job, progress=not quiet)
-        from peft_export.distributed import run_jobs
+        say_resuming([job], total_steps)
+        try:
+            if client is None:
+                return run_volume(job, progress=not quiet)
+            from peft_export.distributed import run_jobs
 
-        return run_jobs(client, [job], progress=not quiet, stages=stages, finish=finish_volume)[0]
+            return run_jobs(client, [job], progress=not quiet, stages=stages, finish=finish_volume,
+                            read_input=read_volume_corner)[0]
+        except KeyboardInterrupt:
+            if Path(job["partial"]).is_dir():
+                raise interrupted(f"the finished steps are kept in {job['partial']}",
+                                  "run the same command again to resume") from None
+            raise interrupted(f"the labels are complete in {job['out']}",
+                              "run the same command again to finish its clean-up") from None
     finally:
         if client is not None:
             from peft_export.distributed import close

@@ -10,6 +10,22 @@ from helpers import MERGEABLE_CONFIGS, make_adapted
 from peft_export.peft.adapters import AdaptedModel
 
 
+@pytest.fixture(scope="module")
+def elsewhere_cluster(tmp_path_factory):
+    """One LocalCluster (one worker process) kept for the module, its worker started in another
+    working directory than the tests' client runs in (as a worker on another host would be)."""
+    from dask.distributed import LocalCluster
+
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("worker_cwd"))
+    try:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    finally:
+        os.chdir(before)
+    yield cluster
+    cluster.close()
+
+
 @pytest.fixture
 def tiny_lora() -> AdaptedModel:
     return make_adapted(MERGEABLE_CONFIGS["lora"])

@@ -276,24 +276,6 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, im
 
 
 @pytest.fixture(scope="module")
-def elsewhere_cluster(tmp_path_factory):
-    """One LocalCluster (one worker process) kept for the module, its worker started in another
-    working directory than the tests' client runs in (as a worker on another host would be)."""
-    import os
-
-    from dask.distributed import LocalCluster
-
-    before = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("worker_cwd"))
-    try:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-    finally:
-        os.chdir(before)
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
 def small_tif(tmp_path_factory):
     image = nuclei_mosaic(150, 140, seed=30)[0]  # tiles of 96 px with a 24-px halo: 4 x 3 tiles
     path = tmp_path_factory.mktemp("small") / "a.tif"
@@ -548,23 +530,13 @@ def test_a_run_killed_anywhere_in_its_end_is_finished_by_running_it_again(export
 def test_ctrl_c_says_where_the_partial_is_and_the_rerun_says_it_resumes(export, small_tif, tmp_path):
     """Ctrl-C (SIGINT) in the middle of the tiles: one line naming the partial output and how to go
     on, exit 130; the same command again says in one line that it resumes, and finishes."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tiled_helpers import interrupt_predict
 
     path, image = small_tif
     out = tmp_path / "o.zarr"
     args = [str(export), str(path), "--instances", "--tile", "96", "--halo", "24", "-o", str(out), "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "predict", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    done = tmp_path / "o.zarr.partial" / "_work" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not any(done.glob("tile_*")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = interrupt_predict(args, tmp_path / "o.zarr.partial", "tile")
+    assert code == 130, err
     assert err.strip().splitlines()[-1] == (f"interrupted: the finished steps are kept in {out}.partial; run the same "
                                             "command again to resume"), err
     code, output = _run(*args)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,7 +204,9 @@ def test_embedding_in_the_background_reports_progress_and_cancels(export, volume
 @pytest.mark.slow
 def test_slabs_equal_in_memory_and_resume(export, volume_tif, tmp_path):
     from peft_export.predict.large import _marker
-    from peft_export.volume.slabs import plan_volume, run_volume, stages
+    from peft_export.predict.large_state import finish_steps
+    from peft_export.volume.outputs import finish_volume_labels
+    from peft_export.volume.slabs import _record, plan_volume, run_volume, stages
 
     path, _, _ = volume_tif
     session = SamSession(export)
@@ -217,24 +220,148 @@ def test_slabs_equal_in_memory_and_resume(export, volume_tif, tmp_path):
             step(job, k)
     assert not out.exists() and _marker(job, "planes_0").is_file()
     again = plan_volume(export, path, out, merge=merge, slab=3)
-    assert again["resumed"]
-    record = run_volume(again)
+    assert again["resumed"] and not again["finished"] and again["run_id"] == job["run_id"]
+    for _, step, n in stages(again):
+        for k in range(n) if n else [None]:
+            step(again) if k is None else step(again, k)
+    for end_step in finish_steps(again, lambda: _record(again), finish_volume_labels)[:5]:
+        end_step()  # stopped in the end, just after OUT.zarr.partial became OUT.zarr
+    last = plan_volume(export, path, out, merge=merge, slab=3)
+    assert last["resumed"] and last["finished"] and stages(last) == []
+    record = run_volume(last)  # only the clean-up is left
     group = zarr.open_group(str(out), mode="r")
     np.testing.assert_array_equal(group["0"][:], ref)
     assert record["n_objects"] == ref.max() and [a["name"] for a in group.attrs["multiscales"][0]["axes"]] == list("zyx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == [".zattrs", ".zgroup", "0"]
     plan_volume(export, path, tmp_path / "x.zarr", merge=merge, slab=3)
     with pytest.raises(PeftExportError, match="other settings"):  # a stopped run is resumed only as it was
         plan_volume(export, path, tmp_path / "x.zarr", merge={}, slab=3)
 
 
 @pytest.mark.slow
-def test_slabs_on_a_local_cluster(export, volume_tif, tmp_path):
+def test_slabs_on_a_cluster_from_relative_paths_and_rerun_with_other_options(export, volume_tif, elsewhere_cluster,
+                                                                             tmp_path, monkeypatch):
+    """The client in one directory, the worker in another: relative paths as typed reach the
+    worker; a rerun into the same output with another --min-z-extent on the same live cluster
+    uses nothing the worker kept from the first run."""
     path, _, _ = volume_tif
-    ref = segment_volume(SamSession(export), open_stack(path))
-    code, output = _cli("predict", export, path, "--instances", "--3d", "--workers", "2", "-o", tmp_path / "l.zarr",
-                        "-q")
+    session = SamSession(export)
+    embedded = VolumeEmbeddings(session, open_stack(path))  # in memory: both references, one encoder pass
+    ref, ref_long = segment_volume(session, embedded), segment_volume(session, embedded, min_z_extent=6)
+    assert 0 < ref_long.max() < ref.max()
+    shutil.copy(path, tmp_path / "stack.tif")
+    (tmp_path / "model").symlink_to(export)
+    monkeypatch.chdir(tmp_path)
+    at = ("--scheduler", elsewhere_cluster.scheduler_address)
+    code, output = _cli("predict", "model", "stack.tif", "--instances", "--3d", *at, "-o", "l.zarr", "-q")
     assert code == 0, output
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "l.zarr"), mode="r")["0"][:], ref)
+    code, output = _cli("predict", "model", "stack.tif", "--instances", "--3d", "--min-z-extent", "6", "--overwrite",
+                        *at, "-o", "l.zarr", "-q")
+    assert code == 0, output
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "l.zarr"), mode="r")["0"][:], ref_long)
+
+
+@pytest.mark.slow
+def test_a_stopped_volume_run_resumes_on_a_cluster_without_recomputing_slabs(export, volume_tif, elsewhere_cluster,
+                                                                             tmp_path):
+    from dask.distributed import Client
+
+    from peft_export.distributed import run_jobs
+    from peft_export.predict.large import _marker
+    from peft_export.volume.slabs import finish_volume, plan_volume, read_volume_corner, stages
+
+    path, _, _ = volume_tif
+    out = tmp_path / "r.zarr"
+    job = plan_volume(export, path, out, slab=3)
+    _, plane_step, n = stages(job)[0]
+    assert n == 4
+    for k in range(2):  # the run stops after half the slabs
+        plane_step(job, k)
+    done = {k: _marker(job, f"planes_{k}").stat().st_mtime_ns for k in range(2)}
+    resumed = plan_volume(export, path, out, slab=3)
+    assert resumed["resumed"] and resumed["run_id"] == job["run_id"]
+    seen = {}
+
+    def finish(job):  # the markers as the steps left them, before the end removes them
+        seen.update({k: _marker(job, f"planes_{k}").stat().st_mtime_ns for k in range(n)})
+        return finish_volume(job)
+
+    with Client(elsewhere_cluster) as client:
+        record = run_jobs(client, [resumed], stages=stages, finish=finish, read_input=read_volume_corner)[0]
+    assert len(seen) == n and {k: seen[k] for k in done} == done  # the finished slabs were not redone
+    ref = segment_volume(SamSession(export), open_stack(path))
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
+    assert record["n_objects"] == ref.max()
+
+
+@pytest.mark.slow
+def test_a_stopped_volume_run_whose_input_changed_is_refused(export, volume_tif, tmp_path):
+    from peft_export.volume.slabs import plan_volume, stages
+    from tiled_helpers import reexport_other_decoder
+
+    path, image, _ = volume_tif
+    model, vol, out = tmp_path / "export", tmp_path / "stack.tif", tmp_path / "o.zarr"
+    shutil.copytree(export, model)
+    shutil.copy(path, vol)
+    job = plan_volume(model, vol, out, slab=3)
+    stages(job)[0][1](job, 0)  # one slab done, then the run stops
+    tifffile.imwrite(vol, image[::-1], metadata={"axes": "ZYX"})  # written over: same name, shape and dtype
+    with pytest.raises(PeftExportError, match=r"a stopped run whose volume .*stack.tif has changed since"):
+        plan_volume(model, vol, out, slab=3)
+    job = plan_volume(model, vol, out, slab=3, overwrite=True)
+    assert not job["resumed"]
+    stages(job)[0][1](job, 0)
+    reexport_other_decoder(model)  # another model exported into the same folder
+    code, output = _cli("predict", model, vol, "--instances", "--3d", "-o", out, "-q")
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert "a stopped run of another export (the manifest.json of" in output, output
+    assert not out.exists() and (tmp_path / "o.zarr.partial" / "run.json").is_file()  # nothing lost
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_read_the_volume_is_named_and_nothing_is_left(export, volume_tif, elsewhere_cluster,
+                                                                          tmp_path):
+    from dask.distributed import Client
+
+    from peft_export.distributed import run_jobs
+    from peft_export.volume.slabs import finish_volume, plan_volume, read_volume_corner, stages
+
+    vol = tmp_path / "stack.tif"
+    shutil.copy(volume_tif[0], vol)
+    job = plan_volume(export, vol, tmp_path / "o.zarr", slab=3)
+    vol.rename(tmp_path / "moved.tif")  # gone from where the job says, as from a folder workers do not see
+    with Client(elsewhere_cluster) as client:
+        address = next(iter(client.scheduler_info()["workers"]))
+        with pytest.raises(PeftExportError) as err:
+            run_jobs(client, [job], stages=stages, finish=finish_volume, read_input=read_volume_corner)
+    assert str(err.value).startswith(f"worker {address}: cannot read the volume {vol} (no such file); a cluster's "
+                                     "workers need the export, the volume and the output"), str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.tif"]  # the run laid the partial out: removed
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_volume_run_says_where_the_partial_is_and_the_rerun_resumes(export, volume_tif, tmp_path):
+    from tiled_helpers import interrupt_predict
+
+    path, _, _ = volume_tif
+    out = tmp_path / "o.zarr"
+    args = [str(export), str(path), "--instances", "--3d", "-o", str(out), "-q"]
+    code, err = interrupt_predict(args, tmp_path / "o.zarr.partial", "planes")
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: the finished steps are kept in {out}.partial; run the same "
+                                            "command again to resume"), err
+    code, output = _cli("predict", *args)
+    assert code == 0, output
+    first = output.splitlines()[0]
+    assert first.startswith(f"{path}: resuming the stopped run in {out}.partial (") and "steps done)" in first, output
+    ref = segment_volume(SamSession(export), open_stack(path))
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
+    code, output = _cli("predict", *args)  # finished: refused as every existing output is, or skipped
+    assert code == 2 and "already exists (pass --overwrite" in output, output
+    code, output = _cli("predict", *args, "--resume")
+    assert code == 0 and output.strip() == f"{path}: skipped, {out} is complete (--resume)", output
 
 
 # ---- tracking --------------------------------------------------------------------------------
@@ -311,11 +438,16 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
         ((path, "--propagate"), "give the object with --points"),
         ((path, "--3d", "--projection", "blob", "--points", "2,20,20", "--propagate"), "projection: unknown"),
     ]
+    cases += [((path, "--3d", "-o", "s3://bucket/o.zarr"), "URL outputs are not written"),  # as on the large path
+              ((path, "--3d", "-o", tmp_path / "o.png"), "name it o.zarr or o.tif"),
+              ((path, "--3d", "--workers", "1", "-o", tmp_path / "o.tif"), "run automatic --3d into OUT.zarr"),
+              ((path, "--3d", "--workers", "1", "--scheduler", "tcp://127.0.0.1:9"), "--workers and --scheduler: give one"),
+              ((path, "--3d", "--workers", "0"), "--workers: must be >= 1, got 0")]
     for args, says in cases:
-        code, output = _cli("predict", export, *args, "-o", out)
+        code, output = _cli("predict", export, *args, *(("-o", out) if "-o" not in args else ()))
         assert code == 2 and says in output and len(output.strip().splitlines()) == 1, (args, output)
-        assert not out.exists() and not (tmp_path / "o.zarr.partial").exists()
-        assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o*"))
+        assert not out.exists() and not (tmp_path / "o.zarr.partial").exists() and not Path("s3:").exists()
+        assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o*")) and not list(tmp_path.glob("o.*"))
 
 
 # ---- without torch ---------------------------------------------------------------------------

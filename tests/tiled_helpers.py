@@ -1,5 +1,6 @@
-"""Shared by test_tiled*.py and test_distributed*.py: one tiny export with an instance decoder
-(model input 128) per test session, and a nuclei mosaic larger than a tile."""
+"""Shared by test_tiled*.py, test_distributed*.py and test_volume.py: one tiny export with an
+instance decoder (model input 128) per test session, a nuclei mosaic larger than a tile, a
+re-export into the same folder, and Ctrl-C sent to a resumable `predict` run midway."""
 
 from __future__ import annotations
 
@@ -58,3 +59,22 @@ def reexport_other_decoder(export_dir: Path, shift: float = 1.5) -> None:
     digest, size = sha256_file(graph_path), graph_path.stat().st_size
     entry.update(sha256=digest, bytes=size, files=[{"path": entry["path"], "sha256": digest, "bytes": size}])
     manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
+def interrupt_predict(args: list, partial: Path, step: str) -> tuple[int, str]:
+    """``peftexport predict ARGS`` in a fresh process, sent SIGINT (Ctrl-C) once the first marker
+    of ``step`` (e.g. ``tile``, ``planes``) is in ``partial``; its exit code and stderr."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "predict", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = partial / "_work" / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any(done.glob(f"{step}_*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err

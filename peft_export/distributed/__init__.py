@@ -1,5 +1,6 @@
-"""Stage 10, distributed: tiled segmentation of large images and folders spread over a Dask cluster
-(a LocalCluster of N processes or an existing scheduler), results written straight into zarr.
+"""Stage 10, distributed: tiled segmentation of large images and folders, and volumes slab by slab,
+spread over a Dask cluster (a LocalCluster of N processes or an existing scheduler), results
+written straight into zarr.
 
 May import: runtime, predict, data, errors, fsutil (and dask, distributed, zarr lazily).
 """

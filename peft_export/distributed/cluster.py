@@ -10,7 +10,8 @@ a worker that cannot is named with the path, and nothing is left behind. Workers
 once (a session per process, kept while the export's content stays the same:
 ``predict.large.session_for``), not per tile. A task whose worker dies is retried on another
 (``retries``); a run stopped altogether resumes from the steps' markers when the same command is
-run again. The client shows the progress bar.
+run again. The client shows the progress bar. Volumes (``volume.slabs``) run the same way, slab by
+slab: ``run_jobs`` takes their stages, their end and how their input is read.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _dask():
 
 def connect(workers: Optional[int] = None, scheduler: Optional[str] = None, timeout: float = 10.0) -> Any:
     """A client of a new LocalCluster (``workers`` processes, one thread each) or of ``scheduler``."""
+    if workers is not None and scheduler is not None:
+        raise PeftExportError("--workers and --scheduler: give one (a local cluster, or an existing one)")
     distributed = _dask()
     if scheduler is not None:
         try:
@@ -66,16 +69,22 @@ def _gather(client: Any, futures: List[Any], desc: str, unit: str, progress: boo
     return client.gather(futures)
 
 
-def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
-    """On a worker: None if it reads each job's export and image and writes into its output,
-    else what it cannot do, naming the path."""
+def read_image_corner(job: Dict[str, Any]) -> None:
+    """A large image's first pixel, read as the steps read the image (``predict.arrays``)."""
+    import numpy as np
+
+    from ..predict.arrays import open_image_array
+
+    np.asarray(open_image_array(job["image"])[:1, :1])
+
+
+def _probe(jobs: List[Dict[str, Any]], read_input: Any = read_image_corner) -> Optional[str]:
+    """On a worker: None if it reads each job's export and input (``read_input(job)``) and writes
+    into its output, else what it cannot do, naming the path."""
     import os
     import uuid
     from pathlib import Path
 
-    import numpy as np
-
-    from ..predict.arrays import open_image_array
     from ..predict.large_checks import check_device
     from ..predict.large_state import manifest_sha256
 
@@ -90,10 +99,10 @@ def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
         except OSError as e:
             return f"cannot read the export {job['export_dir']} ({e.strerror or type(e).__name__})"
         try:
-            np.asarray(open_image_array(job["image"])[:1, :1])
+            read_input(job)
         except (OSError, PeftExportError) as e:
             why = str(e).removeprefix(f"{job['image']}: ") if isinstance(e, PeftExportError) else e.strerror
-            return f"cannot read the image {job['image']} ({why or type(e).__name__})"
+            return f"cannot read the {job.get('kind', 'image')} {job['image']} ({why or type(e).__name__})"
         probe = Path(job["partial"]) / "_work" / "done" / f".probe-{uuid.uuid4().hex}"
         try:
             probe.write_bytes(b"")
@@ -103,14 +112,15 @@ def _probe(jobs: List[Dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def probe_workers(client: Any, jobs: List[Dict[str, Any]]) -> None:
+def probe_workers(client: Any, jobs: List[Dict[str, Any]], read_input: Any = read_image_corner) -> None:
     """One probe task per worker (``_probe``); refuse, naming the first worker that failed and
-    the path, when any did."""
-    found = {w: why for w, why in client.run(_probe, jobs).items() if why}
+    the path, when any did. ``read_input``: how a job's input is read (default: a large image)."""
+    found = {w: why for w, why in client.run(_probe, jobs, read_input).items() if why}
     if found:
         worker, why = sorted(found.items())[0]
         more = f" (and {len(found) - 1} other worker(s))" if len(found) > 1 else ""
-        raise PeftExportError(f"worker {worker}{more}: {why}; a cluster's workers need the export, the image and "
+        what = jobs[0].get("kind", "image") if jobs else "image"
+        raise PeftExportError(f"worker {worker}{more}: {why}; a cluster's workers need the export, the {what} and "
                               "the output under the same paths as this machine (a shared filesystem)")
 
 
@@ -133,14 +143,15 @@ def run_steps(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, s
 
 
 def run_jobs(client: Any, jobs: List[Dict[str, Any]], progress: bool = False, stages: Any = stages,
-             finish: Any = finish_large) -> List[Dict[str, Any]]:
+             finish: Any = finish_large, read_input: Any = read_image_corner) -> List[Dict[str, Any]]:
     """Probe the workers, run every job's steps (``run_steps``), then finish each job here.
     Returns the jobs' records. A failed probe removes the partial outputs this run laid out.
-    ``stages``/``finish``: another kind of job's (volumes pass ``volume.slabs.stages`` and ``finish_volume``)."""
+    ``stages``/``finish``/``read_input``: another kind of job's (volumes pass ``volume.slabs``'s
+    ``stages``, ``finish_volume`` and ``read_volume_corner``)."""
     import shutil
 
     try:
-        probe_workers(client, [job for job in jobs if not job.get("finished")])
+        probe_workers(client, [job for job in jobs if not job.get("finished")], read_input)
     except PeftExportError:
         for job in jobs:
             if not job.get("resumed"):

@@ -25,7 +25,6 @@ id and the export's manifest hash, so a worker that outlives a run never serves 
 from __future__ import annotations
 
 import os
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -78,6 +77,12 @@ def _run_cache(job: Dict[str, Any], what: str, make: Any) -> Any:
     return _MERGE[key]
 
 
+def forget_run(job: Dict[str, Any]) -> None:
+    """Drop what this process keeps for the job's output (its run has ended)."""
+    for key in [k for k in _MERGE if k[0] == job["partial"]]:
+        del _MERGE[key]
+
+
 def _zarr(job: Dict[str, Any], name: str) -> Any:
     import zarr
 
@@ -110,8 +115,7 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     from ..runtime.instances import check_ais_params, require_ais_packages
     from ..runtime.tiling import IntensityRange, TileGrid, tile_spec
     from .arrays import create_labels_group, open_image_array
-    from .large_state import (check_same_run, image_identity, leftover_of_finished_run, manifest_sha256, new_run_id,
-                              read_json, replaced_name, write_json_atomic)
+    from .large_state import image_identity, manifest_sha256, new_layout, new_run_id, stopped_run, write_json_atomic
 
     check_zarr_output(Path(out))
     out = Path(os.path.abspath(out))  # workers get absolute paths: their own directory is not the client's
@@ -131,44 +135,27 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     step = max(shape) if grid.single else spec.step
     block = step * max(1, int(block or WATERSHED_BLOCK) // step)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not (partial / "run.json").is_file():
-        raise PeftExportError(f"{partial}: exists and is not a stopped run of peftexport; move it away")
     settings = {"export_dir": str(export_dir), "image": str(image), "shape": list(shape),
                 "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
                 "params": params, "precision": precision, "block": block, "step": step, "adapter": adapter,
                 "manifest_sha256": manifest_sha256(export_dir), "image_identity": image_identity(image)}
     job = {**settings, "out": str(out), "partial": str(partial), "threads": threads, "device": device}
-    if not overwrite:
-        if (partial / "run.json").is_file():
-            before = read_json(partial / "run.json")
-            check_same_run(partial, before, settings)
-            return {**job, "intensity": before["intensity"], "run_id": before["run_id"], "resumed": True,
-                    "finished": bool(before.get("finished"))}
-        leftover = leftover_of_finished_run(out)
-        if leftover is not None:  # stopped in the last clean-up steps: the result is complete
-            return {**job, "intensity": leftover["intensity"], "run_id": leftover["run_id"], "resumed": True,
-                    "finished": True}
-        if out.exists():
-            raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
-    if partial.exists():
-        shutil.rmtree(partial)
-    shutil.rmtree(replaced_name(out), ignore_errors=True)  # an earlier replacement's leftover
+    found = stopped_run(out, partial, settings, overwrite)
+    if found is not None:
+        return {**job, **found}
     job.update(intensity=IntensityRange(array, manifest["preprocessing"].get("intensity")).record(),
                run_id=new_run_id())
     import zarr
 
-    for stale in out.parent.glob(f".{out.name}.partial.tmp*"):  # a layout a kill cut short
-        shutil.rmtree(stale, ignore_errors=True)
-    layout = out.with_name(f".{out.name}.partial.tmp{os.getpid()}")  # laid out whole, then renamed
-    create_labels_group(layout, shape, block, out.stem, str(image))
-    work = zarr.open_group(str(layout / "_work"), mode="w", zarr_format=2)
-    mchunk = (1, step, step)
-    work.create_array("maps", shape=(3, *shape), chunks=mchunk, dtype="float32", fill_value=0)
-    work.create_array("seeds", shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
-    work.create_array("ws", shape=shape, chunks=(block, block), dtype="uint32", fill_value=0)
-    (layout / "_work" / "done").mkdir()
-    write_json_atomic(layout / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
-    os.replace(layout, partial)
+    with new_layout(out, partial) as layout:
+        create_labels_group(layout, shape, block, out.stem, str(image))
+        work = zarr.open_group(str(layout / "_work"), mode="w", zarr_format=2)
+        mchunk = (1, step, step)
+        work.create_array("maps", shape=(3, *shape), chunks=mchunk, dtype="float32", fill_value=0)
+        work.create_array("seeds", shape=shape, chunks=(block, block), dtype="int64", fill_value=0)
+        work.create_array("ws", shape=shape, chunks=(block, block), dtype="uint32", fill_value=0)
+        (layout / "_work" / "done").mkdir()
+        write_json_atomic(layout / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
     return {**job, "resumed": False, "finished": False}
 
 
@@ -276,8 +263,7 @@ def finish_large(job: Dict[str, Any]) -> Dict[str, Any]:
     from .large_state import finish
 
     record = finish(job, lambda: _record(job))
-    for key in [k for k in _MERGE if k[0] == job["partial"]]:
-        del _MERGE[key]
+    forget_run(job)
     return record
 
 
@@ -291,7 +277,8 @@ def stages(job: Dict[str, Any]) -> List[tuple]:
             ("watershed", watershed_step, nb), ("labels", relabel_step, nb)]
 
 
-def total_steps(job: Dict[str, Any]) -> int:
+def total_steps(job: Dict[str, Any], stages: Any = stages) -> int:
+    """The number of steps of the job (``stages``: another kind of job's, e.g. a volume's)."""
     return sum(max(n, 1) for _, _, n in stages(job))
 
 

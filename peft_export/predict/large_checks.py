@@ -13,13 +13,18 @@ from ..errors import PeftExportError
 IMAGE_OUTPUT_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 
 
-def check_zarr_output(out: Path) -> None:
-    """The large-image path writes OME-Zarr to a path: an output named like an image file, or a
-    URL (``s3://``; a Path keeps one slash of it), is refused."""
+def check_not_url(out: Path) -> None:
+    """An output is a path: a URL (``s3://``; a Path keeps one slash of it) is refused."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(out)):
         raise PeftExportError(f"{out}: URL outputs are not written (the steps' markers and the final rename need a "
                               "filesystem); mount the bucket on this machine and every worker at one path and give "
                               "that path")
+
+
+def check_zarr_output(out: Path) -> None:
+    """The large-image path writes OME-Zarr to a path: an output named like an image file, or a
+    URL, is refused."""
+    check_not_url(out)
     if out.suffix.lower() in IMAGE_OUTPUT_SUFFIXES:
         raise PeftExportError(f"{out}: large images' results are written as OME-Zarr, not {out.suffix}; name the "
                               f"output {out.with_suffix('.zarr').name} (or a folder for several images)")

@@ -1,6 +1,7 @@
-"""The on-disk state of a large-image run (``predict.large``): what it is, how far it got, and
-how it ends, so that a run stopped at any point (Ctrl-C, a crash, a killed node) is resumed or
-finished by running the same command again.
+"""The on-disk state of a large-image run (``predict.large``; a volume's slab-by-slab run,
+``volume.slabs``, uses the same): what it is, how far it got, and how it ends, so that a run
+stopped at any point (Ctrl-C, a crash, a killed node) is resumed or finished by running the same
+command again.
 
 Identity: ``run.json`` records the run's id (a new one per started run: workers key their
 caches by it), the export's content (sha256 of its ``manifest.json``, which lists every graph's
@@ -26,13 +27,14 @@ goes on from 3; no partial but ``OUT.zarr/run.json`` (killed in 6-7): it does 6 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
@@ -88,17 +90,59 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_same_run(partial: Path, before: Dict[str, Any], settings: Dict[str, Any]) -> None:
-    """Refuse to resume a stopped run whose export, image or settings differ from this command's."""
+def check_same_run(partial: Path, before: Dict[str, Any], settings: Dict[str, Any], what: str = "image") -> None:
+    """Refuse to resume a stopped run whose export, input (``what``: image, volume) or settings
+    differ from this command's."""
     again = "delete it or pass --overwrite to start again"
     if before.get("manifest_sha256") != settings["manifest_sha256"]:
         raise PeftExportError(f"{partial}: a stopped run of another export (the manifest.json of "
                               f"{settings['export_dir']} changed since: re-exported?); {again}")
     if before.get("image_identity") != settings["image_identity"]:
-        raise PeftExportError(f"{partial}: a stopped run whose image {settings['image']} has changed since "
+        raise PeftExportError(f"{partial}: a stopped run whose {what} {settings['image']} has changed since "
                               f"(size, modification time or zarr metadata); {again}")
-    if {k: before.get(k) for k in settings} != settings:
-        raise PeftExportError(f"{partial}: a stopped run with other settings (image, tile, options); {again}")
+    if {k: before.get(k) for k in settings} != json.loads(json.dumps(settings)):  # as run.json holds them
+        raise PeftExportError(f"{partial}: a stopped run with other settings ({what}, tile, options); {again}")
+
+
+def stopped_run(out: Path, partial: Path, settings: Dict[str, Any], overwrite: bool = False,
+                what: str = "image") -> Optional[Dict[str, Any]]:
+    """What a run of ``settings`` into ``out`` goes on from: a stopped run's intensity, run id and
+    state (``resumed``; ``finished``: only the end remains), or None when a new run is laid out
+    (none stopped, or ``overwrite``). Refuses a ``partial`` that is not ours, a stopped run of
+    other settings (``check_same_run``) and a finished ``out`` (without ``overwrite``)."""
+    if partial.exists() and not (partial / "run.json").is_file():
+        raise PeftExportError(f"{partial}: exists and is not a stopped run of peftexport; move it away")
+    if overwrite:
+        return None
+    if (partial / "run.json").is_file():
+        before = read_json(partial / "run.json")
+        check_same_run(partial, before, settings, what)
+        return {"intensity": before["intensity"], "run_id": before["run_id"], "resumed": True,
+                "finished": bool(before.get("finished"))}
+    leftover = leftover_of_finished_run(out)
+    if leftover is not None:  # stopped in the last clean-up steps: the result is complete
+        return {"intensity": leftover["intensity"], "run_id": leftover["run_id"], "resumed": True, "finished": True}
+    if out.exists():
+        raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
+    return None
+
+
+@contextlib.contextmanager
+def new_layout(out: Path, partial: Path) -> Iterator[Path]:
+    """A new run's ``partial``, laid out whole under a temporary name and renamed into place
+    (a kill midway leaves no half-made ``partial``; the next run removes the temporary one).
+    What an earlier run left (its partial, a replaced result) is removed first."""
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.rmtree(replaced_name(out), ignore_errors=True)  # an earlier replacement's leftover
+    for stale in out.parent.glob(f".{out.name}.partial.tmp*"):  # a layout a kill cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    layout = out.with_name(f".{out.name}.partial.tmp{os.getpid()}")
+    try:
+        yield layout
+        os.replace(layout, partial)
+    finally:
+        shutil.rmtree(layout, ignore_errors=True)
 
 
 # ---- markers -------------------------------------------------------------------------------
@@ -137,10 +181,14 @@ def replaced_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.replaced")
 
 
-def finish_steps(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]]) -> List[Callable[[], None]]:
+def finish_steps(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]],
+                 metadata: Optional[Callable[[Any, str, str], None]] = None) -> List[Callable[[], None]]:
     """The steps of the end in order (module docstring), each safe to repeat; ``make_record``
-    reads the steps' markers (only called while they exist)."""
+    reads the steps' markers (only called while they exist); ``metadata(group, name, source)``
+    writes the labels' OME-NGFF metadata (default: a 2D image's, ``arrays.finish_labels``)."""
     from .arrays import finish_labels
+
+    metadata = metadata or finish_labels
 
     partial, out = Path(job["partial"]), Path(job["out"])
     state: Dict[str, Any] = {}
@@ -151,11 +199,11 @@ def finish_steps(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]])
             state["record"] = before.get("finished") or make_record()
         return state["record"]
 
-    def metadata() -> None:
+    def write_metadata() -> None:
         import zarr
 
         group = zarr.open_group(str(partial), mode="r+")
-        finish_labels(group, out.stem, job["image"])
+        metadata(group, out.stem, job["image"])
         group.attrs["peftexport"] = record()
         for pattern in (".z*.partial", ".run.json.tmp*"):  # temporary files (zarr's, ours) a kill left
             for tmp in partial.glob(pattern):
@@ -181,13 +229,15 @@ def finish_steps(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]])
     def drop_run_json() -> None:
         (out / "run.json").unlink(missing_ok=True)
 
-    return [metadata, flag_finished, drop_work, move_old_aside, publish, drop_old, drop_run_json]
+    return [write_metadata, flag_finished, drop_work, move_old_aside, publish, drop_old, drop_run_json]
 
 
-def finish(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """Run the end's steps that remain (from where a stopped run left off); the run's record."""
+def finish(job: Dict[str, Any], make_record: Callable[[], Dict[str, Any]],
+           metadata: Optional[Callable[[Any, str, str], None]] = None) -> Dict[str, Any]:
+    """Run the end's steps that remain (from where a stopped run left off); the run's record.
+    ``metadata``: as ``finish_steps``'s (a volume's labels pass their own)."""
     partial, out = Path(job["partial"]), Path(job["out"])
-    steps = finish_steps(job, make_record)
+    steps = finish_steps(job, make_record, metadata)
     if partial.is_dir():
         todo = steps
     elif (out / "run.json").is_file():  # renamed into place, clean-up cut short

@@ -18,9 +18,13 @@ CHUNK = 1024  # yx chunk of the labels (px)
 
 def check_labels_path(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """An output a stack of labels can go to: OUT.zarr or OUT.tif, not there unless ``overwrite``."""
+    from ..predict.large_checks import check_not_url
+
     out = Path(out)
+    check_not_url(out)
     if out.suffix.lower() not in LABEL_SUFFIXES:
-        raise PeftExportError(f"{out}: a stack's labels go to OUT.zarr (OME-Zarr) or OUT.tif; name it so")
+        raise PeftExportError(f"{out}: a stack's labels go to OUT.zarr (OME-Zarr) or OUT.tif; name it "
+                              f"{out.with_suffix('.zarr').name} or {out.with_suffix('.tif').name}")
     if out.exists() and not overwrite:
         raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
@@ -40,6 +44,11 @@ def stack_labels_metadata(kind: str, name: str, source: str) -> Dict[str, Any]:
         }],
         "image-label": {"version": NGFF_VERSION, "source": {"image": source}},
     }
+
+
+def finish_volume_labels(group: Any, name: str, source: str) -> None:
+    """A volume's (z, y, x) labels group made an OME-NGFF labels image (``volume.slabs``'s end)."""
+    group.attrs.update(stack_labels_metadata("z", name, source))
 
 
 def create_stack_labels(path: Path, shape: tuple, kind: str, source: str) -> Any:

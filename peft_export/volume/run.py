@@ -226,13 +226,6 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
     return record
 
 
-def plan_volumes(export_dir: Any, image: Any, out: Any, **options: Any) -> List[Dict[str, Any]]:
-    """The slab-by-slab job of one volume (``slabs.plan_volume``), as a list for ``run_jobs``."""
-    from .slabs import plan_volume
-
-    return [plan_volume(export_dir, image, out, **options)]
-
-
 def stack_paths(images: List[Any]) -> Path:
     if len(images) != 1:
         raise PeftExportError(f"--3d/--track: give one stack (got {len(images)} inputs); run once per stack")

@@ -1,6 +1,6 @@
 """Automatic 3D segmentation of a volume larger than memory into OME-Zarr, slab by slab, resumable,
 in this process or as Dask tasks (``peft_export.distributed.run_jobs(..., stages=stages,
-finish=finish_volume)``).
+finish=finish_volume, read_input=read_volume_corner)``).
 
 ``plan_volume`` checks every input and lays out ``OUT.zarr.partial/``: the labels "0", ``_work/``
 (each plane's own labels, the closing's mask, the overlap edges) and ``run.json``. The steps, each
@@ -16,23 +16,26 @@ a function of (job, index) that reads earlier steps' outputs and writes only its
 5. ``label_step``: a slab of planes written through the table; ``finish_volume`` adds the
    OME-NGFF metadata and renames ``OUT.zarr.partial`` to ``OUT.zarr``.
 
-Every step ends by writing its marker (``predict.large``'s markers); a rerun of the same command
-skips the steps that have one. The labels equal ``segment_volume``'s on the same volume. Memory
-holds a few planes and the object graph, not the volume.
+The run's state is a large image's (``predict.large_state``): absolute paths; ``run.json`` with
+the run's id, the export's manifest hash and the volume's identity (a stopped run of another
+export, volume or settings is refused); the partial laid out under a temporary name; markers
+(a rerun of the same command skips the steps that have one); the kill-safe end. A worker keeps
+the export's session (``predict.large.session_for``) and the run's id tables (keyed by the run's
+id) between steps. The labels equal ``segment_volume``'s on the same volume. Memory holds a few
+planes and the object graph, not the volume.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..errors import PeftExportError
-from ..predict.large import _done, _mark, _read_mark, _work, _zarr, session_for
+from ..predict.large import _done, _mark, _read_mark, _run_cache, _work, _zarr, forget_run, session_for
+from ..predict.large import total_steps as large_total_steps
 from .merge import CLOSING_BLOCK, check_merge_options, close_along_z, closed_plane, plane_edges, relabel_volume, solve_merge
 
 SLAB = 8  # planes per task
@@ -70,14 +73,23 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
                 halo: Optional[int] = None, scale: Optional[float] = None, precision: str = "fp32",
                 adapter: Optional[str] = None, slab: int = SLAB, overwrite: bool = False,
                 threads: Optional[int] = None) -> Dict[str, Any]:
-    """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job."""
+    """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
+    As ``predict.large.plan_large``: paths made absolute, the run's id, the export's manifest
+    hash and the volume's identity in ``run.json`` (a stopped run of another export, volume or
+    settings is refused), ``resumed`` / ``finished`` (only the end remains) in the job."""
+    from ..predict.large_checks import check_zarr_output
+    from ..predict.large_state import (image_identity, manifest_sha256, new_layout, new_run_id, stopped_run,
+                                       write_json_atomic)
     from ..runtime import SamSession
+    from ..runtime.adapters import pick_adapter
     from .automatic import plane_options, resolve_mode
     from .embeddings import plane_spec, stack_intensity
     from .outputs import create_stack_labels
     from .stacks import open_stack
 
-    out = Path(out)
+    check_zarr_output(Path(out))
+    out = Path(os.path.abspath(out))  # workers get absolute paths: their own directory is not the client's
+    export_dir, image = Path(os.path.abspath(export_dir)), Path(os.path.abspath(image))
     if out.suffix != ".zarr":
         raise PeftExportError(f"{out}: a volume's labels go slab by slab to a zarr store; name it OUT.zarr")
     merge = {"beta": 0.5, "with_background": True, "gap_closing": None, "min_z_extent": None, **(merge or {})}
@@ -86,45 +98,44 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
         raise PeftExportError(f"slab: must be >= 1 plane, got {slab}")
     stack = open_stack(image, "z", axes, channel)
     session = SamSession(export_dir, precision=precision, intra_op_threads=threads)
-    from ..runtime.adapters import pick_adapter
-
     adapter = pick_adapter(adapter, session.adapters)
     mode = resolve_mode(session, mode, adapter)
     options = plane_options(mode, instance_options, everything_options)
     spec = plane_spec(session.manifest, stack.plane_shape, tile, halo, scale, adapter)
     shape = [stack.n_planes, *stack.plane_shape]
     partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not (partial / "run.json").is_file():
-        raise PeftExportError(f"{partial}: exists and is not a stopped run of peftexport; move it away")
-    if out.exists() and not overwrite:
-        raise PeftExportError(f"{out}: already exists (pass --overwrite to replace it)")
-    settings = {"export_dir": str(Path(export_dir).resolve()), "image": str(Path(image).resolve()), "axes": axes,
-                "channel": channel, "shape": shape, "mode": mode, "options": options, "merge": merge,
+    settings = {"export_dir": str(export_dir), "image": str(image), "axes": axes, "channel": channel, "shape": shape,
+                "mode": mode, "options": options, "merge": merge,
                 "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
-                "precision": precision, "adapter": adapter, "slab": int(slab)}
+                "precision": precision, "adapter": adapter, "slab": int(slab),
+                "manifest_sha256": manifest_sha256(export_dir), "image_identity": image_identity(image)}
     job = {**settings, "kind": "volume", "out": str(out), "partial": str(partial), "threads": threads}
-    if (partial / "run.json").is_file() and not overwrite:
-        before = json.loads((partial / "run.json").read_text())
-        if {k: before.get(k) for k in settings} != json.loads(json.dumps(settings)):
-            raise PeftExportError(f"{partial}: a stopped run with other settings (volume, options, tiles); delete it "
-                                  "or pass --overwrite to start again")
-        return {**job, "intensity": before["intensity"], "resumed": True}
-    if partial.exists():
-        shutil.rmtree(partial)
-    job["intensity"] = stack_intensity(stack, session._intensity_rule).record()
+    found = stopped_run(out, partial, settings, overwrite, what="volume")
+    if found is not None:
+        return {**job, **found}
+    job.update(intensity=stack_intensity(stack, session._intensity_rule).record(), run_id=new_run_id())
     import zarr
 
-    create_stack_labels(partial, shape, "z", str(image))
-    work = zarr.open_group(str(partial / "_work"), mode="w", zarr_format=2)
-    chunks = (1, *[min(1024, s) for s in shape[1:]])
-    work.create_array("planes", shape=shape, chunks=chunks, dtype="uint32", fill_value=0)
-    if merge["gap_closing"]:
-        work.create_array("closed", shape=shape, chunks=(shape[0], min(CLOSING_BLOCK, shape[1]),
-                                                         min(CLOSING_BLOCK, shape[2])), dtype="bool", fill_value=False)
-        work.create_array("regrouped", shape=shape, chunks=chunks, dtype="uint32", fill_value=0)
-    (partial / "_work" / "done").mkdir()
-    (partial / "run.json").write_text(json.dumps({k: job[k] for k in (*settings, "intensity")}, indent=1))
-    return {**job, "resumed": False}
+    with new_layout(out, partial) as layout:
+        create_stack_labels(layout, shape, "z", str(image))
+        work = zarr.open_group(str(layout / "_work"), mode="w", zarr_format=2)
+        chunks = (1, *[min(1024, s) for s in shape[1:]])
+        work.create_array("planes", shape=shape, chunks=chunks, dtype="uint32", fill_value=0)
+        if merge["gap_closing"]:
+            work.create_array("closed", shape=shape, chunks=(shape[0], min(CLOSING_BLOCK, shape[1]),
+                                                             min(CLOSING_BLOCK, shape[2])), dtype="bool",
+                              fill_value=False)
+            work.create_array("regrouped", shape=shape, chunks=chunks, dtype="uint32", fill_value=0)
+        (layout / "_work" / "done").mkdir()
+        write_json_atomic(layout / "run.json", {k: job[k] for k in (*settings, "intensity", "run_id")})
+    return {**job, "resumed": False, "finished": False}
+
+
+def read_volume_corner(job: Dict[str, Any]) -> None:
+    """The volume's first voxel, read as the steps read it (a worker's probe: ``distributed``)."""
+    from .stacks import open_stack
+
+    open_stack(job["image"], "z", job.get("axes"), job.get("channel")).read(0, slice(0, 1), slice(0, 1))
 
 
 def _final(job: Dict[str, Any]) -> str:
@@ -176,10 +187,15 @@ def regroup_step(job: Dict[str, Any], k: int) -> List[int]:
 
 
 def _offsets(job: Dict[str, Any]) -> np.ndarray:
-    """Each plane's first global id minus one (planes' own ids 1..n follow it)."""
+    """Each plane's first global id minus one (planes' own ids 1..n follow it); read once per
+    run and process, once every slab's planes are done."""
     stage = "regroup" if job["merge"]["gap_closing"] else "planes"
-    counts = [c for k in range(_n_slabs(job)) for c in _read_mark(job, f"{stage}_{k}")]
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+
+    def read() -> np.ndarray:
+        counts = [c for k in range(_n_slabs(job)) for c in _read_mark(job, f"{stage}_{k}")]
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+
+    return _run_cache(job, "offsets", read)
 
 
 def _global(plane: np.ndarray, offset: int) -> np.ndarray:
@@ -242,7 +258,8 @@ def label_step(job: Dict[str, Any], k: int) -> None:
     name = f"labels_{k}"
     if _done(job, name):
         return
-    table, offsets = np.load(_work(job) / "lut.npy"), _offsets(job)
+    table = _run_cache(job, "lut", lambda: np.load(_work(job) / "lut.npy"))
+    offsets = _offsets(job)
     final, labels = _zarr(job, _final(job)), _zarr(job, "0")
     for z in _slab(job, k):
         labels[z] = table[_global(final[z], offsets[z]).astype(np.int64)]
@@ -250,7 +267,10 @@ def label_step(job: Dict[str, Any], k: int) -> None:
 
 
 def stages(job: Dict[str, Any]) -> List[tuple]:
-    """(name, step, number of indices) in order; 0 indices: the step runs once."""
+    """(name, step, number of indices) in order; 0 indices: the step runs once. None for a run
+    whose labels are complete (``finished``: only its end remains)."""
+    if job.get("finished"):
+        return []
     n = _n_slabs(job)
     out = [("planes", plane_step, n)]
     if job["merge"]["gap_closing"]:
@@ -258,24 +278,26 @@ def stages(job: Dict[str, Any]) -> List[tuple]:
     return out + [("edges", edge_step, n), ("merge", merge_step, 0), ("labels", label_step, n)]
 
 
+def total_steps(job: Dict[str, Any]) -> int:
+    return large_total_steps(job, stages)
+
+
+def _record(job: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's record, from the steps' markers."""
+    return {"image": job["image"], "shape": job["shape"], "mode": job["mode"], "merge": job["merge"],
+            "tile": job["spec"]["tile"], "halo": job["spec"]["halo"], "slab": job["slab"],
+            "n_objects": int(_read_mark(job, "merge")), "outputs": {"labels": job["out"]}}
+
+
 def finish_volume(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Metadata, scratch removed, ``OUT.zarr.partial`` renamed to ``OUT.zarr``; the run's record."""
-    import zarr
+    """Metadata, scratch removed, ``OUT.zarr.partial`` renamed to ``OUT.zarr``, in the kill-safe
+    order of ``predict.large_state.finish`` (a rerun completes it from wherever a stop cut it);
+    the run's record."""
+    from ..predict.large_state import finish
+    from .outputs import finish_volume_labels
 
-    from .outputs import stack_labels_metadata
-
-    partial, out = Path(job["partial"]), Path(job["out"])
-    group = zarr.open_group(str(partial), mode="r+")
-    group.attrs.update(stack_labels_metadata("z", out.stem, job["image"]))
-    record = {"image": job["image"], "shape": job["shape"], "mode": job["mode"], "merge": job["merge"],
-              "tile": job["spec"]["tile"], "halo": job["spec"]["halo"], "n_objects": int(_read_mark(job, "merge")),
-              "outputs": {"labels": str(out)}}
-    group.attrs["peftexport"] = record
-    shutil.rmtree(partial / "_work")
-    (partial / "run.json").unlink()
-    if out.exists():  # --overwrite: the old result goes only now that the new one is complete
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    record = finish(job, lambda: _record(job), metadata=finish_volume_labels)
+    forget_run(job)
     return record
 
 
