@@ -35,7 +35,7 @@ def test_official_layout_and_micro_sam_layout_load(tmp_path):
 
 def test_type_mismatch_is_refused_by_name(tmp_path):
     torch.save(random_sam("tiny").state_dict(), tmp_path / "t.pth")
-    with pytest.raises(PeftExportError, match=r"checkpoint is tiny \(64-dim\), --model vit_b was asked"):
+    with pytest.raises(PeftExportError, match=r"checkpoint is tiny \(SAM, 64-dim\), --model vit_b was asked"):
         load_sam("vit_b", tmp_path / "t.pth")
 
 
