@@ -158,6 +158,73 @@ def test_int8_encoder_passed_the_gate_and_runs(exported):
     assert masks.shape == (3, 128, 128) and np.isfinite(iou).all()
 
 
+def test_sam2_int8_tuning_images_are_probe_images_the_gate_never_sees():
+    """Without --calibration-data SAM 2's int8 recipe is tuned on probe images of seeds 1 and 2 through SAM 2's
+    normalisation, with prompts of seed 1; the gate measures on the probe image of seed 0 with prompts of seed 0."""
+    from peft_export.export.agreement import gate_prompts
+    from peft_export.export.int8_data import GATE_PROMPT_SEED, SEARCH_PROMPT_SEED, split_int8_data
+    from peft_export.export.sam2_image_graphs import sam2_probe_image
+    from peft_export.merge import probe_pixels
+    from peft_export.runtime.sam2_preprocess import SAM2_PIXEL_MEAN, SAM2_PIXEL_STD
+
+    data = split_int8_data(128, probe=sam2_probe_image)
+    assert data.calibration is None and data.held_out == [] and len(data.tuning) == 2
+    mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (SAM2_PIXEL_MEAN, SAM2_PIXEL_STD))
+    for seed, x in zip((1, 2), data.tuning):  # SAM2Transforms: /255, then ImageNet mean and std
+        np.testing.assert_allclose(x, (probe_pixels(128, seed).numpy() / 255 - mean) / std, rtol=0, atol=1e-5)
+    gate = sam2_probe_image(128, 0)
+    assert all(not np.allclose(x, gate) for x in data.tuning)
+    assert data.record["tuning"]["images"] == ["probe image, seed 1", "probe image, seed 2"]
+    assert not torch.equal(gate_prompts(128, 32, SEARCH_PROMPT_SEED)[0], gate_prompts(128, 32, GATE_PROMPT_SEED)[0])
+
+
+def test_sam2_int8_tuning_and_gate_data_never_meet(tmp_path, monkeypatch):
+    """A real SAM 2 int8 export with --calibration-data: what calibrates the graph and what the gate measures on,
+    recorded as the export runs them (the real functions, wrapped)."""
+    import tifffile
+
+    from peft_export.export import int8_data
+    from peft_export.export.calibration import calibration_inputs
+    from peft_export.export.sam2_image_graphs import sam2_probe_image
+    from peft_export.runtime.sam2_preprocess import prepare_sam2_image
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i, name in enumerate("abc"):
+        tifffile.imwrite(calibration / f"{name}.tif", smooth_image(96 + 16 * i, 128, 20 + i))
+    adapted = lora_sam2(128)
+    planes, _ = calibration_inputs(calibration, 128, dict(adapted.intensity),
+                                   prepare=lambda plane, rule, s: prepare_sam2_image(plane, rule, s)[0])
+    calibrated, measured = [], []
+    quantize, agree = int8_data.quantize_int8, int8_data.Agreement.__call__
+
+    def quantize_spy(src, dst, recipe, calibration=None, rounded=None):
+        calibrated.extend(calibration or [])
+        return quantize(src, dst, recipe, calibration, rounded)
+
+    def agree_spy(self, path, backend="onnxruntime"):
+        measured.append((self.seed, list(self.images)))
+        return agree(self, path, backend)
+
+    monkeypatch.setattr(int8_data, "quantize_int8", quantize_spy)
+    monkeypatch.setattr(int8_data.Agreement, "__call__", agree_spy)
+    manifest = merge_and_export(adapted, tmp_path / "export", precisions=("fp32", "int8"), progress=False,
+                                calibration_data=calibration, int8_recipe=Int8Recipe())
+    # plane 1 (b.tif) is held out: the gate's with the probe image; a.tif and c.tif calibrate
+    assert len(calibrated) == 2 and all(np.array_equal(x, planes[i]) for x, i in zip(calibrated, (0, 2)))
+    assert measured and all(seed == 0 and len(images) == 1 and np.array_equal(images[0], planes[1])
+                            for seed, images in measured)
+    gate = sam2_probe_image(128, 0)
+    assert not any(np.allclose(x, gate) or np.array_equal(x, planes[1]) for x in calibrated)
+    entry = manifest["graphs"]["encoder"].get("int8") or next(r for r in manifest["refused"] if r["graph"] == "encoder")
+    assert entry["int8_data"]["tuning"]["images"] == ["a.tif", "c.tif"]
+    assert entry["int8_data"]["gate"]["images"] == ["probe image, seed 0", "b.tif"]
+    assert entry["int8_recipe"]["static"] and entry["int8_recipe"]["calibration_images"] == 2
+    assert entry["int8_recipe"]["rounding"] == "nearest" and not entry["int8_recipe"]["gptq_changed"]
+    if "int8" in manifest["graphs"]["encoder"]:  # passed: on the probe image and on the held-out plane
+        assert entry["parity"]["held_out_agreement"]["images"] == 1
+
+
 def test_segment_everything_equals_sam2_automatic_mask_generator(exported):
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
