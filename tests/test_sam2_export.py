@@ -47,10 +47,16 @@ def export(adapted, out, precisions=("fp32",)):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    adapted = lora_sam2(SIZE)
-    out = tmp_path_factory.mktemp("sam2") / "export"
-    manifest = export(adapted, out, ("fp32", "int8"))
-    return out, manifest, merge_peft(adapted.model)
+    """The module's export (fp32, int8), made from a saved adapter run (``RUN``, beside it): its manifest records
+    the adapter, so ``peftexport bench EXPORT`` times the torch model too."""
+    from peft_export.peft import save_adapter
+    from peft_export.peft.adapters import load_model_source
+
+    root = tmp_path_factory.mktemp("sam2")
+    save_adapter(lora_sam2(SIZE), root / "run")
+    adapted = load_model_source(adapter=root / "run")
+    manifest = export(adapted, root / "export", ("fp32", "int8"))
+    return root / "export", manifest, merge_peft(adapted.model)
 
 
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -250,6 +256,52 @@ def test_segment_everything_equals_sam2_automatic_mask_generator(exported):
         assert inter / (a["segmentation"] | b["segmentation"]).sum() >= 0.99
         assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-4 and a["area"] == pytest.approx(b["area"], rel=0.01)
     assert labels.shape == image.shape[:2] and 0 < labels.max() <= len(got)  # a mask covered by smaller ones shows none
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peft_export.cli", "bench", *args, "--warmup", "0", "--iterations", "1",
+                           "-q"], capture_output=True, text=True)
+
+
+def test_bench_export_times_hiera_in_torch_at_its_best_and_every_exported_precision_and_backend(exported, tmp_path):
+    """``peftexport bench EXPORT`` on a SAM 2 export (its manifest names the adapter run): the encoder and the
+    decoder in torch (the adapter unmerged, merged, and merged with freed memory kept), ONNX Runtime and OpenVINO,
+    fp32 and int8, each case in a fresh process; the export's workers never import torch."""
+    out, manifest, _ = exported
+    assert set(manifest["graphs"]["encoder"]) == {"fp32", "int8"}
+    done = bench(str(out), "--backend", "torch,onnxruntime,openvino", "--components", "encoder,decoder_box", "--no-base",
+                 "-o", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["settings"]["family"] == "sam2" and result["settings"]["image_size"] == SIZE
+    ok = {c["case"]: c for c in result["cases"] if c["status"] == "ok"}
+    assert set(ok) == {"unmerged torch fp32", "merged torch fp32", "merged torch fp32 (freed memory kept)",
+                       "export onnxruntime-cpu fp32", "export onnxruntime-cpu int8", "export openvino-cpu fp32",
+                       "export openvino-cpu int8"}, [(c["case"], c.get("reason")) for c in result["cases"]]
+    for name, case in ok.items():
+        assert set(case["components"]) == {"encoder", "decoder_box"}, name
+        assert all(c["median_ms"] > 0 for c in case["components"].values())
+        assert case["process"]["torch_imported"] == (not name.startswith("export")), name
+    assert ok["export onnxruntime-cpu int8"]["details"]["graphs"]["encoder"]["precision"] == "int8"
+    assert all(" torch " in ok_case for ok_case in result["reference"].values())  # ratios against torch's fastest
+
+
+def test_bench_adapter_makes_a_temporary_sam2_export_and_ais_is_refused(exported, tmp_path):
+    """``peftexport bench --adapter RUN`` without an export: a temporary fp32 export of the adapter is timed (in
+    this process here). micro-sam's AIS component is SAM-only: refused by name before any work."""
+    from peft_export.bench import run_bench
+
+    out, _, _ = exported
+    done = bench("--adapter", str(out.parent / "run"), "--backend", "onnxruntime", "--precision", "fp32",
+                 "--components", "encoder,decoder_box", "--in-process", "-o", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["settings"]["temporary_export"] and result["settings"]["family"] == "sam2"
+    case, = result["cases"]
+    assert case["case"] == "export onnxruntime-cpu fp32" and case["status"] == "ok", case
+    assert set(case["components"]) == {"encoder", "decoder_box"} and case["details"]["graphs"]["encoder"]["precision"] == "fp32"
+    with pytest.raises(PeftExportError, match="--components ais: SAM 2 models have no instance decoder"):
+        run_bench(out, components=("ais",))
 
 
 def test_what_a_sam2_export_cannot_do_is_one_clear_error(exported, tmp_path):
