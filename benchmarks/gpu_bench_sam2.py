@@ -109,13 +109,11 @@ def _flat(outputs) -> "torch.Tensor":
 
 def _encoder(model, precision: str, compiled: bool, device):
     """A copy of the model on ``device`` in the case's precision, and x -> (embedding, [high-res maps])."""
-    import torch
-
-    from peft_export.models.sam2 import backbone_features
+    from peft_export.models.sam2 import backbone_features, compile_image_encoder
 
     m = copy.deepcopy(model).to(device=device, dtype=_dtype(precision)).eval()
     if compiled:
-        m.image_encoder = torch.compile(m.image_encoder, dynamic=False)
+        compile_image_encoder(m, dynamic=False)
     return m, (lambda x: backbone_features(m, x))
 
 

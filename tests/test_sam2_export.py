@@ -135,6 +135,8 @@ def test_session_equals_sam2_image_predictor_square_and_non_square(exported):
     assert type(session).__name__ == "Sam2Session"
     for seed, (h, w) in enumerate([(SIZE, SIZE), (150, 230)]):
         found = compare_with_predictor(session, model, smooth_image(h, w, seed), seed, n=16)  # 32 in all
+        print(f"{SIZE} px export, {h} x {w} image: mask IoU {found['mask_iou']:.6f}, "
+              f"logits max rel {found['logits_max_rel']:.2e}")
         assert found["mask_iou"] >= 0.99 and found["logits_max_rel"] <= 1e-3, found
         assert found["iou_max_abs"] <= 1e-4, found
         assert 0.01 < np.mean(found["positive"]) < 0.99  # masks that could disagree
@@ -345,4 +347,6 @@ def test_session_equals_sam2_image_predictor_at_1024(tmp_path, monkeypatch):
     session = SamSession(tmp_path / "export")
     for seed, (h, w) in enumerate([(1024, 1024), (600, 900)]):
         found = compare_with_predictor(session, model, smooth_image(h, w, seed), seed, n=16)
+        print(f"1024 px export, {h} x {w} image: mask IoU {found['mask_iou']:.6f}, "
+              f"logits max rel {found['logits_max_rel']:.2e}")
         assert found["mask_iou"] >= 0.99 and found["logits_max_rel"] <= 1e-3, found

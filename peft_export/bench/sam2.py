@@ -88,7 +88,7 @@ class Sam2TorchRunner(TorchRunner):
     def prepare(self) -> None:
         import torch
 
-        from ..models.sam2 import sam2_predictor
+        from ..models.sam2 import compile_image_encoder, sam2_predictor
 
         dev = torch.device(self.spec.device)
         model = self._factory().to(dev).eval()
@@ -96,8 +96,7 @@ class Sam2TorchRunner(TorchRunner):
         self._plain_encoder = None
         if self.spec.backend == "torch-compile":
             # Swapped in so that end to end (the predictor's forward_image) runs the compiled encoder too; undone in close.
-            self._plain_encoder = model.image_encoder
-            model.image_encoder = torch.compile(model.image_encoder)
+            self._plain_encoder = compile_image_encoder(model)
         self._x = torch.from_numpy(self.inputs.encoder_input).to(dev)
         self._feats = None
         self._prompts = {}
