@@ -5,6 +5,7 @@ run (late LoRA vs full finetuning).
     python benchmarks/gpu_bench.py --out OUTDIR              # vit_b at 1024 on CUDA (benchmarks/gpu_check.sh)
     python benchmarks/gpu_bench.py --out OUTDIR --dry-run    # checks imports and arguments, prints the plan
     python benchmarks/gpu_bench.py --out OUTDIR --device cpu --model tiny --image-size 128   # smoke run
+    python benchmarks/gpu_bench.py --out OUTDIR --model sam2.1_hiera_t      # SAM 2.1 (gpu_bench_sam2.py)
 
 Random weights (no download; latency does not depend on them) with random non-zero adapters. Every
 timed path is first checked against eager fp32/bf16 SAM (merged vs unmerged, SDPA vs SAM's attention,
@@ -53,7 +54,7 @@ def log(msg: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", default="vit_b", help="vit_b, vit_l, vit_h or tiny")
+    ap.add_argument("--model", default="vit_b", help="vit_b, vit_l, vit_h, tiny, or a SAM 2.1 type (sam2.1_hiera_t ...)")
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of this script")
     ap.add_argument("--batch-sizes", default="1,8", help="encoder images / decoder prompts per call")
@@ -397,6 +398,10 @@ def main(argv=None) -> int:
     if problem:
         print(f"gpu_bench: {problem}", file=sys.stderr)
         return 2
+    if args.model.startswith("sam2"):  # SAM 2.1: its own cases (gpu_bench_sam2.py, beside this script)
+        from gpu_bench_sam2 import main_sam2
+
+        return main_sam2(args)
     cases = plan(args)
     if args.dry_run:
         import peft_export.data  # noqa: F401 - everything the run imports, imported now

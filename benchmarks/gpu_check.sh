@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: every CUDA test (pytest -m "gpu or tensorrt"), the vit_b GPU benchmark and a shorter vit_t
-# (MobileSAM) one, in 10 minutes at most.
+# GPU check: every CUDA test (pytest -m "gpu or tensorrt"), the vit_b GPU benchmark and shorter vit_t
+# (MobileSAM) and SAM 2.1 hiera_t ones, in 10 minutes at most.
 #
 #   benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine
 #   benchmarks/gpu_check.sh --dry-run OUTDIR    # any machine: checks imports, the test selection and
@@ -10,24 +10,33 @@
 # safetensors. It installs nothing from the network: the repository runs from source through
 # PYTHONPATH, and GPU_CHECK_WHEELS=DIR installs wheels carried in DIR (pip --no-index). Tests that
 # need a missing optional package (tensorrt, bitsandbytes, onnxruntime-gpu) skip, and the check says
-# "pytest: NOT RUN" naming them (benchmarks/gpu_verdict.py reads pytest's skip summary).
+# "pytest: NOT RUN" naming them (benchmarks/gpu_verdict.py reads pytest's skip summary); without the sam2
+# package (a source distribution: carry a wheel built with SAM2_BUILD_CUDA=0 pip wheel --no-build-isolation
+# sam2==1.1.0, and hydra-core, iopath) the SAM 2 benchmark says "NOT RUN".
 # Writes into OUTDIR: env.txt, pytest_gpu.txt, gpu_bench.{txt,json,md}, vit_t/gpu_bench.{txt,json,md}
-# (vit_t at 1024: eager fp32 / bf16, base / merged / unmerged, torch.compile, a training run), gpu_check.log.
+# (vit_t at 1024: eager fp32 / bf16, base / merged / unmerged, torch.compile, a training run),
+# sam2/gpu_bench.{txt,json,md} (hiera_t at 1024: eager fp32 / bf16, base / merged / unmerged, torch.compile,
+# the exported encoder on ONNX Runtime's CUDA provider when present), gpu_check.log.
 # Exit code: 0 every step ran and passed, 3 no CUDA, 4 a required package missing or torch too old,
 # otherwise the first failing step's code (124 = timeout, 5 = pytest collected no test); 6 = nothing
-# failed but some GPU tests did not run (a package such as tensorrt or bitsandbytes missing).
+# failed but some GPU tests (or the SAM 2 benchmark) did not run (a package such as tensorrt, bitsandbytes or
+# sam2 missing).
 set -u
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 OUT=${1:?usage: benchmarks/gpu_check.sh [--dry-run] OUTDIR}
 PY=${PYTHON:-python}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-150}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-290}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-140}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-240}
 BENCH_BUDGET=$(( BENCH_TIMEOUT - 50 ))  # gpu_bench starts no case after this; the rest is for writing out
-VIT_T_TIMEOUT=${GPU_CHECK_VIT_T_TIMEOUT:-120}
+VIT_T_TIMEOUT=${GPU_CHECK_VIT_T_TIMEOUT:-100}
 VIT_T_BUDGET=$(( VIT_T_TIMEOUT - 40 ))
 # vit_t: SAM's attention only (TinyViT has no rel-pos attention for the folded SDPA path), batch 1 and 8.
 VIT_T_ARGS=(--model vit_t --attention sam --iterations 10 --warmup 3 --train-steps 4)
+SAM2_TIMEOUT=${GPU_CHECK_SAM2_TIMEOUT:-110}
+SAM2_BUDGET=$(( SAM2_TIMEOUT - 40 ))
+# hiera_t: batch 1 and 8, fp32 / bf16; the compiles last (the budget may skip some), no training run.
+SAM2_ARGS=(--model sam2.1_hiera_t --iterations 10 --warmup 3)
 MARKS="gpu or tensorrt"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -49,7 +58,7 @@ fi
 timeout 60 "$PY" - > "$OUT/env.txt" 2>&1 <<'EOF'
 import importlib, importlib.util, subprocess
 for mod in ("torch", "segment_anything", "numpy", "safetensors", "onnx", "onnxruntime", "tensorrt", "bitsandbytes",
-            "typer", "scipy", "tifffile", "PIL", "matplotlib", "pytest"):
+            "typer", "scipy", "tifffile", "PIL", "matplotlib", "pytest", "sam2", "hydra", "iopath"):
     ok = importlib.util.find_spec(mod) is not None
     ver = ""
     if ok:
@@ -93,6 +102,8 @@ fi
 for mod in pytest typer onnx onnxruntime bitsandbytes tensorrt; do
     "$PY" -c "import $mod" 2>/dev/null || log "note: $mod is not importable; the tests needing it skip"
 done
+HAVE_SAM2=1
+"$PY" -c "import sam2" 2>/dev/null || { HAVE_SAM2=0; log "note: sam2 is not importable; the SAM 2 tests skip and its benchmark is NOT RUN"; }
 
 if [ $DRY = 1 ]; then
     rc=0
@@ -113,6 +124,15 @@ if [ $DRY = 1 ]; then
     vrc=$?
     head -n 3 "$OUT/vit_t/gpu_bench.txt"
     if [ $vrc -ne 0 ]; then log "dry run: vit_t gpu_bench.py --dry-run failed (exit $vrc)"; [ $rc -eq 0 ] && rc=$vrc; fi
+    if [ $HAVE_SAM2 = 1 ]; then
+        log "dry run: benchmarks/gpu_bench.py ${SAM2_ARGS[*]} --dry-run"
+        mkdir -p "$OUT/sam2"
+        "$PY" benchmarks/gpu_bench.py "${SAM2_ARGS[@]}" --out "$OUT/sam2" --budget-s "$SAM2_BUDGET" --dry-run \
+            > "$OUT/sam2/gpu_bench.txt" 2>&1
+        src=$?
+        head -n 3 "$OUT/sam2/gpu_bench.txt"
+        if [ $src -ne 0 ]; then log "dry run: sam2 gpu_bench.py --dry-run failed (exit $src)"; [ $rc -eq 0 ] && rc=$src; fi
+    fi
     log "dry run done, exit $rc"
     exit $rc
 fi
@@ -150,6 +170,18 @@ timeout "$VIT_T_TIMEOUT" "$PY" benchmarks/gpu_bench.py "${VIT_T_ARGS[@]}" --out 
     2>&1 | tee "$OUT/vit_t/gpu_bench.txt"
 vrc=${PIPESTATUS[0]}
 if [ "$vrc" -ne 0 ]; then log "gpu_bench vit_t: exit $vrc"; [ $rc -eq 0 ] && rc=$vrc; else log "gpu_bench vit_t: ok"; fi
-if [ $rc -eq 0 ] && [ $not_run -eq 1 ]; then rc=6; log "done, exit 6: nothing failed, but some GPU tests did not run (see above)"
+
+if [ $HAVE_SAM2 = 1 ]; then
+    log "benchmarks/gpu_bench.py ${SAM2_ARGS[*]} (timeout ${SAM2_TIMEOUT}s, budget ${SAM2_BUDGET}s)"
+    mkdir -p "$OUT/sam2"
+    timeout "$SAM2_TIMEOUT" "$PY" benchmarks/gpu_bench.py "${SAM2_ARGS[@]}" --out "$OUT/sam2" --budget-s "$SAM2_BUDGET" \
+        2>&1 | tee "$OUT/sam2/gpu_bench.txt"
+    src=${PIPESTATUS[0]}
+    if [ "$src" -ne 0 ]; then log "gpu_bench sam2: exit $src"; [ $rc -eq 0 ] && rc=$src; else log "gpu_bench sam2: ok"; fi
+else
+    log "gpu_bench sam2: NOT RUN: the sam2 package is not importable"
+    not_run=1
+fi
+if [ $rc -eq 0 ] && [ $not_run -eq 1 ]; then rc=6; log "done, exit 6: nothing failed, but some GPU tests or benchmarks did not run (see above)"
 else log "done, exit $rc; outputs in $OUT"; fi
 exit $rc

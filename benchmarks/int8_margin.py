@@ -8,6 +8,7 @@ only, no timing.
     peftexport demo --out /tmp/demo && python benchmarks/int8_margin.py --out /tmp/margin adapter:/tmp/demo/run \
         --calibration-data /tmp/demo/data/test/images     # the demo, dynamic and static with a held-out image
     python benchmarks/int8_margin.py --out /tmp/margin random:tiny:0 --image-size 256   # seconds
+    python benchmarks/int8_margin.py --out /tmp/margin lora:sam2.1_hiera_t:0 --image-size 256   # SAM 2, minutes
 
 Each model (``random:TYPE:SEED``: random weights; ``lora:TYPE:SEED``: random base + a LoRA with random
 non-zero weights on q, k, v and the MLPs of the late blocks, merged; ``adapter:RUN``: a finetune run,
@@ -66,20 +67,17 @@ def build(spec: str, image_size: int | None) -> AdaptedModel:
     raise SystemExit(f"{spec}: use random:TYPE:SEED, lora:TYPE:SEED or adapter:RUN")
 
 
-def extra_agreement(sam, int8_path: Path, size: int, seeds: list[int]) -> dict:
-    """The written int8 encoder against the torch model on probe images of ``seeds`` (gate prompts, seed 0)."""
-    from peft_export.export.agreement import mask_agreement
-    from peft_export.export.gates import graph_runner
-    from peft_export.merge import probe_inputs
+def extra_agreement(model, int8_path: Path, size: int, seeds: list[int]) -> dict:
+    """The written int8 encoder against the torch model on probe images of ``seeds`` (gate prompts, seed 0);
+    SAM or SAM 2 (its probe images through SAM 2's normalisation, its three encoder outputs decoded)."""
+    from peft_export.export.int8_data import GATE_PROMPT_SEED, Agreement, sam_probe_image
+    from peft_export.models import is_sam2
 
-    run = graph_runner(int8_path)
-    ious = []
-    for seed in seeds:
-        image = probe_inputs(size, seed)[0]
-        with torch.no_grad():
-            reference = sam.image_encoder(image)
-        ious += mask_agreement(sam, reference, run({"image": image.numpy()})["image_embeddings"], 32)["per_prompt"]
-    return {"images": len(seeds), "seeds": seeds, "mask_iou_mean": float(np.mean(ious)), "mask_iou_min": float(np.min(ious))}
+    probe = sam_probe_image
+    if is_sam2(model):
+        from peft_export.export.sam2_image_graphs import sam2_probe_image as probe
+    a = Agreement(model, [probe(size, seed) for seed in seeds], GATE_PROMPT_SEED)(int8_path)
+    return {"images": len(seeds), "seeds": seeds, "mask_iou_mean": a["mask_iou_mean"], "mask_iou_min": a["mask_iou_min"]}
 
 
 def summarise(manifest: dict, adapted, out: Path, extra_seeds: list[int]) -> dict:

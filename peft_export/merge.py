@@ -40,13 +40,19 @@ class ProbeOutputs:
     iou: torch.Tensor
 
 
-def probe_inputs(image_size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """A reproducible normalised probe image and a fixed set of point/box prompts (1024-frame scaled)."""
+def probe_pixels(image_size: int, seed: int = 0) -> torch.Tensor:
+    """The probe image of ``seed`` before normalisation: (1, 3, S, S) float32 pixels in 0..255."""
     g = torch.Generator().manual_seed(seed)
     # Smooth blobs plus noise: closer to real image statistics than white noise.
     low = torch.rand(1, 3, max(image_size // 32, 2), max(image_size // 32, 2), generator=g)
     image = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    image = (image * 255.0 + 20.0 * torch.randn(1, 3, image_size, image_size, generator=g)).clamp(0, 255)
+    return (image * 255.0 + 20.0 * torch.randn(1, 3, image_size, image_size, generator=g)).clamp(0, 255)
+
+
+def probe_inputs(image_size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """A reproducible normalised probe image (SAM's normalisation of ``probe_pixels``) and a fixed set of
+    point/box prompts (1024-frame scaled)."""
+    image = probe_pixels(image_size, seed)
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     image = (image - mean) / std

@@ -5,6 +5,7 @@ script selects; the benchmark's whole code path runs on the CPU with the tiny mo
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -39,6 +40,11 @@ def test_dry_run_checks_imports_test_selection_and_bench_arguments(tmp_path):
     bench = (tmp_path / "gpu_bench.txt").read_text()
     assert re.search(r"dry run: \d+ cases on cuda \(vit_b, 1024 px\)", bench)
     assert "encoder base bf16 sdpa compile b1" in bench and "encoder late_lora_unmerged fp32 sam b8" in bench
+    if importlib.util.find_spec("sam2") is not None:  # SAM 2.1 hiera_t: eager, compiled, its export on ORT-CUDA
+        sam2 = (tmp_path / "sam2" / "gpu_bench.txt").read_text()
+        assert re.search(r"dry run: \d+ cases on cuda \(sam2.1_hiera_t, 1024 px\)", sam2), sam2
+        assert "encoder late_lora_unmerged bf16 b8" in sam2 and "encoder base bf16 compile b1" in sam2
+        assert "export onnxruntime-cuda late_lora_merged fp32 b1" in sam2 and "decoder base fp32 b1" in sam2
 
 
 def test_bench_refuses_bad_arguments_with_exit_2(tmp_path):
@@ -159,3 +165,30 @@ def test_bench_runs_end_to_end_on_the_cpu_with_the_tiny_model(tmp_path):
     assert all(r["steps_per_s"] > 0 and r["steps"] == 2 for r in result["training"])
     assert "lora_qv merged/base fp32 b1" in result["summary"]
     assert "| encoder base fp32 sdpa b1 | ok |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_sam2_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    """gpu_bench.py --model sam2.1_hiera_t on the CPU at 64 px: every path but the CUDA calls (merged vs unmerged
+    and the exported encoder on ONNX Runtime checked against eager torch on all three encoder outputs, fp32 and
+    bf16, the decoder, the report); a size SAM 2 cannot take is refused with exit 2."""
+    pytest.importorskip("sam2", reason="sam2 is not installed")
+    script = str(ROOT / "benchmarks" / "gpu_bench.py")
+    bad = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--model", "sam2.1_hiera_t", "--image-size",
+                          "80", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "SAM 2 needs a multiple of 32" in bad.stderr
+    res = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--model", "sam2.1_hiera_t", "--device", "cpu",
+                          "--image-size", "64", "--batch-sizes", "1", "--precisions", "fp32,bf16", "--iterations", "1",
+                          "--warmup", "0", "--budget-s", "900"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    by_name = {c["name"]: c for c in result["cases"]}
+    for p in ("fp32", "bf16"):
+        assert by_name[f"encoder late_lora_merged {p} b1"]["parity"]["passed"]  # merged == unmerged
+        assert by_name[f"decoder base {p} b1"]["status"] == "ok"
+        assert by_name[f"encoder base {p} compile b1"]["status"] == "skipped"
+    export = by_name["export onnxruntime-cpu late_lora_merged fp32 b1"]
+    assert export["status"] == "ok" and export["parity"]["max_rel"] < 1e-4, export  # the graph == eager torch
+    assert all(c["timing"]["median_ms"] > 0 for c in result["cases"] if c["status"] == "ok")
+    assert "export / eager fp32 b1 (late_lora merged)" in result["summary"]
+    assert "| export onnxruntime-cpu late_lora_merged fp32 b1 | ok |" in (tmp_path / "gpu_bench.md").read_text()

@@ -52,8 +52,8 @@ def save_model(adapted, path: str | Path) -> dict:
 
 
 def _rebuild(case: dict):
-    """The AdaptedModel of a job (base info only for a ``base`` case, which loads its own weights)."""
-    from ..models import BaseModelInfo, build_sam_architecture, load_state_strict
+    """The AdaptedModel of a job (base info only for a ``base`` case, which loads its own weights); either family."""
+    from ..models import BaseModelInfo, build_architecture, load_state_strict
     from ..peft import PeftConfig, apply_peft
     from ..peft.adapters import AdaptedModel
 
@@ -64,7 +64,7 @@ def _rebuild(case: dict):
     config = PeftConfig.from_dict(desc["peft"]) if desc.get("peft") else None
     sam = None
     if case["spec"]["model"] != "base":
-        sam = build_sam_architecture(base.model_type, base.image_size)
+        sam = build_architecture(base.model_type, base.image_size)  # SAM or SAM 2 (models.family)
         if config is not None:
             apply_peft(sam, config)
         load_state_strict(sam, torch.load(case["model_file"], map_location="cpu", weights_only=True), case["model_file"])

@@ -18,6 +18,10 @@ run, per component (``report.pick_reference``). Each case is timed per *componen
 - ``ais`` (only when asked): micro-sam's instance decoder + post-processing on the fixed
   embedding (``bench.ais``).
 
+A SAM 2 model (adapter, checkpoint or export: ``family`` sam2) is timed on the same components by
+``bench.sam2``'s runners (its encoder with the two high-resolution maps, its decoder, SAM2ImagePredictor /
+Sam2Session end to end); ``ais`` and TensorRT are SAM-only.
+
 Warm-up calls are not timed. Memory is measured on the warm-up calls (on the first
 timed calls when there is no warm-up): on CPU the peak RSS of the process above its
 RSS on entry to the call (``stats.RssSampler``); with torch on CUDA
@@ -64,6 +68,7 @@ from .load import load_between, snapshot
 from .measure import measure
 from .report import add_ratios, format_table, pick_reference, write_json, write_plot, write_text
 from .runners import make_runner
+from .sam2 import NO_AIS, is_sam2_model, split_sam2_cases
 from .stats import device_info, library_versions
 
 
@@ -170,6 +175,10 @@ def run_bench(
             if why:
                 notes.append(why)
 
+    sam2 = (manifest or {}).get("family") == "sam2" or is_sam2_model(adapted)  # SAM 2's runners: bench.sam2
+    if sam2 and "ais" in comps:
+        raise PeftExportError(f"--components {NO_AIS}")
+
     with contextlib.ExitStack() as stack:
         no_export_reason = None
         if {"onnxruntime", "openvino"} & set(backends) and manifest is None:
@@ -202,6 +211,9 @@ def run_bench(
             _export_precisions(manifest) if manifest else [],
             _engine_precisions(manifest) if manifest else [], no_export_reason,
             export_refused=_refused_encoders(manifest) if manifest else {}, fresh_process=fresh_process)
+        if sam2:
+            specs, not_sam2 = split_sam2_cases(specs)
+            skipped += not_sam2
         inputs = BenchInputs(image_size, batch_sizes, seed)
         t0 = time.time()
         before = snapshot()
@@ -229,6 +241,7 @@ def run_bench(
             "device": device, "backends": backends, "precisions": list(precisions) if precisions else None,
             "batch_sizes": list(batch_sizes), "warmup": warmup, "iterations": iterations, "components": comps,
             "interleave": interleave, "fresh_process": fresh_process, "image_size": image_size, "model_type": model_type,
+            "family": "sam2" if sam2 else "sam",
             "input_image_shape": list(inputs.image.shape), "seed": seed,
             "export_dir": str(export_dir) if export_dir and manifest and "peftexport-bench-" not in str(export_dir) else None,
             "temporary_export": bool(export_dir and "peftexport-bench-" in str(export_dir)),

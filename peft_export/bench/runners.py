@@ -371,10 +371,16 @@ class RuntimeRunner(Runner):
 
 
 def make_runner(spec: CaseSpec, adapted, export_dir, inputs: BenchInputs, threads, comps) -> Runner:
-    """The runner of one case (in this process)."""
+    """The runner of one case (in this process); a SAM 2 model's from ``bench.sam2``."""
+    from .sam2 import Sam2ExportRunner, Sam2TorchRunner, is_sam2_export, is_sam2_model
+
     if spec.backend in ("torch", "torch-compile"):
         factory, release = _torch_factory(spec.model, adapted, spec.device)
+        if is_sam2_model(adapted):
+            return Sam2TorchRunner(spec, factory, inputs, release)
         return TorchRunner(spec, factory, inputs, release, getattr(adapted, "instance_decoder", None))
+    if is_sam2_export(export_dir):
+        return Sam2ExportRunner(spec, export_dir, inputs, threads)
     if spec.backend == "onnxruntime":
         return OrtRunner(spec, export_dir, inputs, threads, end_to_end="end_to_end" in comps)
     return RuntimeRunner(spec, export_dir, inputs, threads)

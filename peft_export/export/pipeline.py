@@ -26,10 +26,8 @@ from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .refusals import is_required, refusal_line, refusal_record
-from .gptq import gptq_weights
-from .int8_data import GATE_PROMPT_SEED, SEARCH_IMAGES, SEARCH_PROMPT_SEED, Agreement, int8_verifier, split_int8_data
-from .int8_search import search_int8_recipe
-from .quantize import PRECISIONS, Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .int8_data import GATE_PROMPT_SEED, Agreement, int8_verifier, quantise_tuned, split_int8_data
+from .quantize import PRECISIONS, Int8Recipe, onnx_bytes
 from .click_decoder import CLICK_GRAPH, CLICK_NOTE, export_click_graph
 from .split_decoder import SPLIT_GRAPHS, SPLIT_NOTE, export_split_graph
 from .verify import ENCODER_MEASURES, build_reference, decoder_feeds, format_parity_table, verify_backends, verify_export
@@ -220,18 +218,10 @@ def merge_and_export(
                    "note": "fp16 weights/compute, LayerNorm fp32, graph I/O float32"})
         if "int8" in precisions:
             t = time.perf_counter()
-            search = None
             # tuned on some images and prompts, gated on others (with --calibration-data: a held-out part of them)
             data = split_int8_data(size, calibration, calibration_record)
-            if int8_recipe is not None:  # the user's recipe, as given
-                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe,
-                                        data.calibration, gptq_weights(tmp / "encoder.onnx", data.tuning)
-                                        if int8_recipe.rounding == "gptq" else None)
-            else:  # the default recipe, with layers returned to fp32 until the masks agree with margin
-                tuned = Agreement(reference_model, data.tuning[:SEARCH_IMAGES], SEARCH_PROMPT_SEED)
-                applied, search = search_int8_recipe(
-                    tmp / "encoder.onnx", tmp / encoder_filename("int8"), default_recipe(tmp / "encoder.onnx", model_type),
-                    data.tuning, tuned, data.calibration, log)
+            applied, search = quantise_tuned(reference_model, tmp / "encoder.onnx", tmp / encoder_filename("int8"), data,
+                                             model_type, int8_recipe, log)
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             held_out = Agreement(reference_model, data.held_out, GATE_PROMPT_SEED) if data.held_out else None
             check("encoder", "int8", encoder_filename("int8"), tmp, time.perf_counter() - t,

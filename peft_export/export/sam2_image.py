@@ -4,7 +4,8 @@ their parity checks on every CPU backend, the constants the runtime adds, and ``
 Same contract as SAM 1's pipeline: everything is written into a temporary folder that replaces
 ``out_dir`` only when the required graphs (fp32 encoder and decoder) passed; an int8 encoder that fails
 the gate (prompt-by-prompt mask agreement with fp32, ``gates.THRESHOLDS``) is left out and recorded in
-``refused``. ``extra_graphs`` lets the video side add its graphs to the same export.
+``refused``. The int8 recipe is tuned on other images and prompts than the gate's, as SAM's (``int8_data``:
+probe images of seeds 1 and 2 through SAM 2's normalisation, or the user's planes less a held-out part). ``extra_graphs`` lets the video side add its graphs to the same export.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from ..models.sam2 import SAM2_PIXEL_MEAN, SAM2_PIXEL_STD
 from ..peft.adapters import AdaptedModel
 from .prepare import check_out_dir, encoder_filename, export_source, merge_for_export
 from .manifest import build_manifest, file_entry, graph_entry, training_scale_record, write_manifest
-from .quantize import Int8Recipe, default_recipe, onnx_bytes, quantize_int8
+from .int8_data import GATE_PROMPT_SEED, Agreement, quantise_tuned, split_int8_data, with_held_out
+from .quantize import Int8Recipe, onnx_bytes
 from .refusals import refusal_line, refusal_record
-from .sam2_image_graphs import (build_sam2_reference, export_sam2_decoder, export_sam2_encoder, sam2_graph_io,
-                                verify_sam2_decoder, verify_sam2_encoder)
+from .sam2_image_graphs import (REDUCED_MEASURES, build_sam2_reference, export_sam2_decoder, export_sam2_encoder,
+                                sam2_graph_io, sam2_probe_image, verify_sam2_decoder, verify_sam2_encoder)
 
 CONSTANTS = "sam2_constants.npz"
 FAMILY = "sam2"
@@ -72,7 +74,6 @@ def export_sam2(
     """Merge (verified), export the encoder (each precision) and the decoder, verify each, write the
     manifest. ``extra_graphs(model, tmp_dir, opset, log) -> {"graphs": {...}, ...}``: more graphs (the video
     side's) whose entries join ``manifest["graphs"]`` and whose other keys join the manifest."""
-    from .int8_search import search_int8_recipe
     from .gates import verify_backends
 
     out_dir = Path(out_dir)
@@ -99,6 +100,7 @@ def export_sam2(
         calibration, calibration_record = calibration_inputs(
             calibration_data, size, dict(adapted.intensity),
             prepare=lambda plane, rule, s: prepare_sam2_image(plane, rule, s)[0])
+        log(f"calibration: {calibration_record['planes']} image plane(s) from {calibration_data}")
     backends = verify_backends()
     graphs: dict[str, dict] = {}
     refused: list[dict] = []
@@ -129,8 +131,12 @@ def export_sam2(
                                                               extra, io=sam2_graph_io(graph, size))
         return True
 
-    def encoder_check(precision: str):
-        return lambda path, backend: verify_sam2_encoder(path, reference_model, reference, precision, backend)
+    def encoder_check(precision: str, held_out: Agreement | None = None):
+        def verify(path, backend):
+            parity = verify_sam2_encoder(path, reference_model, reference, precision, backend)
+            return with_held_out(parity, held_out, path, backend, precision, REDUCED_MEASURES)
+
+        return verify
 
     log(f"exporting {adapted.base.model_type} (SAM 2, image size {size}) to {out_dir}: onnx; {', '.join(precisions)}")
     extra_keys: dict = {}
@@ -141,20 +147,16 @@ def export_sam2(
         check("encoder", "fp32", "encoder.onnx", tmp, encoder_check("fp32"), {"exporter": exporter})
         if "int8" in precisions:
             t = time.perf_counter()
-            search = None
-            if int8_recipe is not None:
-                applied = quantize_int8(tmp / "encoder.onnx", tmp / encoder_filename("int8"), int8_recipe, calibration)
-            else:
-                applied, search = search_int8_recipe(
-                    tmp / "encoder.onnx", tmp / encoder_filename("int8"), default_recipe(tmp / "encoder.onnx", "sam2"),
-                    [reference.image.numpy()],
-                    lambda path: verify_sam2_encoder(path, reference_model, reference, "int8")["prompt_agreement"],
-                    calibration, log)
+            # tuned on some images and prompts, gated on others (with --calibration-data: a held-out part of them)
+            data = split_int8_data(size, calibration, calibration_record, probe=sam2_probe_image)
+            applied, search = quantise_tuned(reference_model, tmp / "encoder.onnx", tmp / encoder_filename("int8"),
+                                             data, FAMILY, int8_recipe, log)
             how = "static QDQ calibrated on the user's images" if applied.static else "dynamic"
             log(f"  encoder int8 quantised in {time.perf_counter() - t:.1f} s ({how})")
-            check("encoder", "int8", encoder_filename("int8"), tmp, encoder_check("int8"),
+            held_out = Agreement(reference_model, data.held_out, GATE_PROMPT_SEED) if data.held_out else None
+            check("encoder", "int8", encoder_filename("int8"), tmp, encoder_check("int8", held_out),
                   {"note": f"onnxruntime quantisation ({how}), from the fp32 graph", "int8_recipe": applied.to_dict(),
-                   "int8_search": search, "calibration": calibration_record})
+                   "int8_search": search, "int8_data": data.record, "calibration": calibration_record})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..fsutil import current_umask
-from ..merge import error_stats, probe_inputs
+from ..merge import error_stats, probe_pixels
 from . import onnx_graphs as og
 from .agreement import GATES, gate_prompts
 from .gates import cosine, graph_runner, judge, mask_iou, nonfinite
@@ -33,6 +33,8 @@ ENCODER_OUTPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1")
 DECODER_INPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1", "point_coords", "point_labels",
                   "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions", "sam_output_tokens", "object_score_logits")
+# What a reduced-precision encoder is judged on (``verify_sam2_encoder``; int8 adds held-out images: int8_data)
+REDUCED_MEASURES = ("embeddings_cosine", "prompt_mask_iou_mean", "prompt_mask_iou_min")
 
 
 def _t(name: str, shape: list, dtype: str = "float32") -> dict:
@@ -64,6 +66,22 @@ class Sam2EncoderGraph(nn.Module):
 
         low, (s0, s1) = backbone_features(self.model, image)
         return low, s0, s1
+
+
+def sam2_probe_image(image_size: int, seed: int = 0) -> np.ndarray:
+    """The probe image of ``seed`` (``merge.probe_pixels``) through SAM2Transforms' normalisation (/255,
+    ImageNet mean and std): the encoder input (1, 3, S, S) the export's checks and its int8 tuning use."""
+    from ..models.sam2 import SAM2_PIXEL_MEAN, SAM2_PIXEL_STD
+
+    mean = torch.tensor(SAM2_PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(SAM2_PIXEL_STD).view(1, 3, 1, 1)
+    return ((probe_pixels(image_size, seed) / 255.0 - mean) / std).numpy()
+
+
+@torch.no_grad()
+def sam2_encoder_outputs(model: nn.Module, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch model's values of the encoder graph's three outputs for one input (1, 3, S, S)."""
+    return Sam2EncoderGraph(model.eval())(torch.from_numpy(np.ascontiguousarray(image, np.float32)))
 
 
 class Sam2DecoderGraph(nn.Module):
@@ -152,7 +170,7 @@ def build_sam2_reference(model: nn.Module, seed: int = 0) -> Sam2Reference:
     model = model.eval()
     s = int(model.image_size)
     g = s // 16
-    image, _ = probe_inputs(s, seed)
+    image = torch.from_numpy(sam2_probe_image(s, seed))
     features = Sam2EncoderGraph(model)(image)
     no_mem = model.no_mem_embed.reshape(1, -1, 1, 1)
     still = (features[0] + no_mem, features[1], features[2])
@@ -192,12 +210,13 @@ def build_sam2_reference(model: nn.Module, seed: int = 0) -> Sam2Reference:
 
 
 @torch.no_grad()
-def _gate_masks(model: nn.Module, features: tuple, no_mem: torch.Tensor) -> torch.Tensor:
-    """All four masks (> 0) of the int8 gate's prompts (``agreement.gate_prompts``: points, then boxes) in
-    SAM 2's layout (a padding point after each box too), decoded by the torch graph from ``features``."""
+def _gate_masks(model: nn.Module, features: tuple, n: int, seed: int) -> torch.Tensor:
+    """All four masks (> 0) of ``n`` gate prompts of ``seed`` (``agreement.gate_prompts``: points, then boxes)
+    in SAM 2's layout (a padding point after each box too), decoded by the torch graph from the encoder graph's
+    three outputs ``features`` (``no_mem_embed`` added here, as for a still image)."""
     s = int(model.image_size)
-    n = GATES["int8"]["prompts"]
-    coords, labels = gate_prompts(s, n)
+    no_mem = model.no_mem_embed.reshape(1, -1, 1, 1)
+    coords, labels = gate_prompts(s, n, seed)
     graph = Sam2DecoderGraph(model)
     feats = (torch.as_tensor(features[0]) + no_mem, torch.as_tensor(features[1]), torch.as_tensor(features[2]))
     points, boxes = slice(0, n // 2), slice(n // 2, n)
@@ -210,14 +229,18 @@ def _gate_masks(model: nn.Module, features: tuple, no_mem: torch.Tensor) -> torc
     return torch.cat(masks)
 
 
-def _prompt_agreement(model: nn.Module, reference: Sam2Reference, candidate: tuple) -> dict:
-    a = _gate_masks(model, reference.features, reference.no_mem_embed)
+def sam2_mask_agreement(model: nn.Module, reference: tuple, candidate: tuple, n_prompts: int = 32,
+                        seed: int = 0) -> dict:
+    """Per-prompt IoU of the masks decoded from ``candidate`` encoder outputs vs from ``reference`` ones
+    (each the encoder graph's three outputs), as ``agreement.mask_agreement`` does for SAM."""
+    a = _gate_masks(model, reference, n_prompts, seed)
     b = _gate_masks(model, tuple(torch.from_numpy(np.nan_to_num(np.asarray(c, np.float32))) for c in candidate),
-                    reference.no_mem_embed)
+                    n_prompts, seed)
     inter = (a & b).flatten(1).sum(1).double()
     union = (a | b).flatten(1).sum(1).double()
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    return {"prompts": len(iou), "mask_iou_mean": float(iou.mean()), "mask_iou_min": float(iou.min())}
+    return {"prompts": int(n_prompts), "mask_iou_mean": float(iou.mean()), "mask_iou_min": float(iou.min()),
+            "worst_prompt": int(iou.argmin()), "per_prompt": [round(float(x), 5) for x in iou]}
 
 
 def verify_sam2_encoder(path: str | os.PathLike, model: nn.Module, reference: Sam2Reference, precision: str = "fp32",
@@ -232,11 +255,11 @@ def verify_sam2_encoder(path: str | os.PathLike, model: nn.Module, reference: Sa
     if precision == "fp32":
         return judge(stats, precision, ("embeddings_max_rel",))
     stats["embeddings_cosine"] = min(cosine(ref, torch.from_numpy(g)) for ref, g in zip(reference.features, got))
-    agreement = _prompt_agreement(model, reference, got)
+    agreement = sam2_mask_agreement(model, reference.features, tuple(got), int(GATES["int8"]["prompts"]))
+    agreement.pop("per_prompt")
     stats["prompt_agreement"] = agreement
     stats["prompt_mask_iou_mean"], stats["prompt_mask_iou_min"] = agreement["mask_iou_mean"], agreement["mask_iou_min"]
-    keys = ("embeddings_cosine",) + (("prompt_mask_iou_mean", "prompt_mask_iou_min") if precision == "int8" else ())
-    return judge(stats, precision, keys)
+    return judge(stats, precision, REDUCED_MEASURES if precision == "int8" else REDUCED_MEASURES[:1])
 
 
 def verify_sam2_decoder(path: str | os.PathLike, reference: Sam2Reference, backend: str = "onnxruntime") -> dict:

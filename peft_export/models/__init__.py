@@ -22,7 +22,7 @@ from .checkpoints import (
     resize_positional_state,
     sam_state_from_checkpoint,
 )
-from .family import encoder_trunk, is_sam2, is_sam2_type, model_image_size, model_parts
+from .family import build_architecture, encoder_trunk, is_sam2, is_sam2_type, model_image_size, model_parts
 from .encoder_split import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, trainable_tail
 from .instance_decoder import (
     MAP_NAMES,
@@ -49,7 +49,7 @@ from .sam import (
 )
 
 __all__ = [
-    "describe_type", "encoder_trunk", "is_sam2", "is_sam2_type", "model_image_size", "model_parts",
+    "build_architecture", "describe_type", "encoder_trunk", "is_sam2", "is_sam2_type", "model_image_size", "model_parts",
     "ARCHITECTURES", "BaseModelInfo", "FoldedAttention", "folded_attention", "folded_rel_pos_attention", "MODEL_TYPES", "PATCH_SIZE", "PIXEL_MEAN", "PIXEL_STD", "PROMPT_EMBED_DIM",
     "RANDOM_INIT", "SamArch", "build_sam_architecture", "check_image_size", "check_model_type",
     "checkpoint_image_size", "decoder_from_state", "decoder_state_from_checkpoint", "describe_model",

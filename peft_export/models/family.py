@@ -25,6 +25,18 @@ def is_sam2(model: nn.Module) -> bool:
     return any(c.__module__.startswith("sam2.") and c.__name__ == "SAM2Base" for c in type(model).__mro__)
 
 
+def build_architecture(model_type: str, image_size: int | None = None) -> nn.Module:
+    """A model of either family built from its type and image size, with initial (not trained) weights: the
+    frame a saved state dict loads into strictly."""
+    if is_sam2_type(model_type):
+        from .sam2 import build_sam2_model
+
+        return build_sam2_model(model_type, image_size)
+    from .sam import build_sam_architecture
+
+    return build_sam_architecture(model_type, image_size)
+
+
 def encoder_trunk(model: nn.Module) -> nn.Module:
     """The module holding the encoder's ``blocks`` (and ``patch_embed``): where PEFT goes."""
     return model.image_encoder.trunk if is_sam2(model) else model.image_encoder

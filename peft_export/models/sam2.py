@@ -158,6 +158,21 @@ def backbone_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     return fpn[-1], list(fpn[:-1])
 
 
+def compile_image_encoder(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """``torch.compile`` the image encoder (Hiera + FPN) in place; returns the eager one (to put back).
+
+    One eager run at the model's size comes first: sam2's sine position encoding keeps its tensor per feature
+    size in a dict that the compiled graph guards on, so with the dict still empty the second compiled call
+    would compile again (seen as an 18 s second call of hiera_t at 64 px on the CPU)."""
+    weight = next(model.image_encoder.parameters())
+    size = int(model.image_size)
+    with torch.no_grad():
+        model.image_encoder(torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype))
+    eager = model.image_encoder
+    model.image_encoder = torch.compile(eager, **options)
+    return eager
+
+
 def encode_image(model: torch.nn.Module, x: torch.Tensor) -> Sam2Features:
     """Normalised (B, 3, S, S) images -> the decoder's inputs, as SAM2ImagePredictor.set_image."""
     low, high = backbone_features(model, x)
