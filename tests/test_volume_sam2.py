@@ -10,8 +10,6 @@ the volume: 7 synthetic nuclei planes of 48 x 64.
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +25,7 @@ torch = pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from helpers import import_blocker  # noqa: E402
+from volume_helpers import sam2_video_export  # noqa: E402
 from peft_export.cli.main import app  # noqa: E402
 from peft_export.data.synthetic_volume import synthetic_volume  # noqa: E402
 from peft_export.errors import PeftExportError  # noqa: E402
@@ -42,28 +41,13 @@ from peft_export.volume import (  # noqa: E402
     stack_from_array,
 )
 
-SIZE, SHAPE = 256, (7, 48, 64)
+SHAPE = (7, 48, 64)
 
 
 @pytest.fixture(scope="module")
 def sam2_export(tmp_path_factory):
-    """A random hiera_t exported with its memory graphs, and the same export without them (the manifest
-    as ``merge-and-export`` writes it without ``--video``)."""
-    from peft_export.models.sam2 import random_sam2
-
-    tmp = tmp_path_factory.mktemp("sam2volume")
-    torch.save({"model": random_sam2("sam2.1_hiera_t", SIZE, seed=0).state_dict()}, tmp / "sam2_random.pt")
-    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(tmp / "sam2_random.pt"), "--image-size",
-                                   str(SIZE), "--video", "-o", str(tmp / "export"), "-q"])
-    assert res.exit_code == 0, res.output
-    plain = tmp / "image_only"
-    shutil.copytree(tmp / "export", plain)
-    manifest = json.loads((plain / "manifest.json").read_text())
-    del manifest["video"]
-    for name in ("memory_attention", "memory_encoder", "obj_ptr", "mask_downsample"):
-        del manifest["graphs"][name]
-    (plain / "manifest.json").write_text(json.dumps(manifest))
-    return tmp / "export", plain
+    """A random hiera_t exported with its memory graphs, and the same export without them."""
+    return sam2_video_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,12 @@
-"""Shared by the volume tests: stacks with known objects, per-plane segmentations to merge, and the
-check that two label images are the same up to renumbering."""
+"""Shared by the volume tests: stacks with known objects, per-plane segmentations to merge, the
+check that two label images are the same up to renumbering, and a small random SAM 2 export with its
+memory graphs."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -43,3 +48,36 @@ def per_plane_segmentation(gt: np.ndarray, seed: int = 0, drop: float = 0.1, spl
 
 def small_volume(seed: int = 1, shape=(10, 96, 96)) -> tuple[np.ndarray, np.ndarray]:
     return synthetic_volume(shape, seed=seed, n_objects=(5, 7), radius=(6.0, 12.0))
+
+
+SAM2_SIZE = 256
+
+
+def sam2_video_export(tmp_path_factory) -> tuple[Path, Path]:
+    """A random hiera_t at image size 256 exported with its memory graphs (``merge-and-export --video``),
+    and the same export without them (the manifest as ``merge-and-export`` writes it without ``--video``);
+    made once per test session (test_volume_sam2.py, test_napari_sam2.py)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+    from peft_export.models.sam2 import random_sam2
+
+    tmp = tmp_path_factory.getbasetemp() / "sam2_video_export"
+    export, plain = tmp / "export", tmp / "image_only"
+    if (plain / "manifest.json").is_file():
+        return export, plain
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save({"model": random_sam2("sam2.1_hiera_t", SAM2_SIZE, seed=0).state_dict()}, tmp / "sam2_random.pt")
+    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(tmp / "sam2_random.pt"), "--image-size",
+                                   str(SAM2_SIZE), "--video", "-o", str(export), "-q"])
+    assert res.exit_code == 0, res.output
+    shutil.copytree(export, tmp / "image_only.tmp")
+    manifest = json.loads((tmp / "image_only.tmp" / "manifest.json").read_text())
+    del manifest["video"]
+    for name in ("memory_attention", "memory_encoder", "obj_ptr", "mask_downsample"):
+        del manifest["graphs"][name]
+    (tmp / "image_only.tmp" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp / "image_only.tmp").rename(plain)  # last: its manifest says the pair is complete
+    return export, plain

@@ -107,6 +107,9 @@ class Panel(QWidget):
         """z-stack or movie: shown only for an image layer with one axis before rows and columns."""
         box = self.volume_group = QGroupBox("Volume / movie")
         col = QVBoxLayout(box)
+        self.volume_note = QLabel()  # what a SAM 2 export offers here (``volume.VolumeActions._volume_controls``)
+        self.volume_note.setWordWrap(True)
+        self.volume_note.hide()
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("embeddings: in memory, or a folder .zarr to keep them")
         self.store_edit.setToolTip("A zarr store of every plane's embeddings, written on the first run and reopened "
@@ -134,8 +137,8 @@ class Panel(QWidget):
         self.track_button = _button("Track", lambda: self.track_objects(),
                                     "Every frame segmented as Segment all does, the objects linked over time: "
                                     "tracked labels and a Tracks layer")
-        for w in (self.store_edit, self.embed_volume_button, self.propagation_form, self.propagate_button,
-                  self.merge_form, self.all_3d_button, self.track_form, self.track_button):
+        for w in (self.volume_note, self.store_edit, self.embed_volume_button, self.propagation_form,
+                  self.propagate_button, self.merge_form, self.all_3d_button, self.track_form, self.track_button):
             col.addWidget(w)
         box.hide()
         return box

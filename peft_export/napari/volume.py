@@ -10,6 +10,10 @@ in memory or in a zarr store that a later session reopens without an encoder run
 - "Track": every frame's instances linked over time (laptrack) into "<image> tracked" (one id per
   track) and a Tracks layer "<image> tracks" (with divisions).
 
+On a SAM 2 export with memory graphs, "Segment object in volume" is SAM 2's propagation (``method=
+"sam2"``): nothing is embedded first, the annotated slices' shown masks or prompts are its conditioning
+frames, the prompts method's options are hidden; what needs plane embeddings is disabled (``volume_sam2``).
+
 A mixin of ``widget.SegmentWidget``. A volume belongs to a ``current.Target`` whose index is ()
 (the whole layer: export, layer, data generation, adapter) and the store path; its tasks are
 dropped by the widget's rule like every other. Planes embedded here are used for clicks too, and
@@ -27,12 +31,14 @@ from napari.layers import Image, Labels, Tracks
 
 from .. import volume as V
 from ..errors import PeftExportError
+from ..volume.embeddings import is_sam2
 from . import layers as L
 from .automatic import Param, check_stack_size, mode_params
 from .current import Target
 from .images import check_displayed, leading_axes
 from .prompts import ClickDecoder, Decoded, Prompts, clip_to_image, prompted_slices, same_prompts, slice_prompts
 from .save import KEY, export_metadata
+from .volume_sam2 import PROPAGATE, sam2_note, sam2_prompt, sam2_refusal
 from .worker import Task
 
 VOLUME_OBJECT = "volume object"
@@ -88,6 +94,24 @@ class VolumeActions:
         self._shown_masks: Dict[Target, Tuple[Prompts, Decoded]] = {}  # the mask a user saw on a slice
         self._volume_object: Optional[Tuple[Target, np.ndarray, Tuple[int, int]]] = None
 
+    def _volume_controls(self) -> None:
+        """The Volume / movie box for the loaded export: on SAM 2 the prompts method's options are
+        hidden, what needs plane embeddings is disabled, and a note says why."""
+        sam2 = self.session is not None and is_sam2(self.session)
+        self.propagation_form.setVisible(not sam2)
+        for w in (self.store_edit, self.embed_volume_button, self.merge_form, self.all_3d_button, self.track_form,
+                  self.track_button):
+            w.setEnabled(not sam2)
+        self.propagate_button.setEnabled(not sam2_refusal(self.session, PROPAGATE))
+        self.volume_note.setText(sam2_note(self.session))
+        self.volume_note.setVisible(sam2)
+
+    def _check_volume_action(self, action: str) -> None:
+        """Refuse ``action`` where the loaded export cannot run it (one line: why, and what can)."""
+        refusal = sam2_refusal(self.session, action)
+        if refusal:
+            raise PeftExportError(refusal)
+
     # ---- which volume ----------------------------------------------------------------------------
 
     def _volume_key(self, image: Optional[Image] = None) -> Tuple[Target, Optional[str]]:
@@ -102,7 +126,8 @@ class VolumeActions:
                 f"image layer '{image.name}': the volume tools need a z-stack or a movie (one axis before rows and "
                 f"columns); it has {leading_axes(image)} (split it: right-click the layer > Split Stack)")
         check_displayed(image, self.viewer)
-        store = self.store_edit.text().strip() or None
+        # SAM 2 keeps no plane embeddings (VolumeEmbeddings refuses a store there; the field is disabled)
+        store = None if is_sam2(self.session) else self.store_edit.text().strip() or None
         return replace(self._target(image), index=()), store
 
     def _volume_of(self, target: Target) -> Optional[V.VolumeEmbeddings]:
@@ -133,9 +158,16 @@ class VolumeActions:
         the planes done); ``then(volume)`` runs once all are embedded. None when nothing to do."""
         try:
             key = self._volume_key()
+            self._check_volume_action("Embed all planes")
         except PeftExportError as exc:
             self._fail(exc)
             return None
+        return self._volume_ready(key, then, embed=True)
+
+    def _volume_ready(self, key: Tuple[Target, Optional[str]], then: Optional[Callable[[V.VolumeEmbeddings], None]],
+                      embed: bool) -> Optional[Task]:
+        """``then(volume)`` once the volume of ``key`` is open (the stack read in a worker) and, with
+        ``embed``, all its planes are embedded; the task doing what is missing, or None."""
         if then is not None:
             self._volume_waiting.setdefault(key, []).append(then)
         volume = self.volumes.get(key)
@@ -145,10 +177,11 @@ class VolumeActions:
             data = image.data[0] if image.multiscale else image.data
             return self._run("reading the stack", lambda task: V.VolumeEmbeddings(
                 session, V.stack_from_array(data, name=image.name), store=store, adapter=adapter),
-                then=lambda out: self._volume_opened(key, out["result"]), target=target, key=("volume", key))
+                then=lambda out: self._volume_opened(key, out["result"], embed), target=target, key=("volume", key))
         n = volume.stack.n_planes
-        if volume.n_embedded == n:
-            self._say(f"all {n} planes embedded" + (f" ({store})" if store else ""))
+        if not embed or volume.n_embedded == n:
+            if embed:
+                self._say(f"all {n} planes embedded" + (f" ({store})" if store else ""))
             for fn in self._volume_waiting.pop(key, []):
                 fn(volume)
             return None
@@ -156,11 +189,11 @@ class VolumeActions:
             progress=task.step, cancel=lambda: task.cancelled), then=lambda out: self._volume_embedded(key, out),
             target=target, key=("volume", key))
 
-    def _volume_opened(self, key: Tuple[Target, Optional[str]], volume: V.VolumeEmbeddings) -> None:
+    def _volume_opened(self, key: Tuple[Target, Optional[str]], volume: V.VolumeEmbeddings, embed: bool) -> None:
         self.volumes[key] = volume
         while len(self.volumes) > VOLUMES_KEPT:
             del self.volumes[next(iter(self.volumes))]
-        self.embed_volume()
+        self._volume_ready(key, None, embed)
 
     def _volume_embedded(self, key: Tuple[Target, Optional[str]], out: dict) -> None:
         volume = self.volumes.get(key)
@@ -192,16 +225,18 @@ class VolumeActions:
         return found
 
     def segment_object_in_volume(self) -> Optional[Task]:
-        """Carry the prompted object through the stack (after embedding it); the result goes to the
-        "volume object" layer, and Commit adds it to "<image> objects"."""
+        """Carry the prompted object through the stack (after embedding it; on a SAM 2 export with
+        SAM 2's memory, nothing embedded first); the result goes to the "volume object" layer, and
+        Commit adds it to "<image> objects"."""
         try:
             key = self._volume_key()
             if not self._annotations(key[0]):
                 raise PeftExportError("Segment object in volume: place prompts on one or a few slices first")
+            self._check_volume_action(PROPAGATE)
         except PeftExportError as exc:
             self._fail(exc)
             return None
-        return self.embed_volume(then=lambda volume: self._propagate(key, volume))
+        return self._volume_ready(key, lambda volume: self._propagate(key, volume), embed=not is_sam2(self.session))
 
     def _propagate(self, key: Tuple[Target, Optional[str]], volume: V.VolumeEmbeddings) -> None:
         target = key[0]
@@ -214,15 +249,24 @@ class VolumeActions:
             shown = self._shown_masks.get(replace(target, index=(z,)))
             if shown is not None and same_prompts(shown[0], p):
                 seen[z] = placed(shown[1], volume.plane_shape)
-        options = dict(self.propagation_form.values(), projection=self.projection_box.currentText())
+        sam2 = is_sam2(volume.session)
+        if sam2:  # the prompts are SAM 2's conditioning frames; its memory carries the object
+            options: Dict[str, Any] = {"method": "sam2"}
+        else:
+            options = dict(self.propagation_form.values(), projection=self.projection_box.currentText(),
+                           method="prompts")
+
+        def annotation(z: int, p: Prompts) -> Any:
+            return seen[z] if z in seen else sam2_prompt(p) if sam2 else annotation_mask(volume, z, p)
 
         def work(task: Task) -> tuple:
-            masks = {z: seen[z] if z in seen else annotation_mask(volume, z, p) for z, p in prompts.items()}
-            return V.segment_object_in_volume(volume, masks, **options, progress=task.step,
+            annotations = {z: annotation(z, p) for z, p in prompts.items()}
+            return V.segment_object_in_volume(volume, annotations, **options, progress=task.step,
                                               cancel=lambda: task.cancelled)
 
-        self._run("segmenting the object in the volume", work, then=lambda out: self._show_volume_object(
-            target, *out["result"]), target=target, key=("propagate", target), replace=True)
+        what = "segmenting the object in the volume" + (" (SAM 2)" if sam2 else "")
+        self._run(what, work, then=lambda out: self._show_volume_object(target, *out["result"]), target=target,
+                  key=("propagate", target), replace=True)
 
     def _show_volume_object(self, target: Target, mask: np.ndarray, span: Tuple[int, int]) -> None:
         image = self.image_layer
@@ -273,6 +317,7 @@ class VolumeActions:
         """Every plane's instances merged across z, into "<image> automatic 3D" (after embedding)."""
         try:
             key = self._volume_key()
+            self._check_volume_action("Segment all (3D)")
             check_stack_size(L.image_shape(self.image_layer), "Segment all (3D)", "--3d")
         except PeftExportError as exc:
             self._fail(exc)
@@ -300,6 +345,7 @@ class VolumeActions:
         "<image> tracks" (after embedding)."""
         try:
             key = self._volume_key()
+            self._check_volume_action("Track")
             check_stack_size(L.image_shape(self.image_layer), "Track", "--track")
         except PeftExportError as exc:
             self._fail(exc)
