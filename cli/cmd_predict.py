@@ -86,10 +86,11 @@ def predict(
     opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                 stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
     if three_d or propagate or track:
+        vol.refuse_2d_only_options(overlay=overlay, all_masks=all_masks, multimask=multimask)
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
-                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume)
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume, device)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
@@ -129,7 +130,7 @@ def use_large_path(images, out, tile, halo, scale, workers, scheduler) -> bool:
     """Tiles, zarr, or a Dask cluster: the large-image path (labels into zarr)."""
     from peft_export.predict.arrays import is_zarr
 
-    return (any(v is not None for v in (tile, halo, scale, workers, scheduler)) or str(out).endswith(".zarr")
+    return (any(v is not None for v in (tile, halo, scale, workers, scheduler)) or str(out).lower().endswith(".zarr")
             or any(is_zarr(Path(p)) for p in images))
 
 

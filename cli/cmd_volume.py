@@ -41,6 +41,20 @@ MaxDistanceOpt = typer.Option(None, "--max-distance", help="--track: largest mov
 DivisionsOpt = typer.Option(True, "--divisions/--no-divisions", help="--track: link dividing objects.")
 
 
+def refuse_2d_only_options(overlay: bool, all_masks: bool, multimask: bool) -> None:
+    """Options of 2D images that a stack run does not honour: refused, never silently ignored."""
+    from peft_export.errors import PeftExportError
+
+    if overlay:
+        raise PeftExportError("--overlay: not written for stacks (--3d/--propagate/--track); open the labels over "
+                              "the stack in napari")
+    if all_masks:
+        raise PeftExportError("--all-masks: not written for stacks; a stack run writes one labels stack")
+    if not multimask:
+        raise PeftExportError("--single-mask: stacks choose each plane's mask as micro-sam does (best of 3 for one "
+                              "point, one mask for richer prompts); drop the option")
+
+
 def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool, propagate: bool, track: bool,
                   points: Optional[str], box: Optional[str], everything: bool, instances: bool,
                   instance_options: Dict[str, Any], everything_options: Dict[str, Any], axes: Optional[str],
@@ -49,7 +63,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
                   scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto",
-                  resume: bool = False) -> None:
+                  resume: bool = False, device: str = "cpu") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.volume import run
 
@@ -64,9 +78,9 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                               "or --instances")
     mode = "ais" if instances else "everything" if everything else "auto"
     common = dict(axes=axes, channel=channel, precision=precision, adapter=adapter, tile=tile, halo=halo, scale=scale,
-                  overwrite=overwrite)
+                  overwrite=overwrite, device=device)
     cluster = workers is not None or scheduler is not None
-    slabs = three_d and not (points or box) and out.suffix == ".zarr" and embeddings is None
+    slabs = three_d and not (points or box) and out.suffix.lower() == ".zarr" and embeddings is None
     if cluster and not slabs:
         raise PeftExportError("--workers/--scheduler: run automatic --3d into OUT.zarr on a cluster (slab by slab); "
                               "prompts, --embeddings and --track run in this process")

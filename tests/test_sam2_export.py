@@ -162,10 +162,23 @@ def test_int8_encoder_passed_the_gate_and_runs(exported):
     entry = manifest["graphs"]["encoder"]["int8"]
     gate = entry["parity"]["prompt_agreement"]
     assert gate["prompts"] == 32 and gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
-    session = SamSession(out, precision="int8")
-    session.set_image(smooth_image(128, 128, 5))
-    masks, iou, _ = session.predict(point_coords=np.array([[60, 60]]), point_labels=np.array([1]))
-    assert masks.shape == (3, 128, 128) and np.isfinite(iou).all()
+    # measured here, not read back: the int8 encoder's masks agree with fp32's on an image neither the
+    # tuning nor the gate saw (16 single clicks; looser than the gate, which is on its own image)
+    image = smooth_image(128, 128, 5)
+    sessions = {p: SamSession(out, precision=p) for p in ("fp32", "int8")}
+    for s in sessions.values():
+        s.set_image(image)
+    ious = []
+    for y in range(16, 128, 32):
+        for x in range(16, 128, 32):
+            best = {}
+            for p, s in sessions.items():
+                masks, iou, _ = s.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
+                assert masks.shape == (3, 128, 128) and np.isfinite(iou).all()
+                best[p] = masks[int(np.argmax(iou))]
+            union = (best["fp32"] | best["int8"]).sum()
+            ious.append((best["fp32"] & best["int8"]).sum() / union if union else 1.0)
+    assert np.mean(ious) >= 0.97, ious
 
 
 def test_sam2_int8_tuning_images_are_probe_images_the_gate_never_sees():

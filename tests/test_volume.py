@@ -442,7 +442,16 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
               ((path, "--3d", "-o", tmp_path / "o.png"), "name it o.zarr or o.tif"),
               ((path, "--3d", "--workers", "1", "-o", tmp_path / "o.tif"), "run automatic --3d into OUT.zarr"),
               ((path, "--3d", "--workers", "1", "--scheduler", "tcp://127.0.0.1:9"), "--workers and --scheduler: give one"),
-              ((path, "--3d", "--workers", "0"), "--workers: must be >= 1, got 0")]
+              ((path, "--3d", "--workers", "0"), "--workers: must be >= 1, got 0"),
+              # upper-case .ZARR is a zarr store too: the slab path (a cluster), not "into OUT.zarr"
+              ((path, "--3d", "--workers", "0", "-o", tmp_path / "o.ZARR"), "--workers: must be >= 1, got 0")]
+    # 2D-only options are refused on stacks, never ignored; --device reaches the stack's session
+    cases += [((path, "--3d", "--overlay"), "--overlay: not written for stacks"),
+              ((path, "--propagate", "--points", "2,20,20", "--all-masks"), "--all-masks: not written for stacks"),
+              ((path, "--3d", "--single-mask"), "--single-mask: stacks choose each plane's mask"),
+              ((path, "--3d", "--device", "cuda"), "CUDA"),
+              ((path, "--3d", "--device", "cuda", "-o", tmp_path / "o.tif"), "CUDA"),
+              ((path, "--propagate", "--points", "2,20,20", "--device", "cuda"), "CUDA")]
     for args, says in cases:
         code, output = _cli("predict", export, *args, *(("-o", out) if "-o" not in args else ()))
         assert code == 2 and says in output and len(output.strip().splitlines()) == 1, (args, output)

@@ -78,7 +78,7 @@ def large_pairs(data_dir: str | Path) -> List[Tuple[str, Path, Path]]:
             raise PeftExportError(f"{data_dir}: needs {sub}/ (images/ and labels/, matched by name)")
 
     def name(p: Path) -> str:
-        return p.stem if p.suffix == ".zarr" else file_stem(p)
+        return p.stem if p.suffix.lower() == ".zarr" else file_stem(p)
 
     labels = {name(p): p for p in expand_inputs([data_dir / "labels"])}
     pairs = []

@@ -120,7 +120,7 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
     check_zarr_output(Path(out))
     out = Path(os.path.abspath(out))  # workers get absolute paths: their own directory is not the client's
     export_dir, image = Path(os.path.abspath(export_dir)), Path(os.path.abspath(image))
-    if out.suffix != ".zarr":
+    if out.suffix.lower() != ".zarr":
         raise PeftExportError(f"{out}: a large image's labels go to a zarr store; name it OUT.zarr")
     check_device(device)
     params = check_ais_params(dict(instance_options or {}))
@@ -306,7 +306,7 @@ def expand_inputs(paths: List[str | os.PathLike]) -> List[Path]:
     for p in map(Path, paths):
         if p.is_dir() and not is_zarr(p):
             inside = sorted(q for q in p.iterdir() if (q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-                            or (q.suffix == ".zarr" and is_zarr(q)))
+                            or (q.suffix.lower() == ".zarr" and is_zarr(q)))
             if not inside:
                 raise PeftExportError(f"{p}: a folder without images ({', '.join(IMAGE_SUFFIXES)} or .zarr)")
             found += inside
@@ -324,14 +324,14 @@ def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathL
     resume = bool(options.pop("resume", False))
     files, out = expand_inputs(images), Path(out)
     check_zarr_output(out)
-    if out.suffix == ".zarr" and len(files) != 1:
+    if out.suffix.lower() == ".zarr" and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's labels; give an output folder for "
                               f"{len(files)} images")
-    targets = [out] if out.suffix == ".zarr" else [out / f"{file_stem(f) if f.suffix != '.zarr' else f.stem}"
-                                                         f"_labels.zarr" for f in files]
+    stems = [f.stem if f.suffix.lower() == ".zarr" else file_stem(f) for f in files]
+    targets = [out] if out.suffix.lower() == ".zarr" else [out / f"{stem}_labels.zarr" for stem in stems]
     if len(set(targets)) != len(targets):
         raise PeftExportError(f"{out}: two images have the same name; their outputs would collide")
-    if out.suffix != ".zarr" and out.exists() and not out.is_dir():
+    if out.suffix.lower() != ".zarr" and out.exists() and not out.is_dir():
         raise PeftExportError(f"{out}: exists and is not a directory")
     from .arrays import open_image_array
     from .large_state import leftover_of_finished_run
@@ -346,6 +346,6 @@ def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathL
             raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it, or --resume to skip "
                                   "finished images)")
         todo.append((f, t))
-    if out.suffix != ".zarr":
+    if out.suffix.lower() != ".zarr":
         out.mkdir(parents=True, exist_ok=True)
     return [plan_large(export_dir, f, t, **options) for f, t in todo]

@@ -39,13 +39,13 @@ def _targets(files: List[Path], out: Path, suffix: str) -> List[Path]:
     from .large_checks import check_zarr_output
 
     check_zarr_output(out)
-    if out.suffix == ".zarr" and len(files) != 1:
+    if out.suffix.lower() == ".zarr" and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's result; give an output folder for "
                               f"{len(files)} images")
-    if out.suffix != ".zarr" and out.exists() and not out.is_dir():
+    if out.suffix.lower() != ".zarr" and out.exists() and not out.is_dir():
         raise PeftExportError(f"{out}: exists and is not a directory")
-    targets = [out] if out.suffix == ".zarr" else [
-        out / f"{file_stem(f) if f.suffix != '.zarr' else f.stem}_{suffix}.zarr" for f in files]
+    targets = [out] if out.suffix.lower() == ".zarr" else [
+        out / f"{file_stem(f) if f.suffix.lower() != '.zarr' else f.stem}_{suffix}.zarr" for f in files]
     if len(set(targets)) != len(targets):
         raise PeftExportError(f"{out}: two images have the same name; their outputs would collide")
     return targets
@@ -121,7 +121,7 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
             raise PeftExportError(f"{t}: already exists (pass --overwrite to replace it"
                                   f"{', or --resume to skip finished images' if len(files) > 1 else ''})")
         todo.append((f, t))
-    if out.suffix != ".zarr":
+    if out.suffix.lower() != ".zarr":
         out.mkdir(parents=True, exist_ok=True)
     if not todo:
         return records
