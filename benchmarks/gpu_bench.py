@@ -35,20 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
+from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls  # noqa: E402,F401
+
 PRECISIONS = ("fp32", "bf16")
 ATTENTIONS = ("sam", "sdpa")
-# Parity gates: the candidate's encoder output vs the reference's, same input and precision.
-GATES = {"fp32": {"max_rel": 1e-3, "cosine": 0.99999}, "bf16": {"max_rel": None, "cosine": 0.999}}
 TARGETS = {"merged_over_base_max": 1.01, "unmerged_over_merged_min": 1.03, "best_encoder_bs1_ms_max": 8.0}
-MODELS = {  # name -> LoRA config (None: the plain base model)
-    "base": None,
-    "lora_qv": dict(method="lora", rank=32, targets=("q", "v"), blocks="all"),
-    "late_lora": dict(method="lora", rank=32, targets=("q", "k", "v", "mlp"), blocks="late"),
-}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -155,49 +146,6 @@ def _prepare_encoder(model, precision: str, attention: str, compiled: bool, devi
 
 
 # ---- timing ------------------------------------------------------------------------------------
-
-
-def time_calls(fn, args, device) -> tuple[dict, float | None]:
-    """Warm up, then time ``args.iterations`` calls (CUDA events on CUDA); returns summary and peak MB."""
-    import torch
-
-    from peft_export.bench.stats import summarize_timings
-
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            fn()
-        seconds = []
-        for _ in range(args.iterations):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                seconds.append(start.elapsed_time(end) / 1000.0)
-            else:
-                t = time.perf_counter()
-                fn()
-                seconds.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return summarize_timings(seconds), peak
-
-
-def _parity(candidate, reference, precision: str) -> dict:
-    import torch
-
-    c, r = candidate.double().flatten(), reference.double().flatten()
-    stats = {"max_rel": float((c - r).abs().max() / r.abs().max().clamp_min(1e-12)),
-             "cosine": float(torch.nn.functional.cosine_similarity(c, r, dim=0)), "finite": bool(torch.isfinite(c).all())}
-    gate = GATES[precision]
-    stats["passed"] = stats["finite"] and stats["cosine"] >= gate["cosine"] and (
-        gate["max_rel"] is None or stats["max_rel"] <= gate["max_rel"])
-    stats["gate"] = gate
-    return stats
 
 
 def reference_output(key: tuple, models: dict, refs: dict, args, device):
@@ -381,10 +329,6 @@ def format_markdown(result: dict) -> str:
     lines += ["", "Summary (encoder median ratios; targets " + json.dumps(TARGETS) + "):", ""]
     lines += [f"- {k}: {v}" for k, v in result["summary"].items() if k != "targets"]
     return "\n".join(lines) + "\n"
-
-
-def _fmt(x, nd: int = 2) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
 
 
 def main(argv=None) -> int:

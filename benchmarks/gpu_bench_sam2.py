@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_bench import MODELS, _fmt, _parity, log, time_calls
+from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls
 
 SIZE_MULTIPLE = 32
 TARGETS = {"merged_over_base_max": 1.01, "unmerged_over_merged_min": 1.03}

@@ -38,7 +38,8 @@ from .report import (
 from .run import adapter_from_manifest, run_and_write, run_bench
 from .fresh import FreshCase, measure_fresh, save_model
 from .load import describe_load, load_between, snapshot
-from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner, choose_graphs, make_runner
+from .factory import make_runner
+from .runners import OrtRunner, Runner, RuntimeRunner, TorchRunner, choose_graphs
 
 __all__ = [
     "BACKENDS", "BENCH_FORMAT", "BENCH_FORMAT_VERSION", "DEFAULT_COMPONENTS", "EXPORT_PRECISIONS", "TORCH_PRECISIONS",

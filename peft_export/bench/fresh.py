@@ -82,7 +82,7 @@ def _worker(job_path: str, out_path: str) -> int:
     """The worker: one case, measured, result written as JSON."""
     from .cases import BenchInputs
     from .measure import measure
-    from .runners import make_runner
+    from .factory import make_runner
     from .stats import current_rss_mb, peak_rss_mb
 
     job = json.loads(Path(job_path).read_text())

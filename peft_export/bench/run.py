@@ -67,7 +67,7 @@ from .fresh import FreshCase, measure_fresh, save_model
 from .load import load_between, snapshot
 from .measure import measure
 from .report import add_ratios, format_table, pick_reference, write_json, write_plot, write_text
-from .runners import make_runner
+from .factory import make_runner
 from .sam2 import NO_AIS, is_sam2_model, split_sam2_cases
 from .stats import device_info, library_versions
 

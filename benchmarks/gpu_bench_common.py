@@ -1,0 +1,68 @@
+"""What gpu_bench.py and gpu_bench_sam2.py share: the LoRA configs, parity gates, timing and formatting.
+
+Its own module so that gpu_bench.py (which hands SAM 2 to gpu_bench_sam2.py) and gpu_bench_sam2.py do not
+import each other.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Parity gates: the candidate's encoder output vs the reference's, same input and precision.
+GATES = {"fp32": {"max_rel": 1e-3, "cosine": 0.99999}, "bf16": {"max_rel": None, "cosine": 0.999}}
+MODELS = {  # name -> LoRA config (None: the plain base model)
+    "base": None,
+    "lora_qv": dict(method="lora", rank=32, targets=("q", "v"), blocks="all"),
+    "late_lora": dict(method="lora", rank=32, targets=("q", "k", "v", "mlp"), blocks="late"),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def time_calls(fn, args, device) -> tuple[dict, float | None]:
+    """Warm up, then time ``args.iterations`` calls (CUDA events on CUDA); returns summary and peak MB."""
+    import torch
+
+    from peft_export.bench.stats import summarize_timings
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            fn()
+        seconds = []
+        for _ in range(args.iterations):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                seconds.append(start.elapsed_time(end) / 1000.0)
+            else:
+                t = time.perf_counter()
+                fn()
+                seconds.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return summarize_timings(seconds), peak
+
+
+def _parity(candidate, reference, precision: str) -> dict:
+    import torch
+
+    c, r = candidate.double().flatten(), reference.double().flatten()
+    stats = {"max_rel": float((c - r).abs().max() / r.abs().max().clamp_min(1e-12)),
+             "cosine": float(torch.nn.functional.cosine_similarity(c, r, dim=0)), "finite": bool(torch.isfinite(c).all())}
+    gate = GATES[precision]
+    stats["passed"] = stats["finite"] and stats["cosine"] >= gate["cosine"] and (
+        gate["max_rel"] is None or stats["max_rel"] <= gate["max_rel"])
+    stats["gate"] = gate
+    return stats
+
+
+def _fmt(x, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
