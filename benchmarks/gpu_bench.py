@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
-from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls  # noqa: E402,F401
+from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls, timing_device  # noqa: E402,F401
 
 PRECISIONS = ("fp32", "bf16")
 ATTENTIONS = ("sam", "sdpa")
@@ -361,13 +361,9 @@ def main(argv=None) -> int:
         for c in cases:
             print("  " + c["name"])
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_bench: torch sees no CUDA device", file=sys.stderr)
+    device, bf16_ok = timing_device(args)
+    if device is None:
         return 3
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; bf16 is its own case
-    torch.backends.cudnn.allow_tf32 = False
-    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     models = build_models(args)

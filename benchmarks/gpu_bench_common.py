@@ -6,6 +6,7 @@ import each other.
 
 from __future__ import annotations
 
+import sys
 import time
 
 # Parity gates: the candidate's encoder output vs the reference's, same input and precision.
@@ -66,3 +67,17 @@ def _parity(candidate, reference, precision: str) -> dict:
 
 def _fmt(x, nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def timing_device(args):
+    """``args.device`` as a torch device with fp32 meaning fp32 (TF32 off; bf16 is its own case), and whether
+    bf16 runs natively there; (None, False) when CUDA was asked for and torch sees none."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: torch sees no CUDA device", file=sys.stderr)
+        return None, False
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device, device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls
+from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls, timing_device
 
 SIZE_MULTIPLE = 32
 TARGETS = {"merged_over_base_max": 1.01, "unmerged_over_merged_min": 1.03}
@@ -297,13 +297,9 @@ def main_sam2(args) -> int:
         for c in cases:
             print("  " + c["name"])
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_bench: torch sees no CUDA device", file=sys.stderr)
+    device, bf16_ok = timing_device(args)
+    if device is None:
         return 3
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; bf16 is its own case
-    torch.backends.cudnn.allow_tf32 = False
-    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     models = build_models(args)

@@ -80,3 +80,15 @@ def encode_prompts(
         parts_c.append(np.zeros((k, 1, 2)))
         parts_l.append(np.full((k, 1), -1, dtype=np.float32))
     return np.concatenate(parts_c, axis=1).astype(np.float32), np.concatenate(parts_l, axis=1).astype(np.float32)
+
+
+def mask_input_feed(mask_input: Optional[np.ndarray], k: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The decoder's ``mask_input`` (k, 1, size, size) and ``has_mask_input`` (k,) for ``k`` prompts: zeros
+    without a mask; one prompt may carry a previous predict's low-res logits (size x size)."""
+    if mask_input is None:
+        return np.zeros((k, 1, size, size), np.float32), np.zeros((k,), np.float32)
+    m = np.asarray(mask_input, dtype=np.float32)
+    if m.shape in ((size, size), (1, size, size), (1, 1, size, size)) and k == 1:
+        return m.reshape(1, 1, size, size), np.ones((1,), np.float32)
+    raise PeftExportError(f"mask_input: expected shape (1, {size}, {size}) (low-res logits of a previous predict), "
+                          f"got {m.shape}")

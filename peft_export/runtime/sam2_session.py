@@ -31,7 +31,7 @@ from .backends import check_backend, graph_kind, open_backend
 from .everything import LowResDecoder, MaskRecords, segment_everything as _segment_everything
 from .manifest import read_manifest
 from .postprocess import resize_bilinear
-from .prompts import check_boxes, check_points
+from .prompts import check_boxes, check_points, mask_input_feed
 from .sam2_masks import select_masks
 from .sam2_preprocess import prepare_sam2_image, to_sam2_frame
 from .sam2_video import Sam2Propagator, has_memory_graphs, no_memory_graphs_message
@@ -187,13 +187,7 @@ class Sam2Session:
             "mask_input": mask, "has_mask_input": has_mask})
 
     def _mask_input(self, mask_input: Optional[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
-        s = self.low_res_size
-        if mask_input is None:
-            return np.zeros((k, 1, s, s), np.float32), np.zeros((k,), np.float32)
-        m = np.asarray(mask_input, dtype=np.float32)
-        if m.shape in ((s, s), (1, s, s), (1, 1, s, s)) and k == 1:
-            return m.reshape(1, 1, s, s), np.ones((1,), np.float32)
-        raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
+        return mask_input_feed(mask_input, k, self.low_res_size)
 
     def upsample_masks(self, low_res: np.ndarray, embedding: Optional[Sam2Embedding] = None,
                        adapter: Optional[str] = None) -> np.ndarray:

@@ -37,7 +37,7 @@ from .embedding import MAX_BATCH_MASK_BYTES, ImageEmbedding
 from .manifest import PRECISIONS, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
-from .prompts import check_boxes, check_points, encode_prompts
+from .prompts import check_boxes, check_points, encode_prompts, mask_input_feed
 from .split_decoder import SPLIT_GRAPHS, FamilyDecoder, takes_mask_input
 
 
@@ -295,13 +295,7 @@ class SamSession(AutomaticSegmentation):
     # ---- decoding --------------------------------------------------------------------------
 
     def _check_mask_input(self, mask_input: Optional[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
-        s = self.low_res_size
-        if mask_input is None:
-            return np.zeros((k, 1, s, s), np.float32), np.zeros((k,), np.float32)
-        m = np.asarray(mask_input, dtype=np.float32)
-        if m.shape in ((s, s), (1, s, s), (1, 1, s, s)) and k == 1:
-            return m.reshape(1, 1, s, s), np.ones((1,), np.float32)
-        raise PeftExportError(f"mask_input: expected shape (1, {s}, {s}) (low-res logits of a previous predict), got {m.shape}")
+        return mask_input_feed(mask_input, k, self.low_res_size)
 
     def _decode_lowres(self, emb: ImageEmbedding, coords: np.ndarray, labels: np.ndarray, mask: np.ndarray,
                        has_mask: np.ndarray, prefer_lowres: bool = False) -> Tuple[np.ndarray, np.ndarray]:
