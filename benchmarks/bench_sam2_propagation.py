@@ -63,11 +63,11 @@ def build(size: int):
 def export(size: int, out: Path) -> None:
     """``merge-and-export --video`` of the benchmark's weights."""
     from peft_export.export import merge_and_export
-    from peft_export.models.sam2 import random_sam2, sam2_base_info
+    from peft_export.models import load_sam
     from peft_export.peft.adapters import AdaptedModel
 
-    model = random_sam2("sam2.1_hiera_t", size, seed=0)
-    adapted = AdaptedModel(model, None, sam2_base_info("sam2.1_hiera_t", size, None))
+    model, info = load_sam("sam2.1_hiera_t", None, size, seed=0, warn_random=False)  # random_sam2's weights, seed 0
+    adapted = AdaptedModel(model, None, info)
     merge_and_export(adapted, out, overwrite=True, progress=False, video=True)
 
 
