@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
-from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls, timing_device  # noqa: E402,F401
+from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged  # noqa: E402,F401
 
 PRECISIONS = ("fp32", "bf16")
 ATTENTIONS = ("sam", "sdpa")
@@ -364,11 +364,8 @@ def main(argv=None) -> int:
     device, bf16_ok = timing_device(args)
     if device is None:
         return 3
-    args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    models = build_models(args)
-    log(f"built {args.model} base + LoRA (q,v all blocks; q,k,v,mlp late blocks), merged and unmerged, "
-        f"in {time.perf_counter() - t_start:.1f} s")
+    models = build_logged(args, build_models, t_start)
     results, refs, training = [], {}, []
     train_done = args.train_steps <= 0
     for case in cases:

@@ -81,3 +81,13 @@ def timing_device(args):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return device, device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def build_logged(args, build_models, t_start: float):
+    """``build_models(args)`` (base + LoRA, merged and unmerged), logged with the time since ``t_start`` (the
+    run's start: its budget counts the build); makes ``args.out``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = build_models(args)
+    log(f"built {args.model} base + LoRA (q,v all blocks; q,k,v,mlp late blocks), merged and unmerged, "
+        f"in {time.perf_counter() - t_start:.1f} s")
+    return models

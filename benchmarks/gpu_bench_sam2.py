@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls, timing_device
+from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged
 
 SIZE_MULTIPLE = 32
 TARGETS = {"merged_over_base_max": 1.01, "unmerged_over_merged_min": 1.03}
@@ -300,11 +300,8 @@ def main_sam2(args) -> int:
     device, bf16_ok = timing_device(args)
     if device is None:
         return 3
-    args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    models = build_models(args)
-    log(f"built {args.model} base + LoRA (q,v all blocks; q,k,v,mlp late blocks), merged and unmerged, "
-        f"in {time.perf_counter() - t_start:.1f} s")
+    models = build_logged(args, build_models, t_start)
     results, refs = [], {}
     with tempfile.TemporaryDirectory(prefix="gpu_bench_sam2.") as tmp:
         for case in cases:
