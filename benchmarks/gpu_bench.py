@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="no checkpoint given")
 
-from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged  # noqa: E402,F401
+from gpu_bench_common import GATES, MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged, case_table  # noqa: E402,F401
 
 PRECISIONS = ("fp32", "bf16")
 ATTENTIONS = ("sam", "sdpa")
@@ -305,17 +305,7 @@ def summarize(cases: list[dict], args) -> dict:
 
 
 def format_markdown(result: dict) -> str:
-    lines = [f"# GPU benchmark: {result['config']['model']} at {result['config']['image_size']} px",
-             "", f"{result['device']}; torch {result['versions'].get('torch')}; {result['created']}", "",
-             "| case | status | p50 ms | p90 ms | per image ms | peak MB | parity (cosine) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for c in result["cases"]:
-        t = c.get("timing") or {}
-        per = t["median_ms"] / c["batch"] if t else None
-        cos = (c.get("parity") or {}).get("cosine")
-        lines.append(f"| {c['name']} | {c['status']}{': ' + c['reason'] if c.get('reason') else ''} | "
-                     f"{_fmt(t.get('median_ms'))} | {_fmt(t.get('p90_ms'))} | {_fmt(per)} | "
-                     f"{_fmt(c.get('peak_memory_mb'), 0)} | {'' if cos is None else f'{cos:.6f}'} |")
+    lines = case_table(result)
     if result["training"]:
         lines += ["", "| training (bf16, batch 1) | steps/s | median step ms | peak MB | trainable |",
                   "|---|---:|---:|---:|---:|"]

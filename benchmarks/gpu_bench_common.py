@@ -91,3 +91,19 @@ def build_logged(args, build_models, t_start: float):
     log(f"built {args.model} base + LoRA (q,v all blocks; q,k,v,mlp late blocks), merged and unmerged, "
         f"in {time.perf_counter() - t_start:.1f} s")
     return models
+
+
+def case_table(result: dict) -> list[str]:
+    """The markdown head and the per-case table of a gpu_bench result (``format_markdown`` of either script)."""
+    lines = [f"# GPU benchmark: {result['config']['model']} at {result['config']['image_size']} px", "",
+             f"{result['device']}; torch {result['versions'].get('torch')}; {result['created']}", "",
+             "| case | status | p50 ms | p90 ms | per image ms | peak MB | parity (cosine) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for c in result["cases"]:
+        t = c.get("timing") or {}
+        per = t["median_ms"] / c["batch"] if t else None
+        cos = (c.get("parity") or {}).get("cosine")
+        lines.append(f"| {c['name']} | {c['status']}{': ' + c['reason'] if c.get('reason') else ''} | "
+                     f"{_fmt(t.get('median_ms'))} | {_fmt(t.get('p90_ms'))} | {_fmt(per)} | "
+                     f"{_fmt(c.get('peak_memory_mb'), 0)} | {'' if cos is None else f'{cos:.6f}'} |")
+    return lines

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged
+from gpu_bench_common import MODELS, _fmt, _parity, log, time_calls, timing_device, build_logged, case_table
 
 SIZE_MULTIPLE = 32
 TARGETS = {"merged_over_base_max": 1.01, "unmerged_over_merged_min": 1.03}
@@ -253,17 +253,7 @@ def summarize(cases: list[dict], args) -> dict:
 
 
 def format_markdown(result: dict) -> str:
-    lines = [f"# GPU benchmark: {result['config']['model']} at {result['config']['image_size']} px", "",
-             f"{result['device']}; torch {result['versions'].get('torch')}; {result['created']}", "",
-             "| case | status | p50 ms | p90 ms | per image ms | peak MB | parity (cosine) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for c in result["cases"]:
-        t = c.get("timing") or {}
-        per = t["median_ms"] / c["batch"] if t else None
-        cos = (c.get("parity") or {}).get("cosine")
-        lines.append(f"| {c['name']} | {c['status']}{': ' + c['reason'] if c.get('reason') else ''} | "
-                     f"{_fmt(t.get('median_ms'))} | {_fmt(t.get('p90_ms'))} | {_fmt(per)} | "
-                     f"{_fmt(c.get('peak_memory_mb'), 0)} | {'' if cos is None else f'{cos:.6f}'} |")
+    lines = case_table(result)
     lines += ["", "Summary (encoder median ratios; targets " + json.dumps(TARGETS) + "):", ""]
     lines += [f"- {k}: {v}" for k, v in result["summary"].items() if k != "targets"]
     return "\n".join(lines) + "\n"
