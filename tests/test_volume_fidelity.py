@@ -94,3 +94,29 @@ def test_propagation_equals_micro_sam(setup, projection):
             assert _iou(ours[z] == 1, ref[z] == 1) >= 0.99, (kw, z)
         stops.append(span)
     assert stops[-1] == (0, 4)
+
+
+@pytest.mark.parametrize("box_extension", [0.0, 0.05, 3])
+def test_prompts_from_a_mask_equal_micro_sams(box_extension):
+    """The box and the points (every point, and the single point) a mask gives equal micro-sam's
+    ``_compute_box_from_mask`` / ``_compute_points_from_mask`` on blobs of every shape, touching the
+    border too (our outer boundary is computed without scikit-image's morphology)."""
+    psg = pytest.importorskip("micro_sam.prompt_based_segmentation", reason="micro-sam is not installed")
+    from scipy import ndimage as ndi
+
+    from peft_export.volume.mask_prompts import box_from_mask, points_from_mask
+
+    rng = np.random.default_rng(7)
+    for i in range(40):
+        h, w = (int(v) for v in rng.integers(8, 90, 2))
+        mask = ndi.gaussian_filter(rng.random((h, w)), sigma=float(rng.uniform(1, 4))) > rng.uniform(0.45, 0.55)
+        if not mask.any():
+            continue
+        mask = mask.astype(np.uint8)
+        np.testing.assert_array_equal(box_from_mask(mask, box_extension),
+                                      psg._compute_box_from_mask(mask, box_extension=box_extension))
+        for single in (False, True):
+            ours, our_labels = points_from_mask(mask, box_extension, single)
+            theirs, their_labels = psg._compute_points_from_mask(mask, None, box_extension, use_single_point=single)
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"blob {i}, single_point={single}")
+            np.testing.assert_array_equal(our_labels, their_labels)

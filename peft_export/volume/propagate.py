@@ -61,11 +61,11 @@ def segment_from_mask(volume: VolumeEmbeddings, z: int, mask: np.ndarray, projec
     session = volume.session
     h, w = volume.plane_shape
     full = np.zeros((h, w), np.uint8)
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    if not np.any(mask):
         return full, 0.0
     tile_index, (y0, y1, x0, x1) = 0, (0, h, 0, w)
     if not volume.grid.single:
+        ys, xs = np.nonzero(mask)
         tile = volume.grid.tile_at(float(np.round(xs.mean())), float(np.round(ys.mean())))
         tile_index, (y0, y1, x0, x1) = volume.grid.tiles.index(tile), tile.outer
     crop = np.asarray(mask[y0:y1, x0:x1])
