@@ -101,6 +101,32 @@ def test_merged_checkpoint_loads_strictly_into_build_sam2_and_equals_the_adapted
     assert len(changed) >= 9, changed
 
 
+@pytest.mark.slow
+def test_qlora_on_hiera_quantises_every_trunk_linear_and_merges_to_a_strict_sam2_checkpoint(tmp_path):
+    """QLoRA with real bitsandbytes NF4 layers (CPU kernels here): every Linear of Hiera's trunk is 4-bit
+    (LoRA on the late blocks' q, v on top), the merge writes plain fp32 that ``build_sam2`` loads strictly
+    and that computes what the 4-bit model with its LoRA computes; the quantisation error is reported."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional package bitsandbytes")
+    from sam2.build_sam import build_sam2
+
+    from peft_export.peft.base import is_4bit
+
+    model, adapted = adapted_sam2("qlora", targets=("q", "v"))
+    four_bit = {n.replace(".qkv_proj", "") for n, m in model.named_modules() if is_4bit(m)}  # LoRA wraps qkv
+    linears = {n for n, m in random_sam2(T, SIZE, seed=0).image_encoder.trunk.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    assert four_bit == {f"image_encoder.trunk.{n}" for n in linears} and len(four_bit) > 40
+    out = tmp_path / "merged.pt"
+    report = merge_to_checkpoint(adapted, out)
+    assert report["passed"]
+    state = torch.load(out, weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    loaded = build_sam2(sam2_config_name(T), str(out), device="cpu", hydra_overrides_extra=sam2_overrides(SIZE))
+    errors = compare_models(model, loaded, SIZE)
+    assert errors["embeddings"]["max_rel"] <= 1e-5 and errors["mask_logits"]["max_rel"] <= 1e-5, errors
+    assert report["qlora_vs_fp32_base"]["embeddings"]["max_rel"] > 1e-3  # NF4 is not the fp32 base
+
+
 def test_bf16_merge_is_the_exact_fold_rounded_once_and_runs():
     model, _ = adapted_sam2("lora", targets=("q", "v", "mlp"))
     model = model.to(torch.bfloat16)
