@@ -65,6 +65,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto",
                   resume: bool = False, device: str = "cpu") -> None:
     from peft_export.errors import PeftExportError
+    from peft_export.fsutil import zarr_named
     from peft_export.volume import run
 
     image = run.stack_paths(images)
@@ -80,7 +81,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
     common = dict(axes=axes, channel=channel, precision=precision, adapter=adapter, tile=tile, halo=halo, scale=scale,
                   overwrite=overwrite, device=device)
     cluster = workers is not None or scheduler is not None
-    slabs = three_d and not (points or box) and out.suffix.lower() == ".zarr" and embeddings is None
+    slabs = three_d and not (points or box) and zarr_named(out) and embeddings is None
     if cluster and not slabs:
         raise PeftExportError("--workers/--scheduler: run automatic --3d into OUT.zarr on a cluster (slab by slab); "
                               "prompts, --embeddings and --track run in this process")

@@ -17,6 +17,11 @@ from typing import Iterator
 from .errors import PeftExportError
 
 
+def zarr_named(path: str | os.PathLike) -> bool:
+    """Whether a path is named as a zarr store (``.zarr``, any case): such an output is written as zarr."""
+    return Path(path).suffix.lower() == ".zarr"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import PeftExportError
+from ..fsutil import zarr_named
 from .metrics import DEFAULT_THRESHOLDS, _count_tp
 
 
@@ -78,7 +79,7 @@ def large_pairs(data_dir: str | Path) -> List[Tuple[str, Path, Path]]:
             raise PeftExportError(f"{data_dir}: needs {sub}/ (images/ and labels/, matched by name)")
 
     def name(p: Path) -> str:
-        return p.stem if p.suffix.lower() == ".zarr" else file_stem(p)
+        return p.stem if zarr_named(p) else file_stem(p)
 
     labels = {name(p): p for p in expand_inputs([data_dir / "labels"])}
     pairs = []

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import PeftExportError
-from ..fsutil import atomic_dir, atomic_file
+from ..fsutil import atomic_dir, atomic_file, zarr_named
 
 KEY = "peftexport"
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -119,7 +119,7 @@ def read_labels(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     source = Path(path)
     if not source.exists():
         raise PeftExportError(f"{source}: no such file")
-    if source.suffix.lower() == ".zarr":
+    if zarr_named(source):
         import zarr
 
         arr = zarr.open_array(str(source), mode="r")

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import PeftExportError
+from ..fsutil import zarr_named
 from .large_checks import check_device, check_zarr_output, large_adapter, require_instance_decoder
 from .large_state import is_done as _done
 from .large_state import mark as _mark
@@ -306,7 +307,7 @@ def expand_inputs(paths: List[str | os.PathLike]) -> List[Path]:
     for p in map(Path, paths):
         if p.is_dir() and not is_zarr(p):
             inside = sorted(q for q in p.iterdir() if (q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-                            or (q.suffix.lower() == ".zarr" and is_zarr(q)))
+                            or (zarr_named(q) and is_zarr(q)))
             if not inside:
                 raise PeftExportError(f"{p}: a folder without images ({', '.join(IMAGE_SUFFIXES)} or .zarr)")
             found += inside
@@ -324,11 +325,11 @@ def plan_large_images(export_dir: str | os.PathLike, images: List[str | os.PathL
     resume = bool(options.pop("resume", False))
     files, out = expand_inputs(images), Path(out)
     check_zarr_output(out)
-    if out.suffix.lower() == ".zarr" and len(files) != 1:
+    if zarr_named(out) and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's labels; give an output folder for "
                               f"{len(files)} images")
-    stems = [f.stem if f.suffix.lower() == ".zarr" else file_stem(f) for f in files]
-    targets = [out] if out.suffix.lower() == ".zarr" else [out / f"{stem}_labels.zarr" for stem in stems]
+    stems = [f.stem if zarr_named(f) else file_stem(f) for f in files]
+    targets = [out] if zarr_named(out) else [out / f"{stem}_labels.zarr" for stem in stems]
     if len(set(targets)) != len(targets):
         raise PeftExportError(f"{out}: two images have the same name; their outputs would collide")
     if out.suffix.lower() != ".zarr" and out.exists() and not out.is_dir():

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import PeftExportError
+from ..fsutil import zarr_named
 
 CHUNK = 1024  # px: the output's zarr chunks
 
@@ -39,12 +40,12 @@ def _targets(files: List[Path], out: Path, suffix: str) -> List[Path]:
     from .large_checks import check_zarr_output
 
     check_zarr_output(out)
-    if out.suffix.lower() == ".zarr" and len(files) != 1:
+    if zarr_named(out) and len(files) != 1:
         raise PeftExportError(f"{out}: one .zarr output holds one image's result; give an output folder for "
                               f"{len(files)} images")
     if out.suffix.lower() != ".zarr" and out.exists() and not out.is_dir():
         raise PeftExportError(f"{out}: exists and is not a directory")
-    targets = [out] if out.suffix.lower() == ".zarr" else [
+    targets = [out] if zarr_named(out) else [
         out / f"{file_stem(f) if f.suffix.lower() != '.zarr' else f.stem}_{suffix}.zarr" for f in files]
     if len(set(targets)) != len(targets):
         raise PeftExportError(f"{out}: two images have the same name; their outputs would collide")

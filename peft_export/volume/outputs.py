@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..errors import PeftExportError
+from ..fsutil import zarr_named
 from ..predict.arrays import NGFF_VERSION
 
 LABEL_SUFFIXES = (".zarr", ".tif", ".tiff")
@@ -69,7 +70,7 @@ def write_stack_labels(labels: np.ndarray, out: str | os.PathLike, kind: str, so
 
     out = check_labels_path(out, overwrite)
     labels = np.asarray(labels)
-    if out.suffix.lower() == ".zarr":
+    if zarr_named(out):
         with atomic_dir(out, overwrite=overwrite) as tmp:
             group = create_stack_labels(tmp, labels.shape, kind, source)
             for z in range(len(labels)):
