@@ -1,7 +1,7 @@
 """Volumes (issue 33): speed of automatic 3D and propagation, reopening without an encoder, peak memory.
 
     python benchmarks/bench_volume.py --out bench_volume/ [--export EXPORT_DIR] [--planes 64] [--size 512]
-        [--rss-size 2048] [--rss-planes 32,64] [--parts auto3d,propagate,reopen,rss] [--quick]
+        [--rss-size 2048] [--rss-planes 32,64] [--parts auto3d,aisdec,propagate,reopen,rss] [--quick]
 
 Without --export a random vit_t export with an instance decoder is made at --size (512: the issue's
 case). Each part runs in a fresh process; the parent prints the CPU model and load average and
@@ -9,6 +9,9 @@ writes bench_volume.json / .md with each figure beside its target:
 
 - auto3d: automatic 3D of a --planes x size x size synthetic nuclei volume (AIS per plane, then the
   merge), all in (encoder, decoder, watershed, merge): seconds per plane (target <= 1.2 s);
+- aisdec: the instance decoder graph alone on one plane's embedding (median of 5 after a warm-up) and
+  its convolutions' multiply-adds counted from the graph: the GFLOP/s it runs at, to set beside the
+  CPU's fp32 peak (how much of automatic 3D's time any runtime could win back);
 - propagate: once every plane is embedded, one object carried from the middle plane through all
   --planes planes (IoU threshold 0, so it never stops early): seconds (target <= 1 s);
 - reopen: the embeddings saved to a zarr store, then a new process opens the store and runs
@@ -88,6 +91,38 @@ def child_auto3d(export: str, image: str) -> dict:
     seconds = time.perf_counter() - t0
     return {"planes": stack.n_planes, "seconds": seconds, "s_per_plane": seconds / stack.n_planes,
             "objects": int(labels.max())}
+
+
+def conv_macs(onnx_path: str) -> int:
+    """Multiply-adds of a graph's Conv nodes (output elements x kernel size x input channels per group)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(onnx_path))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    return int(sum(np.prod(shapes[n.output[0]], dtype=np.int64) * np.prod(weights[n.input[1]][1:], dtype=np.int64)
+                   for n in model.graph.node if n.op_type == "Conv"))
+
+
+def child_ais_decoder(export: str, image: str) -> dict:
+    from peft_export.runtime import SamSession
+    from peft_export.volume import open_stack
+
+    session = SamSession(export)
+    key = session._ais_graph(None)
+    emb = session.encode(np.asarray(open_stack(image)[0])).embedding
+    feeds = {"image_embeddings": np.asarray(emb, np.float32)}
+    session._backend.run(key, feeds)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        session._backend.run(key, feeds)
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * float(np.median(times))
+    macs = conv_macs(str(Path(export) / session.manifest["graphs"][key]["fp32"]["path"]))
+    return {"ms": ms, "conv_gmac": macs / 1e9, "gflops": 2 * macs / 1e9 / (ms / 1000)}
 
 
 def _counted(session) -> list:
@@ -192,13 +227,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rss-size", type=int, default=2048)
     ap.add_argument("--rss-planes", default="32,64")
-    ap.add_argument("--parts", default="auto3d,propagate,reopen,rss")
+    ap.add_argument("--parts", default="auto3d,aisdec,propagate,reopen,rss")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs="+", default=None)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        fn = {"auto3d": child_auto3d, "propagate": child_propagate, "reopen": child_reopen}[kind]
+        fn = {"auto3d": child_auto3d, "aisdec": child_ais_decoder, "propagate": child_propagate,
+              "reopen": child_reopen}[kind]
         if kind == "reopen":
             rest = [rest[0], rest[1], rest[2], rest[3] == "make"]
         print(json.dumps(fn(*rest)))
@@ -218,6 +254,9 @@ def main() -> None:
     if "auto3d" in parts:
         res["auto3d"] = run_child(["auto3d", export, image])
         print("auto3d", res["auto3d"])
+    if "aisdec" in parts:
+        res["aisdec"] = run_child(["aisdec", export, image])
+        print("aisdec", res["aisdec"])
     if "propagate" in parts:
         res["propagate"] = run_child(["propagate", export, image])
         print("propagate", res["propagate"])
@@ -242,6 +281,10 @@ def main() -> None:
     if "s_per_plane" in res.get("auto3d", {}):
         rows.append(f"| automatic 3D, s per plane ({args.planes}x{args.size}²) | {res['auto3d']['s_per_plane']:.3f} | "
                     f"<= {TARGETS['auto3d_s_per_plane']} |")
+    if "ms" in res.get("aisdec", {}):
+        a = res["aisdec"]
+        rows.append(f"| instance decoder alone, ms per plane ({a['conv_gmac']:.1f} GMAC of convolutions) | "
+                    f"{a['ms']:.0f} ({a['gflops']:.0f} GFLOP/s) | (no target: what automatic 3D cannot go below) |")
     if "seconds" in res.get("propagate", {}):
         rows.append(f"| propagation through {args.planes} planes, s | {res['propagate']['seconds']:.3f} | "
                     f"<= {TARGETS['propagate_s']} |")
