@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -32,7 +31,8 @@ from peft_export.runtime import SamSession  # noqa: E402
 from peft_export.runtime.instances import segment_from_maps  # noqa: E402
 from peft_export.training.ais import predict_maps, predictor_input  # noqa: E402
 from peft_export.training.checkpoint import load_checkpoint  # noqa: E402
-from test_ais_runtime import ais_maps_error, nuclei_image  # noqa: E402
+from test_ais_runtime import (ais_maps_error, check_no_instance_decoder, check_predict_instances,  # noqa: E402
+                              int8_ais_session, nuclei_image)
 from test_sam2_export import export, lora_sam2  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains and exports
@@ -205,31 +205,23 @@ def test_segment_instances_equals_the_torch_decoder_and_the_same_watershed(ais_e
 
 
 def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
-    _, out, _ = ais_export
-    session = SamSession(out, precision="int8")
-    graphs = session.describe()["graphs"]
-    assert graphs["encoder"]["precision"] == "int8"
-    assert graphs["ais_decoder"] == {"precision": "fp32", "path": "ais_decoder.onnx"}
-    labels, _ = session.segment_instances(nuclei_image())
-    assert labels.shape == nuclei_image().shape and labels.max() >= 1
+    out = ais_export[1]
+    session = int8_ais_session(out)  # the int8 encoder, then the fp32 AIS graph
+    image = nuclei_image()
+    maps8 = session.instance_maps(session.encode(image))
+    labels, _ = session.segment_instances(image)
+    fp32 = SamSession(out)
+    maps32 = fp32.instance_maps(fp32.encode(image))
+    # ONNX Runtime's plain dynamic int8 encoder (passed the prompt-mask gate) moves the maps by 0.010 on average
+    # here (SAM's tiny test model: 0.008), with the maps centred on 0.5; the watershed still finds objects
+    assert np.abs(maps8 - maps32).mean() <= 0.02
+    assert labels.shape == image.shape and labels.max() >= 3
 
 
 def test_predict_instances_command(ais_export, tmp_path):
-    _, out, _ = ais_export
-    tifffile.imwrite(tmp_path / "cells.tif", nuclei_image())
-    res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances", "--overlay",
-                                   "--min-size", "5", "-o", str(tmp_path / "pred"), "-q"])
-    assert res.exit_code == 0, res.output
-    labels = tifffile.imread(tmp_path / "pred" / "cells_labels.tif")
-    rec = json.loads((tmp_path / "pred" / "cells_scores.json").read_text())
-    assert rec["mode"] == "instances" and rec["n_objects"] == labels.max() >= 1
-    assert rec["options"]["min_size"] == 5 and all(o["area"] >= 5 for o in rec["objects"])
-    want, _ = SamSession(out).segment_instances(nuclei_image(), min_size=5)
-    assert np.array_equal(labels, want)
-    bad = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances",
-                                   "--points", "5,5", "-o", str(tmp_path / "p2")])
-    assert bad.exit_code == 2 and "--instances: cannot be combined with --points/--box" in bad.output
-    assert not (tmp_path / "p2").exists()
+    out = ais_export[1]
+    labels = check_predict_instances(out, tmp_path)  # SAM's checks of the command
+    assert np.array_equal(labels, SamSession(out).segment_instances(nuclei_image(), min_size=5)[0])
 
 
 def test_bad_input_is_one_clear_error(ais_export, tmp_path):
@@ -255,11 +247,4 @@ def test_bad_input_is_one_clear_error(ais_export, tmp_path):
 def test_a_sam2_export_without_decoder_says_so(tmp_path):
     out = tmp_path / "export"
     export(lora_sam2(128), out)
-    session = SamSession(out)
-    assert not session.has_instance_decoder
-    with pytest.raises(PeftExportError, match="has no instance decoder .*--instance-decoder"):
-        session.segment_instances(nuclei_image())
-    tifffile.imwrite(tmp_path / "a.tif", nuclei_image())
-    res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "a.tif"), "--instances", "-o", str(tmp_path / "p")])
-    assert res.exit_code == 2 and "needs an instance decoder, and this export has none" in res.output
-    assert not (tmp_path / "p").exists()
+    check_no_instance_decoder(out, tmp_path, " .*--instance-decoder")  # SAM's checks: session and command

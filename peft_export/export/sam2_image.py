@@ -5,7 +5,8 @@ Same contract as SAM 1's pipeline: everything is written into a temporary folder
 ``out_dir`` only when the required graphs (fp32 encoder and decoder) passed; an int8 encoder that fails
 the gate (prompt-by-prompt mask agreement with fp32, ``gates.THRESHOLDS``) is left out and recorded in
 ``refused``. A model with micro-sam's instance decoder also gets SAM's ``ais_decoder`` graph (``export.ais``:
-fp32, no int8, verified against torch on the probe image's still-image embedding). The int8 recipe is tuned on other images and prompts than the gate's, as SAM's (``int8_data``:
+fp32, no int8, verified against torch on the probe image's still-image embedding; a refused one is left out).
+The int8 recipe is tuned on other images and prompts than the gate's, as SAM's (``int8_data``:
 probe images of seeds 1 and 2 through SAM 2's normalisation, or the user's planes less a held-out part). ``extra_graphs`` lets the video side add its graphs to the same export.
 """
 
