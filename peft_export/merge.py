@@ -2,7 +2,8 @@
 
 The merged file is a plain state dict, so ``segment_anything.sam_model_registry[t](checkpoint=...)``
 loads it strictly (image size 1024; other sizes load with ``peft_export.models.load_sam``); a SAM 2
-model is written as sam2's ``{"model": state_dict}``, which ``sam2.build_sam.build_sam2`` loads strictly.
+model is written as sam2's ``{"model": state_dict}``, which ``sam2.build_sam.build_sam2`` loads strictly
+(with an instance decoder, ``"decoder_state"`` beside it: ``build_sam2`` reads only ``"model"``).
 A model with micro-sam's instance decoder (AIS) is written in micro-sam's own format instead,
 ``{"model_state": SAM state dict, "decoder_state": decoder}``, which micro-sam's
 ``get_predictor_and_decoder`` and every peftexport command read.
@@ -233,12 +234,15 @@ def merge_to_checkpoint(
     report["output"] = str(out)
     report["num_tensors"] = len(state)
     payload: dict = state
-    if is_sam2(merged):  # sam2's own checkpoint layout: build_sam2(config, out) loads it strictly
-        payload = {"model": state}
-        report["format"] = "sam2 checkpoint ({'model': state dict})"
-    elif adapted.instance_decoder is not None:
+    decoder_state = None
+    if adapted.instance_decoder is not None:
         decoder_state = {k: v.detach().cpu().contiguous() for k, v in adapted.instance_decoder.state_dict().items()}
         check_finite(decoder_state, str(out))
+    if is_sam2(merged):  # sam2's own checkpoint layout: build_sam2(config, out) loads it strictly (reads "model" only)
+        payload = {"model": state} if decoder_state is None else {"model": state, "decoder_state": decoder_state}
+        report["format"] = "sam2 checkpoint ({'model': state dict" + (", 'decoder_state': AIS decoder})"
+                                                                       if decoder_state is not None else "})")
+    elif decoder_state is not None:
         payload = {"model_state": state, "decoder_state": decoder_state}
         report["format"] = "micro-sam (model_state + decoder_state)"
     else:
@@ -261,7 +265,7 @@ def format_merge_report(report: dict) -> str:
     ]
     if "instance_maps" in e:
         lines.append(f"  AIS maps:         max abs {e['instance_maps']['max_abs']:.3e} "
-                     "(instance decoder kept: micro-sam format, model_state + decoder_state)")
+                     f"(instance decoder kept: {report.get('format', 'micro-sam (model_state + decoder_state)')})")
     lines += [
         f"  verification: {'passed' if report['passed'] else 'FAILED'} (tolerance rel {report['tolerance_rel']:.0e})",
     ]

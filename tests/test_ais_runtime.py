@@ -184,12 +184,19 @@ def test_runtime_equals_the_torch_pipeline(ais_export):
     assert len(recs2) < len(records) and all(r["area"] >= big for r in recs2)
 
 
-def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
-    _, out, _ = ais_export
+def int8_ais_session(out: Path) -> SamSession:
+    """The int8 session of an export with an instance decoder: the int8 encoder, then the fp32 AIS graph (there
+    is no int8 one; also SAM 2's test)."""
     session = SamSession(out, precision="int8")
     graphs = session.describe()["graphs"]
     assert graphs["encoder"]["precision"] == "int8"
     assert graphs["ais_decoder"] == {"precision": "fp32", "path": "ais_decoder.onnx"}
+    return session
+
+
+def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
+    _, out, _ = ais_export
+    session = int8_ais_session(out)
     image = nuclei_image()
     labels, _ = session.segment_instances(image)
     fp32, _ = SamSession(out).segment_instances(image)
@@ -209,8 +216,9 @@ def test_int8_session_runs_the_fp32_instance_decoder(ais_export):
     assert abs(int(labels.max()) - int(fp32.max())) <= 1 and sa[0.5] >= 1 - 1.5 / fp32.max(), (msa, sa)
 
 
-def test_predict_instances_command(ais_export, tmp_path):
-    _, out, _ = ais_export
+def check_predict_instances(out: Path, tmp_path: Path) -> np.ndarray:
+    """``predict --instances`` on the nuclei image: labels, records and overlay written, options applied, and
+    prompts refused beside --instances (nothing written); returns the labels (also SAM 2's test)."""
     tifffile.imwrite(tmp_path / "cells.tif", nuclei_image())
     res = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances", "--overlay",
                                    "--min-size", "5", "-o", str(tmp_path / "pred"), "-q"])
@@ -224,21 +232,32 @@ def test_predict_instances_command(ais_export, tmp_path):
     bad = CliRunner().invoke(app, ["predict", str(out), str(tmp_path / "cells.tif"), "--instances",
                                    "--points", "5,5", "-o", str(tmp_path / "p2")])
     assert bad.exit_code == 2 and "--instances: cannot be combined with --points/--box" in bad.output
+    assert not (tmp_path / "p2").exists()
+    return labels
 
 
-def test_an_export_without_decoder_is_refused(tmp_path_factory, tmp_path):
-    from test_predict import real_export
+def test_predict_instances_command(ais_export, tmp_path):
+    check_predict_instances(ais_export[1], tmp_path)
 
-    export = real_export(tmp_path_factory)  # a LoRA model without instance decoder
+
+def check_no_instance_decoder(export: Path, tmp_path: Path, hint: str = "") -> None:
+    """An export without an instance decoder: the session and ``predict --instances`` say so in one line
+    (``hint``: a pattern the session's message goes on with), nothing written (also SAM 2's test)."""
     session = SamSession(export)
     assert not session.has_instance_decoder
-    with pytest.raises(PeftExportError, match="has no instance decoder"):
+    with pytest.raises(PeftExportError, match="has no instance decoder" + hint):
         session.segment_instances(nuclei_image())
     tifffile.imwrite(tmp_path / "a.tif", nuclei_image())
     res = CliRunner().invoke(app, ["predict", str(export), str(tmp_path / "a.tif"), "--instances",
                                    "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and "needs an instance decoder, and this export has none" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_without_decoder_is_refused(tmp_path_factory, tmp_path):
+    from test_predict import real_export
+
+    check_no_instance_decoder(real_export(tmp_path_factory), tmp_path)  # a LoRA model without instance decoder
 
 
 def test_runtime_imports_no_post_processing_package(ais_export, tmp_path):

@@ -313,7 +313,7 @@ def test_bench_export_times_hiera_in_torch_at_its_best_and_every_exported_precis
 
 def test_bench_adapter_makes_a_temporary_sam2_export_and_ais_is_refused(exported, tmp_path):
     """``peftexport bench --adapter RUN`` without an export: a temporary fp32 export of the adapter is timed (in
-    this process here). micro-sam's AIS component is SAM-only: refused by name before any work."""
+    this process here). micro-sam's AIS component is timed for SAM only: refused by name before any work."""
     from peft_export.bench import run_bench
 
     out, _, _ = exported
@@ -325,7 +325,7 @@ def test_bench_adapter_makes_a_temporary_sam2_export_and_ais_is_refused(exported
     case, = result["cases"]
     assert case["case"] == "export onnxruntime-cpu fp32" and case["status"] == "ok", case
     assert set(case["components"]) == {"encoder", "decoder_box"} and case["details"]["graphs"]["encoder"]["precision"] == "fp32"
-    with pytest.raises(PeftExportError, match="--components ais: SAM 2 models have no instance decoder"):
+    with pytest.raises(PeftExportError, match="--components ais: not timed for SAM 2 models"):
         run_bench(out, components=("ais",))
 
 

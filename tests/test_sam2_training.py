@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 pytest.importorskip("sam2", reason="sam2 is not installed (SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0)")
 
 from peft_export.data import make_demo_data  # noqa: E402
-from peft_export.errors import PeftExportError  # noqa: E402
 from peft_export.training import TrainConfig, finetune  # noqa: E402
 from peft_export.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -46,9 +45,3 @@ def test_sam2_finetune_trains_the_hiera_adapter_and_resumes_bit_for_bit(tmp_path
     assert meta["validation"]["metrics"]["n_objects"] > 0
     tensors = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
     assert not any(k.startswith(("memory_", "obj_ptr", "maskmem")) for k in tensors)
-
-
-def test_sam2_instance_decoder_is_refused_by_name(tmp_path):
-    make_demo_data(tmp_path / "data", n_images=2, size=64, seed=1)
-    with pytest.raises(PeftExportError, match="--instance-decoder: .*not available with sam2.1_hiera_t"):
-        finetune(cfg(tmp_path / "run", tmp_path / "data", instance_decoder=True))

@@ -11,7 +11,8 @@
   with the prompts in SAM 2's layout (box corners, points, a padding point), as ``Sam2Session`` feeds it; end
   to end is ``set_image`` + ``predict``. Host arrays in and out, also on CUDA.
 
-micro-sam's instance decoder (``ais``), TensorRT engines and ONNX Runtime's TensorRT provider are SAM-only.
+micro-sam's instance decoder (``ais``: a SAM 2 export may have one, but only SAM's is timed), TensorRT engines and
+ONNX Runtime's TensorRT provider are SAM-only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .cases import BenchInputs, CaseSpec, skip_record
 from .runners import Runner, TorchRunner
 
 FAMILY = "sam2"
-NO_AIS = "ais: SAM 2 models have no instance decoder (micro-sam's AIS is SAM-only)"
+NO_AIS = "ais: not timed for SAM 2 models (the AIS component is timed on SAM exports only)"
 
 
 def is_sam2_export(export_dir: str | Path | None) -> bool:

@@ -4,7 +4,9 @@ their parity checks on every CPU backend, the constants the runtime adds, and ``
 Same contract as SAM 1's pipeline: everything is written into a temporary folder that replaces
 ``out_dir`` only when the required graphs (fp32 encoder and decoder) passed; an int8 encoder that fails
 the gate (prompt-by-prompt mask agreement with fp32, ``gates.THRESHOLDS``) is left out and recorded in
-``refused``. The int8 recipe is tuned on other images and prompts than the gate's, as SAM's (``int8_data``:
+``refused``. A model with micro-sam's instance decoder also gets SAM's ``ais_decoder`` graph (``export.ais``:
+fp32, no int8, verified against torch on the probe image's still-image embedding; a refused one is left out).
+The int8 recipe is tuned on other images and prompts than the gate's, as SAM's (``int8_data``:
 probe images of seeds 1 and 2 through SAM 2's normalisation, or the user's planes less a held-out part). ``extra_graphs`` lets the video side add its graphs to the same export.
 """
 
@@ -25,7 +27,7 @@ from .prepare import check_out_dir, encoder_filename, export_source, merge_for_e
 from .manifest import build_manifest, file_entry, graph_entry, training_scale_record, write_manifest
 from .int8_data import GATE_PROMPT_SEED, Agreement, quantise_tuned, split_int8_data, with_held_out
 from .quantize import Int8Recipe, onnx_bytes
-from .refusals import refusal_line, refusal_record
+from .refusals import is_required, refusal_line, refusal_record
 from .sam2_image_graphs import (REDUCED_MEASURES, build_sam2_reference, export_sam2_decoder, export_sam2_encoder,
                                 sam2_graph_io, sam2_probe_image, verify_sam2_decoder, verify_sam2_encoder)
 
@@ -115,7 +117,7 @@ def export_sam2(
             log(f"  {graph:<8} {precision:<5} verified on {backend:<11} {onnx_bytes(tmp / filename) / 1e6:8.1f} MB  "
                 f"{'ok' if parity['passed'] else 'FAILED: ' + '; '.join(parity['failures'])}")
             if not parity["passed"]:
-                if strict or precision == "fp32":
+                if strict or is_required(graph, precision):  # the fp32 encoder and decoder; not the AIS decoder
                     raise PeftExportError(f"{out_dir}: {graph} {precision} failed verification on {backend} "
                                           f"({'; '.join(parity['failures'])}); nothing written")
                 for p in (tmp / filename, tmp / (filename + ".data")):
@@ -170,6 +172,18 @@ def export_sam2(
         check("decoder", "fp32", "decoder.onnx", tmp,
               lambda path, backend: verify_sam2_decoder(path, reference, backend),
               {"note": "prompt encoder + mask decoder; all four mask tokens (the runtime selects)"})
+        ais = None
+        if adapted.instance_decoder is not None:  # SAM's AIS graph on the still-image embedding (export.ais)
+            from .ais import export_ais
+
+            def ais_check(graph, precision, filename, tmp_dir, seconds, extra, verifier):
+                return check(graph, precision, filename, tmp_dir,
+                             lambda path, backend: verifier(path, reference, precision, backend),
+                             dict(extra, export_seconds=round(seconds, 2)))
+
+            ais = export_ais(adapted.instance_decoder, tmp, size, precisions, opset, ais_check)
+            if ais is not None:
+                ais["input"] = "the still-image embedding: the encoder's image_embeddings + no_mem_embed"
         write_constants(model, tmp / CONSTANTS)
         if extra_graphs is not None:
             extra_keys = dict(extra_graphs(model, tmp, opset, log) or {})
@@ -180,7 +194,8 @@ def export_sam2(
         manifest.update(family=FAMILY, preprocessing=sam2_preprocessing(dict(adapted.intensity)),
                         constants=file_entry(tmp, CONSTANTS), decoder_selection=decoder_selection(model),
                         source=export_source(adapted), training_scale=training_scale_record(adapted.meta),
-                        instance_segmentation=None, refused=refused, **extra_keys)
+                        instance_segmentation=ais if graphs.get("ais_decoder") else None, refused=refused,
+                        **extra_keys)
         write_manifest(tmp, manifest)
     log(f"export written in {time.perf_counter() - t0:.1f} s" + (f" with {len(refused)} graph(s) refused" if refused
                                                                   else ", all checks passed") + f": {out_dir}")

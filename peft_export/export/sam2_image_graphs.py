@@ -53,6 +53,10 @@ def sam2_graph_io(graph: str, image_size: int) -> tuple[list[dict], list[dict]]:
                         _t("mask_input", ["prompts", 1, 4 * g, 4 * g]), _t("has_mask_input", ["prompts"])],
                 [_t("low_res_masks", ["prompts", 4, 4 * g, 4 * g]), _t("iou_predictions", ["prompts", 4]),
                  _t("sam_output_tokens", ["prompts", 4, 256]), _t("object_score_logits", ["prompts", 1])])
+    if graph == "ais_decoder":  # SAM's graph on SAM 2's still-image embedding: the same I/O
+        from .manifest import graph_io
+
+        return graph_io(graph, image_size)
     raise KeyError(graph)
 
 
@@ -154,6 +158,12 @@ class Sam2Reference:
     no_mem_embed: torch.Tensor  # (1, 256, 1, 1)
     feeds: list[dict[str, np.ndarray]]  # decoder feeds (torch features)
     outputs: list[tuple[torch.Tensor, ...]]  # the decoder graph's four outputs, torch, per feed
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The still-image embedding (``no_mem_embed`` added): what the mask decoder and the AIS decoder read
+        (``export.ais.verify_ais_decoder`` takes it from here, as from SAM's ``Reference``)."""
+        return self.features[0] + self.no_mem_embed
 
 
 def sam2_prompt_feeds(coords: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, g: int) -> dict:

@@ -241,10 +241,8 @@ def load_sam_and_decoder(
     if is_sam2_type(found):
         from .sam2 import load_sam2_state
 
-        if decoder is not None:
-            raise PeftExportError(f"{checkpoint}: an instance decoder (decoder_state) with a SAM 2 model is not supported")
-        model = load_sam2_state(state, found, image_size, checkpoint)
-        return model, BaseModelInfo(found, int(model.image_size), str(checkpoint), sha256_file(checkpoint)), None
+        model = load_sam2_state(state, found, image_size, checkpoint)  # a merged AIS run: {"model", "decoder_state"}
+        return model, BaseModelInfo(found, int(model.image_size), str(checkpoint), sha256_file(checkpoint)), decoder
     peft_keys = [k for k in state if ".qkv_proj." in k or ".mlp_layer." in k or ".layer." in k or ".mlp_proj." in k]
     if peft_keys:
         raise PeftExportError(

@@ -1,8 +1,9 @@
 """Automatic segmentation on a SamSession: segment-everything (SAM's point grid) and automatic
 instance segmentation (micro-sam's instance decoder + seeded watershed).
 
-A mixin of ``SamSession`` (it uses the session's backend, lock, embeddings and decoders), kept
-apart so that the prompt path in ``session.py`` stays readable.
+Mixins of ``SamSession`` (they use the session's backend, lock, embeddings and decoders), kept
+apart so that the prompt path in ``session.py`` stays readable; ``Sam2Session`` shares the AIS one
+(``InstanceSegmentation``).
 
 May import: errors (numpy + onnxruntime only; other backends' packages lazily; tests enforce it).
 """
@@ -22,8 +23,86 @@ from .instances import AIS_DEFAULTS, check_ais_params, maps_to_image, require_ai
 from .split_decoder import SPLIT_GRAPHS, SplitDecoder
 
 
-class AutomaticSegmentation:
-    """``segment_everything``, ``segment_instances`` and ``instance_maps`` of ``SamSession``."""
+class InstanceSegmentation:
+    """``segment_instances``, ``instance_maps`` and ``has_instance_decoder``: SamSession's and Sam2Session's.
+
+    The host session gives ``_chosen`` (graph key -> (precision, path)), ``_backend``, ``export_dir``,
+    ``image_size``, ``encode(image)``, and ``_ais_embedding(embedding, adapter)``: (the embedding the
+    AIS decoder reads, the resized image's area in the model frame, the original size). SamSession adds
+    exports of several adapters (``_ais_graph``, ``ais_adapters``) and tiled images (``_tiled``).
+    """
+
+    NO_AIS_HINT = "export a model trained with --instance-decoder, or a micro-sam checkpoint with a decoder_state"
+
+    @property
+    def has_instance_decoder(self) -> bool:
+        """Whether this export has micro-sam's instance decoder (for an export of several
+        adapters: whether any adapter has one; ``ais_adapters`` names them)."""
+        return "ais_decoder" in self._chosen or bool(self.ais_adapters)
+
+    @property
+    def ais_adapters(self) -> Tuple[str, ...]:
+        """The adapters (of an export of several) that have an instance decoder."""
+        return ()
+
+    def _ais_graph(self, adapter: Optional[str]) -> str:
+        """The graph key of the instance decoder to run (checked before the encoder runs)."""
+        if "ais_decoder" not in self._chosen:
+            raise PeftExportError(f"{self.export_dir}: this export has no instance decoder (ais_decoder.onnx); "
+                                  + self.NO_AIS_HINT)
+        return "ais_decoder"
+
+    def instance_maps(self, embedding: Optional[Any] = None, adapter: Optional[str] = None) -> np.ndarray:
+        """The instance decoder's maps (3, H, W) float32 in [0, 1] at the original image size:
+        foreground, centre distance, boundary distance (see ``runtime.instances``)."""
+        key = self._ais_graph(adapter)
+        emb, input_size, original_size = self._ais_embedding(embedding, adapter)
+        out = self._backend.run(key, {"image_embeddings": emb})
+        return maps_to_image(out["instance_maps"], input_size, original_size, self.image_size)
+
+    def segment_instances(
+        self,
+        image: Optional[np.ndarray] = None,
+        center_distance_threshold: float = AIS_DEFAULTS["center_distance_threshold"],
+        boundary_distance_threshold: float = AIS_DEFAULTS["boundary_distance_threshold"],
+        foreground_threshold: float = AIS_DEFAULTS["foreground_threshold"],
+        foreground_smoothing: float = AIS_DEFAULTS["foreground_smoothing"],
+        distance_smoothing: float = AIS_DEFAULTS["distance_smoothing"],
+        min_size: int = int(AIS_DEFAULTS["min_size"]),
+        embedding: Optional[Any] = None,
+        adapter: Optional[str] = None,
+    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """Automatic instance segmentation (AIS) -> (int32 labels HxW, one record per object).
+
+        One encoder pass (skipped for ``embedding=`` or, without ``image``, the image of
+        ``set_image``), the instance decoder, then micro-sam's post-processing with its
+        defaults: seeds where the smoothed centre distance < ``center_distance_threshold`` and
+        the boundary distance < ``boundary_distance_threshold`` inside the foreground
+        (smoothed foreground > ``foreground_threshold``), a seeded watershed of the boundary
+        distances, objects under ``min_size`` pixels removed. ``foreground_smoothing`` and
+        ``distance_smoothing`` are Gaussian sigmas in pixels (0: off). Records: "id", "area",
+        "bbox" (XYWH), "centroid" (x, y). Needs scipy + scikit-image (``peftexport[ais]``).
+        Exports of several adapters: ``adapter`` picks whose encoder head and decoder run.
+        """
+        params = check_ais_params({
+            "center_distance_threshold": center_distance_threshold,
+            "boundary_distance_threshold": boundary_distance_threshold,
+            "foreground_threshold": foreground_threshold, "foreground_smoothing": foreground_smoothing,
+            "distance_smoothing": distance_smoothing, "min_size": min_size,
+        })
+        self._ais_graph(adapter)  # both before the encoder runs
+        require_ais_packages()
+        if image is None and embedding is None and getattr(self, "_tiled", None) is not None:
+            return self._tiled.segment_instances(**params)  # the image of set_image(..., tile=...)
+        if image is not None:
+            if embedding is not None:
+                raise PeftExportError("segment_instances: give an image or embedding=, not both")
+            embedding = self.encode(image)
+        return segment_from_maps(self.instance_maps(embedding, adapter), params)
+
+
+class AutomaticSegmentation(InstanceSegmentation):
+    """``segment_everything`` of ``SamSession``, and AIS for its exports of several adapters."""
 
     def segment_everything(
         self,
@@ -90,13 +169,7 @@ class AutomaticSegmentation:
 
         return LowResDecoder(decode)
 
-    # ---- automatic instance segmentation (micro-sam's AIS) --------------------------------
-
-    @property
-    def has_instance_decoder(self) -> bool:
-        """Whether this export has micro-sam's instance decoder (for an export of several
-        adapters: whether any adapter has one; ``ais_adapters`` names them)."""
-        return "ais_decoder" in self._chosen or bool(self.ais_adapters)
+    # ---- automatic instance segmentation (micro-sam's AIS) of exports of several adapters ------
 
     @property
     def ais_adapters(self) -> Tuple[str, ...]:
@@ -105,65 +178,15 @@ class AutomaticSegmentation:
 
     def _ais_graph(self, adapter: Optional[str]) -> str:
         """The graph key of the instance decoder to run (checked before the encoder runs)."""
-        if self._routes:
-            name = pick_adapter(adapter, tuple(self._routes))
-            key = self._routes[name].ais_decoder
-            what = f"adapter {name} has no instance decoder"
-        else:
-            key = "ais_decoder" if "ais_decoder" in self._chosen else None
-            what = "this export has no instance decoder (ais_decoder.onnx)"
+        if not self._routes:
+            return super()._ais_graph(adapter)
+        name = pick_adapter(adapter, tuple(self._routes))
+        key = self._routes[name].ais_decoder
         if key is None:
-            raise PeftExportError(
-                f"{self.export_dir}: {what}; export a model trained with --instance-decoder, or a micro-sam "
-                "checkpoint with a decoder_state"
-            )
+            raise PeftExportError(f"{self.export_dir}: adapter {name} has no instance decoder; {self.NO_AIS_HINT}")
         return key
 
-    def instance_maps(self, embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
-                      adapter: Optional[str] = None) -> np.ndarray:
-        """The instance decoder's maps (3, H, W) float32 in [0, 1] at the original image size:
-        foreground, centre distance, boundary distance (see ``runtime.instances``)."""
-        key = self._ais_graph(adapter)
+    def _ais_embedding(self, embedding: Optional[Union[ImageEmbedding, EncodedImage]], adapter: Optional[str]
+                       ) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
         emb = self._snapshot(embedding, adapter)
-        out = self._backend.run(key, {"image_embeddings": emb.embedding})
-        return maps_to_image(out["instance_maps"], emb.input_size, emb.original_size, self.image_size)
-
-    def segment_instances(
-        self,
-        image: Optional[np.ndarray] = None,
-        center_distance_threshold: float = AIS_DEFAULTS["center_distance_threshold"],
-        boundary_distance_threshold: float = AIS_DEFAULTS["boundary_distance_threshold"],
-        foreground_threshold: float = AIS_DEFAULTS["foreground_threshold"],
-        foreground_smoothing: float = AIS_DEFAULTS["foreground_smoothing"],
-        distance_smoothing: float = AIS_DEFAULTS["distance_smoothing"],
-        min_size: int = int(AIS_DEFAULTS["min_size"]),
-        embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None,
-        adapter: Optional[str] = None,
-    ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
-        """Automatic instance segmentation (AIS) -> (int32 labels HxW, one record per object).
-
-        One encoder pass (skipped for ``embedding=`` or, without ``image``, the image of
-        ``set_image``), the instance decoder, then micro-sam's post-processing with its
-        defaults: seeds where the smoothed centre distance < ``center_distance_threshold`` and
-        the boundary distance < ``boundary_distance_threshold`` inside the foreground
-        (smoothed foreground > ``foreground_threshold``), a seeded watershed of the boundary
-        distances, objects under ``min_size`` pixels removed. ``foreground_smoothing`` and
-        ``distance_smoothing`` are Gaussian sigmas in pixels (0: off). Records: "id", "area",
-        "bbox" (XYWH), "centroid" (x, y). Needs scipy + scikit-image (``peftexport[ais]``).
-        Exports of several adapters: ``adapter`` picks whose encoder head and decoder run.
-        """
-        params = check_ais_params({
-            "center_distance_threshold": center_distance_threshold,
-            "boundary_distance_threshold": boundary_distance_threshold,
-            "foreground_threshold": foreground_threshold, "foreground_smoothing": foreground_smoothing,
-            "distance_smoothing": distance_smoothing, "min_size": min_size,
-        })
-        self._ais_graph(adapter)  # both before the encoder runs
-        require_ais_packages()
-        if image is None and embedding is None and getattr(self, "_tiled", None) is not None:
-            return self._tiled.segment_instances(**params)  # the image of set_image(..., tile=...)
-        if image is not None:
-            if embedding is not None:
-                raise PeftExportError("segment_instances: give an image or embedding=, not both")
-            embedding = self.encode(image)
-        return segment_from_maps(self.instance_maps(embedding, adapter), params)
+        return emb.embedding, emb.input_size, emb.original_size

@@ -1,6 +1,7 @@
 """Sam2Session: torch-free SAM 2 image inference on an export (``SamSession(export)`` returns one when the
 manifest's ``family`` is ``sam2``), with SamSession's API: ``set_image``, ``predict`` (points, boxes, mask
-input), ``predict_batch``, ``segment_everything``.
+input), ``predict_batch``, ``segment_everything``, and ``segment_instances`` (micro-sam's AIS, shared with
+SamSession: ``automatic.InstanceSegmentation``) on an export of a model trained with ``--instance-decoder``.
 
 It follows ``SAM2ImagePredictor``: the image is resized to S x S without keeping its aspect ratio
 (``sam2_preprocess``), the encoder's lowest level gets ``no_mem_embed`` (from the export's constants),
@@ -28,6 +29,7 @@ import numpy as np
 from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .backends import check_backend, graph_kind, open_backend
+from .automatic import InstanceSegmentation
 from .everything import LowResDecoder, MaskRecords, segment_everything as _segment_everything
 from .manifest import read_manifest
 from .postprocess import resize_bilinear
@@ -51,7 +53,7 @@ class Sam2Embedding:
     adapter: Optional[str] = None
 
 
-class Sam2Session:
+class Sam2Session(InstanceSegmentation):
     """Prompted and automatic SAM 2 segmentation from an export dir, without torch."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -85,6 +87,9 @@ class Sam2Session:
         if "fp32" not in (graphs.get("decoder") or {}):
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
         self._chosen["decoder"] = ("fp32", self._file(graphs["decoder"]["fp32"], "decoder", verify_checksums))
+        ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one (fp32 only)
+        if "fp32" in ais:
+            self._chosen["ais_decoder"] = ("fp32", self._file(ais["fp32"], "ais_decoder", verify_checksums))
         constants = self._file(self.manifest.get("constants") or {"path": "sam2_constants.npz"}, "constants",
                                verify_checksums)
         with np.load(constants, allow_pickle=False) as c:
@@ -96,7 +101,8 @@ class Sam2Session:
         self._embedding: Optional[Sam2Embedding] = None
 
     adapters: Tuple[str, ...] = ()
-    has_instance_decoder = False
+    NO_AIS_HINT = ("export a SAM 2 model trained with --instance-decoder (peftexport finetune --model sam2.1_hiera_t "
+                   "... --instance-decoder), or use segment_everything")
 
     def _file(self, entry: Dict[str, Any], what: str, verify: bool) -> Path:
         path = self.export_dir / entry["path"]
@@ -290,9 +296,14 @@ class Sam2Session:
         """
         return self.propagator().propagate(frames, prompts, direction, fill_hole_area, progress)
 
-    def segment_instances(self, *args: Any, **kwargs: Any):
-        raise PeftExportError(f"{self.export_dir}: this SAM 2 export has no instance decoder (AIS); use "
-                              "segment_everything")
+    # ---- automatic instance segmentation (AIS): InstanceSegmentation.segment_instances / instance_maps --------
+
+    def _ais_embedding(self, embedding: Optional[Sam2Embedding], adapter: Optional[str] = None
+                       ) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
+        """The still-image embedding (``no_mem_embed`` added) the decoder was trained on; its maps cover the
+        whole S x S frame (no padding in SAM 2), resized to the image as the mask logits are."""
+        emb = self._snapshot(embedding)
+        return emb.embedding, (self.image_size, self.image_size), emb.original_size
 
     def __repr__(self) -> str:
         return f"Sam2Session({str(self.export_dir)!r}, {self.backend_name}, {self.device})"

@@ -10,6 +10,10 @@ gradient clipping applies to SAM's tensors and the decoder's separately, so neit
 the other's step. Validation adds AIS mSA / SA50 (runtime post-processing, micro-sam's
 defaults) to the prompted Dice, and the adapter is selected by the mean of point Dice, box
 Dice and AIS mSA.
+
+SAM 2 (``models.sam2.Sam2Features``): the decoder reads the still-image embedding (the FPN's 64 x 64
+level with ``no_mem_embed`` added, what SAM 2's mask decoder reads) and its maps cover the whole S x S
+frame (SAM 2 resizes without padding); ``decoder_input`` says which, for both families.
 """
 
 from __future__ import annotations
@@ -21,9 +25,30 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..models.instance_decoder import InstanceDecoder, postprocess_maps
+from ..models.sam2 import Sam2Features
 from ..runtime.instances import AIS_DEFAULTS, segment_from_maps
 from .instance_loss import distance_loss
 from .instance_targets import distance_targets
+
+
+def decoder_input(features: torch.Tensor | Sam2Features, input_size) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(the embedding the instance decoder reads, the resized image's area in the model frame).
+
+    SAM: the embedding and ``input_size`` (the rest is padding). SAM 2: the still-image embedding
+    (``no_mem_embed`` added) and the whole S x S frame."""
+    if isinstance(features, Sam2Features):
+        s = 16 * int(features.image_embed.shape[-1])
+        return features.image_embed, (s, s)
+    return features, (int(input_size[0]), int(input_size[1]))
+
+
+def predictor_input(predictor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """(embedding, input_size, original_size) of the image set on a ``SamPredictor`` or, for SAM 2, a
+    ``SAM2ImagePredictor`` (its ``image_embed`` has ``no_mem_embed`` added, as ``decoder_input``'s)."""
+    if hasattr(predictor, "_features"):  # SAM2ImagePredictor
+        s = int(predictor.model.image_size)
+        return predictor._features["image_embed"], (s, s), tuple(predictor._orig_hw[-1])
+    return predictor.features, tuple(predictor.input_size), tuple(predictor.original_size)
 
 
 @torch.no_grad()
@@ -43,9 +68,11 @@ class InstanceDecoderTraining:
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.decoder.parameters())
 
-    def step_loss(self, embedding: torch.Tensor, labels: Sequence[np.ndarray], input_size: tuple[int, int],
-                  backward: Callable[[torch.Tensor], None]) -> float:
-        """Loss of the batch (backpropagated at once) for embeddings (B, 256, g, g) and label patches."""
+    def step_loss(self, features: torch.Tensor | Sam2Features, labels: Sequence[np.ndarray],
+                  input_size: tuple[int, int] | None, backward: Callable[[torch.Tensor], None]) -> float:
+        """Loss of the batch (backpropagated at once) for the encoder's output (SAM: embeddings (B, 256, g, g);
+        SAM 2: its features, ``input_size`` None) and label patches."""
+        embedding, input_size = decoder_input(features, input_size)
         h, w = labels[0].shape
         targets = torch.from_numpy(np.stack([distance_targets(lab, self.min_object_size) for lab in labels]))
         maps = postprocess_maps(self.decoder(embedding), input_size, (h, w))
@@ -62,11 +89,10 @@ class InstanceDecoderTraining:
 
     def validate(self, sam: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], prompted: dict) -> dict:
         """AIS mSA / SA50 on the validation set, and the selection score (mean of point Dice, box Dice, mSA)."""
-        from segment_anything import SamPredictor
-
         from ..evaluation.protocol import evaluate_automatic
+        from .validation import predictor_for
 
-        predictor = SamPredictor(sam)
+        predictor = predictor_for(sam)  # SamPredictor, or SAM2ImagePredictor for SAM 2
         was_training = sam.training, self.decoder.training
         sam.eval()
         self.decoder.eval()
@@ -74,7 +100,7 @@ class InstanceDecoderTraining:
         def segment(image: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 predictor.set_image(image)
-                maps = predict_maps(self.decoder, predictor.features, predictor.input_size, predictor.original_size)
+                maps = predict_maps(self.decoder, *predictor_input(predictor))
             return segment_from_maps(maps, {})[0]
 
         try:

@@ -139,8 +139,6 @@ def check_config(c: TrainConfig) -> None:
             raise PeftExportError(msg)
     from ..models.family import is_sam2_type
 
-    if c.instance_decoder and is_sam2_type(c.model_type):
-        raise PeftExportError(f"--instance-decoder: micro-sam's instance decoder is for SAM; not available with {c.model_type}")
     if c.cache_embeddings and is_sam2_type(c.model_type):
         raise PeftExportError(f"--cache-embeddings: not available with {c.model_type} yet (SAM 2's decoder also "
                               "reads the encoder's high-resolution features, which the cache does not keep)")

@@ -398,7 +398,7 @@ class Trainer:
             totals += self._image_loss(emb_leaf.select(i) if self.sam2 else emb_leaf[i:i + 1], label, input_size,
                                        use_box, rng, 1.0 / len(labels))
         totals /= len(labels)
-        if self.ais is not None:  # AIS decoder on the same embedding, into the same leaf
+        if self.ais is not None:  # AIS decoder on the same embedding, into the same leaf (SAM 2: image_embed)
             with self._autocast():
                 totals = np.append(totals, self.ais.step_loss(emb_leaf, labels, input_size, self._backward))
         if self.sam2:
