@@ -284,6 +284,27 @@ def bench(*args: str) -> subprocess.CompletedProcess:
                            "-q"], capture_output=True, text=True, env=env)
 
 
+def test_evaluate_scores_the_torch_run_and_its_export_alike(exported, tmp_path):
+    """``evaluate run=RUN export=EXPORT`` on a SAM 2 run: the torch side is SAM2ImagePredictor and
+    SAM2AutomaticMaskGenerator (it used SAM's predictor and failed), and it scores what the export scores."""
+    from peft_export.data import make_demo_data
+    from peft_export.evaluation import evaluate_models
+
+    export_dir = exported[0]
+    make_demo_data(tmp_path / "data", n_images=2, size=SIZE, seed=5)
+    report = evaluate_models([f"run={export_dir.parent / 'run'}", f"export={export_dir}"], tmp_path / "data",
+                             prompts=["point", "box"], iterations=0, everything=True,
+                             everything_options={"points_per_side": 6, "pred_iou_thresh": 0.0,
+                                                 "stability_score_thresh": 0.0},
+                             max_objects_per_image=4, progress=False, log=lambda m: None)
+    run, exp = report["models"]["run"], report["models"]["export"]
+    assert run["backend"] == "torch" and exp["backend"] == "onnxruntime"
+    for key in ("point", "box"):
+        assert abs(run["interactive"]["metrics"][key]["dice"] - exp["interactive"]["metrics"][key]["dice"]) <= 0.005
+    assert all(e["n_pred"] > 0 for e in run["automatic"]["per_image"] + exp["automatic"]["per_image"])
+    assert abs(run["automatic"]["msa"] - exp["automatic"]["msa"]) <= 0.02
+
+
 def test_bench_export_times_hiera_in_torch_at_its_best_and_every_exported_precision_and_backend(exported, tmp_path):
     """``peftexport bench EXPORT`` on a SAM 2 export (its manifest names the adapter run): the encoder and the
     decoder in torch (the adapter unmerged, merged, and merged with freed memory kept), ONNX Runtime and OpenVINO,

@@ -175,7 +175,9 @@ class TorchPredictor:
     def __init__(self, sam: Any, intensity: dict | None = None, device: str = "cpu",
                  instance_decoder: Any = None) -> None:
         import torch
-        from segment_anything import SamPredictor
+
+        from ..models.family import is_sam2, model_image_size
+        from ..training.validation import predictor_for
 
         if device == "cuda" and not torch.cuda.is_available():
             raise PeftExportError("device cuda: torch sees no CUDA device")
@@ -183,8 +185,9 @@ class TorchPredictor:
         self.instance_decoder = instance_decoder.to(device).eval() if instance_decoder is not None else None
         self.device = device
         self.intensity = check_intensity_rule(intensity)
-        self.image_size = int(sam.image_encoder.img_size)
-        self._predictor = SamPredictor(self.model)
+        self.sam2 = is_sam2(self.model)
+        self.image_size = model_image_size(self.model)
+        self._predictor = predictor_for(self.model)  # SAM2ImagePredictor for a SAM 2 model
         self._image: np.ndarray | None = None
 
     def set_image(self, image: np.ndarray) -> None:
@@ -192,7 +195,10 @@ class TorchPredictor:
 
         rgb = to_uint8(normalize_intensity(np.asarray(image), self.intensity))
         with torch.inference_mode():
-            self._predictor.set_image(rgb, image_format="RGB")
+            if self.sam2:
+                self._predictor.set_image(rgb)  # SAM2ImagePredictor takes RGB
+            else:
+                self._predictor.set_image(rgb, image_format="RGB")
         self._image = rgb
 
     def predict(
@@ -234,29 +240,38 @@ class TorchPredictor:
                                   "--instance-decoder, or load a micro-sam checkpoint with a decoder_state)")
         if self._image is None:
             raise PeftExportError("segment_instances: no image set; call set_image(image) first")
-        p = self._predictor
+        from ..training.ais import predictor_input
+
+        embedding, input_size, original_size = predictor_input(self._predictor)
         with torch.inference_mode():
-            maps = postprocess_maps(self.instance_decoder(p.features), tuple(p.input_size), tuple(p.original_size))
+            maps = postprocess_maps(self.instance_decoder(embedding), input_size, original_size)
         return segment_from_maps(maps[0].float().cpu().numpy(), params)
 
     def segment_everything(self, points_per_side: int = 32, points_per_batch: int = 64,
                            pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                            box_nms_thresh: float = 0.7, min_mask_region_area: int = 0
                            ) -> tuple[np.ndarray, list[dict]]:
-        """SamAutomaticMaskGenerator (one crop) on the image of ``set_image`` -> (int32 labels, records).
+        """SamAutomaticMaskGenerator (SAM 2: SAM2AutomaticMaskGenerator; one crop) on the image of
+        ``set_image`` -> (int32 labels, records).
 
         Masks are painted largest first, as the runtime's ``segment_everything`` does.
         """
         import torch
-        from segment_anything import SamAutomaticMaskGenerator
+
+        if self.sam2:
+            from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as Generator
+        else:
+            from segment_anything import SamAutomaticMaskGenerator as Generator
 
         if self._image is None:
             raise PeftExportError("segment_everything: no image set; call set_image(image) first")
-        gen = SamAutomaticMaskGenerator(
+        gen = Generator(
             self.model, points_per_side=points_per_side, points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
             box_nms_thresh=box_nms_thresh, min_mask_region_area=min_mask_region_area,
         )
+        if self.sam2:
+            gen.predictor = self._predictor  # sized for this model (sam2's assumes 1024's features)
         with torch.inference_mode():
             records = gen.generate(self._image)
         labels = np.zeros(self._image.shape[:2], dtype=np.int32)
