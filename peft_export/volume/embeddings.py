@@ -16,9 +16,10 @@ another export, precision, tiling or stack is refused with what differs.
 cancel flag: a ``threading.Event`` or a callable); ``start()`` does it in a background thread.
 Planes asked for before they are embedded (``embedding(z)``) are encoded on demand.
 
-On a SAM 2 session it holds the stack and its intensity statistics only, for SAM 2's propagation
-(``sam2_propagate``), which encodes each plane as it reaches it; a plane embedding, a store or tiles
-are refused with one line.
+On a SAM 2 session a plane's embedding is a ``Sam2Embedding`` (the image embedding and its two high-res
+feature maps), made by the session's ``encode_tile`` as SAM's are: automatic 3D and tracking run on it the
+same way, in memory (a zarr store of SAM 2 embeddings is refused with one line). SAM 2's propagation
+(``sam2_propagate``) uses only the stack and its intensity statistics: it encodes each plane as it reaches it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..errors import PeftExportError
 from ..runtime.adapters import pick_adapter, resolve_embedding
 from ..runtime.embedding import ImageEmbedding
 from ..runtime.tiled import TiledImage
-from ..runtime.tiling import INTENSITY_SAMPLE, IntensityRange, TileGrid, TileSpec, prepare_tile, tile_spec
+from ..runtime.tiling import INTENSITY_SAMPLE, IntensityRange, TileGrid, TileSpec, tile_spec
 from .stacks import Stack
 
 STORE_FORMAT = 1
@@ -45,17 +46,16 @@ Cancel = Optional[Any]  # threading.Event, or a callable returning True to stop
 
 
 def is_sam2(session: Any) -> bool:
-    """A session on a SAM 2 export: it propagates with its memory and has no plane embeddings here."""
+    """A session on a SAM 2 export (``Sam2Session``): it propagates with its memory; its plane embeddings are
+    ``Sam2Embedding``s."""
     return (getattr(session, "manifest", None) or {}).get("family") == "sam2"
 
 
-def require_plane_embeddings(session: Any) -> None:
-    """Automatic 3D, tracking and the prompts propagation run on plane embeddings: SAM exports only."""
-    if is_sam2(session):
-        raise PeftExportError(f"{session.export_dir}: a SAM 2 export has no plane embeddings; automatic 3D, "
-                              "tracking and the prompts propagation run on SAM exports. SAM 2 propagates one "
-                              "object with its memory (predict --propagate; segment_object_in_volume(..., "
-                              "method=\"sam2\"))")
+def refuse_sam2_store(session: Any, store: Optional[str | Path]) -> None:
+    """A SAM 2 session keeps its plane embeddings in memory: the zarr store holds SAM's embedding only."""
+    if store is not None and is_sam2(session):
+        raise PeftExportError(f"{store}: a SAM 2 export keeps no plane embeddings on disk (its planes are embedded "
+                              "in memory, or by its propagation as it reaches them); leave out --embeddings")
 
 
 def cancelled(cancel: Cancel) -> bool:
@@ -124,16 +124,8 @@ class VolumeEmbeddings:
         self.session, self.stack = session, stack
         self.adapter = pick_adapter(adapter, session.adapters)
         self.plane_shape = stack.plane_shape
-        if is_sam2(session):  # the stack and its intensity for SAM 2's propagation; no embeddings
-            if store is not None:
-                raise PeftExportError(f"{store}: a SAM 2 export keeps no plane embeddings (its propagation encodes "
-                                      "each plane as it reaches it)")
-            if tile is not None or halo is not None or scale is not None:
-                raise PeftExportError("--tile/--halo/--scale: a SAM 2 export resizes each whole plane to its input; "
-                                      "tiled planes are not available for SAM 2 yet")
-            self.spec = TileSpec(max(self.plane_shape), 0, int(session.image_size))
-        else:
-            self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
+        refuse_sam2_store(session, store)
+        self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
         self.grid = TileGrid(self.plane_shape, self.spec)
         sample = stack_sample(stack) if intensity is None or store is not None else None
         self.intensity = intensity or stack_intensity(stack, session._intensity_rule, sample)
@@ -216,14 +208,12 @@ class VolumeEmbeddings:
                                                                                round(w * self.spec.scale))
         return (h, w), (int(new[0]), int(new[1]))
 
-    def _encode(self, z: int, k: int) -> ImageEmbedding:
-        require_plane_embeddings(self.session)
-        tile = self.grid.tiles[k]
-        y0, y1, x0, x1 = tile.outer
+    def _encode(self, z: int, k: int) -> Any:
+        """Tile ``k`` of plane ``z`` through the session's ``encode_tile`` (SAM's or SAM 2's own preprocessing)."""
+        y0, y1, x0, x1 = self.grid.tiles[k].outer
         s = self.session
-        x, original, inp = prepare_tile(self.stack.read(z, slice(y0, y1), slice(x0, x1)), self.intensity, self.spec,
-                                        s._pixel_mean, s._pixel_std, s._interpolation)
-        emb = resolve_embedding(s.encode_prepared(x, original, inp), self.adapter, s.adapters)
+        pixels = self.stack.read(z, slice(y0, y1), slice(x0, x1))
+        emb = resolve_embedding(s.encode_tile(pixels, self.intensity, self.spec), self.adapter, s.adapters)
         self.encoder_runs += 1
         return emb
 

@@ -100,13 +100,12 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
     """Automatic 3D segmentation in memory (labels to TIFF or OME-Zarr); ``embeddings``: a store to
     reuse (or fill). Volumes larger than memory: ``slabs.plan_volume`` + ``run_volume``."""
     from .automatic import segment_volume
-    from .embeddings import VolumeEmbeddings, require_plane_embeddings
+    from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
 
     stack = open_stack(image, "z", axes, channel)
     out = check_labels_path(out, overwrite)
     session = _session(export_dir, precision, device)
-    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter,
                            keep=embeddings is not None)
     bar, update = _bar(progress, "planes")
@@ -177,7 +176,10 @@ def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, 
     from .embeddings import VolumeEmbeddings
     from .sam2_propagate import segment_object_with_sam2
 
-    vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale)  # refuses both
+    if tile is not None or halo is not None or scale is not None:
+        raise PeftExportError("--tile/--halo/--scale: SAM 2's propagation resizes each whole plane to its input "
+                              "(tiles are for automatic 3D, --track and 2D images)")
+    vol = VolumeEmbeddings(session, stack, store=embeddings)  # refuses a store
     bar, update = _bar(progress, "propagate")
     seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, progress=update)
     if bar is not None:
@@ -202,7 +204,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
                   progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Every frame segmented, objects linked into tracks with divisions; writes the tracked labels,
     the Cell Tracking Challenge result (``OUT_ctc/``) and napari's Tracks data (``OUT_tracks.csv``)."""
-    from .embeddings import VolumeEmbeddings, require_plane_embeddings
+    from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
     from .tracking import track, write_ctc
 
@@ -212,7 +214,6 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
         if paths[key].exists() and not overwrite:
             raise PeftExportError(f"{paths[key]}: already exists (pass --overwrite to replace it)")
     session = _session(export_dir, precision, device)
-    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, tile=tile, halo=halo, scale=scale, adapter=adapter, keep=False)
     bar, update = _bar(progress, "frames")
     result = track(session, vol, mode, instance_options, everything_options, progress=update, **(tracking or {}))
