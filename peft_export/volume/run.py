@@ -99,7 +99,7 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
                    overwrite: bool = False, progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Automatic 3D segmentation in memory (labels to TIFF or OME-Zarr); ``embeddings``: a store to
     reuse (or fill). Volumes larger than memory: ``slabs.plan_volume`` + ``run_volume``."""
-    from .automatic import segment_volume
+    from .automatic import resolve_mode, segment_volume
     from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
 
@@ -108,6 +108,7 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
     session = _session(export_dir, precision, device)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter,
                            keep=embeddings is not None)
+    resolve_mode(session, mode, vol.adapter)  # --instances on an export without AIS: refused before the bar
     bar, update = _bar(progress, "planes")
     labels = segment_volume(session, vol, mode, instance_options, everything_options, progress=update,
                             **(merge or {}))
@@ -204,6 +205,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
                   progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Every frame segmented, objects linked into tracks with divisions; writes the tracked labels,
     the Cell Tracking Challenge result (``OUT_ctc/``) and napari's Tracks data (``OUT_tracks.csv``)."""
+    from .automatic import resolve_mode
     from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
     from .tracking import track, write_ctc
@@ -215,6 +217,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
             raise PeftExportError(f"{paths[key]}: already exists (pass --overwrite to replace it)")
     session = _session(export_dir, precision, device)
     vol = VolumeEmbeddings(session, stack, tile=tile, halo=halo, scale=scale, adapter=adapter, keep=False)
+    resolve_mode(session, mode, vol.adapter)
     bar, update = _bar(progress, "frames")
     result = track(session, vol, mode, instance_options, everything_options, progress=update, **(tracking or {}))
     if bar is not None:
