@@ -10,6 +10,11 @@ to the image, and the returned low-res logits are clipped to [-32, 32] as the pr
 Segment-everything is ``SAM2AutomaticMaskGenerator`` (one crop) with its defaults, through the same
 numpy steps as SAM's (``everything``).
 
+Large images: ``set_image(image, tile=...)`` / ``tiled(image)`` give the ``TiledImage`` of ``runtime.tiled``,
+SAM's tiling code as it is; the seam is ``encode_tile`` / ``encode_whole`` (SamSession has both): a tile is
+its pixels through the whole image's ``IntensityRange``, resized to S x S as any SAM 2 image, and its
+``Sam2Embedding`` holds the image embedding and the two high-res feature maps.
+
 ``propagate(frames or volume, prompts on some frames)`` is SAM 2's video propagation
 (``SAM2VideoPredictor``), run by ``sam2_video.Sam2Propagator`` on the export's memory graphs (opened on
 the first call, with this session's backend, device, threads and encoder precision); an export without

@@ -15,7 +15,9 @@ resized whole. Made by ``SamSession.tiled(image, tile=, halo=, scale=)`` or ``se
   box NMS over all layers removes duplicates, preferring a tile's mask to the coarse layer's (SAM
   prefers the smaller crop). The halo must be at least ``min_everything_halo(tile)``.
 
-An image that fits in one tile is encoded whole, exactly as without tiling.
+An image that fits in one tile is encoded whole, exactly as without tiling. Tiles are encoded by the
+session's ``encode_tile`` (the coarse layer by ``encode_whole``): SAM's and SAM 2's sessions each prepare a
+tile their own way and return the embedding their own calls take, so this module serves both.
 Embeddings are computed on demand, the last few kept (``cache``): memory does not grow with the image.
 """
 
