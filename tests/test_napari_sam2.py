@@ -1,6 +1,6 @@
 """The napari plugin on a SAM 2 export, in a real viewer (Xvfb, as test_napari.py): clicks decode with the
-``Sam2Session`` that ``SamSession`` returns (also on an image larger than the model input, which SAM 2 resizes
-whole), "Segment object in volume" is SAM 2's propagation and equals ``volume.segment_object_in_volume(...,
+``Sam2Session`` that ``SamSession`` returns (also on an image larger than the model input, tile by tile as
+``Sam2Session.tiled``), "Segment object in volume" is SAM 2's propagation and equals ``volume.segment_object_in_volume(...,
 method="sam2")`` on the same prompts with no plane embedded first, "Segment all (3D)" and "Track" equal the
 volume room's ``segment_volume`` / ``track`` on the same session, and what a SAM 2 export does not do in the
 Volume / movie box (Embed all planes; propagation without memory graphs) is disabled and refused in one status
@@ -103,14 +103,18 @@ def test_sam2_export_clicks_and_propagates_like_the_volume_room(make_napari_view
                                     "Segment object in volume, Segment all (3D) and Track reach them, so there is "
                                     "nothing to embed first")
 
-    # A 2D image larger than the model input: SAM 2 resizes it whole (no tiles), as Sam2Session.predict does.
+    # A 2D image larger than the model input: tile by tile at full resolution, as Sam2Session.tiled does it.
     image = nuclei(300, seed=4)[:, :280]
     viewer.add_image(image, name="cells")
     widget.image_box.setCurrentText("cells")
     viewer.layers["point prompts"].add([150.0, 140.0])
     settle(qtbot, widget)
-    np.testing.assert_array_equal(current_mask(viewer, "cells"),
-                                  best_click(reference, reference.encode(image), (0, 150, 140)))
+    masks, iou, _, (y0, y1, x0, x1) = reference.tiled(image).predict_window(
+        point_coords=np.array([[140.0, 150.0]]), point_labels=np.array([1]))
+    want = np.zeros(image.shape[:2], bool)
+    want[y0:y1, x0:x1] = masks[int(np.argmax(iou))]
+    assert (y1 - y0, x1 - x0) == (256, 256) and want.any()
+    np.testing.assert_array_equal(current_mask(viewer, "cells"), want)
 
 
 @pytest.mark.slow  # the SAM 2 export (shared)
@@ -130,15 +134,6 @@ def test_sam2_export_without_memory_graphs_says_how_to_make_one(make_napari_view
     assert widget.status.text() == ("error: Segment object in volume: image_only is a SAM 2 export without memory "
                                     "graphs, so it cannot propagate; export the model again with 'peftexport "
                                     "merge-and-export ... --video'")
-
-    # A whole-slide plane is not read whole to be resized to 256 px: refused before any worker.
-    import dask.array as da
-
-    viewer.add_image(da.zeros((9000, 9000), dtype=np.uint16, chunks=1024), name="slide", contrast_limits=(0, 1))
-    widget.image_box.setCurrentText("slide")
-    assert widget.compute_embedding() is None and not len(widget.tasks)
-    assert widget.status.text().startswith("error: image layer 'slide': a 9000x9000 plane is too large for a SAM 2 "
-                                           "export, which reads the whole plane and resizes it to 256x256")
 
 
 @pytest.mark.slow  # the 128-px SAM 2 export (shared with test_sam2_tiled.py), 5 planes and 4 frames twice each
