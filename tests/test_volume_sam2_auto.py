@@ -3,7 +3,8 @@
 exports. Checked against what the test computes itself plane by plane with ``Sam2Session.segment_everything``
 (on ``session.encode(plane)``, or its tiles for planes larger than the model input) put through the project's
 merge (``merge_instance_segmentation_3d``) and linker (``link_frames``); ``peftexport predict --3d`` (TIFF, and
-slab by slab into zarr) and ``--track`` without torch; bad input as one ``error:`` line.
+slab by slab into zarr) and ``--track`` without torch; an embeddings store reopened without an encoder run;
+bad input as one ``error:`` line.
 
 The model: a random hiera_t exported at 128 px (tests/volume_helpers.py); the stacks are uint8, which the
 export's intensity rule keeps as is, so a plane read alone normalises as the stack does.
@@ -68,7 +69,7 @@ def per_plane(session, planes, tiled: bool = False) -> np.ndarray:
     return out
 
 
-def test_automatic_3d_equals_merging_each_planes_segment_everything(export):
+def test_automatic_3d_equals_merging_each_planes_segment_everything(export, tmp_path):
     session = SamSession(export)
     assert isinstance(session, Sam2Session)
     image, _ = synthetic_volume((5, 64, 80), seed=2, n_objects=(3, 4), radius=(7.0, 12.0))
@@ -82,6 +83,17 @@ def test_automatic_3d_equals_merging_each_planes_segment_everything(export):
     np.testing.assert_array_equal(got, want)
     # "auto" on an export without an instance decoder is segment-everything
     np.testing.assert_array_equal(V.segment_volume(session, stack, everything_options=OPTIONS), want)
+
+    # a zarr store keeps the planes' Sam2Embeddings (with both high-res maps): reopened, no encoder runs
+    store = tmp_path / "stack.emb.zarr"
+    vol = V.VolumeEmbeddings(session, V.stack_from_array(stack), store=store)
+    np.testing.assert_array_equal(V.segment_volume(session, vol, "everything", everything_options=OPTIONS), want)
+    assert vol.encoder_runs == len(stack)
+    again = V.VolumeEmbeddings(SamSession(export), V.stack_from_array(stack), store=store)
+    assert again.n_embedded == len(stack)
+    np.testing.assert_array_equal(V.segment_volume(again.session, again, "everything", everything_options=OPTIONS),
+                                  want)
+    assert again.encoder_runs == 0
 
     # planes larger than the model input are segmented tile by tile, as a large 2D image is
     big, _ = synthetic_volume((2, 150, 140), seed=4, n_objects=(3, 4), radius=(8.0, 14.0))
@@ -144,7 +156,6 @@ def test_bad_input_on_a_sam2_export_is_one_error_line(export, tmp_path):
     cases = [
         ("plane.tif", ["--3d"], "plane.tif"),
         ("stack.tif", ["--3d", "--instances"], "has no instance decoder"),
-        ("stack.tif", ["--3d", "--embeddings", tmp_path / "e.zarr"], "keeps no plane embeddings on disk"),
         ("stack.tif", ["--track"], "stack.tif"),
     ]
     for name, args, says in cases:

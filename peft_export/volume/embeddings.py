@@ -18,8 +18,9 @@ Planes asked for before they are embedded (``embedding(z)``) are encoded on dema
 
 On a SAM 2 session a plane's embedding is a ``Sam2Embedding`` (the image embedding and its two high-res
 feature maps), made by the session's ``encode_tile`` as SAM's are: automatic 3D and tracking run on it the
-same way, in memory (a zarr store of SAM 2 embeddings is refused with one line). SAM 2's propagation
-(``sam2_propagate``) uses only the stack and its intensity statistics: it encodes each plane as it reaches it.
+same way; its store adds ``high_res_0`` (planes x tiles x 32 x 4g x 4g) and ``high_res_1`` (x 64 x 2g x 2g).
+SAM 2's propagation (``sam2_propagate``) uses only the stack and its intensity statistics: it encodes each
+plane as it reaches it.
 """
 
 from __future__ import annotations
@@ -49,13 +50,6 @@ def is_sam2(session: Any) -> bool:
     """A session on a SAM 2 export (``Sam2Session``): it propagates with its memory; its plane embeddings are
     ``Sam2Embedding``s."""
     return (getattr(session, "manifest", None) or {}).get("family") == "sam2"
-
-
-def refuse_sam2_store(session: Any, store: Optional[str | Path]) -> None:
-    """A SAM 2 session keeps its plane embeddings in memory: the zarr store holds SAM's embedding only."""
-    if store is not None and is_sam2(session):
-        raise PeftExportError(f"{store}: a SAM 2 export keeps no plane embeddings on disk (its planes are embedded "
-                              "in memory, or by its propagation as it reaches them); leave out --embeddings")
 
 
 def cancelled(cancel: Cancel) -> bool:
@@ -110,7 +104,9 @@ def encoder_identity(session: Any, adapter: Optional[str]) -> Dict[str, Any]:
     return {"model_type": session.manifest.get("model_type"), "image_size": session.image_size,
             "precision": chosen[keys[0]][0], "adapter": adapter, "encoder_sha256": shas,
             "intensity_rule": session._intensity_rule, "pixel_mean": list(session._pixel_mean),
-            "pixel_std": list(session._pixel_std), "interpolation": session._interpolation}
+            "pixel_std": list(session._pixel_std),
+            "interpolation": getattr(session, "_interpolation", None) or session.manifest["preprocessing"].get(
+                "interpolation")}  # Sam2Session: SAM 2's antialiased resize, as its manifest records
 
 
 class VolumeEmbeddings:
@@ -124,7 +120,6 @@ class VolumeEmbeddings:
         self.session, self.stack = session, stack
         self.adapter = pick_adapter(adapter, session.adapters)
         self.plane_shape = stack.plane_shape
-        refuse_sam2_store(session, store)
         self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
         self.grid = TileGrid(self.plane_shape, self.spec)
         sample = stack_sample(stack) if intensity is None or store is not None else None
@@ -137,6 +132,7 @@ class VolumeEmbeddings:
         self._guard = threading.Lock()
         self.store_path = Path(store) if store is not None else None
         self._features = self._done = None
+        self._high_res: Optional[Tuple[Any, Any]] = None  # SAM 2: the store's two high-res feature maps
         self._done_cache: Optional[np.ndarray] = None
         if self.store_path is not None:
             self._open_store()
@@ -169,6 +165,8 @@ class VolumeEmbeddings:
                 raise PeftExportError(f"{path}: these embeddings were made differently ({what}); use another "
                                       "embeddings path, or delete this one to embed again")
             self._features, self._done = group["features"], group["done"]
+            if is_sam2(self.session):
+                self._high_res = (group["high_res_0"], group["high_res_1"])
             self._done_cache = np.asarray(self._done[:], bool)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +174,10 @@ class VolumeEmbeddings:
         n, t = self.stack.n_planes, len(self.grid)
         self._features = group.create_array("features", shape=(n, t, 256, g, g), chunks=(1, 1, 256, g, g),
                                             dtype="float32", fill_value=0)
+        if is_sam2(self.session):  # the decoder's high-res inputs: (32, 4g, 4g) and (64, 2g, 2g)
+            self._high_res = tuple(group.create_array(f"high_res_{i}", shape=(n, t, c, s, s), chunks=(1, 1, c, s, s),
+                                                      dtype="float32", fill_value=0)
+                                   for i, (c, s) in enumerate(((32, 4 * g), (64, 2 * g))))
         self._done = group.create_array("done", shape=(n,), chunks=(n,), dtype="uint8", fill_value=0)
         self._done_cache = np.zeros(n, bool)
         group.attrs["peftexport_embeddings"] = want
@@ -230,6 +232,8 @@ class VolumeEmbeddings:
             embs = [self._encode(z, k) for k in range(len(self.grid))]
             if self._features is not None:
                 self._features[z] = np.concatenate([e.embedding for e in embs])
+                for i, feats in enumerate(self._high_res or ()):
+                    feats[z] = np.concatenate([e.high_res_feats[i] for e in embs])
                 self._done[z] = 1  # after the features: a plane cut midway is embedded again
                 self._done_cache[z] = True
             elif self.keep:
@@ -253,6 +257,13 @@ class VolumeEmbeddings:
         original, inp = self._sizes(tile)
         emb = np.asarray(self._features[z, tile][None], np.float32)
         emb.setflags(write=False)
+        if self._high_res is not None:
+            from ..runtime.sam2_session import Sam2Embedding
+
+            high = tuple(np.asarray(f[z, tile][None], np.float32) for f in self._high_res)
+            for a in high:
+                a.setflags(write=False)
+            return Sam2Embedding(emb, high, original)  # type: ignore[return-value]
         return ImageEmbedding(emb, original, inp, self.adapter)
 
     def compute(self, progress: Progress = None, cancel: Cancel = None, planes: Optional[Any] = None) -> int:

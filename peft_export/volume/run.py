@@ -180,7 +180,10 @@ def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, 
     if tile is not None or halo is not None or scale is not None:
         raise PeftExportError("--tile/--halo/--scale: SAM 2's propagation resizes each whole plane to its input "
                               "(tiles are for automatic 3D, --track and 2D images)")
-    vol = VolumeEmbeddings(session, stack, store=embeddings)  # refuses a store
+    if embeddings is not None:
+        raise PeftExportError(f"{embeddings}: SAM 2's propagation keeps no plane embeddings (it encodes each plane "
+                              "as it reaches it); leave out --embeddings (a store is for --3d)")
+    vol = VolumeEmbeddings(session, stack)
     bar, update = _bar(progress, "propagate")
     seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, progress=update)
     if bar is not None:
