@@ -37,7 +37,6 @@ from peft_export.volume import (  # noqa: E402
     VolumeEmbeddings,
     propagation_methods,
     segment_object_in_volume,
-    segment_volume,
     stack_from_array,
 )
 
@@ -166,8 +165,8 @@ def test_predict_propagate_on_a_sam2_export_without_torch(sam2_export, volume, t
 @pytest.mark.slow
 def test_what_a_sam2_export_cannot_do_in_the_volume_room(sam2_export, volume, tmp_path, tmp_path_factory):
     """One ``error:`` line, exit 2, nothing written: an export without memory graphs asked to propagate,
-    the volume room's plane-embedding work (automatic 3D, tracking), the prompts method's options and
-    embeddings store, and the method named for the wrong export."""
+    the prompts method's options, tiles and embeddings store, and the method named for the wrong export
+    (automatic 3D and tracking run on SAM 2: test_volume_sam2_auto.py)."""
     from tiled_helpers import ais_export_dir
 
     export, plain = sam2_export
@@ -182,14 +181,12 @@ def test_what_a_sam2_export_cannot_do_in_the_volume_room(sam2_export, volume, tm
         session.propagate(list(stack), {1: {2: {"mask": annotated(gt)[2]}}})
     with pytest.raises(PeftExportError, match=no_memory):
         segment_object_in_volume(VolumeEmbeddings(session, stack_from_array(stack)), annotated(gt))
-    with pytest.raises(PeftExportError, match="a SAM 2 export has no plane embeddings"):
-        segment_volume(SamSession(export), stack_from_array(stack))
     sam = ais_export_dir(tmp_path_factory)  # a SAM export
     assert propagation_methods(SamSession(sam)) == ("prompts",)
     cases = [
         (plain, ("--propagate", "--points", "2,20,20"), no_memory),
-        (export, ("--3d",), "a SAM 2 export has no plane embeddings"),
-        (export, ("--track", "--axes", "tyx"), "a SAM 2 export has no plane embeddings"),
+        (export, ("--propagate", "--points", "2,20,20", "--tile", "32"), "--tile/--halo/--scale: SAM 2's propagation "
+         "resizes each whole plane"),
         (export, ("--propagate", "--points", "2,20,20", "--projection", "box"), "--projection: an option of "
          "--propagation prompts"),
         (export, ("--propagate", "--points", "2,20,20", "--embeddings", tmp_path / "e.zarr"), "keeps no plane "

@@ -81,3 +81,30 @@ def sam2_video_export(tmp_path_factory) -> tuple[Path, Path]:
     (tmp / "image_only.tmp" / "manifest.json").write_text(json.dumps(manifest))
     (tmp / "image_only.tmp").rename(plain)  # last: its manifest says the pair is complete
     return export, plain
+
+
+SAM2_TILE_SIZE = 128
+
+
+def sam2_image_export(tmp_path_factory) -> Path:
+    """A random hiera_t at image size 128, image graphs only (``merge-and-export`` of random weights, ~15 s):
+    SAM 2's tiles, automatic 3D and tracking (test_sam2_tiled.py, test_volume_sam2_auto.py,
+    test_napari_sam2.py); made once per test session."""
+    import torch
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+    from peft_export.models.sam2 import random_sam2
+
+    tmp = tmp_path_factory.getbasetemp() / "sam2_image_export"
+    export = tmp / "export"
+    if (export / "manifest.json").is_file():
+        return export
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save({"model": random_sam2("sam2.1_hiera_t", SAM2_TILE_SIZE, seed=3).state_dict()}, tmp / "random.pt")
+    res = CliRunner().invoke(app, ["merge-and-export", "--merged", str(tmp / "random.pt"), "--image-size",
+                                   str(SAM2_TILE_SIZE), "-o", str(tmp / "export.tmp"), "-q"])
+    assert res.exit_code == 0, res.output
+    (tmp / "export.tmp").rename(export)  # last: a complete export has the name
+    return export

@@ -12,7 +12,6 @@ import numpy as np
 from ..errors import PeftExportError
 from ..predict import EVERYTHING_DEFAULTS
 from ..runtime import AIS_DEFAULTS
-from ..volume.embeddings import is_sam2
 
 # "Segment all" keeps the whole plane's results in memory (the instance decoder's three float32 maps
 # and the int32 labels: 16 bytes per pixel, 1 GiB at this size); larger planes go to the CLI, which
@@ -75,20 +74,9 @@ def has_instance_decoder(session: Any, adapter: Optional[str]) -> bool:
 
 
 def needs_tiles(session: Any, shape: Tuple[int, ...]) -> bool:
-    """An image larger than the model input is segmented tile by tile at full resolution; a SAM 2
-    export resizes any image to its square input, as SAM2ImagePredictor does (no tiles there yet)."""
-    return max(shape[:2]) > int(session.image_size) and not is_sam2(session)
-
-
-def check_sam2_plane(session: Any, shape: Tuple[int, ...], name: str) -> None:
-    """Refuse a plane a SAM 2 export would read whole into memory only to resize it to its input
-    (whole-slide images are tiled on SAM exports; not yet on SAM 2)."""
-    h, w = int(shape[0]), int(shape[1])
-    if is_sam2(session) and h * w > SEGMENT_ALL_MAX_PIXELS:
-        raise PeftExportError(
-            f"image layer '{name}': a {w}x{h} plane is too large for a SAM 2 export, which reads the whole plane "
-            f"and resizes it to {session.image_size}x{session.image_size} (tiles are not available for SAM 2 yet); "
-            "crop or downscale the image, or use a SAM export")
+    """An image larger than the model input is segmented tile by tile at full resolution (SAM and SAM 2
+    exports alike: ``runtime.tiled``)."""
+    return max(shape[:2]) > int(session.image_size)
 
 
 def check_segment_all_size(shape: Tuple[int, ...]) -> None:

@@ -12,7 +12,8 @@ in memory or in a zarr store that a later session reopens without an encoder run
 
 On a SAM 2 export with memory graphs, "Segment object in volume" is SAM 2's propagation (``method=
 "sam2"``): nothing is embedded first, the annotated slices' shown masks or prompts are its conditioning
-frames, the prompts method's options are hidden; what needs plane embeddings is disabled (``volume_sam2``).
+frames, the prompts method's options are hidden; "Segment all (3D)" and "Track" encode each plane as they
+reach it (nothing kept); the store and "Embed all planes" are disabled (``volume_sam2``).
 
 A mixin of ``widget.SegmentWidget``. A volume belongs to a ``current.Target`` whose index is ()
 (the whole layer: export, layer, data generation, adapter) and the store path; its tasks are
@@ -38,7 +39,7 @@ from .current import Target
 from .images import check_displayed, leading_axes
 from .prompts import ClickDecoder, Decoded, Prompts, clip_to_image, prompted_slices, same_prompts, slice_prompts
 from .save import KEY, export_metadata
-from .volume_sam2 import PROPAGATE, sam2_note, sam2_prompt, sam2_refusal
+from .volume_sam2 import EMBED, PROPAGATE, sam2_note, sam2_planes, sam2_prompt, sam2_refusal
 from .worker import Task
 
 VOLUME_OBJECT = "volume object"
@@ -96,11 +97,10 @@ class VolumeActions:
 
     def _volume_controls(self) -> None:
         """The Volume / movie box for the loaded export: on SAM 2 the prompts method's options are
-        hidden, what needs plane embeddings is disabled, and a note says why."""
+        hidden, the store and Embed all planes are disabled, and a note says why."""
         sam2 = self.session is not None and is_sam2(self.session)
         self.propagation_form.setVisible(not sam2)
-        for w in (self.store_edit, self.embed_volume_button, self.merge_form, self.all_3d_button, self.track_form,
-                  self.track_button):
+        for w in (self.store_edit, self.embed_volume_button):
             w.setEnabled(not sam2)
         self.propagate_button.setEnabled(not sam2_refusal(self.session, PROPAGATE))
         self.volume_note.setText(sam2_note(self.session))
@@ -158,7 +158,7 @@ class VolumeActions:
         the planes done); ``then(volume)`` runs once all are embedded. None when nothing to do."""
         try:
             key = self._volume_key()
-            self._check_volume_action("Embed all planes")
+            self._check_volume_action(EMBED)
         except PeftExportError as exc:
             self._fail(exc)
             return None
@@ -314,7 +314,8 @@ class VolumeActions:
         return mode_params(self.session, self.adapter, form.values())
 
     def segment_all_3d(self) -> Optional[Task]:
-        """Every plane's instances merged across z, into "<image> automatic 3D" (after embedding)."""
+        """Every plane's instances merged across z, into "<image> automatic 3D" (after embedding; on a SAM 2
+        export each plane is encoded as it is segmented)."""
         try:
             key = self._volume_key()
             self._check_volume_action("Segment all (3D)")
@@ -322,7 +323,7 @@ class VolumeActions:
         except PeftExportError as exc:
             self._fail(exc)
             return None
-        return self.embed_volume(then=lambda volume: self._segment_3d(key[0], volume))
+        return self._volume_ready(key, lambda volume: self._segment_3d(key[0], volume), embed=not is_sam2(self.session))
 
     def _segment_3d(self, target: Target, volume: V.VolumeEmbeddings) -> None:
         ais, params = self._plane_options()
@@ -330,7 +331,7 @@ class VolumeActions:
         session = self.session
 
         def work(task: Task) -> np.ndarray:
-            return V.segment_volume(session, volume, "ais" if ais else "everything",
+            return V.segment_volume(session, sam2_planes(volume), "ais" if ais else "everything",
                                     instance_options=params if ais else None,
                                     everything_options=None if ais else params, **merge,
                                     progress=task.step, cancel=lambda: task.cancelled)
@@ -350,7 +351,7 @@ class VolumeActions:
         except PeftExportError as exc:
             self._fail(exc)
             return None
-        return self.embed_volume(then=lambda volume: self._track(key[0], volume))
+        return self._volume_ready(key, lambda volume: self._track(key[0], volume), embed=not is_sam2(self.session))
 
     def _track(self, target: Target, volume: V.VolumeEmbeddings) -> None:
         ais, params = self._plane_options()
@@ -360,7 +361,8 @@ class VolumeActions:
         session = self.session
 
         def work(task: Task) -> V.TrackingResult:
-            return V.track(session, volume, "ais" if ais else "everything", instance_options=params if ais else None,
+            return V.track(session, sam2_planes(volume), "ais" if ais else "everything",
+                           instance_options=params if ais else None,
                            everything_options=None if ais else params, **linking, progress=task.step,
                            cancel=lambda: task.cancelled)
 

@@ -24,7 +24,7 @@ from napari.layers import Image, Labels
 from ..errors import PeftExportError
 from ..runtime import SamSession
 from . import layers as L
-from .automatic import check_sam2_plane, has_instance_decoder, needs_tiles
+from .automatic import has_instance_decoder, needs_tiles
 from .current import LayerVersions, Target
 from .images import check_displayed, current_index, lazy_plane, leading_axes
 from .panel import Panel
@@ -242,7 +242,6 @@ class SegmentWidget(VolumeActions, ResultActions, Panel):
                     then()
                 return None
             plane = lazy_plane(image, target.index)  # read in the worker, not here
-            check_sam2_plane(self.session, plane.shape, image.name)
         except PeftExportError as exc:
             self._fail(exc)
             return None

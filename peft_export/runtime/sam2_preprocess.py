@@ -73,9 +73,16 @@ def prepare_sam2_image(image: np.ndarray, rule: dict | None, image_size: int,
         raise PeftExportError(f"image: expected HxW or HxWxC, got shape {image.shape}")
     rgb = to_uint8(normalize_intensity(image, rule))
     original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+    return sam2_encoder_input(rgb, image_size, pixel_mean, pixel_std), original_size
+
+
+def sam2_encoder_input(rgb: np.ndarray, image_size: int, pixel_mean: Sequence[float] = SAM2_PIXEL_MEAN,
+                       pixel_std: Sequence[float] = SAM2_PIXEL_STD) -> np.ndarray:
+    """uint8 H x W x 3 -> the encoder input (1, 3, S, S): / 255, resized to S x S (aspect ratio not kept),
+    ImageNet-normalised. A tile of a large image (``runtime.tiling``) goes through here as a whole image does."""
     x = resize_antialias(rgb.astype(np.float32) / np.float32(255.0), (image_size, image_size))
     x = (x - np.asarray(pixel_mean, np.float32)) / np.asarray(pixel_std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32), original_size
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
 def to_sam2_frame(xy: np.ndarray, original_size: Tuple[int, int], image_size: int, dtype=np.float32) -> np.ndarray:

@@ -11,6 +11,11 @@ to the image, and the returned low-res logits are clipped to [-32, 32] as the pr
 Segment-everything is ``SAM2AutomaticMaskGenerator`` (one crop) with its defaults, through the same
 numpy steps as SAM's (``everything``).
 
+Large images: ``set_image(image, tile=...)`` / ``tiled(image)`` give the ``TiledImage`` of ``runtime.tiled``,
+SAM's tiling code as it is; the seam is ``encode_tile`` / ``encode_whole`` (SamSession has both): a tile is
+its pixels through the whole image's ``IntensityRange``, resized to S x S as any SAM 2 image, and its
+``Sam2Embedding`` holds the image embedding and the two high-res feature maps.
+
 ``propagate(frames or volume, prompts on some frames)`` is SAM 2's video propagation
 (``SAM2VideoPredictor``), run by ``sam2_video.Sam2Propagator`` on the export's memory graphs (opened on
 the first call, with this session's backend, device, threads and encoder precision); an export without
@@ -35,9 +40,11 @@ from .manifest import read_manifest
 from .postprocess import resize_bilinear
 from .prompts import check_boxes, check_points, mask_input_feed
 from .sam2_masks import select_masks
-from .sam2_preprocess import prepare_sam2_image, to_sam2_frame
+from .sam2_preprocess import prepare_sam2_image, sam2_encoder_input, to_sam2_frame
 from .sam2_video import Sam2Propagator, has_memory_graphs, no_memory_graphs_message
 from .sam2_video_prompts import Prompts
+from .tiled import TiledImage
+from .tiling import tile_spec, whole_rgb
 
 ENCODER_OUTPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1")
 LOW_RES_CLAMP = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns
@@ -99,6 +106,7 @@ class Sam2Session(InstanceSegmentation):
         self.providers = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Sam2Embedding] = None
+        self._tiled: Optional[TiledImage] = None  # after set_image(..., tile=...)
 
     adapters: Tuple[str, ...] = ()
     NO_AIS_HINT = ("export a SAM 2 model trained with --instance-decoder (peftexport finetune --model sam2.1_hiera_t "
@@ -122,37 +130,76 @@ class Sam2Session(InstanceSegmentation):
 
     # ---- image -----------------------------------------------------------------------------
 
-    def encode_features(self, image: np.ndarray) -> Tuple[Dict[str, np.ndarray], Tuple[int, int]]:
-        """The encoder graph's three outputs (``image_embeddings`` without ``no_mem_embed``) and the original size."""
-        x, original_size = prepare_sam2_image(image, self._intensity_rule, self.image_size, self._pixel_mean,
-                                              self._pixel_std)
+    def _run_encoder(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         out = self._backend.run("encoder", {"image": x})
         feats = {n: np.asarray(out[n], np.float32) for n in ENCODER_OUTPUTS}
         g = self.image_size // 16
         if feats["image_embeddings"].shape != (1, 256, g, g):
             raise PeftExportError(f"encoder: output shape {feats['image_embeddings'].shape} does not match image size "
                                   f"{self.image_size}")
-        return feats, original_size
+        return feats
 
-    def encode(self, image: np.ndarray, adapters: Optional[Any] = None) -> Sam2Embedding:
-        """Preprocess and encode one image (2D gray or HxWx3/4, any dtype); no session state."""
-        feats, original_size = self.encode_features(image)
+    def encode_features(self, image: np.ndarray) -> Tuple[Dict[str, np.ndarray], Tuple[int, int]]:
+        """The encoder graph's three outputs (``image_embeddings`` without ``no_mem_embed``) and the original size."""
+        x, original_size = prepare_sam2_image(image, self._intensity_rule, self.image_size, self._pixel_mean,
+                                              self._pixel_std)
+        return self._run_encoder(x), original_size
+
+    def encode_prepared(self, x: np.ndarray, original_size: Tuple[int, int]) -> Sam2Embedding:
+        """``encode`` of an encoder input already prepared (1 x 3 x S x S)."""
+        feats = self._run_encoder(x)
         emb = feats["image_embeddings"] + self.no_mem_embed  # SAM2ImagePredictor: directly_add_no_mem_embed
         for a in (emb, feats["high_res_feats_0"], feats["high_res_feats_1"]):
             a.setflags(write=False)
-        return Sam2Embedding(emb, (feats["high_res_feats_0"], feats["high_res_feats_1"]), original_size)
+        return Sam2Embedding(emb, (feats["high_res_feats_0"], feats["high_res_feats_1"]),
+                             (int(original_size[0]), int(original_size[1])))
+
+    def encode(self, image: np.ndarray, adapters: Optional[Any] = None) -> Sam2Embedding:
+        """Preprocess and encode one image (2D gray or HxWx3/4, any dtype); no session state."""
+        x, original_size = prepare_sam2_image(image, self._intensity_rule, self.image_size, self._pixel_mean,
+                                              self._pixel_std)
+        return self.encode_prepared(x, original_size)
+
+    # ---- large images: tiles (``runtime.tiled``, the same code as SAM's) --------------------------
+
+    def encode_tile(self, pixels: np.ndarray, intensity: Any, spec: Any) -> Sam2Embedding:
+        """One tile (``SamSession.encode_tile``'s call): its pixels through the whole image's ``IntensityRange``,
+        then SAM 2's own resize to S x S, so a full-size tile is encoded exactly as ``encode`` encodes that crop
+        (where the crop normalises alike). A tile narrower than ``spec.tile`` occurs only where the image is
+        narrower than a tile; SAM 2 stretches it to S x S, as it does any non-square image."""
+        rgb = intensity.to_uint8(pixels)
+        return self.encode_prepared(sam2_encoder_input(rgb, self.image_size, self._pixel_mean, self._pixel_std),
+                                    rgb.shape[:2])
+
+    def encode_whole(self, image: Any, intensity: Any, image_size: int) -> Sam2Embedding:
+        """A large image whole at S x S (segment-everything's coarse layer); masks come back at full size."""
+        rgb, size = whole_rgb(image, intensity, image_size)
+        return self.encode_prepared(sam2_encoder_input(rgb, self.image_size, self._pixel_mean, self._pixel_std), size)
+
+    def tiled(self, image: Any, tile: Optional[int] = None, halo: Optional[int] = None,
+              scale: Optional[float] = None, adapter: Optional[str] = None) -> TiledImage:
+        """A ``TiledImage`` of ``image`` (``SamSession.tiled``): tiles of ``tile`` native pixels resized to the model
+        input (default: the export's training scale), ``halo`` pixels of context per side (default tile / 4)."""
+        if adapter is not None:
+            raise PeftExportError(f"{self.export_dir}: a SAM 2 export has one model, no named adapters")
+        return TiledImage(self, image, tile_spec(self.manifest, tile, halo, scale))
 
     def set_image(self, image: np.ndarray, adapters: Optional[Any] = None, tile: Optional[int] = None,
                   halo: Optional[int] = None, scale: Optional[float] = None) -> None:
-        if tile is not None or halo is not None or scale is not None:
-            raise PeftExportError("set_image: tiling is not available for SAM 2 exports yet")
-        emb = self.encode(image)
+        """Encode ``image`` once; with ``tile``/``halo``/``scale`` (any of them) a large image at full resolution,
+        tile by tile (``tiled``): ``predict`` and ``segment_everything`` then work on the whole image."""
+        if tile is None and halo is None and scale is None:
+            emb = self.encode(image)
+            with self._lock:
+                self._embedding, self._tiled = emb, None
+            return
+        tiled = self.tiled(image, tile=tile, halo=halo, scale=scale)
         with self._lock:
-            self._embedding = emb
+            self._embedding, self._tiled = None, tiled
 
     def reset_image(self) -> None:
         with self._lock:
-            self._embedding = None
+            self._embedding, self._tiled = None, None
 
     def get_image_embedding(self, adapter: Optional[str] = None) -> np.ndarray:
         return self._snapshot(None).embedding
@@ -204,7 +251,11 @@ class Sam2Session(InstanceSegmentation):
                 box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None, multimask_output: bool = True,
                 return_logits: bool = False, embedding: Optional[Sam2Embedding] = None, adapter: Optional[str] = None,
                 masks: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
-        """SAM2ImagePredictor.predict: (masks (C,H,W) bool or logits, iou (C,), low-res logits (C,4g,4g))."""
+        """SAM2ImagePredictor.predict: (masks (C,H,W) bool or logits, iou (C,), low-res logits (C,4g,4g)).
+        After ``set_image(..., tile=...)`` the prompt goes to one tile (``runtime.tiled``)."""
+        if embedding is None and self._tiled is not None:
+            return self._tiled.predict(point_coords, point_labels, box, mask_input=mask_input,
+                                       multimask_output=multimask_output, return_logits=return_logits)
         emb = self._snapshot(embedding)
         pts = lbl = boxes = None
         if point_coords is not None or point_labels is not None:
@@ -247,7 +298,13 @@ class Sam2Session(InstanceSegmentation):
                            min_mask_region_area: int = 0, embedding: Optional[Sam2Embedding] = None,
                            adapter: Optional[str] = None, return_masks: bool = False, decoder: str = "auto"
                            ) -> Tuple[np.ndarray, MaskRecords]:
-        """SAM2AutomaticMaskGenerator (one crop, its defaults) -> (int32 labels HxW, records)."""
+        """SAM2AutomaticMaskGenerator (one crop, its defaults) -> (int32 labels HxW, records). After
+        ``set_image(..., tile=...)``: per tile and on the whole image, merged as SAM's crop layers (``runtime.tiled``)."""
+        if embedding is None and self._tiled is not None:
+            return self._tiled.segment_everything(
+                points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh, box_nms_thresh=box_nms_thresh,
+                min_mask_region_area=min_mask_region_area, return_masks=return_masks)
         emb = self._snapshot(embedding)
         size, low = emb.original_size, self.low_res_size
 

@@ -216,6 +216,22 @@ class SamSession(AutomaticSegmentation):
         emb = np.asarray(out.get("image_embeddings", next(iter(out.values()))), dtype=np.float32)
         return self._checked_embedding(emb, original_size, input_size, None)
 
+    def encode_tile(self, pixels: np.ndarray, intensity: Any, spec: Any) -> Union[ImageEmbedding, EncodedImage]:
+        """One tile of a large image or a volume's plane (``runtime.tiled``): its native pixels normalised
+        with the whole image's ``IntensityRange``, at the tile's scale (``TileSpec``). ``Sam2Session`` has
+        the same call: the tiled and volume code encode through it whatever the model family."""
+        from .tiling import prepare_tile
+
+        return self.encode_prepared(*prepare_tile(pixels, intensity, spec, self._pixel_mean, self._pixel_std,
+                                                  self._interpolation))
+
+    def encode_whole(self, image: Any, intensity: Any, image_size: int) -> Union[ImageEmbedding, EncodedImage]:
+        """A large image whole at the model input (segment-everything's coarse layer; ``tiling.prepare_whole``)."""
+        from .tiling import prepare_whole
+
+        return self.encode_prepared(*prepare_whole(image, intensity, image_size, self._pixel_mean, self._pixel_std,
+                                                   self._interpolation))
+
     def _checked_embedding(self, emb: np.ndarray, original_size, input_size, adapter: Optional[str]) -> ImageEmbedding:
         g = self.image_size // 16
         if emb.shape[0] != 1 or emb.shape[-2:] != (g, g):

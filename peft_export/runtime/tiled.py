@@ -15,7 +15,9 @@ resized whole. Made by ``SamSession.tiled(image, tile=, halo=, scale=)`` or ``se
   box NMS over all layers removes duplicates, preferring a tile's mask to the coarse layer's (SAM
   prefers the smaller crop). The halo must be at least ``min_everything_halo(tile)``.
 
-An image that fits in one tile is encoded whole, exactly as without tiling.
+An image that fits in one tile is encoded whole, exactly as without tiling. Tiles are encoded by the
+session's ``encode_tile`` (the coarse layer by ``encode_whole``): SAM's and SAM 2's sessions each prepare a
+tile their own way and return the embedding their own calls take, so this module serves both.
 Embeddings are computed on demand, the last few kept (``cache``): memory does not grow with the image.
 """
 
@@ -32,7 +34,7 @@ from .embedding import MAX_BATCH_MASK_BYTES
 from .everything import MaskRecords, box_nms
 from .instances import check_ais_params, object_records, require_ais_packages
 from .mask_runs import MaskRuns, paint_runs
-from .tiling import IntensityRange, Tile, TileGrid, TileSpec, prepare_tile, prepare_whole
+from .tiling import IntensityRange, Tile, TileGrid, TileSpec
 
 EDGE_TOLERANCE = 20  # px: SAM's is_box_near_crop_edge atol (crops much larger than tiles)
 
@@ -67,15 +69,14 @@ class TiledImage:
         return np.asarray(self.image[y0:y1, x0:x1])
 
     def embedding(self, tile: Tile) -> Any:
-        """The tile's embedding (an ``ImageEmbedding``/``EncodedImage`` for the session's calls)."""
+        """The tile's embedding (an ``ImageEmbedding``/``EncodedImage``, or a SAM 2 session's ``Sam2Embedding``:
+        the image embedding and its two high-res feature maps), made by the session's ``encode_tile``."""
         if self.grid.single:
             key = (-1, -1)
             make: Callable[[], Any] = lambda: self.session.encode(np.asarray(self.image))
         else:
             key = tile.index
-            make = lambda: self.session.encode_prepared(*prepare_tile(
-                self.pixels(tile), self.intensity, self.spec, self.session._pixel_mean, self.session._pixel_std,
-                self.session._interpolation))
+            make = lambda: self.session.encode_tile(self.pixels(tile), self.intensity, self.spec)
         if key not in self._cache:
             self._cache[key] = make()
             while len(self._cache) > self._cache_size:
@@ -147,6 +148,14 @@ class TiledImage:
 
     # ---- automatic instance segmentation -----------------------------------------------------
 
+    def _ais_graph(self) -> None:
+        """The session's instance decoder, checked before any tile is encoded (a SAM 2 session: refused)."""
+        check = getattr(self.session, "_ais_graph", None)
+        if check is None:
+            raise PeftExportError(f"{self.session.export_dir}: automatic instance segmentation (AIS) of tiled images "
+                                  "runs on SAM exports; use segment_everything on this export's tiles")
+        check(self.adapter)
+
     def tile_maps(self, tile: Tile) -> np.ndarray:
         """The instance decoder's maps (3, h, w) of the tile's inner area."""
         maps = self.session.instance_maps(embedding=self.embedding(tile), adapter=self.adapter)
@@ -157,7 +166,7 @@ class TiledImage:
 
     def instance_maps(self, out: Any = None, progress: Optional[Callable[[Tile], None]] = None) -> Any:
         """(3, H, W) float32 maps assembled from the tiles' inner areas into ``out`` (default numpy)."""
-        self.session._ais_graph(self.adapter)
+        self._ais_graph()
         out = np.zeros((3, *self.shape), np.float32) if out is None else out
         for tile in self.grid:
             y0, y1, x0, x1 = tile.inner
@@ -170,7 +179,7 @@ class TiledImage:
                           ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
         """``SamSession.segment_instances`` on the whole image: (int32 labels H x W, records)."""
         p = check_ais_params(params)
-        self.session._ais_graph(self.adapter)
+        self._ais_graph()
         require_ais_packages()
         labels = instances_blockwise(self.instance_maps(), p, block=block, halo=halo)
         return labels, object_records(labels)
@@ -179,9 +188,7 @@ class TiledImage:
 
     def coarse_embedding(self) -> Any:
         """The whole image as one picture at the model input (SAM's crop layer 0)."""
-        return self.session.encode_prepared(*prepare_whole(
-            self.image, self.intensity, self.spec.image_size, self.session._pixel_mean, self.session._pixel_std,
-            self.session._interpolation))
+        return self.session.encode_whole(self.image, self.intensity, self.spec.image_size)
 
     def segment_everything(self, **options: Any) -> Tuple[np.ndarray, MaskRecords]:
         """``SamSession.segment_everything`` per tile and on the whole image, then SAM's crop-layer

@@ -222,15 +222,21 @@ def _encoder_input(rgb: np.ndarray, new: Tuple[int, int], size: int, pixel_mean:
     return x
 
 
+def whole_rgb(image: Any, intensity: IntensityRange, image_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """The whole image as uint8 H' x W' x 3, read with a stride that keeps at least twice the model
+    input per side (segment-everything's coarse layer, SAM's and SAM 2's), and its full size (h, w)."""
+    h, w = (int(v) for v in image.shape[:2])
+    stride = max(1, max(h, w) // (2 * image_size))
+    return intensity.to_uint8(np.asarray(image[::stride, ::stride])), (h, w)
+
+
 def prepare_whole(image: Any, intensity: IntensityRange, image_size: int, pixel_mean: Sequence[float],
                   pixel_std: Sequence[float], interpolation: str
                   ) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
     """The whole image as the encoder sees an ordinary image (longest side resized to the model
     input), read with a stride that keeps at least twice the model input per side: the encoder
     input, original_size (the full image, so masks come back at full resolution), input_size."""
-    h, w = (int(v) for v in image.shape[:2])
-    stride = max(1, max(h, w) // (2 * image_size))
-    rgb = intensity.to_uint8(np.asarray(image[::stride, ::stride]))
+    rgb, (h, w) = whole_rgb(image, intensity, image_size)
     new = preprocess_shape(h, w, image_size)
     return _encoder_input(rgb, new, image_size, pixel_mean, pixel_std, interpolation), (h, w), new
 

@@ -2,7 +2,8 @@
 OME-Zarr; ZYX, TYX, CZYX), every plane embedded once (in memory or a zarr store; background,
 progress, cancel), one object propagated through z (micro-sam's ``segment_mask_in_volume``, or on
 SAM 2 exports SAM 2's memory: ``sam2_propagate``),
-automatic 3D instances (per-plane AIS / segment-everything, then the multicut merge across z),
+automatic 3D instances (per-plane AIS / segment-everything, SAM and SAM 2 sessions alike, then the multicut
+merge across z),
 tracking with divisions (laptrack) with napari and Cell Tracking Challenge outputs, and slab by
 slab processing of volumes larger than memory (Dask).
 

@@ -1,6 +1,7 @@
 """Automatic 3D instance segmentation (micro-sam's ``automatic_3d_segmentation``): every plane
 segmented on its own (AIS where the export has the instance decoder, else segment-everything;
-tiled where planes are larger than the model input), ids made unique over the stack, then the
+tiled where planes are larger than the model input; SAM and SAM 2 sessions alike, through each
+session's own calls), ids made unique over the stack, then the
 planes' objects merged across z (``volume.merge``).
 
 ``segment_planes`` writes the per-plane labels into any Z x H x W array (numpy, or zarr for
@@ -14,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import PeftExportError
-from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled, require_plane_embeddings
+from .embeddings import Cancel, Progress, VolumeEmbeddings, cancelled
 from .merge import MERGE_DEFAULTS, check_merge_options, merge_instance_segmentation_3d, relabel_volume
 from .stacks import Stack, stack_from_array
 
@@ -25,20 +26,31 @@ class Cancelled(PeftExportError):
     """The caller's cancel flag stopped the work (nothing is returned)."""
 
 
+def has_instances(session: Any, adapter: Optional[str]) -> bool:
+    """Whether the session segments instances with an instance decoder (AIS): asked of the session itself,
+    so a SAM 2 session whose ``has_instance_decoder`` is true gets "ais" as SAM's do."""
+    check = getattr(session, "_ais_graph", None)  # SAM: per adapter of an export of several
+    if check is None:
+        return bool(getattr(session, "has_instance_decoder", False))
+    try:
+        check(adapter)
+        return True
+    except PeftExportError:
+        return False
+
+
 def resolve_mode(session: Any, mode: str, adapter: Optional[str]) -> str:
     """"ais" or "everything": "auto" is AIS where the export (adapter) has the instance decoder."""
-    require_plane_embeddings(session)
     if mode not in MODES:
         raise PeftExportError(f"mode: unknown {mode!r} (use {', '.join(MODES)})")
+    if mode == "ais" and not has_instances(session, adapter):
+        check = getattr(session, "_ais_graph", None)
+        if check is not None:
+            check(adapter)  # refuses an export without the decoder, naming it
+        raise PeftExportError(f"{session.export_dir}: this export has no instance decoder (AIS); use --everything")
     if mode != "auto":
-        if mode == "ais":
-            session._ais_graph(adapter)  # refuses an export without the decoder, naming it
         return mode
-    try:
-        session._ais_graph(adapter)
-        return "ais"
-    except PeftExportError:
-        return "everything"
+    return "ais" if has_instances(session, adapter) else "everything"
 
 
 def plane_options(mode: str, instance_options: Optional[Dict[str, Any]], everything_options: Optional[Dict[str, Any]]
@@ -55,7 +67,8 @@ def plane_options(mode: str, instance_options: Optional[Dict[str, Any]], everyth
 
 
 def segment_plane(volume: VolumeEmbeddings, z: int, mode: str, options: Dict[str, Any]) -> np.ndarray:
-    """Instance labels (int32 H x W, ids 1..n) of plane ``z``."""
+    """Instance labels (int32 H x W, ids 1..n) of plane ``z``: the session's own ``segment_instances`` /
+    ``segment_everything`` on the plane's embedding (SAM's or SAM 2's), or its tiles' (``runtime.tiled``)."""
     session, adapter = volume.session, volume.adapter
     if mode == "ais":
         if volume.grid.single:

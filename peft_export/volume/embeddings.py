@@ -16,9 +16,11 @@ another export, precision, tiling or stack is refused with what differs.
 cancel flag: a ``threading.Event`` or a callable); ``start()`` does it in a background thread.
 Planes asked for before they are embedded (``embedding(z)``) are encoded on demand.
 
-On a SAM 2 session it holds the stack and its intensity statistics only, for SAM 2's propagation
-(``sam2_propagate``), which encodes each plane as it reaches it; a plane embedding, a store or tiles
-are refused with one line.
+On a SAM 2 session a plane's embedding is a ``Sam2Embedding`` (the image embedding and its two high-res
+feature maps), made by the session's ``encode_tile`` as SAM's are: automatic 3D and tracking run on it the
+same way; its store adds ``high_res_0`` (planes x tiles x 32 x 4g x 4g) and ``high_res_1`` (x 64 x 2g x 2g).
+SAM 2's propagation (``sam2_propagate``) uses only the stack and its intensity statistics: it encodes each
+plane as it reaches it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..errors import PeftExportError
 from ..runtime.adapters import pick_adapter, resolve_embedding
 from ..runtime.embedding import ImageEmbedding
 from ..runtime.tiled import TiledImage
-from ..runtime.tiling import INTENSITY_SAMPLE, IntensityRange, TileGrid, TileSpec, prepare_tile, tile_spec
+from ..runtime.tiling import INTENSITY_SAMPLE, IntensityRange, TileGrid, TileSpec, tile_spec
 from .stacks import Stack
 
 STORE_FORMAT = 1
@@ -45,17 +47,9 @@ Cancel = Optional[Any]  # threading.Event, or a callable returning True to stop
 
 
 def is_sam2(session: Any) -> bool:
-    """A session on a SAM 2 export: it propagates with its memory and has no plane embeddings here."""
+    """A session on a SAM 2 export (``Sam2Session``): it propagates with its memory; its plane embeddings are
+    ``Sam2Embedding``s."""
     return (getattr(session, "manifest", None) or {}).get("family") == "sam2"
-
-
-def require_plane_embeddings(session: Any) -> None:
-    """Automatic 3D, tracking and the prompts propagation run on plane embeddings: SAM exports only."""
-    if is_sam2(session):
-        raise PeftExportError(f"{session.export_dir}: a SAM 2 export has no plane embeddings; automatic 3D, "
-                              "tracking and the prompts propagation run on SAM exports. SAM 2 propagates one "
-                              "object with its memory (predict --propagate; segment_object_in_volume(..., "
-                              "method=\"sam2\"))")
 
 
 def cancelled(cancel: Cancel) -> bool:
@@ -110,7 +104,9 @@ def encoder_identity(session: Any, adapter: Optional[str]) -> Dict[str, Any]:
     return {"model_type": session.manifest.get("model_type"), "image_size": session.image_size,
             "precision": chosen[keys[0]][0], "adapter": adapter, "encoder_sha256": shas,
             "intensity_rule": session._intensity_rule, "pixel_mean": list(session._pixel_mean),
-            "pixel_std": list(session._pixel_std), "interpolation": session._interpolation}
+            "pixel_std": list(session._pixel_std),
+            "interpolation": getattr(session, "_interpolation", None) or session.manifest["preprocessing"].get(
+                "interpolation")}  # Sam2Session: SAM 2's antialiased resize, as its manifest records
 
 
 class VolumeEmbeddings:
@@ -124,16 +120,7 @@ class VolumeEmbeddings:
         self.session, self.stack = session, stack
         self.adapter = pick_adapter(adapter, session.adapters)
         self.plane_shape = stack.plane_shape
-        if is_sam2(session):  # the stack and its intensity for SAM 2's propagation; no embeddings
-            if store is not None:
-                raise PeftExportError(f"{store}: a SAM 2 export keeps no plane embeddings (its propagation encodes "
-                                      "each plane as it reaches it)")
-            if tile is not None or halo is not None or scale is not None:
-                raise PeftExportError("--tile/--halo/--scale: a SAM 2 export resizes each whole plane to its input; "
-                                      "tiled planes are not available for SAM 2 yet")
-            self.spec = TileSpec(max(self.plane_shape), 0, int(session.image_size))
-        else:
-            self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
+        self.spec = plane_spec(session.manifest, self.plane_shape, tile, halo, scale, self.adapter)
         self.grid = TileGrid(self.plane_shape, self.spec)
         sample = stack_sample(stack) if intensity is None or store is not None else None
         self.intensity = intensity or stack_intensity(stack, session._intensity_rule, sample)
@@ -145,6 +132,7 @@ class VolumeEmbeddings:
         self._guard = threading.Lock()
         self.store_path = Path(store) if store is not None else None
         self._features = self._done = None
+        self._high_res: Optional[Tuple[Any, Any]] = None  # SAM 2: the store's two high-res feature maps
         self._done_cache: Optional[np.ndarray] = None
         if self.store_path is not None:
             self._open_store()
@@ -177,6 +165,8 @@ class VolumeEmbeddings:
                 raise PeftExportError(f"{path}: these embeddings were made differently ({what}); use another "
                                       "embeddings path, or delete this one to embed again")
             self._features, self._done = group["features"], group["done"]
+            if is_sam2(self.session):
+                self._high_res = (group["high_res_0"], group["high_res_1"])
             self._done_cache = np.asarray(self._done[:], bool)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +174,10 @@ class VolumeEmbeddings:
         n, t = self.stack.n_planes, len(self.grid)
         self._features = group.create_array("features", shape=(n, t, 256, g, g), chunks=(1, 1, 256, g, g),
                                             dtype="float32", fill_value=0)
+        if is_sam2(self.session):  # the decoder's high-res inputs: (32, 4g, 4g) and (64, 2g, 2g)
+            self._high_res = tuple(group.create_array(f"high_res_{i}", shape=(n, t, c, s, s), chunks=(1, 1, c, s, s),
+                                                      dtype="float32", fill_value=0)
+                                   for i, (c, s) in enumerate(((32, 4 * g), (64, 2 * g))))
         self._done = group.create_array("done", shape=(n,), chunks=(n,), dtype="uint8", fill_value=0)
         self._done_cache = np.zeros(n, bool)
         group.attrs["peftexport_embeddings"] = want
@@ -216,14 +210,12 @@ class VolumeEmbeddings:
                                                                                round(w * self.spec.scale))
         return (h, w), (int(new[0]), int(new[1]))
 
-    def _encode(self, z: int, k: int) -> ImageEmbedding:
-        require_plane_embeddings(self.session)
-        tile = self.grid.tiles[k]
-        y0, y1, x0, x1 = tile.outer
+    def _encode(self, z: int, k: int) -> Any:
+        """Tile ``k`` of plane ``z`` through the session's ``encode_tile`` (SAM's or SAM 2's own preprocessing)."""
+        y0, y1, x0, x1 = self.grid.tiles[k].outer
         s = self.session
-        x, original, inp = prepare_tile(self.stack.read(z, slice(y0, y1), slice(x0, x1)), self.intensity, self.spec,
-                                        s._pixel_mean, s._pixel_std, s._interpolation)
-        emb = resolve_embedding(s.encode_prepared(x, original, inp), self.adapter, s.adapters)
+        pixels = self.stack.read(z, slice(y0, y1), slice(x0, x1))
+        emb = resolve_embedding(s.encode_tile(pixels, self.intensity, self.spec), self.adapter, s.adapters)
         self.encoder_runs += 1
         return emb
 
@@ -240,6 +232,8 @@ class VolumeEmbeddings:
             embs = [self._encode(z, k) for k in range(len(self.grid))]
             if self._features is not None:
                 self._features[z] = np.concatenate([e.embedding for e in embs])
+                for i, feats in enumerate(self._high_res or ()):
+                    feats[z] = np.concatenate([e.high_res_feats[i] for e in embs])
                 self._done[z] = 1  # after the features: a plane cut midway is embedded again
                 self._done_cache[z] = True
             elif self.keep:
@@ -263,6 +257,13 @@ class VolumeEmbeddings:
         original, inp = self._sizes(tile)
         emb = np.asarray(self._features[z, tile][None], np.float32)
         emb.setflags(write=False)
+        if self._high_res is not None:
+            from ..runtime.sam2_session import Sam2Embedding
+
+            high = tuple(np.asarray(f[z, tile][None], np.float32) for f in self._high_res)
+            for a in high:
+                a.setflags(write=False)
+            return Sam2Embedding(emb, high, original)  # type: ignore[return-value]
         return ImageEmbedding(emb, original, inp, self.adapter)
 
     def compute(self, progress: Progress = None, cancel: Cancel = None, planes: Optional[Any] = None) -> int:

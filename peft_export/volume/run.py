@@ -99,16 +99,16 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
                    overwrite: bool = False, progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Automatic 3D segmentation in memory (labels to TIFF or OME-Zarr); ``embeddings``: a store to
     reuse (or fill). Volumes larger than memory: ``slabs.plan_volume`` + ``run_volume``."""
-    from .automatic import segment_volume
-    from .embeddings import VolumeEmbeddings, require_plane_embeddings
+    from .automatic import resolve_mode, segment_volume
+    from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
 
     stack = open_stack(image, "z", axes, channel)
     out = check_labels_path(out, overwrite)
     session = _session(export_dir, precision, device)
-    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter,
                            keep=embeddings is not None)
+    resolve_mode(session, mode, vol.adapter)  # --instances on an export without AIS: refused before the bar
     bar, update = _bar(progress, "planes")
     labels = segment_volume(session, vol, mode, instance_options, everything_options, progress=update,
                             **(merge or {}))
@@ -177,7 +177,13 @@ def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, 
     from .embeddings import VolumeEmbeddings
     from .sam2_propagate import segment_object_with_sam2
 
-    vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale)  # refuses both
+    if tile is not None or halo is not None or scale is not None:
+        raise PeftExportError("--tile/--halo/--scale: SAM 2's propagation resizes each whole plane to its input "
+                              "(tiles are for automatic 3D, --track and 2D images)")
+    if embeddings is not None:
+        raise PeftExportError(f"{embeddings}: SAM 2's propagation keeps no plane embeddings (it encodes each plane "
+                              "as it reaches it); leave out --embeddings (a store is for --3d)")
+    vol = VolumeEmbeddings(session, stack)
     bar, update = _bar(progress, "propagate")
     seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, progress=update)
     if bar is not None:
@@ -202,7 +208,8 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
                   progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Every frame segmented, objects linked into tracks with divisions; writes the tracked labels,
     the Cell Tracking Challenge result (``OUT_ctc/``) and napari's Tracks data (``OUT_tracks.csv``)."""
-    from .embeddings import VolumeEmbeddings, require_plane_embeddings
+    from .automatic import resolve_mode
+    from .embeddings import VolumeEmbeddings
     from .stacks import open_stack
     from .tracking import track, write_ctc
 
@@ -212,8 +219,8 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
         if paths[key].exists() and not overwrite:
             raise PeftExportError(f"{paths[key]}: already exists (pass --overwrite to replace it)")
     session = _session(export_dir, precision, device)
-    require_plane_embeddings(session)
     vol = VolumeEmbeddings(session, stack, tile=tile, halo=halo, scale=scale, adapter=adapter, keep=False)
+    resolve_mode(session, mode, vol.adapter)
     bar, update = _bar(progress, "frames")
     result = track(session, vol, mode, instance_options, everything_options, progress=update, **(tracking or {}))
     if bar is not None:
