@@ -29,7 +29,8 @@ from peft_export.peft import save_adapter  # noqa: E402
 from peft_export.peft.adapters import load_adapter  # noqa: E402
 from peft_export.runtime import SamSession  # noqa: E402
 from peft_export.runtime.instances import segment_from_maps  # noqa: E402
-from peft_export.training.ais import predict_maps, predictor_input  # noqa: E402
+from peft_export.models.family import predictor_input  # noqa: E402
+from peft_export.training.ais import predict_maps  # noqa: E402
 from peft_export.training.checkpoint import load_checkpoint  # noqa: E402
 from test_ais_runtime import (ais_maps_error, check_no_instance_decoder, check_predict_instances,  # noqa: E402
                               int8_ais_session, nuclei_image)
@@ -248,3 +249,53 @@ def test_a_sam2_export_without_decoder_says_so(tmp_path):
     out = tmp_path / "export"
     export(lora_sam2(128), out)
     check_no_instance_decoder(out, tmp_path, " .*--instance-decoder")  # SAM's checks: session and command
+
+
+def test_tiled_ais_assembles_each_tiles_maps_and_equals_the_session_on_the_tile(ais_export):
+    """AIS on a SAM 2 image larger than the model input, tile by tile (as SAM's tiled AIS): the assembled maps are
+    each tile's own maps on its inner area (a tile's embedding is ``encode_tile``'s, which
+    ``test_sam2_tiled`` holds to the session on the crop), and the block-wise watershed equals the whole
+    image's; ``session.set_image(image, tile=...)`` + ``segment_instances`` is that."""
+    from tiled_helpers import nuclei_mosaic
+
+    from peft_export.runtime.instances import check_ais_params, instances_from_maps
+    from volume_helpers import same_up_to_renumbering
+
+    _, export_dir, _ = ais_export
+    session = SamSession(export_dir)
+    image, _ = nuclei_mosaic(260, 200, seed=4)
+    tiled = session.tiled(image, tile=128, halo=32)
+    assert len(tiled.grid) > 1
+    maps = tiled.instance_maps()
+    for tile in (tiled.grid.tiles[0], tiled.grid.tiles[-1]):
+        y0, y1, x0, x1 = tile.inner
+        np.testing.assert_array_equal(maps[:, y0:y1, x0:x1], tiled.tile_maps(tile))
+    labels, records = tiled.segment_instances(block=96, halo=32)
+    assert labels.shape == image.shape[:2] and len(records) == labels.max() > 0
+    assert same_up_to_renumbering(labels, instances_from_maps(*maps, **check_ais_params({})))
+    session.set_image(image, tile=128, halo=32)
+    np.testing.assert_array_equal(session.segment_instances()[0], tiled.segment_instances()[0])
+
+
+def test_automatic_3d_on_a_sam2_ais_export_merges_each_planes_segment_instances(ais_export):
+    """``segment_volume`` mode "auto" on a SAM 2 export with the instance decoder is AIS: the 3D labels are the
+    project's merge of each plane's ``Sam2Session.segment_instances`` (computed here, plane by plane)."""
+    pytest.importorskip("bioimage_cpp", reason="the 3D merge needs bioimage-cpp (pip install '.[volume]')")
+    from peft_export import volume as V
+    from peft_export.volume.merge import merge_instance_segmentation_3d, relabel_volume
+
+    _, export_dir, _ = ais_export
+    session = SamSession(export_dir)
+    image = nuclei_image(120, 100).astype(np.float64)  # within the 128-px input: one tile a plane
+    stack = np.stack([image, np.roll(image, 3, axis=1), image])  # alike but not equal, as neighbouring z-planes
+    stack = np.round(stack / stack.max() * 255).astype(np.uint8)  # uint8: a plane normalises as the stack does
+    planes = np.zeros(stack.shape[:3], np.uint32)
+    offset = 0
+    for z, plane in enumerate(stack):
+        labels = relabel_volume(np.asarray(session.segment_instances(embedding=session.encode(plane))[0]))
+        planes[z] = np.where(labels > 0, labels + offset, 0)
+        offset += int(labels.max())
+    assert offset > 0
+    got, got_planes = V.segment_volume(session, stack, return_planes=True)
+    np.testing.assert_array_equal(got_planes, planes)
+    np.testing.assert_array_equal(got, merge_instance_segmentation_3d(planes))

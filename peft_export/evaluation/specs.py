@@ -176,8 +176,7 @@ class TorchPredictor:
                  instance_decoder: Any = None) -> None:
         import torch
 
-        from ..models.family import is_sam2, model_image_size
-        from ..training.validation import predictor_for
+        from ..models.family import image_predictor, is_sam2, model_image_size
 
         if device == "cuda" and not torch.cuda.is_available():
             raise PeftExportError("device cuda: torch sees no CUDA device")
@@ -187,7 +186,7 @@ class TorchPredictor:
         self.intensity = check_intensity_rule(intensity)
         self.sam2 = is_sam2(self.model)
         self.image_size = model_image_size(self.model)
-        self._predictor = predictor_for(self.model)  # SAM2ImagePredictor for a SAM 2 model
+        self._predictor = image_predictor(self.model)  # SAM2ImagePredictor for a SAM 2 model
         self._image: np.ndarray | None = None
 
     def set_image(self, image: np.ndarray) -> None:
@@ -240,7 +239,7 @@ class TorchPredictor:
                                   "--instance-decoder, or load a micro-sam checkpoint with a decoder_state)")
         if self._image is None:
             raise PeftExportError("segment_instances: no image set; call set_image(image) first")
-        from ..training.ais import predictor_input
+        from ..models.family import predictor_input
 
         embedding, input_size, original_size = predictor_input(self._predictor)
         with torch.inference_mode():

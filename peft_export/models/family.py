@@ -55,3 +55,24 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 def model_image_size(model: nn.Module) -> int:
     """The square input size the model was built for."""
     return int(model.image_size) if is_sam2(model) else int(model.image_encoder.img_size)
+
+
+def image_predictor(model: nn.Module):
+    """SamPredictor, or for a SAM 2 model SAM2ImagePredictor sized for it (the conventions inference uses)."""
+    if is_sam2(model):
+        from .sam2 import sam2_predictor
+
+        return sam2_predictor(model)
+    from segment_anything import SamPredictor
+
+    return SamPredictor(model)
+
+
+def predictor_input(predictor) -> tuple:
+    """(embedding, input_size, original_size) of the image set on a ``SamPredictor`` or a ``SAM2ImagePredictor``
+    (whose ``image_embed`` has ``no_mem_embed`` added; its input is the whole S x S frame)."""
+    if hasattr(predictor, "_features"):  # SAM2ImagePredictor
+        s = int(predictor.model.image_size)
+        return predictor._features["image_embed"], (s, s), tuple(predictor._orig_hw[-1])
+    return predictor.features, tuple(predictor.input_size), tuple(predictor.original_size)
+

@@ -149,11 +149,11 @@ class TiledImage:
     # ---- automatic instance segmentation -----------------------------------------------------
 
     def _ais_graph(self) -> None:
-        """The session's instance decoder, checked before any tile is encoded (a SAM 2 session: refused)."""
+        """The session's instance decoder, checked before any tile is encoded."""
         check = getattr(self.session, "_ais_graph", None)
         if check is None:
-            raise PeftExportError(f"{self.session.export_dir}: automatic instance segmentation (AIS) of tiled images "
-                                  "runs on SAM exports; use segment_everything on this export's tiles")
+            raise PeftExportError(f"{self.session.export_dir}: this session has no instance decoder (AIS); use "
+                                  "segment_everything on the tiles")
         check(self.adapter)
 
     def tile_maps(self, tile: Tile) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from ..models.family import image_predictor, predictor_input
 from ..models.instance_decoder import InstanceDecoder, postprocess_maps
 from ..models.sam2 import Sam2Features
 from ..runtime.instances import AIS_DEFAULTS, segment_from_maps
@@ -40,15 +41,6 @@ def decoder_input(features: torch.Tensor | Sam2Features, input_size) -> tuple[to
         s = 16 * int(features.image_embed.shape[-1])
         return features.image_embed, (s, s)
     return features, (int(input_size[0]), int(input_size[1]))
-
-
-def predictor_input(predictor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """(embedding, input_size, original_size) of the image set on a ``SamPredictor`` or, for SAM 2, a
-    ``SAM2ImagePredictor`` (its ``image_embed`` has ``no_mem_embed`` added, as ``decoder_input``'s)."""
-    if hasattr(predictor, "_features"):  # SAM2ImagePredictor
-        s = int(predictor.model.image_size)
-        return predictor._features["image_embed"], (s, s), tuple(predictor._orig_hw[-1])
-    return predictor.features, tuple(predictor.input_size), tuple(predictor.original_size)
 
 
 @torch.no_grad()
@@ -90,9 +82,8 @@ class InstanceDecoderTraining:
     def validate(self, sam: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], prompted: dict) -> dict:
         """AIS mSA / SA50 on the validation set, and the selection score (mean of point Dice, box Dice, mSA)."""
         from ..evaluation.protocol import evaluate_automatic
-        from .validation import predictor_for
 
-        predictor = predictor_for(sam)  # SamPredictor, or SAM2ImagePredictor for SAM 2
+        predictor = image_predictor(sam)  # SamPredictor, or SAM2ImagePredictor for SAM 2
         was_training = sam.training, self.decoder.training
         sam.eval()
         self.decoder.eval()

@@ -12,6 +12,7 @@ from segment_anything.modeling import Sam
 from ..data import Sample, find_pairs, find_pairs_glob, load_samples, sample_patch, split_by_file
 from ..data.labels import remove_small_objects
 from ..errors import PeftExportError
+from ..models.family import image_predictor
 from .config import TrainConfig
 
 
@@ -76,17 +77,6 @@ def validation_set(samples: Sequence[Sample], patch_size: int, min_object_size: 
     return out
 
 
-def predictor_for(model: Sam):
-    """SamPredictor, or for a SAM 2 model SAM2ImagePredictor (the conventions inference uses)."""
-    from ..models.family import is_sam2
-
-    if is_sam2(model):
-        from ..models.sam2 import sam2_predictor
-
-        return sam2_predictor(model)
-    return SamPredictor(model)
-
-
 def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], seed: int = 0,
              max_objects: int | None = 25, predictor: SamPredictor | None = None) -> dict:
     """Point and box Dice of any SAM (adapted, merged, plain) on a validation set.
@@ -100,7 +90,7 @@ def validate(model: Sam, val_set: Sequence[tuple[np.ndarray, np.ndarray, str]], 
     was_training = model.training
     model.eval()
     try:
-        res = evaluate_interactive(predictor or predictor_for(model), val_set, prompts=("point", "box"), iterations=0,
+        res = evaluate_interactive(predictor or image_predictor(model), val_set, prompts=("point", "box"), iterations=0,
                                    seed=seed, max_objects_per_image=max_objects, progress=False)
     finally:
         model.train(was_training)
