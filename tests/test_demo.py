@@ -29,7 +29,10 @@ DEFAULT_MIN_DICE = 0.5  # the default demo
 
 
 def run_demo(out: Path, *flags: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", *flags],
+    # Two torch threads, whatever else runs: the default takes the cores left free at the start, and a
+    # model trained with one thread sums in another order (its int8 gate outcome then differs).
+    threads = () if "--threads" in flags else ("--threads", "2")
+    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", *threads, *flags],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
