@@ -148,6 +148,24 @@ def test_predict_3d_and_track_on_a_sam2_export_without_torch(export, tmp_path):
     assert (tmp_path / "tracked_tracks.csv").is_file()
 
 
+def test_sam2_slabs_on_a_local_cluster_equal_the_in_memory_labels(export, elsewhere_cluster, tmp_path):
+    """``--3d -o OUT.zarr --scheduler ADDRESS`` on a SAM 2 export: the slabs run on a real LocalCluster's worker
+    (another working directory, the export loaded there) and give the in-memory labels."""
+    import zarr
+
+    session = SamSession(export)
+    image, _ = synthetic_volume((4, 64, 80), seed=6, n_objects=(3, 4), radius=(7.0, 12.0))
+    stack = as_uint8(image)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack", metadata={"axes": "ZYX"})
+    want = V.segment_volume(session, stack, "everything", everything_options=OPTIONS)
+    assert want.max() >= 2
+    out = tmp_path / "labels.zarr"
+    res = _cli(["predict", export, tmp_path / "stack.tif", "--3d", "--everything", *CLI_OPTIONS, "--scheduler",
+                elsewhere_cluster.scheduler_address, "-o", out, "-q"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert same_up_to_renumbering(np.asarray(zarr.open_group(str(out), mode="r")["0"]), want)
+
+
 def test_bad_input_on_a_sam2_export_is_one_error_line(export, tmp_path):
     stack = as_uint8(synthetic_volume((3, 48, 48), seed=1, n_objects=2, radius=(6.0, 9.0))[0])
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack", metadata={"axes": "ZYX"})
