@@ -111,15 +111,21 @@ def _cli(args: list) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
 
 
+def stack_tif_and_its_labels(session, path, seed: int) -> np.ndarray:
+    """A synthetic 4 x 64 x 80 uint8 stack written to ``path`` (ZYX TIFF); its automatic 3D labels in memory."""
+    image, _ = synthetic_volume((4, 64, 80), seed=seed, n_objects=(3, 4), radius=(7.0, 12.0))
+    stack = as_uint8(image)
+    tifffile.imwrite(path, stack, photometric="minisblack", metadata={"axes": "ZYX"})
+    want = V.segment_volume(session, stack, "everything", everything_options=OPTIONS)
+    assert want.max() >= 2
+    return want
+
+
 def test_predict_3d_and_track_on_a_sam2_export_without_torch(export, tmp_path):
     import zarr
 
     session = SamSession(export)
-    image, _ = synthetic_volume((4, 64, 80), seed=5, n_objects=(3, 4), radius=(7.0, 12.0))
-    stack = as_uint8(image)
-    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack", metadata={"axes": "ZYX"})
-    want = V.segment_volume(session, stack, "everything", everything_options=OPTIONS)
-    assert want.max() >= 2
+    want = stack_tif_and_its_labels(session, tmp_path / "stack.tif", seed=5)
     for out in (tmp_path / "labels.tif", tmp_path / "labels.zarr"):  # in memory; slab by slab into zarr
         res = _cli(["predict", export, tmp_path / "stack.tif", "--3d", "--everything", *CLI_OPTIONS, "-o", out, "-q"])
         assert res.returncode == 0, res.stderr[-2000:]
@@ -154,11 +160,7 @@ def test_sam2_slabs_on_a_local_cluster_equal_the_in_memory_labels(export, elsewh
     import zarr
 
     session = SamSession(export)
-    image, _ = synthetic_volume((4, 64, 80), seed=6, n_objects=(3, 4), radius=(7.0, 12.0))
-    stack = as_uint8(image)
-    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack", metadata={"axes": "ZYX"})
-    want = V.segment_volume(session, stack, "everything", everything_options=OPTIONS)
-    assert want.max() >= 2
+    want = stack_tif_and_its_labels(session, tmp_path / "stack.tif", seed=6)
     out = tmp_path / "labels.zarr"
     res = _cli(["predict", export, tmp_path / "stack.tif", "--3d", "--everything", *CLI_OPTIONS, "--scheduler",
                 elsewhere_cluster.scheduler_address, "-o", out, "-q"])
