@@ -148,14 +148,6 @@ class TiledImage:
 
     # ---- automatic instance segmentation -----------------------------------------------------
 
-    def _ais_graph(self) -> None:
-        """The session's instance decoder, checked before any tile is encoded."""
-        check = getattr(self.session, "_ais_graph", None)
-        if check is None:
-            raise PeftExportError(f"{self.session.export_dir}: this session has no instance decoder (AIS); use "
-                                  "segment_everything on the tiles")
-        check(self.adapter)
-
     def tile_maps(self, tile: Tile) -> np.ndarray:
         """The instance decoder's maps (3, h, w) of the tile's inner area."""
         maps = self.session.instance_maps(embedding=self.embedding(tile), adapter=self.adapter)
@@ -166,7 +158,7 @@ class TiledImage:
 
     def instance_maps(self, out: Any = None, progress: Optional[Callable[[Tile], None]] = None) -> Any:
         """(3, H, W) float32 maps assembled from the tiles' inner areas into ``out`` (default numpy)."""
-        self._ais_graph()
+        self.session._ais_graph(self.adapter)  # before any tile is encoded
         out = np.zeros((3, *self.shape), np.float32) if out is None else out
         for tile in self.grid:
             y0, y1, x0, x1 = tile.inner
@@ -179,7 +171,7 @@ class TiledImage:
                           ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
         """``SamSession.segment_instances`` on the whole image: (int32 labels H x W, records)."""
         p = check_ais_params(params)
-        self._ais_graph()
+        self.session._ais_graph(self.adapter)  # before any tile is encoded
         require_ais_packages()
         labels = instances_blockwise(self.instance_maps(), p, block=block, halo=halo)
         return labels, object_records(labels)

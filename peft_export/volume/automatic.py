@@ -26,31 +26,20 @@ class Cancelled(PeftExportError):
     """The caller's cancel flag stopped the work (nothing is returned)."""
 
 
-def has_instances(session: Any, adapter: Optional[str]) -> bool:
-    """Whether the session segments instances with an instance decoder (AIS): asked of the session itself,
-    so a SAM 2 session whose ``has_instance_decoder`` is true gets "ais" as SAM's do."""
-    check = getattr(session, "_ais_graph", None)  # SAM: per adapter of an export of several
-    if check is None:
-        return bool(getattr(session, "has_instance_decoder", False))
-    try:
-        check(adapter)
-        return True
-    except PeftExportError:
-        return False
-
-
 def resolve_mode(session: Any, mode: str, adapter: Optional[str]) -> str:
-    """"ais" or "everything": "auto" is AIS where the export (adapter) has the instance decoder."""
+    """"ais" or "everything": "auto" is AIS where the export (adapter) has the instance decoder. Asked of the
+    session (SAM's and SAM 2's share ``_ais_graph``), which refuses "ais" without the decoder, naming it."""
     if mode not in MODES:
         raise PeftExportError(f"mode: unknown {mode!r} (use {', '.join(MODES)})")
-    if mode == "ais" and not has_instances(session, adapter):
-        check = getattr(session, "_ais_graph", None)
-        if check is not None:
-            check(adapter)  # refuses an export without the decoder, naming it
-        raise PeftExportError(f"{session.export_dir}: this export has no instance decoder (AIS); use --everything")
     if mode != "auto":
+        if mode == "ais":
+            session._ais_graph(adapter)
         return mode
-    return "ais" if has_instances(session, adapter) else "everything"
+    try:
+        session._ais_graph(adapter)
+        return "ais"
+    except PeftExportError:
+        return "everything"
 
 
 def plane_options(mode: str, instance_options: Optional[Dict[str, Any]], everything_options: Optional[Dict[str, Any]]
