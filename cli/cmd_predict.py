@@ -24,7 +24,7 @@ def predict(
     box: Optional[str] = typer.Option(None, "--box", help="'x0,y0,x1,y1' pixels."),
     everything: bool = typer.Option(False, "--everything", help="Segment every object (instance labels)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 encoder."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 encoder; bf16 with --backend openvino (an export made with --precision bf16, on a CPU with native bfloat16)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     multimask: bool = typer.Option(True, "--multimask/--single-mask", help="3 candidate masks (keep the best) or 1."),
     all_masks: bool = typer.Option(False, "--all-masks", help="Write every candidate mask (CxHxW), not only the best."),
