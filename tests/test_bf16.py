@@ -183,8 +183,9 @@ def test_predict_3d_runs_bf16_on_openvino_from_the_command_line(bf16_export, tmp
     for backend, precision in (("onnxruntime", "fp32"), ("openvino", "bf16")):
         dst = tmp_path / f"labels_{precision}.tif"
         proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "predict", str(out), str(tmp_path / "vol.tif"),
-                               "--instances", "--3d", "-o", str(dst), "--backend", backend, "--precision", precision,
-                               "-q"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               "--instances", "--3d", "--axes", "zyx", "-o", str(dst), "--backend", backend,
+                               "--precision", precision, "-q"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr
         labels[precision] = tifffile.imread(dst)
     assert labels["bf16"].shape == labels["fp32"].shape == volume.shape[:3]
