@@ -57,19 +57,20 @@ warnings.filterwarnings("ignore", message="no checkpoint given")
 TARGETS = {"vs_vit_b": 12.0, "vs_eager": 3.0, "fp32_peak_mb": 600.0, "size_speedup": 3.0, "ais_ms": 1000.0}
 
 
-def export_precisions(checkpoint: Path, out: Path, size: int, instance_decoder: bool = False) -> tuple[Path, dict]:
-    """Export fp32 + int8 at ``size`` (a vit_t checkpoint does not record one: it would load at 1024); an int8
-    refused by the gate is exported again without it. Returns (dir, refusals)."""
+def export_precisions(checkpoint: Path, out: Path, size: int, instance_decoder: bool = False,
+                      extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """Export fp32 + int8 (+ ``extra``, e.g. bf16) at ``size`` (a vit_t checkpoint does not record one: it would
+    load at 1024); an int8 refused by the gate is exported again without it. Returns (dir, refusals)."""
     adapted = load_model_source(merged=checkpoint, image_size=size)
     if instance_decoder:
         adapted.instance_decoder = random_instance_decoder(3)
     try:
-        merge_and_export(adapted, out, precisions=("fp32", "int8"), overwrite=True, progress=False)
+        merge_and_export(adapted, out, precisions=("fp32", "int8", *extra), overwrite=True, progress=False)
         return out, {}
     except PeftExportError as exc:
         if "int8" not in str(exc):
             raise
-        merge_and_export(adapted, out, precisions=("fp32",), overwrite=True, progress=False)
+        merge_and_export(adapted, out, precisions=("fp32", *extra), overwrite=True, progress=False)
         return out, {"int8": str(exc)}
 
 

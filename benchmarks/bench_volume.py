@@ -8,8 +8,10 @@ case). Each part runs in a fresh process; the parent prints the CPU model and lo
 writes bench_volume.json / .md with each figure beside its target:
 
 - auto3d: automatic 3D of a --planes x size x size synthetic nuclei volume (AIS per plane, then the
-  merge), all in (encoder, decoder, watershed, merge): seconds per plane (target <= 1.2 s);
-- aisdec: the instance decoder graph alone on one plane's embedding (median of 5 after a warm-up) and
+  merge), all in (encoder, decoder, watershed, merge): seconds per plane (target <= 1.2 s), for each
+  of --runs (backend:precision; bf16 is OpenVINO's bf16 mode, run where the CPU has native bfloat16 and
+  exported with the made export then);
+- aisdec: for each of --runs, the instance decoder graph alone on one plane's embedding (median of 5 after a warm-up) and
   its convolutions' multiply-adds counted from the graph: the GFLOP/s it runs at, to set beside the
   CPU's fp32 peak (how much of automatic 3D's time any runtime could win back);
 - propagate: once every plane is embedded, one object carried from the middle plane through all
@@ -80,11 +82,11 @@ def volume_zarr(path: Path, planes: int, size: int) -> Path:
 # ---- children (each in a fresh process) ---------------------------------------------------------
 
 
-def child_auto3d(export: str, image: str) -> dict:
+def child_auto3d(export: str, image: str, backend: str = "onnxruntime", precision: str = "fp32") -> dict:
     from peft_export.runtime import SamSession
     from peft_export.volume import open_stack, segment_volume
 
-    session = SamSession(export)
+    session = SamSession(export, backend=backend, precision=precision)
     stack = open_stack(image)
     t0 = time.perf_counter()
     labels = segment_volume(session, stack, mode="ais")
@@ -106,11 +108,11 @@ def conv_macs(onnx_path: str) -> int:
                    for n in model.graph.node if n.op_type == "Conv"))
 
 
-def child_ais_decoder(export: str, image: str) -> dict:
+def child_ais_decoder(export: str, image: str, backend: str = "onnxruntime", precision: str = "fp32") -> dict:
     from peft_export.runtime import SamSession
     from peft_export.volume import open_stack
 
-    session = SamSession(export)
+    session = SamSession(export, backend=backend, precision=precision)
     key = session._ais_graph(None)
     emb = session.encode(np.asarray(open_stack(image)[0])).embedding
     feeds = {"image_embeddings": np.asarray(emb, np.float32)}
@@ -215,8 +217,34 @@ def make_export(out: Path, size: int) -> Path:
     from bench_vit_t import export_precisions
 
     ckpt = build_merged_checkpoint(out, "vit_t", size)
-    export, _ = export_precisions(ckpt, out / f"vit_t_ais_{size}", size, instance_decoder=True)
+    extra = ("bf16",) if bf16_unavailable() is None else ()
+    export, _ = export_precisions(ckpt, out / f"vit_t_ais_{size}", size, instance_decoder=True, extra=extra)
     return export
+
+
+def bf16_unavailable() -> str | None:
+    from peft_export.runtime.backends.ov import native_bf16
+
+    return native_bf16()
+
+
+def chosen_runs(text: str, export: Path) -> tuple[list[tuple[str, str]], dict]:
+    """--runs as (backend, precision) pairs the export and this CPU can run, and why the others cannot."""
+    from peft_export.runtime.manifest import read_manifest
+
+    have = set((read_manifest(export)["graphs"].get("ais_decoder") or {}))
+    runs, skipped = [], {}
+    for item in [t for t in text.split(",") if t]:
+        backend, _, precision = item.partition(":")
+        precision = precision or "fp32"
+        why = bf16_unavailable() if precision == "bf16" else None
+        if why is None and precision not in have:
+            why = f"the export has no {precision} instance decoder"
+        if why:
+            skipped[item] = why
+        else:
+            runs.append((backend, precision))
+    return runs, skipped
 
 
 def main() -> None:
@@ -228,6 +256,8 @@ def main() -> None:
     ap.add_argument("--rss-size", type=int, default=2048)
     ap.add_argument("--rss-planes", default="32,64")
     ap.add_argument("--parts", default="auto3d,aisdec,propagate,reopen,rss")
+    ap.add_argument("--runs", default="onnxruntime:fp32,openvino:fp32,openvino:bf16",
+                    help="backend:precision pairs for auto3d and aisdec")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs="+", default=None)
     args = ap.parse_args()
@@ -251,12 +281,15 @@ def main() -> None:
               "planes": args.planes, "size": args.size, "targets": TARGETS, "results": {}}
     res = report["results"]
     print(f"{report['cpu']}, load average {report['load_average_start']}")
-    if "auto3d" in parts:
-        res["auto3d"] = run_child(["auto3d", export, image])
-        print("auto3d", res["auto3d"])
-    if "aisdec" in parts:
-        res["aisdec"] = run_child(["aisdec", export, image])
-        print("aisdec", res["aisdec"])
+    runs, report["runs_skipped"] = chosen_runs(args.runs, Path(export))
+    for why in report["runs_skipped"].items():
+        print("skipped", *why)
+    for part in ("auto3d", "aisdec"):
+        if part in parts:
+            res[part] = {}
+            for backend, precision in runs:
+                res[part][f"{backend} {precision}"] = run_child([part, export, image, backend, precision])
+                print(part, backend, precision, res[part][f"{backend} {precision}"])
     if "propagate" in parts:
         res["propagate"] = run_child(["propagate", export, image])
         print("propagate", res["propagate"])
@@ -278,13 +311,16 @@ def main() -> None:
             print("rss", n, res["rss"][n])
     report["load_average_end"] = os.getloadavg()
     rows = ["| figure | measured | target |", "|---|---|---|"]
-    if "s_per_plane" in res.get("auto3d", {}):
-        rows.append(f"| automatic 3D, s per plane ({args.planes}x{args.size}²) | {res['auto3d']['s_per_plane']:.3f} | "
-                    f"<= {TARGETS['auto3d_s_per_plane']} |")
-    if "ms" in res.get("aisdec", {}):
-        a = res["aisdec"]
-        rows.append(f"| instance decoder alone, ms per plane ({a['conv_gmac']:.1f} GMAC of convolutions) | "
-                    f"{a['ms']:.0f} ({a['gflops']:.0f} GFLOP/s) | (no target: what automatic 3D cannot go below) |")
+    for run, r in res.get("auto3d", {}).items():
+        if "s_per_plane" in r:
+            rows.append(f"| automatic 3D, s per plane ({args.planes}x{args.size}², {run}) | {r['s_per_plane']:.3f} | "
+                        f"<= {TARGETS['auto3d_s_per_plane']} |")
+    for run, a in res.get("aisdec", {}).items():
+        if "ms" in a:
+            rows.append(f"| instance decoder alone, ms per plane ({run}; {a['conv_gmac']:.1f} GMAC of convolutions) | "
+                        f"{a['ms']:.0f} ({a['gflops']:.0f} GFLOP/s) | (no target: what automatic 3D cannot go below) |")
+    for run, why in report["runs_skipped"].items():
+        rows.append(f"| {run} | not run: {why} | |")
     if "seconds" in res.get("propagate", {}):
         rows.append(f"| propagation through {args.planes} planes, s | {res['propagate']['seconds']:.3f} | "
                     f"<= {TARGETS['propagate_s']} |")

@@ -43,7 +43,7 @@ def merge_and_export_cmd(
     adaptformer_residual: bool = AdaptformerLegacyOpt,
     force: bool = ForceOpt,
     formats: str = typer.Option("onnx", "--format", help="Comma list: onnx, tensorrt (tensorrt needs a GPU)."),
-    precisions: str = typer.Option("fp32", "--precision", help="Comma list: fp32, fp16, int8."),
+    precisions: str = typer.Option("fp32", "--precision", help="Comma list: fp32, fp16, int8, bf16 (bf16: the fp32 graphs in OpenVINO's bf16 mode, verified here; needs openvino and a CPU with native bfloat16, AVX512_BF16 or AMX)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (>= 17; >= 18 with --exporter dynamo)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Model image size (default: the model's)."),
     preprocess_in_graph: bool = typer.Option(

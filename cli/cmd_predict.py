@@ -24,8 +24,10 @@ def predict(
     box: Optional[str] = typer.Option(None, "--box", help="'x0,y0,x1,y1' pixels."),
     everything: bool = typer.Option(False, "--everything", help="Segment every object (instance labels)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 encoder."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 encoder; bf16 with --backend openvino (an export made with --precision bf16, on a CPU with native bfloat16)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime: onnxruntime (CPU or CUDA), openvino (CPU; "
+                                "with --precision bf16 on CPUs with native bfloat16) or tensorrt (the export's engines)."),
     multimask: bool = typer.Option(True, "--multimask/--single-mask", help="3 candidate masks (keep the best) or 1."),
     all_masks: bool = typer.Option(False, "--all-masks", help="Write every candidate mask (CxHxW), not only the best."),
     points_per_side: int = typer.Option(32, "--points-per-side", help="--everything: grid size."),
@@ -90,7 +92,8 @@ def predict(
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
-                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume, device)
+                                 tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume, device,
+                                 backend)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)
@@ -99,13 +102,13 @@ def predict(
         if not instances:
             return _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale,
                                           workers, scheduler, precision, multimask, adapter, overwrite, device,
-                                          resume, quiet)
+                                          resume, quiet, backend)
         return _predict_large(export_dir, images, out, everything or bool(points) or bool(box), instances, tile,
                               halo, scale, workers, scheduler, instance_options, precision, overwrite, resume, quiet,
-                              adapter, device)
+                              adapter, device, backend)
 
     records = predict_images(export_dir, images, out, points=points, box=box, everything=everything,
-                             overlay=overlay, precision=precision, device=device, multimask=multimask,
+                             overlay=overlay, precision=precision, device=device, backend=backend, multimask=multimask,
                              all_masks=all_masks, overwrite=overwrite, everything_options=opts,
                              progress=not quiet, adapter=adapter, instances=instances, resume=resume,
                              instance_options=instance_options)
@@ -146,7 +149,8 @@ def refuse_on_large_path(overlay: bool, all_masks: bool) -> None:
 
 
 def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, scale, workers, scheduler,
-                   instance_options, precision, overwrite, resume, quiet, adapter=None, device="cpu") -> None:
+                   instance_options, precision, overwrite, resume, quiet, adapter=None, device="cpu",
+                   backend="onnxruntime") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large import plan_large_images, run_large, total_steps
 
@@ -160,7 +164,7 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
     try:
         jobs = plan_large_images(export_dir, images, out, tile=tile, halo=halo, scale=scale,
                                  instance_options=instance_options, precision=precision, overwrite=overwrite,
-                                 resume=resume, adapter=adapter, device=device)
+                                 resume=resume, adapter=adapter, device=device, backend=backend)
         say_resuming(jobs, total_steps)
         try:
             if client is not None:
@@ -191,7 +195,7 @@ def _predict_large(export_dir, images, out, other_mode, instances, tile, halo, s
 
 def _predict_large_prompts(export_dir, images, out, points, box, everything, opts, tile, halo, scale, workers,
                            scheduler, precision, multimask, adapter, overwrite, device="cpu", resume=False,
-                           quiet=False) -> None:
+                           quiet=False, backend="onnxruntime") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.predict.large_prompts import predict_large_prompts
 
@@ -202,7 +206,8 @@ def _predict_large_prompts(export_dir, images, out, points, box, everything, opt
         records = predict_large_prompts(export_dir, images, out, points=points, box=box, everything=everything,
                                         everything_options=opts, tile=tile, halo=halo, scale=scale,
                                         precision=precision, multimask=multimask, adapter=adapter,
-                                        overwrite=overwrite, device=device, resume=resume, progress=not quiet)
+                                        overwrite=overwrite, device=device, resume=resume, progress=not quiet,
+                                        backend=backend)
     except KeyboardInterrupt:
         if str(out).endswith(".zarr"):
             raise interrupted("nothing was written (an image's result appears only when complete)",

@@ -63,7 +63,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
                   scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto",
-                  resume: bool = False, device: str = "cpu") -> None:
+                  resume: bool = False, device: str = "cpu", backend: str = "onnxruntime") -> None:
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import zarr_named
     from peft_export.volume import run
@@ -79,7 +79,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                               "or --instances")
     mode = "ais" if instances else "everything" if everything else "auto"
     common = dict(axes=axes, channel=channel, precision=precision, adapter=adapter, tile=tile, halo=halo, scale=scale,
-                  overwrite=overwrite, device=device)
+                  overwrite=overwrite, device=device, backend=backend)
     cluster = workers is not None or scheduler is not None
     slabs = three_d and not (points or box) and zarr_named(out) and embeddings is None
     if cluster and not slabs:

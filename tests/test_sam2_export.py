@@ -383,7 +383,7 @@ def test_session_equals_sam2_image_predictor_at_1024(tmp_path, monkeypatch):
     from peft_export.export import gates
     from peft_export.peft.adapters import AdaptedModel
 
-    monkeypatch.setattr(gates, "verify_backends", lambda: ["onnxruntime"])
+    monkeypatch.setattr(gates, "verify_backends", lambda precision="fp32": ["onnxruntime"])
     adapted = lora_sam2(1024)
     model = merge_peft(adapted.model)
     manifest = export(AdaptedModel(model, None, adapted.base), tmp_path / "export")

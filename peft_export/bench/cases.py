@@ -15,7 +15,7 @@ BENCH_FORMAT = "peftexport-bench"
 BENCH_FORMAT_VERSION = 2  # 2: "reference" is per component, the fastest torch case (1: one case name)
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: the fp32 graphs in OpenVINO's bf16 mode
 DEFAULT_COMPONENTS = ("encoder", "decoder_point", "decoder_box", "decoder_boxes", "end_to_end")
 NO_BF16 = "this GPU has no native bf16 (torch.cuda.is_bf16_supported(including_emulation=False) is False)"
 # Asked for by name only: "ais" = micro-sam's instance decoder + post-processing on a fixed embedding.
@@ -76,6 +76,7 @@ class Availability:
     ort_providers: tuple[str, ...] = ()
     tensorrt: bool = False
     openvino: bool = False
+    openvino_bf16: str = "the openvino package is not installed"  # why OpenVINO cannot run bf16 here ("" when it can)
     torch: bool = True
     glibc: bool = False  # freed-memory setting possible (glibc's malloc)
     malloc_tuned: bool = False  # the environment already tunes malloc (GLIBC_TUNABLES / MALLOC_*): every case has it
@@ -102,6 +103,10 @@ def detect_availability() -> Availability:
         pass
     av.tensorrt = importlib.util.find_spec("tensorrt") is not None
     av.openvino = importlib.util.find_spec("openvino") is not None
+    if av.openvino:
+        from ..runtime.backends.ov import native_bf16
+
+        av.openvino_bf16 = native_bf16() or ""
     if av.torch:  # the malloc setting matters to torch cases only (and its module lives with training)
         from ..training.host_memory import _glibc, user_tuned_malloc
 
@@ -212,7 +217,7 @@ def plan_cases(
         skipped.append(skip_record(CaseSpec("adapter", "torch", "fp32", device),
                                    "no torch model: give --adapter RUN (or an export whose manifest records a loadable adapter)"))
     if "onnxruntime" in backends:
-        wanted = [p for p in export_precisions if asked is None or p in asked]
+        wanted = [p for p in export_precisions if (asked is None or p in asked) and p != "bf16"]
         missing = [p for p in (asked or []) if p in EXPORT_PRECISIONS and p not in export_precisions]
         providers = ["cpu"] if device == "cpu" else ["cuda", "tensorrt"]
         if no_export_reason:
@@ -239,6 +244,8 @@ def plan_cases(
                 skipped.append(skip_record(spec, "OpenVINO is timed on the CPU only (--device cpu)"))
             elif not available.openvino:
                 skipped.append(skip_record(spec, "the openvino package is not installed (pip install 'peftexport[openvino]')"))
+            elif p == "bf16" and available.openvino_bf16:
+                skipped.append(skip_record(spec, available.openvino_bf16))
             else:
                 run.append(spec)
     if "tensorrt" in backends:

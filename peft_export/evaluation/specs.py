@@ -30,7 +30,7 @@ from ..errors import PeftExportError
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE, check_intensity_rule, normalize_intensity
 from ..runtime.preprocess import to_uint8
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: on the openvino backend (runtime.manifest)
 RANDOM_PREFIX = "random:"
 MICRO_SAM_PREFIX = "micro-sam:"  # a micro-sam training checkpoint; its PEFT method comes from --peft
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")

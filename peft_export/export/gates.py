@@ -27,7 +27,17 @@ THRESHOLDS: dict[str, dict[str, float]] = {
              # probe image and (with --calibration-data) on the user's images held out from tuning (int8_data)
              "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97,
              "held_out_prompt_mask_iou_mean": 0.99, "held_out_prompt_mask_iou_min": 0.97},
+    # OpenVINO's bf16 execution of the fp32 graphs (no file of its own): the int8 encoder's gate, the
+    # fp16 AIS decoder's limit, and its map pixels on the same side of 0.5 (the post-processing's thresholds)
+    # at 98 % (random-weight decoders, whose maps sit near 0.5: 0.988 at 128 px, 0.991 at 512)
+    "bf16": {"embeddings_cosine": 0.99, "mask_iou": 0.95, "prompt_mask_iou_mean": 0.99, "prompt_mask_iou_min": 0.97,
+             "maps_mean_abs": 0.01, "maps_threshold_agreement": 0.98},
 }
+
+# Where a bf16 graph is verified and what it runs on: OpenVINO with bf16 inference precision.
+BF16_VERIFY_BACKEND = "openvino-bf16"
+BF16_NOTE = ("the fp32 graph, run by OpenVINO with bf16 inference precision on CPUs with native bfloat16 "
+             "(AVX512_BF16 or AMX): --backend openvino --precision bf16")
 
 
 def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
@@ -41,11 +51,27 @@ def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def verify_backends() -> list[str]:
-    """The CPU backends every graph is verified on: ONNX Runtime, and OpenVINO when it is installed."""
+def verify_backends(precision: str = "fp32") -> list[str]:
+    """The CPU backends a graph of ``precision`` is verified on: ONNX Runtime, and OpenVINO when it is
+    installed; bf16 (OpenVINO's bf16 mode, the only place it runs): that alone."""
     import importlib.util
 
+    if precision == "bf16":
+        return [BF16_VERIFY_BACKEND]
     return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+
+
+def check_bf16_export(precisions) -> None:
+    """Refuse ``--precision bf16`` before any work where it cannot be verified, or without the fp32 graphs it runs."""
+    if "bf16" not in precisions:
+        return
+    if "fp32" not in precisions:
+        raise PeftExportError("--precision bf16: bf16 runs the fp32 graphs (OpenVINO's bf16 mode); add fp32")
+    from ..runtime.backends.ov import native_bf16
+
+    why = native_bf16()
+    if why:
+        raise PeftExportError(f"--precision bf16: cannot be verified on this machine: {why}")
 
 
 def graph_runner(path: str | os.PathLike, backend: str = "onnxruntime"):
@@ -54,10 +80,10 @@ def graph_runner(path: str | os.PathLike, backend: str = "onnxruntime"):
         sess = ort_session(path)
         names = [o.name for o in sess.get_outputs()]
         return lambda feeds: dict(zip(names, sess.run(names, feeds)))
-    if backend == "openvino":
+    if backend in ("openvino", BF16_VERIFY_BACKEND):
         from ..runtime.backends.ov import OpenVinoBackend
 
-        ov = OpenVinoBackend({"graph": Path(path)}, "cpu")
+        ov = OpenVinoBackend({"graph": Path(path)}, "cpu", bf16_graphs=["graph"] if backend == BF16_VERIFY_BACKEND else ())
         return lambda feeds: ov.run("graph", feeds)
     raise PeftExportError(f"verify: unknown backend {backend!r} (use onnxruntime or openvino)")
 

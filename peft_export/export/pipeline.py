@@ -24,6 +24,7 @@ from ..fsutil import atomic_dir
 from ..models.family import is_sam2
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
+from .gates import BF16_NOTE, check_bf16_export
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .refusals import is_required, refusal_line, refusal_record
 from .int8_data import GATE_PROMPT_SEED, Agreement, int8_verifier, quantise_tuned, split_int8_data
@@ -101,6 +102,7 @@ def merge_and_export(
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
+    check_bf16_export(precisions)  # before any work: bf16 is verified where it runs (OpenVINO, native bfloat16)
     if is_sam2(adapted.model):  # SAM 2: its own graphs (sam2_image); the SAM-only options are refused by name
         from .sam2_image import export_sam2
 
@@ -124,7 +126,7 @@ def merge_and_export(
     if "tensorrt" in formats:
         from .tensorrt import check_tensorrt
 
-        target = check_tensorrt(precisions)  # before any work: no package / GPU -> nothing done
+        target = check_tensorrt([p for p in precisions if p != "bf16"])  # before any work: no package / GPU -> nothing done
     log: Callable[[str], None] = print if progress else (lambda _msg: None)
 
     reference_model = adapted.model.eval()
@@ -148,8 +150,6 @@ def merge_and_export(
     rows: list[tuple[str, str, dict]] = []
     used_exporter = exporter
 
-    backends = verify_backends()
-
     refused: list[dict] = []
 
     def check(graph: str, precision: str, filename: str, tmp: Path, export_s: float, extra: dict | None = None,
@@ -157,7 +157,7 @@ def merge_and_export(
         # The same gate on every installed CPU backend: a graph one of them runs wrongly is refused.
         # True: written; False: an optional graph refused (files removed, recorded); raises otherwise.
         by_backend = {}
-        for backend in backends:
+        for backend in verify_backends(precision):
             t = time.perf_counter()
             if verifier is not None:
                 parity = verifier(tmp / filename, reference, precision, backend)
@@ -182,12 +182,13 @@ def merge_and_export(
                         f"({'; '.join(parity['failures'])}); nothing written"
                         + ("" if is_required(graph, precision) else " (--strict)")
                     )
-                refuse(tmp, graph, precision, filename, backend, parity, extra)
-                return False
+                refuse(tmp, graph, precision, None if precision == "bf16" else filename, backend, parity, extra)
+                return False  # (a bf16 entry names the fp32 file: that stays)
         extra = dict(extra or {}, verified_on=list(by_backend))
         if len(by_backend) > 1:
             extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
-        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, by_backend["onnxruntime"], extra)
+        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, next(iter(by_backend.values())),
+                                                              extra)
         return True
 
     def refuse(tmp: Path, graph: str, precision: str, filename: str | None, backend: str, parity: dict | None,
@@ -229,6 +230,8 @@ def merge_and_export(
                    "attention": attention, "int8_recipe": applied.to_dict(), "int8_search": search,
                    "int8_data": data.record, "calibration": calibration_record},
                   verifier=int8_verifier(reference_model, held_out, ENCODER_MEASURES, verify_export))
+        if "bf16" in precisions and "fp32" in graphs["encoder"]:
+            check("encoder", "bf16", "encoder.onnx", tmp, 0.0, {"note": BF16_NOTE})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)
@@ -282,7 +285,7 @@ def merge_and_export(
         manifest["training_scale"] = training_scale_record(adapted.meta)  # the tiled runtime's default tile
         manifest["instance_segmentation"] = ais if ais is None or graphs.get("ais_decoder") else None
         if target is not None:
-            manifest["tensorrt"] = _tensorrt(target, tmp, graphs, [p for p in precisions if p in graphs["encoder"]],
+            manifest["tensorrt"] = _tensorrt(target, tmp, graphs, [p for p in precisions if p in graphs["encoder"] and p != "bf16"],
                                              size, reference, log, strict)
             manifest["versions"]["tensorrt"] = target.version
             for entry in manifest["tensorrt"].pop("refused"):  # an engine that failed: the ONNX graphs stay

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: the fp32 graphs in OpenVINO's bf16 mode (gates)
 EXTERNAL_DATA_BYTES = 1_500_000_000  # above this the int8 graph also uses external data
 
 

@@ -76,13 +76,13 @@ def export_sam2(
     """Merge (verified), export the encoder (each precision) and the decoder, verify each, write the
     manifest. ``extra_graphs(model, tmp_dir, opset, log) -> {"graphs": {...}, ...}``: more graphs (the video
     side's) whose entries join ``manifest["graphs"]`` and whose other keys join the manifest."""
-    from .gates import verify_backends
+    from .gates import BF16_NOTE, verify_backends
 
     out_dir = Path(out_dir)
     precisions = tuple(dict.fromkeys(precisions))
-    bad = [p for p in precisions if p not in ("fp32", "int8")]
+    bad = [p for p in precisions if p not in ("fp32", "int8", "bf16")]
     if bad or not precisions:
-        raise PeftExportError(f"--precision {bad[0] if bad else ''}: SAM 2 exports fp32 and int8")
+        raise PeftExportError(f"--precision {bad[0] if bad else ''}: SAM 2 exports fp32, int8 and bf16")
     if calibration_data is not None and "int8" not in precisions:
         raise PeftExportError("--calibration-data: only int8 is calibrated; add int8 to --precision")
     check_out_dir(out_dir, overwrite)
@@ -103,13 +103,12 @@ def export_sam2(
             calibration_data, size, dict(adapted.intensity),
             prepare=lambda plane, rule, s: prepare_sam2_image(plane, rule, s)[0])
         log(f"calibration: {calibration_record['planes']} image plane(s) from {calibration_data}")
-    backends = verify_backends()
     graphs: dict[str, dict] = {}
     refused: list[dict] = []
 
     def check(graph: str, precision: str, filename: str, tmp: Path, verify: Callable, extra: dict) -> bool:
         by_backend = {}
-        for backend in backends:
+        for backend in verify_backends(precision):
             t = time.perf_counter()
             parity = verify(tmp / filename, backend)
             parity["verify_seconds"] = round(time.perf_counter() - t, 2)
@@ -120,8 +119,8 @@ def export_sam2(
                 if strict or is_required(graph, precision):  # the fp32 encoder and decoder; not the AIS decoder
                     raise PeftExportError(f"{out_dir}: {graph} {precision} failed verification on {backend} "
                                           f"({'; '.join(parity['failures'])}); nothing written")
-                for p in (tmp / filename, tmp / (filename + ".data")):
-                    p.unlink(missing_ok=True)
+                for p in (tmp / filename, tmp / (filename + ".data")) if precision != "bf16" else ():
+                    p.unlink(missing_ok=True)  # (a bf16 entry names the fp32 file: that stays)
                 entry = refusal_record(graph, precision, backend, parity, extra)
                 refused.append(entry)
                 log(f"refused: {refusal_line(entry)}")
@@ -129,7 +128,7 @@ def export_sam2(
         extra = dict(extra, verified_on=list(by_backend))
         if len(by_backend) > 1:
             extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
-        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, by_backend["onnxruntime"],
+        graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, next(iter(by_backend.values())),
                                                               extra, io=sam2_graph_io(graph, size))
         return True
 
@@ -159,6 +158,8 @@ def export_sam2(
             check("encoder", "int8", encoder_filename("int8"), tmp, encoder_check("int8", held_out),
                   {"note": f"onnxruntime quantisation ({how}), from the fp32 graph", "int8_recipe": applied.to_dict(),
                    "int8_search": search, "int8_data": data.record, "calibration": calibration_record})
+        if "bf16" in precisions and "fp32" in graphs.get("encoder", {}):
+            check("encoder", "bf16", "encoder.onnx", tmp, encoder_check("bf16"), {"note": BF16_NOTE})
         if "fp32" not in precisions:
             for p in (tmp / "encoder.onnx", tmp / "encoder.onnx.data"):
                 p.unlink(missing_ok=True)

@@ -269,7 +269,7 @@ def verify_sam2_encoder(path: str | os.PathLike, model: nn.Module, reference: Sa
     agreement.pop("per_prompt")
     stats["prompt_agreement"] = agreement
     stats["prompt_mask_iou_mean"], stats["prompt_mask_iou_min"] = agreement["mask_iou_mean"], agreement["mask_iou_min"]
-    return judge(stats, precision, REDUCED_MEASURES if precision == "int8" else REDUCED_MEASURES[:1])
+    return judge(stats, precision, REDUCED_MEASURES if precision in GATES else REDUCED_MEASURES[:1])
 
 
 def verify_sam2_decoder(path: str | os.PathLike, reference: Sam2Reference, backend: str = "onnxruntime") -> dict:

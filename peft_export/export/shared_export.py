@@ -205,6 +205,8 @@ def merge_and_export_adapters(
     """
     formats, precisions = tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(precisions))
     _check_options(formats, precisions, opset, exporter, attention)
+    if "bf16" in precisions:
+        raise PeftExportError("--precision bf16: not available for several adapters yet; export each adapter alone")
     if "tensorrt" in formats:
         raise PeftExportError("--format tensorrt: not available for several adapters yet; export each adapter alone")
     if preprocess_in_graph:

@@ -37,7 +37,8 @@ class Panel(QWidget):
         row.addWidget(browse)
         form.addRow("folder", row)
         self.backend_box = _combo(BACKENDS, "onnxruntime: ONNX Runtime (CPU); openvino: Intel's runtime (CPU)")
-        self.precision_box = _combo(PRECISIONS, "Encoder precision; the export must have it (int8: faster on CPU)")
+        self.precision_box = _combo(PRECISIONS, "Encoder precision; the export must have it (int8: faster on CPU; "
+                                    "bf16: with openvino, on CPUs with native bfloat16)")
         self.threads_box = QSpinBox()
         self.threads_box.setRange(0, os.cpu_count() or 64)
         self.threads_box.setToolTip("Intra-op threads of the runtime; 0: its default (all cores)")

@@ -223,6 +223,7 @@ def predict_images(
     overlay: bool = False,
     precision: str = "fp32",
     device: str = "cpu",
+    backend: str = "onnxruntime",
     multimask: bool = True,
     all_masks: bool = False,
     overwrite: bool = False,
@@ -313,7 +314,8 @@ def predict_images(
                                           "to skip images whose outputs are complete)")
             plans.append((path, outs, name))
 
-    session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)
+    session = SamSession(export_dir, backend=backend, device=device, precision=precision,
+                         intra_op_threads=intra_op_threads)
     for _, target_dir in targets:
         target_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
@@ -337,6 +339,7 @@ def predict_images(
             "export_dir": str(export_dir),
             "precision": precision,
             "device": device,
+            "backend": backend,
             "mode": "everything" if everything else "instances" if instances else "prompt",
         }
         if name is not None:

@@ -55,13 +55,15 @@ def session_for(job: Dict[str, Any]) -> Any:
     from ..runtime import SamSession
     from .large_state import manifest_sha256
 
-    key = (job["export_dir"], job["precision"], job.get("threads"), job.get("device", "cpu"))
+    key = (job["export_dir"], job["precision"], job.get("threads"), job.get("device", "cpu"),
+           job.get("backend", "onnxruntime"))
     digest, session = _SESSIONS.get(key, (None, None))
     if digest != job["manifest_sha256"]:
         if manifest_sha256(job["export_dir"]) != job["manifest_sha256"]:
             raise PeftExportError(f"{job['export_dir']}: manifest.json changed while this run was going on "
                                   "(re-exported?); run the command again with --overwrite")
-        session = SamSession(job["export_dir"], device=job.get("device", "cpu"), precision=job["precision"],
+        session = SamSession(job["export_dir"], backend=job.get("backend", "onnxruntime"),
+                             device=job.get("device", "cpu"), precision=job["precision"],
                              intra_op_threads=job.get("threads"))
         _SESSIONS[key] = (job["manifest_sha256"], session)
     return session
@@ -106,7 +108,7 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
                tile: Optional[int] = None, halo: Optional[int] = None, scale: Optional[float] = None,
                instance_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
                overwrite: bool = False, threads: Optional[int] = None, block: Optional[int] = None,
-               adapter: Optional[str] = None, device: str = "cpu") -> Dict[str, Any]:
+               adapter: Optional[str] = None, device: str = "cpu", backend: str = "onnxruntime") -> Dict[str, Any]:
     """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
     ``block``: the watershed's block (default ``WATERSHED_BLOCK``), rounded to whole tiles.
     ``adapter``: for an export of several, whose decoders and default tile (training scale) run.
@@ -140,7 +142,8 @@ def plan_large(export_dir: str | os.PathLike, image: str | os.PathLike, out: str
                 "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
                 "params": params, "precision": precision, "block": block, "step": step, "adapter": adapter,
                 "manifest_sha256": manifest_sha256(export_dir), "image_identity": image_identity(image)}
-    job = {**settings, "out": str(out), "partial": str(partial), "threads": threads, "device": device}
+    job = {**settings, "out": str(out), "partial": str(partial), "threads": threads, "device": device,
+           "backend": backend}
     found = stopped_run(out, partial, settings, overwrite)
     if found is not None:
         return {**job, **found}

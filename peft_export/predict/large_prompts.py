@@ -79,7 +79,7 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
                           halo: Optional[int] = None, scale: Optional[float] = None, precision: str = "fp32",
                           multimask: bool = True, adapter: Optional[str] = None, overwrite: bool = False,
                           threads: Optional[int] = None, device: str = "cpu", resume: bool = False,
-                          progress: bool = False) -> List[Dict[str, Any]]:
+                          progress: bool = False, backend: str = "onnxruntime") -> List[Dict[str, Any]]:
     """Prompts (``points``/``box`` in image pixels, as ``predict_images``) or ``everything`` on each
     image through its tiles; ``out`` is OUT.zarr for one image, else a folder that gets
     ``<stem>_mask.zarr`` (prompts) or ``<stem>_labels.zarr`` (everything). Returns one record per
@@ -126,13 +126,13 @@ def predict_large_prompts(export_dir: str | os.PathLike, images: List[str | os.P
         out.mkdir(parents=True, exist_ok=True)
     if not todo:
         return records
-    session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=threads)
+    session = SamSession(export_dir, backend=backend, device=device, precision=precision, intra_op_threads=threads)
     from tqdm import tqdm
 
     for f, t in tqdm(todo, desc="predict", unit="image", disable=not progress or len(todo) < 2):
         tiled = session.tiled(open_image_array(f), tile=spec.tile, halo=spec.halo, adapter=adapter)
         record: Dict[str, Any] = {"image": str(f), "shape": list(tiled.shape), "export_dir": str(export_dir),
-                                  "precision": precision, "device": device, "tiled": True, "tile": spec.tile,
+                                  "precision": precision, "device": device, "backend": backend, "tiled": True, "tile": spec.tile,
                                   "halo": spec.halo, "scale": spec.scale, "tiles": len(tiled.grid),
                                   "outputs": {"labels": str(t)}}
         if adapter is not None:

@@ -10,7 +10,17 @@ from ..errors import PeftExportError
 
 FORMAT = "peftexport-export"
 FORMAT_VERSION = 2  # newest this runtime reads: 1 one model (encoder + decoders), 2 several adapters (trunk + heads)
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+# bf16 has no graph of its own: the fp32 graphs run in OpenVINO's bf16 mode on CPUs with native
+# bfloat16, verified at export like int8 (its manifest entries name the fp32 files).
+BF16_BACKEND = "openvino"
+
+
+def check_bf16_backend(precision: str, backend: str) -> None:
+    """bf16 is OpenVINO's execution of the fp32 graphs: refuse it on any other backend, before loading."""
+    if precision == "bf16" and backend != BF16_BACKEND:
+        raise PeftExportError(f"precision bf16: runs on the {BF16_BACKEND} backend only (the fp32 graphs in "
+                              f"OpenVINO's bf16 mode, on CPUs with native bfloat16), not on {backend}")
 
 
 def read_manifest(export_dir: str | Path) -> Dict[str, Any]:

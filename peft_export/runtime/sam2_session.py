@@ -36,7 +36,7 @@ from ..fsutil import sha256_file
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import InstanceSegmentation
 from .everything import LowResDecoder, MaskRecords, segment_everything as _segment_everything
-from .manifest import read_manifest
+from .manifest import check_bf16_backend, read_manifest
 from .postprocess import resize_bilinear
 from .prompts import check_boxes, check_points, mask_input_feed
 from .sam2_masks import select_masks
@@ -71,6 +71,7 @@ class Sam2Session(InstanceSegmentation):
             raise PeftExportError(f"backend {backend}: SAM 2 exports run their ONNX graphs (onnxruntime, openvino)")
         if adapters:
             raise PeftExportError(f"{export_dir}: a SAM 2 export has one model, no named adapters")
+        check_bf16_backend(precision, backend)
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
         if self.manifest.get("family") != "sam2":
@@ -94,15 +95,16 @@ class Sam2Session(InstanceSegmentation):
         if "fp32" not in (graphs.get("decoder") or {}):
             raise PeftExportError(f"{self.export_dir}: manifest.json lists no fp32 decoder graph")
         self._chosen["decoder"] = ("fp32", self._file(graphs["decoder"]["fp32"], "decoder", verify_checksums))
-        ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one (fp32 only)
-        if "fp32" in ais:
-            self._chosen["ais_decoder"] = ("fp32", self._file(ais["fp32"], "ais_decoder", verify_checksums))
+        ais = graphs.get("ais_decoder") or {}  # micro-sam's instance decoder, when the model had one (fp32; bf16 runs it)
+        prec = precision if precision in ais else "fp32"
+        if prec in ais:
+            self._chosen["ais_decoder"] = (prec, self._file(ais[prec], "ais_decoder", verify_checksums))
         constants = self._file(self.manifest.get("constants") or {"path": "sam2_constants.npz"}, "constants",
                                verify_checksums)
         with np.load(constants, allow_pickle=False) as c:
             self.no_mem_embed = np.asarray(c["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)
         self._backend: Any = open_backend(backend, {k: p for k, (_, p) in self._chosen.items()}, device,
-                                          intra_op_threads)
+                                          intra_op_threads, [k for k, (p, _) in self._chosen.items() if p == "bf16"])
         self.providers = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Sam2Embedding] = None

@@ -30,7 +30,7 @@ from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .backends import check_backend, open_backend
 from .intensity import normalize_intensity
-from .manifest import read_manifest
+from .manifest import check_bf16_backend, read_manifest
 from .postprocess import resize_bilinear
 from .preprocess import resize_pil, to_uint8
 from .sam2_masks import select_masks
@@ -79,6 +79,7 @@ class Sam2Propagator:
                  intra_op_threads: Optional[int] = None, verify_checksums: bool = False,
                  precision: str = "fp32") -> None:
         check_backend(backend)
+        check_bf16_backend(precision, backend)
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
         video, graphs = manifest.get("video"), manifest.get("graphs") or {}
@@ -106,7 +107,7 @@ class Sam2Propagator:
         video_constants = self._load_constants(video.get("constants"), verify_checksums)
         self._no_mem_embed = image_constants["no_mem_embed"].astype(np.float32).reshape(1, -1, 1, 1)
         self._no_obj_ptr = video_constants["no_obj_ptr"].astype(np.float32) if "no_obj_ptr" in video_constants else None
-        self._backend = open_backend(backend, paths, device, intra_op_threads)
+        self._backend = open_backend(backend, paths, device, intra_op_threads, ["encoder"] if precision == "bf16" else [])
         self.providers = list(self._backend.providers)
 
     @property

@@ -34,7 +34,7 @@ from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import AutomaticSegmentation
 from .embedding import MAX_BATCH_MASK_BYTES, ImageEmbedding
-from .manifest import PRECISIONS, read_manifest
+from .manifest import PRECISIONS, check_bf16_backend, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts, mask_input_feed
@@ -71,6 +71,7 @@ class SamSession(AutomaticSegmentation):
             raise PeftExportError(f"device: unknown '{device}' (use cpu or cuda)")
         if precision not in PRECISIONS:
             raise PeftExportError(f"precision: unknown '{precision}' (use {', '.join(PRECISIONS)})")
+        check_bf16_backend(precision, backend)
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
         self.backend_name, self.device, self.precision = backend, device, precision
@@ -95,7 +96,8 @@ class SamSession(AutomaticSegmentation):
             paths = {k: p for k, (_, p) in self._chosen.items()}
         else:
             paths = self._choose_engines()
-        self._backend: Any = open_backend(backend, paths, device, intra_op_threads)
+        self._backend: Any = open_backend(backend, paths, device, intra_op_threads,
+                                          [k for k, (p, _) in self._chosen.items() if p == "bf16"])
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None

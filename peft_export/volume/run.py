@@ -70,10 +70,10 @@ def parse_prompts_3d(points: Optional[str], box: Optional[str], shape: tuple) ->
     return prompts
 
 
-def _session(export_dir: Any, precision: str, device: str = "cpu") -> Any:
+def _session(export_dir: Any, precision: str, device: str = "cpu", backend: str = "onnxruntime") -> Any:
     from ..runtime import SamSession
 
-    return SamSession(export_dir, device=device, precision=precision)
+    return SamSession(export_dir, backend=backend, device=device, precision=precision)
 
 
 def _bar(progress: bool, desc: str):
@@ -96,7 +96,8 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
                    everything_options: Optional[Dict[str, Any]] = None, merge: Optional[Dict[str, Any]] = None,
                    embeddings: Optional[Any] = None, precision: str = "fp32", adapter: Optional[str] = None,
                    tile: Optional[int] = None, halo: Optional[int] = None, scale: Optional[float] = None,
-                   overwrite: bool = False, progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
+                   overwrite: bool = False, progress: bool = False, device: str = "cpu",
+                   backend: str = "onnxruntime") -> Dict[str, Any]:
     """Automatic 3D segmentation in memory (labels to TIFF or OME-Zarr); ``embeddings``: a store to
     reuse (or fill). Volumes larger than memory: ``slabs.plan_volume`` + ``run_volume``."""
     from .automatic import resolve_mode, segment_volume
@@ -105,7 +106,7 @@ def predict_volume(export_dir: Any, image: Any, out: Any, mode: str = "auto", ax
 
     stack = open_stack(image, "z", axes, channel)
     out = check_labels_path(out, overwrite)
-    session = _session(export_dir, precision, device)
+    session = _session(export_dir, precision, device, backend)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter,
                            keep=embeddings is not None)
     resolve_mode(session, mode, vol.adapter)  # --instances on an export without AIS: refused before the bar
@@ -125,7 +126,8 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
                    propagation: Optional[Dict[str, Any]] = None, embeddings: Optional[Any] = None,
                    precision: str = "fp32", adapter: Optional[str] = None, tile: Optional[int] = None,
                    halo: Optional[int] = None, scale: Optional[float] = None, overwrite: bool = False,
-                   progress: bool = False, method: str = "auto", device: str = "cpu") -> Dict[str, Any]:
+                   progress: bool = False, method: str = "auto", device: str = "cpu",
+                   backend: str = "onnxruntime") -> Dict[str, Any]:
     """One object from prompts on one or a few planes, propagated through z (``propagate``); its
     mask (0/1) written as a stack. ``method``: "prompts" (micro-sam's, on plane embeddings), "sam2"
     (SAM 2's memory: the prompts are its conditioning frames), "auto" (the one the export offers)."""
@@ -141,7 +143,7 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
     stack = open_stack(image, "z", axes, channel)
     prompts = parse_prompts_3d(points, box, (stack.n_planes, *stack.plane_shape))
     out = check_labels_path(out, overwrite)
-    session = _session(export_dir, precision, device)
+    session = _session(export_dir, precision, device, backend)
     if is_sam2(session) and not propagate:
         raise PeftExportError(f"{export_dir}: on a SAM 2 export --points/--box segment the object through the volume; "
                               "add --propagate")
@@ -205,7 +207,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
                   everything_options: Optional[Dict[str, Any]] = None, tracking: Optional[Dict[str, Any]] = None,
                   precision: str = "fp32", adapter: Optional[str] = None, tile: Optional[int] = None,
                   halo: Optional[int] = None, scale: Optional[float] = None, overwrite: bool = False,
-                  progress: bool = False, device: str = "cpu") -> Dict[str, Any]:
+                  progress: bool = False, device: str = "cpu", backend: str = "onnxruntime") -> Dict[str, Any]:
     """Every frame segmented, objects linked into tracks with divisions; writes the tracked labels,
     the Cell Tracking Challenge result (``OUT_ctc/``) and napari's Tracks data (``OUT_tracks.csv``)."""
     from .automatic import resolve_mode
@@ -218,7 +220,7 @@ def predict_movie(export_dir: Any, image: Any, out: Any, mode: str = "auto", axe
     for key in ("ctc", "tracks"):
         if paths[key].exists() and not overwrite:
             raise PeftExportError(f"{paths[key]}: already exists (pass --overwrite to replace it)")
-    session = _session(export_dir, precision, device)
+    session = _session(export_dir, precision, device, backend)
     vol = VolumeEmbeddings(session, stack, tile=tile, halo=halo, scale=scale, adapter=adapter, keep=False)
     resolve_mode(session, mode, vol.adapter)
     bar, update = _bar(progress, "frames")

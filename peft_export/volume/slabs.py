@@ -72,7 +72,7 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
                 axes: Optional[str] = None, channel: Optional[int] = None, tile: Optional[int] = None,
                 halo: Optional[int] = None, scale: Optional[float] = None, precision: str = "fp32",
                 adapter: Optional[str] = None, slab: int = SLAB, overwrite: bool = False,
-                threads: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
+                threads: Optional[int] = None, device: str = "cpu", backend: str = "onnxruntime") -> Dict[str, Any]:
     """Check the inputs and lay out (or find, to resume) ``OUT.zarr.partial``; return the job.
     As ``predict.large.plan_large``: paths made absolute, the run's id, the export's manifest
     hash and the volume's identity in ``run.json`` (a stopped run of another export, volume or
@@ -97,7 +97,7 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
     if int(slab) < 1:
         raise PeftExportError(f"slab: must be >= 1 plane, got {slab}")
     stack = open_stack(image, "z", axes, channel)
-    session = SamSession(export_dir, device=device, precision=precision, intra_op_threads=threads)
+    session = SamSession(export_dir, backend=backend, device=device, precision=precision, intra_op_threads=threads)
     adapter = pick_adapter(adapter, session.adapters)
     mode = resolve_mode(session, mode, adapter)
     options = plane_options(mode, instance_options, everything_options)
@@ -109,7 +109,8 @@ def plan_volume(export_dir: str | os.PathLike, image: str | os.PathLike, out: st
                 "spec": {"tile": spec.tile, "halo": spec.halo, "image_size": spec.image_size},
                 "precision": precision, "adapter": adapter, "slab": int(slab),
                 "manifest_sha256": manifest_sha256(export_dir), "image_identity": image_identity(image)}
-    job = {**settings, "kind": "volume", "out": str(out), "partial": str(partial), "threads": threads, "device": device}
+    job = {**settings, "kind": "volume", "out": str(out), "partial": str(partial), "threads": threads, "device": device,
+           "backend": backend}
     found = stopped_run(out, partial, settings, overwrite, what="volume")
     if found is not None:
         return {**job, **found}

@@ -8,7 +8,7 @@ backend imports its package lazily, so the runtime needs only what the chosen on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 from ...errors import PeftExportError
 
@@ -35,13 +35,20 @@ def check_backend(name: str) -> None:
         raise PeftExportError(f"backend: unknown '{name}' (use {', '.join(BACKENDS)})")
 
 
-def open_backend(name: str, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None) -> Any:
-    """Load ``paths`` ({graph name: file}) in backend ``name`` on ``device``."""
+def open_backend(name: str, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None,
+                 bf16_graphs: Collection[str] = ()) -> Any:
+    """Load ``paths`` ({graph name: file}) in backend ``name`` on ``device``; ``bf16_graphs``: the fp32
+    graphs an export verified in OpenVINO's bf16 mode (its ``bf16`` precision), run that way."""
     import importlib
 
     check_backend(name)
     module, cls, _ = BACKENDS[name]
     backend_cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-    if name in ("onnxruntime", "openvino"):
+    if bf16_graphs and name != "openvino":
+        raise PeftExportError(f"precision bf16: runs on the openvino backend only (OpenVINO's bf16 execution of the "
+                              f"fp32 graphs), not on {name}")
+    if name == "openvino":
+        return backend_cls(paths, device, intra_op_threads, bf16_graphs)
+    if name == "onnxruntime":
         return backend_cls(paths, device, intra_op_threads)
     return backend_cls(paths, device)

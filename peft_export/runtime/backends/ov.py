@@ -7,7 +7,11 @@ Runtime's peak memory (README, CPU benchmark).
 
 The inference precision is pinned to f32: on CPUs with AMX (and some with AVX-512 BF16)
 OpenVINO's default runs fp32 graphs in bf16, which is a different model than the one the
-export verified. fp16 and int8 graphs carry their own precision in the graph.
+export verified. fp16 and int8 graphs carry their own precision in the graph. The one
+exception is the ``bf16`` precision of an export: the fp32 graphs run with OpenVINO's bf16
+inference precision, which ``merge-and-export --precision bf16`` verified like an int8 graph
+(``bf16_graphs`` names them). Only CPUs with native bfloat16 arithmetic do this
+(``native_bf16``); elsewhere OpenVINO would silently run f32.
 
 Thread-safety: one infer request per graph, used under that graph's lock, so concurrent
 ``run`` calls on one graph are serialised (the encoder and decoder can still overlap).
@@ -20,7 +24,7 @@ import ctypes
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Collection, Dict, Optional
 
 import numpy as np
 
@@ -29,9 +33,9 @@ from ...errors import PeftExportError
 OV_DTYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32}
 
 
-def compile_options(intra_op_threads: Optional[int] = None) -> dict:
+def compile_options(intra_op_threads: Optional[int] = None, inference_precision: str = "f32") -> dict:
     """OpenVINO CPU properties used everywhere (runtime, export checks, bench)."""
-    opts = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    opts = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
     if intra_op_threads:
         opts["INFERENCE_NUM_THREADS"] = int(intra_op_threads)
     return opts
@@ -68,23 +72,41 @@ def keep_signal_stack():
             libc.sigaltstack(ctypes.byref(saved), None)
 
 
+def native_bf16() -> Optional[str]:
+    """None when OpenVINO runs bf16 natively on this CPU (AVX512_BF16 or AMX), else why not (one phrase)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return "the openvino package is not installed (pip install 'peftexport[openvino]')"
+    with keep_signal_stack():
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in caps:
+        return "this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX), so OpenVINO runs f32 here"
+    return None
+
+
 class OpenVinoBackend:
     """One compiled model per graph on OpenVINO's CPU device."""
 
-    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None) -> None:
+    def __init__(self, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None,
+                 bf16_graphs: Collection[str] = ()) -> None:
         if device != "cpu":
             raise PeftExportError("backend openvino: runs on device='cpu' only here (use onnxruntime or tensorrt on CUDA)")
         try:
             import openvino as ov
         except ImportError:
             raise PeftExportError("backend openvino: the openvino package is not installed (pip install 'peftexport[openvino]')") from None
+        if bf16_graphs:
+            why = native_bf16()
+            if why:
+                raise PeftExportError(f"precision bf16: {why}")
         core = ov.Core()
-        opts = compile_options(intra_op_threads)
         self._compiled, self._requests, self._locks, self._inputs = {}, {}, {}, {}
         for name, path in paths.items():
             try:
                 with keep_signal_stack():
-                    compiled = core.compile_model(core.read_model(str(path)), "CPU", opts)
+                    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                                  compile_options(intra_op_threads, "bf16" if name in bf16_graphs else "f32"))
             except Exception as e:  # OpenVINO raises RuntimeError with multi-line messages
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise PeftExportError(f"{path}: openvino cannot compile this graph ({first})") from None
