@@ -37,20 +37,12 @@ def tiny_lora_128_export(tmp_path_factory):
     precisions=["fp32", "int8"])``: the tiny LoRA model's default export (int8 recipe search and gate,
     OpenVINO verification where installed), made once per session for test_int8, test_openvino and
     test_bench, which each made this same export themselves. They only read the folder and the manifest;
-    a test that changes an export copies it first. Made with one torch thread, as the suite makes it
-    after its first module that sets one."""
-    import torch
-
+    a test that changes an export copies it first."""
     from peft_export.export import merge_and_export
 
     out = tmp_path_factory.mktemp("tiny_lora_128") / "export"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        manifest = merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128), out,
-                                    precisions=["fp32", "int8"], progress=False)
-    finally:
-        torch.set_num_threads(before)
+    manifest = merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128), out,
+                                precisions=["fp32", "int8"], progress=False)
     return out, manifest
 
 
