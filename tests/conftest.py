@@ -31,6 +31,21 @@ def tiny_lora() -> AdaptedModel:
     return make_adapted(MERGEABLE_CONFIGS["lora"])
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_128_export(tmp_path_factory):
+    """(folder, manifest) of ``merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128),
+    precisions=["fp32", "int8"])``: the tiny LoRA model's default export (int8 recipe search and gate,
+    OpenVINO verification where installed), made once per session for test_int8, test_openvino and
+    test_bench, which each made this same export themselves. They only read the folder and the manifest;
+    a test that changes an export copies it first."""
+    from peft_export.export import merge_and_export
+
+    out = tmp_path_factory.mktemp("tiny_lora_128") / "export"
+    manifest = merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128), out,
+                                precisions=["fp32", "int8"], progress=False)
+    return out, manifest
+
+
 # A test that skips because something it needs "is not installed" (torch-em, napari, chromium, npm
 # packages...) hides a gap in the install: under CI (`.ci/run` exports CI) that skip is a failure.
 # Skips for what these machines cannot have (CUDA, TensorRT) say so in other words and stay skips.

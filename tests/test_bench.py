@@ -208,15 +208,13 @@ def _png_size(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """An adapter run of the tiny model and its default export (the decoder family, no Meta decoders)."""
+def tiny_run(tmp_path_factory, tiny_lora_128_export):
+    """An adapter run of the tiny model and its default export (the decoder family, no Meta decoders): the
+    export is merge_and_export of this same adapted model, fp32 + int8 (conftest.py: one per session)."""
     root = tmp_path_factory.mktemp("bench")
     adapted = make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128)  # small: the export dominates the time
     save_adapter(adapted, root / "run")
-    from peft_export.export import merge_and_export  # our own code: an ImportError fails the tests
-
-    export = root / "export"
-    merge_and_export(adapted, export, precisions=["fp32", "int8"], progress=False)
+    export, _ = tiny_lora_128_export
     return root, export
 
 

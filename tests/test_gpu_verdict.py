@@ -31,23 +31,34 @@ def test_breaks():
 '''
 
 
-def _pytest(tmp_path: Path, marks: str, broken: bool = False, skip: bool = True) -> tuple[int, str]:
-    """A real pytest run, as gpu_check.sh runs it (-m MARKS -q -rs), on a small test file."""
+def _pytest(tmp_path: Path, marks: str, broken: bool = False, skip: bool = True,
+            plugins: bool = False) -> tuple[int, str]:
+    """A real pytest run, as gpu_check.sh runs it (-m MARKS -q -rs), on a small test file.
+
+    Without ``plugins`` the installed pytest plugins are not loaded (PYTEST_DISABLE_PLUGIN_AUTOLOAD):
+    napari's plugin alone imports napari (~15 s a run on 2 busy cores, for a file of three asserts). One
+    run below keeps them, so the verdict also reads the summary the real environment prints (its
+    warnings included)."""
+    import os
+
     body = TESTS.format(broken="False" if broken else "True")
     if not skip:
         body = body.replace('pytest.skip("tensorrt', 'str("tensorrt')
     (tmp_path / "test_probe.py").write_text(body)
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: probe\n")
+    env = dict(os.environ)
+    if not plugins:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", marks, "-q", "-rs", "-p", "no:cacheprovider",
-                          str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+                          str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, env=env)
     (tmp_path / "out.txt").write_text(res.stdout + res.stderr)
     return res.returncode, res.stdout + res.stderr
 
 
-@pytest.mark.slow  # six pytest processes
+@pytest.mark.slow  # five pytest processes and two of gpu_verdict.py
 def test_verdicts_on_real_pytest_runs(tmp_path):
     # every selected test ran and passed
-    rc, out = _pytest(tmp_path, "gpu", skip=False)
+    rc, out = _pytest(tmp_path, "gpu", skip=False, plugins=True)
     assert rc == 0 and pytest_verdict(rc, out) == (0, "pytest: ok (3 passed)")
     # one selected test skipped for a missing package: NOT RUN, naming why, never "ok"
     rc, out = _pytest(tmp_path, "gpu", skip=True)

@@ -84,10 +84,11 @@ def _agreement_of(path, sam, image: np.ndarray, prompt_seed: int = 0) -> dict:
     return mask_agreement(sam, reference, emb, 32, prompt_seed)
 
 
-def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tmp_path):
+def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tiny_lora_128_export):
     from peft_export.merge import probe_inputs
 
-    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
+    # merge_and_export(adapted, precisions=["fp32", "int8"]) of this module's model (conftest.py: one per session)
+    out, manifest = tiny_lora_128_export
     entry = manifest["graphs"]["encoder"]["int8"]
     assert entry["int8_recipe"]["mode"] == "dynamic" and entry["int8_recipe"]["per_channel"] is True
     assert entry["calibration"] is None
@@ -97,7 +98,7 @@ def test_dynamic_int8_passes_the_gate_and_records_its_recipe(adapted, tmp_path):
     assert data["tuning"]["images"] == ["probe image, seed 1", "probe image, seed 2"]
     assert data["gate"]["images"] == ["probe image, seed 0"] and "seed 0" in data["gate"]["prompts"]
     # the gate holds for the written graph, measured again on the gate's image and prompts
-    gate = _agreement_of(tmp_path / "e" / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
+    gate = _agreement_of(out / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
     assert gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
     assert gate["mask_iou_mean"] == pytest.approx(entry["parity"]["prompt_agreement"]["mask_iou_mean"], abs=2e-3)
 
@@ -352,15 +353,15 @@ def test_recipe_search_returns_the_most_sensitive_layers_to_fp32_until_the_margi
     assert _agreement_of(path, adapted.model, probe_inputs(128, 0)[0].numpy())["mask_iou_mean"] >= 0.99
 
 
-def test_default_recipe_clears_the_margin_on_the_tiny_model(adapted, tmp_path):
+def test_default_recipe_clears_the_margin_on_the_tiny_model(adapted, tiny_lora_128_export):
     from peft_export.export.int8_search import MARGIN
 
-    manifest = merge_and_export(adapted, tmp_path / "e", precisions=["fp32", "int8"], progress=False)
+    out, manifest = tiny_lora_128_export  # merge_and_export(adapted, precisions=["fp32", "int8"]), as above
     entry = manifest["graphs"]["encoder"]["int8"]
     assert entry["int8_search"]["reached"] is True and not manifest["refused"]
     # measured again here, not read back: the written int8 against the torch model over the gate's image and
     # prompts, which the recipe never saw (it was tuned on seeds 1, 2): the margin holds there too
     from peft_export.merge import probe_inputs
 
-    gate = _agreement_of(tmp_path / "e" / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
+    gate = _agreement_of(out / entry["path"], adapted.model, probe_inputs(128, 0)[0].numpy())
     assert gate["mask_iou_mean"] >= MARGIN["prompt_mask_iou_mean"] and gate["mask_iou_min"] >= MARGIN["prompt_mask_iou_min"]

@@ -85,17 +85,11 @@ def ais_export(tmp_path_factory) -> Path:
 
 def build_ais_export(tmp_path_factory) -> Path:
     """A tiny export with micro-sam's instance decoder (random non-zero adapter weights), fp32 only;
-    one per test session (shared with test_napari_torchfree.py)."""
-    import torch
+    one per test session: the same export as the tiled, distributed and volume tests' (tiled_helpers;
+    shared with test_napari_torchfree.py). The plugin only reads it; a test that changes it copies it."""
+    from tiled_helpers import ais_export_dir
 
-    from peft_export.export import merge_and_export
-    from test_ais_runtime import ais_adapted
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.getbasetemp() / "napari_ais_export"
-    if not (out / "manifest.json").is_file():
-        merge_and_export(ais_adapted(), out, precisions=("fp32",), progress=False)
-    return out
+    return ais_export_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

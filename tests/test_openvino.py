@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import MERGEABLE_CONFIGS, make_adapted
 from peft_export.cli.main import app
 from peft_export.errors import PeftExportError
 from peft_export.runtime import SamSession
@@ -27,13 +26,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    from peft_export.export import merge_and_export
-
-    out = tmp_path_factory.mktemp("ov") / "export"
-    manifest = merge_and_export(make_adapted(MERGEABLE_CONFIGS["lora"], image_size=128), out,
-                                precisions=["fp32", "int8"], progress=False)
-    return out, manifest
+def export(tiny_lora_128_export):
+    """The tiny LoRA model (128 px) exported fp32 + int8 by merge_and_export (conftest.py: one per session)."""
+    return tiny_lora_128_export
 
 
 def _image(seed=0):
