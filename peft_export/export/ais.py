@@ -6,7 +6,8 @@ boundary distance; sigmoid outputs in [0, 1]). Cropping to the resized image and
 to the original image are left to the runtime (as for the low-res mask decoder), so the
 graph has static shapes.
 
-Precisions: bf16 is the fp32 graph run in OpenVINO's bf16 mode (checked there, no file of its own). fp32 (TorchScript exporter) and fp16 (fp16 weights and convolutions, InstanceNorm
+Precisions: bf16 is the fp32 graph run in OpenVINO's bf16 mode (checked there, no file of its
+own). fp32 (TorchScript exporter) and fp16 (fp16 weights and convolutions, InstanceNorm
 and BatchNorm in fp32, fp32 input and output; traced by the dynamo exporter like the fp16
 encoder, because the TorchScript exporter would run fp16 convolutions on the CPU). No int8
 graph: onnxruntime's dynamic quantisation (ConvInteger, activations quantised per tensor at
