@@ -125,11 +125,12 @@ def test_bf16_is_refused_where_it_cannot_run(tmp_path):
 
 
 def test_native_bf16_follows_the_cpu_flags():
-    """OpenVINO's answer agrees with the kernel's: bf16 natively where the CPU has AVX512_BF16 or AMX-BF16."""
+    """OpenVINO's answer agrees with the kernel's: bf16 natively where the CPU has AVX512_BF16 or AMX-BF16 (or,
+    on recent Intel client CPUs, AVX-NE-CONVERT, which OpenVINO also counts)."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
     if flags is None:
         pytest.skip("no /proc/cpuinfo on this system (the check reads the kernel's CPU flags)")
-    assert (NO_BF16 is None) == bool({"avx512_bf16", "amx_bf16"} & set(flags)), NO_BF16
+    assert (NO_BF16 is None) == bool({"avx512_bf16", "amx_bf16", "avx_ne_convert"} & set(flags)), NO_BF16
 
 
 @needs_bf16
