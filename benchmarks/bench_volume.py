@@ -217,27 +217,25 @@ def make_export(out: Path, size: int) -> Path:
     from bench_vit_t import export_precisions
 
     ckpt = build_merged_checkpoint(out, "vit_t", size)
-    extra = ("bf16",) if bf16_unavailable() is None else ()
+    from peft_export.runtime.backends.ov import native_bf16
+
+    extra = ("bf16",) if native_bf16() is None else ()
     export, _ = export_precisions(ckpt, out / f"vit_t_ais_{size}", size, instance_decoder=True, extra=extra)
     return export
 
 
-def bf16_unavailable() -> str | None:
-    from peft_export.runtime.backends.ov import native_bf16
-
-    return native_bf16()
-
-
 def chosen_runs(text: str, export: Path) -> tuple[list[tuple[str, str]], dict]:
     """--runs as (backend, precision) pairs the export and this CPU can run, and why the others cannot."""
+    from peft_export.runtime.backends.ov import native_bf16
     from peft_export.runtime.manifest import read_manifest
 
     have = set((read_manifest(export)["graphs"].get("ais_decoder") or {}))
+    no_bf16 = native_bf16() if "bf16" in text else None  # asks OpenVINO once
     runs, skipped = [], {}
     for item in [t for t in text.split(",") if t]:
         backend, _, precision = item.partition(":")
         precision = precision or "fp32"
-        why = bf16_unavailable() if precision == "bf16" else None
+        why = no_bf16 if precision == "bf16" else None
         if why is None and precision not in have:
             why = f"the export has no {precision} instance decoder"
         if why:
