@@ -8,7 +8,9 @@ Cases (random weights with a random LoRA r4 merged in; encoder medians):
 - hiera_t in torch eager fp32 (``SAM2Base.forward_image``: Hiera + FPN + conv_s0/s1, what the export computes),
   and in bf16 (CPU autocast) where the CPU has native bfloat16, so that a bf16 export meets torch at its best;
 - hiera_t's export (``merge-and-export``: fp32 and int8 through the gate, bf16 where the CPU has native
-  bfloat16) on ONNX Runtime and OpenVINO (bf16: OpenVINO only);
+  bfloat16) on ONNX Runtime and OpenVINO (bf16: OpenVINO only). int8 is static QDQ calibrated on
+  ``--calibration-images`` generated demo images and two colour images (``--calibration-images 0``: dynamic); OpenVINO runs it in
+  its bf16 mode where the export verified that (native bfloat16 CPUs), as the runtime does;
 - vit_t's and vit_b's exports (the same precisions) on the same backends, the reference of SAM 1 sizes.
 
 Each case runs in a child process of its own (``--child``): model load, warm-up, timed runs, peak RSS
@@ -52,14 +54,38 @@ def adapted_model(model_type: str, size: int):
     return adapted
 
 
-def export(model_type: str, size: int, out: Path, precisions: tuple[str, ...]) -> Path:
+def export(model_type: str, size: int, out: Path, precisions: tuple[str, ...], calibration: Path | None) -> Path:
     from peft_export.export import merge_and_export
 
     path = out / f"{model_type}_{size}"
     if not (path / "manifest.json").is_file():
-        log(f"exporting {model_type} at {size} ({', '.join(precisions)})")
-        merge_and_export(adapted_model(model_type, size), path, precisions=precisions, overwrite=True, progress=False)
+        log(f"exporting {model_type} at {size} ({', '.join(precisions)}"
+            f"{', int8 calibrated on ' + str(calibration) if calibration and 'int8' in precisions else ''})")
+        merge_and_export(adapted_model(model_type, size), path, precisions=precisions, overwrite=True, progress=False,
+                         calibration_data=calibration if "int8" in precisions else None)
     return path
+
+
+def calibration_images(out: Path, n: int, size: int) -> Path | None:
+    """Varied images for the static int8 ranges: ``n`` generated demo images (grey nuclei) and two colour
+    blob images (``merge.probe_pixels`` of seeds 11 and 12; the gate's probe is seed 0). Ranges fitted to
+    the nuclei alone clip the colour probe's activations and the gate refuses the graph (hiera_t 1024:
+    prompt IoU mean 0.988). None (``n`` 0): dynamic int8."""
+    if n <= 0:
+        return None
+    import numpy as np
+    import tifffile
+
+    from peft_export.data import make_demo_data
+    from peft_export.merge import probe_pixels
+
+    folder = out / "calibration"
+    if not (folder / "images").is_dir():
+        make_demo_data(folder, n_images=n, size=size, seed=5)
+        for seed in (11, 12):
+            rgb = probe_pixels(size, seed)[0].permute(1, 2, 0).numpy().round().astype(np.uint8)
+            tifffile.imwrite(folder / "images" / f"colour_{seed}.tif", rgb)
+    return folder / "images"
 
 
 def child(case: dict) -> dict:
@@ -88,11 +114,14 @@ def child(case: dict) -> dict:
         import contextlib
 
         from peft_export.runtime.backends import open_backend
+        from peft_export.runtime.manifest import bf16_mode_graphs
 
         manifest = json.loads((Path(case["export"]) / "manifest.json").read_text())
         entry = manifest["graphs"]["encoder"][case["precision"]]
-        backend = open_backend(case["backend"], {"encoder": Path(case["export"]) / entry["path"]}, "cpu",
-                               bf16_graphs=["encoder"] if case["precision"] == "bf16" else [])
+        # as the runtime: bf16 mode for bf16, and for int8 where the export verified it (native bf16 CPUs)
+        backend = open_backend(case["backend"], {"encoder": Path(case["export"]) / entry["path"]}, "cpu", None,
+                               *bf16_mode_graphs(manifest["graphs"], {"encoder": case["precision"]}))
+        case = {**case, "bf16_mode": "encoder" in getattr(backend, "bf16_graphs", ())}
         run = lambda: backend.run("encoder", {"image": x})  # noqa: E731
         ctx = contextlib.nullcontext()
     times = []
@@ -116,7 +145,8 @@ def fresh(case: dict) -> dict:
 def label(r: dict) -> str:
     if r["kind"] == "eager":
         return f"{r['model_type']} torch eager {r.get('precision', 'fp32')}"
-    return f"{r['model_type']} export {r['backend']} {r['precision']}"
+    mode = " (bf16 mode)" if r.get("bf16_mode") and r["precision"] == "int8" else ""
+    return f"{r['model_type']} export {r['backend']} {r['precision']}{mode}"
 
 
 def best(results: list[dict], model_type: str) -> dict | None:
@@ -132,6 +162,10 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=7)
     ap.add_argument("--backends", default="onnxruntime,openvino")
     ap.add_argument("--no-vit-b", action="store_true", help="leave vit_b out (its export takes minutes)")
+    ap.add_argument("--calibration-images", type=int, default=4,
+                    help="generated demo images the int8 graphs are calibrated on (static QDQ); 0: dynamic int8")
+    ap.add_argument("--export-only", action="store_true",
+                    help="make the exports and stop (then time them on a quiet machine)")
     ap.add_argument("--quick", action="store_true", help="256 px, 1 warm-up, 1 iteration, no vit_b, fp32 only")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,7 +186,11 @@ def main() -> int:
     device, load_before = device_info(), os.getloadavg()
     log(f"CPU {device.get('cpu')}, load average {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}")
     models = ["sam2.1_hiera_t", "vit_t"] + ([] if args.no_vit_b else ["vit_b"])
-    exports = {m: export(m, args.size, args.out, precisions) for m in models}
+    calibration = calibration_images(args.out, args.calibration_images, args.size) if "int8" in precisions else None
+    exports = {m: export(m, args.size, args.out, precisions, calibration) for m in models}
+    if args.export_only:
+        log(f"exports ready in {args.out}")
+        return 0
     common = {"size": args.size, "warmup": args.warmup, "iterations": args.iterations}
     cases = [{"kind": "eager", "model_type": "sam2.1_hiera_t", "precision": p, **common}
              for p in ("fp32", "bf16") if p == "fp32" or no_bf16 is None]

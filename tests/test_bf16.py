@@ -194,3 +194,43 @@ def test_predict_3d_runs_bf16_on_openvino_from_the_command_line(bf16_export, tmp
     assert n32 >= 3 and abs(n16 - n32) <= max(2, n32 // 4), (n16, n32)
     agree = ((labels["bf16"] > 0) == (labels["fp32"] > 0)).mean()
     assert agree >= 0.97, agree
+
+
+@needs_bf16
+def test_int8_verified_in_bf16_mode_runs_that_way_on_openvino(tiny_lora_128_export, tmp_path):
+    """An int8 encoder also passes the int8 gate in OpenVINO's bf16 mode (its int8 layers as they are, attention
+    and the rest in bf16): ``verified_on`` names it, and the openvino backend then compiles it so; an int8 entry
+    without that check (an export made on a CPU without native bf16) runs in f32 mode."""
+    import shutil
+
+    out, manifest = tiny_lora_128_export
+    entry = manifest["graphs"]["encoder"]["int8"]
+    assert entry["verified_on"] == ["onnxruntime", "openvino", "openvino-bf16"]
+    gate = entry["parity_by_backend"]["openvino-bf16"]
+    assert gate["passed"] and gate["prompt_mask_iou_mean"] >= 0.99 and gate["prompt_mask_iou_min"] >= 0.97
+    assert manifest["graphs"]["encoder"]["fp32"]["verified_on"] == ["onnxruntime", "openvino"]  # fp32 stays exact
+    session = SamSession(out, backend="openvino", precision="int8")
+    graphs = session.describe()["graphs"]
+    assert graphs["encoder"]["bf16_mode"] and not any(g["bf16_mode"] for k, g in graphs.items() if k != "encoder")
+    # the same files with the check taken out of the manifest: f32 mode
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    on_disk = json.loads((plain / "manifest.json").read_text())
+    on_disk["graphs"]["encoder"]["int8"]["verified_on"] = ["onnxruntime", "openvino"]
+    (plain / "manifest.json").write_text(json.dumps(on_disk))
+    f32 = SamSession(plain, backend="openvino", precision="int8")
+    assert not f32.describe()["graphs"]["encoder"]["bf16_mode"]
+    assert not SamSession(out, backend="onnxruntime", precision="int8").describe()["graphs"]["encoder"]["bf16_mode"]
+    image = nuclei_image()[:128, :128]
+    e16, e32 = session.encode(image).embedding, f32.encode(image).embedding
+    rel = np.abs(e16 - e32).max() / np.abs(e32).max()
+    assert 1e-3 < rel < 0.1, rel  # bf16 arithmetic really ran, close to the f32 mode's
+    session.set_image(image)
+    f32.set_image(image)
+    ious = []
+    for box in ([10, 12, 60, 70], [40, 30, 100, 120], [5, 60, 90, 125]):
+        a, _, _ = session.predict(box=np.array(box, np.float32), multimask_output=False)
+        b, _, _ = f32.predict(box=np.array(box, np.float32), multimask_output=False)
+        assert b.sum() > 0
+        ious.append((a & b).sum() / max(1, (a | b).sum()))
+    assert np.mean(ious) >= 0.97, ious

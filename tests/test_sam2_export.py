@@ -163,10 +163,21 @@ def test_int8_encoder_passed_the_gate_and_runs(exported):
     entry = manifest["graphs"]["encoder"]["int8"]
     gate = entry["parity"]["prompt_agreement"]
     assert gate["prompts"] == 32 and gate["mask_iou_mean"] >= 0.99 and gate["mask_iou_min"] >= 0.97
+    sessions = {p: SamSession(out, precision=p) for p in ("fp32", "int8")}
+    from peft_export.runtime.backends.ov import native_bf16
+
+    if "openvino" in entry["verified_on"] and native_bf16() is None:
+        # checked in OpenVINO's bf16 mode too (int8 layers, the rest bf16: the fastest hiera_t there) and run so
+        # where it passed; this random 128 px model's bf16 mode misses the gate's mean by a hair (0.98999), so
+        # OpenVINO runs its int8 encoder in f32 mode: recorded, not refused
+        bf16_mode = entry["parity_by_backend"]["openvino-bf16"]
+        assert ("openvino-bf16" in entry["verified_on"]) == bf16_mode["passed"]
+        assert bf16_mode["passed"] or bf16_mode["failures"]
+        sessions["int8 (openvino)"] = SamSession(out, backend="openvino", precision="int8")
+        assert sessions["int8 (openvino)"].describe()["graphs"]["encoder"]["bf16_mode"] == bf16_mode["passed"]
     # measured here, not read back: the int8 encoder's masks agree with fp32's on an image neither the
     # tuning nor the gate saw (16 single clicks; looser than the gate, which is on its own image)
     image = smooth_image(128, 128, 5)
-    sessions = {p: SamSession(out, precision=p) for p in ("fp32", "int8")}
     for s in sessions.values():
         s.set_image(image)
     ious = []
@@ -177,8 +188,10 @@ def test_int8_encoder_passed_the_gate_and_runs(exported):
                 masks, iou, _ = s.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
                 assert masks.shape == (3, 128, 128) and np.isfinite(iou).all()
                 best[p] = masks[int(np.argmax(iou))]
-            union = (best["fp32"] | best["int8"]).sum()
-            ious.append((best["fp32"] & best["int8"]).sum() / union if union else 1.0)
+            for p in best:
+                if p != "fp32":
+                    union = (best["fp32"] | best[p]).sum()
+                    ious.append((best["fp32"] & best[p]).sum() / union if union else 1.0)
     assert np.mean(ious) >= 0.97, ious
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import PeftExportError
+from ..runtime.manifest import BF16_VERIFIED_ON
 
 # fp32 must be exact up to float rounding; reduced precisions report what they reach and
 # fail below a floor that still keeps the masks usable.
@@ -35,7 +36,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 }
 
 # Where a bf16 graph is verified and what it runs on: OpenVINO with bf16 inference precision.
-BF16_VERIFY_BACKEND = "openvino-bf16"
+BF16_VERIFY_BACKEND = BF16_VERIFIED_ON
 BF16_NOTE = ("the fp32 graph, run by OpenVINO with bf16 inference precision on CPUs with native bfloat16 "
              "(AVX512_BF16 or AMX): --backend openvino --precision bf16")
 
@@ -59,6 +60,20 @@ def verify_backends(precision: str = "fp32") -> list[str]:
     if precision == "bf16":
         return [BF16_VERIFY_BACKEND]
     return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+
+
+def bf16_mode_backends(precision: str) -> list[str]:
+    """Where a graph of ``precision`` is also verified, optionally, in OpenVINO's bf16 mode: int8 graphs (their
+    int8 layers as they are, the rest in bf16), on a CPU with native bfloat16 and OpenVINO installed. Passed,
+    ``verified_on`` names it and the runtime's openvino backend runs the graph that way on such CPUs; failed,
+    the graph stays verified on the others and runs in f32 mode (``parity_by_backend`` keeps the result)."""
+    import importlib.util
+
+    if precision != "int8" or importlib.util.find_spec("openvino") is None:
+        return []
+    from ..runtime.backends.ov import native_bf16
+
+    return [] if native_bf16() else [BF16_VERIFY_BACKEND]
 
 
 def check_bf16_export(precisions) -> None:

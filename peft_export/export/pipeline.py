@@ -24,7 +24,7 @@ from ..fsutil import atomic_dir
 from ..models.family import is_sam2
 from . import onnx_graphs as og
 from .fused_attention import ATTENTION_FORMS
-from .gates import BF16_NOTE, check_bf16_export
+from .gates import BF16_NOTE, bf16_mode_backends, check_bf16_export
 from .manifest import build_manifest, graph_entry, training_scale_record, write_manifest
 from .refusals import is_required, refusal_line, refusal_record
 from .int8_data import GATE_PROMPT_SEED, Agreement, int8_verifier, quantise_tuned, split_int8_data
@@ -184,7 +184,19 @@ def merge_and_export(
                     )
                 refuse(tmp, graph, precision, None if precision == "bf16" else filename, backend, parity, extra)
                 return False  # (a bf16 entry names the fp32 file: that stays)
-        extra = dict(extra or {}, verified_on=list(by_backend))
+        verified = list(by_backend)
+        for backend in bf16_mode_backends(precision):  # optional: a failure only keeps OpenVINO in f32 mode
+            t = time.perf_counter()
+            parity = (verifier(tmp / filename, reference, precision, backend) if verifier is not None else
+                      verify_export(tmp / filename, graph, reference_model, reference, precision, backend))
+            parity["verify_seconds"] = round(time.perf_counter() - t, 2)
+            by_backend[backend] = parity
+            rows.append((f"{graph} ({backend})", precision, parity))
+            verified += [backend] if parity["passed"] else []
+            why = "" if parity["passed"] else f": runs in f32 mode there ({'; '.join(parity['failures'])})"
+            log(f"  {graph:<18} {precision:<5} {'verified' if parity['passed'] else 'not verified'} in OpenVINO's bf16 "
+                f"mode ({parity['verify_seconds']:.1f} s){why}")
+        extra = dict(extra or {}, verified_on=verified)
         if len(by_backend) > 1:
             extra["parity_by_backend"] = {b: p for b, p in by_backend.items() if b != "onnxruntime"}
         graphs.setdefault(graph, {})[precision] = graph_entry(tmp, graph, filename, size, next(iter(by_backend.values())),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from ..errors import PeftExportError
 
@@ -14,6 +14,17 @@ PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # bf16 has no graph of its own: the fp32 graphs run in OpenVINO's bf16 mode on CPUs with native
 # bfloat16, verified at export like int8 (its manifest entries name the fp32 files).
 BF16_BACKEND = "openvino"
+BF16_VERIFIED_ON = "openvino-bf16"  # an entry's verified_on: checked in OpenVINO's bf16 mode at export
+
+
+def bf16_mode_graphs(graphs: Dict[str, Any], chosen: Dict[str, str]) -> Tuple[List[str], List[str]]:
+    """Of the ``chosen`` graphs ({name: precision}), those OpenVINO runs in its bf16 mode: the bf16
+    precision's (the fp32 files; required), and int8 graphs the export also verified in that mode
+    (``verified_on`` names ``openvino-bf16``; used where the CPU has native bfloat16)."""
+    required = [name for name, prec in chosen.items() if prec == "bf16"]
+    if_native = [name for name, prec in chosen.items() if prec == "int8"
+                 and BF16_VERIFIED_ON in ((graphs.get(name) or {}).get("int8") or {}).get("verified_on", ())]
+    return required, if_native
 
 
 def check_bf16_backend(precision: str, backend: str) -> None:

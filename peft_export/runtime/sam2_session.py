@@ -36,7 +36,7 @@ from ..fsutil import sha256_file
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import InstanceSegmentation
 from .everything import LowResDecoder, MaskRecords, segment_everything as _segment_everything
-from .manifest import check_bf16_backend, read_manifest
+from .manifest import bf16_mode_graphs, check_bf16_backend, read_manifest
 from .postprocess import resize_bilinear
 from .prompts import check_boxes, check_points, mask_input_feed
 from .sam2_masks import select_masks
@@ -104,7 +104,8 @@ class Sam2Session(InstanceSegmentation):
         with np.load(constants, allow_pickle=False) as c:
             self.no_mem_embed = np.asarray(c["no_mem_embed"], np.float32).reshape(1, -1, 1, 1)
         self._backend: Any = open_backend(backend, {k: p for k, (_, p) in self._chosen.items()}, device,
-                                          intra_op_threads, [k for k, (p, _) in self._chosen.items() if p == "bf16"])
+                                          intra_op_threads,
+                                          *bf16_mode_graphs(graphs, {k: p for k, (p, _) in self._chosen.items()}))
         self.providers = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Sam2Embedding] = None
@@ -126,7 +127,10 @@ class Sam2Session(InstanceSegmentation):
         return {"export_dir": str(self.export_dir), "family": "sam2", "model_type": self.manifest.get("model_type"),
                 "image_size": self.image_size, "backend": self.backend_name, "device": self.device,
                 "providers": self.providers, "precision_asked": self.precision,
-                "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
+                "graphs": {k: {"precision": p, "path": path.name,
+                           # OpenVINO's bf16 inference precision (bf16; int8 verified that way, native bf16 CPUs)
+                           "bf16_mode": k in getattr(self._backend, "bf16_graphs", ())}
+                       for k, (p, path) in self._chosen.items()},
                 "decoder_used": "decoder", "adapters": [], "intensity": self._intensity_rule,
                 "interpolation": "bilinear_antialias"}
 

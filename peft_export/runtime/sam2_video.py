@@ -30,7 +30,7 @@ from ..errors import PeftExportError
 from ..fsutil import sha256_file
 from .backends import check_backend, open_backend
 from .intensity import normalize_intensity
-from .manifest import check_bf16_backend, read_manifest
+from .manifest import bf16_mode_graphs, check_bf16_backend, read_manifest
 from .postprocess import resize_bilinear
 from .preprocess import resize_pil, to_uint8
 from .sam2_masks import select_masks
@@ -107,7 +107,8 @@ class Sam2Propagator:
         video_constants = self._load_constants(video.get("constants"), verify_checksums)
         self._no_mem_embed = image_constants["no_mem_embed"].astype(np.float32).reshape(1, -1, 1, 1)
         self._no_obj_ptr = video_constants["no_obj_ptr"].astype(np.float32) if "no_obj_ptr" in video_constants else None
-        self._backend = open_backend(backend, paths, device, intra_op_threads, ["encoder"] if precision == "bf16" else [])
+        self._backend = open_backend(backend, paths, device, intra_op_threads,
+                                     *bf16_mode_graphs(graphs, {"encoder": precision}))
         self.providers = list(self._backend.providers)
 
     @property

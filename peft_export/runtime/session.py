@@ -34,7 +34,7 @@ from .adapters import select_routes
 from .backends import check_backend, graph_kind, open_backend
 from .automatic import AutomaticSegmentation
 from .embedding import MAX_BATCH_MASK_BYTES, ImageEmbedding
-from .manifest import PRECISIONS, check_bf16_backend, read_manifest
+from .manifest import PRECISIONS, bf16_mode_graphs, check_bf16_backend, read_manifest
 from .postprocess import postprocess_masks
 from .preprocess import prepare_image
 from .prompts import check_boxes, check_points, encode_prompts, mask_input_feed
@@ -97,7 +97,8 @@ class SamSession(AutomaticSegmentation):
         else:
             paths = self._choose_engines()
         self._backend: Any = open_backend(backend, paths, device, intra_op_threads,
-                                          [k for k, (p, _) in self._chosen.items() if p == "bf16"])
+                                          *bf16_mode_graphs(self.manifest["graphs"],
+                                                            {k: p for k, (p, _) in self._chosen.items()}))
         self.providers: List[str] = list(self._backend.providers)
         self._lock = threading.Lock()
         self._embedding: Optional[Union[ImageEmbedding, EncodedImage]] = None
@@ -179,7 +180,10 @@ class SamSession(AutomaticSegmentation):
             "device": self.device,
             "providers": self.providers,
             "precision_asked": self.precision,
-            "graphs": {k: {"precision": p, "path": path.name} for k, (p, path) in self._chosen.items()},
+            "graphs": {k: {"precision": p, "path": path.name,
+                           # OpenVINO's bf16 inference precision (bf16; int8 verified that way, native bf16 CPUs)
+                           "bf16_mode": k in getattr(self._backend, "bf16_graphs", ())}
+                       for k, (p, path) in self._chosen.items()},
             # what predict / predict_batch decode prompts with
             "decoder_used": ("family" if any(k.startswith("split_prompts") and takes_mask_input(self.manifest["graphs"][k])
                                              for k in self._chosen)

@@ -36,9 +36,11 @@ def check_backend(name: str) -> None:
 
 
 def open_backend(name: str, paths: Dict[str, Path], device: str, intra_op_threads: Optional[int] = None,
-                 bf16_graphs: Collection[str] = ()) -> Any:
+                 bf16_graphs: Collection[str] = (), bf16_if_native: Collection[str] = ()) -> Any:
     """Load ``paths`` ({graph name: file}) in backend ``name`` on ``device``; ``bf16_graphs``: the fp32
-    graphs an export verified in OpenVINO's bf16 mode (its ``bf16`` precision), run that way."""
+    graphs an export verified in OpenVINO's bf16 mode (its ``bf16`` precision), run that way;
+    ``bf16_if_native``: int8 graphs also verified in that mode, run that way by OpenVINO on CPUs with
+    native bfloat16 (other backends and CPUs run them as they are)."""
     import importlib
 
     check_backend(name)
@@ -48,7 +50,7 @@ def open_backend(name: str, paths: Dict[str, Path], device: str, intra_op_thread
         raise PeftExportError(f"precision bf16: runs on the openvino backend only (OpenVINO's bf16 execution of the "
                               f"fp32 graphs), not on {name}")
     if name == "openvino":
-        return backend_cls(paths, device, intra_op_threads, bf16_graphs)
+        return backend_cls(paths, device, intra_op_threads, bf16_graphs, bf16_if_native)
     if name == "onnxruntime":
         return backend_cls(paths, device, intra_op_threads)
     return backend_cls(paths, device)
