@@ -190,7 +190,7 @@ def int8_ais_session(out: Path) -> SamSession:
     session = SamSession(out, precision="int8")
     graphs = session.describe()["graphs"]
     assert graphs["encoder"]["precision"] == "int8"
-    assert graphs["ais_decoder"] == {"precision": "fp32", "path": "ais_decoder.onnx"}
+    assert graphs["ais_decoder"] == {"precision": "fp32", "path": "ais_decoder.onnx", "bf16_mode": False}
     return session
 
 
