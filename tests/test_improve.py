@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,19 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from helpers import import_blocker, make_adapted
-from peft_export.data import make_demo_data
+from peft_export.data import Sample, make_demo_data
 from peft_export.export import merge_and_export
 from peft_export.fsutil import sha256_file
 from peft_export.improve import improve_export
+from peft_export.improve.holdout import hold_out_objects
+from peft_export.improve.loop import _read_data, _train
 from peft_export.improve.protocol import ImproveProcess
 from peft_export.improve.source import load_torch_source
 from peft_export.peft.adapters import load_adapter, save_adapter
+from peft_export.runtime.intensity import normalize_intensity
+from peft_export.training import monitor as monitor_module
+from peft_export.training import validate, validation_set
+from peft_export.training.monitor import Monitor
 
 pytestmark = pytest.mark.slow  # exports and trains the tiny model
 
@@ -162,3 +169,65 @@ def test_the_protocol_client_imports_without_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
+
+
+def test_learning_curve_leaves_the_training_as_it_is(setup, tmp_path, monkeypatch):
+    """``curve_every``: points before the first step, every k steps and after the last, on the torch model
+    (starting and final points agree with the exports' held-out Dice); the adapter is bitwise the one
+    trained without the curve, and the measurements' time is left out of the training seconds."""
+    v1, images, labels = setup / "exports" / "v1", setup / "data" / "images", setup / "data" / "labels"
+    run = {**FAST, "steps": 5}
+    torch.manual_seed(0)  # the new decoder LoRA draws its A matrices from torch's global generator
+    plain = improve_export(v1, images, labels, tmp_path / "plain", **run)
+    pause = 2.0  # each measurement made this much slower: it would show in the training seconds if counted
+    real = monitor_module.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "validate", slow_validate)
+    torch.manual_seed(0)
+    result = improve_export(v1, images, labels, tmp_path / "curve", curve_every=2, **run)
+    assert "curve" not in plain["training"]
+    curve = result["training"]["curve"]
+    points = curve["points"]
+    assert [p["step"] for p in points] == [0, 2, 4, 5] and curve["every"] == 2
+    assert all(p["objects"] == result["held_out"]["held_out"] for p in points)
+    tensors, reference = (load_file(str(tmp_path / name / "adapter" / "adapter.safetensors")) for name in ("curve", "plain"))
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    assert result["after"] == plain["after"]
+    # torch before the first step / after the last agree with the fp32 exports' scores of the same objects
+    assert abs(points[0]["box_dice"] - result["before"]["fp32"]["box_dice"]) < 0.01
+    assert abs(points[-1]["box_dice"] - result["after"]["fp32"]["box_dice"]) < 0.01
+    # the pauses (4 x 2 s) are in the monitor's seconds, not in the training's
+    assert curve["seconds"] >= len(points) * pause
+    assert result["training"]["seconds"] < plain["training"]["seconds"] + pause
+    seconds = [p["train_seconds"] for p in points]
+    assert seconds == sorted(seconds) and seconds[-1] <= result["training"]["seconds"]
+    assert points[-1]["encoded"] >= 1 and 0 < points[-1]["encode_seconds"] <= seconds[-1]
+
+
+def test_learning_curve_with_the_encoder_training(setup, tmp_path):
+    """benchmarks/bench_improve.py's encoder case (late encoder LoRA, no cached embeddings): the monitor's
+    embeddings follow the changing encoder, and the adapter is the same as without it."""
+    v1, images, labels = setup / "exports" / "v1", setup / "data" / "images", setup / "data" / "labels"
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    rule = manifest["preprocessing"]["intensity"]
+    samples = [Sample(s.name, normalize_intensity(s.image, rule), s.label) for s in _read_data(images, labels)]
+    hold = hold_out_objects(samples, 0.2, 0, 25)
+    runs = {}
+    for name, monitor in (("plain", None), ("curve", Monitor(hold.check, 2))):
+        torch.manual_seed(0)
+        adapted = load_torch_source(v1, manifest)
+        summary = _train(adapted, hold.train, tmp_path / name, rule, 3, 1e-3, 4, 1, True, None,
+                         25, 0, False, lambda e: None, None, cache_embeddings=False, monitor=monitor)
+        runs[name] = (summary, load_file(str(tmp_path / name / "adapter.safetensors")), adapted)
+    (summary, tensors, adapted), (_, reference, _) = runs["curve"], runs["plain"]
+    assert any(k.startswith("image_encoder.") for k in tensors)  # the encoder trained
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    points = summary["monitor"]["points"]
+    assert [p["step"] for p in points] == [0, 2, 3] and "encoded" not in points[0]
+    # the last point is the trained model's Dice measured afresh (no embedding of an older encoder reused)
+    fresh = validate(adapted.model, validation_set(hold.check, 128, 25, 0), 0, None)
+    assert points[-1]["box_dice"] == pytest.approx(fresh["box_dice"], abs=1e-6)

@@ -36,6 +36,7 @@ from ..fsutil import atomic_dir
 from ..peft.adapters import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter
 from ..runtime import read_manifest
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
+from ..training.monitor import Monitor
 from .holdout import hold_out_objects
 from .model import with_decoder_lora
 from .source import load_torch_source
@@ -101,10 +102,15 @@ def improve_export(
     progress: bool = True,
     on_event: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    curve_every: int = 0,
 ) -> dict:
     """Train decoder LoRA of ``export_dir``'s model on ``images`` + ``labels`` (folders paired by file
     name) and write the merged, verified export to ``out_dir``; returns the result (also stored in the
-    new manifest's ``improve``): held-out box/point Dice before and after, per precision."""
+    new manifest's ``improve``): held-out box/point Dice before and after, per precision.
+
+    ``curve_every`` > 0: also a learning curve in ``result["training"]["curve"]``: the held-out Dice of
+    the torch model before the first step, every ``curve_every`` steps and after the last (``Monitor``:
+    it does not change the training, and its time is left out of the training seconds)."""
     t0 = time.perf_counter()
     emit = on_event or (lambda event: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -122,6 +128,8 @@ def improve_export(
     _check_out_dir(out_dir, overwrite)
     if steps < 1:
         raise PeftExportError(f"--steps: must be >= 1, got {steps}")
+    if curve_every < 0:
+        raise PeftExportError(f"curve_every: must be >= 0 (0: no learning curve), got {curve_every}")
     rule = (manifest.get("preprocessing") or {}).get("intensity") or dict(DEFAULT_INTENSITY_RULE)
     raw = _read_data(Path(images), Path(labels))
     samples = [Sample(s.name, normalize_intensity(s.image, rule), s.label) for s in raw]
@@ -140,7 +148,8 @@ def improve_export(
     try:
         stage("train", f"training decoder LoRA for {steps} steps on cached embeddings")
         summary = _train(adapted, hold.train, work / "run", rule, steps, lr, objects_per_image, sub_iterations,
-                         augment, embedding_store, min_object_size, seed, progress, emit, should_stop)
+                         augment, embedding_store, min_object_size, seed, progress, emit, should_stop,
+                         monitor=Monitor(hold.check, curve_every) if curve_every else None)
         if summary["status"] == "interrupted":
             raise ImproveCancelled(f"{out_dir}: cancelled during training; nothing written, {export_dir} unchanged")
         stage("export", "merging and exporting (fp32 + int8 through the gate)")
@@ -174,9 +183,11 @@ def improve_export(
 
 def _train(adapted, train: list[Sample], run_dir: Path, rule: dict, steps: int, lr: float, objects: int,
            sub_iterations: int, augment: bool, store, min_object_size: int, seed: int, progress: bool,
-           emit: Callable[[dict], None], should_stop, cache_embeddings: bool = True) -> dict:
+           emit: Callable[[dict], None], should_stop, cache_embeddings: bool = True,
+           monitor: Monitor | None = None) -> dict:
     """``finetune``'s loop on ``adapted`` as it is set (what trains and what not), without validation.
-    ``cache_embeddings=False``: the encoder runs every step (benchmarks/bench_improve.py's encoder case)."""
+    ``cache_embeddings=False``: the encoder runs every step (benchmarks/bench_improve.py's encoder case);
+    ``monitor``: a learning curve that does not steer the run (``Trainer``)."""
     from ..training import TrainConfig, Trainer
 
     cfg = adapted.config
@@ -194,11 +205,12 @@ def _train(adapted, train: list[Sample], run_dir: Path, rule: dict, steps: int, 
             emit({"event": "step", "step": entry["step"], "total": steps, "loss": entry["loss"],
                   "seconds": entry.get("seconds")})
 
-    return Trainer(config, adapted=adapted, samples=(train, []), on_event=step_event, should_stop=should_stop).run()
+    return Trainer(config, adapted=adapted, samples=(train, []), on_event=step_event, should_stop=should_stop,
+                   monitor=monitor).run()
 
 
 def _training_record(summary: dict, steps: int, lr: float, targets: str, rank: int) -> dict:
     return {"steps": summary["steps"], "lr": lr, "targets": targets, "rank": rank,
             "trainable_parameters": summary["trainable_parameters"], "embeddings": summary.get("embeddings"),
-            "seconds": summary["seconds"]}
+            "seconds": summary["seconds"], **({"curve": summary["monitor"]} if "monitor" in summary else {})}
 

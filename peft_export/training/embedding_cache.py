@@ -19,6 +19,7 @@ Validation images are cached the same way (``CachedPredictor``).
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -66,6 +67,7 @@ class EmbeddingCache:
                 raise PeftExportError(f"--embedding-store {self.store}: exists and is not a directory")
             self.store.mkdir(parents=True, exist_ok=True)
         self.encoded = self.reused = 0
+        self.seconds = 0.0  # spent encoding (the time caching pays up front, inside the steps that draw new views)
 
     def key(self, patch: np.ndarray) -> str:
         h = hashlib.blake2b(self.digest.encode(), digest_size=16)
@@ -103,6 +105,7 @@ class EmbeddingCache:
         h, w = patches[0].shape[:2]
         input_size = ResizeLongestSide.get_preprocess_shape(h, w, sam.image_encoder.img_size)
         if missing:
+            t0 = time.perf_counter()
             first = {k: keys.index(k) for k in missing}
             x, input_size = preprocess_patches(sam, [patches[first[k]] for k in missing], device)
             encoder = sam.image_encoder
@@ -115,6 +118,7 @@ class EmbeddingCache:
             for k, emb in zip(missing, out):
                 self._keep(k, emb)
                 found[k] = self.memory[k]
+            self.seconds += time.perf_counter() - t0
         self.encoded += len(missing)
         self.reused += len(keys) - len(missing)
         return torch.stack([found[k] for k in keys]).to(device), input_size

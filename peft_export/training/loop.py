@@ -68,6 +68,7 @@ from .distributed import (
 from .embedding_cache import EmbeddingCache, check_encoder_frozen, fixed_tiles
 from .encoder import encode_with_frozen_prefix, first_trainable_block, frozen_trunk, preprocess_patches, trainable_tail
 from .host_memory import keep_freed_memory
+from .monitor import Monitor
 from .threads import use_free_cores
 from .ais import InstanceDecoderTraining
 from .plots import plot_training
@@ -137,17 +138,21 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, adapted: AdaptedModel | None = None,
                  samples: tuple[list[Sample], list[Sample]] | None = None,
-                 on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+                 on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 monitor: Monitor | None = None):
         """``adapted``: train this model instead of building one from the config (``improve``: an export's
         model with new decoder layers); ``samples``: (training, validation) samples instead of the
         config's files; ``on_event``: called with each log entry (steps and validations) as it is
-        written; ``should_stop``: polled after each step, True stops the run like Ctrl-C does."""
+        written; ``should_stop``: polled after each step, True stops the run like Ctrl-C does;
+        ``monitor``: a learning curve on held-out samples that does not steer the run (``monitor``;
+        the summary's ``seconds`` then leave its measurements out)."""
         self.config = config
         self.dist = DistInfo()
         self.prebuilt = adapted
         self.samples = samples
         self.on_event = on_event
         self.should_stop = should_stop
+        self.monitor = monitor
         self.emb_cache: EmbeddingCache | None = None
         self.adapted: AdaptedModel | None = None
         self.ais: InstanceDecoderTraining | None = None  # --instance-decoder
@@ -535,6 +540,17 @@ class Trainer:
                              "lr": self.optimizer.param_groups[0]["lr"]})
         return metrics
 
+    def _curve_point(self, step: int, t_start: float) -> None:
+        """A learning-curve point (``monitor``), measured by the main process; the training seconds so far
+        leave every measurement out, and the encoding the embedding cache did so far is recorded apart."""
+        m, self.curve_step = self.monitor, step
+        if self.dist.is_main:
+            cache = self.emb_cache
+            extra = {"encode_seconds": round(cache.seconds, 3), "encoded": cache.encoded} if cache is not None else None
+            m.measure(self.sam, self.monitor_set, self.config.seed, step, time.perf_counter() - t_start - m.seconds,
+                      extra)
+        barrier(self.dist)
+
     def _save_best(self, step: int) -> None:
         c = self.config
         training = {**c.to_dict(), "best_step": self.best_step if self.val_set else step,
@@ -619,6 +635,11 @@ class Trainer:
                       f"{len(train)} training / {len(self.val_set)} validation images; {total} steps; "
                       f"effective batch size {per_step} ({c.batch_size} x {self.dist.world_size} process(es)); "
                       f"device {self.device}, {c.precision}")
+        if self.monitor is not None:
+            self.monitor.points.clear()
+            self.monitor.seconds = 0.0
+            self.monitor_set = validation_set(self.monitor.samples, c.patch_size, c.min_object_size, c.seed)
+            self._curve_point(step, t_start)  # the starting model
         if step == 0 and c.validate_at_start:
             self._validate(0, scheduled=False)
         bar = None
@@ -646,6 +667,8 @@ class Trainer:
                              "seconds": round(time.perf_counter() - t0, 4),
                              "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
                     self._write_log(entry)
+                    if self.monitor is not None and self.monitor.due(step, total):
+                        self._curve_point(step, t_start)
                     if step % val_every == 0 or step == total:
                         self._validate(step, scheduled=step % val_every == 0)
                         last_val_step = step
@@ -673,6 +696,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.monitor is not None and status == "early_stopped" and self.curve_step != step:
+            self._curve_point(step, t_start)
         if self.dist.is_main and status in ("completed", "early_stopped", "interrupted", "nan"):
             if self.log_path.exists():
                 plot_training(self.log_path, out / PLOT_FILE)
@@ -684,8 +709,10 @@ class Trainer:
             "embeddings": ({"encoded": self.emb_cache.encoded, "reused": self.emb_cache.reused}
                            if self.emb_cache is not None else None),
             "instance_decoder": self.ais is not None,
-            "seconds": round(time.perf_counter() - t_start, 2), "device": str(self.device),
+            "seconds": round(time.perf_counter() - t_start - (self.monitor.seconds if self.monitor else 0.0), 2),
+            "device": str(self.device),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+            **({"monitor": self.monitor.record()} if self.monitor is not None else {}),
         }
         if status == "nan":
             raise PeftExportError(message)
