@@ -33,6 +33,19 @@ NO_BF16 = native_bf16()  # None: this CPU runs bf16 natively
 needs_bf16 = pytest.mark.skipif(NO_BF16 is not None, reason=f"this CPU cannot run bf16: {NO_BF16}")
 
 
+def box_mask_ious(session: SamSession, ref: SamSession, image: np.ndarray, boxes) -> list[float]:
+    """IoU of ``session``'s single box masks with ``ref``'s on ``image`` (each box must give ``ref`` a mask)."""
+    session.set_image(image)
+    ref.set_image(image)
+    ious = []
+    for box in boxes:
+        a, _, _ = session.predict(box=np.asarray(box, np.float32), multimask_output=False)
+        b, _, _ = ref.predict(box=np.asarray(box, np.float32), multimask_output=False)
+        assert b.sum() > 0
+        ious.append((a & b).sum() / max(1, (a | b).sum()))
+    return ious
+
+
 @pytest.fixture(scope="module")
 def bf16_export(tmp_path_factory):
     if NO_BF16 is not None:
@@ -83,15 +96,7 @@ def test_bf16_session_runs_bf16_where_verified_and_agrees_with_fp32(bf16_export)
     emb16, emb32 = session.encode(image).embedding, ref.encode(image).embedding
     rel = np.abs(emb16 - emb32).max() / np.abs(emb32).max()
     assert 1e-3 < rel < 0.05, rel  # bf16 arithmetic, close to fp32
-    session.set_image(image)
-    ref.set_image(image)
-    boxes = np.array([[10, 12, 60, 70], [40, 30, 100, 120], [5, 80, 90, 140], [20, 20, 105, 145]], np.float32)
-    ious = []
-    for box in boxes:
-        m16, _, _ = session.predict(box=box, multimask_output=False)
-        m32, _, _ = ref.predict(box=box, multimask_output=False)
-        assert m32.sum() > 0
-        ious.append((m16 & m32).sum() / max(1, (m16 | m32).sum()))
+    ious = box_mask_ious(session, ref, image, [[10, 12, 60, 70], [40, 30, 100, 120], [5, 80, 90, 140], [20, 20, 105, 145]])
     assert np.mean(ious) >= 0.97, ious
     maps16, maps32 = session.instance_maps(session.encode(image)), ref.instance_maps(ref.encode(image))
     assert np.abs(maps16 - maps32).mean() <= 0.01 and ((maps16 > 0.5) == (maps32 > 0.5)).mean() >= 0.98
@@ -146,15 +151,7 @@ def test_sam2_bf16_export_and_session(tmp_path):
     session, ref = SamSession(out, backend="openvino", precision="bf16"), SamSession(out, backend="openvino")
     assert session.describe()["graphs"]["encoder"]["precision"] == "bf16"
     assert session.describe()["graphs"]["decoder"]["precision"] == "fp32"
-    image = smooth_image(96, 128, seed=3)
-    session.set_image(image)
-    ref.set_image(image)
-    ious = []
-    for box in ([8, 8, 60, 50], [30, 20, 120, 90], [0, 40, 70, 95]):
-        m16, _, _ = session.predict(box=np.array(box, np.float32), multimask_output=False)
-        m32, _, _ = ref.predict(box=np.array(box, np.float32), multimask_output=False)
-        assert m32.sum() > 0
-        ious.append((m16 & m32).sum() / (m16 | m32).sum())
+    ious = box_mask_ious(session, ref, smooth_image(96, 128, seed=3), [[8, 8, 60, 50], [30, 20, 120, 90], [0, 40, 70, 95]])
     assert np.mean(ious) >= 0.97, ious
 
 
@@ -225,12 +222,5 @@ def test_int8_verified_in_bf16_mode_runs_that_way_on_openvino(tiny_lora_128_expo
     e16, e32 = session.encode(image).embedding, f32.encode(image).embedding
     rel = np.abs(e16 - e32).max() / np.abs(e32).max()
     assert 1e-3 < rel < 0.1, rel  # bf16 arithmetic really ran, close to the f32 mode's
-    session.set_image(image)
-    f32.set_image(image)
-    ious = []
-    for box in ([10, 12, 60, 70], [40, 30, 100, 120], [5, 60, 90, 125]):
-        a, _, _ = session.predict(box=np.array(box, np.float32), multimask_output=False)
-        b, _, _ = f32.predict(box=np.array(box, np.float32), multimask_output=False)
-        assert b.sum() > 0
-        ious.append((a & b).sum() / max(1, (a | b).sum()))
+    ious = box_mask_ious(session, f32, image, [[10, 12, 60, 70], [40, 30, 100, 120], [5, 60, 90, 125]])
     assert np.mean(ious) >= 0.97, ious
