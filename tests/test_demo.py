@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,12 +29,21 @@ FAST_MIN_DICE = 0.4  # --fast: 200 steps, just past the early collapse to empty 
 DEFAULT_MIN_DICE = 0.5  # the default demo
 
 
+# The demo's processes wait passively at torch's (libgomp's) barriers. Two threads are forced below, and
+# by default a thread that reaches a barrier first spins on its core; when another process holds a core
+# (the suite beside other work on 2 cores) the two threads then wait on each other at every op. Measured
+# 2026-12-07 (30 training steps of the fast demo's model, 2 threads, load ~3): 51 and 96 s spinning,
+# 10 s passive; the default demo took 14 min inside a suite run under load. Waiting changes no number:
+# the same threads split the same work. A policy set in the environment wins.
+DEMO_ENV = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+
+
 def run_demo(out: Path, *flags: str) -> subprocess.CompletedProcess:
     # Two torch threads, whatever else runs: the default takes the cores left free at the start, and a
     # model trained with one thread sums in another order (its int8 gate outcome then differs).
     threads = () if "--threads" in flags else ("--threads", "2")
     proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", *threads, *flags],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=DEMO_ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -143,10 +153,24 @@ def test_demo_outputs_are_valid(demo_run):
     assert abs(n["dice box: onnx-fp32"] - n["dice box: finetuned"]) <= 0.005
 
 
+def invoke_demo(out: Path) -> subprocess.CompletedProcess:
+    """``peftexport demo --out OUT -q`` through the real Typer app in this process (option parsing, the
+    command, its one-line error and exit code) for the refusals, which stop before any work: no new
+    interpreter importing torch (~4 s a call on 2 busy cores). Exit code, stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+
+    args = ["demo", "--out", str(out), "-q"]
+    res = CliRunner().invoke(app, args)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # escaped the app's own handling: show it, as a traceback would
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 def test_demo_refuses_non_empty_out(demo_run):
     out, _ = demo_run
-    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q"],
-                          capture_output=True, text=True)
+    proc = invoke_demo(out)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "summary.json").exists()
 
@@ -179,8 +203,7 @@ def test_a_demo_stopped_midway_does_not_block_the_rerun(tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    refused = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(other), "-q"],
-                             capture_output=True, text=True)
+    refused = invoke_demo(other)
     assert refused.returncode == 2 and "not empty" in refused.stderr and (other / "notes.txt").exists()
 
 
