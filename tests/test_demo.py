@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,21 +28,12 @@ FAST_MIN_DICE = 0.4  # --fast: 200 steps, just past the early collapse to empty 
 DEFAULT_MIN_DICE = 0.5  # the default demo
 
 
-# The demo's processes wait passively at torch's (libgomp's) barriers. Two threads are forced below, and
-# by default a thread that reaches a barrier first spins on its core; when another process holds a core
-# (the suite beside other work on 2 cores) the two threads then wait on each other at every op. Measured
-# 2026-12-07 (30 training steps of the fast demo's model, 2 threads, load ~3): 51 and 96 s spinning,
-# 10 s passive; the default demo took 14 min inside a suite run under load. Waiting changes no number:
-# the same threads split the same work. A policy set in the environment wins.
-DEMO_ENV = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-
-
 def run_demo(out: Path, *flags: str) -> subprocess.CompletedProcess:
     # Two torch threads, whatever else runs: the default takes the cores left free at the start, and a
     # model trained with one thread sums in another order (its int8 gate outcome then differs).
     threads = () if "--threads" in flags else ("--threads", "2")
     proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", *threads, *flags],
-                          capture_output=True, text=True, env=DEMO_ENV)
+                          capture_output=True, text=True)  # its threads wait passively: conftest
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
