@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# torch's threads (libgomp's OpenMP) wait passively at the barrier that ends each parallel op, in this
+# process (set before the first torch import, below: libgomp reads it when it loads) and in every process a
+# test starts. By default a thread that arrives first spins; when another process holds one of this
+# machine's 2 cores, torch's two threads then wait on each other at every op. Measured 2026-12-07 under load
+# 3-5: tests/test_vit_t_peft.py 118 and 256 s spinning, 47 s passive; 30 training steps of the demo's tiny
+# model (2 threads) 51 and 96 s spinning, 10 s passive, with a bit-identical adapter (the same threads split
+# the same work: no number changes). A policy set in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from helpers import MERGEABLE_CONFIGS, make_adapted
+import pytest  # noqa: E402
+
+from helpers import MERGEABLE_CONFIGS, make_adapted  # noqa: E402
 from peft_export.peft.adapters import AdaptedModel
 
 

@@ -33,7 +33,7 @@ def run_demo(out: Path, *flags: str) -> subprocess.CompletedProcess:
     # model trained with one thread sums in another order (its int8 gate outcome then differs).
     threads = () if "--threads" in flags else ("--threads", "2")
     proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q", *threads, *flags],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True)  # its threads wait passively: conftest
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -143,10 +143,24 @@ def test_demo_outputs_are_valid(demo_run):
     assert abs(n["dice box: onnx-fp32"] - n["dice box: finetuned"]) <= 0.005
 
 
+def invoke_demo(out: Path) -> subprocess.CompletedProcess:
+    """``peftexport demo --out OUT -q`` through the real Typer app in this process (option parsing, the
+    command, its one-line error and exit code) for the refusals, which stop before any work: no new
+    interpreter importing torch (~4 s a call on 2 busy cores). Exit code, stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from peft_export.cli.main import app
+
+    args = ["demo", "--out", str(out), "-q"]
+    res = CliRunner().invoke(app, args)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # escaped the app's own handling: show it, as a traceback would
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 def test_demo_refuses_non_empty_out(demo_run):
     out, _ = demo_run
-    proc = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(out), "-q"],
-                          capture_output=True, text=True)
+    proc = invoke_demo(out)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "summary.json").exists()
 
@@ -179,8 +193,7 @@ def test_a_demo_stopped_midway_does_not_block_the_rerun(tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    refused = subprocess.run([sys.executable, "-m", "peft_export.cli", "demo", "--out", str(other), "-q"],
-                             capture_output=True, text=True)
+    refused = invoke_demo(other)
     assert refused.returncode == 2 and "not empty" in refused.stderr and (other / "notes.txt").exists()
 
 
