@@ -99,13 +99,11 @@ class OpenVinoBackend:
             import openvino as ov
         except ImportError:
             raise PeftExportError("backend openvino: the openvino package is not installed (pip install 'peftexport[openvino]')") from None
-        if bf16_graphs:
-            why = native_bf16()
-            if why:
-                raise PeftExportError(f"precision bf16: {why}")
+        why = native_bf16() if bf16_graphs or bf16_if_native else None  # asked once: it opens an OpenVINO core
+        if bf16_graphs and why:
+            raise PeftExportError(f"precision bf16: {why}")
         # graphs compiled in bf16 mode here (what ran, for the caller's record)
-        self.bf16_graphs = sorted(set(bf16_graphs) | (set(bf16_if_native) if bf16_if_native and not native_bf16()
-                                                      else set()))
+        self.bf16_graphs = sorted(set(bf16_graphs) | (set() if why else set(bf16_if_native)))
         core = ov.Core()
         self._compiled, self._requests, self._locks, self._inputs = {}, {}, {}, {}
         for name, path in paths.items():
