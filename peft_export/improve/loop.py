@@ -139,7 +139,8 @@ def improve_export(
           "held_out_objects": hold.record["held_out"], "steps": steps})
 
     stage("load", f"loading the torch model of {export_dir}")
-    adapted = with_decoder_lora(load_torch_source(export_dir, manifest, source, checkpoint), targets, rank)
+    adapted = with_decoder_lora(load_torch_source(export_dir, manifest, source, checkpoint), targets, rank,
+                                seed=seed)
     stage("before", "scoring the old export on the held-out objects")
     before = heldout_dice(export_dir, check, _encoder_precisions(manifest), seed)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from ..peft import PeftConfig, apply_peft, parse_targets
 from ..peft.adapters import AdaptedModel
 from ..peft.decoder import apply_decoder_peft
@@ -19,9 +21,17 @@ from ..peft.decoder_targets import decoder_targets
 
 
 def with_decoder_lora(adapted: AdaptedModel, targets: str | tuple[str, ...] = "dec.all", rank: int = 8,
-                      alpha: float = 1.0) -> AdaptedModel:
+                      alpha: float = 1.0, seed: int = 0) -> AdaptedModel:
     """``adapted`` (changed in place) with trainable decoder LoRA on ``targets``; everything else frozen.
-    ``alpha`` applies to a plain source; an adapter's config keeps its own (one alpha per config)."""
+    ``alpha`` applies to a plain source; an adapter's config keeps its own (one alpha per config).
+    The new LoRA A matrices are drawn from ``seed`` (the caller's torch generator is left as it was), so
+    the same call trains the same adapter whatever ran before it in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _with_decoder_lora(adapted, targets, rank, alpha)
+
+
+def _with_decoder_lora(adapted: AdaptedModel, targets: str | tuple[str, ...], rank: int, alpha: float) -> AdaptedModel:
     sam = adapted.model
     wanted = decoder_targets(parse_targets(targets))
     old = adapted.config
