@@ -14,6 +14,15 @@ import os
 # 27.0 s default, 2026-12-07 18:00 UTC, load 1.2-1.6). A policy set in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import signal  # noqa: E402
+
+# A suite started in the background by a non-interactive shell (`pytest ... &`, nohup) inherits SIGINT
+# ignored, and so does every process it starts (an ignored signal stays ignored across exec): the Ctrl-C
+# tests' runs then finish instead of stopping (seen 2026-12-07: three failures, and the demo's stopped run
+# cost 78 s instead of 5). A handled SIGINT here is reset to the default in each child, which then stops.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest  # noqa: E402
 
 from helpers import MERGEABLE_CONFIGS, make_adapted  # noqa: E402
