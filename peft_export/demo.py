@@ -204,6 +204,7 @@ def run_demo(
             iterations=p["iterations"], lr=p["lr"], objects_per_image=p["objects"],
             sub_iterations=p["sub_iterations"], val_every=p["val_every"], val_objects=p["val_objects"],
             seed=seed, progress=progress, instance_decoder=instances,
+            threads=threads,  # the demo's --threads, said once (None: the choice made above holds)
         ))
         result.artefacts["adapter"] = str(run_dir / "adapter.safetensors")
         result.artefacts["training curves"] = str(run_dir / "training.png")

@@ -33,16 +33,17 @@ from peft_export.peft.adapters import AdaptedModel
 def elsewhere_cluster(tmp_path_factory):
     """One LocalCluster (one worker process) kept for the module, its worker started in another
     working directory than the tests' client runs in (as a worker on another host would be)."""
-    from dask.distributed import LocalCluster
+    from peft_export.distributed.cluster import local_cluster, restore_environ
 
     before = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("worker_cwd"))
     try:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = local_cluster(1)  # keeps this process's environment (no OMP_NUM_THREADS=1 for later tests)
     finally:
         os.chdir(before)
     yield cluster
     cluster.close()
+    restore_environ(cluster._peftexport_environ)
 
 
 @pytest.fixture

@@ -236,9 +236,10 @@ def test_cli_on_an_existing_scheduler_leaves_it_running(export, tmp_path):
     np.testing.assert_array_equal(_labels(tmp_path / "a_labels.zarr"), ref)
 
 
-def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, image_zarr, tmp_path):
+def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, image_zarr, tmp_path, monkeypatch):
     """A worker process dies (SIGKILL) while the tiles run: Dask's nanny starts a new one, the lost
-    tasks run again, and the labels equal the in-process run's up to renumbering."""
+    tasks run again, and the labels equal the in-process run's up to renumbering. The nanny's worker
+    variables (OMP_NUM_THREADS=1) reach the workers, new ones too, but never stay in this process."""
     import os
     import signal
     import threading
@@ -249,8 +250,10 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, im
     path, _ = image_zarr
     opts = dict(tile=64, halo=16, block=64)  # 90 tiles: the job is still running when the kill comes
     run_large(plan_large(export, path, tmp_path / "one.zarr", **opts))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     client = connect(workers=2)
     try:
+        assert "OMP_NUM_THREADS" not in os.environ
         pids = client.run(os.getpid)
         job = plan_large(export, path, tmp_path / "two.zarr", **opts)
         n_tiles = stages(job)[0][2]
@@ -269,8 +272,10 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_labels_are_right(export, im
         records = run_jobs(client, [job])
         killer.join()
         after = client.run(os.getpid)
+        threads_var = set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
     finally:
         close(client)
+    assert threads_var == {"1"} and "OMP_NUM_THREADS" not in os.environ
     assert 0 < at_kill[0] < n_tiles  # the worker died mid-job
     assert len(after) == 2 and set(after.values()) != set(pids.values())  # a new worker replaced it
     a, b = _labels(tmp_path / "one.zarr"), _labels(tmp_path / "two.zarr")

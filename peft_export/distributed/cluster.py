@@ -16,6 +16,7 @@ slab: ``run_jobs`` takes their stages, their end and how their input is read.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional
 
 from ..errors import PeftExportError
@@ -46,9 +47,35 @@ def connect(workers: Optional[int] = None, scheduler: Optional[str] = None, time
             raise PeftExportError(f"--scheduler {scheduler}: no Dask scheduler answers there ({why})") from None
     if workers is None or workers < 1:
         raise PeftExportError(f"--workers: must be >= 1, got {workers}")
-    cluster = distributed.LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+    cluster = local_cluster(int(workers))
     return distributed.Client(cluster)
+
+
+def local_cluster(workers: int) -> Any:
+    """A LocalCluster of ``workers`` processes with one thread each, this process's environment kept.
+
+    Dask's nanny writes its workers' variables (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ...) into
+    this process's ``os.environ`` before it spawns a worker, and never puts them back: every process
+    started from here later (an ``improve`` run, a ``finetune``) would compute on one thread, and the
+    thread choice (``training.threads``) would read them as the user's. They are put back once the
+    workers run, and again by ``close`` (a worker replaced during a job sets them anew)."""
+    distributed = _dask()
+    before = dict(os.environ)
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+    cluster._peftexport_environ = {k: before.get(k) for k in changed}  # type: ignore[attr-defined]
+    restore_environ(cluster._peftexport_environ)
+    return cluster
+
+
+def restore_environ(saved: Dict[str, Optional[str]]) -> None:
+    """Put back the variables in ``saved`` (None: it was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def close(client: Any) -> None:
@@ -57,6 +84,7 @@ def close(client: Any) -> None:
     client.close()
     if cluster is not None and type(cluster).__name__ == "LocalCluster":
         cluster.close()
+        restore_environ(getattr(cluster, "_peftexport_environ", {}))
 
 
 def _gather(client: Any, futures: List[Any], desc: str, unit: str, progress: bool) -> List[Any]:
