@@ -33,7 +33,7 @@ from peft_export.peft.adapters import AdaptedModel
 def elsewhere_cluster(tmp_path_factory):
     """One LocalCluster (one worker process) kept for the module, its worker started in another
     working directory than the tests' client runs in (as a worker on another host would be)."""
-    from peft_export.distributed.cluster import local_cluster, restore_environ
+    from peft_export.distributed.cluster import close_local_cluster, local_cluster
 
     before = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("worker_cwd"))
@@ -42,8 +42,7 @@ def elsewhere_cluster(tmp_path_factory):
     finally:
         os.chdir(before)
     yield cluster
-    cluster.close()
-    restore_environ(cluster._peftexport_environ)
+    close_local_cluster(cluster)
 
 
 @pytest.fixture

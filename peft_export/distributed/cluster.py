@@ -58,24 +58,29 @@ def local_cluster(workers: int) -> Any:
     this process's ``os.environ`` before it spawns a worker, and never puts them back: every process
     started from here later (an ``improve`` run, a ``finetune``) would compute on one thread, and the
     thread choice (``training.threads``) would read them as the user's. They are put back once the
-    workers run, and again by ``close`` (a worker replaced during a job sets them anew)."""
+    workers run, and again by ``close_local_cluster`` (a worker replaced during a job sets them anew)."""
     distributed = _dask()
     before = dict(os.environ)
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
     changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
     cluster._peftexport_environ = {k: before.get(k) for k in changed}  # type: ignore[attr-defined]
-    restore_environ(cluster._peftexport_environ)
+    _restore_environ(cluster._peftexport_environ)
     return cluster
 
 
-def restore_environ(saved: Dict[str, Optional[str]]) -> None:
-    """Put back the variables in ``saved`` (None: it was not set)."""
-    for key, value in saved.items():
+def _restore_environ(saved: Dict[str, Optional[str]]) -> None:
+    for key, value in saved.items():  # None: it was not set
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def close_local_cluster(cluster: Any) -> None:
+    """Close a ``local_cluster``; the environment as it was before it started."""
+    cluster.close()
+    _restore_environ(getattr(cluster, "_peftexport_environ", {}))
 
 
 def close(client: Any) -> None:
@@ -83,8 +88,7 @@ def close(client: Any) -> None:
     cluster = getattr(client, "cluster", None)
     client.close()
     if cluster is not None and type(cluster).__name__ == "LocalCluster":
-        cluster.close()
-        restore_environ(getattr(cluster, "_peftexport_environ", {}))
+        close_local_cluster(cluster)
 
 
 def _gather(client: Any, futures: List[Any], desc: str, unit: str, progress: bool) -> List[Any]:
