@@ -222,16 +222,21 @@ print(rec["n_objects"])
 
 
 def test_cli_on_an_existing_scheduler_leaves_it_running(export, tmp_path):
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
+
+    from peft_export.distributed.cluster import close_local_cluster, local_cluster
 
     image = nuclei_mosaic(150, 140, seed=30)[0]
     tifffile.imwrite(tmp_path / "a.tif", image)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    cluster = local_cluster(1)  # the user's cluster (started the way that leaves this process's environment)
+    try:
         code, output = _run(export, tmp_path / "a.tif", "--instances", "--tile", "128", "--scheduler",
                             cluster.scheduler_address, "-o", tmp_path / "a_labels.zarr", "-q")
         assert code == 0, output
         with Client(cluster.scheduler_address) as client:  # the cluster is the user's: still up
             assert len(client.scheduler_info()["workers"]) == 1
+    finally:
+        close_local_cluster(cluster)
     ref, _ = SamSession(export).tiled(image, tile=128, halo=32).segment_instances(block=1024, halo=64)
     np.testing.assert_array_equal(_labels(tmp_path / "a_labels.zarr"), ref)
 
