@@ -8,12 +8,14 @@ Per model: a starting export is made once (kept in OUT/<model>/start: late LoRA 
 data from random weights with the demo's recipe, merged and exported fp32), then 8 new demo images of
 other nuclei, darkened by a gamma of 1.6 so that the starting model misses, are labelled "corrected".
 The same objects are held out (``--holdout``, seeded) and both cases train on the rest for ``--steps``
-steps with the same prompts, loss and learning rate, each in a fresh process:
+steps with the same prompts and loss, each at its own default learning rate, each in a fresh process:
 
 * ``decoder``: ``improve_export`` (LoRA r8 on every decoder layer, the rest frozen, each image view
-  encoded once), merged and exported fp32;
+  encoded once) at improve's default lr (``--decoder-lr``, 3e-3: chosen on other data by
+  ``benchmarks/improve_lr_study.py``), merged and exported fp32;
 * ``encoder``: the starting adapter's own recipe trained on (late LoRA on the encoder, the prompt
-  encoder and the whole decoder; the encoder runs every step), merged and exported fp32.
+  encoder and the whole decoder; the encoder runs every step) at that recipe's lr (``--encoder-lr``,
+  1e-3, the demo's), merged and exported fp32.
 
 Each case scores its export on the held-out objects (box Dice, the runtime's graphs) and the
 starting export is scored the same way. Printed: Dice before / after, the gain, training and total
@@ -50,7 +52,8 @@ import time
 import warnings
 from pathlib import Path
 
-MODELS = {"tiny": dict(image_size=256, lr=1e-3), "vit_t": dict(image_size=512, lr=1e-3)}
+MODELS = {"tiny": dict(image_size=256), "vit_t": dict(image_size=512)}
+RECIPE_LR = 1e-3  # the demo's late-LoRA recipe: the starting adapter's and the encoder case's lr
 GAMMA = 1.6
 TARGET_SHARE = 0.8  # the "reaches >= 80 % of the encoder LoRA's gain"
 
@@ -78,7 +81,7 @@ def _prepare(args: argparse.Namespace) -> None:
         make_demo_data(root / "start" / "data", n_images=args.start_images, size=size, seed=0)
         finetune(TrainConfig(out=str(root / "start" / "run"), data=str(root / "start" / "data"), model_type=args.model,
                              image_size=size, patch_size=size, peft="lora", blocks="late", rank=8,
-                             targets=("q", "k", "v", "mlp"), iterations=args.start_steps, lr=MODELS[args.model]["lr"],
+                             targets=("q", "k", "v", "mlp"), iterations=args.start_steps, lr=RECIPE_LR,
                              objects_per_image=5, sub_iterations=1, val_fraction=0.0, validate_at_start=False,
                              progress=False, device="cpu", overwrite=True))
         merge_and_export(load_adapter(root / "start" / "run"), root / "start" / "export", precisions=("fp32",),
@@ -113,12 +116,11 @@ def _case(args: argparse.Namespace) -> None:
     export0, new = root / "start" / "export", root / "new"
     out = root / args.case
     shutil.rmtree(out, ignore_errors=True)
-    lr = MODELS[args.model]["lr"]
     t0 = time.perf_counter()
     if args.case == "decoder":
-        result = improve_export(export0, new / "images", new / "labels", out, steps=args.steps, lr=lr, rank=8,
-                                holdout=args.holdout, objects_per_image=args.objects, sub_iterations=1,
-                                precisions=("fp32",), progress=False, seed=0, curve_every=args.curve_every)
+        result = improve_export(export0, new / "images", new / "labels", out, steps=args.steps,
+                                lr=args.decoder_lr, rank=8, holdout=args.holdout, objects_per_image=args.objects,
+                                sub_iterations=1, precisions=("fp32",), progress=False, seed=0, curve_every=args.curve_every)
         curve = result["training"].get("curve")
         total = time.perf_counter() - t0 - (curve["seconds"] if curve else 0.0)  # the curve's measurements left out
         record = {"before": result["before"]["fp32"]["box_dice"], "after": result["after"]["fp32"]["box_dice"],
@@ -137,8 +139,8 @@ def _case(args: argparse.Namespace) -> None:
         work = Path(tempfile.mkdtemp(dir=root))
         try:
             monitor = Monitor(hold.check, args.curve_every) if args.curve_every else None
-            summary = _train(adapted, hold.train, work / "run", rule, args.steps, lr, args.objects, 1, True, None,
-                             25, 0, False, lambda e: None, None, cache_embeddings=False, monitor=monitor)
+            summary = _train(adapted, hold.train, work / "run", rule, args.steps, args.encoder_lr, args.objects, 1,
+                             True, None, 25, 0, False, lambda e: None, None, cache_embeddings=False, monitor=monitor)
             merge_and_export(load_adapter(work / "run"), out, precisions=("fp32",), progress=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -207,7 +209,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> dict | None:
     cmd = [sys.executable, __file__, "--out", str(args.out), "--model-worker", args.model_now, *extra,
            "--steps", str(args.steps), "--objects", str(args.objects), "--holdout", str(args.holdout),
            "--start-steps", str(args.start_steps), "--start-images", str(args.start_images),
-           "--new-images", str(args.new_images), "--threads", str(args.threads), "--curve-every", str(args.curve_every)]
+           "--new-images", str(args.new_images), "--threads", str(args.threads), "--curve-every", str(args.curve_every),
+           "--decoder-lr", repr(args.decoder_lr), "--encoder-lr", repr(args.encoder_lr)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -218,6 +221,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> dict | None:
 
 
 def main() -> None:
+    from peft_export.improve import DEFAULT_LR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="working folder (the starting exports are kept there)")
     p.add_argument("--models", default="tiny,vit_t", help="comma-separated: tiny (256 px), vit_t (512 px)")
@@ -227,6 +232,9 @@ def main() -> None:
     p.add_argument("--start-steps", type=int, default=300, help="steps of the starting adapter (made once)")
     p.add_argument("--start-images", type=int, default=10)
     p.add_argument("--new-images", type=int, default=8, help="'corrected' images (the issue's napari loop: 8)")
+    p.add_argument("--decoder-lr", type=float, default=DEFAULT_LR, help="the decoder case's lr (improve's default)")
+    p.add_argument("--encoder-lr", type=float, default=RECIPE_LR,
+                   help="the encoder case's lr (default: the starting adapter's recipe)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--curve-every", type=int, default=5,
                    help="learning curves: held-out box Dice (torch) every this many steps, for the time-to-target "
@@ -266,7 +274,8 @@ def main() -> None:
           f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {time.perf_counter() - t0:.0f} s in all")
     print(f"command: python benchmarks/bench_improve.py {' '.join(sys.argv[1:])}")
     print(f"{args.steps} steps, {args.objects} objects per step, {args.new_images} new images (gamma {GAMMA}), "
-          f"held out {args.holdout:.0%} of their objects; box Dice of the fp32 exports on them\n")
+          f"held out {args.holdout:.0%} of their objects; lr: decoder {args.decoder_lr:g}, encoder {args.encoder_lr:g}; "
+          f"box Dice of the fp32 exports on them\n")
     print("| model | case | trainable | box Dice before | after | gain | train s | total s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

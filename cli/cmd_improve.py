@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from peft_export.improve import DEFAULT_LR
+
 from .app import command, echo
 from .options import CheckpointOpt, OverwriteOpt, QuietOpt, SeedOpt
 
@@ -27,7 +29,7 @@ def improve(
     targets: str = typer.Option("dec.all", "--targets", help="Decoder layers to adapt (docs/peft_methods.md)."),
     rank: int = typer.Option(8, "--rank", help="Decoder LoRA rank."),
     steps: int = typer.Option(60, "--steps", help="Training steps (one image view each)."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="AdamW learning rate of the decoder LoRA."),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the objects held out for the before/after check."),
     objects_per_image: int = typer.Option(8, "--objects-per-image", help="Objects prompted per step."),
     sub_iterations: int = typer.Option(1, "--sub-iterations", help="Corrective prompting rounds per step."),

@@ -37,6 +37,7 @@ from ..peft.adapters import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter
 from ..runtime import read_manifest
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
 from ..training.monitor import Monitor
+from . import DEFAULT_LR
 from .holdout import hold_out_objects
 from .model import with_decoder_lora
 from .source import load_torch_source
@@ -89,7 +90,7 @@ def improve_export(
     targets: str = "dec.all",
     rank: int = 8,
     steps: int = 60,
-    lr: float = 1e-3,
+    lr: float = DEFAULT_LR,
     holdout: float = 0.2,
     objects_per_image: int = 8,
     sub_iterations: int = 1,

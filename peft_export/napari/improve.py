@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
                             QPushButton, QVBoxLayout, QWidget)
 
 from ..errors import PeftExportError
+from ..improve import DEFAULT_LR
 from ..improve.protocol import ImproveProcess
 from . import layers as L
 from .automatic import Param
@@ -43,7 +44,7 @@ IMPROVE_PARAMS = (
     Param("holdout", "held out", 0.2, 0.01, 0.9, 0.05,
           "Share of the objects kept out of training for the before/after check. CLI --holdout."),
     Param("rank", "LoRA rank", 8, 1, 256, 1, "Rank of the decoder LoRA. CLI --rank."),
-    Param("lr", "learning rate", 1e-3, 1e-5, 1.0, 1e-4, "AdamW learning rate. CLI --lr."),
+    Param("lr", "learning rate", DEFAULT_LR, 1e-5, 1.0, 1e-4, "AdamW learning rate. CLI --lr."),
 )
 SEGMENT_WIDGET = "Segment with an export"
 NICE = 10  # the training process's niceness (its threads start later and inherit it)
