@@ -221,7 +221,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> dict | None:
 
 
 def main() -> None:
-    from peft_export.improve import DEFAULT_LR
+    from peft_export.improve.protocol import DEFAULT_LR
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="working folder (the starting exports are kept there)")

@@ -37,7 +37,7 @@ def click_and_propagate(export: Path, data: Path, projection: str = "single_poin
     from peft_export.volume import VolumeEmbeddings, masks_from_prompts, open_stack, segment_object_in_volume
 
     session = SamSession(export)
-    ious, clicks, reach, spill = [], [], [], []
+    ious, own, clicks, reach, spill = [], [], [], [], []
     for img in sorted((data / "images").glob("*.tif")):
         gt = np.asarray(open_stack(data / "labels" / img.name).read(slice(None)))
         vol = VolumeEmbeddings(session, open_stack(img))
@@ -57,8 +57,12 @@ def click_and_propagate(export: Path, data: Path, projection: str = "single_poin
             gt_planes, seg_planes = obj.any(axis=(1, 2)), (seg == 1).any(axis=(1, 2))
             reach.append(float((gt_planes & seg_planes).sum() / gt_planes.sum()))
             spill.append(float((seg_planes & ~gt_planes).sum() / gt_planes.sum()))
+            # The 3D IoU the masks would have had had the propagation stopped at the object's own ends
+            inside = (seg == 1) & gt_planes[:, None, None]
+            own.append(float(np.logical_and(inside, obj).sum() / np.logical_or(inside, obj).sum()))
     ious = np.array(ious)
     return {"objects": len(ious), "mean_iou": float(ious.mean()), "share_iou_0.8": float((ious >= 0.8).mean()),
+            "share_iou_0.8_own_planes": float((np.array(own) >= 0.8).mean()),
             "click_plane_iou_mean": float(np.mean(clicks)), "planes_reached_mean": float(np.mean(reach)),
             "planes_beyond_mean": float(np.mean(spill))}
 
@@ -100,7 +104,8 @@ def main() -> None:
         rows.append(f"| one click + propagation ({args.projection}): objects with 3D IoU >= 0.8 | "
                     f"{100 * c['share_iou_0.8']:.0f} % of {c['objects']} (mean IoU {c['mean_iou']:.3f}; the click's "
                     f"own plane {c['click_plane_iou_mean']:.3f}; planes reached {100 * c['planes_reached_mean']:.0f} %, "
-                    f"beyond the object {100 * c['planes_beyond_mean']:.0f} %) | >= 90 % |")
+                    f"beyond the object {100 * c['planes_beyond_mean']:.0f} %; stopped at the object's ends: "
+                    f"{100 * c['share_iou_0.8_own_planes']:.0f} %) | >= 90 % |")
     if "track" in parts:
         tracking = evaluate_tracking([str(args.export)], movies, log=print)["rows"][0]
         t = report["tracking"] = {k: tracking[k] for k in ("TRA", "DET", "division_f1")}

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from peft_export.improve import DEFAULT_LR
+from peft_export.improve.protocol import DEFAULT_LR
 
 from .app import command, echo
 from .options import CheckpointOpt, OverwriteOpt, QuietOpt, SeedOpt

@@ -71,6 +71,8 @@ def predict(
     projection: str = vol.ProjectionOpt,
     iou_threshold: float = vol.IouThresholdOpt,
     box_extension: float = vol.BoxExtensionOpt,
+    stop_lower: bool = vol.StopLowerOpt,
+    stop_upper: bool = vol.StopUpperOpt,
     gap_closing: Optional[int] = vol.GapClosingOpt,
     min_z_extent: Optional[int] = vol.MinZExtentOpt,
     max_distance: Optional[float] = vol.MaxDistanceOpt,
@@ -79,6 +81,7 @@ def predict(
     """Writes <stem>_mask.tif (prompts) or <stem>_labels.tif (--everything, --instances) and <stem>_scores.json per image.
     --instances uses micro-sam's post-processing defaults. Stacks (--3d, --propagate, --track): OUT is the labels
     file, OUT.zarr or OUT.tif; prompts are z,y,x."""
+    from peft_export.errors import PeftExportError
     from peft_export.predict import predict_images
 
     instance_options = dict(center_distance_threshold=center_distance_threshold,
@@ -87,13 +90,16 @@ def predict(
                             distance_smoothing=distance_smoothing, min_size=min_size)
     opts = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                 stability_score_thresh=stability_thresh, box_nms_thresh=box_nms_thresh, min_mask_region_area=min_area)
+    if (stop_lower or stop_upper) and not propagate:
+        raise PeftExportError("--stop-lower/--stop-upper: options of --propagate (where the object's propagation "
+                              "stops)")
     if three_d or propagate or track:
         vol.refuse_2d_only_options(overlay=overlay, all_masks=all_masks, multimask=multimask)
         return vol.predict_stack(export_dir, images, out, three_d or propagate, propagate, track, points, box, everything,
                                  instances, instance_options, opts, axes, channel, embeddings, projection, iou_threshold,
                                  box_extension, gap_closing, min_z_extent, max_distance, divisions, precision, adapter,
                                  tile, halo, scale, workers, scheduler, overwrite, quiet, propagation, resume, device,
-                                 backend)
+                                 backend, stop_lower, stop_upper)
     from peft_export.predict.large import expand_inputs
 
     images = expand_inputs(images)  # a folder gives its images (and .zarr stores)

@@ -34,6 +34,10 @@ ProjectionOpt = typer.Option("single_point", "--projection", help="--propagate: 
 IouThresholdOpt = typer.Option(0.5, "--iou-threshold", help="--propagate: stop where a plane's mask overlaps the "
                                "previous one less than this (IoU).")
 BoxExtensionOpt = typer.Option(0.05, "--box-extension", help="--propagate: grow carried boxes by this fraction.")
+StopLowerOpt = typer.Option(False, "--stop-lower", help="--propagate: nothing below the lowest annotated plane "
+                            "(annotate the object's first plane; micro-sam's stop_lower).")
+StopUpperOpt = typer.Option(False, "--stop-upper", help="--propagate: nothing above the highest annotated plane "
+                            "(annotate the object's last plane: no walking on into a nucleus below or above it).")
 GapClosingOpt = typer.Option(None, "--gap-closing", help="--3d: close gaps of up to N planes along z before merging.")
 MinZExtentOpt = typer.Option(None, "--min-z-extent", help="--3d: drop objects spanning fewer planes.")
 MaxDistanceOpt = typer.Option(None, "--max-distance", help="--track: largest move (px) between frames (default: "
@@ -63,7 +67,8 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
                   max_distance: Optional[float], divisions: bool, precision: str, adapter: Optional[str],
                   tile: Optional[int], halo: Optional[int], scale: Optional[float], workers: Optional[int],
                   scheduler: Optional[str], overwrite: bool, quiet: bool, propagation: str = "auto",
-                  resume: bool = False, device: str = "cpu", backend: str = "onnxruntime") -> None:
+                  resume: bool = False, device: str = "cpu", backend: str = "onnxruntime", stop_lower: bool = False,
+                  stop_upper: bool = False) -> None:
     from peft_export.errors import PeftExportError
     from peft_export.fsutil import zarr_named
     from peft_export.volume import run
@@ -99,7 +104,7 @@ def predict_stack(export_dir: Path, images: List[Path], out: Path, three_d: bool
         r = run.predict_object(export_dir, image, out, points, box, propagate, embeddings=embeddings,
                                propagation={"projection": projection, "iou_threshold": iou_threshold,
                                             "box_extension": box_extension}, progress=not quiet,
-                               method=propagation, **common)
+                               method=propagation, stop_lower=stop_lower, stop_upper=stop_upper, **common)
         how = f", propagation {r['propagation']}" if propagate else ""
         echo(f"{image}: object on planes {r['planes'][0]}..{r['planes'][1]} ({r['voxels']} voxels, annotated "
              f"{', '.join(map(str, r['annotated_planes']))}{how}) -> {r['outputs']['labels']}")

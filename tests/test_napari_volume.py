@@ -92,6 +92,18 @@ def test_segment_object_in_volume_equals_the_volume_room(make_napari_viewer, qtb
                                                 box_extension=0.05)
     np.testing.assert_array_equal(viewer.layers["volume object"].data, want)
 
+    # "stop at lowest" + "stop at highest": nothing outside slices 1-4, even where no IoU stop would fire.
+    widget.propagation_form.set_values(iou_threshold=0.0)
+    widget.stop_lower_box.setChecked(True)
+    widget.stop_upper_box.setChecked(True)
+    widget.segment_object_in_volume()
+    settle(qtbot, widget)
+    want, (z0, z1) = V.segment_object_in_volume(reference, masks, projection="box", iou_threshold=0.0,
+                                                box_extension=0.05, stop_lower=True, stop_upper=True)
+    np.testing.assert_array_equal(viewer.layers["volume object"].data, want)
+    planes = np.flatnonzero(want.any(axis=(1, 2)))
+    assert planes.min() >= 1 and planes.max() <= 4 and (z0, z1) == (1, 4), (planes, z0, z1)
+
     # Commit: one id through the object's planes; prompts and the volume object cleared.
     press(qtbot, viewer, "C")
     objects = viewer.layers["stack objects"].data

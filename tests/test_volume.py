@@ -412,6 +412,13 @@ def test_cli_3d_propagate_and_track(export, volume_tif, tmp_path):
     assert code == 0, output
     obj = tifffile.imread(tmp_path / "obj.tif")
     assert obj.shape == image.shape and obj[5].any() and obj.any(axis=(1, 2)).all()  # threshold 0: every plane
+    # The object's ends annotated and --stop-lower/--stop-upper: nothing outside them, even at threshold 0
+    code, output = _cli("predict", export, path, "--propagate", "--points", "3,48,48;6,48,48", "--iou-threshold", "0",
+                        "--stop-lower", "--stop-upper", "--embeddings", tmp_path / "e.zarr", "-o", tmp_path / "ends.tif",
+                        "-q")
+    assert code == 0 and "annotated 3, 6" in output, output
+    planes = np.flatnonzero(tifffile.imread(tmp_path / "ends.tif").any(axis=(1, 2)))
+    assert planes.min() >= 3 and planes.max() <= 6 and {3, 6} <= set(planes), planes
     movie, _, _ = synthetic_movie(5, 96, seed=1, n_objects=(3, 4), radius=(6.0, 9.0), divisions=1)
     tifffile.imwrite(tmp_path / "movie.tif", movie, metadata={"axes": "TYX"})
     code, output = _cli("predict", export, tmp_path / "movie.tif", "--track", "-o", tmp_path / "t.zarr", "-q")
@@ -436,6 +443,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(export, volume_tif, tmp_p
         ((path, "--propagate", "--box", "2,10,10,500,20"), "is not a box inside the volume"),
         ((path, "--3d", "--points", "1,2,3", "--track"), "a stack is a volume or a movie"),
         ((path, "--propagate"), "give the object with --points"),
+        ((path, "--3d", "--stop-upper"), "--stop-lower/--stop-upper: options of --propagate"),
         ((path, "--3d", "--projection", "blob", "--points", "2,20,20", "--propagate"), "projection: unknown"),
     ]
     cases += [((path, "--3d", "-o", "s3://bucket/o.zarr"), "URL outputs are not written"),  # as on the large path

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# AdamW learning rate of the decoder LoRA: chosen on demo data that benchmarks/bench_improve.py never scores
-# (benchmarks/improve_lr_study.py: 3e-3 gains faster than 1e-3 and ends higher after 60 steps; 1e-2 swings).
-DEFAULT_LR = 3e-3
-
 
 def __getattr__(name: str) -> Any:
     if name in ("improve_export", "ImproveCancelled", "heldout_dice"):

@@ -37,9 +37,9 @@ from ..peft.adapters import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter
 from ..runtime import read_manifest
 from ..runtime.intensity import DEFAULT_INTENSITY_RULE, normalize_intensity
 from ..training.monitor import Monitor
-from . import DEFAULT_LR
 from .holdout import hold_out_objects
 from .model import with_decoder_lora
+from .protocol import DEFAULT_LR
 from .source import load_torch_source
 
 ADAPTER_DIR = "adapter"  # the new export's torch source, inside it

@@ -28,8 +28,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
                             QPushButton, QVBoxLayout, QWidget)
 
 from ..errors import PeftExportError
-from ..improve import DEFAULT_LR
-from ..improve.protocol import ImproveProcess
+from ..improve.protocol import DEFAULT_LR, ImproveProcess
 from . import layers as L
 from .automatic import Param
 from .form import ParamForm

@@ -123,6 +123,15 @@ class Panel(QWidget):
         self.projection_box.setCurrentText(PROPAGATION_DEFAULTS["projection"])
         self.propagation_form = ParamForm(PROPAGATION_PARAMS)
         self.propagation_form.layout().insertRow(0, "projection", self.projection_box)
+        self.stop_row = QWidget()  # both propagation methods (SAM 2 too): shown beside the button, not in the form
+        stops = QHBoxLayout(self.stop_row)
+        stops.setContentsMargins(0, 0, 0, 0)
+        self.stop_lower_box = QCheckBox("stop at lowest")
+        self.stop_upper_box = QCheckBox("stop at highest")
+        for b, where in ((self.stop_lower_box, "below the lowest"), (self.stop_upper_box, "above the highest")):
+            b.setToolTip(f"Nothing {where} prompted slice: prompt the object's end slice and the propagation "
+                         f"stops there. CLI --stop-{'lower' if b is self.stop_lower_box else 'upper'}.")
+            stops.addWidget(b)
         self.propagate_button = _button("Segment object in volume", lambda: self.segment_object_in_volume(),
                                         "Carry the object prompted on one or a few slices through the stack; between "
                                         "two prompted slices it is filled in from both; Commit adds it")
@@ -138,7 +147,7 @@ class Panel(QWidget):
         self.track_button = _button("Track", lambda: self.track_objects(),
                                     "Every frame segmented as Segment all does, the objects linked over time: "
                                     "tracked labels and a Tracks layer")
-        for w in (self.volume_note, self.store_edit, self.embed_volume_button, self.propagation_form,
+        for w in (self.volume_note, self.store_edit, self.embed_volume_button, self.propagation_form, self.stop_row,
                   self.propagate_button, self.merge_form, self.all_3d_button, self.track_form, self.track_button):
             col.addWidget(w)
         box.hide()

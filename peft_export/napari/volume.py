@@ -250,11 +250,10 @@ class VolumeActions:
             if shown is not None and same_prompts(shown[0], p):
                 seen[z] = placed(shown[1], volume.plane_shape)
         sam2 = is_sam2(volume.session)
-        if sam2:  # the prompts are SAM 2's conditioning frames; its memory carries the object
-            options: Dict[str, Any] = {"method": "sam2"}
-        else:
-            options = dict(self.propagation_form.values(), projection=self.projection_box.currentText(),
-                           method="prompts")
+        # SAM 2: the prompts are its conditioning frames and its memory carries the object (no projection options)
+        options: Dict[str, Any] = {"method": "sam2"} if sam2 else dict(
+            self.propagation_form.values(), projection=self.projection_box.currentText(), method="prompts")
+        options.update(stop_lower=self.stop_lower_box.isChecked(), stop_upper=self.stop_upper_box.isChecked())
 
         def annotation(z: int, p: Prompts) -> Any:
             return seen[z] if z in seen else sam2_prompt(p) if sam2 else annotation_mask(volume, z, p)

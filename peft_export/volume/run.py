@@ -127,10 +127,11 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
                    precision: str = "fp32", adapter: Optional[str] = None, tile: Optional[int] = None,
                    halo: Optional[int] = None, scale: Optional[float] = None, overwrite: bool = False,
                    progress: bool = False, method: str = "auto", device: str = "cpu",
-                   backend: str = "onnxruntime") -> Dict[str, Any]:
+                   backend: str = "onnxruntime", stop_lower: bool = False, stop_upper: bool = False) -> Dict[str, Any]:
     """One object from prompts on one or a few planes, propagated through z (``propagate``); its
     mask (0/1) written as a stack. ``method``: "prompts" (micro-sam's, on plane embeddings), "sam2"
-    (SAM 2's memory: the prompts are its conditioning frames), "auto" (the one the export offers)."""
+    (SAM 2's memory: the prompts are its conditioning frames), "auto" (the one the export offers).
+    ``stop_lower`` / ``stop_upper``: nothing below the lowest / above the highest annotated plane."""
     from .embeddings import VolumeEmbeddings
     from .propagate import (PROPAGATION_DEFAULTS, check_propagation, check_sam2_options, masks_from_prompts,
                             segment_object_in_volume)
@@ -150,7 +151,7 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
     if resolve_method(session, method) == "sam2":  # before any encoder run: an export without memory graphs
         check_sam2_options(**{**PROPAGATION_DEFAULTS, **(propagation or {})})
         return _predict_object_sam2(session, stack, prompts, image, out, embeddings, tile, halo, scale, overwrite,
-                                    progress)
+                                    progress, stop_lower, stop_upper)
     vol = VolumeEmbeddings(session, stack, store=embeddings, tile=tile, halo=halo, scale=scale, adapter=adapter)
     for p in prompts.values():  # a prompt must fit one tile of a tiled plane: checked before any encoder run
         vol.plane(0).route(p.get("points"), p.get("labels"), p.get("box"))
@@ -158,7 +159,8 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
     span = (min(masks), max(masks))
     if propagate:
         bar, update = _bar(progress, "propagate")
-        seg, span = segment_object_in_volume(vol, masks, progress=update, **(propagation or {}))
+        seg, span = segment_object_in_volume(vol, masks, progress=update, stop_lower=stop_lower,
+                                             stop_upper=stop_upper, **(propagation or {}))
         if bar is not None:
             bar.close()
     else:
@@ -174,7 +176,8 @@ def predict_object(export_dir: Any, image: Any, out: Any, points: Optional[str] 
 
 def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, Any]], image: Any, out: Path,
                          embeddings: Optional[Any], tile: Optional[int], halo: Optional[int], scale: Optional[float],
-                         overwrite: bool, progress: bool) -> Dict[str, Any]:
+                         overwrite: bool, progress: bool, stop_lower: bool = False,
+                         stop_upper: bool = False) -> Dict[str, Any]:
     """``predict_object`` with SAM 2's propagation: the prompts are its conditioning planes."""
     from .embeddings import VolumeEmbeddings
     from .sam2_propagate import segment_object_with_sam2
@@ -187,7 +190,8 @@ def _predict_object_sam2(session: Any, stack: Any, prompts: Dict[int, Dict[str, 
                               "as it reaches it); leave out --embeddings (a store is for --3d)")
     vol = VolumeEmbeddings(session, stack)
     bar, update = _bar(progress, "propagate")
-    seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, progress=update)
+    seg, span = segment_object_with_sam2(session, stack, prompts, vol.intensity, stop_lower, stop_upper,
+                                         progress=update)
     if bar is not None:
         bar.close()
     record = {"image": str(image), "annotated_planes": sorted(prompts), "planes": [int(span[0]), int(span[1])],
