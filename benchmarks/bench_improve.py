@@ -58,6 +58,14 @@ GAMMA = 1.6
 TARGET_SHARE = 0.8  # the issue's "reaches >= 80 % of the encoder LoRA's gain"
 
 
+def _spec(model: str) -> tuple[str, int]:
+    """``tiny``, ``vit_t`` or ``vit_t@256`` (another image size): the model type and its image size."""
+    name, _, size = model.partition("@")
+    if name not in MODELS or (size and not size.isdigit()):
+        raise SystemExit(f"unknown model {model!r}: choose from {', '.join(MODELS)}, optionally @SIZE (vit_t@256)")
+    return name, int(size) if size else MODELS[name]["image_size"]
+
+
 def _darken(folder: Path) -> None:
     import numpy as np
     import tifffile
@@ -76,10 +84,10 @@ def _prepare(args: argparse.Namespace) -> None:
     from peft_export.training import TrainConfig, finetune
 
     root = args.out / args.model
-    size = MODELS[args.model]["image_size"]
+    name, size = _spec(args.model)
     if not (root / "start" / "export" / "manifest.json").is_file():
         make_demo_data(root / "start" / "data", n_images=args.start_images, size=size, seed=0)
-        finetune(TrainConfig(out=str(root / "start" / "run"), data=str(root / "start" / "data"), model_type=args.model,
+        finetune(TrainConfig(out=str(root / "start" / "run"), data=str(root / "start" / "data"), model_type=name,
                              image_size=size, patch_size=size, peft="lora", blocks="late", rank=8,
                              targets=("q", "k", "v", "mlp"), iterations=args.start_steps, lr=RECIPE_LR,
                              objects_per_image=5, sub_iterations=1, val_fraction=0.0, validate_at_start=False,
@@ -225,7 +233,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="working folder (the starting exports are kept there)")
-    p.add_argument("--models", default="tiny,vit_t", help="comma-separated: tiny (256 px), vit_t (512 px)")
+    p.add_argument("--models", default="tiny,vit_t", help="comma-separated: tiny (256 px), vit_t (512 px); "
+                   "MODEL@SIZE for another image size (vit_t@256)")
     p.add_argument("--steps", type=int, default=60, help="training steps of both cases")
     p.add_argument("--objects", type=int, default=8, help="objects per step")
     p.add_argument("--holdout", type=float, default=0.25)
@@ -258,8 +267,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if model not in MODELS:
-            raise SystemExit(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+        _spec(model)
         args.model_now = model
         print(f"{model}: preparing the starting export and the new data ...", file=sys.stderr, flush=True)
         _run(args, ["--prepare"])
