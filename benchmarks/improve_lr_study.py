@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_improve import MODELS, _darken  # noqa: E402  (the benchmark's data recipe)
+from bench_improve import _darken, _spec  # noqa: E402  (the benchmark's data recipe and models)
 
 
 def _one(args: argparse.Namespace) -> None:
@@ -31,7 +31,7 @@ def _one(args: argparse.Namespace) -> None:
     from peft_export.improve import improve_export
 
     root = args.out / args.model
-    size = MODELS[args.model]["image_size"]
+    size = _spec(args.model)[1]
     data = root / f"lr_study_data_{args.data_seed}"
     if not (data / "labels").is_dir():
         make_demo_data(data, n_images=8, size=size, seed=args.data_seed)
@@ -51,7 +51,7 @@ def _one(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="bench_improve.py's working folder")
-    p.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    p.add_argument("--model", default="tiny", help="as bench_improve.py's --models: tiny, vit_t, vit_t@256")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     p.add_argument("--data-seeds", default="21,31")
     p.add_argument("--steps", type=int, default=30)
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--data-seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    _spec(args.model)
     if args.lr is not None:
         warnings.simplefilter("ignore")
         _one(args)

@@ -128,9 +128,10 @@ class Panel(QWidget):
         stops.setContentsMargins(0, 0, 0, 0)
         self.stop_lower_box = QCheckBox("stop at lowest")
         self.stop_upper_box = QCheckBox("stop at highest")
-        for b, where in ((self.stop_lower_box, "below the lowest"), (self.stop_upper_box, "above the highest")):
+        for b, where, flag in ((self.stop_lower_box, "below the lowest", "lower"),
+                               (self.stop_upper_box, "above the highest", "upper")):
             b.setToolTip(f"Nothing {where} prompted slice: prompt the object's end slice and the propagation "
-                         f"stops there. CLI --stop-{'lower' if b is self.stop_lower_box else 'upper'}.")
+                         f"stops there. CLI --stop-{flag}.")
             stops.addWidget(b)
         self.propagate_button = _button("Segment object in volume", lambda: self.segment_object_in_volume(),
                                         "Carry the object prompted on one or a few slices through the stack; between "
